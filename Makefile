@@ -1,0 +1,55 @@
+# The two commands a newcomer needs:
+#   make dev   -- a real local control plane and Prometheus, and how to point kubectl at it
+#   make test  -- install everything and run the whole test suite
+# Heavy downloads and builds are cached outside the repository (~/.cache/agentkube, Go's module and build
+# caches), so only the first run on a machine is slow.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+CACHE := $(or $(AGENTKUBE_CACHE),$(HOME)/.cache/agentkube)
+export PIP_CACHE_DIR := $(CACHE)/pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# Debian packages the real components come from (prometheus and promtool for metrics).
+APT_PACKAGES := prometheus
+
+.PHONY: test dev down deps venv tools unit clean
+
+test: deps venv tools
+	$(VENV)/bin/pytest
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit
+
+dev: deps venv tools
+	$(VENV)/bin/agentkube dev up
+	@echo
+	@$(VENV)/bin/agentkube dev env
+
+down: venv
+	$(VENV)/bin/agentkube dev down
+
+# Installs only what is missing, so that a machine that has everything never touches the network.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v go >/dev/null || { echo "go not found: install Go 1.25 or newer (it builds the control plane)"; exit 1; }
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+tools: venv
+	$(VENV)/bin/agentkube dev install
+
+clean:
+	-$(VENV)/bin/agentkube dev down 2>/dev/null
+	rm -rf $(VENV) build *.egg-info .pytest_cache

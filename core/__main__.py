@@ -1,0 +1,3 @@
+from agentkube.cli import app
+
+app(prog_name="agentkube")

@@ -1,0 +1,21 @@
+"""The `agentkube` command line. Each concern contributes its own sub-command group."""
+
+from importlib.metadata import version as package_version
+
+import typer
+
+from agentkube.devenv.commands import dev_app
+
+app = typer.Typer(
+    name="agentkube",
+    help="Kubernetes operator for AI-agent sandboxes and RL-autoscaled model serving.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(dev_app, name="dev")
+
+
+@app.command()
+def version() -> None:
+    """Print the agentkube version."""
+    typer.echo(package_version("agentkube"))

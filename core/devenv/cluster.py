@@ -1,0 +1,231 @@
+"""`DevEnv`: one local environment — etcd, kube-apiserver, kube-controller-manager and Prometheus — living
+in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
+state file lets a later command (`agentkube dev down`) find what an earlier one started."""
+
+import datetime
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+import yaml
+
+from agentkube.devenv import config, pki, process
+from agentkube.devenv.config import Layout, Ports
+from agentkube.devenv.install import require_binary
+from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
+
+POLL_INTERVAL = 0.1
+
+
+class DevEnvError(RuntimeError):
+    """The environment could not be started; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    binary: str
+    command: Callable[[Path, Layout, Ports], list[str]]
+
+
+# Start order; each waits for the ones before it to be healthy. Stopped in reverse.
+CONTROL_PLANE = (
+    Component("etcd", "etcd", config.etcd_command),
+    Component("kube-apiserver", "kube-apiserver", config.apiserver_command),
+    Component("kube-controller-manager", "kube-controller-manager", config.controller_manager_command),
+)
+PROMETHEUS = Component("prometheus", "prometheus", config.prometheus_command)
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((config.LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+class DevEnv:
+    def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True):
+        """`tie_to_parent`: the processes die with this Python process (tests); otherwise they outlive it
+        (`agentkube dev up`)."""
+        self.layout = Layout(Path(state_dir))
+        self.tie_to_parent = tie_to_parent
+        self.components = CONTROL_PLANE + ((PROMETHEUS,) if with_prometheus else ())
+        self.ports: Ports | None = None
+        self.processes: list[process.ProcessRecord] = []
+        self._load_state()
+
+    # ----- state -----------------------------------------------------------------------------------
+    def _load_state(self) -> None:
+        if self.layout.state.is_file():
+            state = json.loads(self.layout.state.read_text())
+            self.ports = Ports(**state["ports"])
+            self.processes = [process.ProcessRecord.from_json(p) for p in state["processes"]]
+
+    def _save_state(self) -> None:
+        assert self.ports is not None
+        state = {
+            "kubernetes_version": KUBERNETES_VERSION,
+            "ports": asdict(self.ports),
+            "processes": [p.to_json() for p in self.processes],
+        }
+        _write_private(self.layout.state, json.dumps(state, indent=2).encode())
+
+    # ----- public API ------------------------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        return self.layout.kubeconfig
+
+    @property
+    def apiserver_url(self) -> str:
+        return config.apiserver_url(self._require_ports())
+
+    @property
+    def prometheus_url(self) -> str:
+        return config.prometheus_url(self._require_ports())
+
+    def environ(self) -> dict[str, str]:
+        """What a shell needs to use this environment with kubectl and helm."""
+        return {"KUBECONFIG": str(self.kubeconfig), "PATH": f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def status(self) -> dict[str, bool]:
+        """Whether each component is running and answering its health check."""
+        running = {record.name: process.is_running(record) for record in self.processes}
+        return {c.name: running.get(c.name, False) and self._healthy(c.name) for c in self.components}
+
+    def is_up(self) -> bool:
+        return self.ports is not None and all(self.status().values())
+
+    def up(self, timeout: float = 120.0) -> "DevEnv":
+        if self.is_up():
+            return self
+        if self.layout.root.exists():
+            self.down()  # leftovers of a crashed or partial run: start clean
+        binaries = {c.name: require_binary(c.binary) for c in self.components}
+        deadline = time.monotonic() + timeout
+        try:
+            self.layout.root.mkdir(parents=True, mode=0o700)
+            self.ports = Ports(*(free_port() for _ in range(5)))
+            self._write_files()
+            for component in self.components:
+                argv = component.command(binaries[component.name], self.layout, self.ports)
+                self.processes.append(
+                    process.start(component.name, argv, self.layout.log(component.name), tie_to_parent=self.tie_to_parent)
+                )
+                self._save_state()
+                self._wait_healthy(component.name, deadline)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        process.stop(list(reversed(self.processes)))
+        self.processes = []
+        self.ports = None
+        shutil.rmtree(self.layout.root, ignore_errors=True)
+
+    def add_scrape_target(self, job: str, addresses: list[str], labels: dict[str, str] | None = None) -> None:
+        """Have Prometheus scrape `addresses` (host:port) under the job name `job`, from its next refresh."""
+        group = config.scrape_target_group(job, addresses, labels)
+        target_file = self.layout.scrape_targets / f"{job}.json"
+        partial = target_file.with_suffix(".partial")  # Prometheus must never read a half-written file
+        partial.write_text(json.dumps(group))
+        partial.replace(target_file)
+
+    def remove_scrape_target(self, job: str) -> None:
+        (self.layout.scrape_targets / f"{job}.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> "DevEnv":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # ----- internals -------------------------------------------------------------------------------
+    def _require_ports(self) -> Ports:
+        if self.ports is None:
+            raise DevEnvError(f"no environment in {self.layout.root}: run `agentkube dev up`")
+        return self.ports
+
+    def _write_files(self) -> None:
+        layout, ports = self.layout, self._require_ports()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca, ca_key = pki.new_ca("agentkube-dev-ca", now)
+        loopback = {"dns_names": ("localhost",), "ip_addresses": (config.LOOPBACK,)}
+        pairs = {
+            "ca": ca,
+            "etcd": pki.issue(ca, ca_key, "etcd", now, server=True, client=True, **loopback),
+            "apiserver": pki.issue(
+                ca, ca_key, "kube-apiserver", now, server=True,
+                dns_names=config.APISERVER_DNS_NAMES,
+                ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP),
+            ),
+            "controller-manager": pki.issue(ca, ca_key, "kube-controller-manager", now, server=True, **loopback),
+        }
+        clients = {
+            "admin": config.ADMIN,
+            "controller-manager-client": config.CONTROLLER_MANAGER,
+            "prometheus": config.PROMETHEUS,
+            "apiserver-etcd-client": config.APISERVER_ETCD_CLIENT,
+        }
+        for name, identity in clients.items():
+            pairs[name] = pki.issue(ca, ca_key, identity.user, now, organizations=identity.groups, client=True)
+        for name, pair in pairs.items():
+            _write_private(layout.cert(name), pair.cert_pem)
+            _write_private(layout.key(name), pair.key_pem)
+        service_account_key = pki.new_key()
+        _write_private(layout.key("service-account"), pki.key_pem(service_account_key))
+        _write_private(layout.cert("service-account").with_suffix(".pub"), pki.public_key_pem(service_account_key))
+
+        server = config.apiserver_url(ports)
+        for path, name, identity in (
+            (layout.kubeconfig, "admin", config.ADMIN),
+            (layout.controller_manager_kubeconfig, "controller-manager-client", config.CONTROLLER_MANAGER),
+        ):
+            document = config.kubeconfig(server, ca.cert_pem, pairs[name].cert_pem, pairs[name].key_pem, identity.user)
+            _write_private(path, yaml.safe_dump(document).encode())
+
+        layout.scrape_targets.mkdir(parents=True, exist_ok=True)
+        layout.prometheus_data.mkdir(parents=True, exist_ok=True)
+        _write_private(layout.prometheus_config, yaml.safe_dump(config.prometheus_config(layout, ports)).encode())
+
+    def _healthy(self, name: str) -> bool:
+        layout, ports = self.layout, self.ports
+        if ports is None:
+            return False
+        ca = str(layout.cert("ca"))
+        checks = {
+            "etcd": (f"{config.etcd_url(ports.etcd_client)}/health", "apiserver-etcd-client"),
+            "kube-apiserver": (f"{config.apiserver_url(ports)}/readyz", "admin"),
+            "kube-controller-manager": (f"https://{config.LOOPBACK}:{ports.controller_manager}/healthz", None),
+            "prometheus": (f"{config.prometheus_url(ports)}/-/ready", None),
+        }
+        url, client = checks[name]
+        cert = (str(layout.cert(client)), str(layout.key(client))) if client else None
+        try:
+            return requests.get(url, cert=cert, verify=ca, timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _wait_healthy(self, name: str, deadline: float) -> None:
+        record = next(r for r in self.processes if r.name == name)
+        while not self._healthy(name):
+            if not process.is_running(record):
+                raise DevEnvError(f"{name} exited during start-up; its log ends:\n{process.log_tail(self.layout.log(name))}")
+            if time.monotonic() > deadline:
+                raise DevEnvError(f"{name} not healthy in time; its log ends:\n{process.log_tail(self.layout.log(name))}")
+            time.sleep(POLL_INTERVAL)

@@ -1,0 +1,88 @@
+"""`agentkube dev ...`: the local environment from the command line."""
+
+import shlex
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agentkube.devenv.cluster import DevEnv, DevEnvError
+from agentkube.devenv.install import InstallError, install_all
+from agentkube.devenv.versions import default_state_dir
+
+dev_app = typer.Typer(help="A real local control plane and Prometheus, for development and tests.", no_args_is_help=True)
+console = Console(stderr=True)
+
+StateDir = Annotated[
+    Path,
+    typer.Option("--state-dir", envvar="AGENTKUBE_DEV_DIR", help="Where the environment keeps its certs, data and logs."),
+]
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(1)
+
+
+@dev_app.command()
+def install() -> None:
+    """Build the control plane and unpack kubectl and helm into the cache (skipped when current)."""
+    try:
+        install_all(log=lambda message: console.print(message, highlight=False))
+    except InstallError as error:
+        _fail(error)
+
+
+@dev_app.command()
+def up(
+    state_dir: StateDir = default_state_dir(),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every component to be healthy.")] = 120.0,
+) -> None:
+    """Start etcd, kube-apiserver, kube-controller-manager and Prometheus on loopback (no-op when already up)."""
+    env = DevEnv(state_dir)
+    if env.is_up():
+        console.print(f"already up in {state_dir}")
+    else:
+        started = time.monotonic()
+        try:
+            env.up(timeout=timeout)
+        except (InstallError, DevEnvError) as error:
+            _fail(error)
+        console.print(f"up in {time.monotonic() - started:.1f}s: apiserver {env.apiserver_url}, prometheus {env.prometheus_url}")
+    console.print(f"point kubectl at it with:  eval \"$(agentkube dev env --state-dir {shlex.quote(str(state_dir))})\"")
+
+
+@dev_app.command()
+def down(state_dir: StateDir = default_state_dir()) -> None:
+    """Stop every process of the environment and delete its state directory."""
+    DevEnv(state_dir).down()
+    console.print(f"down: {state_dir} removed")
+
+
+@dev_app.command()
+def status(state_dir: StateDir = default_state_dir()) -> None:
+    """Show each component and whether it is healthy; exits 1 unless all are."""
+    env = DevEnv(state_dir)
+    health = env.status()
+    pids = {record.name: record.pid for record in env.processes}
+    table = Table("component", "pid", "healthy")
+    for name, healthy in health.items():
+        table.add_row(name, str(pids.get(name, "-")), "[green]yes[/]" if healthy else "[red]no[/]")
+    Console().print(table)
+    if env.ports is not None:
+        Console().print(f"apiserver {env.apiserver_url}\nprometheus {env.prometheus_url}\nkubeconfig {env.kubeconfig}")
+    if not all(health.values()):
+        raise typer.Exit(1)
+
+
+@dev_app.command()
+def env(state_dir: StateDir = default_state_dir()) -> None:
+    """Print shell exports that point kubectl and helm at the environment: eval "$(agentkube dev env)"."""
+    environment = DevEnv(state_dir)
+    if environment.ports is None:
+        _fail(DevEnvError(f"no environment in {state_dir}: run `agentkube dev up`"))
+    for key, value in environment.environ().items():
+        print(f"export {key}={shlex.quote(value)}")

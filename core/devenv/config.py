@@ -1,0 +1,245 @@
+"""Pure functions that decide how the local environment looks: where each file lives, which identity
+each component has, and the exact command line and configuration of each process."""
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+SERVICE_CIDR = "10.96.0.0/16"
+# The first address of the service range is the `kubernetes` Service's ClusterIP: the apiserver's
+# serving certificate must name it for in-cluster clients.
+KUBERNETES_SERVICE_IP = "10.96.0.1"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+CLUSTER_NAME = "agentkube-dev"
+APISERVER_DNS_NAMES = (
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
+# The file-discovered scrape targets are scraped this often; Knative's autoscaler reads 1 s buckets.
+SCRAPE_INTERVAL = "1s"
+APISERVER_SCRAPE_INTERVAL = "15s"
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A client certificate's subject: Kubernetes takes the user from CN and the groups from O."""
+
+    user: str
+    groups: tuple[str, ...] = ()
+
+
+# Least privilege: only the admin kubeconfig handed to the user is in system:masters. The controller
+# manager and Prometheus authenticate as the identities Kubernetes' bootstrap RBAC policy already grants.
+ADMIN = ClientIdentity("agentkube-admin", ("system:masters",))
+CONTROLLER_MANAGER = ClientIdentity("system:kube-controller-manager")
+PROMETHEUS = ClientIdentity("agentkube-prometheus", ("system:monitoring",))
+APISERVER_ETCD_CLIENT = ClientIdentity("kube-apiserver-etcd-client")
+
+
+@dataclass(frozen=True)
+class Ports:
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    controller_manager: int
+    prometheus: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every file of one environment lives under `root`, so removing it removes everything."""
+
+    root: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def etcd_data(self) -> Path:
+        return self.root / "etcd"
+
+    @property
+    def prometheus_data(self) -> Path:
+        return self.root / "prometheus" / "data"
+
+    @property
+    def prometheus_config(self) -> Path:
+        return self.root / "prometheus" / "prometheus.yml"
+
+    @property
+    def scrape_targets(self) -> Path:
+        return self.root / "prometheus" / "targets"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def controller_manager_kubeconfig(self) -> Path:
+        return self.pki / "controller-manager.kubeconfig"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    def cert(self, name: str) -> Path:
+        return self.pki / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.pki / f"{name}.key"
+
+    def log(self, component: str) -> Path:
+        return self.logs / f"{component}.log"
+
+
+def apiserver_url(ports: Ports) -> str:
+    return f"https://{LOOPBACK}:{ports.apiserver}"
+
+
+def etcd_url(port: int) -> str:
+    return f"https://{LOOPBACK}:{port}"
+
+
+def prometheus_url(ports: Ports) -> str:
+    return f"http://{LOOPBACK}:{ports.prometheus}"
+
+
+def etcd_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    client, peer = etcd_url(ports.etcd_client), etcd_url(ports.etcd_peer)
+    tls = [f"--cert-file={layout.cert('etcd')}", f"--key-file={layout.key('etcd')}", f"--trusted-ca-file={layout.cert('ca')}"]
+    return [
+        str(binary),
+        "--name=default",
+        f"--data-dir={layout.etcd_data}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=default={peer}",
+        *tls,
+        "--client-cert-auth",
+        *(flag.replace("--", "--peer-", 1) for flag in tls),
+        "--peer-client-cert-auth",
+        # A throw-away development store: durability is not worth an fsync per write (envtest does the same).
+        "--unsafe-no-fsync",
+        "--log-level=warn",
+    ]
+
+
+def apiserver_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return [
+        str(binary),
+        f"--etcd-servers={etcd_url(ports.etcd_client)}",
+        f"--etcd-cafile={layout.cert('ca')}",
+        f"--etcd-certfile={layout.cert('apiserver-etcd-client')}",
+        f"--etcd-keyfile={layout.key('apiserver-etcd-client')}",
+        f"--bind-address={LOOPBACK}",
+        f"--advertise-address={LOOPBACK}",
+        f"--secure-port={ports.apiserver}",
+        f"--tls-cert-file={layout.cert('apiserver')}",
+        f"--tls-private-key-file={layout.key('apiserver')}",
+        f"--client-ca-file={layout.cert('ca')}",
+        "--authorization-mode=Node,RBAC",
+        "--anonymous-auth=false",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+        f"--service-account-key-file={layout.cert('service-account').with_suffix('.pub')}",
+        f"--service-account-signing-key-file={layout.key('service-account')}",
+        "--allow-privileged=true",
+        "--profiling=false",
+    ]
+
+
+def controller_manager_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    kubeconfig = layout.controller_manager_kubeconfig
+    return [
+        str(binary),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        f"--bind-address={LOOPBACK}",
+        f"--secure-port={ports.controller_manager}",
+        f"--tls-cert-file={layout.cert('controller-manager')}",
+        f"--tls-private-key-file={layout.key('controller-manager')}",
+        f"--client-ca-file={layout.cert('ca')}",
+        # Each controller acts with its own service account, so RBAC limits each to what it needs.
+        "--use-service-account-credentials",
+        f"--service-account-private-key-file={layout.key('service-account')}",
+        f"--root-ca-file={layout.cert('ca')}",
+        f"--cluster-signing-cert-file={layout.cert('ca')}",
+        f"--cluster-signing-key-file={layout.key('ca')}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        "--leader-elect=false",
+        "--profiling=false",
+    ]
+
+
+def prometheus_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return [
+        str(binary),
+        f"--config.file={layout.prometheus_config}",
+        f"--storage.tsdb.path={layout.prometheus_data}",
+        f"--web.listen-address={LOOPBACK}:{ports.prometheus}",
+        "--storage.tsdb.retention.time=1d",
+        "--log.level=warn",
+    ]
+
+
+def kubeconfig(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, user: str) -> dict[str, Any]:
+    """A self-contained kubeconfig (credentials inline) for one client identity."""
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": CLUSTER_NAME, "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "contexts": [{"name": CLUSTER_NAME, "context": {"cluster": CLUSTER_NAME, "user": user}}],
+        "current-context": CLUSTER_NAME,
+    }
+
+
+def prometheus_config(layout: Layout, ports: Ports) -> dict[str, Any]:
+    """Scrapes the apiserver (as the monitoring identity) and whatever targets are dropped as files into
+    `layout.scrape_targets`: Prometheus watches that folder, so targets come and go without a restart."""
+    return {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "scrape_configs": [
+            {
+                "job_name": "kube-apiserver",
+                "scrape_interval": APISERVER_SCRAPE_INTERVAL,
+                "scheme": "https",
+                "tls_config": {
+                    "ca_file": str(layout.cert("ca")),
+                    "cert_file": str(layout.cert("prometheus")),
+                    "key_file": str(layout.key("prometheus")),
+                },
+                "static_configs": [{"targets": [f"{LOOPBACK}:{ports.apiserver}"]}],
+            },
+            {
+                "job_name": "discovered",
+                "file_sd_configs": [{"files": [str(layout.scrape_targets / "*.json")], "refresh_interval": "1s"}],
+            },
+        ],
+    }
+
+
+def scrape_target_group(job: str, addresses: list[str], labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One file_sd target group; its `job` label overrides the scrape config's job name."""
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"scrape target must be host:port, got {address!r}")
+    return [{"targets": list(addresses), "labels": {**(labels or {}), "job": job}}]

