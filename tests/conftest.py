@@ -1,15 +1,14 @@
 """Shared fixtures. Integration tests share one real control plane for the whole session."""
 
+import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import kubernetes
 import pytest
 
-from agentkube.devenv import DevEnv
+from agentkube.devenv import DevEnv, temporary_env
 from agentkube.devenv.versions import bin_dir
 
 
@@ -19,20 +18,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (a CI time-out, `kill`) unwinds like Ctrl-C, so fixtures tear down.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
 @pytest.fixture(scope="session")
 def devenv() -> Iterator[DevEnv]:
     """etcd, kube-apiserver, kube-controller-manager and Prometheus, started once per test session.
 
-    The processes are tied to this pytest process (they die with it even on SIGKILL) and the state
-    directory is removed at the end, pass or fail."""
-    state_dir = Path(tempfile.mkdtemp(prefix="agentkube-test-")) / "env"
-    env = DevEnv(state_dir, tie_to_parent=True)
+    The processes die with this pytest process (even on SIGKILL) and the state directory is removed
+    at the end, pass, fail or interrupt."""
+    env = temporary_env()
     try:
         env.up()
         yield env
     finally:
         env.down()
-        state_dir.parent.rmdir()
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import requests
 import yaml
 
@@ -35,13 +37,38 @@ class Component:
     command: Callable[[Path, Layout, Ports], list[str]]
 
 
-# Start order; each waits for the ones before it to be healthy. Stopped in reverse.
+STORE = "etcd"
+# Start order; each waits for the ones before it to be healthy.
 CONTROL_PLANE = (
-    Component("etcd", "etcd", config.etcd_command),
+    Component(STORE, "etcd", config.etcd_command),
     Component("kube-apiserver", "kube-apiserver", config.apiserver_command),
     Component("kube-controller-manager", "kube-controller-manager", config.controller_manager_command),
 )
 PROMETHEUS = Component("prometheus", "prometheus", config.prometheus_command)
+
+
+# Temporary environments (tests, benchmarks) live in <tmp>/agentkube-<owner pid>-<random>.
+TEMPORARY_PREFIX = "agentkube-"
+
+
+def temporary_env(*, with_prometheus: bool = True) -> "DevEnv":
+    """An environment in a fresh temporary directory whose processes die with this Python process.
+
+    `down()` removes the directory. A process killed outright (SIGKILL) cannot do that, so every new
+    temporary environment first sweeps the directories of owners that no longer exist."""
+    sweep_abandoned()
+    root = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
+    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus)
+
+
+def sweep_abandoned() -> list[Path]:
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMPORARY_PREFIX}*-*"):
+        owner = path.name.removeprefix(TEMPORARY_PREFIX).split("-")[0]
+        if owner.isdigit() and not psutil.pid_exists(int(owner)) and DevEnv(path).is_removable():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def free_port() -> int:
@@ -51,10 +78,13 @@ def free_port() -> int:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Owner-only, and atomic: a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    partial.replace(path)
 
 
 class DevEnv:
@@ -66,6 +96,8 @@ class DevEnv:
         self.components = CONTROL_PLANE + ((PROMETHEUS,) if with_prometheus else ())
         self.ports: Ports | None = None
         self.processes: list[process.ProcessRecord] = []
+        # Seconds from starting each component to its first healthy answer, in start order (last `up`).
+        self.startup_seconds: dict[str, float] = {}
         self._load_state()
 
     # ----- state -----------------------------------------------------------------------------------
@@ -106,34 +138,48 @@ class DevEnv:
         running = {record.name: process.is_running(record) for record in self.processes}
         return {c.name: running.get(c.name, False) and self._healthy(c.name) for c in self.components}
 
+    def is_removable(self) -> bool:
+        """An empty directory, or one that holds an environment's state."""
+        root = self.layout.root
+        return root.is_dir() and (self.layout.state.is_file() or not any(root.iterdir()))
+
     def is_up(self) -> bool:
         return self.ports is not None and all(self.status().values())
 
     def up(self, timeout: float = 120.0) -> "DevEnv":
         if self.is_up():
             return self
-        if self.layout.root.exists():
-            self.down()  # leftovers of a crashed or partial run: start clean
+        self.down()  # leftovers of a crashed or partial run: start clean
         binaries = {c.name: require_binary(c.binary) for c in self.components}
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
             self.ports = Ports(*(free_port() for _ in range(5)))
+            self._save_state()  # first, so that `down` recognises the directory as an environment's
             self._write_files()
             for component in self.components:
+                started = time.monotonic()
                 argv = component.command(binaries[component.name], self.layout, self.ports)
                 self.processes.append(
                     process.start(component.name, argv, self.layout.log(component.name), tie_to_parent=self.tie_to_parent)
                 )
                 self._save_state()
                 self._wait_healthy(component.name, deadline)
+                self.startup_seconds[component.name] = time.monotonic() - started
         except BaseException:
             self.down()
             raise
         return self
 
     def down(self) -> None:
-        process.stop(list(reversed(self.processes)))
+        """Stop every process and remove the state directory. Refuses a directory that holds anything
+        but an environment (a mistyped --state-dir must never delete someone's files)."""
+        root = self.layout.root
+        if root.exists() and not self.is_removable():
+            raise DevEnvError(f"{root} is not empty and holds no agentkube environment: refusing to use or delete it")
+        # Everything else first, together; etcd last, since the apiserver needs it to shut down cleanly.
+        process.stop([r for r in self.processes if r.name != STORE])
+        process.stop([r for r in self.processes if r.name == STORE])
         self.processes = []
         self.ports = None
         shutil.rmtree(self.layout.root, ignore_errors=True)
@@ -141,10 +187,7 @@ class DevEnv:
     def add_scrape_target(self, job: str, addresses: list[str], labels: dict[str, str] | None = None) -> None:
         """Have Prometheus scrape `addresses` (host:port) under the job name `job`, from its next refresh."""
         group = config.scrape_target_group(job, addresses, labels)
-        target_file = self.layout.scrape_targets / f"{job}.json"
-        partial = target_file.with_suffix(".partial")  # Prometheus must never read a half-written file
-        partial.write_text(json.dumps(group))
-        partial.replace(target_file)
+        _write_private(self.layout.scrape_targets / f"{job}.json", json.dumps(group).encode())
 
     def remove_scrape_target(self, job: str) -> None:
         (self.layout.scrape_targets / f"{job}.json").unlink(missing_ok=True)
@@ -165,6 +208,7 @@ class DevEnv:
         layout, ports = self.layout, self._require_ports()
         now = datetime.datetime.now(datetime.timezone.utc)
         ca, ca_key = pki.new_ca("agentkube-dev-ca", now)
+        front_proxy_ca, front_proxy_ca_key = pki.new_ca("agentkube-dev-front-proxy-ca", now)
         loopback = {"dns_names": ("localhost",), "ip_addresses": (config.LOOPBACK,)}
         pairs = {
             "ca": ca,
@@ -175,6 +219,10 @@ class DevEnv:
                 ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP),
             ),
             "controller-manager": pki.issue(ca, ca_key, "kube-controller-manager", now, server=True, **loopback),
+            "front-proxy-ca": front_proxy_ca,
+            "front-proxy-client": pki.issue(
+                front_proxy_ca, front_proxy_ca_key, config.FRONT_PROXY_CLIENT.user, now, client=True
+            ),
         }
         clients = {
             "admin": config.ADMIN,

@@ -31,7 +31,7 @@ def _fail(error: Exception) -> None:
 def install() -> None:
     """Build the control plane and unpack kubectl and helm into the cache (skipped when current)."""
     try:
-        install_all(log=lambda message: console.print(message, highlight=False))
+        install_all(log=lambda message: console.print(message, highlight=False, soft_wrap=True))
     except InstallError as error:
         _fail(error)
 
@@ -51,14 +51,19 @@ def up(
             env.up(timeout=timeout)
         except (InstallError, DevEnvError) as error:
             _fail(error)
-        console.print(f"up in {time.monotonic() - started:.1f}s: apiserver {env.apiserver_url}, prometheus {env.prometheus_url}")
+        steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in env.startup_seconds.items())
+        console.print(f"up in {time.monotonic() - started:.1f}s ({steps})", soft_wrap=True)
+        console.print(f"apiserver {env.apiserver_url}, prometheus {env.prometheus_url}")
     console.print(f"point kubectl at it with:  eval \"$(agentkube dev env --state-dir {shlex.quote(str(state_dir))})\"")
 
 
 @dev_app.command()
 def down(state_dir: StateDir = default_state_dir()) -> None:
     """Stop every process of the environment and delete its state directory."""
-    DevEnv(state_dir).down()
+    try:
+        DevEnv(state_dir).down()
+    except DevEnvError as error:
+        _fail(error)
     console.print(f"down: {state_dir} removed")
 
 

@@ -39,6 +39,9 @@ ADMIN = ClientIdentity("agentkube-admin", ("system:masters",))
 CONTROLLER_MANAGER = ClientIdentity("system:kube-controller-manager")
 PROMETHEUS = ClientIdentity("agentkube-prometheus", ("system:monitoring",))
 APISERVER_ETCD_CLIENT = ClientIdentity("kube-apiserver-etcd-client")
+# The apiserver proxies to aggregated APIs as this identity, signed by a CA of its own (as kubeadm does)
+# so that no other client certificate can assert a user through the request headers.
+FRONT_PROXY_CLIENT = ClientIdentity("front-proxy-client")
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,16 @@ def apiserver_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={layout.cert('service-account').with_suffix('.pub')}",
         f"--service-account-signing-key-file={layout.key('service-account')}",
+        f"--requestheader-client-ca-file={layout.cert('front-proxy-ca')}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT.user}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={layout.cert('front-proxy-client')}",
+        f"--proxy-client-key-file={layout.key('front-proxy-client')}",
+        # The `kubernetes` Service's endpoints may not be a loopback address, and nothing on this machine
+        # routes the service IP yet, so the apiserver does not publish them.
+        "--endpoint-reconciler-type=none",
         "--allow-privileged=true",
         "--profiling=false",
     ]

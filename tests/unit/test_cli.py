@@ -37,3 +37,13 @@ def test_up_without_binaries_fails_cleanly(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "agentkube dev install" in result.output
     assert not state.exists()
+
+
+def test_a_directory_that_is_not_an_environment_is_never_used_or_deleted(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    for command in ("up", "down"):
+        result = runner.invoke(app, ["dev", command, "--state-dir", str(tmp_path)])
+        assert result.exit_code == 1
+        assert "refusing" in result.output
+    assert precious.read_text() == "keep me"
