@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import psutil
@@ -32,19 +32,42 @@ class DevEnvError(RuntimeError):
 
 @dataclass(frozen=True)
 class Component:
-    name: str
-    binary: str
+    name: str  # also the name of its binary
     command: Callable[[Path, Layout, Ports], list[str]]
+    health_url: Callable[[Ports], str]
+    health_client: str | None = None  # the client certificate its health check presents, if it needs one
 
 
 STORE = "etcd"
 # Start order; each waits for the ones before it to be healthy.
 CONTROL_PLANE = (
-    Component(STORE, "etcd", config.etcd_command),
-    Component("kube-apiserver", "kube-apiserver", config.apiserver_command),
-    Component("kube-controller-manager", "kube-controller-manager", config.controller_manager_command),
+    Component(STORE, config.etcd_command, config.etcd_health_url, "apiserver-etcd-client"),
+    Component("kube-apiserver", config.apiserver_command, config.apiserver_health_url, "admin"),
+    Component("kube-controller-manager", config.controller_manager_command, config.controller_manager_health_url),
 )
-PROMETHEUS = Component("prometheus", "prometheus", config.prometheus_command)
+PROMETHEUS = Component("prometheus", config.prometheus_command, config.prometheus_health_url)
+
+
+def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
+    """Every certificate of one environment, by file name. Each client identity comes from `config`, so
+    which component may do what is decided there and checked by the unit tests."""
+    ca, ca_key = pki.new_ca("agentkube-dev-ca", now)
+    front_proxy_ca, front_proxy_ca_key = pki.new_ca("agentkube-dev-front-proxy-ca", now)
+    loopback = {"dns_names": ("localhost",), "ip_addresses": (config.LOOPBACK,)}
+    credentials = {
+        "ca": ca,
+        "etcd": pki.issue(ca, ca_key, "etcd", now, server=True, client=True, **loopback),
+        "apiserver": pki.issue(
+            ca, ca_key, "kube-apiserver", now, server=True,
+            dns_names=config.APISERVER_DNS_NAMES, ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP),
+        ),
+        "controller-manager": pki.issue(ca, ca_key, "kube-controller-manager", now, server=True, **loopback),
+        "front-proxy-ca": front_proxy_ca,
+        "front-proxy-client": pki.issue(front_proxy_ca, front_proxy_ca_key, config.FRONT_PROXY_CLIENT.user, now, client=True),
+    }
+    for name, identity in config.CLIENT_CERTIFICATES.items():
+        credentials[name] = pki.issue(ca, ca_key, identity.user, now, organizations=identity.groups, client=True)
+    return credentials
 
 
 # Temporary environments (tests, benchmarks) live in <tmp>/agentkube-<owner pid>-<random>.
@@ -136,7 +159,7 @@ class DevEnv:
     def status(self) -> dict[str, bool]:
         """Whether each component is running and answering its health check."""
         running = {record.name: process.is_running(record) for record in self.processes}
-        return {c.name: running.get(c.name, False) and self._healthy(c.name) for c in self.components}
+        return {c.name: running.get(c.name, False) and self._healthy(c) for c in self.components}
 
     def is_removable(self) -> bool:
         """An empty directory, or one that holds an environment's state."""
@@ -150,11 +173,11 @@ class DevEnv:
         if self.is_up():
             return self
         self.down()  # leftovers of a crashed or partial run: start clean
-        binaries = {c.name: require_binary(c.binary) for c in self.components}
+        binaries = {c.name: require_binary(c.name) for c in self.components}
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
-            self.ports = Ports(*(free_port() for _ in range(5)))
+            self.ports = Ports(*(free_port() for _ in fields(Ports)))
             self._save_state()  # first, so that `down` recognises the directory as an environment's
             self._write_files()
             for component in self.components:
@@ -164,7 +187,7 @@ class DevEnv:
                     process.start(component.name, argv, self.layout.log(component.name), tie_to_parent=self.tie_to_parent)
                 )
                 self._save_state()
-                self._wait_healthy(component.name, deadline)
+                self._wait_healthy(component, deadline)
                 self.startup_seconds[component.name] = time.monotonic() - started
         except BaseException:
             self.down()
@@ -206,72 +229,40 @@ class DevEnv:
 
     def _write_files(self) -> None:
         layout, ports = self.layout, self._require_ports()
-        now = datetime.datetime.now(datetime.timezone.utc)
-        ca, ca_key = pki.new_ca("agentkube-dev-ca", now)
-        front_proxy_ca, front_proxy_ca_key = pki.new_ca("agentkube-dev-front-proxy-ca", now)
-        loopback = {"dns_names": ("localhost",), "ip_addresses": (config.LOOPBACK,)}
-        pairs = {
-            "ca": ca,
-            "etcd": pki.issue(ca, ca_key, "etcd", now, server=True, client=True, **loopback),
-            "apiserver": pki.issue(
-                ca, ca_key, "kube-apiserver", now, server=True,
-                dns_names=config.APISERVER_DNS_NAMES,
-                ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP),
-            ),
-            "controller-manager": pki.issue(ca, ca_key, "kube-controller-manager", now, server=True, **loopback),
-            "front-proxy-ca": front_proxy_ca,
-            "front-proxy-client": pki.issue(
-                front_proxy_ca, front_proxy_ca_key, config.FRONT_PROXY_CLIENT.user, now, client=True
-            ),
-        }
-        clients = {
-            "admin": config.ADMIN,
-            "controller-manager-client": config.CONTROLLER_MANAGER,
-            "prometheus": config.PROMETHEUS,
-            "apiserver-etcd-client": config.APISERVER_ETCD_CLIENT,
-        }
-        for name, identity in clients.items():
-            pairs[name] = pki.issue(ca, ca_key, identity.user, now, organizations=identity.groups, client=True)
-        for name, pair in pairs.items():
+        credentials = issue_credentials(datetime.datetime.now(datetime.timezone.utc))
+        for name, pair in credentials.items():
             _write_private(layout.cert(name), pair.cert_pem)
             _write_private(layout.key(name), pair.key_pem)
         service_account_key = pki.new_key()
         _write_private(layout.key("service-account"), pki.key_pem(service_account_key))
-        _write_private(layout.cert("service-account").with_suffix(".pub"), pki.public_key_pem(service_account_key))
+        _write_private(layout.service_account_public_key, pki.public_key_pem(service_account_key))
 
-        server = config.apiserver_url(ports)
-        for path, name, identity in (
-            (layout.kubeconfig, "admin", config.ADMIN),
-            (layout.controller_manager_kubeconfig, "controller-manager-client", config.CONTROLLER_MANAGER),
-        ):
-            document = config.kubeconfig(server, ca.cert_pem, pairs[name].cert_pem, pairs[name].key_pem, identity.user)
+        for path, name in ((layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")):
+            user = config.CLIENT_CERTIFICATES[name].user
+            document = config.kubeconfig(
+                config.apiserver_url(ports), credentials["ca"].cert_pem, credentials[name].cert_pem, credentials[name].key_pem, user
+            )
             _write_private(path, yaml.safe_dump(document).encode())
 
         layout.scrape_targets.mkdir(parents=True, exist_ok=True)
         layout.prometheus_data.mkdir(parents=True, exist_ok=True)
         _write_private(layout.prometheus_config, yaml.safe_dump(config.prometheus_config(layout, ports)).encode())
 
-    def _healthy(self, name: str) -> bool:
-        layout, ports = self.layout, self.ports
-        if ports is None:
+    def _healthy(self, component: Component) -> bool:
+        if self.ports is None:
             return False
-        ca = str(layout.cert("ca"))
-        checks = {
-            "etcd": (f"{config.etcd_url(ports.etcd_client)}/health", "apiserver-etcd-client"),
-            "kube-apiserver": (f"{config.apiserver_url(ports)}/readyz", "admin"),
-            "kube-controller-manager": (f"https://{config.LOOPBACK}:{ports.controller_manager}/healthz", None),
-            "prometheus": (f"{config.prometheus_url(ports)}/-/ready", None),
-        }
-        url, client = checks[name]
-        cert = (str(layout.cert(client)), str(layout.key(client))) if client else None
+        client = component.health_client
+        cert = (str(self.layout.cert(client)), str(self.layout.key(client))) if client else None
         try:
-            return requests.get(url, cert=cert, verify=ca, timeout=2).status_code == 200
+            response = requests.get(component.health_url(self.ports), cert=cert, verify=str(self.layout.cert("ca")), timeout=2)
+            return response.status_code == 200
         except requests.RequestException:
             return False
 
-    def _wait_healthy(self, name: str, deadline: float) -> None:
+    def _wait_healthy(self, component: Component, deadline: float) -> None:
+        name = component.name
         record = next(r for r in self.processes if r.name == name)
-        while not self._healthy(name):
+        while not self._healthy(component):
             if not process.is_running(record):
                 raise DevEnvError(f"{name} exited during start-up; its log ends:\n{process.log_tail(self.layout.log(name))}")
             if time.monotonic() > deadline:

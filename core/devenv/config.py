@@ -39,6 +39,14 @@ ADMIN = ClientIdentity("agentkube-admin", ("system:masters",))
 CONTROLLER_MANAGER = ClientIdentity("system:kube-controller-manager")
 PROMETHEUS = ClientIdentity("agentkube-prometheus", ("system:monitoring",))
 APISERVER_ETCD_CLIENT = ClientIdentity("kube-apiserver-etcd-client")
+
+# Client certificates by file name. The front-proxy client is separate: it is signed by its own CA.
+CLIENT_CERTIFICATES = {
+    "admin": ADMIN,
+    "controller-manager-client": CONTROLLER_MANAGER,
+    "prometheus": PROMETHEUS,
+    "apiserver-etcd-client": APISERVER_ETCD_CLIENT,
+}
 # The apiserver proxies to aggregated APIs as this identity, signed by a CA of its own (as kubeadm does)
 # so that no other client certificate can assert a user through the request headers.
 FRONT_PROXY_CLIENT = ClientIdentity("front-proxy-client")
@@ -92,6 +100,10 @@ class Layout:
         return self.pki / "controller-manager.kubeconfig"
 
     @property
+    def service_account_public_key(self) -> Path:
+        return self.pki / "service-account.pub"
+
+    @property
     def state(self) -> Path:
         return self.root / "state.json"
 
@@ -115,6 +127,22 @@ def etcd_url(port: int) -> str:
 
 def prometheus_url(ports: Ports) -> str:
     return f"http://{LOOPBACK}:{ports.prometheus}"
+
+
+def etcd_health_url(ports: Ports) -> str:
+    return f"{etcd_url(ports.etcd_client)}/health"
+
+
+def apiserver_health_url(ports: Ports) -> str:
+    return f"{apiserver_url(ports)}/readyz"
+
+
+def controller_manager_health_url(ports: Ports) -> str:
+    return f"https://{LOOPBACK}:{ports.controller_manager}/healthz"
+
+
+def prometheus_health_url(ports: Ports) -> str:
+    return f"{prometheus_url(ports)}/-/ready"
 
 
 def etcd_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
@@ -156,7 +184,7 @@ def apiserver_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
         "--anonymous-auth=false",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-        f"--service-account-key-file={layout.cert('service-account').with_suffix('.pub')}",
+        f"--service-account-key-file={layout.service_account_public_key}",
         f"--service-account-signing-key-file={layout.key('service-account')}",
         f"--requestheader-client-ca-file={layout.cert('front-proxy-ca')}",
         f"--requestheader-allowed-names={FRONT_PROXY_CLIENT.user}",

@@ -58,3 +58,22 @@ def test_keys_are_pem_encoded_p256():
     assert isinstance(key.curve, ec.SECP256R1)
     assert pki.key_pem(key).startswith(b"-----BEGIN PRIVATE KEY-----")
     assert pki.public_key_pem(key).startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_environment_credentials_name_each_identity_and_chain_to_the_right_ca():
+    from agentkube.devenv.cluster import issue_credentials
+    from agentkube.devenv.config import CLIENT_CERTIFICATES, FRONT_PROXY_CLIENT
+
+    credentials = issue_credentials(NOW)
+    ca, front_proxy_ca = _load(credentials["ca"]), _load(credentials["front-proxy-ca"])
+    for name, identity in CLIENT_CERTIFICATES.items():
+        cert = _load(credentials[name])
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == identity.user
+        assert tuple(a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)) == identity.groups
+    # The front proxy's CA signs nothing else, so no ordinary client can pose as the front proxy.
+    front_proxy = _load(credentials["front-proxy-client"])
+    front_proxy.verify_directly_issued_by(front_proxy_ca)
+    assert front_proxy.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == FRONT_PROXY_CLIENT.user
+    apiserver_names = _load(credentials["apiserver"]).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kubernetes.default.svc" in apiserver_names.get_values_for_type(x509.DNSName)
