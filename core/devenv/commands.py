@@ -11,10 +11,10 @@ from rich.table import Table
 
 from agentkube.devenv.cluster import DevEnv, DevEnvError
 from agentkube.devenv.install import InstallError, install_all
-from agentkube.devenv.versions import default_state_dir
+from agentkube.devenv.versions import bin_dir, default_state_dir
 
 dev_app = typer.Typer(help="A real local control plane and Prometheus, for development and tests.", no_args_is_help=True)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: printed commands stay copy-pasteable
 
 StateDir = Annotated[
     Path,
@@ -31,7 +31,7 @@ def _fail(error: Exception) -> None:
 def install() -> None:
     """Build the control plane and unpack kubectl and helm into the cache (skipped when current)."""
     try:
-        install_all(log=lambda message: console.print(message, highlight=False, soft_wrap=True))
+        install_all(log=lambda message: console.print(message, highlight=False))
     except InstallError as error:
         _fail(error)
 
@@ -52,7 +52,7 @@ def up(
         except (InstallError, DevEnvError) as error:
             _fail(error)
         steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in env.startup_seconds.items())
-        console.print(f"up in {time.monotonic() - started:.1f}s ({steps})", soft_wrap=True)
+        console.print(f"up in {time.monotonic() - started:.1f}s ({steps})")
         console.print(f"apiserver {env.apiserver_url}, prometheus {env.prometheus_url}")
     console.print(f"point kubectl at it with:  eval \"$(agentkube dev env --state-dir {shlex.quote(str(state_dir))})\"")
 
@@ -89,5 +89,5 @@ def env(state_dir: StateDir = default_state_dir()) -> None:
     environment = DevEnv(state_dir)
     if environment.ports is None:
         _fail(DevEnvError(f"no environment in {state_dir}: run `agentkube dev up`"))
-    for key, value in environment.environ().items():
-        print(f"export {key}={shlex.quote(value)}")
+    print(f"export KUBECONFIG={shlex.quote(str(environment.kubeconfig))}")
+    print(f'export PATH={shlex.quote(str(bin_dir()))}:"$PATH"')

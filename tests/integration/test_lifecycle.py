@@ -2,7 +2,6 @@
 harmless, and down leaves no process and no directory behind."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +38,14 @@ def test_dev_up_is_idempotent_and_dev_down_leaves_nothing(tmp_path):
 
         exports = _agentkube("env", state_dir=state_dir).stdout
         assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in exports
-        env = dict(os.environ)
-        for line in exports.splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value.strip("'")
-        nodes = subprocess.run(["kubectl", "get", "--raw", "/readyz"], env=env, capture_output=True, text=True, timeout=60)
-        assert nodes.stdout.strip() == "ok", nodes.stderr
+        # The exports work as a user uses them: evaluated by a shell, then the bare `kubectl` name.
+        ready = subprocess.run(
+            ["bash", "-c", f"{exports}\nkubectl get --raw /readyz && echo && helm version --short"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert ready.returncode == 0, ready.stderr
+        assert ready.stdout.splitlines()[0] == "ok"
+        assert ready.stdout.splitlines()[1].startswith("v4.")
         # Credentials are readable by their owner only.
         assert (state_dir / "kubeconfig").stat().st_mode & 0o077 == 0
         assert state_dir.stat().st_mode & 0o077 == 0
