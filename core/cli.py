@@ -5,6 +5,7 @@ from importlib.metadata import version as package_version
 import typer
 
 from agentkube.devenv.commands import dev_app
+from agentkube.operator.commands import crds_app, operator_app
 
 app = typer.Typer(
     name="agentkube",
@@ -13,6 +14,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(operator_app, name="operator")
+app.add_typer(crds_app, name="crds")
 
 
 @app.command()

@@ -1,0 +1,40 @@
+"""`agentkube operator ...` and `agentkube crds ...`."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agentkube.operator import crds, main
+
+operator_app = typer.Typer(help="The Kopf operator for AgentSandbox and ServedModel.", no_args_is_help=True)
+crds_app = typer.Typer(help="The CustomResourceDefinitions, generated from the API models.", no_args_is_help=True)
+
+
+@operator_app.command()
+def run(
+    namespace: Annotated[str | None, typer.Option(help="Watch one namespace only (default: all).")] = None,
+    metrics_address: Annotated[str, typer.Option(help="Address of the metrics and liveness endpoints.")] = "127.0.0.1",
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 8080,
+    liveness_port: Annotated[int, typer.Option(help="Liveness probe port, /healthz (0: off).")] = 8081,
+    peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name, so that one replica is active; '' to run standalone.")] = main.PEERING_NAME,
+    workers: Annotated[int, typer.Option(min=1, help="Threads for synchronous handlers.")] = 16,
+) -> None:
+    """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
+    main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
+             peering=peering or None, workers=workers, namespace=namespace)
+
+
+@crds_app.command()
+def generate(
+    directory: Annotated[Path, typer.Option(help="Where to write the CRDs.")] = crds.CRD_DIRECTORY,
+    check: Annotated[bool, typer.Option(help="Only report (exit 1) when the files differ from the models.")] = False,
+) -> None:
+    """Write crds/*.yaml from the pydantic models (the one source of truth)."""
+    if check:
+        stale = crds.stale(directory)
+        for path in stale:
+            typer.echo(f"stale: {path}")
+        raise typer.Exit(1 if stale else 0)
+    for path in crds.write_all(directory):
+        typer.echo(f"wrote {path}")

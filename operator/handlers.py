@@ -1,0 +1,292 @@
+"""Kopf handlers: thin. Each reads the object and its children, asks the pure functions in `sandbox` and
+`servedmodel` what should exist, applies that, and writes status. Every step is idempotent, so a handler
+killed half-way (or two racing) converges on the next run."""
+
+import asyncio
+import contextvars
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client import ApiException
+
+from agentkube.operator import api, metrics, sandbox, servedmodel
+from agentkube.operator.status import merge_conditions, timestamp
+
+SANDBOXES = "agentsandboxes"
+SERVED_MODELS = "servedmodels"
+# A sandbox with deadlines is reconciled at least this often, so a missed event is repaired without a restart.
+LIFECYCLE_RECHECK_MAX = timedelta(minutes=5)
+KNATIVE_BACKOFF_MAX = 300.0
+
+_clients: dict[str, Any] = {}
+
+
+def _api(kind: str) -> Any:
+    """Kubernetes API clients, created once the operator has logged in (current kubeconfig or in-cluster)."""
+    if not _clients:
+        try:
+            kubernetes.config.load_kube_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_incluster_config()
+        _clients.update(
+            core=kubernetes.client.CoreV1Api(),
+            networking=kubernetes.client.NetworkingV1Api(),
+            custom=kubernetes.client.CustomObjectsApi(),
+        )
+    return _clients[kind]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _read(read, *args) -> dict[str, Any] | None:
+    try:
+        result = read(*args)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return result if isinstance(result, dict) else kubernetes.client.ApiClient().sanitize_for_serialization(result)
+
+
+def _create(create, namespace: str, manifest: dict[str, Any]) -> bool:
+    try:
+        create(namespace, manifest)
+        return True
+    except ApiException as error:
+        if error.status != 409:  # already there: another run (or a racing handler) made it
+            raise
+        return False
+
+
+def _delete(delete, name: str, namespace: str, uid: str | None = None) -> None:
+    options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
+    try:
+        delete(name, namespace, body=options)
+    except ApiException as error:
+        if error.status not in (404, 409):  # gone already, or replaced by a newer object we must keep
+            raise
+
+
+def _patch_status(plural: str, namespace: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    if all(old.get(k) == v for k, v in new.items()):
+        return False
+    try:
+        _api("custom").patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, plural, name, {"status": new})
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True
+
+
+# ----- AgentSandbox ------------------------------------------------------------------------------------
+
+
+def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger) -> sandbox.Plan | None:
+    body = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SANDBOXES, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None  # the owned children go with it, through their owner references
+    with metrics.reconciling("AgentSandbox"):
+        spec = api.AgentSandboxSpec.model_validate(body["spec"])
+        core = _api("core")
+        pod = _read(core.read_namespaced_pod, name, namespace)
+        view = sandbox.PodView.of(pod)
+        now = _now()
+        created = _parse_time(body["metadata"]["creationTimestamp"]) or now
+        annotations = body["metadata"].get("annotations") or {}
+        last_activity = _parse_time(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
+        decision = sandbox.plan(spec, created, last_activity, view, now)
+
+        if decision.delete_sandbox:
+            _delete(lambda n, ns, body: _api("custom").delete_namespaced_custom_object(
+                api.GROUP, api.VERSION, ns, SANDBOXES, n, body=body), name, namespace, body["metadata"]["uid"])
+            kopf.event(body, type="Normal", reason="Expired", message="deleted at its shutdown time (shutdownPolicy: Delete)")
+            return decision
+
+        _create(core.create_namespaced_service, namespace, sandbox.service_manifest(body))
+        if spec.workspace is not None:
+            _create(core.create_namespaced_persistent_volume_claim, namespace, sandbox.workspace_claim_manifest(body, spec.workspace))
+        _apply_network_policy(body, spec, namespace, name)
+
+        if pod is not None and decision.delete_pod and not view.terminating:
+            _delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
+            logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
+        elif decision.want_pod and pod is None and _create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec)):
+            logger.info("created pod %s/%s", namespace, name)
+
+        old = body.get("status") or {}
+        new = {
+            "phase": decision.phase,
+            "conditions": merge_conditions(old.get("conditions", []), sandbox.conditions(decision, view), now),
+            "podName": name if decision.want_pod else None,
+            "nodeName": view.node_name if view and decision.want_pod else None,
+            "serviceFqdn": sandbox.service_fqdn(name, namespace),
+            "lastActivityTime": timestamp(last_activity) if last_activity else old.get("lastActivityTime"),
+            "observedGeneration": body["metadata"].get("generation"),
+        }
+        if old.get("phase") != decision.phase:
+            kopf.event(body, type="Warning" if decision.phase == "Failed" else "Normal", reason=decision.reason, message=decision.message)
+        _patch_status(SANDBOXES, namespace, name, old, new)
+        if decision.recheck_after is not None:
+            deadlines.schedule(namespace, name, decision.recheck_after, logger)
+    return decision
+
+
+def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> None:
+    networking = _api("networking")
+    if not spec.network.managed_policy:
+        current = _read(networking.read_namespaced_network_policy, name, namespace)
+        if current and current["metadata"].get("labels", {}).get(sandbox.SANDBOX_LABEL) == name:
+            _delete(networking.delete_namespaced_network_policy, name, namespace)
+        return
+    manifest = sandbox.network_policy_manifest(body, spec)
+    current = _read(networking.read_namespaced_network_policy, name, namespace)
+    if current is None:
+        _create(networking.create_namespaced_network_policy, namespace, manifest)
+    elif current["spec"] != manifest["spec"]:
+        networking.patch_namespaced_network_policy(name, namespace, {"spec": manifest["spec"]})
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, SANDBOXES)
+@kopf.on.create(api.GROUP, api.VERSION, SANDBOXES)
+@kopf.on.update(api.GROUP, api.VERSION, SANDBOXES)
+def sandbox_changed(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    reconcile_sandbox(namespace, name, logger)
+
+
+@kopf.on.event("", "v1", "pods", labels={sandbox.SANDBOX_LABEL: kopf.PRESENT})
+def sandbox_pod_changed(type: str, body: dict[str, Any], logger: logging.Logger, **_: Any) -> None:
+    """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod."""
+    owner = (body.get("metadata", {}).get("labels") or {}).get(sandbox.SANDBOX_LABEL)
+    if owner and type in ("ADDED", "MODIFIED", "DELETED"):
+        reconcile_sandbox(body["metadata"]["namespace"], owner, logger)
+
+
+class DeadlineScheduler:
+    """Idle suspension and expiry happen with the passing of time, not on any event. After each
+    reconciliation the plan says when time alone will change it; one timer per sandbox (the latest only)
+    reconciles it then. One scheduler for all sandboxes instead of a daemon each: no finalizer on every
+    object, and a thousand sandboxes cost a thousand timer handles, not a thousand tasks."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def schedule(self, namespace: str, name: str, delay: timedelta, logger: logging.Logger) -> None:
+        """Thread-safe: handlers run in worker threads. The reconciliation later runs in a copy of the
+        caller's context, where Kopf keeps what posting Events needs."""
+        if self.loop is not None:
+            seconds = min(max(delay.total_seconds(), 0), LIFECYCLE_RECHECK_MAX.total_seconds()) + 0.5
+            context = contextvars.copy_context()
+            self.loop.call_soon_threadsafe(self._arm, (namespace, name), seconds, logger, context)
+
+    def _arm(self, key: tuple[str, str], seconds: float, logger: logging.Logger, context: contextvars.Context) -> None:
+        if key in self.timers:
+            self.timers.pop(key).cancel()
+        self.timers[key] = self.loop.call_later(seconds, self._fire, key, logger, context)
+
+    def _fire(self, key: tuple[str, str], logger: logging.Logger, context: contextvars.Context) -> None:
+        self.timers.pop(key, None)
+        self.loop.run_in_executor(None, context.run, self._reconcile, key, logger)
+
+    def _reconcile(self, key: tuple[str, str], logger: logging.Logger) -> None:
+        try:
+            reconcile_sandbox(*key, logger)
+        except Exception:  # a timer has no handler to retry it: try again later rather than never
+            logger.exception("reconciling %s/%s at its deadline failed; retrying in a minute", *key)
+            self.schedule(*key, timedelta(minutes=1), logger)
+
+
+deadlines = DeadlineScheduler()
+
+
+@kopf.on.startup()
+async def start_deadline_scheduler(**_: Any) -> None:
+    deadlines.start(asyncio.get_running_loop())
+
+
+# ----- ServedModel -------------------------------------------------------------------------------------
+
+
+def _knative_backoff(retry: int) -> float:
+    return min(KNATIVE_BACKOFF_MAX, 5.0 * 2**retry)
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, SERVED_MODELS)
+@kopf.on.create(api.GROUP, api.VERSION, SERVED_MODELS)
+@kopf.on.update(api.GROUP, api.VERSION, SERVED_MODELS)
+def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry: int, logger: logging.Logger, **_: Any) -> None:
+    with metrics.reconciling("ServedModel"):
+        body = dict(body)
+        spec = api.ServedModelSpec.model_validate(body["spec"])
+        old = dict(body.get("status") or {})
+        current = api.ServedModelStatus.model_validate(old)
+        target = servedmodel.concurrency_target(spec, current)
+        manifest = servedmodel.knative_service_manifest(body, spec, target)
+        now = _now()
+        try:
+            service = _apply_knative_service(namespace, name, manifest)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            message = f"Knative Serving is not installed ({servedmodel.KNATIVE_GROUP}/{servedmodel.KNATIVE_VERSION} services not found); retrying"
+            conditions = merge_conditions(old.get("conditions", []), [("KnativeAvailable", False, "KnativeNotInstalled", message),
+                                                                      ("Ready", False, "KnativeNotInstalled", message)], now)
+            _patch_status(SERVED_MODELS, namespace, name, old, {"conditions": conditions, "ready": False,
+                                                                  "observedGeneration": body["metadata"].get("generation")})
+            raise kopf.TemporaryError(message, delay=_knative_backoff(retry))
+        _write_served_model_status(body, old, service, target, now)
+
+
+def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    custom = _api("custom")
+    knative = (servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, namespace, servedmodel.KNATIVE_PLURAL)
+    current = _read(custom.get_namespaced_custom_object, *knative, name)
+    if current is None:
+        return custom.create_namespaced_custom_object(*knative, manifest)
+    if current.get("spec", {}).get("template") == manifest["spec"]["template"] and current["metadata"].get("labels") == manifest["metadata"]["labels"]:
+        return current
+    return custom.patch_namespaced_custom_object(*knative, name, {"metadata": {"labels": manifest["metadata"]["labels"]}, "spec": manifest["spec"]})
+
+
+def _write_served_model_status(body: dict[str, Any], old: dict[str, Any], service: dict[str, Any], target: int, now: datetime) -> None:
+    ready, url = servedmodel.knative_readiness(service)
+    conditions = merge_conditions(old.get("conditions", []), [
+        ("KnativeAvailable", True, "KnativeServiceApplied", f"Knative Service {body['metadata']['name']} applied"),
+        ("Ready", ready, "KnativeReady" if ready else "KnativeNotReady",
+         "the Knative Service is ready" if ready else "waiting for the Knative Service to become ready"),
+    ], now)
+    new = {"url": url, "ready": ready, "conditions": conditions, "concurrencyTarget": target,
+           "observedGeneration": body["metadata"].get("generation")}
+    _patch_status(SERVED_MODELS, body["metadata"]["namespace"], body["metadata"]["name"], old, new)
+
+
+@kopf.on.event(servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, servedmodel.KNATIVE_PLURAL,
+               labels={servedmodel.MODEL_LABEL: kopf.PRESENT})
+def knative_service_changed(type: str, body: dict[str, Any], **_: Any) -> None:
+    """Knative reports readiness and the URL on its Service; mirror them into the ServedModel."""
+    if type not in ("ADDED", "MODIFIED"):
+        return
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["labels"][servedmodel.MODEL_LABEL]
+    model = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SERVED_MODELS, name)
+    if model is None or model["metadata"].get("deletionTimestamp"):
+        return
+    old = model.get("status") or {}
+    target = old.get("concurrencyTarget") or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.target
+    _write_served_model_status(model, old, body, target, _now())

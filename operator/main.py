@@ -1,0 +1,58 @@
+"""Run the operator: Kopf with agentkube's settings, a metrics endpoint and a liveness probe."""
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import kopf
+import prometheus_client
+
+from agentkube.operator import api
+
+PEERING_NAME = "agentkube"
+# Kopf's bookkeeping annotations. Kopf ignores every annotation under its prefix when it looks for
+# changes, so it must not be our API group: `agentkube.dev/last-activity` has to wake the handlers.
+KOPF_PREFIX = f"kopf.{api.GROUP}"
+
+
+def configure(settings: kopf.OperatorSettings, *, peering: str | None, workers: int) -> None:
+    # Progress and the last-handled spec are kept in annotations, so the status schema stays ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
+    # Users see the Events the handlers post on purpose; Kopf's per-handler chatter only when it fails.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = workers
+    settings.watching.server_timeout = 300
+    if peering:
+        settings.peering.name = peering
+        settings.peering.mandatory = True
+        settings.peering.clusterwide = True
+        # Replicas must differ in priority for exactly one of them to be active; the others stand by.
+        settings.peering.priority = random.randint(1, 1_000_000)
+        settings.peering.stealth = True
+    else:
+        settings.peering.standalone = True
+
+
+def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, workers: int, namespace: str | None) -> None:
+    from agentkube.operator import handlers  # noqa: F401  (importing registers the handlers with Kopf)
+
+    @kopf.on.startup()
+    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings, peering=peering, workers=workers)
+
+    if metrics_port:
+        prometheus_client.disable_created_metrics()
+        prometheus_client.start_http_server(metrics_port, addr=metrics_address)
+    kopf.configure(verbose=False)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=namespace is None,
+            namespaces=[namespace] if namespace else (),
+            liveness_endpoint=f"http://{metrics_address}:{liveness_port}/healthz" if liveness_port else None,
+            standalone=peering is None,
+            peering_name=peering,
+        )
+    )

@@ -1,0 +1,311 @@
+"""AgentSandbox decisions, as pure functions: the child objects a sandbox wants, and what its lifecycle
+asks for right now (run, suspend, expire). The handlers only read, call these, and apply."""
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from agentkube.operator import api
+
+SANDBOX_LABEL = "agentkube.dev/sandbox"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "agentkube"}
+# Set by the sandbox runtime / SDK on every tool call; the operator mirrors it into status and measures
+# idleness from it. A newer value than an idle suspension resumes the sandbox.
+LAST_ACTIVITY_ANNOTATION = "agentkube.dev/last-activity"
+# The node agent reads a sandbox's tool intents and envelope from its pod.
+TOOLS_ANNOTATION = "agentkube.dev/tools"
+# Pods labelled so (in any namespace) may reach a sandbox's runtime port.
+CLIENT_LABEL = "agentkube.dev/sandbox-client"
+SANDBOX_RUNTIME_PORT = 7070
+CONTAINER_NAME = "sandbox"
+WORKSPACE_VOLUME = "workspace"
+CLUSTER_DOMAIN = "cluster.local"
+# What "internet" excludes: private ranges and link-local (cloud metadata endpoints live there).
+NON_INTERNET = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> timedelta:
+    """A Go duration ("1h30m", "45s") as a timedelta."""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r}")
+    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+def labels(name: str) -> dict[str, str]:
+    return {SANDBOX_LABEL: name, **MANAGED_BY}
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": body["metadata"]["namespace"],
+        "labels": labels(body["metadata"]["name"]),
+        "ownerReferences": [owner_reference(body)],
+        **extra,
+    }
+
+
+def workspace_claim_name(sandbox: str) -> str:
+    return f"{sandbox}-workspace"
+
+
+def service_fqdn(name: str, namespace: str) -> str:
+    return f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+def _quantities(resources: api.ResourceList | None) -> dict[str, str]:
+    if resources is None:
+        return {}
+    return {k: str(v) for k, v in resources.model_dump(exclude_none=True).items()}
+
+
+def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    template = spec.template
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": template.image,
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [{"name": "runtime", "containerPort": SANDBOX_RUNTIME_PORT}],
+        "resources": {
+            key: value
+            for key, value in (("requests", _quantities(template.resources.requests)), ("limits", _quantities(template.resources.limits)))
+            if value
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": template.run_as_user,
+            "runAsGroup": template.run_as_group,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": WORKSPACE_VOLUME, "mountPath": spec.workspace.mount_path if spec.workspace else "/workspace"}],
+    }
+    if template.command:
+        container["command"] = list(template.command)
+    if template.args:
+        container["args"] = list(template.args)
+    if template.env:
+        container["env"] = [e.model_dump() for e in template.env]
+    workspace = (
+        {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": workspace_claim_name(name)}}
+        if spec.workspace
+        else {"name": WORKSPACE_VOLUME, "emptyDir": {}}
+    )
+    pod_spec: dict[str, Any] = {
+        "hostname": name,
+        "subdomain": name,  # with the headless Service of the same name: a stable DNS name for the pod
+        "restartPolicy": "Always",
+        # The sandbox runs untrusted tool calls: it gets no Kubernetes credentials and no service links.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "fsGroup": template.run_as_group,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [workspace],
+    }
+    if template.runtime_class_name:
+        pod_spec["runtimeClassName"] = template.runtime_class_name
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in template.tolerations]
+    tools = {"envelope": _quantities(template.resources.limits), **spec.tools.model_dump(by_alias=True, exclude_none=True)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(name, body, annotations={TOOLS_ANNOTATION: json.dumps(tools, sort_keys=True)}),
+        "spec": pod_spec,
+    }
+
+
+def service_manifest(body: dict[str, Any]) -> dict[str, Any]:
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, body),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {SANDBOX_LABEL: name},
+            "ports": [{"name": "runtime", "port": SANDBOX_RUNTIME_PORT, "targetPort": SANDBOX_RUNTIME_PORT}],
+            # The name resolves while the pod starts, so a client can wait on DNS rather than poll.
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def workspace_claim_manifest(body: dict[str, Any], workspace: api.Workspace) -> dict[str, Any]:
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": str(workspace.size)}}}
+    if workspace.storage_class_name:
+        spec["storageClassName"] = workspace.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(workspace_claim_name(body["metadata"]["name"]), body),
+        "spec": spec,
+    }
+
+
+def _egress_rules(network: api.ToolNetwork) -> list[dict[str, Any]]:
+    if network.egress == "cluster":
+        return [{"to": [{"namespaceSelector": {}}]}]
+    if network.egress == "internet":
+        return [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(NON_INTERNET)}}]}]
+    if network.egress == "explicit":
+        return [
+            {"to": [{"ipBlock": {"cidr": rule.cidr}}], **({"ports": [{"protocol": "TCP", "port": rule.port}]} if rule.port else {})}
+            for rule in network.allow
+        ]
+    return []
+
+
+def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, Any]:
+    """Ingress only to the runtime port from labelled clients; egress only DNS plus the union of what the
+    tool intents allow (the node agent narrows each call further with its own eBPF program)."""
+    dns = {
+        "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }
+    intents = [spec.tools.default, *spec.tools.profiles.values()]
+    egress = [dns]
+    for intent in intents:
+        for rule in _egress_rules(intent.network or api.ToolNetwork()):
+            if rule not in egress:
+                egress.append(rule)
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(name, body),
+        "spec": {
+            "podSelector": {"matchLabels": {SANDBOX_LABEL: name}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {
+                    "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}],
+                    "ports": [{"protocol": "TCP", "port": SANDBOX_RUNTIME_PORT}],
+                }
+            ],
+            "egress": egress,
+        },
+    }
+
+
+# ----- lifecycle ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the lifecycle needs to know about the sandbox's pod."""
+
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    ready: bool
+    scheduled: bool
+    node_name: str | None
+    terminating: bool
+
+    @classmethod
+    def of(cls, pod: dict[str, Any] | None) -> "PodView | None":
+        if pod is None:
+            return None
+        status = pod.get("status") or {}
+        conditions = {c["type"]: c["status"] == "True" for c in status.get("conditions") or []}
+        return cls(
+            phase=status.get("phase", "Pending"),
+            ready=conditions.get("Ready", False),
+            scheduled=conditions.get("PodScheduled", False),
+            node_name=(pod.get("spec") or {}).get("nodeName"),
+            terminating=bool(pod["metadata"].get("deletionTimestamp")),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the sandbox should look like now, and when time alone will change that."""
+
+    phase: str
+    reason: str
+    message: str
+    want_pod: bool
+    delete_pod: bool = False  # the existing pod must go (suspended, expired, or failed and to be replaced)
+    delete_sandbox: bool = False
+    recheck_after: timedelta | None = None
+
+
+def expiry_time(created: datetime, lifecycle: api.Lifecycle) -> datetime | None:
+    if lifecycle.shutdown_time is not None:
+        return lifecycle.shutdown_time
+    if lifecycle.expire_after is not None:
+        return created + parse_duration(lifecycle.expire_after)
+    return None
+
+
+def plan(spec: api.AgentSandboxSpec, created: datetime, last_activity: datetime | None, pod: PodView | None, now: datetime) -> Plan:
+    lifecycle = spec.lifecycle
+    recheck: list[timedelta] = []
+    expires = expiry_time(created, lifecycle)
+    if expires is not None:
+        if now >= expires:
+            if lifecycle.shutdown_policy == "Delete":
+                return Plan("Expired", "Expired", "the sandbox reached its shutdown time", False, pod is not None, delete_sandbox=True)
+            return Plan("Expired", "Expired", "the sandbox reached its shutdown time; its object and workspace are retained",
+                        False, pod is not None)
+        recheck.append(expires - now)
+    if lifecycle.suspend:
+        return Plan("Suspended", "Suspended", "spec.lifecycle.suspend is true", False, pod is not None, recheck_after=_soonest(recheck))
+    if lifecycle.idle_timeout is not None:
+        idle_since = last_activity or created
+        idle_until = idle_since + parse_duration(lifecycle.idle_timeout)
+        if now >= idle_until:
+            return Plan("Suspended", "IdleTimeout", f"no tool call since {idle_since.isoformat()}; the next one resumes it",
+                        False, pod is not None, recheck_after=_soonest(recheck))
+        recheck.append(idle_until - now)
+    recheck_after = _soonest(recheck)
+    if pod is None or pod.terminating:
+        return Plan("Pending", "PodCreating", "creating the sandbox pod", True, recheck_after=recheck_after)
+    if pod.phase in ("Failed", "Succeeded"):
+        return Plan("Pending", "PodReplacing", f"the pod {pod.phase.lower()}; replacing it, the workspace is kept",
+                    True, delete_pod=True, recheck_after=recheck_after)
+    if pod.phase == "Running" and pod.ready:
+        return Plan("Running", "PodReady", "the sandbox is ready", True, recheck_after=recheck_after)
+    if not pod.scheduled:
+        return Plan("Pending", "PodScheduling", "waiting for the pod to be scheduled to a node", True, recheck_after=recheck_after)
+    return Plan("Pending", "PodStarting", f"the pod is {pod.phase.lower()} and not ready yet", True, recheck_after=recheck_after)
+
+
+def _soonest(durations: list[timedelta]) -> timedelta | None:
+    return min(durations) if durations else None
+
+
+def conditions(plan_: Plan, pod: PodView | None) -> list[tuple[str, bool, str, str]]:
+    """(type, status, reason, message) for Ready, Suspended and PodScheduled."""
+    suspended = plan_.phase in ("Suspended", "Expired")
+    return [
+        ("Ready", plan_.phase == "Running", plan_.reason, plan_.message),
+        ("Suspended", suspended, plan_.reason if suspended else "Active", plan_.message if suspended else ""),
+        ("PodScheduled", bool(pod and pod.scheduled), "Scheduled" if pod and pod.scheduled else "NotScheduled",
+         f"on {pod.node_name}" if pod and pod.node_name else ""),
+    ]

@@ -1,0 +1,78 @@
+"""ServedModel decisions, as pure functions: the Knative Service a model wants, with Knative's
+autoscaling annotations."""
+
+from typing import Any
+
+from agentkube.operator import api
+from agentkube.operator.sandbox import MANAGED_BY, owner_reference
+
+KNATIVE_GROUP = "serving.knative.dev"
+KNATIVE_VERSION = "v1"
+KNATIVE_PLURAL = "services"
+MODEL_LABEL = "agentkube.dev/served-model"
+AUTOSCALING = "autoscaling.knative.dev"
+KPA_CLASS = "kpa.autoscaling.knative.dev"
+
+
+def concurrency_target(spec: api.ServedModelSpec, status: api.ServedModelStatus) -> int:
+    """The target in force: the policy's last decision for `ppo`, the spec's target otherwise."""
+    if spec.autoscaling.policy == "ppo" and status.concurrency_target is not None:
+        return status.concurrency_target
+    return spec.autoscaling.target
+
+
+def autoscaling_annotations(autoscaling: api.Autoscaling, target: int) -> dict[str, str]:
+    if autoscaling.policy == "fixed":
+        replicas = str(autoscaling.min_scale)
+        return {f"{AUTOSCALING}/class": KPA_CLASS, f"{AUTOSCALING}/min-scale": replicas,
+                f"{AUTOSCALING}/max-scale": replicas, f"{AUTOSCALING}/initial-scale": replicas}
+    # Knative turns scale-to-zero off per revision by keeping at least one replica.
+    min_scale = autoscaling.min_scale if autoscaling.scale_to_zero else max(1, autoscaling.min_scale)
+    return {
+        f"{AUTOSCALING}/class": KPA_CLASS,
+        f"{AUTOSCALING}/metric": "concurrency",
+        f"{AUTOSCALING}/target": str(target),
+        f"{AUTOSCALING}/target-utilization-percentage": str(autoscaling.target_utilization),
+        f"{AUTOSCALING}/min-scale": str(min_scale),
+        f"{AUTOSCALING}/max-scale": str(autoscaling.max_scale),
+        f"{AUTOSCALING}/initial-scale": str(max(autoscaling.initial_scale, min_scale)),
+    }
+
+
+def knative_service_manifest(body: dict[str, Any], spec: api.ServedModelSpec, target: int) -> dict[str, Any]:
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    container: dict[str, Any] = {
+        "name": "model",
+        "image": spec.image,
+        "ports": [{"containerPort": spec.port}],
+        "env": [{"name": "MODEL_NAME", "value": spec.model.name}]
+        + ([{"name": "MODEL_URI", "value": spec.model.uri}] if spec.model.uri else [])
+        + [e.model_dump() for e in spec.env or []],
+    }
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.resources:
+        container["resources"] = {
+            key: {k: str(v) for k, v in values.items()}
+            for key, values in (("requests", spec.resources.requests), ("limits", spec.resources.limits))
+            if values
+        }
+    labels = {MODEL_LABEL: name, **MANAGED_BY}
+    return {
+        "apiVersion": f"{KNATIVE_GROUP}/{KNATIVE_VERSION}",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "ownerReferences": [owner_reference(body)]},
+        "spec": {
+            "template": {
+                "metadata": {"labels": labels, "annotations": autoscaling_annotations(spec.autoscaling, target)},
+                "spec": {"containers": [container]},
+            }
+        },
+    }
+
+
+def knative_readiness(service: dict[str, Any] | None) -> tuple[bool, str | None]:
+    """(ready, url) from a Knative Service's status."""
+    status = (service or {}).get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return ready, status.get("url")
