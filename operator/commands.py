@@ -1,6 +1,5 @@
 """`agentkube operator ...` and `agentkube crds ...`."""
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,14 +26,13 @@ def run(
 
 @crds_app.command()
 def generate(
-    directory: Annotated[Path, typer.Option(help="Where to write the CRDs.")] = crds.CRD_DIRECTORY,
     check: Annotated[bool, typer.Option(help="Only report (exit 1) when the files differ from the models.")] = False,
 ) -> None:
-    """Write crds/*.yaml from the pydantic models (the one source of truth)."""
+    """Write crds/*.yaml and the chart's copies from the pydantic models (the one source of truth)."""
     if check:
-        stale = crds.stale(directory)
+        stale = crds.stale()
         for path in stale:
             typer.echo(f"stale: {path}")
         raise typer.Exit(1 if stale else 0)
-    for path in crds.write_all(directory):
+    for path in crds.write_all():
         typer.echo(f"wrote {path}")

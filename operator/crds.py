@@ -15,7 +15,12 @@ from pydantic import BaseModel
 
 from agentkube.operator import api
 
-CRD_DIRECTORY = Path(__file__).resolve().parents[1] / "crds"
+REPOSITORY = Path(__file__).resolve().parents[1]
+CRD_DIRECTORY = REPOSITORY / "crds"
+# Helm installs a chart's crds/ before its templates and never deletes them on uninstall (users' objects
+# survive); the chart carries the same generated files.
+CHART_CRD_DIRECTORY = REPOSITORY / "charts" / "agentkube" / "crds"
+OUTPUT_DIRECTORIES = (CRD_DIRECTORY, CHART_CRD_DIRECTORY)
 DROPPED_KEYS = {"title"}
 
 
@@ -219,15 +224,17 @@ def rendered() -> dict[str, str]:
     return {f"{d['metadata']['name']}.yaml": HEADER + yaml.safe_dump(d, sort_keys=False, width=120) for d in documents}
 
 
-def write_all(directory: Path = CRD_DIRECTORY) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+def write_all(directories: tuple[Path, ...] = OUTPUT_DIRECTORIES) -> list[Path]:
     paths = []
-    for name, text in rendered().items():
-        (directory / name).write_text(text)
-        paths.append(directory / name)
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in rendered().items():
+            (directory / name).write_text(text)
+            paths.append(directory / name)
     return paths
 
 
-def stale(directory: Path = CRD_DIRECTORY) -> list[Path]:
+def stale(directories: tuple[Path, ...] = OUTPUT_DIRECTORIES) -> list[Path]:
     """The checked-in CRDs that differ from what the models generate."""
-    return [directory / n for n, text in rendered().items() if not (directory / n).is_file() or (directory / n).read_text() != text]
+    texts = rendered()
+    return [d / n for d in directories for n, text in texts.items() if not (d / n).is_file() or (d / n).read_text() != text]

@@ -1,0 +1,10 @@
+{{- define "agentkube.labels" -}}
+app.kubernetes.io/name: agentkube
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "agentkube.operatorName" -}}
+{{ .Release.Name }}-operator
+{{- end -}}

@@ -1,0 +1,73 @@
+"""What an AgentSandbox becomes: a hardened pod, a headless service, a claim, a network policy."""
+
+import json
+
+import pytest
+
+from agentkube.operator import api, sandbox
+
+BODY = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "box", "namespace": "team", "uid": "u-1"}}
+
+
+def _spec(**overrides) -> api.AgentSandboxSpec:
+    return api.AgentSandboxSpec.model_validate({"template": {"image": "python:3.12", "resources": {"limits": {"memory": "4Gi", "cpu": 2}}}, **overrides})
+
+
+def test_pod_is_hardened_owned_and_carries_the_tool_intents():
+    pod = sandbox.pod_manifest(BODY, _spec(tools={"profiles": {"test": {"memory": "2Gi"}}}))
+    container = pod["spec"]["containers"][0]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] and not security["allowPrivilegeEscalation"] and not security["privileged"]
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["metadata"]["name"] == "box"  # one name, so never two pods
+    assert pod["metadata"]["ownerReferences"] == [sandbox.owner_reference(BODY)]
+    assert container["resources"]["limits"] == {"memory": "4Gi", "cpu": "2"}
+    tools = json.loads(pod["metadata"]["annotations"][sandbox.TOOLS_ANNOTATION])
+    assert tools["envelope"] == {"memory": "4Gi", "cpu": "2"} and tools["profiles"]["test"]["memory"] == "2Gi"
+
+
+def test_workspace_is_a_claim_when_asked_and_an_empty_dir_otherwise():
+    with_claim = sandbox.pod_manifest(BODY, _spec(workspace={"size": "5Gi"}))
+    assert with_claim["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "box-workspace"
+    claim = sandbox.workspace_claim_manifest(BODY, api.Workspace(size="5Gi"))
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert "emptyDir" in sandbox.pod_manifest(BODY, _spec())["spec"]["volumes"][0]
+
+
+def test_service_is_headless_with_a_stable_name():
+    service = sandbox.service_manifest(BODY)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {sandbox.SANDBOX_LABEL: "box"}
+    assert sandbox.service_fqdn("box", "team") == "box.team.svc.cluster.local"
+
+
+def test_network_policy_allows_dns_plus_the_union_of_tool_intents():
+    policy = sandbox.network_policy_manifest(BODY, _spec())
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert len(policy["spec"]["egress"]) == 1  # DNS only: every intent says `none`
+    spec = _spec(tools={"profiles": {
+        "web": {"network": {"egress": "internet"}},
+        "db": {"network": {"egress": "explicit", "allow": [{"cidr": "10.1.0.0/16", "port": 5432}]}},
+    }})
+    egress = sandbox.network_policy_manifest(BODY, spec)["spec"]["egress"]
+    internet = next(r for r in egress if r["to"][0].get("ipBlock", {}).get("cidr") == "0.0.0.0/0")
+    assert "169.254.0.0/16" in internet["to"][0]["ipBlock"]["except"]  # no cloud metadata
+    assert {"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 5432}]} in egress
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("10m", 600), ("1h30m", 5400), ("1.5h", 5400), ("250ms", 0.25)])
+def test_parse_duration(text, seconds):
+    assert sandbox.parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "1d", "m5", "5m x"])
+def test_parse_duration_rejects_what_go_would(text):
+    with pytest.raises(ValueError):
+        sandbox.parse_duration(text)
+
+
+def test_models_reject_bad_input_too():
+    with pytest.raises(ValueError):
+        api.AgentSandboxSpec.model_validate({"template": {"image": "x"}, "tools": {"default": {"pids": 0}}})
+    with pytest.raises(ValueError):
+        api.AgentSandboxSpec.model_validate({"template": {"image": "x"}, "unknown": 1})

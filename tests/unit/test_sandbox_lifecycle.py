@@ -1,0 +1,73 @@
+"""The lifecycle decision: run, replace, suspend on request or when idle, expire."""
+
+from datetime import datetime, timedelta, timezone
+
+from agentkube.operator import api
+from agentkube.operator.sandbox import PodView, plan
+from agentkube.operator.status import merge_conditions
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+RUNNING = PodView(phase="Running", ready=True, scheduled=True, node_name="n1", terminating=False)
+
+
+def _spec(**lifecycle) -> api.AgentSandboxSpec:
+    return api.AgentSandboxSpec.model_validate({"template": {"image": "x"}, "lifecycle": lifecycle})
+
+
+def test_a_new_sandbox_wants_its_pod():
+    decision = plan(_spec(), T0, None, None, T0)
+    assert decision.want_pod and decision.phase == "Pending" and not decision.delete_pod
+
+
+def test_a_ready_pod_means_running():
+    assert plan(_spec(), T0, None, RUNNING, T0).phase == "Running"
+
+
+def test_a_failed_pod_is_replaced():
+    failed = PodView(phase="Failed", ready=False, scheduled=True, node_name="n1", terminating=False)
+    decision = plan(_spec(), T0, None, failed, T0)
+    assert decision.delete_pod and decision.want_pod and decision.reason == "PodReplacing"
+
+
+def test_a_pod_being_deleted_is_waited_for_not_deleted_again():
+    going = PodView(phase="Running", ready=True, scheduled=True, node_name="n1", terminating=True)
+    decision = plan(_spec(), T0, None, going, T0)
+    assert not decision.delete_pod and decision.phase == "Pending"
+
+
+def test_suspend_removes_the_pod_and_keeps_the_object():
+    decision = plan(_spec(suspend=True), T0, None, RUNNING, T0)
+    assert decision.phase == "Suspended" and decision.delete_pod and not decision.want_pod and not decision.delete_sandbox
+
+
+def test_idle_timeout_suspends_and_activity_resumes():
+    spec = _spec(idleTimeout="10m")
+    active = plan(spec, T0, T0, RUNNING, T0 + timedelta(minutes=5))
+    assert active.phase == "Running" and active.recheck_after == timedelta(minutes=5)
+    idle = plan(spec, T0, T0, RUNNING, T0 + timedelta(minutes=10))
+    assert idle.phase == "Suspended" and idle.reason == "IdleTimeout" and idle.delete_pod
+    resumed = plan(spec, T0, T0 + timedelta(minutes=11), None, T0 + timedelta(minutes=11))
+    assert resumed.want_pod and resumed.phase == "Pending"
+
+
+def test_expiry_deletes_or_retains_as_asked():
+    now = T0 + timedelta(hours=2)
+    deleted = plan(_spec(expireAfter="1h", shutdownPolicy="Delete"), T0, None, RUNNING, now)
+    assert deleted.delete_sandbox and deleted.phase == "Expired"
+    retained = plan(_spec(expireAfter="1h"), T0, None, RUNNING, now)
+    assert retained.phase == "Expired" and not retained.delete_sandbox and retained.delete_pod and not retained.want_pod
+    at_time = plan(_spec(shutdownTime="2026-01-01T00:30:00Z"), T0, None, RUNNING, T0 + timedelta(minutes=10))
+    assert at_time.phase == "Running" and at_time.recheck_after == timedelta(minutes=20)
+
+
+def test_expiry_wins_over_suspend_and_idle():
+    decision = plan(_spec(suspend=True, expireAfter="1m"), T0, None, None, T0 + timedelta(minutes=2))
+    assert decision.phase == "Expired"
+
+
+def test_conditions_keep_their_transition_time_while_unchanged():
+    first = merge_conditions([], [("Ready", False, "PodStarting", "")], T0)
+    same = merge_conditions(first, [("Ready", False, "PodScheduling", "x")], T0 + timedelta(minutes=1))
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] and same[0]["reason"] == "PodScheduling"
+    flipped = merge_conditions(same, [("Ready", True, "PodReady", "")], T0 + timedelta(minutes=2))
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:02:00Z"

@@ -1,0 +1,57 @@
+"""What a ServedModel becomes: a Knative Service with Knative's autoscaling annotations."""
+
+from agentkube.operator import api, servedmodel
+
+BODY = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": "llm", "namespace": "ml", "uid": "u-2"}}
+A = servedmodel.AUTOSCALING
+
+
+def _spec(**autoscaling) -> api.ServedModelSpec:
+    return api.ServedModelSpec.model_validate({
+        "model": {"name": "llama", "uri": "pvc://m"}, "image": "vllm", "port": 8000, "autoscaling": autoscaling,
+        "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "24Gi"}},
+    })
+
+
+def test_kpa_annotations_follow_the_spec():
+    spec = _spec(target=8, targetUtilization=80, minScale=1, maxScale=10, initialScale=2)
+    service = servedmodel.knative_service_manifest(BODY, spec, 8)
+    annotations = service["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        f"{A}/class": "kpa.autoscaling.knative.dev", f"{A}/metric": "concurrency", f"{A}/target": "8",
+        f"{A}/target-utilization-percentage": "80", f"{A}/min-scale": "1", f"{A}/max-scale": "10", f"{A}/initial-scale": "2",
+    }
+    container = service["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1", "memory": "24Gi"}
+    assert container["ports"] == [{"containerPort": 8000}]
+    assert {"name": "MODEL_URI", "value": "pvc://m"} in container["env"]
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "u-2"
+
+
+def test_defaults_are_knatives():
+    annotations = servedmodel.autoscaling_annotations(api.Autoscaling(), 100)
+    assert annotations[f"{A}/target"] == "100" and annotations[f"{A}/target-utilization-percentage"] == "70"
+    assert annotations[f"{A}/min-scale"] == "0" and annotations[f"{A}/max-scale"] == "0"
+
+
+def test_scale_to_zero_off_keeps_one_replica():
+    annotations = servedmodel.autoscaling_annotations(api.Autoscaling(scale_to_zero=False), 100)
+    assert annotations[f"{A}/min-scale"] == "1"
+
+
+def test_fixed_pins_the_replica_count():
+    annotations = servedmodel.autoscaling_annotations(api.Autoscaling(policy="fixed", min_scale=3, max_scale=3), 100)
+    assert annotations[f"{A}/min-scale"] == annotations[f"{A}/max-scale"] == "3" and f"{A}/target" not in annotations
+
+
+def test_ppo_runs_the_last_decision_and_others_the_spec():
+    status = api.ServedModelStatus(concurrency_target=17)
+    assert servedmodel.concurrency_target(_spec(policy="ppo", target=8), status) == 17
+    assert servedmodel.concurrency_target(_spec(policy="ppo", target=8), api.ServedModelStatus()) == 8
+    assert servedmodel.concurrency_target(_spec(policy="kpa", target=8), status) == 8
+
+
+def test_readiness_and_url_come_from_knative_status():
+    ready = {"status": {"url": "http://llm.ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert servedmodel.knative_readiness(ready) == (True, "http://llm.ml.example.com")
+    assert servedmodel.knative_readiness(None) == (False, None)
