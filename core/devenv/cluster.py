@@ -212,6 +212,14 @@ class DevEnv:
         group = config.scrape_target_group(job, addresses, labels)
         _write_private(self.layout.scrape_targets / f"{job}.json", json.dumps(group).encode())
 
+    def write_token_kubeconfig(self, name: str, token: str) -> Path:
+        """A kubeconfig (owner-only, inside the environment) that authenticates with `token`: run a
+        component as its service account, with exactly the permissions RBAC gives it."""
+        document = config.token_kubeconfig(self.apiserver_url, self.layout.cert("ca").read_bytes(), name, token)
+        path = self.layout.root / f"{name}.kubeconfig"
+        _write_private(path, yaml.safe_dump(document).encode())
+        return path
+
     def remove_scrape_target(self, job: str) -> None:
         (self.layout.scrape_targets / f"{job}.json").unlink(missing_ok=True)
 

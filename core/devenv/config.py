@@ -236,17 +236,26 @@ def prometheus_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
     ]
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def kubeconfig(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, user: str) -> dict[str, Any]:
-    """A self-contained kubeconfig (credentials inline) for one client identity."""
+    """A self-contained kubeconfig (credentials inline) for one client-certificate identity."""
+    return _kubeconfig(server, ca_pem, user, {"client-certificate-data": _b64(cert_pem), "client-key-data": _b64(key_pem)})
 
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
 
+def token_kubeconfig(server: str, ca_pem: bytes, user: str, token: str) -> dict[str, Any]:
+    """A kubeconfig for a bearer token, e.g. a service account's: how an in-cluster workload authenticates."""
+    return _kubeconfig(server, ca_pem, user, {"token": token})
+
+
+def _kubeconfig(server: str, ca_pem: bytes, user: str, credentials: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": CLUSTER_NAME, "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "clusters": [{"name": CLUSTER_NAME, "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)}}],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [{"name": CLUSTER_NAME, "context": {"cluster": CLUSTER_NAME, "user": user}}],
         "current-context": CLUSTER_NAME,
     }

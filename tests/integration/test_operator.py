@@ -1,0 +1,336 @@
+"""The operator as it runs in production: installed from the Helm chart's RBAC, authenticated as its
+service account, reconciling against the real API server. The tests play the kubelet's part where a pod
+must become Running or Failed (there is no node in this environment)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import kubernetes
+import pytest
+import requests
+import yaml
+from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi, NetworkingV1Api
+
+from agentkube.devenv import process
+from agentkube.devenv.cluster import free_port
+from agentkube.devenv.versions import bin_dir
+from agentkube.operator import api, crds, sandbox
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "agentkube"
+KNATIVE_CRD = REPO / "tests" / "manifests" / "knative-service-crd.yaml"
+SYSTEM_NAMESPACE = "agentkube-system"
+OPERATOR_SA = "agentkube-operator"
+SANDBOXES = "agentsandboxes"
+
+
+class Operator:
+    """`agentkube operator run` in a child process, as its service account."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path):
+        self.kubeconfig, self.log_dir = kubeconfig, log_dir
+        self.record: process.ProcessRecord | None = None
+        self.metrics_port = self.liveness_port = 0
+        self.starts = 0
+
+    def start(self) -> None:
+        self.metrics_port, self.liveness_port = free_port(), free_port()
+        self.starts += 1
+        argv = [sys.executable, "-m", "agentkube", "operator", "run",
+                f"--metrics-port={self.metrics_port}", f"--liveness-port={self.liveness_port}"]
+        self.record = process.start("operator", ["env", f"KUBECONFIG={self.kubeconfig}", *argv],
+                                    self.log_path, tie_to_parent=True)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything it was doing."""
+        assert self.record is not None
+        process._signal_group(self.record.pid, signal.SIGKILL)
+        process.stop([self.record])
+
+    def stop(self) -> None:
+        if self.record is not None:
+            process.stop([self.record])
+
+
+def _helm_template(*show_only: str) -> str:
+    args = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE]
+    for template in show_only:
+        args += ["--show-only", f"templates/{template}"]
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def installed(devenv, kubectl) -> Path:
+    """CRDs, the chart's service account, RBAC and peering object; returns the operator's kubeconfig."""
+    kubectl("apply", "-f", str(crds.CRD_DIRECTORY))
+    for name in (crds.AGENT_SANDBOX.crd_name, crds.SERVED_MODEL.crd_name, "clusterkopfpeerings.kopf.dev"):
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    kubectl("create", "namespace", SYSTEM_NAMESPACE, check=False)
+    rendered = _helm_template("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "peering.yaml")
+    kubectl("apply", "-f", "-", input=rendered)
+    token = kubectl("create", "token", OPERATOR_SA, "-n", SYSTEM_NAMESPACE, "--duration=6h").stdout.strip()
+    return devenv.write_token_kubeconfig(OPERATOR_SA, token)
+
+
+@pytest.fixture(scope="module")
+def operator(installed, tmp_path_factory) -> Iterator[Operator]:
+    running = Operator(installed, tmp_path_factory.mktemp("operator"))
+    running.start()
+    yield running
+    running.stop()
+
+
+def _sandbox(name: str, **spec) -> dict:
+    spec.setdefault("template", {"image": "busybox", "command": ["sleep", "infinity"], "resources": {"limits": {"memory": "1Gi"}}})
+    return {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": name}, "spec": spec}
+
+
+def _get_sandbox(api_client, namespace: str, name: str) -> dict | None:
+    try:
+        return CustomObjectsApi(api_client).get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, SANDBOXES, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def _create_sandbox(api_client, namespace: str, body: dict) -> dict:
+    return CustomObjectsApi(api_client).create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, SANDBOXES, body)
+
+
+def _patch_sandbox(api_client, namespace: str, name: str, patch: dict) -> None:
+    CustomObjectsApi(api_client).patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, SANDBOXES, name, patch)
+
+
+def _pod(api_client, namespace: str, name: str):
+    try:
+        return CoreV1Api(api_client).read_namespaced_pod(name, namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def _phase(api_client, namespace: str, name: str) -> str | None:
+    return ((_get_sandbox(api_client, namespace, name) or {}).get("status") or {}).get("phase")
+
+
+def _act_as_kubelet(api_client, namespace: str, name: str, phase: str, ready: bool) -> None:
+    """There is no node here: set the pod's status as a kubelet would."""
+    status = "True" if ready else "False"
+    CoreV1Api(api_client).patch_namespaced_pod_status(name, namespace, {"status": {
+        "phase": phase,
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": status}],
+    }})
+
+
+def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_client, kubectl):
+    user = f"system:serviceaccount:{SYSTEM_NAMESPACE}:{OPERATOR_SA}"
+
+    def can(*args: str) -> bool:
+        return kubectl("auth", "can-i", *args, f"--as={user}", check=False).stdout.strip() == "yes"
+
+    for allowed in (["watch", "agentsandboxes.agentkube.dev", "-A"], ["patch", "agentsandboxes.agentkube.dev/status", "-n", "x"],
+                    ["create", "pods", "-n", "x"], ["delete", "pods", "-n", "x"], ["create", "networkpolicies", "-n", "x"],
+                    ["create", "events", "-n", "x"], ["watch", "customresourcedefinitions"]):
+        assert can(*allowed), allowed
+    # kubectl resolves resource names through discovery, and Knative is not installed here: ask directly.
+    review = kubernetes.client.AuthorizationV1Api(api_client).create_subject_access_review({"spec": {"user": user,
+        "groups": ["system:serviceaccounts"], "resourceAttributes": {
+            "group": "serving.knative.dev", "resource": "services", "verb": "create", "namespace": "x"}}})
+    assert review.status.allowed
+    for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
+                    ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
+                    ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"], ["delete", "persistentvolumeclaims", "-n", "x"],
+                    ["create", "serviceaccounts", "--subresource=token", "-n", SYSTEM_NAMESPACE]):
+        assert not can(*refused), refused
+
+
+def test_a_sandbox_gets_its_pod_service_and_policy_and_reports_status(api_client, operator, namespace, eventually):
+    _create_sandbox(api_client, namespace, _sandbox("box", workspace={"size": "1Gi"}))
+    pod = eventually(lambda: _pod(api_client, namespace, "box"), message="no pod")
+    owner = pod.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.controller) == ("AgentSandbox", "box", True)
+    assert pod.spec.containers[0].security_context.capabilities.drop == ["ALL"]
+    core, networking = CoreV1Api(api_client), NetworkingV1Api(api_client)
+    assert core.read_namespaced_service("box", namespace).spec.cluster_ip == "None"
+    assert core.read_namespaced_persistent_volume_claim("box-workspace", namespace).metadata.owner_references[0].name == "box"
+    assert networking.read_namespaced_network_policy("box", namespace).spec.policy_types == ["Ingress", "Egress"]
+
+    status = eventually(lambda: (_get_sandbox(api_client, namespace, "box").get("status") or {}).get("phase") and
+                        _get_sandbox(api_client, namespace, "box")["status"], message="no status")
+    assert status["phase"] == "Pending" and status["podName"] == "box"
+    assert status["serviceFqdn"] == f"box.{namespace}.svc.cluster.local"
+    assert status["observedGeneration"] == 1
+    _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
+    eventually(lambda: _phase(api_client, namespace, "box") == "Running", message="never Running")
+    conditions = {c["type"]: c["status"] for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"]}
+    assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True"}
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=box,involvedObject.kind=AgentSandbox")
+    assert "PodReady" in {e.reason for e in events.items}
+
+
+def test_a_pod_deleted_by_someone_else_is_recreated(api_client, operator, namespace, eventually):
+    _create_sandbox(api_client, namespace, _sandbox("box"))
+    first = eventually(lambda: _pod(api_client, namespace, "box"), message="no pod")
+    CoreV1Api(api_client).delete_namespaced_pod("box", namespace)
+    second = eventually(lambda: (p := _pod(api_client, namespace, "box")) and p.metadata.uid != first.metadata.uid and p,
+                        message="the pod was not recreated")
+    assert second.metadata.labels[sandbox.SANDBOX_LABEL] == "box"
+    assert len(CoreV1Api(api_client).list_namespaced_pod(namespace).items) == 1
+
+
+def test_a_failed_pod_is_replaced_and_the_workspace_kept(api_client, operator, namespace, eventually):
+    _create_sandbox(api_client, namespace, _sandbox("box", workspace={"size": "1Gi"}))
+    first = eventually(lambda: _pod(api_client, namespace, "box"), message="no pod")
+    claim = eventually(lambda: CoreV1Api(api_client).read_namespaced_persistent_volume_claim("box-workspace", namespace))
+    _act_as_kubelet(api_client, namespace, "box", "Failed", ready=False)
+    replacement = eventually(lambda: (p := _pod(api_client, namespace, "box")) and p.metadata.uid != first.metadata.uid and p,
+                             message="the failed pod was not replaced")
+    assert replacement.spec.volumes[0].persistent_volume_claim.claim_name == "box-workspace"
+    assert CoreV1Api(api_client).read_namespaced_persistent_volume_claim("box-workspace", namespace).metadata.uid == claim.metadata.uid
+
+
+def test_suspend_and_resume_work_repeatedly(api_client, operator, namespace, eventually):
+    _create_sandbox(api_client, namespace, _sandbox("box", workspace={"size": "1Gi"}))
+    eventually(lambda: _pod(api_client, namespace, "box"), message="no pod")
+    claim_uid = CoreV1Api(api_client).read_namespaced_persistent_volume_claim("box-workspace", namespace).metadata.uid
+    for _ in range(3):
+        _patch_sandbox(api_client, namespace, "box", {"spec": {"lifecycle": {"suspend": True}}})
+        eventually(lambda: _pod(api_client, namespace, "box") is None and _phase(api_client, namespace, "box") == "Suspended",
+                   message="not suspended")
+        _patch_sandbox(api_client, namespace, "box", {"spec": {"lifecycle": {"suspend": False}}})
+        eventually(lambda: _pod(api_client, namespace, "box") is not None and _phase(api_client, namespace, "box") == "Pending",
+                   message="not resumed")
+    assert CoreV1Api(api_client).read_namespaced_persistent_volume_claim("box-workspace", namespace).metadata.uid == claim_uid
+
+
+def test_idle_sandbox_is_suspended_and_the_next_request_resumes_it(api_client, operator, namespace, eventually):
+    _create_sandbox(api_client, namespace, _sandbox("box", lifecycle={"idleTimeout": "3s"}))
+    eventually(lambda: _phase(api_client, namespace, "box") == "Suspended" and _pod(api_client, namespace, "box") is None,
+               timeout=30, message="not suspended when idle")
+    reason = next(c for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"] if c["type"] == "Suspended")
+    assert reason["reason"] == "IdleTimeout"
+    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    _patch_sandbox(api_client, namespace, "box", {"metadata": {"annotations": {sandbox.LAST_ACTIVITY_ANNOTATION: now}}})
+    eventually(lambda: _pod(api_client, namespace, "box") is not None, timeout=30, message="activity did not resume it")
+    assert _get_sandbox(api_client, namespace, "box")["status"]["lastActivityTime"] == now
+
+
+def test_expiry_retains_or_deletes_as_asked(api_client, operator, namespace, eventually):
+    _create_sandbox(api_client, namespace, _sandbox("kept", lifecycle={"expireAfter": "3s"}, workspace={"size": "1Gi"}))
+    _create_sandbox(api_client, namespace, _sandbox("gone", lifecycle={"expireAfter": "3s", "shutdownPolicy": "Delete"}))
+    eventually(lambda: _phase(api_client, namespace, "kept") == "Expired" and _pod(api_client, namespace, "kept") is None,
+               timeout=30, message="not expired")
+    assert CoreV1Api(api_client).read_namespaced_persistent_volume_claim("kept-workspace", namespace)
+    eventually(lambda: _get_sandbox(api_client, namespace, "gone") is None, timeout=30, message="not deleted at expiry")
+
+
+INVALID = {
+    "negative memory": ({"tools": {"default": {"memory": "-1Gi"}}}, "must be positive"),
+    "not a quantity": ({"tools": {"default": {"cpu": "lots"}}}, "must be a Kubernetes quantity"),
+    "profile over the envelope": ({"tools": {"profiles": {"test": {"memory": "8Gi"}}}},
+                                  "a tool profile in spec.tools.profiles asks for more memory than the sandbox allows"),
+    "default over the envelope": ({"tools": {"default": {"memory": "2Gi"}}}, "spec.tools.default.memory may not exceed"),
+    "malformed CIDR": ({"tools": {"default": {"network": {"egress": "explicit", "allow": [{"cidr": "10.0.0.300/8"}]}}}},
+                       "must be a CIDR"),
+    "allow without explicit": ({"tools": {"default": {"network": {"egress": "none", "allow": [{"cidr": "10.0.0.0/8"}]}}}},
+                               "allow lists the rules of egress: explicit"),
+    "bad profile name": ({"tools": {"profiles": {"Not_A_Label": {}}}}, "keys must be DNS labels"),
+    "bad duration": ({"lifecycle": {"idleTimeout": "10 minutes"}}, "spec.lifecycle.idleTimeout"),
+    "unknown field": ({"tools": {"default": {"memroy": "1Gi"}}}, 'unknown field "spec.tools.default.memroy"'),
+}
+INVALID_MODELS = {
+    "unknown policy": ({"policy": "magic"}, 'Unsupported value: "magic"'),
+    "minScale over maxScale": ({"minScale": 5, "maxScale": 2}, "minScale may not exceed maxScale"),
+    "fixed without replicas": ({"policy": "fixed"}, "policy fixed runs exactly minScale = maxScale > 0 replicas"),
+}
+
+
+@pytest.mark.parametrize("case", INVALID, ids=list(INVALID))
+def test_kubectl_apply_rejects_an_invalid_sandbox_with_a_specific_message(installed, kubectl, case):
+    spec, message = INVALID[case]
+    body = _sandbox("bad", **spec)
+    result = kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-", input=json.dumps(body), check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("case", INVALID_MODELS, ids=list(INVALID_MODELS))
+def test_kubectl_apply_rejects_an_invalid_served_model_with_a_specific_message(installed, kubectl, case):
+    autoscaling, message = INVALID_MODELS[case]
+    body = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": "bad"},
+            "spec": {"model": {"name": "m"}, "image": "i", "autoscaling": autoscaling}}
+    result = kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-", input=json.dumps(body), check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_the_examples_are_valid(installed, kubectl):
+    for example in ("sandbox.yaml", "servedmodel.yaml"):
+        kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples" / example))
+
+
+def test_served_model_waits_for_knative_then_becomes_a_knative_service(api_client, operator, kubectl, namespace, eventually):
+    custom = CustomObjectsApi(api_client)
+    kubectl("delete", "-f", str(KNATIVE_CRD), "--ignore-not-found", "--wait=true")
+    body = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": "llm"},
+            "spec": {"model": {"name": "llama"}, "image": "vllm", "autoscaling": {"target": 8, "maxScale": 4}}}
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", body)
+
+    def condition(kind: str) -> dict | None:
+        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "llm").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == kind), None)
+
+    missing = eventually(lambda: condition("KnativeAvailable"), message="no condition about Knative")
+    assert missing["status"] == "False" and missing["reason"] == "KnativeNotInstalled"
+
+    kubectl("apply", "-f", str(KNATIVE_CRD))
+    eventually(lambda: (c := condition("KnativeAvailable")) and c["status"] == "True", timeout=120,
+               message="the ServedModel was not retried once Knative appeared")
+    service = custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", "llm")
+    annotations = service["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["autoscaling.knative.dev/target"] == "8"
+    assert annotations["autoscaling.knative.dev/max-scale"] == "4"
+    assert service["metadata"]["ownerReferences"][0]["name"] == "llm"
+
+    # Knative's controller would report readiness; here the test plays it, and the status follows.
+    custom.patch_namespaced_custom_object_status("serving.knative.dev", "v1", namespace, "services", "llm", {"status": {
+        "url": f"http://llm.{namespace}.example.com", "conditions": [{"type": "Ready", "status": "True"}]}})
+    status = eventually(lambda: (s := custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "llm")
+                                 .get("status", {})).get("ready") and s, message="readiness not mirrored")
+    assert status["url"] == f"http://llm.{namespace}.example.com" and status["concurrencyTarget"] == 8
+
+
+def test_metrics_and_liveness_endpoints(operator, eventually):
+    assert eventually(lambda: requests.get(f"http://127.0.0.1:{operator.liveness_port}/healthz", timeout=5).ok)
+    metrics = requests.get(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).text
+    assert "agentkube_operator_reconcile_seconds_bucket" in metrics
+    assert "agentkube_operator_reconciles_total{" in metrics
+
+
+def test_operator_killed_mid_creation_converges_to_one_pod_per_sandbox(api_client, operator, namespace, eventually):
+    count = 50
+    for index in range(count):
+        _create_sandbox(api_client, namespace, _sandbox(f"box-{index}"))
+    core = CoreV1Api(api_client)
+    eventually(lambda: len(core.list_namespaced_pod(namespace).items) >= 5, message="the operator made no pods")
+    operator.kill()  # in the middle: some sandboxes have pods, some are half-done, some untouched
+    killed_with = len(core.list_namespaced_pod(namespace).items)
+    operator.start()
+    eventually(lambda: len(core.list_namespaced_pod(namespace).items) == count, timeout=180,
+               message="not every sandbox got its pod after the restart")
+    pods = core.list_namespaced_pod(namespace).items
+    owners = [p.metadata.owner_references[0].name for p in pods]
+    assert sorted(owners) == sorted(f"box-{i}" for i in range(count))  # exactly one each
+    eventually(lambda: all(_phase(api_client, namespace, f"box-{i}") == "Pending" for i in range(count)),
+               message="status did not converge")
+    assert killed_with < count, "the operator finished before it was killed: the test did not test a restart mid-way"
