@@ -17,11 +17,10 @@ def run(
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 8080,
     liveness_port: Annotated[int, typer.Option(help="Liveness probe port, /healthz (0: off).")] = 8081,
     peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name, so that one replica is active; '' to run standalone.")] = main.PEERING_NAME,
-    workers: Annotated[int, typer.Option(min=1, help="Threads for synchronous handlers.")] = 16,
 ) -> None:
     """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
     main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
-             peering=peering or None, workers=workers, namespace=namespace)
+             peering=peering or None, namespace=namespace)
 
 
 @crds_app.command()

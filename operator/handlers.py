@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import logging
 from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -17,9 +18,13 @@ from agentkube.operator.status import merge_conditions, timestamp
 
 SANDBOXES = "agentsandboxes"
 SERVED_MODELS = "servedmodels"
-# A sandbox with deadlines is reconciled at least this often, so a missed event is repaired without a restart.
-LIFECYCLE_RECHECK_MAX = timedelta(minutes=5)
+# An object with a recheck pending is looked at least this often, so a missed event is repaired without a restart.
+RECHECK_MAX = timedelta(minutes=5)
+# How often a model whose Knative Service is not ready re-reads it (beside the watch on Knative Services).
+KNATIVE_READINESS_RECHECK = timedelta(seconds=10)
 KNATIVE_BACKOFF_MAX = 300.0
+# Threads that run the (synchronous) handlers; Kopf's executor and the client's connection pool match it.
+WORKERS = 16
 
 _clients: dict[str, Any] = {}
 
@@ -27,14 +32,18 @@ _clients: dict[str, Any] = {}
 def _api(kind: str) -> Any:
     """Kubernetes API clients, created once the operator has logged in (current kubeconfig or in-cluster)."""
     if not _clients:
+        configuration = kubernetes.client.Configuration()
         try:
-            kubernetes.config.load_kube_config()
+            kubernetes.config.load_kube_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_incluster_config()
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        # One pooled connection per handler thread: past the pool, every request would pay a TLS handshake.
+        configuration.connection_pool_maxsize = WORKERS
+        client = kubernetes.client.ApiClient(configuration)
         _clients.update(
-            core=kubernetes.client.CoreV1Api(),
-            networking=kubernetes.client.NetworkingV1Api(),
-            custom=kubernetes.client.CustomObjectsApi(),
+            core=kubernetes.client.CoreV1Api(client),
+            networking=kubernetes.client.NetworkingV1Api(client),
+            custom=kubernetes.client.CustomObjectsApi(client),
         )
     return _clients[kind]
 
@@ -59,17 +68,21 @@ def _read(read, *args) -> dict[str, Any] | None:
         if error.status == 404:
             return None
         raise
-    return result if isinstance(result, dict) else kubernetes.client.ApiClient().sanitize_for_serialization(result)
+    return _as_dict(result)
 
 
-def _create(create, namespace: str, manifest: dict[str, Any]) -> bool:
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return obj if isinstance(obj, dict) else kubernetes.client.ApiClient().sanitize_for_serialization(obj)
+
+
+def _create(create, namespace: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The created object, or None when it exists already (another run, or a racing handler, made it)."""
     try:
-        create(namespace, manifest)
-        return True
+        return _as_dict(create(namespace, manifest))
     except ApiException as error:
-        if error.status != 409:  # already there: another run (or a racing handler) made it
-            raise
-        return False
+        if error.status == 409 or (error.status == 403 and "being terminated" in str(error.body)):
+            return None  # or its namespace is going away, and everything in it with it
+        raise
 
 
 def _delete(delete, name: str, namespace: str, uid: str | None = None) -> None:
@@ -95,20 +108,24 @@ def _patch_status(plural: str, namespace: str, name: str, old: dict[str, Any], n
 # ----- AgentSandbox ------------------------------------------------------------------------------------
 
 
-def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger) -> sandbox.Plan | None:
-    body = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SANDBOXES, name)
+def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
+                      *, pod_only: bool = False) -> sandbox.Plan | None:
+    """Bring one sandbox's children and status in line with its spec. `body`: the object, when the caller
+    has it fresh from a watch event (saves a read). `pod_only`: a pod event; the service, claim and policy
+    were ensured when the sandbox itself last changed, so only the pod and status are looked at."""
+    if body is None:
+        body = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SANDBOXES, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None  # the owned children go with it, through their owner references
     with metrics.reconciling("AgentSandbox"):
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
         core = _api("core")
         pod = _read(core.read_namespaced_pod, name, namespace)
-        view = sandbox.PodView.of(pod)
         now = _now()
         created = _parse_time(body["metadata"]["creationTimestamp"]) or now
         annotations = body["metadata"].get("annotations") or {}
         last_activity = _parse_time(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
-        decision = sandbox.plan(spec, created, last_activity, view, now)
+        decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
 
         if decision.delete_sandbox:
             _delete(lambda n, ns, body: _api("custom").delete_namespaced_custom_object(
@@ -116,17 +133,23 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger) -> sand
             kopf.event(body, type="Normal", reason="Expired", message="deleted at its shutdown time (shutdownPolicy: Delete)")
             return decision
 
-        _create(core.create_namespaced_service, namespace, sandbox.service_manifest(body))
-        if spec.workspace is not None:
-            _create(core.create_namespaced_persistent_volume_claim, namespace, sandbox.workspace_claim_manifest(body, spec.workspace))
-        _apply_network_policy(body, spec, namespace, name)
+        if not pod_only:
+            _create(core.create_namespaced_service, namespace, sandbox.service_manifest(body))
+            if spec.workspace is not None:
+                _create(core.create_namespaced_persistent_volume_claim, namespace, sandbox.workspace_claim_manifest(body, spec.workspace))
+            _apply_network_policy(body, spec, namespace, name)
 
-        if pod is not None and decision.delete_pod and not view.terminating:
+        if pod is not None and decision.delete_pod and not pod["metadata"].get("deletionTimestamp"):
             _delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
             logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
-        elif decision.want_pod and pod is None and _create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec)):
-            logger.info("created pod %s/%s", namespace, name)
+        elif decision.want_pod and pod is None:
+            pod = _create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec))
+            if pod is not None:
+                logger.info("created pod %s/%s", namespace, name)
+                # Report the pod as it now is, not as it was before it existed.
+                decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
 
+        view = sandbox.PodView.of(pod)
         old = body.get("status") or {}
         new = {
             "phase": decision.phase,
@@ -141,7 +164,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger) -> sand
             kopf.event(body, type="Warning" if decision.phase == "Failed" else "Normal", reason=decision.reason, message=decision.message)
         _patch_status(SANDBOXES, namespace, name, old, new)
         if decision.recheck_after is not None:
-            deadlines.schedule(namespace, name, decision.recheck_after, logger)
+            rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
     return decision
 
 
@@ -153,72 +176,89 @@ def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, name
             _delete(networking.delete_namespaced_network_policy, name, namespace)
         return
     manifest = sandbox.network_policy_manifest(body, spec)
-    current = _read(networking.read_namespaced_network_policy, name, namespace)
-    if current is None:
-        _create(networking.create_namespaced_network_policy, namespace, manifest)
-    elif current["spec"] != manifest["spec"]:
-        networking.patch_namespaced_network_policy(name, namespace, {"spec": manifest["spec"]})
+    if _create(networking.create_namespaced_network_policy, namespace, manifest) is None:
+        current = _read(networking.read_namespaced_network_policy, name, namespace)
+        if current is not None and current["spec"] != manifest["spec"]:
+            networking.patch_namespaced_network_policy(name, namespace, {"spec": manifest["spec"]})
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, SANDBOXES)
 @kopf.on.create(api.GROUP, api.VERSION, SANDBOXES)
 @kopf.on.update(api.GROUP, api.VERSION, SANDBOXES)
-def sandbox_changed(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
-    reconcile_sandbox(namespace, name, logger)
+def sandbox_changed(body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    reconcile_sandbox(namespace, name, logger, _as_dict(dict(body)))
+
+
+# The last state seen of each sandbox pod, by uid: most pod updates (a new resourceVersion, a kubelet
+# heartbeat of the status) change nothing the sandbox reports, and are not worth a reconciliation.
+_pod_views: dict[str, sandbox.PodView] = {}
 
 
 @kopf.on.event("", "v1", "pods", labels={sandbox.SANDBOX_LABEL: kopf.PRESENT})
-def sandbox_pod_changed(type: str, body: dict[str, Any], logger: logging.Logger, **_: Any) -> None:
+def sandbox_pod_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod."""
-    owner = (body.get("metadata", {}).get("labels") or {}).get(sandbox.SANDBOX_LABEL)
-    if owner and type in ("ADDED", "MODIFIED", "DELETED"):
-        reconcile_sandbox(body["metadata"]["namespace"], owner, logger)
+    pod = _as_dict(dict(body))
+    owner = (pod["metadata"].get("labels") or {}).get(sandbox.SANDBOX_LABEL)
+    uid = pod["metadata"].get("uid")
+    if not owner or type not in ("ADDED", "MODIFIED", "DELETED"):
+        return
+    if type == "DELETED":
+        _pod_views.pop(uid, None)
+    else:
+        view = sandbox.PodView.of(pod)
+        previous, _pod_views[uid] = _pod_views.get(uid), view
+        if view == previous or (type == "ADDED" and previous is None and view.phase == "Pending" and not view.scheduled):
+            return  # nothing new; a just-created pod was already reported by the reconciliation that made it
+    reconcile_sandbox(pod["metadata"]["namespace"], owner, logger, pod_only=True)
 
 
-class DeadlineScheduler:
-    """Idle suspension and expiry happen with the passing of time, not on any event. After each
-    reconciliation the plan says when time alone will change it; one timer per sandbox (the latest only)
-    reconciles it then. One scheduler for all sandboxes instead of a daemon each: no finalizer on every
+Reconcile = Callable[[str, str, logging.Logger], Any]
+
+
+class Rechecks:
+    """Work that time, not an event, makes due: a sandbox's idle suspension or expiry, a model whose
+    Knative Service is not ready yet (its watch may start late, when Knative is installed after us).
+    One timer per object (the latest wins), all on the operator's loop: no daemon and no finalizer per
     object, and a thousand sandboxes cost a thousand timer handles, not a thousand tasks."""
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.timers: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
 
-    def schedule(self, namespace: str, name: str, delay: timedelta, logger: logging.Logger) -> None:
+    def schedule(self, reconcile: Reconcile, namespace: str, name: str, delay: timedelta, logger: logging.Logger) -> None:
         """Thread-safe: handlers run in worker threads. The reconciliation later runs in a copy of the
         caller's context, where Kopf keeps what posting Events needs."""
         if self.loop is not None:
-            seconds = min(max(delay.total_seconds(), 0), LIFECYCLE_RECHECK_MAX.total_seconds()) + 0.5
-            context = contextvars.copy_context()
-            self.loop.call_soon_threadsafe(self._arm, (namespace, name), seconds, logger, context)
+            seconds = min(max(delay.total_seconds(), 0), RECHECK_MAX.total_seconds()) + 0.5
+            key = (reconcile.__name__, namespace, name)
+            self.loop.call_soon_threadsafe(self._arm, key, seconds, reconcile, logger, contextvars.copy_context())
 
-    def _arm(self, key: tuple[str, str], seconds: float, logger: logging.Logger, context: contextvars.Context) -> None:
+    def _arm(self, key, seconds: float, reconcile: Reconcile, logger: logging.Logger, context: contextvars.Context) -> None:
         if key in self.timers:
             self.timers.pop(key).cancel()
-        self.timers[key] = self.loop.call_later(seconds, self._fire, key, logger, context)
+        self.timers[key] = self.loop.call_later(seconds, self._fire, key, reconcile, logger, context)
 
-    def _fire(self, key: tuple[str, str], logger: logging.Logger, context: contextvars.Context) -> None:
+    def _fire(self, key, reconcile: Reconcile, logger: logging.Logger, context: contextvars.Context) -> None:
         self.timers.pop(key, None)
-        self.loop.run_in_executor(None, context.run, self._reconcile, key, logger)
+        self.loop.run_in_executor(None, context.run, self._run, reconcile, key[1], key[2], logger)
 
-    def _reconcile(self, key: tuple[str, str], logger: logging.Logger) -> None:
+    def _run(self, reconcile: Reconcile, namespace: str, name: str, logger: logging.Logger) -> None:
         try:
-            reconcile_sandbox(*key, logger)
+            reconcile(namespace, name, logger)
         except Exception:  # a timer has no handler to retry it: try again later rather than never
-            logger.exception("reconciling %s/%s at its deadline failed; retrying in a minute", *key)
-            self.schedule(*key, timedelta(minutes=1), logger)
+            logger.exception("rechecking %s/%s failed; retrying in a minute", namespace, name)
+            self.schedule(reconcile, namespace, name, timedelta(minutes=1), logger)
 
 
-deadlines = DeadlineScheduler()
+rechecks = Rechecks()
 
 
 @kopf.on.startup()
-async def start_deadline_scheduler(**_: Any) -> None:
-    deadlines.start(asyncio.get_running_loop())
+async def start_rechecks(**_: Any) -> None:
+    rechecks.start(asyncio.get_running_loop())
 
 
 # ----- ServedModel -------------------------------------------------------------------------------------
@@ -251,7 +291,7 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             _patch_status(SERVED_MODELS, namespace, name, old, {"conditions": conditions, "ready": False,
                                                                   "observedGeneration": body["metadata"].get("generation")})
             raise kopf.TemporaryError(message, delay=_knative_backoff(retry))
-        _write_served_model_status(body, old, service, target, now)
+        _write_served_model_status(body, old, service, target, now, logger)
 
 
 def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -265,8 +305,12 @@ def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) 
     return custom.patch_namespaced_custom_object(*knative, name, {"metadata": {"labels": manifest["metadata"]["labels"]}, "spec": manifest["spec"]})
 
 
-def _write_served_model_status(body: dict[str, Any], old: dict[str, Any], service: dict[str, Any], target: int, now: datetime) -> None:
+def _write_served_model_status(body: dict[str, Any], old: dict[str, Any], service: dict[str, Any], target: int, now: datetime,
+                               logger: logging.Logger) -> None:
     ready, url = servedmodel.knative_readiness(service)
+    if not ready:
+        rechecks.schedule(refresh_served_model, body["metadata"]["namespace"], body["metadata"]["name"],
+                          KNATIVE_READINESS_RECHECK, logger)
     conditions = merge_conditions(old.get("conditions", []), [
         ("KnativeAvailable", True, "KnativeServiceApplied", f"Knative Service {body['metadata']['name']} applied"),
         ("Ready", ready, "KnativeReady" if ready else "KnativeNotReady",
@@ -277,16 +321,25 @@ def _write_served_model_status(body: dict[str, Any], old: dict[str, Any], servic
     _patch_status(SERVED_MODELS, body["metadata"]["namespace"], body["metadata"]["name"], old, new)
 
 
-@kopf.on.event(servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, servedmodel.KNATIVE_PLURAL,
-               labels={servedmodel.MODEL_LABEL: kopf.PRESENT})
-def knative_service_changed(type: str, body: dict[str, Any], **_: Any) -> None:
-    """Knative reports readiness and the URL on its Service; mirror them into the ServedModel."""
-    if type not in ("ADDED", "MODIFIED"):
-        return
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["labels"][servedmodel.MODEL_LABEL]
+def refresh_served_model(namespace: str, name: str, logger: logging.Logger, service: dict[str, Any] | None = None) -> None:
+    """Mirror the Knative Service's readiness and URL into the ServedModel."""
     model = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SERVED_MODELS, name)
     if model is None or model["metadata"].get("deletionTimestamp"):
         return
+    if service is None:
+        knative = (servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, namespace, servedmodel.KNATIVE_PLURAL, name)
+        service = _read(_api("custom").get_namespaced_custom_object, *knative)
+        if service is None:
+            return  # not applied yet: the ServedModel's own handler is retrying
     old = model.get("status") or {}
     target = old.get("concurrencyTarget") or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.target
-    _write_served_model_status(model, old, body, target, _now())
+    _write_served_model_status(model, old, service, target, _now(), logger)
+
+
+@kopf.on.event(servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, servedmodel.KNATIVE_PLURAL,
+               labels={servedmodel.MODEL_LABEL: kopf.PRESENT})
+def knative_service_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """Knative reports readiness and the URL on its Service; mirror them into the ServedModel."""
+    if type in ("ADDED", "MODIFIED"):
+        service = _as_dict(dict(body))
+        refresh_served_model(service["metadata"]["namespace"], service["metadata"]["labels"][servedmodel.MODEL_LABEL], logger, service)

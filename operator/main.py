@@ -8,7 +8,7 @@ from typing import Any
 import kopf
 import prometheus_client
 
-from agentkube.operator import api
+from agentkube.operator import api, handlers  # importing handlers registers them with Kopf
 
 PEERING_NAME = "agentkube"
 # Kopf's bookkeeping annotations. Kopf ignores every annotation under its prefix when it looks for
@@ -16,14 +16,14 @@ PEERING_NAME = "agentkube"
 KOPF_PREFIX = f"kopf.{api.GROUP}"
 
 
-def configure(settings: kopf.OperatorSettings, *, peering: str | None, workers: int) -> None:
+def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
     # Progress and the last-handled spec are kept in annotations, so the status schema stays ours alone.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     # Users see the Events the handlers post on purpose; Kopf's per-handler chatter only when it fails.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = workers
+    settings.execution.max_workers = handlers.WORKERS
     settings.watching.server_timeout = 300
     if peering:
         settings.peering.name = peering
@@ -31,17 +31,15 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None, workers: 
         settings.peering.clusterwide = True
         # Replicas must differ in priority for exactly one of them to be active; the others stand by.
         settings.peering.priority = random.randint(1, 1_000_000)
-        settings.peering.stealth = True
     else:
         settings.peering.standalone = True
 
 
-def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, workers: int, namespace: str | None) -> None:
-    from agentkube.operator import handlers  # noqa: F401  (importing registers the handlers with Kopf)
+def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, namespace: str | None) -> None:
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings, peering=peering, workers=workers)
+        configure(settings, peering=peering)
 
     if metrics_port:
         prometheus_client.disable_created_metrics()

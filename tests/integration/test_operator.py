@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -310,21 +310,47 @@ def test_served_model_waits_for_knative_then_becomes_a_knative_service(api_clien
     assert status["url"] == f"http://llm.{namespace}.example.com" and status["concurrencyTarget"] == 8
 
 
-def test_metrics_and_liveness_endpoints(operator, eventually):
-    assert eventually(lambda: requests.get(f"http://127.0.0.1:{operator.liveness_port}/healthz", timeout=5).ok)
-    metrics = requests.get(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).text
-    assert "agentkube_operator_reconcile_seconds_bucket" in metrics
-    assert "agentkube_operator_reconciles_total{" in metrics
+def _get(url: str) -> str | None:
+    try:
+        response = requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return None  # not listening yet
+    return response.text if response.ok else None
+
+
+def test_metrics_and_liveness_endpoints(operator, api_client, namespace, eventually):
+    eventually(lambda: _get(f"http://127.0.0.1:{operator.liveness_port}/healthz") is not None, message="liveness probe fails")
+    _create_sandbox(api_client, namespace, _sandbox("box"))
+    metrics = eventually(lambda: (text := _get(f"http://127.0.0.1:{operator.metrics_port}/metrics"))
+                         and 'agentkube_operator_reconciles_total{kind="AgentSandbox",result="success"}' in text and text,
+                         message="no reconcile metrics")
+    assert 'agentkube_operator_reconcile_seconds_bucket{kind="AgentSandbox"' in metrics
+    assert '"box"' not in metrics  # labels never carry object names
+
+
+def test_a_second_replica_stands_by_while_the_first_is_active(installed, operator, api_client, namespace, eventually, tmp_path):
+    standby = Operator(installed, tmp_path)
+    standby.start()
+    try:
+        logs = lambda: operator.log_path.read_text() + standby.log_path.read_text()  # noqa: E731
+        eventually(lambda: "Pausing operations in favour of" in logs(), timeout=60, message="neither replica paused")
+        assert logs().count("Pausing operations in favour of") == 1  # exactly one stands by
+        _create_sandbox(api_client, namespace, _sandbox("box"))
+        eventually(lambda: _phase(api_client, namespace, "box") == "Pending", message="the active replica did not reconcile")
+        assert len(CoreV1Api(api_client).list_namespaced_pod(namespace).items) == 1
+    finally:
+        standby.stop()
 
 
 def test_operator_killed_mid_creation_converges_to_one_pod_per_sandbox(api_client, operator, namespace, eventually):
     count = 50
-    for index in range(count):
-        _create_sandbox(api_client, namespace, _sandbox(f"box-{index}"))
+    creator = threading.Thread(target=lambda: [_create_sandbox(api_client, namespace, _sandbox(f"box-{i}")) for i in range(count)])
+    creator.start()
     core = CoreV1Api(api_client)
-    eventually(lambda: len(core.list_namespaced_pod(namespace).items) >= 5, message="the operator made no pods")
-    operator.kill()  # in the middle: some sandboxes have pods, some are half-done, some untouched
+    eventually(lambda: len(core.list_namespaced_pod(namespace).items) >= 5, interval=0.05, message="the operator made no pods")
+    operator.kill()  # in the middle: some sandboxes have pods, some are half-done, some not even created yet
     killed_with = len(core.list_namespaced_pod(namespace).items)
+    creator.join()
     operator.start()
     eventually(lambda: len(core.list_namespaced_pod(namespace).items) == count, timeout=180,
                message="not every sandbox got its pod after the restart")
