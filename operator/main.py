@@ -27,7 +27,8 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
     settings.watching.server_timeout = 300
     if peering:
         settings.peering.name = peering
-        settings.peering.mandatory = True
+        # Without the peering object (a quick local run) it runs alone, with a warning; the chart makes it.
+        settings.peering.mandatory = False
         settings.peering.clusterwide = True
         # Replicas must differ in priority for exactly one of them to be active; the others stand by.
         settings.peering.priority = random.randint(1, 1_000_000)
