@@ -5,8 +5,9 @@ killed half-way (or two racing) converges on the next run."""
 import asyncio
 import contextvars
 import logging
-from datetime import datetime, timedelta, timezone
+import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import kopf
@@ -27,25 +28,32 @@ KNATIVE_BACKOFF_MAX = 300.0
 WORKERS = 16
 
 _clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
 
 
 def _api(kind: str) -> Any:
     """Kubernetes API clients, created once the operator has logged in (current kubeconfig or in-cluster)."""
-    if not _clients:
-        configuration = kubernetes.client.Configuration()
-        try:
-            kubernetes.config.load_kube_config(client_configuration=configuration)
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_incluster_config(client_configuration=configuration)
-        # One pooled connection per handler thread: past the pool, every request would pay a TLS handshake.
-        configuration.connection_pool_maxsize = WORKERS
-        client = kubernetes.client.ApiClient(configuration)
-        _clients.update(
-            core=kubernetes.client.CoreV1Api(client),
-            networking=kubernetes.client.NetworkingV1Api(client),
-            custom=kubernetes.client.CustomObjectsApi(client),
-        )
+    with _clients_lock:
+        if not _clients:
+            _connect()
     return _clients[kind]
+
+
+def _connect() -> None:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    # One pooled connection per handler thread: past the pool, every request would pay a TLS handshake.
+    configuration.connection_pool_maxsize = WORKERS
+    client = kubernetes.client.ApiClient(configuration)
+    _clients.update(
+        client=client,
+        core=kubernetes.client.CoreV1Api(client),
+        networking=kubernetes.client.NetworkingV1Api(client),
+        custom=kubernetes.client.CustomObjectsApi(client),
+    )
 
 
 def _now() -> datetime:
@@ -72,7 +80,7 @@ def _read(read, *args) -> dict[str, Any] | None:
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
-    return obj if isinstance(obj, dict) else kubernetes.client.ApiClient().sanitize_for_serialization(obj)
+    return obj if isinstance(obj, dict) else _api("client").sanitize_for_serialization(obj)
 
 
 def _create(create, namespace: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
