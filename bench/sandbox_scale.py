@@ -18,7 +18,6 @@ Writes bench/results/sandbox_scale.{json,md}.
 import argparse
 import concurrent.futures
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -161,6 +160,7 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", metavar="NAME=MANIFEST_DIR=COMMAND",
                         help="an extra controller to measure: its manifests and the command that runs it "
                              "(KUBECONFIG is set for it); may repeat")
+    parser.add_argument("--crds", action="append", default=[], metavar="DIR", help="extra CRDs to install first; may repeat")
     args = parser.parse_args()
     scenarios = [
         ("direct", HERE / "manifests" / "direct", None),
@@ -173,9 +173,10 @@ def main() -> None:
 
     results = []
     with temporary_env(with_prometheus=False) as devenv:
-        env = {**os.environ, **devenv.environ()}
-        subprocess.run([str(bin_dir() / "kubectl"), "apply", "-f", str(REPO / "crds")], env=env, check=True,
-                       capture_output=True)
+        env = devenv.environ()
+        for crd_directory in [REPO / "crds", *args.crds]:
+            subprocess.run([str(bin_dir() / "kubectl"), "apply", "--server-side", "-f", str(crd_directory)], env=env, check=True,
+                           capture_output=True)
         api_client = kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))
         for name, directory, command in scenarios:
             result = run_scenario(name, api_client, _load_manifests(directory), args.count, f"bench-{name}", command, env, args.timeout)

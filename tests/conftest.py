@@ -53,7 +53,7 @@ def kubectl(devenv: DevEnv):
     def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(bin_dir() / "kubectl"), *args],
-            env={**devenv.environ()},
+            env=devenv.environ(),
             capture_output=True,
             text=True,
             check=check,

@@ -153,8 +153,9 @@ class DevEnv:
         return config.prometheus_url(self._require_ports())
 
     def environ(self) -> dict[str, str]:
-        """What a shell needs to use this environment with kubectl and helm."""
-        return {"KUBECONFIG": str(self.kubeconfig), "PATH": f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"}
+        """This process's environment, pointed at this environment: KUBECONFIG, and kubectl/helm first on PATH."""
+        path = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path}
 
     def status(self) -> dict[str, bool]:
         """Whether each component is running and answering its health check."""
