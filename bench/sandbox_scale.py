@@ -22,6 +22,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
     controller = None
     peak_rss = 0
     if controller_command:
-        controller = subprocess.Popen(controller_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = open(Path(tempfile.gettempdir()) / f"sandbox_scale-{name}.log", "w")
+        controller = subprocess.Popen(controller_command, env=env, stdout=log, stderr=subprocess.STDOUT)
         time.sleep(3)  # let it log in and start watching before the clock starts
     watch = PodWatch(api_client, namespace)
     watch.thread.start()
@@ -110,7 +112,11 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
     watch.stop.set()
     if controller is not None:
         controller.terminate()
-        controller.wait(30)
+        try:
+            controller.wait(30)
+        except subprocess.TimeoutExpired:
+            controller.kill()
+            controller.wait()
     with watch.lock:
         latencies = sorted(watch.seen[n] - created[n] for n in created if n in watch.seen)
     pods = len(latencies)

@@ -172,6 +172,8 @@ def test_a_sandbox_gets_its_pod_service_and_policy_and_reports_status(api_client
     assert status["phase"] == "Pending" and status["podName"] == "box"
     assert status["serviceFqdn"] == f"box.{namespace}.svc.cluster.local"
     assert status["observedGeneration"] == 1
+    # Nothing needs cleaning up beyond owner references, so nothing blocks deletion when the operator is down.
+    assert not _get_sandbox(api_client, namespace, "box")["metadata"].get("finalizers")
     _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
     eventually(lambda: _phase(api_client, namespace, "box") == "Running", message="never Running")
     conditions = {c["type"]: c["status"] for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"]}
@@ -360,3 +362,16 @@ def test_operator_killed_mid_creation_converges_to_one_pod_per_sandbox(api_clien
     eventually(lambda: all(_phase(api_client, namespace, f"box-{i}") == "Pending" for i in range(count)),
                message="status did not converge")
     assert killed_with < count, "the operator finished before it was killed: the test did not test a restart mid-way"
+
+
+def test_the_whole_chart_lints_renders_and_is_accepted_by_the_api_server(installed, kubectl):
+    helm = str(bin_dir() / "helm")
+    lint = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    rendered = _helm_template()
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
+    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment"}
+    kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    # values.schema.json guards the values a user can set.
+    refused = subprocess.run([helm, "template", "agentkube", str(CHART), "--set", "operator.replicas=0"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "replicas" in refused.stderr
