@@ -73,10 +73,8 @@ def defaulted(factory: Any) -> Any:
 
 
 def validations(*rules: dict) -> ConfigDict:
-    return ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid",
-        json_schema_extra={"x-kubernetes-validations": list(rules)},
-    )
+    """A model's config with CEL rules that span its fields."""
+    return ConfigDict(**Model.model_config, json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 # ----- AgentSandbox -------------------------------------------------------------------------------------
@@ -245,7 +243,8 @@ SandboxPhase = Literal["Pending", "Running", "Suspended", "Failed", "Expired"]
 
 
 class AgentSandboxStatus(Model):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    # Written by the operator only; read leniently, so that a newer operator's fields do not break an older one.
+    model_config = ConfigDict(**Model.model_config | {"extra": "ignore"})
     phase: SandboxPhase | None = None
     conditions: list[Condition] = defaulted(list)
     pod_name: str | None = None
@@ -327,7 +326,7 @@ class AutoscalingDecision(Model):
 
 
 class ServedModelStatus(Model):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    model_config = AgentSandboxStatus.model_config
     url: str | None = None
     ready: bool = False
     conditions: list[Condition] = defaulted(list)
