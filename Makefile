@@ -8,6 +8,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 CACHE := $(or $(AGENTKUBE_CACHE),$(HOME)/.cache/agentkube)
+WHEELS := $(CACHE)/wheels
+EXTRAS := test
 export PIP_CACHE_DIR := $(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -42,10 +44,13 @@ deps:
 
 venv: $(VENV)/.installed
 
+# pip's HTTP cache is not kept with every registry (here it is not), so the wheels themselves are kept in
+# $(WHEELS): `pip download` only resolves and fetches what is missing, the install runs offline from it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip download --quiet -d $(WHEELS) pip 'setuptools>=69' '.[$(EXTRAS)]'
+	$(VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) --upgrade pip
+	$(VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) -e '.[$(EXTRAS)]'
 	touch $@
 
 tools: venv
