@@ -5,6 +5,7 @@ from importlib.metadata import version as package_version
 import typer
 
 from agentkube.devenv.commands import dev_app
+from agentkube.rl.cli import rl_app
 
 app = typer.Typer(
     name="agentkube",
@@ -13,6 +14,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(rl_app, name="rl")
 
 
 @app.command()

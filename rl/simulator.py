@@ -21,6 +21,7 @@ import numpy as np
 
 from agentkube.rl import knative
 from agentkube.rl.knative import KnativeDefaults
+from agentkube.rl.observation import ActionBounds, observation_from_metrics
 from agentkube.rl.server import ColdStartConfig, ModelServerConfig, sample_cold_starts_s
 from agentkube.rl.spot import SpotConfig, place_new_pods, pods_to_remove
 from agentkube.rl.traces import SECONDS_PER_DAY, Trace
@@ -83,6 +84,14 @@ class EpisodeSummary:
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
+
+
+def p95(values: np.ndarray) -> float:
+    """The 95th percentile by nearest rank (np.percentile's interpolation costs more than the sim step)."""
+    if not values.size:
+        return float("nan")
+    k = max(int(math.ceil(0.95 * values.size)) - 1, 0)
+    return float(np.partition(values, k)[k])
 
 
 class Simulator:
@@ -334,11 +343,12 @@ class Simulator:
             ready_sum += ready
             self.ready_series[t] = ready
             self.pending_series[t] = len(self.pending)
-            self.target_series[t] = knative.effective_target(self.knative)
         self.t = end_t
+        self.target_series[start_t:end_t] = knative.effective_target(kn_cfg)
         n = max(end_t - start_t, 1)
         self.totals["ready_pod_seconds"] += ready_sum
         within, admitted_count, p95 = self._score_admitted(end_t)
+        self.latency_p95_series.append((float(end_t), p95))
         arrivals_count = int(self._arrived_before[end_t] - self._arrived_before[start_t])
         stats = IntervalStats(
             seconds=end_t - start_t,
@@ -388,7 +398,7 @@ class Simulator:
         self._scored = hi
         self._within += within
         self._latencies.append(latency.astype(np.float32))
-        return within, hi - lo, float(np.percentile(latency, 95))
+        return within, hi - lo, p95(latency)
 
     def summary(self) -> EpisodeSummary:
         """Totals for the run so far; requests still queued at the end count as unserved."""
@@ -401,7 +411,7 @@ class Simulator:
             cost=self.totals["cost"],
             slo_attainment=max(self._within - failed, 0.0) / total if total else 1.0,
             served_share=1.0 - (failed + unserved) / total if total else 1.0,
-            p95_latency_s=float(np.percentile(latencies, 95)) if latencies.size else float("nan"),
+            p95_latency_s=p95(latencies),
             cold_starts=int(self.totals["cold_starts"]),
             failed=failed,
             interruptions=int(self.totals["interruptions"]),
@@ -410,8 +420,7 @@ class Simulator:
 
     # ------------------------------------------------------------------ what Prometheus would show
     def knative_metrics(self, stats: IntervalStats) -> dict[str, float]:
-        """The interval's figures under Knative's Prometheus metric names (see `observation.KNATIVE_METRICS`)."""
-        spot_nodes = self.ready_spot
+        """The interval's figures under Knative's Prometheus names, in `observation.KNATIVE_METRICS` units."""
         return {
             "revision_app_request_count": stats.arrivals / max(stats.seconds, 1),
             "revision_app_request_latencies": stats.p95_latency_s * 1000.0,
@@ -419,7 +428,21 @@ class Simulator:
             "autoscaler_panic_request_concurrency": self._panic_sum / max(min(self._buckets_seen, self._panic_len), 1),
             "autoscaler_actual_pods": float(self.ready_pods),
             "autoscaler_not_ready_pods": float(len(self.pending)),
-            "agentkube_spot_pods": float(spot_nodes),
-            "time_of_day_s": (self.trace.start_time_of_day_s + self.t) % SECONDS_PER_DAY,
-            "target": knative.total_target(self.knative),
         }
+
+    @property
+    def time_of_day_s(self) -> float:
+        return (self.trace.start_time_of_day_s + self.t) % SECONDS_PER_DAY
+
+    @property
+    def target(self) -> float:
+        """The per-pod concurrency target in force, before utilisation."""
+        return knative.total_target(self.knative)
+
+    def observation(self, stats: IntervalStats, spot_allowed: bool, bounds: ActionBounds = ActionBounds()) -> np.ndarray:
+        """The policy's observation after an interval, built exactly as the operator builds it."""
+        return observation_from_metrics(
+            stats.metrics, target=self.target, time_of_day_s=self.time_of_day_s,
+            reference_latency_s=self.config.slo.reference_latency_s, spot_pods=float(self.ready_spot),
+            spot_allowed=spot_allowed, bounds=bounds,
+        )

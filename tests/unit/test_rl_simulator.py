@@ -106,5 +106,7 @@ def test_metrics_use_knative_names():
     stats = sim.advance(120)
     assert stats.metrics["revision_app_request_count"] == pytest.approx(20.0, rel=0.3)
     assert stats.metrics["autoscaler_actual_pods"] >= 1
-    assert stats.metrics["target"] == 80.0
+    assert sim.target == 80.0
+    observation = sim.observation(stats, spot_allowed=False)
+    assert observation.shape == (12,) and np.all(np.isfinite(observation))
     assert stats.arrivals >= stats.admitted >= stats.within_slo
