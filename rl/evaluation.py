@@ -148,14 +148,16 @@ def _plot(runs: dict[str, dict[str, Simulator]], out: Path) -> None:
         for name, sim in sims.items():
             minutes = np.arange(sim.seconds) / 3600.0
             axes[1].plot(minutes, sim.ready_series, label=name, lw=0.8)
-            axes[2].plot(*zip(*[(t / 3600.0, p) for t, p in sim.latency_p95_series if not math.isnan(p)]), label=name, lw=0.8)
+            times, p95s = np.array([(t, p) for t, p in sim.latency_p95_series if not math.isnan(p)]).T
+            smooth = np.convolve(p95s, np.ones(10) / 10, mode="same")  # 5-minute running mean: readable
+            axes[2].plot(times / 3600.0, smooth, label=name, lw=0.8)
             axes[3].plot(minutes, sim.target_series / sim.config.knative.target_utilization, label=name, lw=0.8)
         any_sim = next(iter(sims.values()))
         rate = np.bincount(any_sim.trace.arrival_s.astype(int) // 60) / 60.0
         axes[0].plot(np.arange(rate.size) / 60.0, rate, color="grey", lw=0.8)
         axes[0].set_ylabel("requests/s")
         axes[1].set_ylabel("ready pods")
-        axes[2].set_ylabel("p95 latency (s)")
+        axes[2].set_ylabel("p95 latency (s, 5 min mean)")
         axes[3].set_ylabel("target / pod")
         axes[3].set_xlabel("hours")
         axes[1].legend(fontsize=7, loc="upper right")

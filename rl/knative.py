@@ -42,7 +42,6 @@ class KnativeDefaults:
     max_scale_up_rate: float = 1000.0
     max_scale_down_rate: float = 2.0
     target_burst_capacity: float = 211.0
-    activator_capacity: float = 100.0
     scale_to_zero_grace_period_s: float = 30.0
     enable_scale_to_zero: bool = True
     initial_scale: int = 1

@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "train_ppo", "export_sb3_policy"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    total_steps: int = 500_000
+    total_steps: int = 600_000
     n_envs: int = 4
     seed: int = 0
     learning_rate: float = 3e-4
@@ -32,7 +32,7 @@ class TrainConfig:
     gae_lambda: float = 0.95
     ent_coef: float = 0.0
     hidden: tuple[int, ...] = (64, 64)
-    log_std_init: float = -1.0  # explore ±0.37 around the mean action, not across the whole range
+    log_std_init: float = -0.5  # explore ±0.6 around the mean action, not across the whole range
     torch_threads: int = 1
     env: EnvConfig = field(default_factory=EnvConfig)
 

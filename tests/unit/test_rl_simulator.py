@@ -110,3 +110,16 @@ def test_metrics_use_knative_names():
     observation = sim.observation(stats, spot_allowed=False)
     assert observation.shape == (12,) and np.all(np.isfinite(observation))
     assert stats.arrivals >= stats.admitted >= stats.within_slo
+
+
+def test_initial_min_and_max_scale_bound_the_revision():
+    trace = uniform_trace(100.0, 600)
+    sim = Simulator(SimConfig(knative=KnativeDefaults(min_scale=3, max_scale=4), cold_start=FIXED_START))
+    sim.reset(trace, seed=0)
+    assert sim.ready_pods == 3  # initial scale 1, raised to min-scale
+    while not sim.done:
+        sim.advance(60)
+    assert sim.ready_series.max() == 4 and sim.ready_series.min() >= 3
+    default = Simulator()
+    default.reset(trace, seed=0)
+    assert default.ready_pods == 1  # Knative's initial scale
