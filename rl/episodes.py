@@ -38,7 +38,7 @@ class RewardWeights:
     Failed requests (lost to spot reclamation) weigh more than slow ones: the user sees an error.
     """
 
-    slo_miss: float = 60.0
+    slo_miss: float = 40.0
     failed: float = 1000.0
     scale: float = 10.0
 

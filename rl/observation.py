@@ -28,7 +28,9 @@ __all__ = [
 SECONDS_PER_DAY = 86_400.0
 
 # The metrics the observation needs, under Knative's names, and the PromQL that yields each value for
-# one revision (`{rev}` is a label matcher such as namespace="x",revision_name="y").
+# one revision (`{rev}` is a label matcher such as namespace_name="x",revision_name="y"). These are the
+# OpenCensus-era names; Knative releases that export OpenTelemetry metrics renamed them (for example
+# autoscaler_actual_pods -> kn_revision_pods_count, latencies in seconds): map those onto these keys.
 KNATIVE_METRICS: dict[str, str] = {
     "revision_app_request_count": "sum(rate(revision_app_request_count{{{rev}}}[1m]))",  # requests/s
     "revision_app_request_latencies": (  # p95, milliseconds

@@ -21,14 +21,14 @@ __all__ = ["TrainConfig", "train_ppo", "export_sb3_policy"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    total_steps: int = 600_000
+    total_steps: int = 900_000
     n_envs: int = 4
     seed: int = 0
     learning_rate: float = 3e-4
     n_steps: int = 512  # per environment per update
     batch_size: int = 256
     n_epochs: int = 5
-    gamma: float = 0.97  # ~30 decisions (15 min) of horizon: long enough to see a cold start pay off
+    gamma: float = 0.99  # ~100 decisions (50 min) of horizon: long enough to see a scale-up pay off
     gae_lambda: float = 0.95
     ent_coef: float = 0.0
     hidden: tuple[int, ...] = (64, 64)
