@@ -7,7 +7,7 @@ Needs the `train` extra (stable-baselines3, torch, gymnasium). The default polic
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from agentkube.rl.env import AutoscalingEnv, EnvConfig
 from agentkube.rl.policy import ExportedPolicy, save_policy
+from agentkube.rl.traces import Trace
 
 __all__ = ["TrainConfig", "train_ppo", "export_sb3_policy"]
 
@@ -55,8 +56,10 @@ def export_sb3_policy(model, metadata: dict | None = None) -> ExportedPolicy:
 
 def train_ppo(
     config: TrainConfig, output: str | Path, on_progress: Callable[[int, int], None] | None = None,
+    traces: Sequence[Trace] | None = None,
 ):
-    """Train PPO on the training traces and write the exported policy to `output`; returns the SB3 model."""
+    """Train PPO on the training traces (default: those `config.env` names) and write the exported
+    policy to `output`; returns the SB3 model."""
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -64,7 +67,7 @@ def train_ppo(
 
     torch.set_num_threads(config.torch_threads)
     # One set of traces shared by every environment copy (they run in this process).
-    traces = AutoscalingEnv(config.env).traces
+    traces = list(traces) if traces is not None else AutoscalingEnv(config.env).traces
     env = make_vec_env(lambda: AutoscalingEnv(config.env, traces), n_envs=config.n_envs, seed=config.seed)
 
     class Progress(BaseCallback):

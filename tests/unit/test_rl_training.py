@@ -41,12 +41,10 @@ def test_env_is_seeded(small_traces):
     assert rollout(1) == rollout(1)
 
 
-def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces, monkeypatch):
-    # Train on the small traces instead of full training days, to keep the test quick.
-    monkeypatch.setattr(AutoscalingEnv, "__init__", _with_traces(small_traces))
+def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces):
     config = TrainConfig(total_steps=1024, n_envs=2, n_steps=256, batch_size=128, n_epochs=2, env=SMALL)
     seen = []
-    model = train_ppo(config, tmp_path / "policy.npz", on_progress=lambda done, total: seen.append(done))
+    model = train_ppo(config, tmp_path / "policy.npz", lambda done, total: seen.append(done), traces=small_traces)
     assert seen and seen[-1] >= 1024
     exported = load_policy(tmp_path / "policy.npz")
     assert exported.metadata["trained_steps"] >= 1024 and "agentkube rl train" in exported.metadata["command"]
@@ -58,13 +56,3 @@ def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces, 
     batch = np.concatenate([np.array(observations), rng.uniform(-3, 3, (64, observations[0].size))]).astype(np.float32)
     sb3_actions, _ = model.predict(batch, deterministic=True)
     assert np.allclose(exported.action(batch), sb3_actions, atol=1e-5)
-
-
-_original_init = AutoscalingEnv.__init__
-
-
-def _with_traces(traces):
-    def init(self, config=None, _traces=None):
-        _original_init(self, config, traces)
-
-    return init
