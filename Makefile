@@ -9,7 +9,8 @@ PYTHON ?= python3
 VENV := .venv
 CACHE := $(or $(AGENTKUBE_CACHE),$(HOME)/.cache/agentkube)
 WHEELS := $(CACHE)/wheels
-EXTRAS := test
+# `train` (stable-baselines3, torch) for the PPO pipeline's tests; the operator needs none of it at run time.
+EXTRAS := test,train
 export PIP_CACHE_DIR := $(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -6,6 +6,7 @@ import typer
 
 from agentkube.devenv.commands import dev_app
 from agentkube.operator.commands import crds_app, operator_app
+from agentkube.rl.cli import rl_app
 
 app = typer.Typer(
     name="agentkube",
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.add_typer(dev_app, name="dev")
 app.add_typer(operator_app, name="operator")
 app.add_typer(crds_app, name="crds")
+app.add_typer(rl_app, name="rl")
 
 
 @app.command()

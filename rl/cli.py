@@ -1,0 +1,60 @@
+"""`agentkube rl`: train the PPO autoscaler and evaluate it against the baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+rl_app = typer.Typer(help="The RL autoscaler: train PPO in the Knative simulator, evaluate it.", no_args_is_help=True)
+
+DEFAULT_RESULTS = Path("bench/results")
+
+
+@rl_app.command()
+def train(
+    steps: int = typer.Option(None, help="PPO timesteps (default: TrainConfig's)."),
+    seed: int = typer.Option(0, help="Seed for PPO and the environments."),
+    envs: int = typer.Option(None, help="Vectorised environment copies (default: TrainConfig's)."),
+    output: Path = typer.Option(None, help="Where to write the exported policy (default: the shipped default policy)."),
+) -> None:
+    """Train PPO on the training traces and export the policy for NumPy-only inference."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from agentkube.rl.policy import default_policy_path
+    from agentkube.rl.training import TrainConfig, train_ppo
+
+    config = TrainConfig(seed=seed)
+    if steps is not None:
+        config = replace(config, total_steps=steps)
+    if envs is not None:
+        config = replace(config, n_envs=envs)
+    output = output or default_policy_path()
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("training PPO", total=config.total_steps)
+        train_ppo(config, output, lambda done, total: progress.update(task, completed=min(done, total)))
+    typer.echo(f"policy written to {output}")
+
+
+@rl_app.command()
+def evaluate(
+    policy: Path = typer.Option(None, help="Exported policy (default: the shipped one)."),
+    out: Path = typer.Option(DEFAULT_RESULTS, help="Folder for rl_evaluation.{md,json,png}."),
+    days: float = typer.Option(1.0, help="Length of each evaluation trace, in days."),
+    tuning_days: float = typer.Option(1.0, help="Training-trace days used to tune the baselines."),
+) -> None:
+    """Run PPO and the baselines on held-out traces; write a Markdown table, JSON and plots."""
+    from agentkube.rl.evaluation import EvaluationConfig, evaluate as run_evaluation, write_report
+    from agentkube.rl.policy import load_policy
+
+    loaded = load_policy(policy)
+    config = EvaluationConfig(eval_days=days, tuning_days=tuning_days)
+    rows, runs = run_evaluation(loaded, config, log=typer.echo)
+    command = f"agentkube rl evaluate --days {days:g} --tuning-days {tuning_days:g}" + (f" --policy {policy}" if policy else "")
+    trained = (loaded.metadata or {}).get("command", "unknown")
+    header = f"Made by `{command}`; the policy by `{trained}`. Costs in $ over the trace."
+    report = write_report(rows, runs, out, header)
+    typer.echo(report.read_text())

@@ -1,0 +1,99 @@
+"""Running a policy over a trace in the simulator, and the reward it is trained on.
+
+A policy is any object with `decide(observation) -> Decision` (and optionally `reset()`): the exported
+PPO policy, the baselines in `agentkube.rl.baselines`. Every policy is run by `run_episode`, so all of
+them see exactly the same traces, seeds and decision interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from agentkube.rl import knative
+from agentkube.rl.observation import ActionBounds, Decision
+from agentkube.rl.server import decode_step_s
+from agentkube.rl.simulator import EpisodeSummary, IntervalStats, SimConfig, Simulator
+from agentkube.rl.traces import Trace
+
+__all__ = ["Policy", "RewardWeights", "reward", "warm_pods", "run_episode", "DECISION_INTERVAL_S"]
+
+# How often the agent (and the operator's live loop) sets the target; Knative itself decides every 2 s.
+DECISION_INTERVAL_S = 30
+
+
+class Policy(Protocol):
+    def decide(self, observation: np.ndarray) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """reward = -(pods + slo_miss × missed share + failed × failed share) / scale per decision interval.
+
+    `pods` is the interval's cost in on-demand pod-equivalents (cost / on-demand price), so the weights
+    read as "missing the SLO for 1% of requests is as bad as running `slo_miss / 100` more pods".
+    Failed requests (lost to spot reclamation) weigh more than slow ones: the user sees an error.
+    """
+
+    slo_miss: float = 40.0
+    failed: float = 1000.0
+    scale: float = 10.0
+
+
+def reward(stats: IntervalStats, config: SimConfig, weights: RewardWeights = RewardWeights()) -> float:
+    hours = stats.seconds / 3600.0
+    pods = stats.cost / (config.spot.on_demand_price_per_hour * hours) if hours else 0.0
+    requests = max(stats.arrivals, 1)
+    missed = max(stats.admitted - stats.within_slo, 0) + stats.failed
+    # Requests still queued at the end of the interval have waited since they arrived: count a queue
+    # that outgrew the interval's arrivals as missed too, so the agent cannot hide a backlog.
+    backlog = max(stats.arrivals - stats.admitted, 0)
+    return -(pods + weights.slo_miss * (missed + 0.5 * backlog) / requests + weights.failed * stats.failed / requests) / weights.scale
+
+
+def warm_pods(trace: Trace, config: SimConfig, target: float | None, lookahead_s: float = 120.0) -> int:
+    """The pods a revision already running under `target` would have when the trace starts: the first
+    minutes' concurrency (Little's law at that target's batch) over the effective target."""
+    first = trace.arrival_s < lookahead_s
+    if not first.any():
+        return max(config.knative.initial_scale, config.knative.min_scale)
+    rate = first.sum() / lookahead_s
+    per_pod = knative.effective_target(config.knative.with_target(target))
+    work = config.server.work_tokens(trace.request_tokens[first], trace.response_tokens[first]).mean()
+    concurrency = rate * work * float(decode_step_s(config.server, per_pod))
+    return max(1, math.ceil(concurrency / per_pod))
+
+
+def run_episode(
+    policy: Policy,
+    trace: Trace,
+    config: SimConfig | None = None,
+    *,
+    seed: int = 0,
+    spot_allowed: bool = False,
+    interval_s: int = DECISION_INTERVAL_S,
+    bounds: ActionBounds = ActionBounds(),
+    weights: RewardWeights = RewardWeights(),
+    initial_target: float | None = None,
+) -> tuple[EpisodeSummary, Simulator, float]:
+    """Run `policy` over `trace` from a warm revision; returns the summary, the simulator (with its
+    per-second series) and the total reward."""
+    sim = Simulator(config)
+    sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm_pods(trace, sim.config, initial_target))
+    if hasattr(policy, "reset"):
+        policy.reset()
+    total_reward = 0.0
+    stats = sim.advance(interval_s)
+    while not sim.done:
+        decision = policy.decide(sim.observation(stats, spot_allowed, bounds))
+        sim.set_target(decision.target)
+        sim.set_spot_share(decision.spot_share if spot_allowed else 0.0)
+        stats = sim.advance(interval_s)
+        step_reward = reward(stats, sim.config, weights)
+        total_reward += step_reward
+        if hasattr(policy, "feedback"):  # learning baselines (Q-learning) update from it
+            policy.feedback(step_reward)
+    return sim.summary(), sim, total_reward

@@ -1,0 +1,144 @@
+"""What a policy sees and what it decides, as pure functions shared by training and the operator.
+
+The observation is built from metrics under Knative's Prometheus names, so the simulator (which reports
+them, `Simulator.knative_metrics`) and the operator's live loop (which queries them) feed policies the
+same vector. The action is two numbers in [-1, 1]: the per-pod concurrency target (log-scaled between
+`ActionBounds.min_target` and `max_target`) and the share of replicas on spot capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "KNATIVE_METRICS",
+    "OBSERVATION_FIELDS",
+    "ActionBounds",
+    "Decision",
+    "MissingMetricError",
+    "observation_from_metrics",
+    "decision_from_action",
+    "action_from_decision",
+]
+
+SECONDS_PER_DAY = 86_400.0
+
+# The metrics the observation needs, under Knative's names, and the PromQL that yields each value for
+# one revision (`{rev}` is a label matcher such as namespace_name="x",revision_name="y"). These are the
+# OpenCensus-era names; Knative releases that export OpenTelemetry metrics renamed them (for example
+# autoscaler_actual_pods -> kn_revision_pods_count, latencies in seconds): map those onto these keys.
+KNATIVE_METRICS: dict[str, str] = {
+    "revision_app_request_count": "sum(rate(revision_app_request_count{{{rev}}}[1m]))",  # requests/s
+    "revision_app_request_latencies": (  # p95, milliseconds
+        "histogram_quantile(0.95, sum by (le) (rate(revision_app_request_latencies_bucket{{{rev}}}[1m])))"
+    ),
+    "autoscaler_stable_request_concurrency": "sum(autoscaler_stable_request_concurrency{{{rev}}})",
+    "autoscaler_panic_request_concurrency": "sum(autoscaler_panic_request_concurrency{{{rev}}})",
+    "autoscaler_actual_pods": "sum(autoscaler_actual_pods{{{rev}}})",
+    "autoscaler_not_ready_pods": "sum(autoscaler_not_ready_pods{{{rev}}})",
+}
+
+OBSERVATION_FIELDS = (
+    "log_request_rate",
+    "log_stable_concurrency",
+    "log_panic_concurrency",
+    "p95_latency_over_reference",
+    "log_ready_pods",
+    "log_pending_pods",
+    "spot_share",
+    "time_of_day_sin",
+    "time_of_day_cos",
+    "log_target",
+    "concurrency_per_pod_over_target",
+    "spot_allowed",
+)
+
+
+class MissingMetricError(ValueError):
+    """A metric the observation needs is absent or not a finite number."""
+
+
+@dataclass(frozen=True)
+class ActionBounds:
+    min_target: float = 10.0
+    max_target: float = 400.0
+    target_utilization: float = 0.7  # Knative's; per-pod load is compared with target × utilisation
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's choice: the `autoscaling.knative.dev/target` annotation and the spot share."""
+
+    target: float
+    spot_share: float
+
+
+def _finite(metrics: Mapping[str, float], name: str, allow_nan: bool = False) -> float:
+    if name not in metrics:
+        raise MissingMetricError(f"metric {name} is missing")
+    value = float(metrics[name])
+    if math.isnan(value) and allow_nan:
+        return 0.0
+    if not math.isfinite(value) or value < 0:
+        raise MissingMetricError(f"metric {name} is {value!r}")
+    return value
+
+
+def observation_from_metrics(
+    metrics: Mapping[str, float],
+    *,
+    target: float,
+    time_of_day_s: float,
+    reference_latency_s: float,
+    spot_pods: float = 0.0,
+    spot_allowed: bool = False,
+    bounds: ActionBounds = ActionBounds(),
+) -> np.ndarray:
+    """The policy's observation from one revision's metrics (keys: `KNATIVE_METRICS`, values in the
+    units noted there; a NaN p95 — no requests — counts as zero), the target in force, the wall-clock
+    time of day, the SLO's reference latency and the number of ready pods on spot."""
+    rate = _finite(metrics, "revision_app_request_count")
+    p95_s = _finite(metrics, "revision_app_request_latencies", allow_nan=True) / 1000.0
+    stable = _finite(metrics, "autoscaler_stable_request_concurrency")
+    panic = _finite(metrics, "autoscaler_panic_request_concurrency")
+    ready = _finite(metrics, "autoscaler_actual_pods")
+    pending = _finite(metrics, "autoscaler_not_ready_pods")
+    phase = 2.0 * math.pi * (time_of_day_s % SECONDS_PER_DAY) / SECONDS_PER_DAY
+    per_pod_target = max(target * bounds.target_utilization, 0.01)
+    return np.array(
+        [
+            math.log1p(rate) / 5.0,
+            math.log1p(stable) / 6.0,
+            math.log1p(panic) / 6.0,
+            min(p95_s / reference_latency_s, 5.0),
+            math.log1p(ready) / 4.0,
+            math.log1p(pending) / 4.0,
+            spot_pods / ready if ready > 0 else 0.0,
+            math.sin(phase),
+            math.cos(phase),
+            math.log(target / bounds.min_target) / math.log(bounds.max_target / bounds.min_target),
+            min(stable / max(ready, 1.0) / per_pod_target, 5.0),
+            1.0 if spot_allowed else 0.0,
+        ],
+        dtype=np.float32,
+    )
+
+
+def decision_from_action(action: np.ndarray, bounds: ActionBounds = ActionBounds(), spot_allowed: bool = True) -> Decision:
+    """Map an action in [-1, 1]^2 to a target (log scale) and a spot share (0 when spot is not allowed)."""
+    a = np.clip(np.asarray(action, dtype=float).reshape(-1), -1.0, 1.0)
+    fraction = (a[0] + 1.0) / 2.0
+    target = bounds.min_target * (bounds.max_target / bounds.min_target) ** fraction
+    spot_share = (a[1] + 1.0) / 2.0 if spot_allowed and a.size > 1 else 0.0
+    return Decision(float(target), float(spot_share))
+
+
+def action_from_decision(decision: Decision, bounds: ActionBounds = ActionBounds()) -> np.ndarray:
+    """The inverse of `decision_from_action` (targets outside the bounds are clipped)."""
+    target = min(max(decision.target, bounds.min_target), bounds.max_target)
+    fraction = math.log(target / bounds.min_target) / math.log(bounds.max_target / bounds.min_target)
+    return np.array([2.0 * fraction - 1.0, 2.0 * decision.spot_share - 1.0], dtype=np.float32)

@@ -1,0 +1,102 @@
+"""PPO training with stable-baselines3, and export of the actor to a NumPy-only policy file.
+
+Needs the `train` extra (stable-baselines3, torch, gymnasium). The default policy shipped in
+`agentkube/rl/policies/` is reproduced by `agentkube rl train` with its defaults (`TrainConfig`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agentkube.rl.env import AutoscalingEnv, EnvConfig
+from agentkube.rl.policy import ExportedPolicy, save_policy
+from agentkube.rl.traces import Trace
+
+__all__ = ["TrainConfig", "train_ppo", "export_sb3_policy"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int = 900_000
+    n_envs: int = 4
+    seed: int = 0
+    learning_rate: float = 3e-4
+    n_steps: int = 512  # per environment per update
+    batch_size: int = 256
+    n_epochs: int = 5
+    gamma: float = 0.99  # ~100 decisions (50 min) of horizon: long enough to see a scale-up pay off
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.0
+    hidden: tuple[int, ...] = (64, 64)
+    log_std_init: float = -0.5  # explore ±0.6 around the mean action, not across the whole range
+    torch_threads: int = 1
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+
+def export_sb3_policy(model, metadata: dict | None = None) -> ExportedPolicy:
+    """The deterministic actor of an SB3 `PPO('MlpPolicy')` model (a Box action space, no observation
+    normalisation) as NumPy weights: policy MLP then the action-mean layer."""
+    import torch
+
+    policy = model.policy
+    layers = [m for m in policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)] + [policy.action_net]
+    activations = {type(m).__name__ for m in policy.mlp_extractor.policy_net if not isinstance(m, torch.nn.Linear)}
+    if activations - {"Tanh", "ReLU"} or len(activations) > 1:
+        raise ValueError(f"unsupported activations {activations}")
+    activation = "relu" if activations == {"ReLU"} else "tanh"
+    weights = tuple(layer.weight.detach().cpu().numpy().astype(np.float32) for layer in layers)
+    biases = tuple(layer.bias.detach().cpu().numpy().astype(np.float32) for layer in layers)
+    return ExportedPolicy(weights, biases, activation, metadata=metadata or {})
+
+
+def train_ppo(
+    config: TrainConfig, output: str | Path, on_progress: Callable[[int, int], None] | None = None,
+    traces: Sequence[Trace] | None = None,
+):
+    """Train PPO on the training traces (default: those `config.env` names) and write the exported
+    policy to `output`; returns the SB3 model."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    torch.set_num_threads(config.torch_threads)
+    # One set of traces shared by every environment copy (they run in this process).
+    traces = list(traces) if traces is not None else AutoscalingEnv(config.env).traces
+    env = make_vec_env(lambda: AutoscalingEnv(config.env, traces), n_envs=config.n_envs, seed=config.seed)
+
+    class Progress(BaseCallback):
+        def _on_step(self) -> bool:
+            if on_progress is not None:
+                on_progress(self.num_timesteps, config.total_steps)
+            return True
+
+    model = PPO(
+        "MlpPolicy", env, learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, ent_coef=config.ent_coef,
+        policy_kwargs=dict(net_arch=dict(pi=list(config.hidden), vf=list(config.hidden)), log_std_init=config.log_std_init),
+        seed=config.seed, device="cpu", verbose=0,
+    )
+    started = time.perf_counter()
+    model.learn(total_timesteps=config.total_steps, callback=Progress())
+    metadata = {
+        "trained_steps": int(model.num_timesteps),
+        "training_seconds": round(time.perf_counter() - started, 1),
+        "train_config": _jsonable(asdict(config)),
+        "command": f"agentkube rl train --steps {config.total_steps} --seed {config.seed} --envs {config.n_envs}",
+    }
+    save_policy(export_sb3_policy(model, metadata), output)
+    return model
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)

@@ -1,0 +1,101 @@
+"""Baselines decide as documented, and the evaluation writes its table, JSON and plots."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from agentkube.rl.baselines import (
+    TARGET_GRID,
+    KnativeDefault,
+    QLearning,
+    StaticTarget,
+    TargetTracking,
+    cheapest_within_slo,
+    grid_search_static_target,
+)
+from agentkube.rl.episodes import RewardWeights, reward, run_episode
+from agentkube.rl.evaluation import EvaluationConfig, evaluate, write_report
+from agentkube.rl.observation import OBSERVATION_FIELDS, Decision, action_from_decision
+from agentkube.rl.policy import ExportedPolicy
+from agentkube.rl.simulator import EpisodeSummary, IntervalStats, SimConfig
+from agentkube.rl.traces import WORKLOADS, generate_trace
+
+LATENCY = OBSERVATION_FIELDS.index("p95_latency_over_reference")
+TARGET = OBSERVATION_FIELDS.index("log_target")
+
+
+def observation(target: float, latency: float, load: float = 1.0) -> np.ndarray:
+    obs = np.zeros(len(OBSERVATION_FIELDS), dtype=np.float32)
+    obs[TARGET] = (action_from_decision(Decision(target, 0.0))[0] + 1) / 2
+    obs[LATENCY] = latency
+    obs[OBSERVATION_FIELDS.index("concurrency_per_pod_over_target")] = load
+    return obs
+
+
+def test_knative_default_and_static_targets():
+    assert KnativeDefault().decide(observation(50, 1.0)) == Decision(100.0, 0.0)
+    assert StaticTarget(140.0, 0.7).decide(observation(50, 1.0)) == Decision(140.0, 0.7)
+
+
+def test_target_tracking_moves_the_target_against_latency_within_tolerance():
+    rule = TargetTracking(setpoint=1.5)
+    assert rule.decide(observation(100, 3.0)).target == pytest.approx(100 / 1.5, rel=1e-4)  # step capped at 1.5x
+    assert rule.decide(observation(100, 1.2)).target == pytest.approx(100 * 1.5 / 1.2, rel=1e-4)
+    assert rule.decide(observation(100, 1.6)).target == pytest.approx(100, rel=1e-4)  # inside the 10% tolerance
+
+
+def test_q_learning_updates_towards_reward():
+    agent = QLearning(seed=1, epsilon=0.0, training=True)
+    first = agent.decide(observation(100, 2.0))
+    assert first.target in TARGET_GRID
+    agent.feedback(-1.0)
+    agent.decide(observation(100, 2.0))
+    assert agent.q.min() < 0.0  # the taken action's value moved towards the negative reward
+
+
+def test_reward_charges_cost_misses_and_failures():
+    config = SimConfig()
+    base = dict(seconds=3600, arrivals=1000, admitted=1000, cold_starts=0, interruptions=0, p95_latency_s=1.0,
+                mean_ready_pods=2, mean_concurrency=1, metrics={})
+    two_pods = config.spot.on_demand_price_per_hour * 2
+    clean = reward(IntervalStats(within_slo=1000, failed=0, cost=two_pods, **base), config)
+    assert clean == pytest.approx(-2 / RewardWeights().scale)
+    slow = reward(IntervalStats(within_slo=990, failed=0, cost=two_pods, **base), config)
+    failing = reward(IntervalStats(within_slo=990, failed=10, cost=two_pods, **base), config)
+    assert failing < slow < clean
+
+
+def test_cheapest_within_slo_prefers_meeting_the_goal():
+    def summary(cost, slo):
+        return EpisodeSummary(100, cost, slo, 1.0, 1.0, 0, 0.0, 0, 1.0)
+
+    assert cheapest_within_slo({50: [summary(10, 0.999)], 100: [summary(8, 0.995)], 200: [summary(6, 0.95)]}) == 100
+    assert cheapest_within_slo({50: [summary(10, 0.97)], 100: [summary(8, 0.95)]}) == 50
+
+
+def test_grid_search_finds_a_cheaper_target_than_knatives_default_on_a_steady_trace():
+    trace = generate_trace(WORKLOADS["conversation"], 9, 3 * 3600)
+    best = grid_search_static_target([trace], candidates=(50.0, 100.0, 140.0, 200.0))
+    default = run_episode(KnativeDefault(), trace)[0]
+    chosen = run_episode(StaticTarget(best), trace, initial_target=best)[0]
+    assert chosen.slo_attainment >= 0.99 and chosen.cost <= default.cost
+
+
+def test_evaluation_writes_table_json_and_plots(tmp_path):
+    rng = np.random.default_rng(0)
+    shapes = [(8, len(OBSERVATION_FIELDS)), (2, 8)]
+    policy = ExportedPolicy(tuple(rng.normal(0, 0.3, s).astype(np.float32) for s in shapes),
+                            tuple(np.zeros(s[0], dtype=np.float32) for s in shapes))
+    config = EvaluationConfig(workloads=("flash",), eval_days=1 / 24, tuning_days=1 / 24, q_learning_epochs=1)
+    rows, runs = evaluate(policy, config)
+    policies = {r["policy"] for r in rows}
+    assert {"knative-default", "q-learning", "ppo", "ppo+spot"} <= policies
+    assert any(p.startswith("static-best") for p in policies) and any(p.startswith("fixed-spot") for p in policies)
+    assert all(0.0 <= r["slo_attainment"] <= 1.0 and r["cost"] > 0 and not math.isnan(r["p95_latency_s"]) for r in rows)
+    report = write_report(rows, runs, tmp_path, "header")
+    text = report.read_text()
+    assert "| flash-eval-0 | on-demand | knative-default |" in text and "## Goals" in text
+    assert len(json.loads((tmp_path / "rl_evaluation.json").read_text())) == len(rows)
+    assert (tmp_path / "rl_evaluation_flash-eval-0.png").stat().st_size > 10_000

@@ -1,0 +1,58 @@
+"""The training pipeline on a tiny budget: the gymnasium env, PPO, and the NumPy export matching SB3."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("stable_baselines3", reason="needs the train extra")
+
+from gymnasium.utils.env_checker import check_env  # noqa: E402
+
+from agentkube.rl.env import AutoscalingEnv, EnvConfig  # noqa: E402
+from agentkube.rl.policy import load_policy  # noqa: E402
+from agentkube.rl.traces import WORKLOADS, generate_trace  # noqa: E402
+from agentkube.rl.training import TrainConfig, train_ppo  # noqa: E402
+
+SMALL = EnvConfig(episode_s=1800)
+
+
+@pytest.fixture(scope="module")
+def small_traces():
+    return [generate_trace(WORKLOADS[w], i, 7200, name=f"{w}-{i}") for i, w in enumerate(sorted(WORKLOADS))]
+
+
+def test_env_follows_the_gymnasium_api(small_traces):
+    env = AutoscalingEnv(SMALL, small_traces)
+    check_env(env, skip_render_check=True)
+    observation, _ = env.reset(seed=3)
+    steps, truncated = 0, False
+    while not truncated:
+        observation, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert env.observation_space.contains(observation) and reward <= 0.0 and not terminated
+        steps += 1
+    assert steps == SMALL.episode_s // SMALL.interval_s - 1
+
+
+def test_env_is_seeded(small_traces):
+    def rollout(seed):
+        env = AutoscalingEnv(SMALL, small_traces)
+        env.reset(seed=seed)
+        return [env.step(np.array([0.2, -0.5], dtype=np.float32))[1] for _ in range(10)]
+
+    assert rollout(1) == rollout(1)
+
+
+def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces):
+    config = TrainConfig(total_steps=1024, n_envs=2, n_steps=256, batch_size=128, n_epochs=2, env=SMALL)
+    seen = []
+    model = train_ppo(config, tmp_path / "policy.npz", lambda done, total: seen.append(done), traces=small_traces)
+    assert seen and seen[-1] >= 1024
+    exported = load_policy(tmp_path / "policy.npz")
+    assert exported.metadata["trained_steps"] >= 1024 and "agentkube rl train" in exported.metadata["command"]
+    env = AutoscalingEnv(SMALL, small_traces)
+    observations = [env.reset(seed=0)[0]]
+    for _ in range(40):
+        observations.append(env.step(env.action_space.sample())[0])
+    rng = np.random.default_rng(0)
+    batch = np.concatenate([np.array(observations), rng.uniform(-3, 3, (64, observations[0].size))]).astype(np.float32)
+    sb3_actions, _ = model.predict(batch, deterministic=True)
+    assert np.allclose(exported.action(batch), sb3_actions, atol=1e-5)
