@@ -5,6 +5,7 @@ from importlib.metadata import version as package_version
 import typer
 
 from agentkube.devenv.commands import dev_app
+from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
 
 app = typer.Typer(
     name="agentkube",
@@ -13,6 +14,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(node_agent_app, name="node-agent")
+app.add_typer(sandbox_runtime_app, name="sandbox-runtime")
 
 
 @app.command()

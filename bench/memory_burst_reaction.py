@@ -1,0 +1,164 @@
+"""Reaction to a memory burst: how long after a tool call crosses its memory.high the node agent knows,
+against a loop that polls every call's memory usage every 100 ms, both watching the same calls.
+
+Each burst is a tool call (64 MiB max, high at 90%) that touches memory in 256 KiB steps, reads its own
+cgroup's usage after each step and reports the step during which usage first reached memory.high (so
+the crossing lies between the step's start and end); then it holds the memory for 300 ms and exits. The
+agent's time is when its watcher (v1: a usage-threshold eventfd; v2: inotify on memory.events) woke up.
+Writes bench/results/memory_burst_reaction.{json,md}.
+
+    .venv/bin/python bench/memory_burst_reaction.py [--bursts 100]
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nodeagent_common import SandboxWorker, machine, serve_worker, summary, write_results  # noqa: E402
+
+from agentkube.ebpf.cgroups import CALL_PREFIX, detect_layout  # noqa: E402
+from agentkube.ebpf.limits import MiB, memory_high_for  # noqa: E402
+
+CALL_MEMORY = 64 * MiB
+POLL_INTERVAL = 0.100
+GOAL_P99_MS = 5.0
+
+BURST = r"""
+import mmap, os, sys, time
+high = int(sys.argv[1])
+paths = dict(line.split(":", 2)[1:] for line in open("/proc/self/cgroup").read().splitlines())
+if "memory" in paths:
+    usage_file = "/sys/fs/cgroup/memory" + paths["memory"].strip() + "/memory.usage_in_bytes"
+else:
+    usage_file = [l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] == "cgroup2"][0] + paths[""].strip() + "/memory.current"
+fd = os.open(usage_file, os.O_RDONLY)
+area = mmap.mmap(-1, 60 << 20)
+step, offset = 256 << 10, 0
+while offset < len(area):
+    start = time.monotonic_ns()
+    for page in range(offset, offset + step, 4096):
+        area[page] = 1
+    end = time.monotonic_ns()
+    offset += step
+    if int(os.pread(fd, 32, 0)) >= high:
+        print(start, end, flush=True)
+        break
+time.sleep(0.3)
+"""
+
+
+def worker(agent_socket: str, name: str) -> None:
+    from agentkube.ebpf.limits import Intent
+    from agentkube.ebpf.models import RunRequest, SandboxRef
+    from agentkube.ebpf.runtime import run_call
+
+    request = RunRequest(argv=[sys.executable, "-c", BURST, str(memory_high_for(CALL_MEMORY))],
+                         intent=Intent(memory=CALL_MEMORY, network="none", timeout=60))
+
+    def handle(command):
+        result = run_call(Path(agent_socket), SandboxRef(name=name), request)
+        return {"call_id": result.call_id, "stdout": result.stdout, "stderr": result.stderr[-500:],
+                "cgroup_name": CALL_PREFIX + result.call_id}
+
+    serve_worker(handle)
+
+
+class Poller:
+    """The baseline: read every running call's usage every 100 ms."""
+
+    def __init__(self, sandbox_memory_dir: Path, usage_file: str, high: int):
+        self.dir, self.usage_file, self.high = sandbox_memory_dir, usage_file, high
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for child in self.dir.glob(CALL_PREFIX + "*"):
+                if child.name in self.seen:
+                    continue
+                try:
+                    if int((child / self.usage_file).read_text()) >= self.high:
+                        self.seen[child.name] = time.monotonic()
+                except (FileNotFoundError, ValueError):
+                    pass
+            self._stop.wait(POLL_INTERVAL)
+
+    def close(self):
+        self._stop.set()
+        self.thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bursts", type=int, default=100)
+    args = parser.parse_args()
+    from agentkube.ebpf.agent import NodeAgent
+    from agentkube.ebpf.api import routes
+    from agentkube.ebpf.unixhttp import UnixHttpServer
+
+    layout = detect_layout()
+    high = memory_high_for(CALL_MEMORY)
+    workdir = Path(tempfile.mkdtemp(prefix="agentkube-bench-"))
+    # The agent runs in this process so that its watcher's wake-up times can be read directly.
+    agent = NodeAgent(workdir / "state", instance=f"agentkube-bench-{os.getpid()}")
+    server = UnixHttpServer(workdir / "agent.sock", routes(agent))
+    server.start()
+    agent_ms, poll_ms, step_ms = [], [], []
+    try:
+        sandbox = SandboxWorker(server.path, "bench-burst", __file__, memory="1Gi")
+        try:
+            sandbox_cgroup = agent.sandboxes["default/bench-burst"].cgroup
+            usage_file = "memory.usage_in_bytes" if layout.kind == "hybrid" else "memory.current"
+            poller = Poller(sandbox_cgroup.controller_dir("memory"), usage_file, high)
+            try:
+                for _ in range(args.bursts):
+                    answer = sandbox.ask({})
+                    start_ns, end_ns = map(int, answer["stdout"].split())
+                    crossed = end_ns / 1e9  # the latest the crossing can have happened
+                    seen = agent.memory_high_seen.get(answer["call_id"])
+                    if not seen or answer["cgroup_name"] not in poller.seen:
+                        raise RuntimeError(f"a burst went unseen: agent {seen}, poller {answer['cgroup_name'] in poller.seen}")
+                    agent_ms.append((seen[0] - crossed) * 1000)
+                    poll_ms.append((poller.seen[answer["cgroup_name"]] - crossed) * 1000)
+                    step_ms.append((end_ns - start_ns) / 1e6)
+            finally:
+                poller.close()
+        finally:
+            sandbox.close()
+    finally:
+        server.stop()
+        agent.teardown()
+
+    stats = {"agent_push": summary(agent_ms), "poll_100ms": summary(poll_ms), "crossing_step": summary(step_ms)}
+    result = {
+        "machine": machine(), "layout": layout.kind, "bursts": args.bursts, "call_memory": CALL_MEMORY,
+        "memory_high": high, "milliseconds_after_crossing": stats,
+        "p99_ratio_poll_to_agent": stats["poll_100ms"]["p99"] / max(stats["agent_push"]["p99"], 1e-6),
+        "note": "latency is measured from the end of the 256 KiB step during which usage reached memory.high; "
+                "the crossing happened within that step, so a negative value means the agent woke before "
+                "the step finished",
+        "goal": f"p99 under {GOAL_P99_MS} ms",
+    }
+    rows = ["| watcher | p50 ms | p90 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
+    for name, label in (("agent_push", "node agent (push: eventfd / inotify)"), ("poll_100ms", "100 ms polling loop"),
+                        ("crossing_step", "(the crossing step's own length)")):
+        s = stats[name]
+        rows.append(f"| {label} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} |")
+    markdown = (f"# Reaction to a memory burst: crossing memory.high → seen ({layout.kind} cgroups, {args.bursts} bursts)\n\n"
+                + "\n".join(rows) + f"\n\np99 polling / p99 agent: {result['p99_ratio_poll_to_agent']:.0f}×. "
+                f"Goal: {result['goal']}.\n")
+    write_results("memory_burst_reaction", result, markdown)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+    else:
+        main()
