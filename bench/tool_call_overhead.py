@@ -3,6 +3,7 @@
   (a) a bare fork+exec+wait,
   (b) an agentkube tool call from inside a sandbox (fork, hold, placement by the node agent: cgroup in
       every hierarchy, limits, BPF map entries, move; release, wait, finish: kill, counters, rmdir, audit),
+  (b') the same with the v2 hierarchy mounted `favordynmods` (set for those blocks only, then restored),
   (c) cgcreate + cgexec + cgdelete (Debian's cgroup-tools, memory/cpu/pids),
   (d) a shell wrapper in AgentCgroup's style (mkdir, write the memory limit, move, exec, rmdir; memory only).
 
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from nodeagent_common import SandboxWorker, machine, serve_worker, summary, write_results  # noqa: E402
 
-from agentkube.ebpf.cgroups import detect_layout  # noqa: E402
+from agentkube.ebpf.cgroups import detect_layout, favors_dynmods, set_favor_dynmods  # noqa: E402
 
 TOOL = ["/bin/true"]
 GOAL_ADDED_P50_MS = 1.0
@@ -91,7 +92,8 @@ def main() -> None:
     controllers = "memory,cpu,pids"
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as script:
         script.write(WRAPPER)
-    samples = {"bare": [], "agentkube": [], "cgroup_tools": [], "agentcgroup_wrapper": []}
+    samples = {"bare": [], "agentkube": [], "agentkube_favordynmods": [], "cgroup_tools": [], "agentcgroup_wrapper": []}
+    favored_before = favors_dynmods(layout)
     env = {**os.environ, "CGROUP_PARENT": str(wrapper_parent)}
 
     def cgroup_tools():
@@ -111,6 +113,11 @@ def main() -> None:
                 block = min(args.block, args.calls - done)
                 samples["bare"] += timed(lambda: fork_exec(TOOL), block)
                 samples["agentkube"] += sandbox.ask({"calls": block})["samples_ms"]
+                set_favor_dynmods(layout, True)
+                try:
+                    samples["agentkube_favordynmods"] += sandbox.ask({"calls": block})["samples_ms"]
+                finally:
+                    set_favor_dynmods(layout, favored_before)
                 samples["cgroup_tools"] += timed(cgroup_tools, block)
                 samples["agentcgroup_wrapper"] += timed(wrapper, block)
                 done += block
@@ -132,6 +139,7 @@ def main() -> None:
     }
     rows = ["| method | p50 ms | p90 ms | p99 ms | added p50 over bare | agentkube p50 / this p50 |", "|---|---:|---:|---:|---:|---:|"]
     labels = {"bare": "(a) bare fork+exec", "agentkube": "(b) agentkube tool call",
+              "agentkube_favordynmods": "(b') agentkube, favordynmods",
               "cgroup_tools": "(c) cgcreate+cgexec+cgdelete", "agentcgroup_wrapper": "(d) AgentCgroup-style wrapper"}
     for name, s in stats.items():
         rows.append(f"| {labels[name]} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "

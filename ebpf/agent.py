@@ -25,6 +25,8 @@ from agentkube.ebpf.cgroups import (
     CgroupError,
     CgroupLayout,
     detect_layout,
+    favors_dynmods,
+    set_favor_dynmods,
     is_within,
     kubernetes_container_paths,
     local_root_paths,
@@ -44,13 +46,14 @@ from agentkube.ebpf.models import (
     SandboxStatus,
     Usage,
 )
-from agentkube.ebpf.pressure import PressureWatcher
+from agentkube.ebpf.pressure import PressureWatcher, high_events_seen
 from agentkube.ebpf.unixhttp import HttpError, Peer
 
 MAX_RUNNING_CALLS = 1024
 FINISH_GRACE_SECONDS = 30.0  # after a deadline kill, how long the runtime has to report before the agent closes the call itself
 FINISHED_KEPT = 512  # finished records answered again to a runtime that retries its finish
 EXECUTED_KEPT = 64  # programs a call executed, kept in its audit record
+HISTORY_SAVE_INTERVAL = 1.0
 
 
 def sandbox_containing(cgroup_path: str, sandboxes: dict[str, str]) -> str | None:
@@ -89,12 +92,14 @@ class Sandbox:
 
 class NodeAgent:
     def __init__(self, state_dir: Path, instance: str = "agentkube", layout: CgroupLayout | None = None,
-                 audit_log: Path | None = None):
+                 audit_log: Path | None = None, favor_dynmods: bool = False):
         self.state_dir = Path(state_dir)
         self.instance = instance
         self.layout = layout or detect_layout()
         self.audit_log = audit_log or self.state_dir / "audit.jsonl"
         self.root = Cgroup(self.layout, local_root_paths(self.layout, own_cgroups(), instance))
+        if favor_dynmods and not favors_dynmods(self.layout):
+            set_favor_dynmods(self.layout, True)
         self.metrics = Metrics()
         self.sandboxes: dict[str, Sandbox] = {}
         self.running: dict[str, CallRecord] = {}
@@ -106,6 +111,8 @@ class NodeAgent:
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.RLock()
         self._stopped = False
+        self._history_saved = 0.0
+        self._history_dirty = False
         for folder in ("sandboxes", "calls"):
             (self.state_dir / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.programs = Programs(instance)
@@ -299,7 +306,8 @@ class NodeAgent:
             oom_kills=max(counters.oom_kills if counters else 0, stats.ooms),
             processes_spawned=stats.forks + 1,  # the first process was forked before it joined the call
             connections_blocked=stats.blocked_connections,
-            memory_high_events=max(high_events, counters.memory_high_events if counters else 0),
+            memory_high_events=high_events_seen(high_events, counters.memory_high_events if counters else 0,
+                                                counters.peak_memory_bytes if counters else 0, record.limits.memory_high),
             pids_limit_hits=counters.pids_limit_hits if counters else 0,
         )
         with self._lock:
@@ -312,7 +320,7 @@ class NodeAgent:
             while len(self.finished) > FINISHED_KEPT:
                 self.finished.popitem(last=False)
             self._append_audit(record)
-            self._save_history()
+            self._save_history(force=False)
         (self.state_dir / "calls" / f"{call_id}.json").unlink(missing_ok=True)
         sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
         if sandbox:
@@ -362,7 +370,13 @@ class NodeAgent:
         with open(self.audit_log, "a") as log:
             log.write(record.model_dump_json() + "\n")
 
-    def _save_history(self) -> None:
+    def _save_history(self, force: bool = True) -> None:
+        # History only guides limits, so a crash may lose its last second; saved at most once a second.
+        now = time.monotonic()
+        if not force and now - self._history_saved < HISTORY_SAVE_INTERVAL:
+            self._history_dirty = True
+            return
+        self._history_saved, self._history_dirty = now, False
         _atomic_write(self.state_dir / "history.json", json.dumps({k: list(v) for k, v in self.history.items()}))
 
     # --- events -----------------------------------------------------------------------------------------
@@ -436,6 +450,8 @@ class NodeAgent:
             return
         self._stopped = True
         with self._lock:
+            if self._history_dirty:
+                self._save_history()
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()

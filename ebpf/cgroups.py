@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -97,6 +98,30 @@ def detect_layout() -> CgroupLayout:
     unified = next((Path(f.split()[1]) for f in mounts.splitlines() if len(f.split()) > 2 and f.split()[2] == "cgroup2"), None)
     controllers = (unified / "cgroup.controllers").read_text().split() if unified else []
     return parse_mounts(mounts, controllers)
+
+
+def mount_options(mounts: str, mountpoint: Path) -> list[str]:
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and Path(fields[1]) == mountpoint:
+            return fields[3].split(",")
+    raise CgroupError(f"{mountpoint} is not mounted")
+
+
+def favors_dynmods(layout: CgroupLayout) -> bool:
+    return "favordynmods" in mount_options(Path("/proc/self/mounts").read_text(), layout.unified.mount)
+
+
+def set_favor_dynmods(layout: CgroupLayout, enabled: bool) -> None:
+    """Moving a process between cgroups takes a global lock whose first writer after a quiet spell waits
+    for an RCU grace period (~10 ms here), once per tool call. `favordynmods` keeps that lock in the mode
+    where writers do not wait, at a small cost to every fork and exit on the host: the trade a node that
+    moves a process per tool call wants. A host-wide setting, so only on request (`--favor-dynmods`)."""
+    options = [o for o in mount_options(Path("/proc/self/mounts").read_text(), layout.unified.mount)
+               if o != "favordynmods"] + (["favordynmods"] if enabled else [])
+    # Only the options given here: util-linux would otherwise merge back the current ones.
+    subprocess.run(["mount", "--options-source", "disable", "-o", "remount," + ",".join(options),
+                    str(layout.unified.mount)], check=True, capture_output=True, text=True)
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:

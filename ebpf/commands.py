@@ -23,6 +23,9 @@ def run_node_agent(
     state_dir: Path = typer.Option(DEFAULT_STATE_DIR, help="running calls, sandboxes, history, audit log"),
     instance: str = typer.Option("agentkube", help="name of the cgroup root and bpffs directory"),
     metrics_port: int | None = typer.Option(None, help="also serve /metrics on 127.0.0.1:PORT"),
+    favor_dynmods: bool = typer.Option(False, "--favor-dynmods",
+                                       help="remount the v2 hierarchy with favordynmods: ~10 ms less per call "
+                                            "(no RCU wait on each process move), a little more per fork/exit"),
 ) -> None:
     """Run the node agent until SIGTERM/SIGINT. Running calls survive a restart."""
     from agentkube.ebpf.api import NodeAgentServer
@@ -30,7 +33,7 @@ def run_node_agent(
 
     stop = threading.Event()
     install_stop_signals(stop)
-    server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port)
+    server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port, favor_dynmods=favor_dynmods)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)
     server.serve_forever(stop)
 

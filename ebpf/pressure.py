@@ -39,19 +39,31 @@ class PressureWatcher:
         self._watches: dict[int, tuple[str, Path, int]] = {}  # inotify wd -> (key, memory.events, last high)
         self._eventfds: dict[str, tuple[int, int, int]] = {}  # key -> (eventfd, usage file fd, threshold)
         self._counts: dict[str, int] = {}
+        self._pending: dict[str, tuple[str, Path, int]] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="memory-high", daemon=True)
         self._thread.start()
 
     def watch(self, key: str, cgroup: Cgroup, high_bytes: int) -> None:
-        memory_dir = cgroup.controller_dir("memory")
+        """Start watching. Arming happens in the watcher thread, off the caller's path: registering a v1
+        threshold waits for an RCU grace period (milliseconds). A crossing before the watch is armed is
+        caught by the peak check at the end of the call (`high_events_seen`)."""
         with self._lock:
             self._counts[key] = 0
-            if cgroup.layout.kind == "v2":
-                self._watch_v2(key, memory_dir)
-            else:
-                self._watch_v1(key, memory_dir, high_bytes)
+            self._pending[key] = (cgroup.layout.kind, cgroup.controller_dir("memory"), high_bytes)
         os.write(self._wake_w, b"w")
+
+    def _arm_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            for key, (kind, memory_dir, high_bytes) in pending.items():
+                try:
+                    if kind == "v2":
+                        self._watch_v2(key, memory_dir)
+                    else:
+                        self._watch_v1(key, memory_dir, high_bytes)
+                except OSError:
+                    pass  # the call ended (its cgroup is gone) before the watch was armed
 
     def _watch_v2(self, key: str, memory_dir: Path) -> None:
         if self._inotify is None:
@@ -80,6 +92,7 @@ class PressureWatcher:
     def unwatch(self, key: str) -> int:
         """Stop watching; returns the number of high events seen."""
         with self._lock:
+            self._pending.pop(key, None)
             pair = self._eventfds.pop(key, None)
             if pair:
                 self.selector.unregister(pair[0])
@@ -101,6 +114,7 @@ class PressureWatcher:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                    self._arm_pending()
                 elif data == "inotify":
                     self._read_inotify(seen)
                 else:
@@ -160,3 +174,10 @@ class PressureWatcher:
             os.close(self._inotify)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def high_events_seen(watched: int, counted_by_kernel: int, peak_bytes: int, high_bytes: int) -> int:
+    """High events for a finished call: what the watcher saw or the kernel counted (v2), and at least one
+    if the call's peak reached memory.high (a crossing before the watch was armed)."""
+    events = max(watched, counted_by_kernel)
+    return events if events or peak_bytes < high_bytes else 1

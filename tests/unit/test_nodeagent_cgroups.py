@@ -177,3 +177,22 @@ def test_metrics_have_bounded_labels_and_outcomes():
     label_names = {name for family in metrics.registry.collect() for s in family.samples for name in s.labels}
     assert label_names <= {*LABELS, "outcome", "le"}
     assert set(OUTCOMES) >= {outcome(_record(None))}
+
+
+def test_high_events_count_a_crossing_the_watch_missed():
+    from agentkube.ebpf.pressure import high_events_seen
+
+    assert high_events_seen(watched=2, counted_by_kernel=0, peak_bytes=10, high_bytes=5) == 2
+    assert high_events_seen(watched=0, counted_by_kernel=3, peak_bytes=10, high_bytes=5) == 3
+    assert high_events_seen(watched=0, counted_by_kernel=0, peak_bytes=5, high_bytes=5) == 1  # before arming
+    assert high_events_seen(watched=0, counted_by_kernel=0, peak_bytes=4, high_bytes=5) == 0
+
+
+def test_mount_options_of_the_unified_hierarchy():
+    from agentkube.ebpf.cgroups import mount_options
+
+    mounts = HYBRID_MOUNTS.replace("cgroup2 rw,relatime", "cgroup2 rw,relatime,favordynmods")
+    assert "favordynmods" in mount_options(mounts, Path("/sys/fs/cgroup/unified"))
+    assert "favordynmods" not in mount_options(HYBRID_MOUNTS, Path("/sys/fs/cgroup/unified"))
+    with pytest.raises(CgroupError):
+        mount_options(HYBRID_MOUNTS, Path("/nowhere"))
