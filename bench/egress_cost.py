@@ -129,7 +129,7 @@ def main() -> None:
     }
     rows = ["| egress program | median GiB/s | vs. not attached |", "|---|---:|---:|"]
     for name, m in medians.items():
-        rows.append(f"| {name.replace('_', ' ')} | {m / 2**30:.2f} | {-result['loss_vs_not_attached'][name]:+.1%} |")
+        rows.append(f"| {name.replace('_', ' ')} | {m / 2**30:.2f} | {m / base - 1:+.1%} |")
     markdown = (f"# Cost of the egress program: loopback TCP throughput from a tool call ({args.rounds} rounds × "
                 f"{args.mib} MiB)\n\n" + "\n".join(rows) + f"\n\nGoal: {result['goal']}.\n")
     write_results("egress_cost", result, markdown)
