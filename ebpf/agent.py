@@ -35,6 +35,7 @@ from agentkube.ebpf.cgroups import (
     UNIFIED,
 )
 from agentkube.ebpf.limits import HISTORY_WINDOW, OutOfEnvelope, command_signature, parse_network, resolve_limits
+from agentkube.ebpf.deadlines import Deadlines
 from agentkube.ebpf.metrics import Metrics
 from agentkube.ebpf.models import (
     CallCreate,
@@ -108,7 +109,7 @@ class NodeAgent:
         self.executed: dict[str, list[str]] = {}
         self.memory_high_seen: dict[str, list[float]] = {}  # call id -> monotonic times (benchmarks read it)
         self._by_cgroup: dict[int, str] = {}
-        self._timers: dict[str, threading.Timer] = {}
+        self.deadlines = Deadlines()
         self._lock = threading.RLock()
         self._stopped = False
         self._history_saved = 0.0
@@ -283,9 +284,7 @@ class NodeAgent:
                 if call_id in self.finished:
                     return self.finished[call_id]  # a retried finish
                 raise HttpError(404, f"no call {call_id}")
-            timer = self._timers.pop(call_id, None)
-        if timer:
-            timer.cancel()
+        self.deadlines.cancel(call_id)
         cgroup = Cgroup(self.layout, record.cgroup_paths)
         counters = None
         if cgroup.exists():
@@ -337,12 +336,7 @@ class NodeAgent:
         (self.state_dir / "calls" / f"{record.call_id}.json").unlink(missing_ok=True)
 
     def _arm(self, record: CallRecord) -> None:
-        remaining = max(0.0, record.deadline - time.time())
-        timer = threading.Timer(remaining, self._deadline_reached, [record.call_id])
-        timer.daemon = True
-        with self._lock:
-            self._timers[record.call_id] = timer
-        timer.start()
+        self.deadlines.schedule(record.call_id, record.deadline, lambda: self._deadline_reached(record.call_id))
 
     def _deadline_reached(self, call_id: str) -> None:
         with self._lock:
@@ -354,10 +348,7 @@ class NodeAgent:
                 self._save_call(record)
                 Cgroup(self.layout, record.cgroup_paths).kill()
             # The runtime normally reports the killed process at once; if it is gone, close the call anyway.
-            timer = threading.Timer(FINISH_GRACE_SECONDS, self._close_orphan, [call_id])
-            timer.daemon = True
-            self._timers[call_id] = timer
-        timer.start()
+            self.deadlines.schedule(call_id, time.time() + FINISH_GRACE_SECONDS, lambda: self._close_orphan(call_id))
 
     def _close_orphan(self, call_id: str) -> None:
         if call_id in self.running:
@@ -452,9 +443,7 @@ class NodeAgent:
         with self._lock:
             if self._history_dirty:
                 self._save_history()
-            for timer in self._timers.values():
-                timer.cancel()
-            self._timers.clear()
+        self.deadlines.close()
         self.pressure.close()
         self.programs.close()
 

@@ -263,12 +263,14 @@ class Cgroup:
     def __init__(self, layout: CgroupLayout, paths: Mapping[str, str]):
         self.layout = layout
         self.paths = dict(paths)  # hierarchy name -> path relative to that hierarchy's mount
+        # Built once: a call touches these directories dozens of times on its hot path.
+        self._dirs = {h.name: h.mount / self.paths[h.name].lstrip("/") for h in layout.hierarchies}
 
     def dir(self, hierarchy: Hierarchy) -> Path:
-        return hierarchy.mount / self.paths[hierarchy.name].lstrip("/")
+        return self._dirs[hierarchy.name]
 
     def controller_dir(self, controller: str) -> Path:
-        return self.dir(self.layout.hierarchy_for(controller))
+        return self._dirs[self.layout.hierarchy_for(controller).name]
 
     @property
     def unified_dir(self) -> Path:
@@ -380,18 +382,34 @@ class Cgroup:
             time.sleep(0.005)
         return True
 
+    def children(self) -> set[str]:
+        names: set[str] = set()
+        for hierarchy in self.layout.hierarchies:
+            try:
+                with os.scandir(self.dir(hierarchy)) as entries:  # d_type: no stat per control file
+                    names.update(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+        return names
+
     def remove(self) -> None:
         """Kill what is left and remove the directories (children first). Idempotent."""
-        if not any(self.dir(h).exists() for h in self.layout.hierarchies):
+        try:  # the common case, an empty leaf, costs one rmdir per hierarchy
+            for hierarchy in self.layout.hierarchies:
+                try:
+                    os.rmdir(self.dir(hierarchy))
+                except FileNotFoundError:
+                    pass
             return
-        for hierarchy in self.layout.hierarchies:
-            directory = self.dir(hierarchy)
-            if directory.exists():
-                for child in sorted((p for p in directory.iterdir() if p.is_dir()), reverse=True):
-                    self.child(child.name).remove()
-        self.kill()
-        if not self.wait_empty():
-            raise CgroupError(f"processes {sorted(self.pids())} did not leave {self.unified_path}")
+        except OSError as error:
+            if error.errno != errno.EBUSY:
+                raise CgroupError(f"cannot remove {self.unified_path}: {error.strerror}") from None
+        for name in sorted(self.children()):
+            self.child(name).remove()
+        if self.pids():
+            self.kill()
+            if not self.wait_empty():
+                raise CgroupError(f"processes {sorted(self.pids())} did not leave {self.unified_path}")
         for hierarchy in self.layout.hierarchies:
             _rmdir(self.dir(hierarchy))
 

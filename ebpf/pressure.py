@@ -56,16 +56,21 @@ class PressureWatcher:
     def _arm_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
-            for key, (kind, memory_dir, high_bytes) in pending.items():
-                try:
-                    if kind == "v2":
-                        self._watch_v2(key, memory_dir)
-                    else:
-                        self._watch_v1(key, memory_dir, high_bytes)
-                except OSError:
-                    pass  # the call ended (its cgroup is gone) before the watch was armed
+        for key, (kind, memory_dir, high_bytes) in pending.items():
+            try:
+                if kind == "v2":
+                    self._watch_v2(key, memory_dir)
+                else:
+                    self._watch_v1(key, memory_dir, high_bytes)
+            except OSError:
+                pass  # the call ended (its cgroup is gone) before the watch was armed
 
     def _watch_v2(self, key: str, memory_dir: Path) -> None:
+        with self._lock:
+            if key in self._counts:
+                self._add_inotify_watch(key, memory_dir)
+
+    def _add_inotify_watch(self, key: str, memory_dir: Path) -> None:
         if self._inotify is None:
             fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
             if fd < 0:
@@ -81,10 +86,19 @@ class PressureWatcher:
     def _watch_v1(self, key: str, memory_dir: Path, high_bytes: int) -> None:
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         usage = os.open(memory_dir / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
-        with open(memory_dir / "cgroup.event_control", "w") as control:
-            control.write(f"{efd} {usage} {high_bytes}")
-        self._eventfds[key] = (efd, usage, high_bytes)
-        self.selector.register(efd, selectors.EVENT_READ, key)
+        try:
+            # Outside the lock: registering a threshold waits for an RCU grace period.
+            with open(memory_dir / "cgroup.event_control", "w") as control:
+                control.write(f"{efd} {usage} {high_bytes}")
+        except OSError:
+            os.close(efd), os.close(usage)
+            raise
+        with self._lock:
+            if key not in self._counts:  # unwatched meanwhile
+                os.close(efd), os.close(usage)
+                return
+            self._eventfds[key] = (efd, usage, high_bytes)
+            self.selector.register(efd, selectors.EVENT_READ, key)
 
     def count(self, key: str) -> int:
         return self._counts.get(key, 0)
