@@ -11,7 +11,9 @@ the command left behind, removes the cgroup and answers with the call's usage.
 
 from __future__ import annotations
 
+import http.client
 import os
+import selectors
 import signal
 import threading
 import time
@@ -28,7 +30,7 @@ from agentkube.ebpf.models import (
     SandboxRef,
     SandboxStatus,
 )
-from agentkube.ebpf.unixhttp import ApiError, HttpError, UnixHttpServer, request
+from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
 
 RUNTIME_SOCKET_DIR = Path("/run/agentkube/sandboxes")
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
@@ -39,37 +41,105 @@ def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_D
     return directory / namespace / f"{name}.sock"
 
 
-class _Capture:
-    """Reads one output pipe to the end in a thread, keeping at most MAX_OUTPUT_BYTES."""
+class _Output:
+    """One output stream of a call, keeping at most MAX_OUTPUT_BYTES and counting the rest."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self) -> None:
         self.kept = bytearray()
         self.dropped = 0
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
 
-    def _read(self) -> None:
-        try:
-            while chunk := os.read(self.fd, 65536):
-                room = MAX_OUTPUT_BYTES - len(self.kept)
-                self.kept += chunk[:room]
-                self.dropped += max(0, len(chunk) - room)
-        finally:
-            os.close(self.fd)
+    def add(self, chunk: bytes) -> None:
+        room = MAX_OUTPUT_BYTES - len(self.kept)
+        self.kept += chunk[:room]
+        self.dropped += max(0, len(chunk) - room)
 
-    def text(self, timeout: float) -> str:
-        self.thread.join(timeout)
+    def text(self) -> str:
         return self.kept.decode(errors="replace")
+
+
+class _Pump:
+    """Moves a call's stdin, stdout and stderr, and notices its first process's exit (pidfd), all in the
+    calling thread: no thread per stream on the path of every call."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdin: bytes, stdout_fd: int, stderr_fd: int):
+        self.selector = selectors.DefaultSelector()
+        self.outputs = {stdout_fd: _Output(), stderr_fd: _Output()}
+        for fd in self.outputs:
+            self.selector.register(fd, selectors.EVENT_READ, "output")
+        self.pidfd = os.pidfd_open(pid)
+        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self.stdin, self.stdin_fd = memoryview(stdin), stdin_fd
+        if stdin:
+            os.set_blocking(stdin_fd, False)
+            self.selector.register(stdin_fd, selectors.EVENT_WRITE, "input")
+        else:
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            if self.stdin:
+                self.selector.unregister(self.stdin_fd)
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+    def _step(self, timeout: float | None) -> bool:
+        """One round of I/O; True once the first process has exited."""
+        exited = False
+        for key, _ in self.selector.select(timeout):
+            if key.data == "exit":
+                exited = True
+            elif key.data == "output":
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    self.outputs[key.fd].add(chunk)
+                else:
+                    self.selector.unregister(key.fd)
+                    os.close(key.fd)
+            else:
+                try:
+                    written = os.write(key.fd, self.stdin[:65536])
+                    self.stdin = self.stdin[written:]
+                except BrokenPipeError:
+                    self.stdin = self.stdin[:0]
+                if not self.stdin:
+                    self.selector.unregister(key.fd)
+                    os.close(key.fd)
+                    self.stdin_fd = None
+        return exited
+
+    def until_exit(self) -> None:
+        while not self._step(None):
+            pass
+        self.selector.unregister(self.pidfd)
+        os.close(self.pidfd)
+        self._close_stdin()
+
+    def drain(self, timeout: float) -> None:
+        """Read the outputs to their end; the agent has killed everything that could still write."""
+        deadline = time.monotonic() + timeout
+        while self.selector.get_map() and time.monotonic() < deadline:
+            self._step(max(0.0, deadline - time.monotonic()))
+        for fd in list(self.selector.get_map()):
+            self.selector.unregister(fd)
+            os.close(fd)
+        self.selector.close()
+
+    def text(self, fd: int) -> tuple[str, int]:
+        return self.outputs[fd].text(), self.outputs[fd].dropped
+
+
+_clients: dict[str, Client] = {}
 
 
 def _agent_call(agent_socket: Path, method: str, path: str, body: object, retry_for: float = 0.0) -> object:
     """A request to the node agent, retried while it is away (restarting) for up to `retry_for` s."""
+    client = _clients.get(str(agent_socket)) or _clients.setdefault(str(agent_socket), Client(agent_socket))
     deadline = time.monotonic() + retry_for
     while True:
         try:
-            return request(agent_socket, method, path, body)
-        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError):
+            return client.request(method, path, body)
+        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError,
+                http.client.RemoteDisconnected):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
@@ -98,41 +168,31 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
             finally:
                 os._exit(127)
     os.close(go_read), os.close(out_write), os.close(err_write), os.close(in_read)
-    stdout, stderr = _Capture(out_read), _Capture(err_read)
     try:
         placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", CallCreate(
             name=sandbox.name, namespace=sandbox.namespace, pid=pid, argv=run.argv, intent=run.intent)))
     except BaseException:
-        os.close(go_write)  # the held child exits without running anything
-        os.close(in_write)
+        for fd in (go_write, in_write, out_read, err_read):  # the held child exits without running anything
+            os.close(fd)
         os.waitpid(pid, 0)
         raise
+    pump = _Pump(pid, in_write, (run.stdin or "").encode(), out_read, err_read)
     os.write(go_write, b"g")
     os.close(go_write)
-    threading.Thread(target=_feed, args=(in_write, (run.stdin or "").encode()), daemon=True).start()
+    pump.until_exit()
     _, status = os.waitpid(pid, 0)
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     record = CallRecord.model_validate(_agent_call(
         agent_socket, "POST", f"/v1/calls/{placed.call_id}/finish",
         {"exit_code": exit_code, "signal": killed_by}, retry_for=AGENT_RETRY_SECONDS))
-    # The agent has killed whatever the command left running, so the pipes reach their end now.
+    pump.drain(timeout=10)
+    (stdout, stdout_dropped), (stderr, stderr_dropped) = pump.text(out_read), pump.text(err_read)
     return RunResult(
-        call_id=placed.call_id, exit_code=exit_code, signal=killed_by,
-        stdout=stdout.text(timeout=10), stderr=stderr.text(timeout=10),
-        stdout_truncated_bytes=stdout.dropped, stderr_truncated_bytes=stderr.dropped,
+        call_id=placed.call_id, exit_code=exit_code, signal=killed_by, stdout=stdout, stderr=stderr,
+        stdout_truncated_bytes=stdout_dropped, stderr_truncated_bytes=stderr_dropped,
         limits=placed.limits, sources=placed.sources, usage=record.usage,
     )
-
-
-def _feed(fd: int, data: bytes) -> None:
-    try:
-        if data:
-            os.write(fd, data)
-    except BrokenPipeError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class SandboxRuntime:

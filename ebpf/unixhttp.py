@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import socket
 import socketserver
 import struct
@@ -61,6 +62,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # the agent keeps its own audit log
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.connections.discard(self.connection)
+        super().finish()
 
     def _respond(self, status: int, body: object) -> None:
         if isinstance(body, BaseModel):
@@ -129,6 +138,7 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         finally:
             os.umask(old)
         self.path = path
+        self.connections: set[socket.socket] = set()  # kept-alive client connections, closed on stop
         self._thread: threading.Thread | None = None
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
@@ -159,6 +169,11 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.path.unlink(missing_ok=True)
 
 
@@ -180,23 +195,58 @@ class ApiError(RuntimeError):
         self.message = message
 
 
+def _exchange(connection: http.client.HTTPConnection, method: str, path: str, body: object) -> object:
+    payload = None
+    headers = {}
+    if body is not None:
+        payload = body.model_dump_json().encode() if isinstance(body, BaseModel) else json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    connection.request(method, path, body=payload, headers=headers)
+    response = connection.getresponse()
+    data = response.read()
+    kind = response.getheader("Content-Type", "")
+    parsed = json.loads(data) if kind.startswith("application/json") and data else data.decode()
+    if response.status >= 400:
+        message = parsed.get("error", str(parsed)) if isinstance(parsed, dict) else str(parsed)
+        raise ApiError(response.status, message)
+    return parsed
+
+
 def request(socket_path: Path | str, method: str, path: str, body: object = None, timeout: float = 30.0) -> object:
-    """One request; returns the parsed JSON (or text) body, raises ApiError on a 4xx/5xx."""
+    """One request on a new connection; returns the parsed JSON (or text) body, raises ApiError on 4xx/5xx."""
     connection = _UnixConnection(str(socket_path), timeout)
     try:
-        payload = None
-        headers = {}
-        if body is not None:
-            payload = body.model_dump_json().encode() if isinstance(body, BaseModel) else json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        connection.request(method, path, body=payload, headers=headers)
-        response = connection.getresponse()
-        data = response.read()
-        kind = response.getheader("Content-Type", "")
-        parsed = json.loads(data) if kind.startswith("application/json") and data else data.decode()
-        if response.status >= 400:
-            message = parsed.get("error", str(parsed)) if isinstance(parsed, dict) else str(parsed)
-            raise ApiError(response.status, message)
-        return parsed
+        return _exchange(connection, method, path, body)
     finally:
         connection.close()
+
+
+class Client:
+    """Requests over a kept-alive connection per thread: a tool call makes two requests to the node agent,
+    and a new connection (and a new server thread) for each is a measurable part of a short call."""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self) -> _UnixConnection:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and connection.sock is not None:
+            # A kept-alive connection that is readable between requests has been closed by the server
+            # (e.g. a restarted node agent): use a new one rather than fail the request on it.
+            readable, _, _ = select.select([connection.sock], [], [], 0)
+            if not readable:
+                return connection
+            connection.close()
+        connection = self._local.connection = _UnixConnection(self.socket_path, self.timeout)
+        return connection
+
+    def request(self, method: str, path: str, body: object = None) -> object:
+        connection = self._connection()
+        try:
+            return _exchange(connection, method, path, body)
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            self._local.connection = None
+            raise
