@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nodeagent_common import SandboxWorker, machine, serve_worker, write_results  # noqa: E402
+from nodeagent_common import SandboxWorker, machine, main_or_worker, serve_worker, write_results  # noqa: E402
 
 GOAL_LOSS = 0.05
 
@@ -136,7 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    main_or_worker(main, worker)

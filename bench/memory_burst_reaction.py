@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nodeagent_common import SandboxWorker, machine, serve_worker, summary, write_results  # noqa: E402
+from nodeagent_common import SandboxWorker, machine, main_or_worker, serve_worker, summary, write_results  # noqa: E402
 
 from agentkube.ebpf.cgroups import CALL_PREFIX, detect_layout  # noqa: E402
 from agentkube.ebpf.limits import MiB, memory_high_for  # noqa: E402
@@ -162,7 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    main_or_worker(main, worker)

@@ -70,3 +70,11 @@ def write_results(name: str, result: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def main_or_worker(main, worker) -> None:
+    """A benchmark script is both the benchmark and, run with --worker AGENT_SOCKET NAME, its worker."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nodeagent_common import SandboxWorker, machine, serve_worker, summary, write_results  # noqa: E402
+from nodeagent_common import SandboxWorker, machine, main_or_worker, serve_worker, summary, write_results  # noqa: E402
 
 from agentkube.ebpf.cgroups import detect_layout, favors_dynmods, set_favor_dynmods  # noqa: E402
 
@@ -150,7 +150,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    main_or_worker(main, worker)

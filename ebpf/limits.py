@@ -111,26 +111,6 @@ def parse_network(value: str | Sequence[str]) -> NetworkPolicy:
     return NetworkPolicy("allowlist", rules)
 
 
-class Limits(BaseModel):
-    """Concrete limits; every field set. Sizes in bytes, CPU in cores, time in seconds."""
-
-    model_config = ConfigDict(frozen=True)
-
-    memory: int = Field(gt=0)
-    cpu: float = Field(gt=0)
-    pids: int = Field(gt=0)
-    timeout: float = Field(gt=0)
-    network: str = "all"
-
-    @property
-    def memory_high(self) -> int:
-        return memory_high_for(self.memory)
-
-    @property
-    def cpu_quota_us(self) -> int:
-        return max(1000, round(self.cpu * CPU_PERIOD_US))
-
-
 class Envelope(BaseModel):
     """The most any call in a sandbox may get (the sandbox's own cgroup holds these too)."""
 
@@ -140,6 +120,20 @@ class Envelope(BaseModel):
     cpu: float = Field(gt=0)
     pids: int = Field(gt=0)
     timeout: float = Field(gt=0)
+
+
+class Limits(Envelope):
+    """Concrete limits of one call; every field set. Sizes in bytes, CPU in cores, time in seconds."""
+
+    network: str = "all"
+
+    @property
+    def memory_high(self) -> int:
+        return memory_high_for(self.memory)
+
+    @property
+    def cpu_quota_us(self) -> int:
+        return max(1000, round(self.cpu * CPU_PERIOD_US))
 
 
 class Intent(BaseModel):

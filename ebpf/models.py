@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from agentkube.ebpf.limits import Envelope, Intent, Limits, LimitSource, parse_network, parse_size
 
@@ -25,6 +26,9 @@ def _check_argv(argv: list[str]) -> list[str]:
         if len(arg) > MAX_ARG_CHARS or "\0" in arg:
             raise ValueError(f"argv items must be at most {MAX_ARG_CHARS} characters without NUL")
     return argv
+
+
+Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_ARGV_ITEMS), AfterValidator(_check_argv)]
 
 
 class Strict(BaseModel):
@@ -105,13 +109,8 @@ class CallCreate(SandboxRef):
     """Ask for a held process to become a tool call."""
 
     pid: int = Field(gt=1)
-    argv: list[str] = Field(min_length=1, max_length=MAX_ARGV_ITEMS)
+    argv: Argv
     intent: Intent = Intent()
-
-    @field_validator("argv")
-    @classmethod
-    def _argv(cls, argv: list[str]) -> list[str]:
-        return _check_argv(argv)
 
 
 class CallPlaced(Strict):
@@ -172,15 +171,10 @@ MAX_OUTPUT_BYTES = 1024 * 1024  # per stream; the rest is drained and counted, n
 class RunRequest(Strict):
     """SDK → sandbox runtime: run one command as a tool call."""
 
-    argv: list[str] = Field(min_length=1, max_length=MAX_ARGV_ITEMS)
+    argv: Argv
     intent: Intent = Intent()
     stdin: str | None = Field(default=None, max_length=MAX_REQUEST_BYTES // 2)
     cwd: str | None = None
-
-    @field_validator("argv")
-    @classmethod
-    def _argv(cls, argv: list[str]) -> list[str]:
-        return _check_argv(argv)
 
 
 class RunResult(Strict):

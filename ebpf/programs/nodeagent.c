@@ -79,35 +79,33 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exec) {
+// Count an exec, exit or OOM kill for the call whose cgroup the current task is in, and report it.
+static __always_inline int on_call_event(u32 kind, u32 pid) {
     u64 id = bpf_get_current_cgroup_id();
     struct call_stats *s = tracked(id);
     if (!s)
         return 0;
-    __sync_fetch_and_add(&s->execs, 1);
-    emit(id, EVENT_EXEC, args->pid);
+    if (kind == EVENT_EXEC)
+        __sync_fetch_and_add(&s->execs, 1);
+    else if (kind == EVENT_EXIT)
+        __sync_fetch_and_add(&s->exits, 1);
+    else
+        __sync_fetch_and_add(&s->ooms, 1);
+    emit(id, kind, pid);
     return 0;
 }
 
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    return on_call_event(EVENT_EXEC, args->pid);
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit) {
-    u64 id = bpf_get_current_cgroup_id();
-    struct call_stats *s = tracked(id);
-    if (!s)
-        return 0;
-    __sync_fetch_and_add(&s->exits, 1);
-    emit(id, EVENT_EXIT, args->pid);
-    return 0;
+    return on_call_event(EVENT_EXIT, args->pid);
 }
 
 // A memcg OOM kill runs in the context of the task whose charge failed, which is in the call's cgroup.
 TRACEPOINT_PROBE(oom, mark_victim) {
-    u64 id = bpf_get_current_cgroup_id();
-    struct call_stats *s = tracked(id);
-    if (!s)
-        return 0;
-    __sync_fetch_and_add(&s->ooms, 1);
-    emit(id, EVENT_OOM, args->pid);
-    return 0;
+    return on_call_event(EVENT_OOM, args->pid);
 }
 
 static __always_inline int rule_matches(struct rule *r, u8 family, u32 *daddr, u16 dport) {
