@@ -93,9 +93,10 @@ class Sandbox:
 
 class NodeAgent:
     def __init__(self, state_dir: Path, instance: str = "agentkube", layout: CgroupLayout | None = None,
-                 audit_log: Path | None = None, favor_dynmods: bool = False):
+                 audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True):
         self.state_dir = Path(state_dir)
         self.instance = instance
+        self.local = local  # sandboxes are cgroups this agent makes (else: Kubernetes containers' cgroups)
         self.layout = layout or detect_layout()
         self.audit_log = audit_log or self.state_dir / "audit.jsonl"
         self.root = Cgroup(self.layout, local_root_paths(self.layout, own_cgroups(), instance))
@@ -149,6 +150,10 @@ class NodeAgent:
         if spec.defaults.memory > spec.envelope.memory or spec.defaults.pids > spec.envelope.pids \
                 or spec.defaults.cpu > spec.envelope.cpu or spec.defaults.timeout > spec.envelope.timeout:
             raise HttpError(422, "the sandbox's defaults must fit inside its envelope")
+        if self.local != (spec.kubernetes is None):
+            raise HttpError(422, "this node agent runs with --local: a sandbox is a cgroup it makes (no kubernetes "
+                                 "field)" if self.local else "this node agent serves Kubernetes pods: give the "
+                                 "sandbox's kubernetes: {pod_uid, container_id, qos}")
         with self._lock:
             if spec.key in self.sandboxes:
                 raise HttpError(409, f"sandbox {spec.key} exists")

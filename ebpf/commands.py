@@ -33,7 +33,8 @@ def run_node_agent(
 
     stop = threading.Event()
     install_stop_signals(stop)
-    server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port, favor_dynmods=favor_dynmods)
+    server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port,
+                             favor_dynmods=favor_dynmods, local=local)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)
     server.serve_forever(stop)
 

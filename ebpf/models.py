@@ -50,6 +50,8 @@ class SandboxRef(Strict):
 
 
 class EnvelopeSpec(Strict):
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # defaults pass through parse_size too
+
     memory: int | str = "2Gi"
     cpu: float = Field(default=1.0, gt=0, le=1024)
     pids: int = Field(default=1024, gt=0, le=4_194_304)

@@ -117,11 +117,12 @@ def test_fork_bomb_is_stopped_by_the_pids_limit_and_the_machine_stays_usable(age
 
 
 class OneShotServer:
-    """A TCP server on 127.0.0.1 that greets each connection; stops by itself after its deadline."""
+    """A TCP server on loopback that greets each connection; stops by itself after its deadline."""
 
-    def __init__(self, lifetime: float = 120.0):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, lifetime: float = 120.0, host: str = "127.0.0.1"):
+        self.host = host
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
         self.sock.listen(16)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -154,8 +155,8 @@ def server():
     running.close()
 
 
-def connect_script(port: int) -> list[str]:
-    code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+def connect_script(port: int, host: str = "127.0.0.1") -> list[str]:
+    code = (f"import socket\ns = socket.create_connection(({host!r}, {port}), timeout=3)\n"
             "print(s.recv(5).decode())")
     return [PY, "-c", code]
 
@@ -177,6 +178,20 @@ def test_allow_list_admits_only_its_destinations(sandbox, server):
     assert other_port.exit_code != 0 and other_port.usage.connections_blocked >= 1
     cidr = sandbox.client.run(connect_script(server.port), network=["127.0.0.0/8:*"], timeout=30)
     assert cidr.stdout == "hello\n"
+
+
+def test_ipv6_loopback_follows_the_same_policies(sandbox):
+    server = OneShotServer(host="::1")
+    try:
+        blocked = sandbox.client.run(connect_script(server.port, "::1"), network="none", timeout=30)
+        assert blocked.exit_code != 0 and blocked.usage.connections_blocked >= 1
+        loopback = sandbox.client.run(connect_script(server.port, "::1"), network="loopback", timeout=30)
+        assert loopback.stdout == "hello\n"
+        listed = sandbox.client.run(connect_script(server.port, "::1"), network=[f"[::1]:{server.port}"], timeout=30)
+        assert listed.stdout == "hello\n" and listed.usage.connections_blocked == 0
+        assert server.accepted == 2
+    finally:
+        server.close()
 
 
 def test_timeout_kills_a_tree_with_a_daemonized_grandchild(sandbox):
@@ -307,6 +322,9 @@ def test_outsiders_and_bad_requests_are_refused_and_the_agent_keeps_serving(agen
         (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": []}).encode()), 422, "argv"),
         (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "surprise": 1}).encode()), 422, "surprise"),
         (post("/v1/sandboxes", json.dumps({"name": "Bad_Name"}).encode()), 422, "DNS label"),
+        (post("/v1/sandboxes", json.dumps({"name": "pod", "kubernetes": {
+            "pod_uid": "1f2e3d4c-0000-1111-2222-333344445555", "container_id": "ab" * 32}}).encode()), 422, "--local"),
+        (post("/v1/sandboxes", json.dumps({"name": "tight", "envelope": {"memory": "64Mi"}}).encode()), 422, "envelope"),
         (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"network": ["nowhere:80"]}}).encode()),
          422, "not an IP network"),
         (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"memory": "lots"}}).encode()),

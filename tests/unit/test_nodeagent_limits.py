@@ -125,3 +125,11 @@ def test_intent_validates_its_fields():
     with pytest.raises(ValidationError):
         Intent(surprise=1)
     assert Intent(memory="64Mi").memory == 64 * MiB
+
+
+def test_sandbox_specs_parse_their_default_sizes_too():
+    from agentkube.ebpf.models import SandboxCreate
+
+    spec = SandboxCreate(name="s")
+    assert spec.envelope.memory == 2 * GiB and spec.defaults.memory == 512 * MiB
+    assert spec.defaults.limits().memory <= spec.envelope.envelope().memory
