@@ -108,7 +108,8 @@ class NodeAgent:
         self.finished: OrderedDict[str, CallRecord] = OrderedDict()
         self.history: dict[str, deque[int]] = {}
         self.executed: dict[str, list[str]] = {}
-        self.memory_high_seen: dict[str, list[float]] = {}  # call id -> monotonic times (benchmarks read it)
+        # call id -> monotonic times the watcher woke (for benchmarks), for the most recent calls only
+        self.memory_high_seen: OrderedDict[str, list[float]] = OrderedDict()
         self._by_cgroup: dict[int, str] = {}
         self.deadlines = Deadlines()
         self._lock = threading.RLock()
@@ -275,10 +276,15 @@ class NodeAgent:
         self.require_in_sandbox(peer, self.sandbox(SandboxRef(name=record.sandbox, namespace=record.namespace)))
         return self.finalize(call_id, finish)
 
-    def call(self, call_id: str) -> CallRecord:
+    def call(self, peer: Peer, call_id: str) -> CallRecord:
+        """A call's record, for root outside every sandbox or a process of the call's own sandbox."""
         record = self.running.get(call_id) or self.finished.get(call_id)
         if record is None:
             raise HttpError(404, f"no call {call_id}")
+        sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
+        caller = unified_cgroup_of(peer.pid)
+        if not (sandbox and is_within(caller, sandbox.cgroup.unified_path)):
+            self.require_admin(peer)
         return record
 
     def finalize(self, call_id: str, finish: CallFinish) -> CallRecord:
@@ -386,7 +392,10 @@ class NodeAgent:
                 executed.append(event.comm)
 
     def _on_memory_high(self, call_id: str, seen: float, count: int) -> None:
-        self.memory_high_seen.setdefault(call_id, []).append(seen)
+        with self._lock:
+            self.memory_high_seen.setdefault(call_id, []).append(seen)
+            while len(self.memory_high_seen) > FINISHED_KEPT:
+                self.memory_high_seen.popitem(last=False)
 
     # --- restart ------------------------------------------------------------------------------------------
     def _recover(self) -> None:

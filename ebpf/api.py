@@ -51,7 +51,7 @@ def routes(agent: NodeAgent) -> dict:
         return 200, agent.finish_call(peer, params["call_id"], CallFinish.model_validate(_body(body or {})))
 
     def get_call(peer, params, body):
-        return 200, agent.call(params["call_id"])
+        return 200, agent.call(peer, params["call_id"])
 
     def metrics(peer, params, body):
         return 200, agent.metrics.exposition()

@@ -358,5 +358,6 @@ def test_calls_are_audited_and_exported_with_bounded_labels(agent, sandbox):
             f'sandbox="{sandbox.name}"}}')
     assert line in metrics
     assert result.call_id not in metrics
+    assert CallRecord.model_validate(request(agent.socket, "GET", f"/v1/calls/{result.call_id}")).usage == result.usage
     activity = sandbox.client.status().last_activity
     assert activity >= mine["finished_at"] - 1e-3
