@@ -68,7 +68,11 @@ class LocalNodeAgent:
     def stop(self) -> None:
         _stop(self.process)
 
-    def restart(self) -> None:
+    def restart(self, kill: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL with `kill`: a crash) and start again on the same state."""
+        if kill and self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         self.stop()
         self.start()
 

@@ -245,7 +245,8 @@ def test_a_thousand_calls_leave_no_cgroup_attachment_or_process_behind(agent, sa
     assert main_pids == [str(sandbox.process.pid)]  # only the runtime: no call left a process behind
 
 
-def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_cgroup(agent, sandbox, tmp_path):
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_cgroup(agent, sandbox, tmp_path, crash):
     release = tmp_path / "release"  # the calls run until the test creates this, after the restart
     wait_then_echo = f"i=0; while [ ! -e {release} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; echo done"
     results = []
@@ -257,7 +258,7 @@ def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_
     while sandbox_status(agent, sandbox)["running_calls"] < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_status(agent, sandbox)["running_calls"] == 3
-    agent.restart()
+    agent.restart(kill=crash)
     assert sandbox_status(agent, sandbox)["running_calls"] == 3
     release.touch()
     for call in calls:
@@ -273,6 +274,27 @@ def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_
     # After the restart exactly one egress program is attached (the new process replaced the old one).
     unified_dir = detect_layout().unified.mount / status["cgroup"].lstrip("/")
     assert [p["name"] for p in bpftool("cgroup", "show", str(unified_dir))] == ["egress"]
+
+
+def test_a_deadline_that_passes_while_the_agent_is_down_is_enforced_after_restart(agent, sandbox):
+    results = []
+    call = threading.Thread(target=lambda: results.append(sandbox.client.run(["sleep", "1000"], timeout=2)))
+    call.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not list((agent.state_dir / "calls").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = CallRecord.model_validate_json(next((agent.state_dir / "calls").glob("*.json")).read_text())
+        agent.process.kill()  # a crash: no chance to clean up
+        agent.process.wait()
+        while time.time() <= record.deadline:  # the deadline passes while nobody watches
+            time.sleep(0.05)
+        agent.start()
+    finally:
+        call.join(timeout=120)
+    (result,) = results
+    assert result.usage.timed_out and result.signal == 9
+    assert sandbox_status(agent, sandbox)["running_calls"] == 0
 
 
 def raw_request(socket_path: Path, data: bytes) -> tuple[int, str]:
