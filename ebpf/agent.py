@@ -174,6 +174,7 @@ class NodeAgent:
                         main.add_process(pid)
                     except (ProcessLookupError, CgroupError):
                         pass
+                cgroup.create(delegate=True)
             if spec.pid:
                 if not Path(f"/proc/{spec.pid}").exists():
                     cgroup.remove()
@@ -190,9 +191,7 @@ class NodeAgent:
         for candidate in kubernetes_container_paths(k8s.pod_uid, k8s.container_id, k8s.qos):
             cgroup = Cgroup(self.layout, {h.name: candidate for h in self.layout.hierarchies})
             if cgroup.exists():
-                if self.layout.kind == "v2":
-                    cgroup.create(delegate=True)
-                return cgroup
+                return cgroup  # delegated once its processes are in the leaf
         raise HttpError(404, f"no cgroup for container {k8s.container_id} of pod {k8s.pod_uid} on this node")
 
     def status(self, sandbox: Sandbox) -> SandboxStatus:

@@ -204,6 +204,13 @@ def limit_settings(kind: LayoutKind, memory: int, cpu: float, pids: int) -> list
     ]
 
 
+def delegation_chain(mount: Path, directory: Path) -> list[Path]:
+    """The cgroups whose subtree_control must enable a controller for `directory`'s children to use it,
+    from the hierarchy's root down to `directory` itself."""
+    relative = directory.relative_to(mount)
+    return [mount] + [mount.joinpath(*relative.parts[:i]) for i in range(1, len(relative.parts) + 1)]
+
+
 def parse_flat_keyed(text: str) -> dict[str, int]:
     """"key value" lines (memory.events, cpu.stat, memory.oom_control) → {key: int}."""
     values = {}
@@ -294,26 +301,17 @@ class Cgroup:
         return os.stat(self.unified_dir).st_ino
 
     def create(self, delegate: bool = False) -> None:
-        """Make the directories (parents too). With `delegate` on v2, enable the controllers for children
-        all the way down from the root, since a child can only use what every ancestor delegates."""
+        """Make the directories (parents too). With `delegate` on v2, enable the controllers for this
+        cgroup's children, and in every ancestor, since a child can only use what each ancestor delegates.
+        A cgroup that delegates may hold no process (v2), so delegate only once its processes have moved
+        to a leaf."""
         for hierarchy in self.layout.hierarchies:
             directory = self.dir(hierarchy)
-            if hierarchy.version == 2 and self.layout.kind == "v2":
-                self._enable_v2_controllers(hierarchy, directory, include_self=delegate)
             directory.mkdir(parents=True, exist_ok=True)
             if delegate and hierarchy.version == 2 and self.layout.kind == "v2":
-                _write(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in V2_CONTROLLERS))
-
-    def _enable_v2_controllers(self, hierarchy: Hierarchy, directory: Path, include_self: bool) -> None:
-        ancestors = []
-        current = directory.parent
-        while current != hierarchy.mount and hierarchy.mount in current.parents:
-            ancestors.append(current)
-            current = current.parent
-        ancestors.append(hierarchy.mount)
-        for ancestor in reversed(ancestors):
-            ancestor.mkdir(exist_ok=True)
-            _write(ancestor / "cgroup.subtree_control", " ".join(f"+{c}" for c in V2_CONTROLLERS))
+                enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+                for ancestor in delegation_chain(hierarchy.mount, directory):
+                    _write(ancestor / "cgroup.subtree_control", enable)
 
     def set_limits(self, memory: int, cpu: float, pids: int) -> None:
         for controller, name, value, required in limit_settings(self.layout.kind, memory, cpu, pids):

@@ -196,3 +196,12 @@ def test_mount_options_of_the_unified_hierarchy():
     assert "favordynmods" not in mount_options(HYBRID_MOUNTS, Path("/sys/fs/cgroup/unified"))
     with pytest.raises(CgroupError):
         mount_options(HYBRID_MOUNTS, Path("/nowhere"))
+
+
+def test_delegation_runs_from_the_root_down_to_the_cgroup():
+    from agentkube.ebpf.cgroups import delegation_chain
+
+    mount = Path("/sys/fs/cgroup")
+    assert delegation_chain(mount, mount / "agentkube" / "ns_s") == [
+        mount, mount / "agentkube", mount / "agentkube" / "ns_s"]
+    assert delegation_chain(mount, mount) == [mount]
