@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 import uuid
@@ -112,6 +113,9 @@ class NodeAgent:
         self.memory_high_seen: OrderedDict[str, list[float]] = OrderedDict()
         self._by_cgroup: dict[int, str] = {}
         self.deadlines = Deadlines()
+        self._removals: queue.Queue[Cgroup | None] = queue.Queue()
+        self._remover = threading.Thread(target=self._remove_cgroups, name="cgroup-remover", daemon=True)
+        self._remover.start()
         self._lock = threading.RLock()
         self._stopped = False
         self._history_saved = 0.0
@@ -303,7 +307,9 @@ class NodeAgent:
             counters = cgroup.counters()
         stats = self.programs.untrack(record.cgroup_id)
         high_events = self.pressure.unwatch(call_id)
-        cgroup.remove()
+        # Off the caller's path: removing a v1 memory cgroup that had a usage threshold waits on the kernel
+        # (~5 ms here), and nothing in the answer depends on it.
+        self._removals.put(cgroup)
         now = time.time()
         record.finished_at = now
         record.usage = Usage(
@@ -336,6 +342,13 @@ class NodeAgent:
             sandbox.last_activity = now
         self.metrics.finished(record)
         return record
+
+    def _remove_cgroups(self) -> None:
+        while (cgroup := self._removals.get()) is not None:
+            try:
+                cgroup.remove()
+            except CgroupError as error:  # left for the sweep at the next start
+                print(f"node agent: {error}", flush=True)
 
     def _forget(self, record: CallRecord) -> None:
         with self._lock:
@@ -457,6 +470,8 @@ class NodeAgent:
             if self._history_dirty:
                 self._save_history()
         self.deadlines.close()
+        self._removals.put(None)
+        self._remover.join(timeout=30)
         self.pressure.close()
         self.programs.close()
 

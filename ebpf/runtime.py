@@ -1,8 +1,8 @@
 """The sandbox runtime: the small server inside a sandbox that runs each command as a tool call.
 
-It needs no privilege: it forks the child, holds it before `exec` (the child blocks on a pipe), asks the
-node agent to place that PID in a new call cgroup, and releases it only then, so not one instruction of
-the command runs outside its limits. When the child ends it tells the node agent, which kills whatever
+It needs no privilege: it starts the child and holds it before `exec` of the command (a tiny shell
+blocks on a pipe), asks the node agent to place that PID in a new call cgroup, and releases it only then,
+so not one instruction of the command runs outside its limits. When the child ends it tells the node agent, which kills whatever
 the command left behind, removes the cgroup and answers with the call's usage.
 
     POST /v1/run      RunRequest → RunResult
@@ -35,6 +35,11 @@ from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer,
 RUNTIME_SOCKET_DIR = Path("/run/agentkube/sandboxes")
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
+# The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
+# working directory if one is given ($1), and becomes the command.
+HOLDER = ["/bin/sh", "-c",
+          f'read -r _ <&3 || exit {HELD_EXIT_CODE}; exec 3<&-; [ -z "$1" ] || cd -- "$1" || exit 126; shift; exec "$@"',
+          "agentkube-held"]
 
 
 def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_DIR) -> Path:
@@ -150,23 +155,17 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     in_read, in_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only os calls until exec
-        try:
-            os.close(go_write), os.close(out_read), os.close(err_read), os.close(in_write)
-            os.dup2(in_read, 0), os.dup2(out_write, 1), os.dup2(err_write, 2)
-            os.setsid()  # its own session: a terminal signal for the runtime never reaches the command
-            if os.read(go_read, 1) != b"g":
-                os._exit(HELD_EXIT_CODE)
-            os.close(go_read)
-            if run.cwd:
-                os.chdir(run.cwd)
-            os.execvp(run.argv[0], run.argv)
-        except BaseException as error:
-            try:
-                os.write(2, f"agentkube: cannot run {run.argv[0]}: {error}\n".encode())
-            finally:
-                os._exit(127)
+    # posix_spawn (vfork-like) rather than fork: no copy of this process's page tables per call, and no
+    # forked copy of a threaded interpreter. The child is a tiny shell that waits for the release byte on
+    # fd 3, then execs the command in place (same PID, so the placement carries over).
+    try:
+        pid = os.posix_spawn(HOLDER[0], [*HOLDER, run.cwd or "", *run.argv], os.environ, setsid=True,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, in_read, 0), (os.POSIX_SPAWN_DUP2, out_write, 1),
+                                           (os.POSIX_SPAWN_DUP2, err_write, 2), (os.POSIX_SPAWN_DUP2, go_read, 3)])
+    except BaseException:
+        for fd in (go_read, go_write, out_read, out_write, err_read, err_write, in_read, in_write):
+            os.close(fd)
+        raise
     os.close(go_read), os.close(out_write), os.close(err_write), os.close(in_read)
     try:
         placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", CallCreate(
@@ -177,7 +176,7 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
         os.waitpid(pid, 0)
         raise
     pump = _Pump(pid, in_write, (run.stdin or "").encode(), out_read, err_read)
-    os.write(go_write, b"g")
+    os.write(go_write, b"g\n")
     os.close(go_write)
     pump.until_exit()
     _, status = os.waitpid(pid, 0)
