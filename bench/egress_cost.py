@@ -159,15 +159,13 @@ def main() -> None:
         "program_cost": program_cost,
         "goal": f"under {GOAL_LOSS:.0%} lower throughput with the program attached",
     }
-    rows = ["| egress program | median GiB/s | vs. not attached | program runs per run | ns per packet | "
-            "program's share of wall time |", "|---|---:|---:|---:|---:|---:|"]
-    for name, m in medians.items():
-        cost = program_cost[name]
-        rows.append(f"| {name.replace('_', ' ')} | {m / 2**30:.2f} | {m / base - 1:+.1%} | "
-                    f"{cost['packets_per_run']:.0f} | {cost['ns_per_packet']:.0f} | {cost['share_of_wall_time']:.3%} |")
-    markdown = (f"# Cost of the egress program: loopback TCP throughput from a tool call ({args.rounds} rounds × "
-                f"{args.mib} MiB)\n\n" + "\n".join(rows) + f"\n\nGoal: {result['goal']}.\n")
-    write_results("egress_cost", result, markdown)
+    rows = [[name.replace("_", " "), f"{m / 2**30:.2f}", f"{m / base - 1:+.1%}",
+             f"{program_cost[name]['packets_per_run']:.0f}", f"{program_cost[name]['ns_per_packet']:.0f}",
+             f"{program_cost[name]['share_of_wall_time']:.3%}"] for name, m in medians.items()]
+    write_results("egress_cost", result,
+                  f"Cost of the egress program: loopback TCP throughput from a tool call ({args.rounds} rounds × {args.mib} MiB)",
+                  ["egress program", "median GiB/s", "vs. not attached", "program runs per run", "ns per packet",
+                   "program's share of wall time"], rows, f"Goal: {result['goal']}.")
 
 
 if __name__ == "__main__":

@@ -150,15 +150,13 @@ def main() -> None:
                 "the step finished",
         "goal": f"p99 under {GOAL_P99_MS} ms",
     }
-    rows = ["| watcher | p50 ms | p90 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
-    for name, label in (("agent_push", "node agent (push: eventfd / inotify)"), ("poll_100ms", "100 ms polling loop"),
-                        ("crossing_step", "(the crossing step's own length)")):
-        s = stats[name]
-        rows.append(f"| {label} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} |")
-    markdown = (f"# Reaction to a memory burst: crossing memory.high → seen ({layout.kind} cgroups, {args.bursts} bursts)\n\n"
-                + "\n".join(rows) + f"\n\np99 polling / p99 agent: {result['p99_ratio_poll_to_agent']:.0f}×. "
-                f"Goal: {result['goal']}.\n")
-    write_results("memory_burst_reaction", result, markdown)
+    labels = {"agent_push": "node agent (push: eventfd / inotify)", "poll_100ms": "100 ms polling loop",
+              "crossing_step": "(the crossing step's own length)"}
+    rows = [[label, *(f"{stats[name][k]:.3f}" for k in ("p50", "p90", "p99", "max"))] for name, label in labels.items()]
+    write_results("memory_burst_reaction", result,
+                  f"Reaction to a memory burst: crossing memory.high → seen ({layout.kind} cgroups, {args.bursts} bursts)",
+                  ["watcher", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows,
+                  f"p99 polling / p99 agent: {result['p99_ratio_poll_to_agent']:.0f}×. Goal: {result['goal']}.")
 
 
 if __name__ == "__main__":

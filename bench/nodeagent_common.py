@@ -65,7 +65,11 @@ def serve_worker(handle) -> None:
         print(json.dumps(handle(json.loads(line))), flush=True)
 
 
-def write_results(name: str, result: dict, markdown: str) -> None:
+def write_results(name: str, result: dict, title: str, header: list[str], rows: list[list[str]], notes: str) -> None:
+    """results/NAME.json, and results/NAME.md: a title, one table (first column left-aligned), notes."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    markdown = f"# {title}\n\n" + "\n".join(lines) + f"\n\n{notes}\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)

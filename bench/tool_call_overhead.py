@@ -132,16 +132,16 @@ def main() -> None:
         "agentkube_p50_ratio_to": {name: stats["agentkube"]["p50"] / s["p50"] for name, s in stats.items()},
         "goal": f"agentkube adds at most {GOAL_ADDED_P50_MS} ms at p50 over bare, and is faster than (c) and (d)",
     }
-    rows = ["| method | p50 ms | p90 ms | p99 ms | added p50 over bare | agentkube p50 / this p50 |", "|---|---:|---:|---:|---:|---:|"]
     labels = {"bare": "(a) bare fork+exec", "agentkube": "(b) agentkube tool call",
               "agentkube_favordynmods": "(b') agentkube, favordynmods",
               "cgroup_tools": "(c) cgcreate+cgexec+cgdelete", "agentcgroup_wrapper": "(d) AgentCgroup-style wrapper"}
-    for name, s in stats.items():
-        rows.append(f"| {labels[name]} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "
-                    f"{result['added_p50_ms_over_bare'][name]:+.2f} ms | {result['agentkube_p50_ratio_to'][name]:.2f} |")
-    markdown = (f"# Overhead per tool call: `/bin/true` × {args.calls} ({layout.kind} cgroups, "
-                f"{machine()['cpus']} CPUs)\n\n" + "\n".join(rows) + f"\n\nGoal: {result['goal']}.\n")
-    write_results("tool_call_overhead", result, markdown)
+    rows = [[labels[name], f"{s['p50']:.2f}", f"{s['p90']:.2f}", f"{s['p99']:.2f}",
+             f"{result['added_p50_ms_over_bare'][name]:+.2f} ms", f"{result['agentkube_p50_ratio_to'][name]:.2f}"]
+            for name, s in stats.items()]
+    write_results("tool_call_overhead", result,
+                  f"Overhead per tool call: `/bin/true` × {args.calls} ({layout.kind} cgroups, {machine()['cpus']} CPUs)",
+                  ["method", "p50 ms", "p90 ms", "p99 ms", "added p50 over bare", "agentkube p50 / this p50"], rows,
+                  f"Goal: {result['goal']}.")
 
 
 if __name__ == "__main__":
