@@ -6,16 +6,15 @@ cgroup's usage after each step and reports the step during which usage first rea
 the crossing lies between the step's start and end); it goes on to the end of the 54 MiB (a few MiB past
 high), holds the memory for 300 ms and exits. (On v1 the kernel checks usage thresholds every 128
 pages charged, so a burst that stopped right at the threshold could go unnoticed until it grew again.) The
-agent's time is when its watcher (v1: a usage-threshold eventfd; v2: inotify on memory.events) woke up.
+agent's time is when its watcher (v1: a usage-threshold eventfd; v2: inotify on memory.events) woke up,
+as the call's record reports it (`memory_high_first_seen`); the agent runs in its own process.
 Writes bench/results/memory_burst_reaction.{json,md}.
 
     .venv/bin/python bench/memory_burst_reaction.py [--bursts 100]
 """
 
 import argparse
-import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,10 +41,10 @@ fd = os.open(usage_file, os.O_RDONLY)
 area = mmap.mmap(-1, 54 << 20)
 step, offset, crossed = 256 << 10, 0, None
 while offset < len(area):
-    start = time.monotonic_ns()
+    start = time.time_ns()
     for page in range(offset, offset + step, 4096):
         area[page] = 1
-    end = time.monotonic_ns()
+    end = time.time_ns()
     offset += step
     if crossed is None and int(os.pread(fd, 32, 0)) >= high:
         crossed = (start, end)  # a burst goes on past the threshold: keep allocating to the end of the area
@@ -87,7 +86,7 @@ class Poller:
                     continue
                 try:
                     if int((child / self.usage_file).read_text()) >= self.high:
-                        self.seen[child.name] = time.monotonic()
+                        self.seen[child.name] = time.time()
                 except (FileNotFoundError, ValueError):
                     pass
             self._stop.wait(POLL_INTERVAL)
@@ -101,24 +100,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bursts", type=int, default=100)
     args = parser.parse_args()
-    from agentkube.ebpf.agent import NodeAgent
-    from agentkube.ebpf.api import routes
-    from agentkube.ebpf.unixhttp import UnixHttpServer
+    from agentkube.ebpf.cgroups import Cgroup, local_root_paths, own_cgroups
+    from agentkube.ebpf.local import LocalNodeAgent
+    from agentkube.ebpf.models import CallRecord
+    from agentkube.ebpf.unixhttp import request
 
     layout = detect_layout()
     high = memory_high_for(CALL_MEMORY)
-    workdir = Path(tempfile.mkdtemp(prefix="agentkube-bench-"))
-    # The agent runs in this process so that its watcher's wake-up times can be read directly.
-    agent = NodeAgent(workdir / "state", instance=f"agentkube-bench-{os.getpid()}")
-    server = UnixHttpServer(workdir / "agent.sock", routes(agent))
-    server.start()
     agent_ms, poll_ms, step_ms = [], [], []
-    try:
-        sandbox = SandboxWorker(server.path, "bench-burst", __file__, memory="1Gi")
+    with LocalNodeAgent() as agent:  # its own process, as in production; the poller runs in this one
+        sandbox = SandboxWorker(agent.socket, "bench-burst", __file__, memory="1Gi")
         try:
-            sandbox_cgroup = agent.sandboxes["default/bench-burst"].cgroup
+            root = Cgroup(layout, local_root_paths(layout, own_cgroups(agent.process.pid), agent.instance))
             usage_file = "memory.usage_in_bytes" if layout.kind == "hybrid" else "memory.current"
-            poller = Poller(sandbox_cgroup.controller_dir("memory"), usage_file, high)
+            poller = Poller(root.child("default_bench-burst").controller_dir("memory"), usage_file, high)
             try:
                 for _ in range(args.bursts):
                     answer = sandbox.ask({})
@@ -126,19 +121,17 @@ def main() -> None:
                         raise RuntimeError(f"the burst failed: {answer}")
                     start_ns, end_ns = map(int, answer["stdout"].split())
                     crossed = end_ns / 1e9  # the latest the crossing can have happened
-                    seen = agent.memory_high_seen.get(answer["call_id"])
-                    if not seen or answer["cgroup_name"] not in poller.seen:
+                    record = CallRecord.model_validate(request(agent.socket, "GET", f"/v1/calls/{answer['call_id']}"))
+                    seen = record.memory_high_first_seen
+                    if seen is None or answer["cgroup_name"] not in poller.seen:
                         raise RuntimeError(f"a burst went unseen: agent {seen}, poller {answer['cgroup_name'] in poller.seen}")
-                    agent_ms.append((seen[0] - crossed) * 1000)
+                    agent_ms.append((seen - crossed) * 1000)
                     poll_ms.append((poller.seen[answer["cgroup_name"]] - crossed) * 1000)
                     step_ms.append((end_ns - start_ns) / 1e6)
             finally:
                 poller.close()
         finally:
             sandbox.close()
-    finally:
-        server.stop()
-        agent.teardown()
 
     stats = {"agent_push": summary(agent_ms), "poll_100ms": summary(poll_ms), "crossing_step": summary(step_ms)}
     result = {

@@ -109,8 +109,6 @@ class NodeAgent:
         self.finished: OrderedDict[str, CallRecord] = OrderedDict()
         self.history: dict[str, deque[int]] = {}
         self.executed: dict[str, list[str]] = {}
-        # call id -> monotonic times the watcher woke (for benchmarks), for the most recent calls only
-        self.memory_high_seen: OrderedDict[str, list[float]] = OrderedDict()
         self._by_cgroup: dict[int, str] = {}
         self.deadlines = Deadlines()
         self._removals: queue.Queue[Cgroup | None] = queue.Queue()
@@ -405,9 +403,9 @@ class NodeAgent:
 
     def _on_memory_high(self, call_id: str, seen: float, count: int) -> None:
         with self._lock:
-            self.memory_high_seen.setdefault(call_id, []).append(seen)
-            while len(self.memory_high_seen) > FINISHED_KEPT:
-                self.memory_high_seen.popitem(last=False)
+            record = self.running.get(call_id)
+            if record is not None and record.memory_high_first_seen is None:
+                record.memory_high_first_seen = time.time() - (time.monotonic() - seen)
 
     # --- restart ------------------------------------------------------------------------------------------
     def _recover(self) -> None:

@@ -164,6 +164,8 @@ class CallRecord(Strict):
     finished_at: float | None = None
     usage: Usage | None = None
     recovered: bool = Field(default=False, description="the node agent restarted while this call ran")
+    memory_high_first_seen: float | None = Field(
+        default=None, description="unix time the agent was told the call first crossed memory.high")
     executed: list[str] = Field(default_factory=list, description="programs the call executed (first 64)")
 
 

@@ -88,12 +88,15 @@ def test_memory_hog_is_oom_killed_in_its_call_while_the_sandbox_lives(sandbox):
     assert sandbox.client.run(["echo", "still here"]).stdout == "still here\n"
 
 
-def test_crossing_memory_high_is_seen_without_a_kill(sandbox):
-    # 64Mi max, high at 90%: allocate ~60Mi and exit normally.
-    grow = "import time\nb = bytearray(60 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
-    result = sandbox.client.run([PY, "-c", grow], memory="64Mi", timeout=60)
-    assert result.usage.memory_high_events >= 1
+def test_crossing_memory_high_is_seen_without_a_kill(agent, sandbox):
+    # 256Mi max, high at 90% (230.4Mi): touch 236Mi (plus the interpreter's few MiB) and exit normally.
+    grow = "b = bytearray(236 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+    result = sandbox.client.run([PY, "-c", grow], memory="256Mi", timeout=60)
+    assert result.exit_code == 0 and result.usage.memory_high_events >= 1
     assert result.usage.peak_memory_bytes >= result.limits.memory_high
+    record = CallRecord.model_validate(request(agent.socket, "GET", f"/v1/calls/{result.call_id}"))
+    assert record.memory_high_first_seen is not None  # pushed by the watcher, not inferred from the peak
+    assert record.started_at <= record.memory_high_first_seen <= record.finished_at
 
 
 def test_fork_bomb_is_stopped_by_the_pids_limit_and_the_machine_stays_usable(agent, sandbox):
