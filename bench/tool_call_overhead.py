@@ -119,6 +119,13 @@ def main() -> None:
         finally:
             sandbox.close()
             subprocess.run(["cgdelete", "-r", "-g", f"{controllers}:{cg_group}"], capture_output=True)
+            # cgdelete leaves the group in some hierarchies here: remove whatever is left, children first.
+            for controller in controllers.split(","):
+                group_dir = layout.hierarchy_for(controller).mount / cg_group
+                if group_dir.is_dir():
+                    for directory in sorted((p for p in group_dir.rglob("*") if p.is_dir()), reverse=True):
+                        directory.rmdir()
+                    group_dir.rmdir()
             wrapper_parent.rmdir()
             os.unlink(script.name)
 
