@@ -56,6 +56,7 @@ FINISH_GRACE_SECONDS = 30.0  # after a deadline kill, how long the runtime has t
 FINISHED_KEPT = 512  # finished records answered again to a runtime that retries its finish
 EXECUTED_KEPT = 64  # programs a call executed, kept in its audit record
 HISTORY_SAVE_INTERVAL = 1.0
+EVENTS_CATCH_UP_SECONDS = 0.5  # longest wait at a call's end for the event reader to reach its exit
 
 
 def sandbox_containing(cgroup_path: str, sandboxes: dict[str, str]) -> str | None:
@@ -109,6 +110,7 @@ class NodeAgent:
         self.finished: OrderedDict[str, CallRecord] = OrderedDict()
         self.history: dict[str, deque[int]] = {}
         self.executed: dict[str, list[str]] = {}
+        self._first_exit_seen: dict[str, threading.Event] = {}  # call id -> its first process's exit event read
         self._by_cgroup: dict[int, str] = {}
         self.deadlines = Deadlines()
         self._removals: queue.Queue[Cgroup | None] = queue.Queue()
@@ -258,6 +260,7 @@ class NodeAgent:
             with self._lock:
                 self.running[call_id] = record
                 self._by_cgroup[record.cgroup_id] = call_id
+                self._first_exit_seen[call_id] = threading.Event()
             self.programs.track(record.cgroup_id, parse_network(limits.network))
             self.pressure.watch(call_id, cgroup, limits.memory_high)
             cgroup.add_process(request.pid)
@@ -303,6 +306,12 @@ class NodeAgent:
             cgroup.kill()  # leftovers, daemonized grandchildren included: the call is over
             cgroup.wait_empty()
             counters = cgroup.counters()
+        # The ring buffer is read in order, so once the first process's exit event is read, so are all
+        # the call's earlier events (what it executed). Bounded: a record recovered after a restart has
+        # no such event to wait for.
+        first_exit = self._first_exit_seen.pop(call_id, None)
+        if first_exit is not None:
+            first_exit.wait(EVENTS_CATCH_UP_SECONDS)
         stats = self.programs.untrack(record.cgroup_id)
         high_events = self.pressure.unwatch(call_id)
         # Off the caller's path: removing a v1 memory cgroup that had a usage threshold waits on the kernel
@@ -351,6 +360,7 @@ class NodeAgent:
     def _forget(self, record: CallRecord) -> None:
         with self._lock:
             self.running.pop(record.call_id, None)
+            self._first_exit_seen.pop(record.call_id, None)
             self._by_cgroup.pop(record.cgroup_id, None)
         self.programs.untrack(record.cgroup_id)
         self.pressure.unwatch(record.call_id)
@@ -400,6 +410,10 @@ class NodeAgent:
             executed = self.executed.setdefault(call_id, [])
             if len(executed) < EXECUTED_KEPT:
                 executed.append(event.comm)
+        elif event.kind == "exit":
+            record = self.running.get(call_id)
+            if record is not None and event.pid == record.pid and call_id in self._first_exit_seen:
+                self._first_exit_seen[call_id].set()
 
     def _on_memory_high(self, call_id: str, seen: float, count: int) -> None:
         with self._lock:

@@ -381,7 +381,7 @@ def test_calls_are_audited_and_exported_with_bounded_labels(agent, sandbox):
     result = sandbox.client.run(["echo", "metrics"], profile="shell")
     audit = [json.loads(line) for line in agent.audit_log.read_text().splitlines()]
     mine = next(r for r in audit if r["call_id"] == result.call_id)
-    assert mine["profile"] == "shell" and mine["usage"]["exit_code"] == 0 and "echo" in mine["executed"]
+    assert mine["profile"] == "shell" and mine["usage"]["exit_code"] == 0 and mine["executed"] == ["echo"]
     metrics = request(agent.socket, "GET", "/metrics")
     line = (f'agentkube_tool_calls_total{{namespace="{sandbox.namespace}",outcome="ok",profile="shell",'
             f'sandbox="{sandbox.name}"}}')
