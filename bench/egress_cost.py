@@ -127,8 +127,13 @@ def main() -> None:
         egress = agent.sandboxes["default/bench-egress"].cgroup
         program_id = next(p["id"] for p in bpftool("cgroup", "show", str(egress.unified_dir)) if p["name"] == "egress")
         Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
-        for _ in range(args.rounds):
-            for config, (sandbox, network) in configs.items():
+        names = list(configs)
+        for round_number in range(args.rounds):
+            # Each round starts with a different configuration, so that whatever favours the first or
+            # last run of a round (CPU frequency, caches, the other tenants) falls on all of them alike.
+            shift = round_number % len(names)
+            for config in names[shift:] + names[:shift]:
+                sandbox, network = configs[config]
                 before = program_stats(program_id)
                 answer = workers[sandbox].ask({"port": receiver.port, "bytes": args.mib << 20, "network": network})
                 after = program_stats(program_id)
