@@ -16,10 +16,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # Debian packages the real components come from (prometheus and promtool for metrics).
 APT_PACKAGES := prometheus
+# The node agent: BCC and the kernel headers it compiles against; bpftool and cgroup-tools for its tests
+# and benchmarks.
+APT_PACKAGES += python3-bpfcc linux-headers-amd64 bpftool cgroup-tools
 
-.PHONY: test dev down deps venv tools unit clean
+.PHONY: test dev down deps venv tools unit clean ebpf-host
 
-test: deps venv tools
+test: deps venv tools ebpf-host
 	$(VENV)/bin/pytest
 
 unit: venv
@@ -56,6 +59,11 @@ $(VENV)/.installed: pyproject.toml
 
 tools: venv
 	$(VENV)/bin/agentkube dev install
+
+# The node agent's host setup (idempotent): kernel headers linked where BCC looks, Debian's bcc module
+# importable from the venv, tracefs and bpffs mounted.
+ebpf-host: deps venv
+	bash hack/ebpf-host.sh $(VENV)
 
 clean:
 	-$(VENV)/bin/agentkube dev down 2>/dev/null

@@ -7,6 +7,7 @@ import typer
 from agentkube.devenv.commands import dev_app
 from agentkube.operator.commands import crds_app, operator_app
 from agentkube.rl.cli import rl_app
+from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
 
 app = typer.Typer(
     name="agentkube",
@@ -18,6 +19,8 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(operator_app, name="operator")
 app.add_typer(crds_app, name="crds")
 app.add_typer(rl_app, name="rl")
+app.add_typer(node_agent_app, name="node-agent")
+app.add_typer(sandbox_runtime_app, name="sandbox-runtime")
 
 
 @app.command()

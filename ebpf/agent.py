@@ -1,0 +1,507 @@
+"""The node agent: sandboxes, one cgroup per tool call, enforcement and accounting.
+
+State that must survive a restart (sandboxes, running calls, command history) is written to the state
+directory before it matters (a call's record before its process is moved), and BPF maps are pinned, so
+a restarted agent picks up running calls, their deadlines and their counters, and sweeps any cgroup or
+map entry no record accounts for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentkube.ebpf.bpf import CallEvent, Programs
+from agentkube.ebpf.cgroups import (
+    CALL_PREFIX,
+    MAIN_LEAF,
+    Cgroup,
+    CgroupError,
+    CgroupLayout,
+    detect_layout,
+    favors_dynmods,
+    set_favor_dynmods,
+    is_within,
+    kubernetes_container_paths,
+    local_root_paths,
+    own_cgroups,
+    parse_proc_cgroup,
+    UNIFIED,
+)
+from agentkube.ebpf.limits import HISTORY_WINDOW, OutOfEnvelope, command_signature, parse_network, resolve_limits
+from agentkube.ebpf.deadlines import Deadlines
+from agentkube.ebpf.metrics import Metrics
+from agentkube.ebpf.models import (
+    CallCreate,
+    CallFinish,
+    CallPlaced,
+    CallRecord,
+    SandboxCreate,
+    SandboxRef,
+    SandboxStatus,
+    Usage,
+)
+from agentkube.ebpf.pressure import PressureWatcher, high_events_seen
+from agentkube.ebpf.unixhttp import HttpError, Peer
+
+MAX_RUNNING_CALLS = 1024
+FINISH_GRACE_SECONDS = 30.0  # after a deadline kill, how long the runtime has to report before the agent closes the call itself
+FINISHED_KEPT = 512  # finished records answered again to a runtime that retries its finish
+EXECUTED_KEPT = 64  # programs a call executed, kept in its audit record
+HISTORY_SAVE_INTERVAL = 1.0
+EVENTS_CATCH_UP_SECONDS = 0.5  # longest wait at a call's end for the event reader to reach its exit
+
+
+def sandbox_containing(cgroup_path: str, sandboxes: dict[str, str]) -> str | None:
+    """Which sandbox (key → its unified cgroup path) a cgroup path lies in, if any."""
+    for key, path in sandboxes.items():
+        if is_within(cgroup_path, path):
+            return key
+    return None
+
+
+def read_ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise ProcessLookupError(pid)
+
+
+def unified_cgroup_of(pid: int) -> str:
+    try:
+        return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())[UNIFIED]
+    except FileNotFoundError:
+        raise HttpError(404, f"no process {pid}") from None
+
+
+@dataclass
+class Sandbox:
+    spec: SandboxCreate
+    cgroup: Cgroup
+    main: Cgroup
+    last_activity: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+class NodeAgent:
+    def __init__(self, state_dir: Path, instance: str = "agentkube", layout: CgroupLayout | None = None,
+                 audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True):
+        self.state_dir = Path(state_dir)
+        self.instance = instance
+        self.local = local  # sandboxes are cgroups this agent makes (else: Kubernetes containers' cgroups)
+        self.layout = layout or detect_layout()
+        self.audit_log = audit_log or self.state_dir / "audit.jsonl"
+        self.root = Cgroup(self.layout, local_root_paths(self.layout, own_cgroups(), instance))
+        if favor_dynmods and not favors_dynmods(self.layout):
+            set_favor_dynmods(self.layout, True)
+        self.metrics = Metrics()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.running: dict[str, CallRecord] = {}
+        self.finished: OrderedDict[str, CallRecord] = OrderedDict()
+        self.history: dict[str, deque[int]] = {}
+        self.executed: dict[str, list[str]] = {}
+        self._first_exit_seen: dict[str, threading.Event] = {}  # call id -> its first process's exit event read
+        self._by_cgroup: dict[int, str] = {}
+        self.deadlines = Deadlines()
+        self._removals: queue.Queue[Cgroup | None] = queue.Queue()
+        self._remover = threading.Thread(target=self._remove_cgroups, name="cgroup-remover", daemon=True)
+        self._remover.start()
+        self._lock = threading.RLock()
+        self._stopped = False
+        self._history_saved = 0.0
+        self._history_dirty = False
+        for folder in ("sandboxes", "calls"):
+            (self.state_dir / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.programs = Programs(instance)
+        self.pressure = PressureWatcher(self._on_memory_high)
+        self.root.create(delegate=True)
+        self._recover()
+        self.programs.start_events(self._on_event)
+
+    # --- who is calling -------------------------------------------------------------------------------
+    def _sandbox_paths(self) -> dict[str, str]:
+        return {key: sandbox.cgroup.unified_path for key, sandbox in self.sandboxes.items()}
+
+    def require_admin(self, peer: Peer) -> None:
+        if peer.uid != 0:
+            raise HttpError(403, f"uid {peer.uid} may not manage sandboxes (root only)")
+        inside = sandbox_containing(unified_cgroup_of(peer.pid), self._sandbox_paths())
+        if inside:
+            raise HttpError(403, f"a process inside sandbox {inside} may not manage sandboxes")
+
+    def require_in_sandbox(self, peer: Peer, sandbox: Sandbox) -> None:
+        if not is_within(unified_cgroup_of(peer.pid), sandbox.cgroup.unified_path):
+            raise HttpError(403, f"caller pid {peer.pid} is not in sandbox {sandbox.key}")
+
+    def sandbox(self, ref: SandboxRef) -> Sandbox:
+        try:
+            return self.sandboxes[ref.key]
+        except KeyError:
+            raise HttpError(404, f"no sandbox {ref.key} on this node") from None
+
+    # --- sandboxes ------------------------------------------------------------------------------------
+    def create_sandbox(self, peer: Peer, spec: SandboxCreate) -> SandboxStatus:
+        self.require_admin(peer)
+        if spec.defaults.memory > spec.envelope.memory or spec.defaults.pids > spec.envelope.pids \
+                or spec.defaults.cpu > spec.envelope.cpu or spec.defaults.timeout > spec.envelope.timeout:
+            raise HttpError(422, "the sandbox's defaults must fit inside its envelope")
+        if self.local != (spec.kubernetes is None):
+            raise HttpError(422, "this node agent runs with --local: a sandbox is a cgroup it makes (no kubernetes "
+                                 "field)" if self.local else "this node agent serves Kubernetes pods: give the "
+                                 "sandbox's kubernetes: {pod_uid, container_id, qos}")
+        with self._lock:
+            if spec.key in self.sandboxes:
+                raise HttpError(409, f"sandbox {spec.key} exists")
+            if spec.kubernetes:
+                cgroup = self._kubernetes_cgroup(spec)
+            else:
+                cgroup = self.root.child(f"{spec.namespace}_{spec.name}")
+                cgroup.create(delegate=True)
+                cgroup.set_envelope(spec.envelope.envelope())
+            main = cgroup.child(MAIN_LEAF)
+            main.create()
+            if spec.kubernetes:
+                # No process may stay in a cgroup whose controllers are delegated (v2): the container's own
+                # processes move to the leaf before any call cgroup appears beside it.
+                for pid in cgroup.pids() - main.pids():
+                    try:
+                        main.add_process(pid)
+                    except (ProcessLookupError, CgroupError):
+                        pass
+                cgroup.create(delegate=True)
+            if spec.pid:
+                if not Path(f"/proc/{spec.pid}").exists():
+                    cgroup.remove()
+                    raise HttpError(404, f"no process {spec.pid}")
+                main.add_process(spec.pid)
+            sandbox = Sandbox(spec, cgroup, main)
+            self.programs.attach_egress(cgroup.unified_dir, cgroup.id)
+            self.sandboxes[spec.key] = sandbox
+            self._save_sandbox(sandbox)
+        return self.status(sandbox)
+
+    def _kubernetes_cgroup(self, spec: SandboxCreate) -> Cgroup:
+        k8s = spec.kubernetes
+        for candidate in kubernetes_container_paths(k8s.pod_uid, k8s.container_id, k8s.qos):
+            cgroup = Cgroup(self.layout, {h.name: candidate for h in self.layout.hierarchies})
+            if cgroup.exists():
+                return cgroup  # delegated once its processes are in the leaf
+        raise HttpError(404, f"no cgroup for container {k8s.container_id} of pod {k8s.pod_uid} on this node")
+
+    def status(self, sandbox: Sandbox) -> SandboxStatus:
+        return SandboxStatus(
+            name=sandbox.spec.name, namespace=sandbox.spec.namespace, cgroup=sandbox.cgroup.unified_path,
+            envelope=sandbox.spec.envelope.envelope(), defaults=sandbox.spec.defaults.limits(),
+            running_calls=sum(1 for r in self.running.values() if f"{r.namespace}/{r.sandbox}" == sandbox.key),
+            last_activity=sandbox.last_activity,
+        )
+
+    def delete_sandbox(self, peer: Peer, ref: SandboxRef) -> None:
+        self.require_admin(peer)
+        sandbox = self.sandbox(ref)
+        for call_id in [c for c, r in self.running.items() if f"{r.namespace}/{r.sandbox}" == sandbox.key]:
+            self.finalize(call_id, CallFinish())
+        with self._lock:
+            self.programs.detach_egress(sandbox.cgroup.unified_dir, sandbox.cgroup.id)
+            if sandbox.spec.kubernetes:
+                sandbox.main.kill()  # the container's processes; its cgroup belongs to the kubelet
+            else:
+                sandbox.cgroup.remove()
+            del self.sandboxes[sandbox.key]
+            (self.state_dir / "sandboxes" / f"{sandbox.spec.namespace}_{sandbox.spec.name}.json").unlink(missing_ok=True)
+            self.metrics.forget_sandbox(sandbox.spec.name, sandbox.spec.namespace)
+
+    def _save_sandbox(self, sandbox: Sandbox) -> None:
+        data = {"spec": sandbox.spec.model_dump(mode="json"), "paths": sandbox.cgroup.paths}
+        _atomic_write(self.state_dir / "sandboxes" / f"{sandbox.spec.namespace}_{sandbox.spec.name}.json", json.dumps(data))
+
+    # --- calls ----------------------------------------------------------------------------------------
+    def place_call(self, peer: Peer, request: CallCreate) -> CallPlaced:
+        sandbox = self.sandbox(request)
+        self.require_in_sandbox(peer, sandbox)
+        target = unified_cgroup_of(request.pid)
+        if target != sandbox.main.unified_path:
+            raise HttpError(403, f"pid {request.pid} is not a process of sandbox {sandbox.key} outside any call")
+        if read_ppid(request.pid) != peer.pid:
+            raise HttpError(403, f"pid {request.pid} is not a child of the caller (pid {peer.pid})")
+        if len(self.running) >= MAX_RUNNING_CALLS:
+            raise HttpError(429, f"{MAX_RUNNING_CALLS} calls are running on this node; retry later")
+        signature = command_signature(request.argv)
+        history_key = f"{sandbox.key}\t{signature}"
+        try:
+            resolved = resolve_limits(request.intent, list(self.history.get(history_key, ())),
+                                      sandbox.spec.defaults.limits(), sandbox.spec.envelope.envelope())
+        except OutOfEnvelope as error:
+            raise HttpError(422, str(error)) from None
+        limits = resolved.limits
+        call_id = uuid.uuid4().hex[:16]
+        cgroup = sandbox.cgroup.child(CALL_PREFIX + call_id)
+        cgroup.create()
+        now = time.time()
+        record = CallRecord(
+            call_id=call_id, sandbox=sandbox.spec.name, namespace=sandbox.spec.namespace,
+            profile=request.intent.profile or "none", signature=signature, argv=request.argv, pid=request.pid,
+            cgroup_paths=cgroup.paths, cgroup_id=cgroup.id, limits=limits, sources=resolved.sources,
+            started_at=now, deadline=now + limits.timeout,
+        )
+        try:
+            cgroup.apply(limits)
+            self._save_call(record)  # before the process moves: a restart finds the call from here on
+            with self._lock:
+                self.running[call_id] = record
+                self._by_cgroup[record.cgroup_id] = call_id
+                self._first_exit_seen[call_id] = threading.Event()
+            self.programs.track(record.cgroup_id, parse_network(limits.network))
+            self.pressure.watch(call_id, cgroup, limits.memory_high)
+            cgroup.add_process(request.pid)
+        except BaseException:
+            self._forget(record)
+            cgroup.remove()
+            raise
+        sandbox.last_activity = now
+        self.metrics.started(record.sandbox, record.namespace, now)
+        self._arm(record)
+        return CallPlaced(call_id=call_id, cgroup=cgroup.unified_path, limits=limits, sources=resolved.sources)
+
+    def finish_call(self, peer: Peer, call_id: str, finish: CallFinish) -> CallRecord:
+        record = self.running.get(call_id) or self.finished.get(call_id)
+        if record is None:
+            raise HttpError(404, f"no call {call_id}")
+        self.require_in_sandbox(peer, self.sandbox(SandboxRef(name=record.sandbox, namespace=record.namespace)))
+        return self.finalize(call_id, finish)
+
+    def call(self, peer: Peer, call_id: str) -> CallRecord:
+        """A call's record, for root outside every sandbox or a process of the call's own sandbox."""
+        record = self.running.get(call_id) or self.finished.get(call_id)
+        if record is None:
+            raise HttpError(404, f"no call {call_id}")
+        sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
+        caller = unified_cgroup_of(peer.pid)
+        if not (sandbox and is_within(caller, sandbox.cgroup.unified_path)):
+            self.require_admin(peer)
+        return record
+
+    def finalize(self, call_id: str, finish: CallFinish) -> CallRecord:
+        """End a call: kill what is left of it, read its counters, remove its cgroup, record it."""
+        with self._lock:
+            record = self.running.pop(call_id, None)
+            if record is None:
+                if call_id in self.finished:
+                    return self.finished[call_id]  # a retried finish
+                raise HttpError(404, f"no call {call_id}")
+        self.deadlines.cancel(call_id)
+        cgroup = Cgroup(self.layout, record.cgroup_paths)
+        counters = None
+        if cgroup.exists():
+            cgroup.kill()  # leftovers, daemonized grandchildren included: the call is over
+            cgroup.wait_empty()
+            counters = cgroup.counters()
+        # The ring buffer is read in order, so once the first process's exit event is read, so are all
+        # the call's earlier events (what it executed). Bounded: a record recovered after a restart has
+        # no such event to wait for.
+        first_exit = self._first_exit_seen.pop(call_id, None)
+        if first_exit is not None:
+            first_exit.wait(EVENTS_CATCH_UP_SECONDS)
+        stats = self.programs.untrack(record.cgroup_id)
+        high_events = self.pressure.unwatch(call_id)
+        # Off the caller's path: removing a v1 memory cgroup that had a usage threshold waits on the kernel
+        # (~5 ms here), and nothing in the answer depends on it.
+        self._removals.put(cgroup)
+        now = time.time()
+        record.finished_at = now
+        record.usage = Usage(
+            duration_seconds=round(now - record.started_at, 6),
+            exit_code=finish.exit_code, signal=finish.signal, timed_out=record.timed_out,
+            peak_memory_bytes=counters.peak_memory_bytes if counters else 0,
+            cpu_seconds=round(counters.cpu_seconds, 6) if counters else 0.0,
+            throttled_seconds=round(counters.throttled_seconds, 6) if counters else 0.0,
+            oom_kills=max(counters.oom_kills if counters else 0, stats.ooms),
+            processes_spawned=stats.forks + 1,  # the first process was forked before it joined the call
+            connections_blocked=stats.blocked_connections,
+            memory_high_events=high_events_seen(high_events, counters.memory_high_events if counters else 0,
+                                                counters.peak_memory_bytes if counters else 0, record.limits.memory_high),
+            pids_limit_hits=counters.pids_limit_hits if counters else 0,
+        )
+        with self._lock:
+            self._by_cgroup.pop(record.cgroup_id, None)
+            record.executed = self.executed.pop(call_id, [])
+            key = f"{record.namespace}/{record.sandbox}\t{record.signature}"
+            if record.usage.peak_memory_bytes:
+                self.history.setdefault(key, deque(maxlen=HISTORY_WINDOW)).append(record.usage.peak_memory_bytes)
+            self.finished[call_id] = record
+            while len(self.finished) > FINISHED_KEPT:
+                self.finished.popitem(last=False)
+            self._append_audit(record)
+            self._save_history(force=False)
+        (self.state_dir / "calls" / f"{call_id}.json").unlink(missing_ok=True)
+        sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
+        if sandbox:
+            sandbox.last_activity = now
+        self.metrics.finished(record)
+        return record
+
+    def _remove_cgroups(self) -> None:
+        while (cgroup := self._removals.get()) is not None:
+            try:
+                cgroup.remove()
+            except CgroupError as error:  # left for the sweep at the next start
+                print(f"node agent: {error}", flush=True)
+
+    def _forget(self, record: CallRecord) -> None:
+        with self._lock:
+            self.running.pop(record.call_id, None)
+            self._first_exit_seen.pop(record.call_id, None)
+            self._by_cgroup.pop(record.cgroup_id, None)
+        self.programs.untrack(record.cgroup_id)
+        self.pressure.unwatch(record.call_id)
+        (self.state_dir / "calls" / f"{record.call_id}.json").unlink(missing_ok=True)
+
+    def _arm(self, record: CallRecord) -> None:
+        self.deadlines.schedule(record.call_id, record.deadline, lambda: self._deadline_reached(record.call_id))
+
+    def _deadline_reached(self, call_id: str) -> None:
+        with self._lock:
+            record = self.running.get(call_id)
+            if record is None:
+                return
+            if not record.timed_out:
+                record.timed_out = True
+                self._save_call(record)
+                Cgroup(self.layout, record.cgroup_paths).kill()
+            # The runtime normally reports the killed process at once; if it is gone, close the call anyway.
+            self.deadlines.schedule(call_id, time.time() + FINISH_GRACE_SECONDS, lambda: self._close_orphan(call_id))
+
+    def _close_orphan(self, call_id: str) -> None:
+        if call_id in self.running:
+            self.finalize(call_id, CallFinish())
+
+    def _save_call(self, record: CallRecord) -> None:
+        _atomic_write(self.state_dir / "calls" / f"{record.call_id}.json", record.model_dump_json())
+
+    def _append_audit(self, record: CallRecord) -> None:
+        with open(self.audit_log, "a") as log:
+            log.write(record.model_dump_json() + "\n")
+
+    def _save_history(self, force: bool = True) -> None:
+        # History only guides limits, so a crash may lose its last second; saved at most once a second.
+        now = time.monotonic()
+        if not force and now - self._history_saved < HISTORY_SAVE_INTERVAL:
+            self._history_dirty = True
+            return
+        self._history_saved, self._history_dirty = now, False
+        _atomic_write(self.state_dir / "history.json", json.dumps({k: list(v) for k, v in self.history.items()}))
+
+    # --- events -----------------------------------------------------------------------------------------
+    def _on_event(self, event: CallEvent) -> None:
+        call_id = self._by_cgroup.get(event.cgroup_id)
+        if call_id is None:
+            return
+        if event.kind == "exec":
+            executed = self.executed.setdefault(call_id, [])
+            if len(executed) < EXECUTED_KEPT:
+                executed.append(event.comm)
+        elif event.kind == "exit":
+            record = self.running.get(call_id)
+            if record is not None and event.pid == record.pid and call_id in self._first_exit_seen:
+                self._first_exit_seen[call_id].set()
+
+    def _on_memory_high(self, call_id: str, seen: float, count: int) -> None:
+        with self._lock:
+            record = self.running.get(call_id)
+            if record is not None and record.memory_high_first_seen is None:
+                record.memory_high_first_seen = time.time() - (time.monotonic() - seen)
+
+    # --- restart ------------------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        for path in sorted((self.state_dir / "sandboxes").glob("*.json")):
+            data = json.loads(path.read_text())
+            spec = SandboxCreate.model_validate(data["spec"])
+            cgroup = Cgroup(self.layout, data["paths"])
+            if not cgroup.exists():
+                path.unlink()
+                continue
+            sandbox = Sandbox(spec, cgroup, cgroup.child(MAIN_LEAF))
+            self.sandboxes[spec.key] = sandbox
+            self.programs.attach_egress(cgroup.unified_dir, cgroup.id)  # replaces the previous process's copy
+        history = self.state_dir / "history.json"
+        if history.exists():
+            self.history = {k: deque(v, maxlen=HISTORY_WINDOW) for k, v in json.loads(history.read_text()).items()}
+        tracked = self.programs.tracked()
+        for path in sorted((self.state_dir / "calls").glob("*.json")):
+            record = CallRecord.model_validate_json(path.read_text())
+            record.recovered = True
+            cgroup = Cgroup(self.layout, record.cgroup_paths)
+            if f"{record.namespace}/{record.sandbox}" not in self.sandboxes or not cgroup.exists():
+                self.running[record.call_id] = record
+                self.finalize(record.call_id, CallFinish())
+                continue
+            self.running[record.call_id] = record
+            self._by_cgroup[record.cgroup_id] = record.call_id
+            if record.cgroup_id not in tracked:
+                self.programs.track(record.cgroup_id, parse_network(record.limits.network))
+            self.pressure.watch(record.call_id, cgroup, record.limits.memory_high)
+            self.metrics.started(record.sandbox, record.namespace, record.started_at)
+            if record.timed_out:
+                self._deadline_reached(record.call_id)
+            else:
+                self._arm(record)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove call cgroups and map entries that no running call accounts for (a crash between
+        creating a call's cgroup and recording it, or a record lost with its state directory)."""
+        known_paths = {r.cgroup_paths[UNIFIED] for r in self.running.values()}
+        for sandbox in self.sandboxes.values():
+            for child in sandbox.cgroup.unified_dir.iterdir():
+                if child.is_dir() and child.name.startswith(CALL_PREFIX):
+                    leftover = sandbox.cgroup.child(child.name)
+                    if leftover.unified_path not in known_paths:
+                        leftover.remove()
+        known_ids = {r.cgroup_id for r in self.running.values()}
+        for cgroup_id in self.programs.tracked() | self.programs.policy_entries():
+            if cgroup_id not in known_ids:
+                self.programs.untrack(cgroup_id)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop this process's threads; running calls, cgroups, maps and attachments stay for the next."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with self._lock:
+            if self._history_dirty:
+                self._save_history()
+        self.deadlines.close()
+        self._removals.put(None)
+        self._remover.join(timeout=30)
+        self.pressure.close()
+        self.programs.close()
+
+    def teardown(self) -> None:
+        """Remove everything this agent made: calls, sandboxes, cgroups, attachments, pins, state."""
+        for call_id in list(self.running):
+            self.finalize(call_id, CallFinish())
+        root = Peer(os.getpid(), 0, 0)
+        for sandbox in list(self.sandboxes.values()):
+            self.delete_sandbox(root, SandboxRef(name=sandbox.spec.name, namespace=sandbox.spec.namespace))
+        self.root.remove()
+        self.stop()
+        self.programs.remove_pins()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Atomic against the agent dying mid-write. No fsync: state only has to outlive the agent process;
+    # if the machine goes down, the cgroups and processes it describes are gone too.
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

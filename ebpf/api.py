@@ -1,0 +1,88 @@
+"""The node agent's HTTP API (over its 0600 unix socket). Handlers only parse and delegate.
+
+    POST   /v1/sandboxes                       create a sandbox (root, outside every sandbox)
+    GET    /v1/sandboxes/{namespace}/{name}    its status, with last activity
+    DELETE /v1/sandboxes/{namespace}/{name}    remove it (root, outside every sandbox)
+    POST   /v1/calls                           place a held process as a tool call (from inside the sandbox)
+    POST   /v1/calls/{call_id}/finish          report the call's first process ended; returns its record
+    GET    /v1/calls/{call_id}                 a running or recently finished call
+    GET    /metrics                            Prometheus exposition
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from agentkube.ebpf.agent import NodeAgent
+from agentkube.ebpf.models import CallCreate, CallFinish, SandboxCreate, SandboxRef
+from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
+
+DEFAULT_SOCKET = Path("/run/agentkube/node-agent.sock")
+DEFAULT_STATE_DIR = Path("/var/lib/agentkube/node-agent")
+
+
+def _body(body: object) -> dict:
+    if not isinstance(body, dict):
+        raise HttpError(400, "expected a JSON object")
+    return body
+
+
+def routes(agent: NodeAgent) -> dict:
+    def ref(params):
+        return SandboxRef(name=params["name"], namespace=params["namespace"])
+
+    def create_sandbox(peer, params, body):
+        return 201, agent.create_sandbox(peer, SandboxCreate.model_validate(_body(body)))
+
+    def get_sandbox(peer, params, body):
+        return 200, agent.status(agent.sandbox(ref(params)))
+
+    def delete_sandbox(peer, params, body):
+        agent.delete_sandbox(peer, ref(params))
+        return 200, {"deleted": ref(params).key}
+
+    def place_call(peer, params, body):
+        return 201, agent.place_call(peer, CallCreate.model_validate(_body(body)))
+
+    def finish_call(peer, params, body):
+        return 200, agent.finish_call(peer, params["call_id"], CallFinish.model_validate(_body(body or {})))
+
+    def get_call(peer, params, body):
+        return 200, agent.call(peer, params["call_id"])
+
+    def metrics(peer, params, body):
+        return 200, agent.metrics.exposition()
+
+    return {
+        ("POST", "/v1/sandboxes"): create_sandbox,
+        ("GET", "/v1/sandboxes/{namespace}/{name}"): get_sandbox,
+        ("DELETE", "/v1/sandboxes/{namespace}/{name}"): delete_sandbox,
+        ("POST", "/v1/calls"): place_call,
+        ("POST", "/v1/calls/{call_id}/finish"): finish_call,
+        ("GET", "/v1/calls/{call_id}"): get_call,
+        ("GET", "/metrics"): metrics,
+    }
+
+
+class NodeAgentServer:
+    """A node agent and its API server, started and stopped together."""
+
+    def __init__(self, socket_path: Path, state_dir: Path, instance: str = "agentkube", metrics_port: int | None = None,
+                 favor_dynmods: bool = False, local: bool = True):
+        self.agent = NodeAgent(state_dir, instance=instance, favor_dynmods=favor_dynmods, local=local)
+        self.server = UnixHttpServer(socket_path, routes(self.agent))
+        if metrics_port is not None:
+            # Loopback only: a scraper on the node (or a Service through the pod's network) reads it there.
+            start_http_server(metrics_port, addr="127.0.0.1", registry=self.agent.metrics.registry)
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        self.server.start()
+        stop.wait()
+        self.close()
+
+    def close(self) -> None:
+        self.server.stop()
+        self.agent.stop()

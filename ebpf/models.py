@@ -1,0 +1,198 @@
+"""The node agent's API schemas: one source of truth for requests, responses, records and the audit log."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from agentkube.ebpf.limits import Envelope, Intent, Limits, LimitSource, parse_network, parse_size
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_ARGV_ITEMS = 1024
+MAX_ARG_CHARS = 16 * 1024
+
+
+def _label(value: str) -> str:
+    if not DNS_LABEL.match(value):
+        raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-', at most 63)")
+    return value
+
+
+def _check_argv(argv: list[str]) -> list[str]:
+    for arg in argv:
+        if len(arg) > MAX_ARG_CHARS or "\0" in arg:
+            raise ValueError(f"argv items must be at most {MAX_ARG_CHARS} characters without NUL")
+    return argv
+
+
+Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_ARGV_ITEMS), AfterValidator(_check_argv)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SandboxRef(Strict):
+    name: str
+    namespace: str = "default"
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _labels(cls, value: str) -> str:
+        return _label(value)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class EnvelopeSpec(Strict):
+    model_config = ConfigDict(extra="forbid", validate_default=True)  # defaults pass through parse_size too
+
+    memory: int | str = "2Gi"
+    cpu: float = Field(default=1.0, gt=0, le=1024)
+    pids: int = Field(default=1024, gt=0, le=4_194_304)
+    timeout: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value):
+        return parse_size(value)
+
+    def envelope(self) -> Envelope:
+        return Envelope(memory=self.memory, cpu=self.cpu, pids=self.pids, timeout=self.timeout)
+
+
+class DefaultsSpec(EnvelopeSpec):
+    memory: int | str = "512Mi"
+    cpu: float = Field(default=1.0, gt=0, le=1024)
+    pids: int = Field(default=256, gt=0, le=4_194_304)
+    timeout: float = Field(default=300, gt=0, le=7 * 24 * 3600)
+    network: str = "loopback"
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value):
+        parse_network(value)
+        return value
+
+    def limits(self) -> Limits:
+        return Limits(memory=self.memory, cpu=self.cpu, pids=self.pids, timeout=self.timeout, network=self.network)
+
+
+class KubernetesContainer(Strict):
+    """Where a sandbox's container lives on this node (the operator knows these from the pod's status)."""
+
+    pod_uid: str = Field(pattern=r"^[0-9a-f-]{36}$")
+    container_id: str = Field(pattern=r"^([a-z]+://)?[0-9a-f]{12,64}$")
+    qos: str = Field(default="burstable", pattern=r"^(guaranteed|burstable|besteffort)$")
+
+
+class SandboxCreate(SandboxRef):
+    envelope: EnvelopeSpec = EnvelopeSpec()
+    defaults: DefaultsSpec = DefaultsSpec()
+    # --local: a process to become the sandbox's main process (moved into its `agent` leaf).
+    pid: int | None = Field(default=None, gt=1)
+    kubernetes: KubernetesContainer | None = None
+
+
+class SandboxStatus(SandboxRef):
+    cgroup: str
+    envelope: Envelope
+    defaults: Limits
+    running_calls: int
+    last_activity: float = Field(description="unix time of the last call's start or end")
+
+
+class CallCreate(SandboxRef):
+    """Ask for a held process to become a tool call."""
+
+    pid: int = Field(gt=1)
+    argv: Argv
+    intent: Intent = Intent()
+
+
+class CallPlaced(Strict):
+    call_id: str
+    cgroup: str
+    limits: Limits
+    sources: dict[str, LimitSource]
+
+
+class CallFinish(Strict):
+    """What the runtime saw of the call's first process."""
+
+    exit_code: int | None = Field(default=None, ge=0, le=255)
+    signal: int | None = Field(default=None, ge=1, le=64)
+
+
+class Usage(Strict):
+    duration_seconds: float
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    peak_memory_bytes: int
+    cpu_seconds: float
+    throttled_seconds: float
+    oom_kills: int
+    processes_spawned: int
+    connections_blocked: int
+    memory_high_events: int
+    pids_limit_hits: int
+
+
+class CallRecord(Strict):
+    """A call as the agent keeps it on disk while it runs and appends it to the audit log when done."""
+
+    call_id: str
+    sandbox: str
+    namespace: str
+    profile: str
+    signature: str
+    argv: list[str]
+    pid: int
+    cgroup_paths: dict[str, str]
+    cgroup_id: int
+    limits: Limits
+    sources: dict[str, LimitSource]
+    started_at: float
+    deadline: float
+    timed_out: bool = False
+    finished_at: float | None = None
+    usage: Usage | None = None
+    recovered: bool = Field(default=False, description="the node agent restarted while this call ran")
+    memory_high_first_seen: float | None = Field(
+        default=None, description="unix time the agent was told the call first crossed memory.high")
+    executed: list[str] = Field(default_factory=list, description="programs the call executed (first 64)")
+
+
+MAX_OUTPUT_BYTES = 1024 * 1024  # per stream; the rest is drained and counted, not kept
+
+
+class RunRequest(Strict):
+    """SDK → sandbox runtime: run one command as a tool call."""
+
+    argv: Argv
+    intent: Intent = Intent()
+    stdin: str | None = Field(default=None, max_length=MAX_REQUEST_BYTES // 2)
+    cwd: str | None = None
+
+
+class RunResult(Strict):
+    call_id: str
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    stdout_truncated_bytes: int = 0
+    stderr_truncated_bytes: int = 0
+    limits: Limits
+    sources: dict[str, LimitSource]
+    usage: Usage
+
+
+class ErrorBody(Strict):
+    error: str

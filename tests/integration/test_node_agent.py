@@ -1,0 +1,392 @@
+"""The node agent on the real kernel: real cgroups, real BPF programs, real processes (as root).
+
+One node agent serves the module; each test gets its own sandbox (a runtime process registered with
+`--local`). Everything is removed afterwards, pass or fail."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agentkube.client import ApiError
+from agentkube.ebpf.cgroups import MAIN_LEAF, detect_layout
+from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallRecord
+from agentkube.ebpf.local import LocalNodeAgent
+from agentkube.ebpf.unixhttp import request
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def agent():
+    assert os.geteuid() == 0, "the node agent's tests need root (cgroups and BPF)"
+    with LocalNodeAgent() as node_agent:
+        yield node_agent
+
+
+@pytest.fixture
+def sandbox(agent, request):
+    name = "t-" + uuid.uuid4().hex[:8]
+    local = agent.sandbox(name, memory="1Gi", cpu="1", pids="512")
+    try:
+        yield local
+    finally:
+        local.close()
+        agent.sandboxes.remove(local)
+
+
+def sandbox_status(agent, sandbox):
+    return request(agent.socket, "GET", f"/v1/sandboxes/{sandbox.namespace}/{sandbox.name}")
+
+
+def sandbox_dirs(sandbox_cgroup: str) -> list[Path]:
+    layout = detect_layout()
+    dirs = []
+    for hierarchy in layout.hierarchies:
+        # v1 hierarchies nest the agent's root under the agent's own cgroup: find the sandbox by name.
+        dirs += [p for p in hierarchy.mount.rglob(Path(sandbox_cgroup).name) if p.is_dir()]
+    return dirs
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_call_reports_output_exit_code_and_usage(sandbox):
+    result = sandbox.client.run(["sh", "-c", "echo out; echo err >&2; /bin/true; exit 3"], memory="64Mi", timeout=30)
+    assert (result.stdout, result.stderr, result.exit_code, result.signal) == ("out\n", "err\n", 3, None)
+    assert result.limits.memory == 64 * 2**20 and result.sources["memory"] == "intent"
+    assert result.usage.exit_code == 3 and not result.usage.timed_out
+    assert result.usage.peak_memory_bytes > 0 and result.usage.cpu_seconds > 0
+    assert result.usage.processes_spawned == 2  # sh, and the /bin/true it forked
+    assert sandbox.client.run(["cat"], stdin="piped").stdout == "piped"
+
+
+def test_memory_hog_is_oom_killed_in_its_call_while_the_sandbox_lives(sandbox):
+    hog = "chunks = []\nwhile True: chunks.append(bytearray(1 << 20))"
+    result = sandbox.client.run([PY, "-c", hog], memory="64Mi", timeout=60)
+    assert result.signal == 9 and result.usage.oom_kills >= 1
+    assert result.usage.peak_memory_bytes >= 60 * 2**20
+    assert not result.usage.timed_out
+    assert sandbox.process.poll() is None, "the sandbox's main process died with the call"
+    assert sandbox.client.run(["echo", "still here"]).stdout == "still here\n"
+
+
+def test_crossing_memory_high_is_seen_without_a_kill(agent, sandbox):
+    # 256Mi max, high at 90% (230.4Mi): touch 236Mi (plus the interpreter's few MiB) and exit normally.
+    grow = "b = bytearray(236 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+    result = sandbox.client.run([PY, "-c", grow], memory="256Mi", timeout=60)
+    assert result.exit_code == 0 and result.usage.memory_high_events >= 1
+    assert result.usage.peak_memory_bytes >= result.limits.memory_high
+    record = CallRecord.model_validate(request(agent.socket, "GET", f"/v1/calls/{result.call_id}"))
+    assert record.memory_high_first_seen is not None  # pushed by the watcher, not inferred from the peak
+    assert record.started_at <= record.memory_high_first_seen <= record.finished_at
+
+
+def test_fork_bomb_is_stopped_by_the_pids_limit_and_the_machine_stays_usable(agent, sandbox):
+    results = {}
+    bomb = threading.Thread(target=lambda: results.setdefault("bomb", sandbox.client.run(
+        ["bash", "-c", "bomb() { bomb | bomb & }; bomb; exec sleep 1000"], pids=32, cpu=0.5, timeout=5)))
+    bomb.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sandbox_status(agent, sandbox)["running_calls"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # While it runs: the host starts processes, and the same sandbox runs another call.
+        assert subprocess.run(["true"], timeout=30).returncode == 0
+        assert sandbox.client.run(["echo", "alive"], timeout=30).stdout == "alive\n"
+    finally:
+        bomb.join(timeout=120)
+    usage = results["bomb"].usage
+    assert usage.pids_limit_hits > 0, "the pids limit never refused a fork"
+    assert usage.timed_out and results["bomb"].signal == 9
+    assert sandbox_status(agent, sandbox)["running_calls"] == 0
+
+
+class OneShotServer:
+    """A TCP server on loopback that greets each connection; stops by itself after its deadline."""
+
+    def __init__(self, lifetime: float = 120.0, host: str = "127.0.0.1"):
+        self.host = host
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + lifetime
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            self.accepted += 1
+            with conn:
+                conn.sendall(b"hello")
+
+    def close(self):
+        self._stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def server():
+    running = OneShotServer()
+    yield running
+    running.close()
+
+
+def connect_script(port: int, host: str = "127.0.0.1") -> list[str]:
+    code = (f"import socket\ns = socket.create_connection(({host!r}, {port}), timeout=3)\n"
+            "print(s.recv(5).decode())")
+    return [PY, "-c", code]
+
+
+def test_network_none_blocks_loopback_and_counts_it_while_loopback_calls_connect(sandbox, server):
+    blocked = sandbox.client.run(connect_script(server.port), network="none", timeout=30)
+    assert blocked.exit_code != 0
+    assert blocked.usage.connections_blocked >= 1
+    allowed = sandbox.client.run(connect_script(server.port), network="loopback", timeout=30)
+    assert (allowed.exit_code, allowed.stdout, allowed.usage.connections_blocked) == (0, "hello\n", 0)
+    assert server.accepted == 1  # the blocked attempt never reached the server
+
+
+def test_allow_list_admits_only_its_destinations(sandbox, server):
+    exact = sandbox.client.run(connect_script(server.port), network=[f"127.0.0.1:{server.port}"], timeout=30)
+    assert exact.stdout == "hello\n" and exact.usage.connections_blocked == 0
+    other_port = sandbox.client.run(connect_script(server.port), network=[f"127.0.0.0/8:{(server.port % 60000) + 1}"],
+                                    timeout=30)
+    assert other_port.exit_code != 0 and other_port.usage.connections_blocked >= 1
+    cidr = sandbox.client.run(connect_script(server.port), network=["127.0.0.0/8:*"], timeout=30)
+    assert cidr.stdout == "hello\n"
+
+
+def test_ipv6_loopback_follows_the_same_policies(sandbox):
+    server = OneShotServer(host="::1")
+    try:
+        blocked = sandbox.client.run(connect_script(server.port, "::1"), network="none", timeout=30)
+        assert blocked.exit_code != 0 and blocked.usage.connections_blocked >= 1
+        loopback = sandbox.client.run(connect_script(server.port, "::1"), network="loopback", timeout=30)
+        assert loopback.stdout == "hello\n"
+        listed = sandbox.client.run(connect_script(server.port, "::1"), network=[f"[::1]:{server.port}"], timeout=30)
+        assert listed.stdout == "hello\n" and listed.usage.connections_blocked == 0
+        assert server.accepted == 2
+    finally:
+        server.close()
+
+
+def test_timeout_kills_a_tree_with_a_daemonized_grandchild(sandbox):
+    marker = f"agentkube-daemon-{uuid.uuid4().hex}"
+    daemon = f"import time; time.sleep(1000)  # {marker}"
+    script = f"setsid {PY} -c '{daemon}' </dev/null >/dev/null 2>&1 & echo $!; sleep 1000"
+    result = sandbox.client.run(["sh", "-c", script], timeout=2)
+    assert result.usage.timed_out and result.signal == 9
+    grandchild = int(result.stdout.split()[0])
+    assert not Path(f"/proc/{grandchild}").exists() or grandchild not in processes_with(marker)
+    assert processes_with(marker) == []
+
+
+def test_daemons_left_by_a_finished_command_are_killed(sandbox):
+    marker = f"agentkube-leftover-{uuid.uuid4().hex}"
+    script = f"setsid {PY} -c 'import time; time.sleep(1000)  # {marker}' </dev/null >/dev/null 2>&1 & echo started"
+    result = sandbox.client.run(["sh", "-c", script], timeout=30)
+    assert result.exit_code == 0 and not result.usage.timed_out
+    assert processes_with(marker) == []
+
+
+def test_cpu_quota_throttles(sandbox):
+    spin = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass"
+    result = sandbox.client.run([PY, "-c", spin], cpu=0.1, timeout=60)
+    assert result.exit_code == 0
+    assert result.usage.throttled_seconds > 0
+
+
+def bpftool(*args: str):
+    return json.loads(subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout)
+
+
+def call_cgroups_left(sandbox_cgroup: str) -> list[Path]:
+    return [p for d in sandbox_dirs(sandbox_cgroup) for p in d.iterdir() if p.is_dir() and p.name != MAIN_LEAF]
+
+
+def test_a_thousand_calls_leave_no_cgroup_attachment_or_process_behind(agent, sandbox, eventually):
+    status = sandbox_status(agent, sandbox)
+    layout = detect_layout()
+    unified_dir = layout.unified.mount / status["cgroup"].lstrip("/")
+    attached_before = bpftool("cgroup", "show", str(unified_dir))
+    assert [p["name"] for p in attached_before] == ["egress"]
+    for i in range(1000):
+        result = sandbox.client.run(["/bin/true"], network="none" if i % 2 else "loopback", timeout=30)
+        assert result.exit_code == 0, result
+    # A finished call's directories are removed just after its answer, off the call's path.
+    eventually(lambda: not call_cgroups_left(status["cgroup"]), timeout=30, message="call cgroups left behind")
+    assert all([p.name for p in d.iterdir() if p.is_dir()] == [MAIN_LEAF] for d in sandbox_dirs(status["cgroup"]))
+    assert bpftool("cgroup", "show", str(unified_dir)) == attached_before
+    pins = Path("/sys/fs/bpf") / agent.instance
+    assert bpftool("map", "dump", "pinned", str(pins / "call_stats")) == []
+    assert bpftool("map", "dump", "pinned", str(pins / "policies")) == []
+    assert sandbox_status(agent, sandbox)["running_calls"] == 0
+    main_pids = (unified_dir / MAIN_LEAF / "cgroup.procs").read_text().split()
+    assert main_pids == [str(sandbox.process.pid)]  # only the runtime: no call left a process behind
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
+def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_cgroup(agent, sandbox, tmp_path, crash,
+                                                                                        eventually):
+    release = tmp_path / "release"  # the calls run until the test creates this, after the restart
+    wait_then_echo = f"i=0; while [ ! -e {release} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; echo done"
+    results = []
+    calls = [threading.Thread(target=lambda: results.append(sandbox.client.run(["sh", "-c", wait_then_echo], timeout=120)))
+             for _ in range(3)]
+    for call in calls:
+        call.start()
+    deadline = time.monotonic() + 30
+    while sandbox_status(agent, sandbox)["running_calls"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_status(agent, sandbox)["running_calls"] == 3
+    agent.restart(kill=crash)
+    assert sandbox_status(agent, sandbox)["running_calls"] == 3
+    release.touch()
+    for call in calls:
+        call.join(timeout=180)
+    assert [r.stdout for r in results] == ["done\n"] * 3
+    assert all(r.exit_code == 0 and r.usage is not None and r.usage.peak_memory_bytes > 0 for r in results)
+    audit = [CallRecord.model_validate(json.loads(line)) for line in agent.audit_log.read_text().splitlines()]
+    recovered = {r.call_id for r in audit if r.recovered}
+    assert {r.call_id for r in results} <= recovered
+    status = sandbox_status(agent, sandbox)
+    eventually(lambda: not call_cgroups_left(status["cgroup"]), timeout=30, message="call cgroups left behind")
+    # After the restart exactly one egress program is attached (the new process replaced the old one).
+    unified_dir = detect_layout().unified.mount / status["cgroup"].lstrip("/")
+    assert [p["name"] for p in bpftool("cgroup", "show", str(unified_dir))] == ["egress"]
+
+
+def test_a_deadline_that_passes_while_the_agent_is_down_is_enforced_after_restart(agent, sandbox):
+    results = []
+    call = threading.Thread(target=lambda: results.append(sandbox.client.run(["sleep", "1000"], timeout=2)))
+    call.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not list((agent.state_dir / "calls").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = CallRecord.model_validate_json(next((agent.state_dir / "calls").glob("*.json")).read_text())
+        agent.process.kill()  # a crash: no chance to clean up
+        agent.process.wait()
+        while time.time() <= record.deadline:  # the deadline passes while nobody watches
+            time.sleep(0.05)
+        agent.start()
+    finally:
+        call.join(timeout=120)
+    (result,) = results
+    assert result.usage.timed_out and result.signal == 9
+    assert sandbox_status(agent, sandbox)["running_calls"] == 0
+
+
+def raw_request(socket_path: Path, data: bytes) -> tuple[int, str]:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket_path))
+        sock.sendall(data)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+            if b"\r\n\r\n" in response:
+                head, _, body = response.partition(b"\r\n\r\n")
+                length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")), 0))
+                if len(body) >= length:
+                    break
+    status = int(response.split(b" ", 2)[1])
+    return status, response.partition(b"\r\n\r\n")[2].decode()
+
+
+def post(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_outsiders_and_bad_requests_are_refused_and_the_agent_keeps_serving(agent, sandbox):
+    assert oct(agent.socket.stat().st_mode & 0o777) == "0o600"
+    ref = {"name": sandbox.name, "namespace": sandbox.namespace}
+    # The test process is not in the sandbox: it may not place a process there.
+    with pytest.raises(ApiError) as refused:
+        request(agent.socket, "POST", "/v1/calls", {**ref, "pid": sandbox.process.pid, "argv": ["x"]})
+    assert refused.value.status == 403 and "not in sandbox" in refused.value.message
+
+    # A tool call inside the sandbox may neither place itself nor manage sandboxes.
+    probe = (
+        "import json, os, sys\nfrom agentkube.ebpf.unixhttp import request, ApiError\nout = {}\n"
+        f"for name, (method, path, body) in {{'place': ('POST', '/v1/calls', {{**{ref!r}, 'pid': os.getpid(), 'argv': ['x']}}),"
+        f" 'create': ('POST', '/v1/sandboxes', {{'name': 'evil'}}),"
+        f" 'delete': ('DELETE', '/v1/sandboxes/{sandbox.namespace}/{sandbox.name}', None)}}.items():\n"
+        f"    try:\n        request({str(agent.socket)!r}, method, path, body); out[name] = 200\n"
+        "    except ApiError as e:\n        out[name] = e.status\nprint(json.dumps(out))\n")
+    inside = sandbox.client.run([PY, "-c", probe], network="none", timeout=60)
+    assert json.loads(inside.stdout) == {"place": 403, "create": 403, "delete": 403}, inside.stderr
+
+    cases = [
+        (post("/v1/calls", b"{not json"), 400, "not JSON"),
+        (post("/v1/calls", b"[1, 2]"), 400, "JSON object"),
+        (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": []}).encode()), 422, "argv"),
+        (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "surprise": 1}).encode()), 422, "surprise"),
+        (post("/v1/sandboxes", json.dumps({"name": "Bad_Name"}).encode()), 422, "DNS label"),
+        (post("/v1/sandboxes", json.dumps({"name": "pod", "kubernetes": {
+            "pod_uid": "1f2e3d4c-0000-1111-2222-333344445555", "container_id": "ab" * 32}}).encode()), 422, "--local"),
+        (post("/v1/sandboxes", json.dumps({"name": "tight", "envelope": {"memory": "64Mi"}}).encode()), 422, "envelope"),
+        (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"network": ["nowhere:80"]}}).encode()),
+         422, "not an IP network"),
+        (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"memory": "lots"}}).encode()),
+         422, "not a size"),
+        (post("/v1/calls", b"x" * (MAX_REQUEST_BYTES + 1)), 413, "limit"),
+        (b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such endpoint"),
+        (b"PUT /v1/calls HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 501, ""),
+        (b"GET /v1/sandboxes/default/missing HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no sandbox"),
+    ]
+    for data, status, message in cases:
+        got_status, body = raw_request(agent.socket, data)
+        assert got_status == status and message in body, (data[:60], got_status, body)
+
+    with pytest.raises(ApiError) as too_big:
+        sandbox.client.run(["true"], memory="8Gi")
+    assert too_big.value.status == 422 and "envelope" in too_big.value.message
+    with pytest.raises(ValidationError, match="not an IP network"):  # the SDK checks before sending
+        sandbox.client.run(["true"], network=["nowhere:80"])
+
+    assert agent.process.poll() is None
+    assert sandbox.client.run(["echo", "ok"]).stdout == "ok\n"
+
+
+def test_calls_are_audited_and_exported_with_bounded_labels(agent, sandbox):
+    result = sandbox.client.run(["echo", "metrics"], profile="shell")
+    audit = [json.loads(line) for line in agent.audit_log.read_text().splitlines()]
+    mine = next(r for r in audit if r["call_id"] == result.call_id)
+    assert mine["profile"] == "shell" and mine["usage"]["exit_code"] == 0 and mine["executed"] == ["echo"]
+    metrics = request(agent.socket, "GET", "/metrics")
+    line = (f'agentkube_tool_calls_total{{namespace="{sandbox.namespace}",outcome="ok",profile="shell",'
+            f'sandbox="{sandbox.name}"}}')
+    assert line in metrics
+    assert result.call_id not in metrics
+    assert CallRecord.model_validate(request(agent.socket, "GET", f"/v1/calls/{result.call_id}")).usage == result.usage
+    activity = sandbox.client.status().last_activity
+    assert activity >= mine["finished_at"] - 1e-3
