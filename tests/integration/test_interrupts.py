@@ -29,6 +29,9 @@ def _run_probe_until_up(tmp_path: Path, eventually) -> tuple[subprocess.Popen, d
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PROBE)],
         env={**os.environ, "AGENTKUBE_PROBE_REPORT": str(report)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A shell that runs us in the background ignores SIGINT, and its children inherit that; the probe
+        # must see Ctrl-C as a user's pytest would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     eventually(lambda: report.exists() or child.poll() is not None, timeout=180, message="probe never came up")
     assert report.exists(), child.communicate()[0]
