@@ -147,7 +147,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
                 _create(core.create_namespaced_persistent_volume_claim, namespace, sandbox.workspace_claim_manifest(body, spec.workspace))
             _apply_network_policy(body, spec, namespace, name)
 
-        if pod is not None and decision.delete_pod and not pod["metadata"].get("deletionTimestamp"):
+        if decision.delete_pod:
             _delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
             logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
         elif decision.want_pod and pod is None:

@@ -265,23 +265,25 @@ def expiry_time(created: datetime, lifecycle: api.Lifecycle) -> datetime | None:
 
 def plan(spec: api.AgentSandboxSpec, created: datetime, last_activity: datetime | None, pod: PodView | None, now: datetime) -> Plan:
     lifecycle = spec.lifecycle
+    # A pod already being deleted needs no second delete; it is waited for.
+    pod_to_delete = pod is not None and not pod.terminating
     recheck: list[timedelta] = []
     expires = expiry_time(created, lifecycle)
     if expires is not None:
         if now >= expires:
             if lifecycle.shutdown_policy == "Delete":
-                return Plan("Expired", "Expired", "the sandbox reached its shutdown time", False, pod is not None, delete_sandbox=True)
+                return Plan("Expired", "Expired", "the sandbox reached its shutdown time", False, pod_to_delete, delete_sandbox=True)
             return Plan("Expired", "Expired", "the sandbox reached its shutdown time; its object and workspace are retained",
-                        False, pod is not None)
+                        False, pod_to_delete)
         recheck.append(expires - now)
     if lifecycle.suspend:
-        return Plan("Suspended", "Suspended", "spec.lifecycle.suspend is true", False, pod is not None, recheck_after=_soonest(recheck))
+        return Plan("Suspended", "Suspended", "spec.lifecycle.suspend is true", False, pod_to_delete, recheck_after=_soonest(recheck))
     if lifecycle.idle_timeout is not None:
         idle_since = last_activity or created
         idle_until = idle_since + parse_duration(lifecycle.idle_timeout)
         if now >= idle_until:
             return Plan("Suspended", "IdleTimeout", f"no tool call since {idle_since.isoformat()}; the next one resumes it",
-                        False, pod is not None, recheck_after=_soonest(recheck))
+                        False, pod_to_delete, recheck_after=_soonest(recheck))
         recheck.append(idle_until - now)
     recheck_after = _soonest(recheck)
     if pod is None or pod.terminating:

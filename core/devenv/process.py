@@ -70,16 +70,17 @@ def stop(records: list[ProcessRecord], timeout: float = 15.0) -> None:
         process = _process(record)
         if process is not None:
             processes.append(process)
-            _signal_group(record.pid, signal.SIGTERM)
+            signal_group(record.pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     for process in alive:
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=5)
     for record in records:
         _reap(record.pid)
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a process started by `start` and everything in its session."""
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:

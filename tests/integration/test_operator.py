@@ -54,7 +54,7 @@ class Operator:
     def kill(self) -> None:
         """SIGKILL: no chance to finish anything it was doing."""
         assert self.record is not None
-        process._signal_group(self.record.pid, signal.SIGKILL)
+        process.signal_group(self.record.pid, signal.SIGKILL)
         process.stop([self.record])
 
     def stop(self) -> None:

@@ -33,6 +33,8 @@ def test_a_pod_being_deleted_is_waited_for_not_deleted_again():
     going = PodView(phase="Running", ready=True, scheduled=True, node_name="n1", terminating=True)
     decision = plan(_spec(), T0, None, going, T0)
     assert not decision.delete_pod and decision.phase == "Pending"
+    suspended = plan(_spec(suspend=True), T0, None, going, T0)
+    assert suspended.phase == "Suspended" and not suspended.delete_pod
 
 
 def test_suspend_removes_the_pod_and_keeps_the_object():
