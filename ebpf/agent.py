@@ -74,6 +74,28 @@ def read_ppid(pid: int) -> int:
     raise ProcessLookupError(pid)
 
 
+def innermost_pid(status_text: str) -> int | None:
+    """A process's PID in its own (innermost) PID namespace, from /proc/PID/status's NSpid line."""
+    for line in status_text.splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return None
+
+
+def host_pid(pid: int, peer_pid: int, candidates: set[int]) -> int:
+    """The node's PID of the caller's child `pid` as the caller sees it. A runtime in a container speaks in
+    its container's PID namespace; the child is among `candidates` (its sandbox's processes)."""
+    if os.readlink(f"/proc/{peer_pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
+        return pid
+    for candidate in candidates:
+        try:
+            if innermost_pid(Path(f"/proc/{candidate}/status").read_text()) == pid and read_ppid(candidate) == peer_pid:
+                return candidate
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    raise HttpError(404, f"no process {pid} among the caller's children")
+
+
 def unified_cgroup_of(pid: int) -> str:
     try:
         return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())[UNIFIED]
@@ -143,6 +165,10 @@ class NodeAgent:
         if not is_within(unified_cgroup_of(peer.pid), sandbox.cgroup.unified_path):
             raise HttpError(403, f"caller pid {peer.pid} is not in sandbox {sandbox.key}")
 
+    def require_in_sandbox_or_admin(self, peer: Peer, sandbox: Sandbox) -> None:
+        if not is_within(unified_cgroup_of(peer.pid), sandbox.cgroup.unified_path):
+            self.require_admin(peer)
+
     def sandbox(self, ref: SandboxRef) -> Sandbox:
         try:
             return self.sandboxes[ref.key]
@@ -152,6 +178,10 @@ class NodeAgent:
     # --- sandboxes ------------------------------------------------------------------------------------
     def create_sandbox(self, peer: Peer, spec: SandboxCreate) -> SandboxStatus:
         self.require_admin(peer)
+        return self.register(spec)
+
+    def register(self, spec: SandboxCreate) -> SandboxStatus:
+        """Make a sandbox (the API's create, and the Kubernetes mode's pod watcher, come here)."""
         if spec.defaults.memory > spec.envelope.memory or spec.defaults.pids > spec.envelope.pids \
                 or spec.defaults.cpu > spec.envelope.cpu or spec.defaults.timeout > spec.envelope.timeout:
             raise HttpError(422, "the sandbox's defaults must fit inside its envelope")
@@ -208,6 +238,9 @@ class NodeAgent:
 
     def delete_sandbox(self, peer: Peer, ref: SandboxRef) -> None:
         self.require_admin(peer)
+        self.unregister(ref)
+
+    def unregister(self, ref: SandboxRef) -> None:
         sandbox = self.sandbox(ref)
         for call_id in [c for c, r in self.running.items() if f"{r.namespace}/{r.sandbox}" == sandbox.key]:
             self.finalize(call_id, CallFinish())
@@ -229,6 +262,7 @@ class NodeAgent:
     def place_call(self, peer: Peer, request: CallCreate) -> CallPlaced:
         sandbox = self.sandbox(request)
         self.require_in_sandbox(peer, sandbox)
+        request = request.model_copy(update={"pid": host_pid(request.pid, peer.pid, sandbox.main.pids())})
         target = unified_cgroup_of(request.pid)
         if target != sandbox.main.unified_path:
             raise HttpError(403, f"pid {request.pid} is not a process of sandbox {sandbox.key} outside any call")
@@ -286,8 +320,9 @@ class NodeAgent:
         if record is None:
             raise HttpError(404, f"no call {call_id}")
         sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
-        caller = unified_cgroup_of(peer.pid)
-        if not (sandbox and is_within(caller, sandbox.cgroup.unified_path)):
+        if sandbox:
+            self.require_in_sandbox_or_admin(peer, sandbox)
+        else:
             self.require_admin(peer)
         return record
 

@@ -1,4 +1,5 @@
-"""The node agent's HTTP API (over its 0600 unix socket). Handlers only parse and delegate.
+"""The node agent's HTTP API (over its 0600 unix socket; in Kubernetes mode the sandbox routes also over
+the sandbox socket that sandbox pods mount). Handlers only parse and delegate.
 
     POST   /v1/sandboxes                       create a sandbox (root, outside every sandbox)
     GET    /v1/sandboxes/{namespace}/{name}    its status, with last activity
@@ -20,9 +21,6 @@ from agentkube.ebpf.agent import NodeAgent
 from agentkube.ebpf.models import CallCreate, CallFinish, SandboxCreate, SandboxRef
 from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
 
-DEFAULT_SOCKET = Path("/run/agentkube/node-agent.sock")
-DEFAULT_STATE_DIR = Path("/var/lib/agentkube/node-agent")
-
 
 def _body(body: object) -> dict:
     if not isinstance(body, dict):
@@ -30,7 +28,8 @@ def _body(body: object) -> dict:
     return body
 
 
-def routes(agent: NodeAgent) -> dict:
+def routes(agent: NodeAgent, sandbox_only: bool = False) -> dict:
+    """The API's routes; `sandbox_only`: just what a sandbox's runtime needs (for the sandbox socket)."""
     def ref(params):
         return SandboxRef(name=params["name"], namespace=params["namespace"])
 
@@ -38,7 +37,9 @@ def routes(agent: NodeAgent) -> dict:
         return 201, agent.create_sandbox(peer, SandboxCreate.model_validate(_body(body)))
 
     def get_sandbox(peer, params, body):
-        return 200, agent.status(agent.sandbox(ref(params)))
+        sandbox = agent.sandbox(ref(params))
+        agent.require_in_sandbox_or_admin(peer, sandbox)
+        return 200, agent.status(sandbox)
 
     def delete_sandbox(peer, params, body):
         agent.delete_sandbox(peer, ref(params))
@@ -57,14 +58,15 @@ def routes(agent: NodeAgent) -> dict:
         return 200, agent.metrics.exposition()
 
     return {
-        ("POST", "/v1/sandboxes"): create_sandbox,
         ("GET", "/v1/sandboxes/{namespace}/{name}"): get_sandbox,
-        ("DELETE", "/v1/sandboxes/{namespace}/{name}"): delete_sandbox,
         ("POST", "/v1/calls"): place_call,
         ("POST", "/v1/calls/{call_id}/finish"): finish_call,
         ("GET", "/v1/calls/{call_id}"): get_call,
+    } | ({} if sandbox_only else {
+        ("POST", "/v1/sandboxes"): create_sandbox,
+        ("DELETE", "/v1/sandboxes/{namespace}/{name}"): delete_sandbox,
         ("GET", "/metrics"): metrics,
-    }
+    })
 
 
 class NodeAgentServer:
@@ -77,12 +79,28 @@ class NodeAgentServer:
         if metrics_port is not None:
             # Loopback only: a scraper on the node (or a Service through the pod's network) reads it there.
             start_http_server(metrics_port, addr="127.0.0.1", registry=self.agent.metrics.registry)
+        self.sandbox_server: UnixHttpServer | None = None
+        self.watcher = None
+
+    def serve_kubernetes(self, node_name: str, sandbox_socket: Path, kubelet_root: Path, kubeconfig: str | None) -> None:
+        """Kubernetes mode: register the sandbox pods of `node_name`, and serve their runtimes on a socket
+        the pods mount (only the routes a sandbox needs)."""
+        from agentkube.ebpf.kubernetes import PodWatcher
+
+        self.sandbox_server = UnixHttpServer(sandbox_socket, routes(self.agent, sandbox_only=True), mode=0o666)
+        self.watcher = PodWatcher(self.agent, node_name, kubelet_root, kubeconfig)
 
     def serve_forever(self, stop: threading.Event) -> None:
         self.server.start()
+        if self.sandbox_server:
+            self.sandbox_server.start()
+            self.watcher.start()
         stop.wait()
         self.close()
 
     def close(self) -> None:
+        if self.watcher:
+            self.watcher.close()
+            self.sandbox_server.stop()
         self.server.stop()
         self.agent.stop()

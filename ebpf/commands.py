@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from agentkube.ebpf.api import DEFAULT_SOCKET, DEFAULT_STATE_DIR
-from agentkube.ebpf.runtime import runtime_socket
+from agentkube.ebpf.runtime import AGENT_SOCKET, AGENT_STATE_DIR, SANDBOX_AGENT_SOCKET, runtime_socket
 
 node_agent_app = typer.Typer(help="The node agent: a cgroup per tool call, enforced and observed with eBPF.",
                              no_args_is_help=True)
@@ -19,8 +18,13 @@ sandbox_runtime_app = typer.Typer(help="The sandbox runtime: runs commands insid
 @node_agent_app.command("run")
 def run_node_agent(
     local: bool = typer.Option(False, "--local", help="sandboxes are cgroups this agent creates (no Kubernetes)"),
-    socket: Path = typer.Option(DEFAULT_SOCKET, help="the API's unix socket (created 0600)"),
-    state_dir: Path = typer.Option(DEFAULT_STATE_DIR, help="running calls, sandboxes, history, audit log"),
+    socket: Path = typer.Option(AGENT_SOCKET, help="the API's unix socket (created 0600)"),
+    sandbox_socket: Path = typer.Option(SANDBOX_AGENT_SOCKET, help="Kubernetes mode: the socket sandbox pods mount "
+                                        "(0666; each request is authorized by its caller's cgroup)"),
+    node_name: str | None = typer.Option(None, envvar="NODE_NAME", help="Kubernetes mode: this node's name"),
+    kubeconfig: str | None = typer.Option(None, help="Kubernetes mode: credentials (default: in-cluster)"),
+    kubelet_root_dir: Path = typer.Option(Path("/var/lib/kubelet"), help="Kubernetes mode: the kubelet's --root-dir"),
+    state_dir: Path = typer.Option(AGENT_STATE_DIR, help="running calls, sandboxes, history, audit log"),
     instance: str = typer.Option("agentkube", help="name of the cgroup root and bpffs directory"),
     metrics_port: int | None = typer.Option(None, help="also serve /metrics on 127.0.0.1:PORT"),
     favor_dynmods: bool = typer.Option(False, "--favor-dynmods",
@@ -33,19 +37,24 @@ def run_node_agent(
 
     stop = threading.Event()
     install_stop_signals(stop)
+    if not local and not node_name:
+        raise typer.BadParameter("give --node-name (or NODE_NAME), or run with --local", param_hint="--node-name")
     server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port,
                              favor_dynmods=favor_dynmods, local=local)
+    if not local:
+        server.serve_kubernetes(node_name, sandbox_socket, kubelet_root_dir, kubeconfig)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)
     server.serve_forever(stop)
 
 
 @sandbox_runtime_app.callback()
 def run_sandbox_runtime(
-    name: str = typer.Option(..., help="the sandbox's name"),
-    namespace: str = typer.Option("default"),
+    name: str = typer.Option(..., envvar="AGENTKUBE_SANDBOX_NAME", help="the sandbox's name"),
+    namespace: str = typer.Option("default", envvar="AGENTKUBE_SANDBOX_NAMESPACE"),
     local: bool = typer.Option(False, "--local", help="register this process as a new local sandbox first"),
-    agent_socket: Path = typer.Option(DEFAULT_SOCKET, help="the node agent's socket"),
-    socket: Path | None = typer.Option(None, help="this runtime's socket (default /run/agentkube/sandboxes/NS/NAME.sock)"),
+    agent_socket: Path = typer.Option(AGENT_SOCKET, envvar="AGENTKUBE_AGENT_SOCKET", help="the node agent's socket"),
+    socket: Path | None = typer.Option(None, envvar="AGENTKUBE_SANDBOX_SOCKET",
+                                       help="this runtime's socket (default /run/agentkube/sandboxes/NS/NAME.sock)"),
     memory: str = typer.Option("2Gi", help="--local: the sandbox's memory envelope"),
     cpu: float = typer.Option(1.0, help="--local: the sandbox's CPU envelope (cores)"),
     pids: int = typer.Option(1024, help="--local: the sandbox's pids envelope"),
@@ -69,3 +78,7 @@ def run_sandbox_runtime(
     runtime = SandboxRuntime(ref, agent_socket, path)
     typer.echo(f"sandbox runtime for {ref.key} on {path}", err=True)
     runtime.serve(stop)
+
+
+if __name__ == "__main__":  # the sandbox image's entry point, without the whole CLI's dependencies
+    sandbox_runtime_app()

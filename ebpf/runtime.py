@@ -32,7 +32,18 @@ from agentkube.ebpf.models import (
 )
 from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
 
+# Where things live on a node (and, for a sandbox pod, inside it). One node agent per node serves two
+# sockets: the admin socket (0600, root outside every sandbox) and the sandbox socket (0666, mounted
+# read-only into sandbox pods; each request is authorized by the caller's cgroup).
+AGENT_SOCKET = Path("/run/agentkube/node-agent.sock")
+SANDBOX_AGENT_SOCKET = Path("/run/agentkube/agent/sandbox.sock")
+AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")
+# Each sandbox's runtime socket, as the SDK on the node finds it (for a pod: a link the node agent makes
+# to the socket in the pod's runtime volume).
 RUNTIME_SOCKET_DIR = Path("/run/agentkube/sandboxes")
+# Inside a sandbox pod: the runtime's socket in an emptyDir volume (writable by the sandbox's user).
+POD_RUNTIME_DIR = Path("/run/agentkube/runtime")
+RUNTIME_SOCKET_NAME = "runtime.sock"
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's

@@ -121,18 +121,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A threaded HTTP server on a unix socket created with mode 0600 (owner only)."""
+    """A threaded HTTP server on a unix socket, created with mode 0600 (owner only) unless told otherwise:
+    a socket open to everyone must authorize each request by its peer's credentials."""
 
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: Path, routes: dict[tuple[str, str], Route]):
+    def __init__(self, path: Path, routes: dict[tuple[str, str], Route], mode: int = 0o600):
         self.routes = routes
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if mode == 0o600 else 0o755)
         path.unlink(missing_ok=True)
-        # The umask makes the socket 0600 from the moment it exists, not after a chmod.
-        old = os.umask(0o177)
+        # The umask gives the socket its mode from the moment it exists, not after a chmod.
+        old = os.umask(0o777 & ~mode)
         try:
             super().__init__(str(path), _Handler)
         finally:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from agentkube.ebpf.runtime import POD_RUNTIME_DIR, RUNTIME_SOCKET_NAME, SANDBOX_AGENT_SOCKET
 from agentkube.operator import api
 
 SANDBOX_LABEL = "agentkube.dev/sandbox"
@@ -21,6 +22,15 @@ CLIENT_LABEL = "agentkube.dev/sandbox-client"
 SANDBOX_RUNTIME_PORT = 7070
 CONTAINER_NAME = "sandbox"
 WORKSPACE_VOLUME = "workspace"
+# The sandbox runtime's socket lives in this emptyDir (writable by the sandbox's user); the node agent
+# links it where the SDK on the node finds it. The node agent's sandbox socket comes in read-only.
+RUNTIME_VOLUME = "agentkube-runtime"
+AGENT_VOLUME = "agentkube-agent"
+# The sandbox image's runtime reads who it is and where to listen from these.
+RUNTIME_ENV = {
+    "AGENTKUBE_SANDBOX_SOCKET": str(POD_RUNTIME_DIR / RUNTIME_SOCKET_NAME),
+    "AGENTKUBE_AGENT_SOCKET": str(SANDBOX_AGENT_SOCKET),
+}
 CLUSTER_DOMAIN = "cluster.local"
 # What "internet" excludes: private ranges and link-local (cloud metadata endpoints live there).
 NON_INTERNET = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
@@ -98,14 +108,22 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, 
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": WORKSPACE_VOLUME, "mountPath": spec.workspace.mount_path if spec.workspace else "/workspace"}],
+        "volumeMounts": [
+            {"name": WORKSPACE_VOLUME, "mountPath": spec.workspace.mount_path if spec.workspace else "/workspace"},
+            {"name": RUNTIME_VOLUME, "mountPath": str(POD_RUNTIME_DIR)},
+            {"name": AGENT_VOLUME, "mountPath": str(SANDBOX_AGENT_SOCKET.parent), "readOnly": True},
+        ],
+        "env": [
+            {"name": "AGENTKUBE_SANDBOX_NAME", "value": name},
+            {"name": "AGENTKUBE_SANDBOX_NAMESPACE", "value": body["metadata"]["namespace"]},
+            *({"name": key, "value": value} for key, value in RUNTIME_ENV.items()),
+            *(e.model_dump() for e in template.env or ()),
+        ],
     }
     if template.command:
         container["command"] = list(template.command)
     if template.args:
         container["args"] = list(template.args)
-    if template.env:
-        container["env"] = [e.model_dump() for e in template.env]
     workspace = (
         {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": workspace_claim_name(name)}}
         if spec.workspace
@@ -124,7 +142,11 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [workspace],
+        "volumes": [
+            workspace,
+            {"name": RUNTIME_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            {"name": AGENT_VOLUME, "hostPath": {"path": str(SANDBOX_AGENT_SOCKET.parent), "type": "DirectoryOrCreate"}},
+        ],
     }
     if template.runtime_class_name:
         pod_spec["runtimeClassName"] = template.runtime_class_name

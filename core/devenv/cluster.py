@@ -1,5 +1,5 @@
-"""`DevEnv`: one local environment — etcd, kube-apiserver, kube-controller-manager and Prometheus — living
-in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
+"""`DevEnv`: one local environment — etcd, kube-apiserver, kube-controller-manager and Prometheus, and with
+`with_node` a node (containerd, kube-scheduler, kubelet, the node agent) — living in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
 state file lets a later command (`agentkube dev down`) find what an earlier one started."""
 
 import datetime
@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,10 +20,11 @@ import psutil
 import requests
 import yaml
 
-from agentkube.devenv import config, pki, process
+from agentkube.devenv import config, images, localnode, node, pki, process
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
+from agentkube.ebpf.runtime import AGENT_SOCKET
 
 POLL_INTERVAL = 0.1
 
@@ -32,10 +35,12 @@ class DevEnvError(RuntimeError):
 
 @dataclass(frozen=True)
 class Component:
-    name: str  # also the name of its binary
+    name: str  # also the name of its binary, unless `binary` says otherwise
     command: Callable[[Path, Layout, Ports], list[str]]
-    health_url: Callable[[Ports], str]
+    health_url: Callable[[Ports], str] | None = None
     health_client: str | None = None  # the client certificate its health check presents, if it needs one
+    health_socket: Callable[[Layout], Path] | None = None  # or: healthy once this unix socket accepts
+    binary: str | None = None
 
 
 STORE = "etcd"
@@ -46,6 +51,17 @@ CONTROL_PLANE = (
     Component("kube-controller-manager", config.controller_manager_command, config.controller_manager_health_url),
 )
 PROMETHEUS = Component("prometheus", config.prometheus_command, config.prometheus_health_url)
+CONTAINERD = Component("containerd", lambda binary, layout, ports: node.containerd_command(layout.node),
+                       health_socket=lambda layout: layout.node.containerd_socket)
+# The node, in start order after containerd (which comes first, so that the images can be imported).
+NODE = (
+    Component("kube-scheduler", config.scheduler_command, config.scheduler_health_url),
+    Component("kubelet", config.kubelet_command, config.kubelet_health_url),
+    Component("node-agent", lambda python, layout, ports: node.node_agent_command(
+                  python, layout.node, layout.client_kubeconfig("node-agent")),
+              health_socket=lambda layout: AGENT_SOCKET, binary=sys.executable),
+)
+NODE_READY_SECONDS = 120.0
 
 
 def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
@@ -62,6 +78,9 @@ def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
             dns_names=config.APISERVER_DNS_NAMES, ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP),
         ),
         "controller-manager": pki.issue(ca, ca_key, "kube-controller-manager", now, server=True, **loopback),
+        "scheduler": pki.issue(ca, ca_key, "kube-scheduler", now, server=True, **loopback),
+        "kubelet": pki.issue(ca, ca_key, config.KUBELET.user, now, server=True, dns_names=(node.NODE_NAME,),
+                             ip_addresses=(node.NODE_IP, config.LOOPBACK)),
         "front-proxy-ca": front_proxy_ca,
         "front-proxy-client": pki.issue(front_proxy_ca, front_proxy_ca_key, config.FRONT_PROXY_CLIENT.user, now, client=True),
     }
@@ -74,14 +93,14 @@ def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
 TEMPORARY_PREFIX = "agentkube-"
 
 
-def temporary_env(*, with_prometheus: bool = True) -> "DevEnv":
+def temporary_env(*, with_prometheus: bool = True, with_node: bool = False) -> "DevEnv":
     """An environment in a fresh temporary directory whose processes die with this Python process.
 
     `down()` removes the directory. A process killed outright (SIGKILL) cannot do that, so every new
     temporary environment first sweeps the directories of owners that no longer exist."""
     sweep_abandoned()
     root = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
-    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus)
+    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node)
 
 
 def sweep_abandoned() -> list[Path]:
@@ -111,11 +130,13 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 class DevEnv:
-    def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True):
+    def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True,
+                 with_node: bool = False):
         """`tie_to_parent`: the processes die with this Python process (tests); otherwise they outlive it
-        (`agentkube dev up`)."""
+        (`agentkube dev up`). `with_node`: also a node that runs pods (one per machine)."""
         self.layout = Layout(Path(state_dir))
         self.tie_to_parent = tie_to_parent
+        self.with_node = with_node
         self.components = CONTROL_PLANE + ((PROMETHEUS,) if with_prometheus else ())
         self.ports: Ports | None = None
         self.processes: list[process.ProcessRecord] = []
@@ -129,12 +150,14 @@ class DevEnv:
             state = json.loads(self.layout.state.read_text())
             self.ports = Ports(**state["ports"])
             self.processes = [process.ProcessRecord.from_json(p) for p in state["processes"]]
+            self.with_node = self.with_node or state.get("with_node", False)
 
     def _save_state(self) -> None:
         assert self.ports is not None
         state = {
             "kubernetes_version": KUBERNETES_VERSION,
             "ports": asdict(self.ports),
+            "with_node": self.with_node,
             "processes": [p.to_json() for p in self.processes],
         }
         _write_private(self.layout.state, json.dumps(state, indent=2).encode())
@@ -160,7 +183,7 @@ class DevEnv:
     def status(self) -> dict[str, bool]:
         """Whether each component is running and answering its health check."""
         running = {record.name: process.is_running(record) for record in self.processes}
-        return {c.name: running.get(c.name, False) and self._healthy(c) for c in self.components}
+        return {c.name: running.get(c.name, False) and self._healthy(c) for c in self._all_components()}
 
     def is_removable(self) -> bool:
         """An empty directory, or one that holds an environment's state."""
@@ -174,7 +197,9 @@ class DevEnv:
         if self.is_up():
             return self
         self.down()  # leftovers of a crashed or partial run: start clean
-        binaries = {c.name: require_binary(c.name) for c in self.components}
+        binaries = {c.name: require_binary(c.binary or c.name) for c in self._all_components()}
+        # Images first and outside the deadline: the first Debian root filesystem takes a minute or two.
+        archives = [images.pause_archive(), images.sandbox_archive()] if self.with_node else []
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
@@ -182,14 +207,9 @@ class DevEnv:
             self._save_state()  # first, so that `down` recognises the directory as an environment's
             self._write_files()
             for component in self.components:
-                started = time.monotonic()
-                argv = component.command(binaries[component.name], self.layout, self.ports)
-                self.processes.append(
-                    process.start(component.name, argv, self.layout.log(component.name), tie_to_parent=self.tie_to_parent)
-                )
-                self._save_state()
-                self._wait_healthy(component, deadline)
-                self.startup_seconds[component.name] = time.monotonic() - started
+                self._start(component, binaries[component.name], deadline)
+            if self.with_node:
+                self._up_node(binaries, archives, deadline + NODE_READY_SECONDS)
         except BaseException:
             self.down()
             raise
@@ -201,6 +221,8 @@ class DevEnv:
         root = self.layout.root
         if root.exists() and not self.is_removable():
             raise DevEnvError(f"{root} is not empty and holds no agentkube environment: refusing to use or delete it")
+        if self.with_node:
+            self._down_node()
         # Everything else first, together; etcd last, since the apiserver needs it to shut down cleanly.
         process.stop([r for r in self.processes if r.name != STORE])
         process.stop([r for r in self.processes if r.name == STORE])
@@ -231,6 +253,69 @@ class DevEnv:
         self.down()
 
     # ----- internals -------------------------------------------------------------------------------
+    def _all_components(self) -> tuple[Component, ...]:
+        return self.components + ((CONTAINERD, *NODE) if self.with_node else ())
+
+    def _start(self, component: Component, binary: Path, deadline: float) -> None:
+        started = time.monotonic()
+        argv = component.command(binary, self.layout, self._require_ports())
+        self.processes.append(
+            process.start(component.name, argv, self.layout.log(component.name), tie_to_parent=self.tie_to_parent)
+        )
+        self._save_state()
+        self._wait_healthy(component, deadline)
+        self.startup_seconds[component.name] = time.monotonic() - started
+
+    def _up_node(self, binaries: dict[str, Path], archives: list[Path], deadline: float) -> None:
+        layout, ports = self.layout, self._require_ports()
+        started = time.monotonic()
+        localnode.acquire(layout.root)
+        localnode.create_bridge()
+        node_layout = layout.node
+        for directory in (node_layout.cni_conf_dir, node_layout.kubelet_root):
+            directory.mkdir(parents=True, exist_ok=True)
+        _write_private(node_layout.containerd_config, node.containerd_config(node_layout, images.PAUSE_IMAGE).encode())
+        _write_private(node_layout.cni_conf_dir / f"10-{node.CNI_NETWORK}.conflist",
+                       json.dumps(node.cni_conflist(node_layout)).encode())
+        _write_private(node_layout.kubelet_config, yaml.safe_dump(
+            node.kubelet_config(node_layout, layout.pki, ports.kubelet, ports.kubelet_healthz)).encode())
+        self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
+        for archive in archives:
+            images.import_archive(node.CTR, node_layout.containerd_socket, node.CONTAINERD_NAMESPACE, archive)
+        self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user))
+        for component in NODE:
+            self._start(component, binaries[component.name], deadline)
+        self._wait_node_ready(deadline)
+        self.startup_seconds["node"] = time.monotonic() - started
+
+    def _down_node(self) -> None:
+        node_processes = {component.name for component in NODE}
+        process.stop([r for r in self.processes if r.name in node_processes])
+        netns = localnode.remove_containers(self.layout.node)
+        process.stop([r for r in self.processes if r.name == CONTAINERD.name])
+        self.processes = [r for r in self.processes if r.name not in node_processes | {CONTAINERD.name}]
+        localnode.clean_host(self.layout.node, self.layout.root, netns)
+
+    def _kubectl_apply(self, documents: list[dict]) -> None:
+        manifest = yaml.safe_dump_all(documents).encode()
+        result = subprocess.run([str(require_binary("kubectl")), "apply", "--server-side", "-f", "-"], input=manifest,
+                                capture_output=True, env=self.environ())
+        if result.returncode != 0:
+            raise DevEnvError(f"kubectl apply failed: {result.stderr.decode()[-2000:]}")
+
+    def _wait_node_ready(self, deadline: float) -> None:
+        while True:
+            result = subprocess.run(
+                [str(require_binary("kubectl")), "get", "node", node.NODE_NAME, "-o",
+                 "jsonpath={.status.conditions[?(@.type=='Ready')].status}"], capture_output=True, text=True,
+                env=self.environ())
+            if result.stdout.strip() == "True":
+                return
+            if time.monotonic() > deadline:
+                raise DevEnvError(f"node {node.NODE_NAME} not Ready in time; the kubelet's log ends:\n"
+                                  f"{process.log_tail(self.layout.log('kubelet'))}")
+            time.sleep(0.5)
+
     def _require_ports(self) -> Ports:
         if self.ports is None:
             raise DevEnvError(f"no environment in {self.layout.root}: run `agentkube dev up`")
@@ -246,7 +331,9 @@ class DevEnv:
         _write_private(layout.key("service-account"), pki.key_pem(service_account_key))
         _write_private(layout.service_account_public_key, pki.public_key_pem(service_account_key))
 
-        for path, name in ((layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")):
+        kubeconfigs = [(layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")]
+        kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent")]
+        for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(
                 config.apiserver_url(ports), credentials["ca"].cert_pem, credentials[name].cert_pem, credentials[name].key_pem, user
@@ -260,6 +347,8 @@ class DevEnv:
     def _healthy(self, component: Component) -> bool:
         if self.ports is None:
             return False
+        if component.health_socket:
+            return localnode.socket_accepts(component.health_socket(self.layout))
         client = component.health_client
         cert = (str(self.layout.cert(client)), str(self.layout.key(client))) if client else None
         try:

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agentkube.devenv.images import ImageError
+from agentkube.devenv.localnode import NodeError
 from agentkube.devenv.cluster import DevEnv, DevEnvError
 from agentkube.devenv.install import InstallError, install_all
 from agentkube.devenv.versions import bin_dir, default_state_dir
@@ -40,16 +42,19 @@ def install() -> None:
 def up(
     state_dir: StateDir = default_state_dir(),
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every component to be healthy.")] = 120.0,
+    with_node: Annotated[bool, typer.Option("--with-node", help="Also run a node (containerd, runc, kubelet, "
+                                            "kube-scheduler, the node agent) so that pods run; needs root.")] = False,
 ) -> None:
-    """Start etcd, kube-apiserver, kube-controller-manager and Prometheus on loopback (no-op when already up)."""
-    env = DevEnv(state_dir)
+    """Start etcd, kube-apiserver, kube-controller-manager and Prometheus on loopback (no-op when already up);
+    with --with-node also a node whose pods run for real."""
+    env = DevEnv(state_dir, with_node=with_node)
     if env.is_up():
         console.print(f"already up in {state_dir}")
     else:
         started = time.monotonic()
         try:
             env.up(timeout=timeout)
-        except (InstallError, DevEnvError) as error:
+        except (InstallError, DevEnvError, ImageError, NodeError) as error:
             _fail(error)
         steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in env.startup_seconds.items())
         console.print(f"up in {time.monotonic() - started:.1f}s ({steps})")

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentkube.devenv import node
+from agentkube.devenv.node import NODE_NAME, NodeLayout
+
 LOOPBACK = "127.0.0.1"
 SERVICE_CIDR = "10.96.0.0/16"
 # The first address of the service range is the `kubernetes` Service's ClusterIP: the apiserver's
@@ -39,6 +42,12 @@ ADMIN = ClientIdentity("agentkube-admin", ("system:masters",))
 CONTROLLER_MANAGER = ClientIdentity("system:kube-controller-manager")
 PROMETHEUS = ClientIdentity("agentkube-prometheus", ("system:monitoring",))
 APISERVER_ETCD_CLIENT = ClientIdentity("kube-apiserver-etcd-client")
+SCHEDULER = ClientIdentity("system:kube-scheduler")
+# The Node authorizer and NodeRestriction confine the kubelet to its own node's objects by this name.
+KUBELET = ClientIdentity(f"system:node:{NODE_NAME}", ("system:nodes",))
+# The apiserver calls the kubelet (logs, exec, port-forward) as this identity; RBAC binds it (node.node_rbac).
+APISERVER_KUBELET_CLIENT = ClientIdentity("kube-apiserver-kubelet-client")
+NODE_AGENT = ClientIdentity("agentkube:node-agent")
 
 # Client certificates by file name. The front-proxy client is separate: it is signed by its own CA.
 CLIENT_CERTIFICATES = {
@@ -46,6 +55,10 @@ CLIENT_CERTIFICATES = {
     "controller-manager-client": CONTROLLER_MANAGER,
     "prometheus": PROMETHEUS,
     "apiserver-etcd-client": APISERVER_ETCD_CLIENT,
+    "scheduler-client": SCHEDULER,
+    "kubelet-client": KUBELET,
+    "apiserver-kubelet-client": APISERVER_KUBELET_CLIENT,
+    "node-agent": NODE_AGENT,
 }
 # The apiserver proxies to aggregated APIs as this identity, signed by a CA of its own (as kubeadm does)
 # so that no other client certificate can assert a user through the request headers.
@@ -59,6 +72,9 @@ class Ports:
     apiserver: int
     controller_manager: int
     prometheus: int
+    scheduler: int
+    kubelet: int
+    kubelet_healthz: int
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,14 @@ class Layout:
 
     def log(self, component: str) -> Path:
         return self.logs / f"{component}.log"
+
+    def client_kubeconfig(self, name: str) -> Path:
+        """The kubeconfig of the client certificate `name` (a CLIENT_CERTIFICATES key)."""
+        return self.pki / f"{name}.kubeconfig"
+
+    @property
+    def node(self) -> NodeLayout:
+        return NodeLayout(self.root / "node")
 
 
 def apiserver_url(ports: Ports) -> str:
@@ -193,12 +217,33 @@ def apiserver_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         f"--proxy-client-cert-file={layout.cert('front-proxy-client')}",
         f"--proxy-client-key-file={layout.key('front-proxy-client')}",
+        f"--kubelet-client-certificate={layout.cert('apiserver-kubelet-client')}",
+        f"--kubelet-client-key={layout.key('apiserver-kubelet-client')}",
+        f"--kubelet-certificate-authority={layout.cert('ca')}",
+        "--kubelet-preferred-address-types=InternalIP",
+        "--enable-admission-plugins=NodeRestriction",
         # The `kubernetes` Service's endpoints may not be a loopback address, and nothing on this machine
         # routes the service IP yet, so the apiserver does not publish them.
         "--endpoint-reconciler-type=none",
         "--allow-privileged=true",
         "--profiling=false",
     ]
+
+
+def scheduler_health_url(ports: Ports) -> str:
+    return f"https://{LOOPBACK}:{ports.scheduler}/healthz"
+
+
+def kubelet_health_url(ports: Ports) -> str:
+    return f"http://{LOOPBACK}:{ports.kubelet_healthz}/healthz"
+
+
+def scheduler_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return node.scheduler_command(binary, layout.client_kubeconfig("scheduler-client"), ports.scheduler, layout.pki)
+
+
+def kubelet_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return node.kubelet_command(binary, layout.node, layout.client_kubeconfig("kubelet-client"))
 
 
 def controller_manager_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:

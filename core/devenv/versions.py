@@ -14,7 +14,7 @@ KUBECTL_LAYER_VERSION = "2.2.2"
 
 CONTROLPLANE_BINARY = "controlplane"
 # Names the multi-call control-plane binary answers to (symlinks to it in the bin directory).
-CONTROLPLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
+CONTROLPLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet")
 LAYER_TOOLS = ("kubectl", "helm")
 
 
@@ -25,6 +25,11 @@ def cache_root() -> Path:
         return Path(override)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "agentkube"
+
+
+def wheels_dir() -> Path:
+    """The Python wheels `make venv` downloaded (the install runs offline from them); images reuse them."""
+    return cache_root() / "wheels"
 
 
 def bin_dir() -> Path:

@@ -1,10 +1,11 @@
 // Command controlplane is a multi-call binary: invoked as (or with a first
-// argument of) kube-apiserver, kube-controller-manager or etcd, it runs that
-// component exactly as the upstream release binary would. One binary keeps the
-// cold build to a single link of the shared Kubernetes code.
+// argument of) kube-apiserver, kube-controller-manager, kube-scheduler, kubelet
+// or etcd, it runs that component exactly as the upstream release binary would.
+// One binary keeps the cold build to a single link of the shared Kubernetes code.
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -21,9 +22,11 @@ import (
 	_ "k8s.io/component-base/metrics/prometheus/workqueue"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
-var components = []string{"kube-apiserver", "kube-controller-manager", "etcd"}
+var components = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "etcd"}
 
 func main() {
 	name := filepath.Base(os.Args[0])
@@ -38,6 +41,12 @@ func main() {
 	case "kube-controller-manager":
 		os.Args = args
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kube-scheduler":
+		os.Args = args
+		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kubelet":
+		os.Args = args
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
 	case "etcd":
 		etcdmain.Main(args)
 	default:

@@ -1,0 +1,156 @@
+"""The host side of the local node: what it sets up on this machine before its processes start, and
+everything `dev down` must take away after they stop (containers, mounts, network namespaces, the
+bridge, cgroups). The decisions (paths, configs) are in `node`; this module only does them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+
+from agentkube.devenv import node
+from agentkube.devenv.node import BRIDGE, CONTAINERD_NAMESPACE, CTR, NODE_LOCK, NodeLayout
+from agentkube.ebpf.runtime import RUNTIME_SOCKET_DIR
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+KUBEPODS = "kubepods"
+# Left by the kubelet in fixed places whatever its --root-dir.
+KUBELET_FIXED_SOCKETS = (Path("/var/lib/kubelet/device-plugins/kubelet.sock"),)
+
+
+class NodeError(RuntimeError):
+    """The node cannot start on this machine; the message says why."""
+
+
+def acquire(environment: Path) -> None:
+    """Claim this machine's one node for `environment`. A claim whose environment is gone is stale."""
+    if NODE_LOCK.exists():
+        owner = Path(NODE_LOCK.read_text().strip())
+        if owner != environment and (owner / "state.json").is_file():
+            raise NodeError(f"this machine's node belongs to the environment in {owner}: "
+                            f"run `agentkube dev down --state-dir {owner}` first")
+    NODE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    NODE_LOCK.write_text(str(environment))
+
+
+def release(environment: Path) -> None:
+    if NODE_LOCK.exists() and Path(NODE_LOCK.read_text().strip()) == environment:
+        NODE_LOCK.unlink()
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise NodeError(f"`ip {' '.join(args)}` failed: {result.stderr.strip()}")
+    return result
+
+
+def create_bridge() -> None:
+    """The pods' bridge, holding the node's address before the kubelet starts (it must find its node IP
+    on an interface); the CNI bridge plugin then attaches pods to it."""
+    if _ip("link", "show", BRIDGE, check=False).returncode != 0:
+        _ip("link", "add", BRIDGE, "type", "bridge")
+    if node.NODE_IP not in _ip("-o", "addr", "show", "dev", BRIDGE).stdout:
+        _ip("addr", "add", f"{node.NODE_IP}/{node.POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
+    _ip("link", "set", BRIDGE, "up")
+
+
+def socket_accepts(path: Path) -> bool:
+    with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def ctr(layout: NodeLayout, *args: str, check: bool = True) -> str:
+    result = subprocess.run([str(CTR), "--address", str(layout.containerd_socket), "--namespace", CONTAINERD_NAMESPACE,
+                             *args], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise NodeError(f"`ctr {' '.join(args)}` failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def remove_containers(layout: NodeLayout) -> set[str]:
+    """Kill and delete every container of the node's containerd; returns their network namespaces."""
+    if not socket_accepts(layout.containerd_socket):
+        return set()
+    ids = ctr(layout, "containers", "list", "--quiet", check=False).split()
+    infos = []
+    for container in ids:
+        try:
+            infos.append(json.loads(ctr(layout, "containers", "info", container)))
+        except (NodeError, json.JSONDecodeError):
+            pass
+        ctr(layout, "tasks", "kill", "--signal", "SIGKILL", container, check=False)
+    for container in ids:
+        ctr(layout, "tasks", "delete", "--force", container, check=False)
+        ctr(layout, "containers", "delete", container, check=False)
+    return node.netns_paths(infos)
+
+
+def kill_shims(layout: NodeLayout) -> None:
+    """containerd's shims outlive it by design; the ones serving this node's containerd go too."""
+    address = str(layout.containerd_socket)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if (proc.info["name"] or "").startswith("containerd-shim") and address in (proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below `root`, deepest (last mounted) first."""
+    points = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == str(root) or point.startswith(str(root).rstrip("/") + "/"):
+                points.append(point)
+    return points[::-1]
+
+
+def unmount(points: list[str]) -> None:
+    for point in points:
+        subprocess.run(["umount", "--lazy", point], capture_output=True)
+
+
+def remove_cgroup_tree(directory: Path) -> None:
+    """rmdir a cgroup and its descendants, deepest first (a cgroup dir can only be removed empty)."""
+    if not directory.is_dir():
+        return
+    for child in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            child.rmdir()
+        except OSError:
+            pass
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+def clean_host(layout: NodeLayout, environment: Path, netns: set[str]) -> None:
+    """Everything else the node made, once its processes (containerd last) have stopped."""
+    kill_shims(layout)
+    unmount([path for path in netns if Path(path).exists()])
+    for path in netns:
+        Path(path).unlink(missing_ok=True)
+    unmount(mounts_under(layout.root))
+    _ip("link", "delete", BRIDGE, check=False)
+    for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
+        remove_cgroup_tree(hierarchy / KUBEPODS)
+    for path in KUBELET_FIXED_SOCKETS:
+        path.unlink(missing_ok=True)
+    for link in RUNTIME_SOCKET_DIR.glob("*/*.sock") if RUNTIME_SOCKET_DIR.is_dir() else ():
+        if link.is_symlink() and str(os.readlink(link)).startswith(str(layout.root)):
+            link.unlink()
+    release(environment)

@@ -1,0 +1,167 @@
+"""The node agent's Kubernetes mode: sandboxes are the AgentSandbox pods running on this node.
+
+The agent watches the pods bound to its node that carry the sandbox label. Once a pod's sandbox container
+runs, it registers a sandbox on that container's cgroup (envelope and defaults from the pod's tools
+annotation, written by the operator) and links the runtime's socket where the SDK on the node looks for
+it; when the container changes or the pod goes, it removes the sandbox again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from agentkube.ebpf.models import DefaultsSpec, EnvelopeSpec, KubernetesContainer, SandboxCreate, SandboxRef
+from agentkube.ebpf.runtime import RUNTIME_SOCKET_NAME, runtime_socket
+from agentkube.operator import api
+from agentkube.operator.sandbox import CONTAINER_NAME, RUNTIME_VOLUME, SANDBOX_LABEL, TOOLS_ANNOTATION, parse_duration
+
+log = logging.getLogger("agentkube.node-agent")
+
+WATCH_SECONDS = 300  # a watch is renewed this often (the API server ends long watches anyway)
+
+
+def cpu_cores(quantity: str | int | float) -> float:
+    """CPU cores from a Kubernetes quantity ("500m", "2", 1.5)."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def network_of(intent: api.ToolNetwork | None) -> str:
+    """The node agent's network string for a tool intent's network. `cluster` and `internet` allow all at
+    the cgroup level: which addresses those mean is the pod's NetworkPolicy's to enforce."""
+    if intent is None or intent.egress == "none":
+        return "none"
+    if intent.egress == "explicit":
+        return ",".join(f"{rule.cidr}:{rule.port or '*'}" for rule in intent.allow)
+    return "all"
+
+
+def sandbox_spec(pod: dict[str, Any]) -> SandboxCreate | None:
+    """The sandbox a pod's running sandbox container makes, or None while it does not run."""
+    metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
+    container = next((c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER_NAME), None)
+    if container is None or "running" not in (container.get("state") or {}) or not container.get("containerID"):
+        return None
+    tools_json = json.loads((metadata.get("annotations") or {}).get(TOOLS_ANNOTATION, "{}"))
+    envelope_limits = tools_json.pop("envelope", {})
+    tools = api.Tools.model_validate(tools_json)
+    default = tools.default
+    envelope = EnvelopeSpec(**{
+        key: value for key, value in (("memory", envelope_limits.get("memory")),
+                                      ("cpu", cpu_cores(envelope_limits["cpu"]) if "cpu" in envelope_limits else None))
+        if value is not None
+    })
+    defaults = DefaultsSpec(**{
+        key: value for key, value in (
+            ("memory", default.memory), ("cpu", cpu_cores(default.cpu) if default.cpu is not None else None),
+            ("pids", default.pids), ("timeout", parse_duration(default.timeout).total_seconds() if default.timeout else None),
+            ("network", network_of(default.network)),
+        ) if value is not None
+    })
+    # What the operator's CEL already guarantees, once more for pods made by anything else.
+    defaults = defaults.model_copy(update={"memory": min(defaults.memory, envelope.memory),
+                                           "cpu": min(defaults.cpu, envelope.cpu), "pids": min(defaults.pids, envelope.pids),
+                                           "timeout": min(defaults.timeout, envelope.timeout)})
+    return SandboxCreate(
+        name=metadata["labels"][SANDBOX_LABEL], namespace=metadata["namespace"], envelope=envelope, defaults=defaults,
+        kubernetes=KubernetesContainer(pod_uid=metadata["uid"], container_id=container["containerID"],
+                                       qos=(status.get("qosClass") or "Burstable").lower()),
+    )
+
+
+def pod_runtime_socket(kubelet_root: Path, pod_uid: str) -> Path:
+    """Where the runtime's socket of a pod is on the node: in its emptyDir runtime volume."""
+    return kubelet_root / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir" / RUNTIME_VOLUME / RUNTIME_SOCKET_NAME
+
+
+class PodWatcher:
+    """Keeps the agent's sandboxes in step with the sandbox pods running on `node_name`."""
+
+    def __init__(self, agent, node_name: str, kubelet_root: Path, kubeconfig: str | None = None):
+        from kubernetes import client, config
+
+        if kubeconfig:
+            config.load_kube_config(kubeconfig)
+        else:
+            config.load_incluster_config()
+        self.core = client.CoreV1Api()
+        self.agent = agent
+        self.node_name = node_name
+        self.kubelet_root = Path(kubelet_root)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pod-watcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        while not self.stop.is_set():
+            try:
+                selector = {"label_selector": SANDBOX_LABEL, "field_selector": f"spec.nodeName={self.node_name}"}
+                pods = self.core.list_pod_for_all_namespaces(**selector, _preload_content=False)
+                listed = json.loads(pods.data)
+                self._resync([item for item in listed["items"]])
+                stream = watch.Watch()
+                for event in stream.stream(self.core.list_pod_for_all_namespaces, **selector,
+                                           resource_version=listed["metadata"]["resourceVersion"],
+                                           timeout_seconds=WATCH_SECONDS, _preload_content=False):
+                    if self.stop.is_set():
+                        stream.stop()
+                        break
+                    pod = event["raw_object"]
+                    self._apply(pod, deleted=event["type"] == "DELETED")
+            except Exception as error:  # the API server restarting, an expired watch: list again
+                log.warning("pod watch: %s; listing again", error)
+                self.stop.wait(1.0)
+
+    def _resync(self, pods: list[dict[str, Any]]) -> None:
+        present = set()
+        for pod in pods:
+            spec = self._apply(pod, deleted=False)
+            if spec:
+                present.add(spec.key)
+        for key, sandbox in list(self.agent.sandboxes.items()):
+            if sandbox.spec.kubernetes and key not in present:
+                self._remove(sandbox.spec)
+
+    def _apply(self, pod: dict[str, Any], deleted: bool) -> SandboxCreate | None:
+        try:
+            spec = None if deleted else sandbox_spec(pod)
+        except ValueError as error:  # a malformed annotation: say so, leave the pod without per-call limits
+            log.warning("pod %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], error)
+            spec = None
+        labels = pod["metadata"].get("labels") or {}
+        key = f"{pod['metadata']['namespace']}/{labels.get(SANDBOX_LABEL)}"
+        current = self.agent.sandboxes.get(key)
+        if current and (spec is None or current.spec.kubernetes != spec.kubernetes):
+            self._remove(current.spec)
+            current = None
+        if spec and current is None:
+            try:
+                self.agent.register(spec)
+                self._link(spec)
+                log.info("sandbox %s: container %s", spec.key, spec.kubernetes.container_id)
+            except Exception as error:  # e.g. the cgroup is not there yet: the next event retries
+                log.warning("sandbox %s: %s", spec.key, error)
+        return spec
+
+    def _remove(self, spec: SandboxCreate) -> None:
+        self.agent.unregister(SandboxRef(name=spec.name, namespace=spec.namespace))
+        runtime_socket(spec.namespace, spec.name).unlink(missing_ok=True)
+        log.info("sandbox %s removed", spec.key)
+
+    def _link(self, spec: SandboxCreate) -> None:
+        link = runtime_socket(spec.namespace, spec.name)
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        link.unlink(missing_ok=True)
+        os.symlink(pod_runtime_socket(self.kubelet_root, spec.kubernetes.pod_uid), link)
