@@ -245,11 +245,13 @@ class NodeAgent:
         for call_id in [c for c, r in self.running.items() if f"{r.namespace}/{r.sandbox}" == sandbox.key]:
             self.finalize(call_id, CallFinish())
         with self._lock:
-            self.programs.detach_egress(sandbox.cgroup.unified_dir, sandbox.cgroup.id)
-            if sandbox.spec.kubernetes:
-                sandbox.main.kill()  # the container's processes; its cgroup belongs to the kubelet
-            else:
-                sandbox.cgroup.remove()
+            # A pod's cgroup goes with its container (the kernel detaches the programs then).
+            if sandbox.cgroup.exists():
+                self.programs.detach_egress(sandbox.cgroup.unified_dir, sandbox.cgroup.id)
+                if sandbox.spec.kubernetes:
+                    sandbox.main.kill()  # the container's processes; its cgroup belongs to the kubelet
+                else:
+                    sandbox.cgroup.remove()
             del self.sandboxes[sandbox.key]
             (self.state_dir / "sandboxes" / f"{sandbox.spec.namespace}_{sandbox.spec.name}.json").unlink(missing_ok=True)
             self.metrics.forget_sandbox(sandbox.spec.name, sandbox.spec.namespace)

@@ -32,6 +32,9 @@ def run_node_agent(
                                             "(no RCU wait on each process move), a little more per fork/exit"),
 ) -> None:
     """Run the node agent until SIGTERM/SIGINT. Running calls survive a restart."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agentkube.ebpf.api import NodeAgentServer
     from agentkube.ebpf.runtime import install_stop_signals
 

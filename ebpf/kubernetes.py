@@ -156,9 +156,12 @@ class PodWatcher:
         return spec
 
     def _remove(self, spec: SandboxCreate) -> None:
-        self.agent.unregister(SandboxRef(name=spec.name, namespace=spec.namespace))
         runtime_socket(spec.namespace, spec.name).unlink(missing_ok=True)
-        log.info("sandbox %s removed", spec.key)
+        try:
+            self.agent.unregister(SandboxRef(name=spec.name, namespace=spec.namespace))
+            log.info("sandbox %s removed", spec.key)
+        except Exception as error:  # never let one sandbox stop the watch of all the others
+            log.warning("sandbox %s: removing it: %s", spec.key, error)
 
     def _link(self, spec: SandboxCreate) -> None:
         link = runtime_socket(spec.namespace, spec.name)

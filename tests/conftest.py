@@ -9,13 +9,15 @@ import kubernetes
 import pytest
 
 from agentkube.devenv import DevEnv, temporary_env
-from agentkube.devenv.versions import bin_dir
+from harness import kubectl_runner
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -49,19 +51,7 @@ def api_client(devenv: DevEnv) -> kubernetes.client.ApiClient:
 @pytest.fixture(scope="session")
 def kubectl(devenv: DevEnv):
     """Run the real kubectl against the environment; returns the completed process."""
-
-    def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(bin_dir() / "kubectl"), *args],
-            env=devenv.environ(),
-            capture_output=True,
-            text=True,
-            check=check,
-            input=input,
-            timeout=60,
-        )
-
-    return run
+    return kubectl_runner(devenv)
 
 
 @pytest.fixture

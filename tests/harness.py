@@ -1,0 +1,78 @@
+"""What integration and end-to-end tests share: the operator as it runs in production (a child process
+authenticated as the chart's service account, with the chart's RBAC)."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from agentkube.devenv import DevEnv, process
+from agentkube.devenv.cluster import free_port
+from agentkube.devenv.versions import bin_dir
+from agentkube.operator import crds
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "agentkube"
+SYSTEM_NAMESPACE = "agentkube-system"
+OPERATOR_SA = "agentkube-operator"
+
+
+class Operator:
+    """`agentkube operator run` in a child process, as its service account."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path):
+        self.kubeconfig, self.log_dir = kubeconfig, log_dir
+        self.record: process.ProcessRecord | None = None
+        self.metrics_port = self.liveness_port = 0
+        self.starts = 0
+
+    def start(self) -> None:
+        self.metrics_port, self.liveness_port = free_port(), free_port()
+        self.starts += 1
+        argv = [sys.executable, "-m", "agentkube", "operator", "run",
+                f"--metrics-port={self.metrics_port}", f"--liveness-port={self.liveness_port}"]
+        self.record = process.start("operator", ["env", f"KUBECONFIG={self.kubeconfig}", *argv],
+                                    self.log_path, tie_to_parent=True)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything it was doing."""
+        assert self.record is not None
+        process.signal_group(self.record.pid, signal.SIGKILL)
+        process.stop([self.record])
+
+    def stop(self) -> None:
+        if self.record is not None:
+            process.stop([self.record])
+
+
+def helm_template(*show_only: str) -> str:
+    args = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE]
+    for template in show_only:
+        args += ["--show-only", f"templates/{template}"]
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
+def install_operator(devenv: DevEnv, kubectl) -> Path:
+    """CRDs, the chart's service account, RBAC and peering object; returns the operator's kubeconfig."""
+    kubectl("apply", "-f", str(crds.CRD_DIRECTORY))
+    for name in (crds.AGENT_SANDBOX.crd_name, crds.SERVED_MODEL.crd_name, "clusterkopfpeerings.kopf.dev"):
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    kubectl("create", "namespace", SYSTEM_NAMESPACE, check=False)
+    rendered = helm_template("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "peering.yaml")
+    kubectl("apply", "-f", "-", input=rendered)
+    token = kubectl("create", "token", OPERATOR_SA, "-n", SYSTEM_NAMESPACE, "--duration=6h").stdout.strip()
+    return devenv.write_token_kubeconfig(OPERATOR_SA, token)
+
+
+def kubectl_runner(devenv: DevEnv):
+    """The real kubectl against `devenv`: run(*args, check=True, input=None) -> CompletedProcess."""
+
+    def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(bin_dir() / "kubectl"), *args], env=devenv.environ(), capture_output=True,
+                              text=True, check=check, input=input, timeout=60)
+
+    return run
