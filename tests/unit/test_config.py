@@ -9,7 +9,8 @@ from agentkube.devenv import config
 from agentkube.devenv.config import Layout, Ports
 
 LAYOUT = Layout(Path("/state"))
-PORTS = Ports(etcd_client=2379, etcd_peer=2380, apiserver=6443, controller_manager=10257, prometheus=9090)
+PORTS = Ports(etcd_client=2379, etcd_peer=2380, apiserver=6443, controller_manager=10257, prometheus=9090,
+              scheduler=10259, kubelet=10250, kubelet_healthz=10248)
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
