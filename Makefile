@@ -1,5 +1,5 @@
 # The two commands a newcomer needs:
-#   make dev   -- a real local control plane and Prometheus, and how to point kubectl at it
+#   make dev   -- a real local control plane, Prometheus and a node, and how to point kubectl at it
 #   make test  -- install everything and run the whole test suite
 # Heavy downloads and builds are cached outside the repository (~/.cache/agentkube, Go's module and build
 # caches), so only the first run on a machine is slow.
@@ -19,6 +19,9 @@ APT_PACKAGES := prometheus
 # The node agent: BCC and the kernel headers it compiles against; bpftool and cgroup-tools for its tests
 # and benchmarks.
 APT_PACKAGES += python3-bpfcc linux-headers-amd64 bpftool cgroup-tools
+# The node: containerd and runc, the CNI plugins, iproute2 for its bridge, iptables for portmap, and
+# mmdebstrap (with gpg) for the images' Debian root filesystems and gcc for the pause program (no registry).
+APT_PACKAGES += containerd runc containernetworking-plugins iproute2 iptables mmdebstrap gpg gcc libc6-dev
 
 .PHONY: test dev down deps venv tools unit clean ebpf-host
 
@@ -28,8 +31,8 @@ test: deps venv tools ebpf-host
 unit: venv
 	$(VENV)/bin/pytest tests/unit
 
-dev: deps venv tools
-	$(VENV)/bin/agentkube dev up
+dev: deps venv tools ebpf-host
+	$(VENV)/bin/agentkube dev up --with-node
 	@echo
 	@$(VENV)/bin/agentkube dev env
 
