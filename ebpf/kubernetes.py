@@ -12,17 +12,29 @@ import json
 import logging
 import os
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from agentkube.ebpf.models import DefaultsSpec, EnvelopeSpec, KubernetesContainer, SandboxCreate, SandboxRef
 from agentkube.ebpf.runtime import RUNTIME_SOCKET_NAME, runtime_socket
 from agentkube.operator import api
-from agentkube.operator.sandbox import CONTAINER_NAME, RUNTIME_VOLUME, SANDBOX_LABEL, TOOLS_ANNOTATION, parse_duration
+from agentkube.operator.sandbox import (
+    CONTAINER_NAME,
+    LAST_ACTIVITY_ANNOTATION,
+    RUNTIME_VOLUME,
+    SANDBOX_LABEL,
+    TOOLS_ANNOTATION,
+    parse_duration,
+)
+from agentkube.operator.status import timestamp
 
 log = logging.getLogger("agentkube.node-agent")
 
 WATCH_SECONDS = 300  # a watch is renewed this often (the API server ends long watches anyway)
+# How often tool-call activity is reported to the AgentSandbox (the operator's idle timeout reads it):
+# a bound on API writes per sandbox, and far below any sensible idle timeout.
+ACTIVITY_REPORT_SECONDS = 15.0
 
 
 def cpu_cores(quantity: str | int | float) -> float:
@@ -90,14 +102,33 @@ class PodWatcher:
         else:
             config.load_incluster_config()
         self.core = client.CoreV1Api()
+        self.custom = client.CustomObjectsApi()
         self.agent = agent
+        self.reported: dict[str, float] = {}  # sandbox key -> the last activity time reported
         self.node_name = node_name
         self.kubelet_root = Path(kubelet_root)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pod-watcher", daemon=True)
+        self.reporter = threading.Thread(target=self._report_activity, name="activity-reporter", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+        self.reporter.start()
+
+    def _report_activity(self) -> None:
+        """Mirror each sandbox's last tool-call activity into its AgentSandbox's annotation."""
+        while not self.stop.wait(ACTIVITY_REPORT_SECONDS):
+            for key, sandbox in list(self.agent.sandboxes.items()):
+                if sandbox.spec.kubernetes is None or self.reported.get(key) == sandbox.last_activity:
+                    continue
+                moment = datetime.fromtimestamp(sandbox.last_activity, timezone.utc).replace(microsecond=0)
+                patch = {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: timestamp(moment)}}}
+                try:
+                    self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, sandbox.spec.namespace,
+                                                               "agentsandboxes", sandbox.spec.name, patch)
+                    self.reported[key] = sandbox.last_activity
+                except Exception as error:  # the next round tries again
+                    log.warning("sandbox %s: reporting activity: %s", key, error)
 
     def close(self) -> None:
         self.stop.set()

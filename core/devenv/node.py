@@ -211,14 +211,15 @@ def scheduler_command(binary: Path, kubeconfig: Path, port: int, pki: Path) -> l
 def node_rbac(apiserver_kubelet_client: str, node_agent: str) -> list[dict[str, Any]]:
     """What the node's parts may do beyond Kubernetes' bootstrap policy: the apiserver reaches the
     kubelet's API (logs, exec, port-forward) as its kubelet client, as kubeadm binds it; the node agent
-    reads the pods of its node (the chart's DaemonSet gets the same role)."""
+    reads the pods of its node and reports tool-call activity on their AgentSandboxes."""
     return [
         _cluster_role_binding("agentkube:apiserver-kubelet-client", "system:kubelet-api-admin", apiserver_kubelet_client),
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": "agentkube:node-agent"},
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["patch"]}],
         },
         _cluster_role_binding("agentkube:node-agent", "agentkube:node-agent", node_agent),
     ]

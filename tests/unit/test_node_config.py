@@ -71,11 +71,12 @@ def test_node_identities_are_the_ones_the_node_authorizer_and_rbac_expect():
     assert scheduler["bind-address"] == "127.0.0.1" and scheduler["secure-port"] == "6"
 
 
-def test_node_rbac_binds_the_apiserver_to_the_kubelet_api_and_lets_the_node_agent_only_read_pods():
+def test_node_rbac_binds_the_apiserver_to_the_kubelet_api_and_lets_the_node_agent_read_pods_and_report():
     binding, role, agent_binding = node.node_rbac("apiserver-client", "node-agent")
     assert binding["roleRef"]["name"] == "system:kubelet-api-admin"
     assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "apiserver-client"}]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["patch"]}]
     assert agent_binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
