@@ -320,9 +320,17 @@ class ServedModelSpec(Model):
 
 
 class AutoscalingDecision(Model):
+    """The autoscaling loop's last decision (`policy: ppo`): the target it applied and why."""
+
     time: datetime
-    value: int
-    reason: str
+    value: int  # the concurrency target applied
+    reason: str  # the Autoscaling condition's reason: PolicyDecided, or why it fell back
+    message: str = ""
+    previous_value: int | None = None
+    policy_target: float | None = None  # what the policy asked for, before the bounded step
+    spot_share: float | None = None
+    # The metric values the decision saw, under Knative's names (request rate, p95 latency in ms, ...).
+    inputs: Annotated[dict[Annotated[str, Field(max_length=MAX_NAME)], float], Field(max_length=16)] = defaulted(dict)
 
 
 class ServedModelStatus(Model):
