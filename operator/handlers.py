@@ -436,20 +436,23 @@ def _decide_and_apply(model: dict[str, Any], spec: api.ServedModelSpec, logger: 
     )
     # The status first: it is what every reconcile reads as the target in force (one source of truth),
     # so a reconcile between the two writes already applies the new target.
-    _record_decision(model, outcome, now)
-    _apply_target(namespace, name, outcome.target)
-    log = logger.info if outcome.decided else logger.warning
+    if _record_decision(model, outcome, now):
+        _apply_target(namespace, name, outcome.target)
+    previous = next((c for c in (model.get("status") or {}).get("conditions", []) if c["type"] == autoscaling.CONDITION), {})
+    # A warning (which Kopf also posts as an Event) when it starts falling back, not at every turn.
+    log = logger.warning if not outcome.decided and previous.get("reason") != outcome.reason else logger.info
     log("autoscaling %s/%s: %s (%s)", namespace, name, outcome.message, outcome.reason)
     return outcome
 
 
-def _record_decision(model: dict[str, Any], outcome: autoscaling.Outcome, now: datetime) -> None:
+def _record_decision(model: dict[str, Any], outcome: autoscaling.Outcome, now: datetime) -> bool:
     decision = api.AutoscalingDecision(
         time=now, value=outcome.target, reason=outcome.reason, message=outcome.message,
         previous_value=outcome.previous_target, policy_target=outcome.policy_target, spot_share=outcome.spot_share,
         inputs=outcome.inputs,
     ).model_dump(mode="json", by_alias=True, exclude_none=True)
-    _write_autoscaling_status(model, {"concurrencyTarget": outcome.target, "lastDecision": decision}, outcome.condition, now)
+    return _write_autoscaling_status(model, {"concurrencyTarget": outcome.target, "lastDecision": decision},
+                                     outcome.condition, now)
 
 
 def _record_failure(namespace: str, name: str, detail: str) -> None:
@@ -460,9 +463,10 @@ def _record_failure(namespace: str, name: str, detail: str) -> None:
 
 
 def _write_autoscaling_status(model: dict[str, Any], fields: dict[str, Any], condition: tuple[str, bool, str, str],
-                              now: datetime) -> None:
+                              now: datetime) -> bool:
     """Patch the status, guarded by the resourceVersion read: the conditions list is written whole, and
-    the reconcile writes it too, so a write over a newer status would drop the other writer's conditions."""
+    the reconcile writes it too, so a write over a newer status would drop the other writer's conditions.
+    False when the model went away or stopped being `ppo` meanwhile (then nothing is written)."""
     custom = _api("custom")
     namespace, name = model["metadata"]["namespace"], model["metadata"]["name"]
     for attempt in range(STATUS_WRITE_ATTEMPTS):
@@ -473,15 +477,16 @@ def _write_autoscaling_status(model: dict[str, Any], fields: dict[str, Any], con
                  "status": {**fields, "conditions": conditions}}
         try:
             custom.patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, SERVED_MODELS, name, patch)
-            return
+            return True
         except ApiException as error:
             if error.status == 404:
-                return
+                return False
             if error.status != 409 or attempt == STATUS_WRITE_ATTEMPTS - 1:
                 raise
         model = _read(custom.get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SERVED_MODELS, name)
-        if model is None:
-            return
+        if model is None or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.policy != "ppo":
+            return False  # the spec's own target is in force now: a late decision must not override it
+    return False
 
 
 def _apply_target(namespace: str, name: str, target: int) -> None:

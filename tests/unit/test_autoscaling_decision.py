@@ -119,3 +119,13 @@ def test_time_of_day_and_interval():
     assert autoscaling.seconds_since_midnight(NOON) == 43_200.0
     assert autoscaling.decision_interval(api.PpoSettings(decision_interval="1m30s")).total_seconds() == 90
     assert autoscaling.stale_after_s(autoscaling.decision_interval(api.PpoSettings(decision_interval="5s"))) == 15.0
+
+
+def test_an_unreachable_prometheus_is_a_reason_not_an_exception():
+    from agentkube.devenv.cluster import free_port
+    from agentkube.operator.prometheus import MetricsSource
+
+    source = MetricsSource(f"http://user:secret@127.0.0.1:{free_port()}")  # nothing listens there
+    observed = source.observe("ml", "llm")
+    assert observed.problem == autoscaling.PROMETHEUS_UNREACHABLE and not observed.samples
+    assert "secret" not in observed.detail and "127.0.0.1" in observed.detail
