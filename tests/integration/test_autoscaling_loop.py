@@ -176,3 +176,13 @@ def test_the_loop_stops_when_the_policy_is_no_longer_ppo(devenv, api_client, ope
     time.sleep(12)
     assert _annotation(api_client, namespace) == "40"
     assert _model(api_client, namespace)["status"]["lastDecision"]["time"] == decided_at
+
+
+def test_the_chart_passes_the_prometheus_url_and_refuses_a_malformed_one():
+    helm = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--show-only", "templates/deployment.yaml"]
+    url = "http://prometheus-operated.monitoring.svc:9090"
+    rendered = subprocess.run([*helm, "--set", f"operator.prometheusUrl={url}"], capture_output=True, text=True, check=True)
+    assert f"--prometheus-url={url}" in rendered.stdout
+    assert "--prometheus-url" not in subprocess.run(helm, capture_output=True, text=True, check=True).stdout
+    refused = subprocess.run([*helm, "--set", "operator.prometheusUrl=prometheus:9090"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "prometheusUrl" in refused.stderr
