@@ -286,6 +286,11 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
     with metrics.reconciling("ServedModel"):
         body = dict(body)
         spec = api.ServedModelSpec.model_validate(body["spec"])
+        if spec.autoscaling.policy == "ppo":
+            # The autoscaling loop records the target in force in status between events: read it fresh,
+            # so that an older target from the event's copy is not put back on the Knative Service.
+            body["status"] = (_read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace,
+                                    SERVED_MODELS, name) or body).get("status")
         old = dict(body.get("status") or {})
         current = api.ServedModelStatus.model_validate(old)
         target = servedmodel.concurrency_target(spec, current)
@@ -302,7 +307,9 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             _patch_status(SERVED_MODELS, namespace, name, old, {"conditions": conditions, "ready": False,
                                                                   "observedGeneration": body["metadata"].get("generation")})
             raise kopf.TemporaryError(message, delay=_knative_backoff(retry))
-        _write_served_model_status(body, old, service, target, now, logger)
+        # Status from a fresh read: the event's copy may predate the autoscaling loop's last write, and
+        # a comparison with it would skip a write that is needed (or undo the loop's).
+        refresh_served_model(namespace, name, logger, service)
         if spec.autoscaling.policy == "ppo":
             # Starts the autoscaling loop (or decides at once after a spec change; the latest timer wins).
             rechecks.schedule(decide_served_model, namespace, name, timedelta(0), logger)
@@ -350,7 +357,7 @@ def refresh_served_model(namespace: str, name: str, logger: logging.Logger, serv
         if service is None:
             return  # not applied yet: the ServedModel's own handler is retrying
     old = model.get("status") or {}
-    target = old.get("concurrencyTarget") or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.target
+    target = servedmodel.concurrency_target(api.ServedModelSpec.model_validate(model["spec"]), api.ServedModelStatus.model_validate(old))
     _write_served_model_status(model, old, service, target, _now(), logger)
 
 
@@ -365,10 +372,11 @@ def knative_service_changed(type: str, body: kopf.Body, logger: logging.Logger, 
 
 def _merge_own_conditions(old: list[dict[str, Any]], new: list[tuple[str, bool, str, str]], now: datetime,
                           keep: set[str]) -> list[dict[str, Any]]:
-    """`new` merged into `old`, keeping the old conditions of the types in `keep` (another writer's)."""
-    written = {type_ for type_, *_ in new}
-    kept = [c for c in old or [] if c["type"] in keep and c["type"] not in written]
-    return merge_conditions(old, new, now) + kept
+    """`new` merged into `old`, keeping the old conditions of the types in `keep` (another writer's), in
+    their old order: two writers that reordered the list would each see a change to write back."""
+    merged = {c["type"]: c for c in merge_conditions(old, new, now)}
+    ordered = [merged.pop(c["type"]) if c["type"] in merged else c for c in old or [] if c["type"] in merged or c["type"] in keep]
+    return ordered + list(merged.values())
 
 
 # ----- ServedModel autoscaling loop (policy: ppo) --------------------------------------------------------

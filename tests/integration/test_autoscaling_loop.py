@@ -134,6 +134,7 @@ def test_the_operator_closes_the_loop_and_falls_back_when_metrics_stop(devenv, a
         model = _model(api_client, namespace)
         assert _condition(model)["status"] == "True" and _condition(model)["reason"] == autoscaling.DECIDED
         assert model["status"]["concurrencyTarget"] == first["value"]
+        assert not model["metadata"].get("finalizers")  # the loop lives on the operator's timers, not on the object
         # The loop keeps deciding: a later decision, with a later time.
         eventually(lambda: (d := _model(api_client, namespace)["status"]["lastDecision"])["time"] > first["time"]
                    and d["reason"] == autoscaling.DECIDED, timeout=60, message="only one decision was made")
