@@ -28,7 +28,7 @@ from agentkube.rl.observation import (
 from agentkube.rl.simulator import SLOConfig
 
 # What a ServedModel falls back to when the policy cannot decide: the target Knative itself would use.
-KNATIVE_DEFAULT_TARGET = int(KnativeDefaults().container_concurrency_target_default)
+KNATIVE_DEFAULT_TARGET = int(KnativeDefaults.container_concurrency_target_default)
 CONDITION = "Autoscaling"
 # Condition reasons, one per way a decision can end.
 DECIDED = "PolicyDecided"

@@ -68,27 +68,28 @@ class RevisionMetrics:
 
     def collect(self) -> Iterator[Metric]:
         names, values = list(self.labels), list(self.labels.values())
-        with self._lock:
-            # Knative's OpenCensus exporter names its counter without `_total`; an untyped family keeps it.
-            count = Metric("revision_app_request_count", "The number of requests that are routed to queue-proxy", "unknown")
-            count.add_sample("revision_app_request_count", self.labels, self.requests)
-            yield count
-            cumulative, buckets = 0.0, []
-            for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], self.buckets):
-                cumulative += n
-                buckets.append((le, cumulative))
-            latencies = HistogramMetricFamily("revision_app_request_latencies",
-                                              "The response time in millisecond", labels=names)
-            latencies.add_metric(values, buckets, self.latency_sum_ms)
-            yield latencies
-            for name, value in self.gauges.items():
-                gauge = GaugeMetricFamily(name, f"Knative's {name}", labels=names)
-                gauge.add_metric(values, value)
-                yield gauge
-            seen = GaugeMetricFamily("agentkube_simulator_target", "The concurrency target the simulated revision runs "
-                                     "(0: Knative's default, no annotation)", labels=names)
-            seen.add_metric(values, self.target or 0.0)
-            yield seen
+        with self._lock:  # one consistent snapshot per scrape
+            requests, per_bucket, latency_sum_ms = self.requests, list(self.buckets), self.latency_sum_ms
+            gauges, target = dict(self.gauges), self.target
+        # Knative's OpenCensus exporter names its counter without `_total`; an untyped family keeps it.
+        count = Metric("revision_app_request_count", "The number of requests that are routed to queue-proxy", "unknown")
+        count.add_sample("revision_app_request_count", self.labels, requests)
+        yield count
+        cumulative, buckets = 0.0, []
+        for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], per_bucket):
+            cumulative += n
+            buckets.append((le, cumulative))
+        latencies = HistogramMetricFamily("revision_app_request_latencies", "The response time in millisecond", labels=names)
+        latencies.add_metric(values, buckets, latency_sum_ms)
+        yield latencies
+        for name, value in gauges.items():
+            gauge = GaugeMetricFamily(name, f"Knative's {name}", labels=names)
+            gauge.add_metric(values, value)
+            yield gauge
+        seen = GaugeMetricFamily("agentkube_simulator_target", "The concurrency target the simulated revision runs "
+                                 "(0: Knative's default, no annotation)", labels=names)
+        seen.add_metric(values, target or 0.0)
+        yield seen
 
 
 def load_trace(trace: str, start_s: float, duration_s: float) -> Trace:
