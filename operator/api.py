@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
+from agentkube.rl.knative import KnativeDefaults
+
 GROUP = "agentkube.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -288,8 +290,8 @@ class Autoscaling(Model):
             "policy fixed runs exactly minScale = maxScale > 0 replicas", field_path=".policy"),
     )
     policy: Literal["kpa", "fixed", "ppo"] = "kpa"
-    target: Annotated[int, Field(ge=1, le=10_000)] = 100  # Knative's default concurrency target
-    target_utilization: Annotated[int, Field(ge=1, le=100)] = 70  # percent, Knative's default
+    target: Annotated[int, Field(ge=1, le=10_000)] = int(KnativeDefaults.container_concurrency_target_default)
+    target_utilization: Annotated[int, Field(ge=1, le=100)] = round(KnativeDefaults.target_utilization * 100)  # percent
     min_scale: Annotated[int, Field(ge=0, le=10_000)] = 0
     max_scale: Annotated[int, Field(ge=0, le=10_000)] = 0
     initial_scale: Annotated[int, Field(ge=0, le=10_000)] = 1
@@ -320,9 +322,17 @@ class ServedModelSpec(Model):
 
 
 class AutoscalingDecision(Model):
+    """The autoscaling loop's last decision (`policy: ppo`): the target it applied and why."""
+
     time: datetime
-    value: int
-    reason: str
+    value: int  # the concurrency target applied
+    reason: str  # the Autoscaling condition's reason: PolicyDecided, or why it fell back
+    message: str = ""
+    previous_value: int | None = None
+    policy_target: float | None = None  # what the policy asked for, before the bounded step
+    spot_share: float | None = None
+    # The metric values the decision saw, under Knative's names (request rate, p95 latency in ms, ...).
+    inputs: Annotated[dict[Annotated[str, Field(max_length=MAX_NAME)], float], Field(max_length=16)] = defaulted(dict)
 
 
 class ServedModelStatus(Model):

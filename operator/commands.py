@@ -17,10 +17,14 @@ def run(
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 8080,
     liveness_port: Annotated[int, typer.Option(help="Liveness probe port, /healthz (0: off).")] = 8081,
     peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name, so that one replica is active; '' to run standalone.")] = main.PEERING_NAME,
+    prometheus_url: Annotated[str | None, typer.Option(
+        envvar="AGENTKUBE_PROMETHEUS_URL",
+        help="Prometheus that scrapes Knative's metrics, for ServedModels with autoscaling policy ppo "
+             "(unset: they run Knative's default target, with a condition saying why).")] = None,
 ) -> None:
     """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
     main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
-             peering=peering or None, namespace=namespace)
+             peering=peering or None, namespace=namespace, prometheus_url=prometheus_url or None)
 
 
 @crds_app.command()

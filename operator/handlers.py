@@ -4,6 +4,7 @@ killed half-way (or two racing) converges on the next run."""
 
 import asyncio
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -14,8 +15,10 @@ import kopf
 import kubernetes
 from kubernetes.client import ApiException
 
-from agentkube.operator import api, metrics, sandbox, servedmodel
+from agentkube.operator import api, autoscaling, metrics, prometheus, sandbox, servedmodel
 from agentkube.operator.status import merge_conditions, timestamp
+from agentkube.rl.observation import ActionBounds
+from agentkube.rl.policy import ExportedPolicy, load_policy
 
 SANDBOXES = "agentsandboxes"
 SERVED_MODELS = "servedmodels"
@@ -283,6 +286,11 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
     with metrics.reconciling("ServedModel"):
         body = dict(body)
         spec = api.ServedModelSpec.model_validate(body["spec"])
+        if spec.autoscaling.policy == "ppo":
+            # The autoscaling loop records the target in force in status between events: read it fresh,
+            # so that an older target from the event's copy is not put back on the Knative Service.
+            body["status"] = (_read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace,
+                                    SERVED_MODELS, name) or body).get("status")
         old = dict(body.get("status") or {})
         current = api.ServedModelStatus.model_validate(old)
         target = servedmodel.concurrency_target(spec, current)
@@ -299,7 +307,12 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             _patch_status(SERVED_MODELS, namespace, name, old, {"conditions": conditions, "ready": False,
                                                                   "observedGeneration": body["metadata"].get("generation")})
             raise kopf.TemporaryError(message, delay=_knative_backoff(retry))
-        _write_served_model_status(body, old, service, target, now, logger)
+        # Status from a fresh read: the event's copy may predate the autoscaling loop's last write, and
+        # a comparison with it would skip a write that is needed (or undo the loop's).
+        refresh_served_model(namespace, name, logger, service)
+        if spec.autoscaling.policy == "ppo":
+            # Starts the autoscaling loop (or decides at once after a spec change; the latest timer wins).
+            rechecks.schedule(decide_served_model, namespace, name, timedelta(0), logger)
 
 
 def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -319,13 +332,17 @@ def _write_served_model_status(body: dict[str, Any], old: dict[str, Any], servic
     if not ready:
         rechecks.schedule(refresh_served_model, body["metadata"]["namespace"], body["metadata"]["name"],
                           KNATIVE_READINESS_RECHECK, logger)
-    conditions = merge_conditions(old.get("conditions", []), [
+    ppo = api.ServedModelSpec.model_validate(body["spec"]).autoscaling.policy == "ppo"
+    conditions = _merge_own_conditions(old.get("conditions", []), [
         ("KnativeAvailable", True, "KnativeServiceApplied", f"Knative Service {body['metadata']['name']} applied"),
         ("Ready", ready, "KnativeReady" if ready else "KnativeNotReady",
          "the Knative Service is ready" if ready else "waiting for the Knative Service to become ready"),
-    ], now)
-    new = {"url": url, "ready": ready, "conditions": conditions, "concurrencyTarget": target,
-           "observedGeneration": body["metadata"].get("generation")}
+    ], now, keep={autoscaling.CONDITION} if ppo else set())
+    new = {"url": url, "ready": ready, "conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
+    if not ppo or old.get("concurrencyTarget") is None:
+        # Under `ppo` the autoscaling loop owns the target in force; a reconcile that read the status
+        # before the loop's last write must not put an older target back.
+        new["concurrencyTarget"] = target
     _patch_status(SERVED_MODELS, body["metadata"]["namespace"], body["metadata"]["name"], old, new)
 
 
@@ -340,7 +357,7 @@ def refresh_served_model(namespace: str, name: str, logger: logging.Logger, serv
         if service is None:
             return  # not applied yet: the ServedModel's own handler is retrying
     old = model.get("status") or {}
-    target = old.get("concurrencyTarget") or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.target
+    target = servedmodel.concurrency_target(api.ServedModelSpec.model_validate(model["spec"]), api.ServedModelStatus.model_validate(old))
     _write_served_model_status(model, old, service, target, _now(), logger)
 
 
@@ -351,3 +368,143 @@ def knative_service_changed(type: str, body: kopf.Body, logger: logging.Logger, 
     if type in ("ADDED", "MODIFIED"):
         service = _as_dict(dict(body))
         refresh_served_model(service["metadata"]["namespace"], service["metadata"]["labels"][servedmodel.MODEL_LABEL], logger, service)
+
+
+def _merge_own_conditions(old: list[dict[str, Any]], new: list[tuple[str, bool, str, str]], now: datetime,
+                          keep: set[str]) -> list[dict[str, Any]]:
+    """`new` merged into `old`, keeping the old conditions of the types in `keep` (another writer's), in
+    their old order: two writers that reordered the list would each see a change to write back."""
+    merged = {c["type"]: c for c in merge_conditions(old, new, now)}
+    ordered = [merged.pop(c["type"]) if c["type"] in merged else c for c in old or [] if c["type"] in merged or c["type"] in keep]
+    return ordered + list(merged.values())
+
+
+# ----- ServedModel autoscaling loop (policy: ppo) --------------------------------------------------------
+
+_metrics_source: prometheus.MetricsSource | None = None
+# Attempts at writing a decision when another writer changed the status in between (a 409).
+STATUS_WRITE_ATTEMPTS = 3
+
+
+def configure_autoscaling(prometheus_url: str | None) -> None:
+    """Where the loop reads Knative's metrics (None: nowhere; ppo models then run Knative's default)."""
+    global _metrics_source
+    _metrics_source = prometheus.MetricsSource(prometheus_url) if prometheus_url else None
+    _policy()  # loaded once per process, at start-up, so that a broken policy file shows at once
+
+
+@functools.cache
+def _policy() -> tuple[ExportedPolicy | None, str]:
+    """The exported policy (NumPy only), or None and why it could not be loaded."""
+    try:
+        return load_policy(), ""
+    except Exception as error:  # a bad file must cost the fallback target, not the operator
+        logging.getLogger(__name__).error("the autoscaling policy could not be loaded: %s", error)
+        return None, f"{type(error).__name__}: {error}"
+
+
+def decide_served_model(namespace: str, name: str, logger: logging.Logger) -> autoscaling.Outcome | None:
+    """One turn of the autoscaling loop of a `policy: ppo` model, run on the `rechecks` timers in a worker
+    thread: observe, decide, record, apply, then schedule the next turn. The loop ends by itself when the
+    model is deleted or its policy is no longer ppo (no turn is scheduled then)."""
+    model = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SERVED_MODELS, name)
+    if model is None or model["metadata"].get("deletionTimestamp"):
+        return None
+    spec = api.ServedModelSpec.model_validate(model["spec"])
+    if spec.autoscaling.policy != "ppo":
+        return None
+    try:
+        return _decide_and_apply(model, spec, logger)
+    except Exception as error:  # one failed turn must neither stop the loop nor the operator
+        logger.exception("autoscaling decision for %s/%s failed", namespace, name)
+        try:
+            _record_failure(namespace, name, f"{type(error).__name__}: {error}")
+        except Exception:
+            logger.exception("could not record the failed decision of %s/%s", namespace, name)
+        return None
+    finally:
+        rechecks.schedule(decide_served_model, namespace, name, autoscaling.decision_interval(spec.autoscaling.ppo), logger)
+
+
+def _decide_and_apply(model: dict[str, Any], spec: api.ServedModelSpec, logger: logging.Logger) -> autoscaling.Outcome:
+    namespace, name = model["metadata"]["namespace"], model["metadata"]["name"]
+    status = api.ServedModelStatus.model_validate(model.get("status") or {})
+    current = servedmodel.concurrency_target(spec, status)
+    if _metrics_source is None:
+        observed = autoscaling.Observed(problem=autoscaling.PROMETHEUS_NOT_CONFIGURED,
+                                        detail="the operator runs without --prometheus-url")
+    else:
+        observed = _metrics_source.observe(namespace, name)
+    policy, policy_error = _policy()
+    now = _now()
+    outcome = autoscaling.decide(
+        observed, current_target=current, autoscaling=spec.autoscaling, spot=spec.capacity.spot,
+        policy=policy.decide if policy else None, bounds=policy.bounds if policy else ActionBounds(), now=now,
+        policy_error=policy_error,
+    )
+    # The status first: it is what every reconcile reads as the target in force (one source of truth),
+    # so a reconcile between the two writes already applies the new target.
+    if _record_decision(model, outcome, now):
+        _apply_target(namespace, name, outcome.target)
+    previous = next((c for c in (model.get("status") or {}).get("conditions", []) if c["type"] == autoscaling.CONDITION), {})
+    # A warning (which Kopf also posts as an Event) when it starts falling back, not at every turn.
+    log = logger.warning if not outcome.decided and previous.get("reason") != outcome.reason else logger.info
+    log("autoscaling %s/%s: %s (%s)", namespace, name, outcome.message, outcome.reason)
+    return outcome
+
+
+def _record_decision(model: dict[str, Any], outcome: autoscaling.Outcome, now: datetime) -> bool:
+    decision = api.AutoscalingDecision(
+        time=now, value=outcome.target, reason=outcome.reason, message=outcome.message,
+        previous_value=outcome.previous_target, policy_target=outcome.policy_target, spot_share=outcome.spot_share,
+        inputs=outcome.inputs,
+    ).model_dump(mode="json", by_alias=True, exclude_none=True)
+    return _write_autoscaling_status(model, {"concurrencyTarget": outcome.target, "lastDecision": decision},
+                                     outcome.condition, now)
+
+
+def _record_failure(namespace: str, name: str, detail: str) -> None:
+    model = _read(_api("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SERVED_MODELS, name)
+    if model is not None:
+        condition = (autoscaling.CONDITION, False, autoscaling.DECISION_FAILED, f"the decision failed: {detail}")
+        _write_autoscaling_status(model, {}, condition, _now())
+
+
+def _write_autoscaling_status(model: dict[str, Any], fields: dict[str, Any], condition: tuple[str, bool, str, str],
+                              now: datetime) -> bool:
+    """Patch the status, guarded by the resourceVersion read: the conditions list is written whole, and
+    the reconcile writes it too, so a write over a newer status would drop the other writer's conditions.
+    False when the model went away or stopped being `ppo` meanwhile (then nothing is written)."""
+    custom = _api("custom")
+    namespace, name = model["metadata"]["namespace"], model["metadata"]["name"]
+    for attempt in range(STATUS_WRITE_ATTEMPTS):
+        old = model.get("status") or {}
+        conditions = _merge_own_conditions(old.get("conditions", []), [condition], now,
+                                           keep={c["type"] for c in old.get("conditions", [])})
+        patch = {"metadata": {"resourceVersion": model["metadata"]["resourceVersion"]},
+                 "status": {**fields, "conditions": conditions}}
+        try:
+            custom.patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, SERVED_MODELS, name, patch)
+            return True
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            if error.status != 409 or attempt == STATUS_WRITE_ATTEMPTS - 1:
+                raise
+        model = _read(custom.get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, SERVED_MODELS, name)
+        if model is None or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.policy != "ppo":
+            return False  # the spec's own target is in force now: a late decision must not override it
+    return False
+
+
+def _apply_target(namespace: str, name: str, target: int) -> None:
+    """Set the Knative Service's target annotation (where `servedmodel` puts the static one)."""
+    custom = _api("custom")
+    knative = (servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, namespace, servedmodel.KNATIVE_PLURAL)
+    service = _read(custom.get_namespaced_custom_object, *knative, name)
+    if service is None:
+        return  # not created yet: the reconcile creates it with the target recorded in status
+    annotations = ((service.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
+    if annotations.get(servedmodel.TARGET_ANNOTATION) != str(target):
+        custom.patch_namespaced_custom_object(*knative, name, {"spec": {"template": {"metadata": {"annotations": {
+            servedmodel.TARGET_ANNOTATION: str(target)}}}}})

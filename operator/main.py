@@ -36,12 +36,14 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
         settings.peering.standalone = True
 
 
-def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, namespace: str | None) -> None:
+def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, namespace: str | None,
+        prometheus_url: str | None = None) -> None:
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, peering=peering)
 
+    handlers.configure_autoscaling(prometheus_url)
     if metrics_port:
         prometheus_client.disable_created_metrics()
         prometheus_client.start_http_server(metrics_port, addr=metrics_address)

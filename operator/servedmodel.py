@@ -12,6 +12,7 @@ KNATIVE_PLURAL = "services"
 MODEL_LABEL = "agentkube.dev/served-model"
 AUTOSCALING = "autoscaling.knative.dev"
 KPA_CLASS = "kpa.autoscaling.knative.dev"
+TARGET_ANNOTATION = f"{AUTOSCALING}/target"
 
 
 def concurrency_target(spec: api.ServedModelSpec, status: api.ServedModelStatus) -> int:
@@ -31,7 +32,7 @@ def autoscaling_annotations(autoscaling: api.Autoscaling, target: int) -> dict[s
     return {
         f"{AUTOSCALING}/class": KPA_CLASS,
         f"{AUTOSCALING}/metric": "concurrency",
-        f"{AUTOSCALING}/target": str(target),
+        TARGET_ANNOTATION: str(target),
         f"{AUTOSCALING}/target-utilization-percentage": str(autoscaling.target_utilization),
         f"{AUTOSCALING}/min-scale": str(min_scale),
         f"{AUTOSCALING}/max-scale": str(autoscaling.max_scale),

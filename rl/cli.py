@@ -58,3 +58,24 @@ def evaluate(
     header = f"Made by `{command}`; the policy by `{trained}`. Costs in $ over the trace."
     report = write_report(rows, runs, out, header)
     typer.echo(report.read_text())
+
+
+@rl_app.command("serve-revision")
+def serve_revision(
+    namespace: str = typer.Option(..., help="Namespace of the Knative Service whose revision this plays."),
+    service: str = typer.Option(..., help="The Knative Service: its target annotation is read from the API server."),
+    trace: str = typer.Option("conversation", help="A generated workload (conversation, api, flash) or a BurstGPT CSV."),
+    trace_start: float = typer.Option(36_000.0, help="Where in the trace to start, in seconds (default: 10:00, near the peak)."),
+    port: int = typer.Option(0, help="Metrics port on 127.0.0.1 (0: any free one; printed as `listening 127.0.0.1:<port>`)."),
+    duration: float = typer.Option(300.0, help="Wall seconds to run before exiting."),
+    speed: float = typer.Option(1.0, min=0.1, max=100.0, help="Simulated seconds per wall second."),
+    seed: int = typer.Option(0, help="Seed of the simulator's random streams (cold starts, interruptions)."),
+    kubeconfig: str = typer.Option(None, envvar="KUBECONFIG", help="Kubeconfig of the API server to read the Service from."),
+) -> None:
+    """Play a Knative revision under a trace, live: read its target from the Knative Service, serve
+    Knative's metrics for Prometheus on 127.0.0.1, exit after --duration (the operator's loop under test)."""
+    from agentkube.rl.live import load_trace, serve_revision as serve
+
+    loaded = load_trace(trace, trace_start, duration * speed + 60.0)
+    serve(namespace=namespace, service=service, trace=loaded, port=port, duration_s=duration, speed=speed, seed=seed,
+          kubeconfig=kubeconfig, echo=typer.echo)  # click's echo flushes each line

@@ -1,0 +1,180 @@
+"""The `policy: ppo` autoscaling decision, as pure functions: from what Prometheus returned (or why it
+returned nothing) to the concurrency target to apply, the reason, and the `Autoscaling` condition.
+
+Like Knative's own `Scale()`, the decision knows nothing of where the metrics came from or how the
+result is applied: `agentkube.operator.prometheus` queries, the handlers patch. Everything here is
+unit-tested without Prometheus or a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from agentkube.operator import api
+from agentkube.operator.sandbox import parse_duration
+from agentkube.rl.knative import KnativeDefaults
+from agentkube.rl.observation import (
+    KNATIVE_METRICS,
+    ActionBounds,
+    Decision,
+    MissingMetricError,
+    observation_from_metrics,
+)
+from agentkube.rl.simulator import SLOConfig
+
+# What a ServedModel falls back to when the policy cannot decide: the target Knative itself would use.
+KNATIVE_DEFAULT_TARGET = int(KnativeDefaults.container_concurrency_target_default)
+CONDITION = "Autoscaling"
+# Condition reasons, one per way a decision can end.
+DECIDED = "PolicyDecided"
+METRICS_MISSING = "MetricsMissing"
+METRICS_STALE = "MetricsStale"
+PROMETHEUS_UNREACHABLE = "PrometheusUnreachable"
+PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
+DECISION_FAILED = "DecisionFailed"
+# A metric whose newest raw sample is older than this many decision intervals (or scrape-interval-sized
+# floor) no longer describes the revision: the policy would act on a past that is gone.
+STALE_AFTER_INTERVALS = 2.0
+STALE_AFTER_MIN_S = 15.0
+
+# The raw series behind each KNATIVE_METRICS key (the histogram's freshness is that of its buckets).
+RAW_SERIES: dict[str, str] = {name: name for name in KNATIVE_METRICS} | {
+    "revision_app_request_latencies": "revision_app_request_latencies_bucket",
+}
+
+
+def revision_matcher(namespace: str, service: str) -> str:
+    """The label matcher for every revision of one Knative Service, under Knative's metric labels."""
+    return f'namespace_name="{_escape(namespace)}",service_name="{_escape(service)}"'
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def value_queries(matcher: str) -> dict[str, str]:
+    """PromQL for each observation input, keyed as `KNATIVE_METRICS`."""
+    return {name: promql.format(rev=matcher) for name, promql in KNATIVE_METRICS.items()}
+
+
+def age_queries(matcher: str) -> dict[str, str]:
+    """PromQL for the age in seconds of each input's newest raw sample. An instant query answers with
+    the latest sample within Prometheus' 5-minute lookback, so presence alone does not mean fresh."""
+    return {name: f"time() - max(timestamp({series}{{{matcher}}}))" for name, series in RAW_SERIES.items()}
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    value: float
+    age_s: float  # seconds since the newest raw sample behind the value was scraped
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the query layer saw: a sample per metric it found (absent keys were not found), or why it
+    could not ask at all (`problem`: a condition reason such as PrometheusUnreachable, with `detail`)."""
+
+    samples: Mapping[str, MetricSample] = field(default_factory=dict)
+    problem: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One decision: the target to apply, and what to record about it."""
+
+    target: int
+    previous_target: int
+    reason: str  # one of the reasons above; DECIDED only when the policy chose the target
+    message: str
+    spot_share: float | None = None
+    policy_target: float | None = None
+    inputs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decided(self) -> bool:
+        return self.reason == DECIDED
+
+    @property
+    def condition(self) -> tuple[str, bool, str, str]:
+        return (CONDITION, self.decided, self.reason, self.message)
+
+
+def decision_interval(settings: api.PpoSettings) -> timedelta:
+    return parse_duration(settings.decision_interval)
+
+
+def stale_after_s(interval: timedelta) -> float:
+    return max(STALE_AFTER_MIN_S, STALE_AFTER_INTERVALS * interval.total_seconds())
+
+
+def seconds_since_midnight(now: datetime) -> float:
+    return now.hour * 3600.0 + now.minute * 60.0 + now.second + now.microsecond / 1e6
+
+
+def bounded_step(current: float, wanted: float, max_change_fraction: float, bounds: ActionBounds) -> int:
+    """The target after one decision: at most `max_change_fraction` of the current target away from it,
+    within the policy's bounds, a whole number of requests (Knative reads the annotation as a number;
+    whole numbers keep the Knative Service from changing on rounding noise)."""
+    low, high = current * (1.0 - max_change_fraction), current * (1.0 + max_change_fraction)
+    stepped = min(max(wanted, low), high)
+    clamped = min(max(stepped, bounds.min_target), bounds.max_target)
+    return max(1, int(round(clamped)))
+
+
+def _fallback(current: int, reason: str, why: str, inputs: dict[str, float] | None = None) -> Outcome:
+    return Outcome(KNATIVE_DEFAULT_TARGET, current, reason,
+                   f"{why}; running Knative's default target {KNATIVE_DEFAULT_TARGET}", inputs=inputs or {})
+
+
+def decide(
+    observed: Observed,
+    *,
+    current_target: int,
+    autoscaling: api.Autoscaling,
+    spot: api.SpotCapacity,
+    policy: Callable[[np.ndarray], Decision] | None,
+    bounds: ActionBounds,
+    now: datetime,
+    policy_error: str = "",
+) -> Outcome:
+    """The next target for a `policy: ppo` ServedModel.
+
+    `policy` is the exported policy's `decide` (None when it could not be loaded: `policy_error` says
+    why). Missing or stale metrics, an unreachable Prometheus or no policy fall back to Knative's
+    default target at once: a known, safe target, rather than a step towards it."""
+    if observed.problem is not None:
+        return _fallback(current_target, observed.problem, observed.detail or observed.problem)
+    interval = decision_interval(autoscaling.ppo)
+    limit = stale_after_s(interval)
+    inputs = {name: round(sample.value, 3) for name, sample in observed.samples.items() if math.isfinite(sample.value)}
+    missing = sorted(name for name in KNATIVE_METRICS if name not in observed.samples)
+    if missing:
+        return _fallback(current_target, METRICS_MISSING, f"no recent samples of {', '.join(missing)} in Prometheus", inputs)
+    stale = sorted(name for name, sample in observed.samples.items() if name in KNATIVE_METRICS and sample.age_s > limit)
+    if stale:
+        oldest = max(observed.samples[name].age_s for name in stale)
+        return _fallback(current_target, METRICS_STALE,
+                         f"{', '.join(stale)} last scraped {oldest:.0f}s ago (more than {limit:.0f}s)", inputs)
+    if policy is None:
+        return _fallback(current_target, DECISION_FAILED, f"the policy could not be loaded: {policy_error}", inputs)
+    reference_s = autoscaling.slo.p95_latency_ms / 1000.0 if autoscaling.slo else SLOConfig().reference_latency_s
+    try:
+        observation = observation_from_metrics(
+            {name: sample.value for name, sample in observed.samples.items()},
+            target=float(current_target), time_of_day_s=seconds_since_midnight(now), reference_latency_s=reference_s,
+            spot_allowed=spot.enabled, bounds=bounds,
+        )
+    except MissingMetricError as error:
+        return _fallback(current_target, METRICS_MISSING, str(error), inputs)
+    choice = policy(observation)
+    target = bounded_step(current_target, choice.target, autoscaling.ppo.max_change_fraction, bounds)
+    spot_share = min(choice.spot_share, spot.max_spot_fraction) if spot.enabled else 0.0
+    clipped = "" if target == round(choice.target) else f" (the policy asked for {choice.target:.1f}; bounded step)"
+    message = f"target {current_target} -> {target}{clipped}; spot share {spot_share:.2f}"
+    return Outcome(target, current_target, DECIDED, message, spot_share, round(choice.target, 2), inputs)

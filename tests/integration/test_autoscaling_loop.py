@@ -1,0 +1,189 @@
+"""The `policy: ppo` autoscaling loop closed over real parts: the operator (as its service account) reads
+Knative's metrics from a real Prometheus, which scrapes the simulator playing the Knative revision as a
+process; the simulator reads the target the operator patched from the real API server."""
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes.client import ApiException, CustomObjectsApi
+
+from agentkube.devenv import process
+from agentkube.devenv.cluster import free_port
+from agentkube.devenv.versions import bin_dir
+from agentkube.operator import api, autoscaling, crds, servedmodel
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "agentkube"
+KNATIVE_CRD = REPO / "tests" / "manifests" / "knative-service-crd.yaml"
+SYSTEM_NAMESPACE = "agentkube-system"
+OPERATOR_SA = "agentkube-operator"
+MODEL = "llm"
+SCRAPE_JOB = "knative-revision"
+# The simulator exits by itself after this long, whatever happens to the test.
+SIMULATOR_LIFETIME_S = 240
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(devenv, kubectl) -> Path:
+    """CRDs (ours and the Knative Service stand-in), the chart's service account and RBAC."""
+    kubectl("apply", "-f", str(crds.CRD_DIRECTORY))
+    kubectl("apply", "-f", str(KNATIVE_CRD))
+    for name in (crds.SERVED_MODEL.crd_name, "services.serving.knative.dev"):
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    kubectl("create", "namespace", SYSTEM_NAMESPACE, check=False)
+    rendered = subprocess.run(
+        [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE,
+         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/clusterrole.yaml",
+         "--show-only", "templates/clusterrolebinding.yaml"], capture_output=True, text=True, check=True).stdout
+    kubectl("apply", "-f", "-", input=rendered)
+    token = kubectl("create", "token", OPERATOR_SA, "-n", SYSTEM_NAMESPACE, "--duration=1h").stdout.strip()
+    return devenv.write_token_kubeconfig(OPERATOR_SA, token)
+
+
+@pytest.fixture(scope="module")
+def operator(devenv, operator_kubeconfig, tmp_path_factory) -> Iterator[Path]:
+    """`agentkube operator run --prometheus-url ...` as its service account, standalone; yields its log."""
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    argv = [sys.executable, "-m", "agentkube", "operator", "run", "--peering=", f"--metrics-port={free_port()}",
+            f"--liveness-port={free_port()}", f"--prometheus-url={devenv.prometheus_url}"]
+    record = process.start("operator", ["env", f"KUBECONFIG={operator_kubeconfig}", *argv], log, tie_to_parent=True)
+    yield log
+    process.stop([record])
+
+
+class Revision:
+    """`agentkube rl serve-revision` in a child process: the Knative revision, with its metrics endpoint."""
+
+    def __init__(self, devenv, namespace: str, log: Path):
+        self.log = log
+        argv = [sys.executable, "-m", "agentkube", "rl", "serve-revision", "--namespace", namespace, "--service", MODEL,
+                "--trace", "conversation", "--port", "0", "--duration", str(SIMULATOR_LIFETIME_S)]
+        self.record = process.start("revision", ["env", f"KUBECONFIG={devenv.kubeconfig}", *argv], log, tie_to_parent=True)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def address(self) -> str | None:
+        found = re.search(r"^listening (127\.0\.0\.1:\d+)$", self.output(), re.MULTILINE)
+        return found.group(1) if found else None
+
+    def targets_seen(self) -> list[str]:
+        return re.findall(r"^target (\S+)$", self.output(), re.MULTILINE)
+
+    def stop(self) -> None:
+        process.stop([self.record])
+
+
+def _model(api_client, namespace: str) -> dict:
+    return CustomObjectsApi(api_client).get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", MODEL)
+
+
+def _annotation(api_client, namespace: str) -> str | None:
+    try:
+        service = CustomObjectsApi(api_client).get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", MODEL)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return service["spec"]["template"]["metadata"]["annotations"].get(servedmodel.TARGET_ANNOTATION)
+
+
+def _condition(model: dict) -> dict | None:
+    conditions = (model.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == autoscaling.CONDITION), None)
+
+
+def test_the_operator_closes_the_loop_and_falls_back_when_metrics_stop(devenv, api_client, operator, namespace, eventually,
+                                                                         tmp_path):
+    body = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": MODEL},
+            "spec": {"model": {"name": "llama"}, "image": "vllm", "autoscaling": {
+                "policy": "ppo", "target": 100, "ppo": {"decisionInterval": "5s", "maxChangeFraction": 0.5}}}}
+    CustomObjectsApi(api_client).create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", body)
+    # With no metrics yet, the loop runs Knative's default target and says why.
+    missing = eventually(lambda: (c := _condition(_model(api_client, namespace))) and c, timeout=90,
+                         message="no Autoscaling condition")
+    assert missing["status"] == "False" and missing["reason"] in (autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE)
+
+    revision = Revision(devenv, namespace, tmp_path / "revision.log")
+    try:
+        address = eventually(revision.address, timeout=60, message="the simulator did not start serving")
+        devenv.add_scrape_target(SCRAPE_JOB, [address], labels={"suite": "autoscaling"})
+
+        # Decided by the policy, recorded with its reason and inputs, applied to the Knative Service, and
+        # seen by the revision.
+        def decided_applied_and_seen() -> dict | None:
+            model = _model(api_client, namespace)
+            decision = (model.get("status") or {}).get("lastDecision") or {}
+            if decision.get("reason") != autoscaling.DECIDED:
+                return None
+            value = str(decision["value"])
+            if _annotation(api_client, namespace) == value and f"{float(value):g}" in revision.targets_seen():
+                return decision
+            return None
+
+        first = eventually(decided_applied_and_seen, timeout=120, interval=0.5,
+                           message="no policy decision was applied and seen by the revision")
+        assert first["message"] and first["previousValue"] >= 1
+        assert set(first["inputs"]) == set(autoscaling.KNATIVE_METRICS)
+        assert first["inputs"]["autoscaler_actual_pods"] >= 1
+        model = _model(api_client, namespace)
+        assert _condition(model)["status"] == "True" and _condition(model)["reason"] == autoscaling.DECIDED
+        assert model["status"]["concurrencyTarget"] == first["value"]
+        assert not model["metadata"].get("finalizers")  # the loop lives on the operator's timers, not on the object
+        # The loop keeps deciding: a later decision, with a later time.
+        eventually(lambda: (d := _model(api_client, namespace)["status"]["lastDecision"])["time"] > first["time"]
+                   and d["reason"] == autoscaling.DECIDED, timeout=60, message="only one decision was made")
+        # The reconcile's own status writes keep the loop's condition.
+        assert {"KnativeAvailable", "Ready", autoscaling.CONDITION} <= {c["type"] for c in model["status"]["conditions"]}
+    finally:
+        revision.stop()
+        devenv.remove_scrape_target(SCRAPE_JOB)
+
+    # The metrics stop: back to Knative's default target, with a condition that says why.
+    def fell_back() -> dict | None:
+        model = _model(api_client, namespace)
+        condition = _condition(model)
+        decision = model["status"]["lastDecision"]
+        if condition["status"] == "False" and decision["value"] == autoscaling.KNATIVE_DEFAULT_TARGET \
+                and _annotation(api_client, namespace) == str(autoscaling.KNATIVE_DEFAULT_TARGET):
+            return condition
+        return None
+
+    condition = eventually(fell_back, timeout=90, interval=0.5, message="no fallback after the metrics stopped")
+    assert condition["reason"] in (autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE)
+    assert "default target 100" in condition["message"]
+
+
+def test_the_loop_stops_when_the_policy_is_no_longer_ppo(devenv, api_client, operator, namespace, eventually):
+    body = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": MODEL},
+            "spec": {"model": {"name": "llama"}, "image": "vllm", "autoscaling": {
+                "policy": "ppo", "target": 40, "ppo": {"decisionInterval": "5s"}}}}
+    custom = CustomObjectsApi(api_client)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", body)
+    eventually(lambda: _annotation(api_client, namespace) == "100", timeout=90, message="no fallback target applied")
+    custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", MODEL,
+                                          {"spec": {"autoscaling": {"policy": "kpa"}}})
+    eventually(lambda: _annotation(api_client, namespace) == "40", timeout=60, message="the spec's target was not applied")
+    model = eventually(lambda: (m := _model(api_client, namespace))["status"].get("concurrencyTarget") == 40 and m,
+                       timeout=60, message="status does not show the spec's target")
+    assert _condition(model) is None
+    decided_at = model["status"]["lastDecision"]["time"]
+    # An absence can only be checked by waiting: two decision intervals later, no decision overrode it.
+    time.sleep(12)
+    assert _annotation(api_client, namespace) == "40"
+    assert _model(api_client, namespace)["status"]["lastDecision"]["time"] == decided_at
+
+
+def test_the_chart_passes_the_prometheus_url_and_refuses_a_malformed_one():
+    helm = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--show-only", "templates/deployment.yaml"]
+    url = "http://prometheus-operated.monitoring.svc:9090"
+    rendered = subprocess.run([*helm, "--set", f"operator.prometheusUrl={url}"], capture_output=True, text=True, check=True)
+    assert f"--prometheus-url={url}" in rendered.stdout
+    assert "--prometheus-url" not in subprocess.run(helm, capture_output=True, text=True, check=True).stdout
+    refused = subprocess.run([*helm, "--set", "operator.prometheusUrl=prometheus:9090"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "prometheusUrl" in refused.stderr

@@ -1,0 +1,131 @@
+"""The ppo autoscaling decision, as a pure function: bounded steps, fallbacks and what is recorded."""
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from agentkube.operator import api, autoscaling
+from agentkube.rl.observation import KNATIVE_METRICS, ActionBounds, Decision
+from agentkube.rl.policy import load_policy
+
+NOON = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+BOUNDS = ActionBounds()
+FRESH = {"revision_app_request_count": 20.0, "revision_app_request_latencies": 1500.0,
+         "autoscaler_stable_request_concurrency": 150.0, "autoscaler_panic_request_concurrency": 160.0,
+         "autoscaler_actual_pods": 3.0, "autoscaler_not_ready_pods": 0.0}
+
+
+def _observed(values=FRESH, age_s: float = 1.0) -> autoscaling.Observed:
+    return autoscaling.Observed({name: autoscaling.MetricSample(value, age_s) for name, value in values.items()})
+
+
+def _asks(target: float, spot_share: float = 0.5):
+    seen = []
+
+    def policy(observation: np.ndarray) -> Decision:
+        seen.append(observation)
+        return Decision(target, spot_share)
+
+    policy.seen = seen
+    return policy
+
+
+def _decide(observed, policy, current=100, spot=api.SpotCapacity(), **autoscaling_fields):
+    settings = api.Autoscaling(policy="ppo", **autoscaling_fields)
+    return autoscaling.decide(observed, current_target=current, autoscaling=settings, spot=spot, policy=policy,
+                              bounds=BOUNDS, now=NOON)
+
+
+def test_the_policy_decides_within_a_bounded_step():
+    policy = _asks(400.0)
+    outcome = _decide(_observed(), policy, current=100, ppo={"maxChangeFraction": 0.5})
+    assert (outcome.target, outcome.previous_target, outcome.reason) == (150, 100, autoscaling.DECIDED)
+    assert outcome.decided and outcome.condition[:3] == ("Autoscaling", True, "PolicyDecided")
+    assert outcome.policy_target == 400.0 and "bounded step" in outcome.message
+    assert outcome.inputs["autoscaler_actual_pods"] == 3.0
+    assert len(policy.seen) == 1 and policy.seen[0].shape == (12,)
+
+
+def test_a_step_down_is_bounded_too_and_a_small_one_is_taken_whole():
+    assert _decide(_observed(), _asks(10.0), current=100, ppo={"maxChangeFraction": 0.2}).target == 80
+    assert _decide(_observed(), _asks(90.4), current=100, ppo={"maxChangeFraction": 0.2}).target == 90
+
+
+def test_targets_stay_within_the_policy_bounds():
+    assert autoscaling.bounded_step(300, 1000, 1.0, BOUNDS) == 400
+    assert autoscaling.bounded_step(12, 1, 1.0, BOUNDS) == 10
+
+
+def test_spot_share_is_recorded_only_when_spot_is_enabled_and_capped():
+    assert _decide(_observed(), _asks(100, 0.9)).spot_share == 0.0
+    spot = api.SpotCapacity(enabled=True, max_spot_fraction=0.6)
+    assert _decide(_observed(), _asks(100, 0.9), spot=spot).spot_share == 0.6
+
+
+@pytest.mark.parametrize("missing", sorted(KNATIVE_METRICS))
+def test_a_missing_metric_falls_back_to_knatives_default(missing):
+    values = {k: v for k, v in FRESH.items() if k != missing}
+    policy = _asks(300)
+    outcome = _decide(_observed(values), policy, current=37)
+    assert outcome.target == autoscaling.KNATIVE_DEFAULT_TARGET == 100
+    assert outcome.reason == autoscaling.METRICS_MISSING and missing in outcome.message
+    assert outcome.condition[1] is False and not policy.seen
+
+
+def test_stale_metrics_fall_back():
+    outcome = _decide(_observed(age_s=120.0), _asks(300), current=37, ppo={"decisionInterval": "30s"})
+    assert (outcome.target, outcome.reason) == (100, autoscaling.METRICS_STALE)
+    assert "120s ago" in outcome.message
+    # Fresh within two decision intervals (and never stricter than the floor).
+    assert _decide(_observed(age_s=50.0), _asks(50), ppo={"decisionInterval": "30s"}).decided
+    assert _decide(_observed(age_s=10.0), _asks(50), ppo={"decisionInterval": "1s"}).decided
+
+
+def test_negative_or_infinite_values_count_as_missing_but_no_traffic_latency_is_fine():
+    assert _decide(_observed(FRESH | {"autoscaler_actual_pods": -1.0}), _asks(50)).reason == autoscaling.METRICS_MISSING
+    assert _decide(_observed(FRESH | {"revision_app_request_latencies": float("nan")}), _asks(50)).decided
+
+
+@pytest.mark.parametrize("problem", [autoscaling.PROMETHEUS_UNREACHABLE, autoscaling.PROMETHEUS_NOT_CONFIGURED])
+def test_no_prometheus_falls_back_and_says_why(problem):
+    outcome = _decide(autoscaling.Observed(problem=problem, detail="no answer"), _asks(300), current=250)
+    assert (outcome.target, outcome.previous_target, outcome.reason) == (100, 250, problem)
+    assert "no answer" in outcome.message and "default target 100" in outcome.message
+
+
+def test_no_policy_falls_back():
+    outcome = autoscaling.decide(_observed(), current_target=50, autoscaling=api.Autoscaling(policy="ppo"),
+                                 spot=api.SpotCapacity(), policy=None, bounds=BOUNDS, now=NOON, policy_error="bad file")
+    assert (outcome.target, outcome.reason) == (100, autoscaling.DECISION_FAILED) and "bad file" in outcome.message
+
+
+def test_the_shipped_policy_decides_from_metrics():
+    policy = load_policy()
+    outcome = _decide(_observed(), policy.decide, current=100)
+    assert outcome.decided and 50 <= outcome.target <= 150
+
+
+def test_queries_select_one_service_and_check_freshness():
+    matcher = autoscaling.revision_matcher("ml", 'we"ird')
+    assert matcher == 'namespace_name="ml",service_name="we\\"ird"'
+    queries = autoscaling.value_queries(matcher)
+    assert set(queries) == set(KNATIVE_METRICS) and all(matcher in q for q in queries.values())
+    ages = autoscaling.age_queries(matcher)
+    assert ages["revision_app_request_latencies"] == f"time() - max(timestamp(revision_app_request_latencies_bucket{{{matcher}}}))"
+
+
+def test_time_of_day_and_interval():
+    assert autoscaling.seconds_since_midnight(NOON) == 43_200.0
+    assert autoscaling.decision_interval(api.PpoSettings(decision_interval="1m30s")).total_seconds() == 90
+    assert autoscaling.stale_after_s(autoscaling.decision_interval(api.PpoSettings(decision_interval="5s"))) == 15.0
+
+
+def test_an_unreachable_prometheus_is_a_reason_not_an_exception():
+    from agentkube.devenv.cluster import free_port
+    from agentkube.operator.prometheus import MetricsSource
+
+    source = MetricsSource(f"http://user:secret@127.0.0.1:{free_port()}")  # nothing listens there
+    observed = source.observe("ml", "llm")
+    assert observed.problem == autoscaling.PROMETHEUS_UNREACHABLE and not observed.samples
+    assert "secret" not in observed.detail and "127.0.0.1" in observed.detail
