@@ -29,6 +29,7 @@ from agentkube.operator import crds
 
 RESULTS = Path(__file__).parent / "results"
 NAMESPACE = "default"
+WAIT_SECONDS = 180.0
 
 
 def _dev_up(with_node: bool, runs: int) -> tuple[list[float], dict[str, float]]:
@@ -47,24 +48,40 @@ def _dev_up(with_node: bool, runs: int) -> tuple[list[float], dict[str, float]]:
 
 def _sandbox_manifest(name: str) -> str:
     return json.dumps({"apiVersion": "agentkube.dev/v1alpha1", "kind": "AgentSandbox", "metadata": {"name": name},
-                       "spec": {"template": {"image": images.SANDBOX_IMAGE, "resources": {"limits": {"memory": "512Mi", "cpu": "1"}}}}})
+                       "spec": {"template": {"image": images.SANDBOX_IMAGE, "resources": {
+                           "requests": {"memory": "64Mi", "cpu": "50m"}, "limits": {"memory": "512Mi", "cpu": "1"}}}}})
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {WAIT_SECONDS:.0f}s")
+        time.sleep(0.05)
+
+
+def _sdk_answers(client: Sandbox) -> bool:
+    try:
+        client.status()
+        return True
+    except (OSError, RuntimeError):
+        return False
 
 
 def _apply_to_ready(kubectl, name: str) -> tuple[float, float]:
     """Seconds from `kubectl apply` to phase Running, and to the SDK's first answer."""
     started = time.monotonic()
     kubectl("apply", "-f", "-", input=_sandbox_manifest(name))
-    while kubectl("get", "agentsandbox", name, "-o", "jsonpath={.status.phase}").stdout != "Running":
-        time.sleep(0.05)
+    _until(lambda: kubectl("get", "agentsandbox", name, "-o", "jsonpath={.status.phase}").stdout == "Running", f"{name} Running")
     ready = time.monotonic() - started
     client = Sandbox(name, NAMESPACE)
-    while True:
-        try:
-            client.status()
-            break
-        except (OSError, RuntimeError):
-            time.sleep(0.05)
+    _until(lambda: _sdk_answers(client), f"{name} answering the SDK")
     return ready, time.monotonic() - started
+
+
+def _delete_all(kubectl) -> None:
+    kubectl("delete", "agentsandbox", "--all", "--wait=true")
+    _until(lambda: not kubectl("get", "pods", "-o", "name").stdout.strip(), "sandbox pods gone")
 
 
 def _round_trips(client: Sandbox, calls: int) -> list[float]:
@@ -108,14 +125,15 @@ def measure(runs: int, sandboxes: int, calls: int) -> dict:
         operator = subprocess.Popen([sys.executable, "-m", "agentkube", "operator", "run", "--metrics-port=0",
                                      "--liveness-port=0"], env=env.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         first_ready, first_sdk = _apply_to_ready(kubectl, "first")
-        warm = [_apply_to_ready(kubectl, f"warm-{i}") for i in range(sandboxes)]
+        warm = []
+        for i in range(sandboxes):  # one at a time, each on a node as loaded as the last
+            _delete_all(kubectl)
+            warm.append(_apply_to_ready(kubectl, f"warm-{i}"))
 
         # Without the image in containerd: what a node that has never seen it pays (its import, here).
         imported = []
         for i in range(sandboxes):
-            kubectl("delete", "agentsandbox", "--all", "--wait=true")
-            while kubectl("get", "pods", "-o", "name").stdout.strip():
-                time.sleep(0.1)
+            _delete_all(kubectl)
             localnode.ctr(env.layout.node, "images", "remove", images.SANDBOX_IMAGE, check=False)
             started = time.monotonic()
             images.import_archive(node.CTR, env.layout.node.containerd_socket, node.CONTAINERD_NAMESPACE,

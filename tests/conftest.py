@@ -1,7 +1,6 @@
 """Shared fixtures. Integration tests share one real control plane for the whole session."""
 
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 

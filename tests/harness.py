@@ -13,6 +13,7 @@ from agentkube.operator import crds
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "agentkube"
+KNATIVE_CRD = REPO / "tests" / "manifests" / "knative-service-crd.yaml"
 SYSTEM_NAMESPACE = "agentkube-system"
 OPERATOR_SA = "agentkube-operator"
 
@@ -20,8 +21,8 @@ OPERATOR_SA = "agentkube-operator"
 class Operator:
     """`agentkube operator run` in a child process, as its service account."""
 
-    def __init__(self, kubeconfig: Path, log_dir: Path):
-        self.kubeconfig, self.log_dir = kubeconfig, log_dir
+    def __init__(self, kubeconfig: Path, log_dir: Path, *options: str):
+        self.kubeconfig, self.log_dir, self.options = kubeconfig, log_dir, options
         self.record: process.ProcessRecord | None = None
         self.metrics_port = self.liveness_port = 0
         self.starts = 0
@@ -30,7 +31,7 @@ class Operator:
         self.metrics_port, self.liveness_port = free_port(), free_port()
         self.starts += 1
         argv = [sys.executable, "-m", "agentkube", "operator", "run",
-                f"--metrics-port={self.metrics_port}", f"--liveness-port={self.liveness_port}"]
+                f"--metrics-port={self.metrics_port}", f"--liveness-port={self.liveness_port}", *self.options]
         self.record = process.start("operator", ["env", f"KUBECONFIG={self.kubeconfig}", *argv],
                                     self.log_path, tie_to_parent=True)
 

@@ -1,6 +1,7 @@
 """End-to-end tests run against an environment with a real node (containerd, runc, kubelet, the node
 agent in Kubernetes mode). `devenv`, `kubectl` and `api_client` are redefined here, so that the session
-caches of the integration tests' fixtures of the same names never hand out this environment."""
+caches of the integration tests' fixtures of the same names never hand out this environment; they live
+for one module, so the node is gone before the integration tests start."""
 
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ from agentkube.devenv import DevEnv, temporary_env
 from harness import Operator, install_operator, kubectl_runner
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def devenv() -> Iterator[DevEnv]:
     env = temporary_env(with_prometheus=False, with_node=True)
     try:
@@ -21,17 +22,17 @@ def devenv() -> Iterator[DevEnv]:
         env.down()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api_client(devenv: DevEnv) -> kubernetes.client.ApiClient:
     return kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kubectl(devenv: DevEnv):
     return kubectl_runner(devenv)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(devenv, kubectl, tmp_path_factory) -> Iterator[Operator]:
     running = Operator(install_operator(devenv, kubectl), tmp_path_factory.mktemp("operator"))
     running.start()

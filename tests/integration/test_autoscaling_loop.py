@@ -13,15 +13,10 @@ import pytest
 from kubernetes.client import ApiException, CustomObjectsApi
 
 from agentkube.devenv import process
-from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
-from agentkube.operator import api, autoscaling, crds, servedmodel
+from agentkube.operator import api, autoscaling, servedmodel
+from harness import CHART, KNATIVE_CRD, Operator, install_operator
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "agentkube"
-KNATIVE_CRD = REPO / "tests" / "manifests" / "knative-service-crd.yaml"
-SYSTEM_NAMESPACE = "agentkube-system"
-OPERATOR_SA = "agentkube-operator"
 MODEL = "llm"
 SCRAPE_JOB = "knative-revision"
 # The simulator exits by itself after this long, whatever happens to the test.
@@ -29,31 +24,16 @@ SIMULATOR_LIFETIME_S = 240
 
 
 @pytest.fixture(scope="module")
-def operator_kubeconfig(devenv, kubectl) -> Path:
-    """CRDs (ours and the Knative Service stand-in), the chart's service account and RBAC."""
-    kubectl("apply", "-f", str(crds.CRD_DIRECTORY))
-    kubectl("apply", "-f", str(KNATIVE_CRD))
-    for name in (crds.SERVED_MODEL.crd_name, "services.serving.knative.dev"):
-        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    kubectl("create", "namespace", SYSTEM_NAMESPACE, check=False)
-    rendered = subprocess.run(
-        [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE,
-         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/clusterrole.yaml",
-         "--show-only", "templates/clusterrolebinding.yaml"], capture_output=True, text=True, check=True).stdout
-    kubectl("apply", "-f", "-", input=rendered)
-    token = kubectl("create", "token", OPERATOR_SA, "-n", SYSTEM_NAMESPACE, "--duration=1h").stdout.strip()
-    return devenv.write_token_kubeconfig(OPERATOR_SA, token)
-
-
-@pytest.fixture(scope="module")
-def operator(devenv, operator_kubeconfig, tmp_path_factory) -> Iterator[Path]:
+def operator(devenv, kubectl, tmp_path_factory) -> Iterator[Path]:
     """`agentkube operator run --prometheus-url ...` as its service account, standalone; yields its log."""
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    argv = [sys.executable, "-m", "agentkube", "operator", "run", "--peering=", f"--metrics-port={free_port()}",
-            f"--liveness-port={free_port()}", f"--prometheus-url={devenv.prometheus_url}"]
-    record = process.start("operator", ["env", f"KUBECONFIG={operator_kubeconfig}", *argv], log, tie_to_parent=True)
-    yield log
-    process.stop([record])
+    kubeconfig = install_operator(devenv, kubectl)
+    kubectl("apply", "-f", str(KNATIVE_CRD))
+    kubectl("wait", "--for=condition=Established", "crd/services.serving.knative.dev", "--timeout=60s")
+    running = Operator(kubeconfig, tmp_path_factory.mktemp("operator"), "--peering=",
+                       f"--prometheus-url={devenv.prometheus_url}")
+    running.start()
+    yield running.log_path
+    running.stop()
 
 
 class Revision:

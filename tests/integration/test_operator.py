@@ -3,9 +3,7 @@ service account, reconciling against the real API server. The tests play the kub
 must become Running or Failed (there is no node in this environment)."""
 
 import json
-import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -17,69 +15,16 @@ import requests
 import yaml
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
-from agentkube.devenv import process
-from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
-from agentkube.operator import api, crds, sandbox
+from agentkube.operator import api, sandbox
+from harness import CHART, KNATIVE_CRD, OPERATOR_SA, REPO, SYSTEM_NAMESPACE, Operator, helm_template, install_operator
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "agentkube"
-KNATIVE_CRD = REPO / "tests" / "manifests" / "knative-service-crd.yaml"
-SYSTEM_NAMESPACE = "agentkube-system"
-OPERATOR_SA = "agentkube-operator"
 SANDBOXES = "agentsandboxes"
-
-
-class Operator:
-    """`agentkube operator run` in a child process, as its service account."""
-
-    def __init__(self, kubeconfig: Path, log_dir: Path):
-        self.kubeconfig, self.log_dir = kubeconfig, log_dir
-        self.record: process.ProcessRecord | None = None
-        self.metrics_port = self.liveness_port = 0
-        self.starts = 0
-
-    def start(self) -> None:
-        self.metrics_port, self.liveness_port = free_port(), free_port()
-        self.starts += 1
-        argv = [sys.executable, "-m", "agentkube", "operator", "run",
-                f"--metrics-port={self.metrics_port}", f"--liveness-port={self.liveness_port}"]
-        self.record = process.start("operator", ["env", f"KUBECONFIG={self.kubeconfig}", *argv],
-                                    self.log_path, tie_to_parent=True)
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"operator-{self.starts}.log"
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to finish anything it was doing."""
-        assert self.record is not None
-        process.signal_group(self.record.pid, signal.SIGKILL)
-        process.stop([self.record])
-
-    def stop(self) -> None:
-        if self.record is not None:
-            process.stop([self.record])
-
-
-def _helm_template(*show_only: str) -> str:
-    args = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE]
-    for template in show_only:
-        args += ["--show-only", f"templates/{template}"]
-    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
 
 @pytest.fixture(scope="module")
 def installed(devenv, kubectl) -> Path:
-    """CRDs, the chart's service account, RBAC and peering object; returns the operator's kubeconfig."""
-    kubectl("apply", "-f", str(crds.CRD_DIRECTORY))
-    for name in (crds.AGENT_SANDBOX.crd_name, crds.SERVED_MODEL.crd_name, "clusterkopfpeerings.kopf.dev"):
-        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    kubectl("create", "namespace", SYSTEM_NAMESPACE, check=False)
-    rendered = _helm_template("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "peering.yaml")
-    kubectl("apply", "-f", "-", input=rendered)
-    token = kubectl("create", "token", OPERATOR_SA, "-n", SYSTEM_NAMESPACE, "--duration=6h").stdout.strip()
-    return devenv.write_token_kubeconfig(OPERATOR_SA, token)
+    return install_operator(devenv, kubectl)
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +313,7 @@ def test_the_whole_chart_lints_renders_and_is_accepted_by_the_api_server(install
     helm = str(bin_dir() / "helm")
     lint = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    rendered = _helm_template()
+    rendered = helm_template()
     kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
     assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment"}
     kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
