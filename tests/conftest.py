@@ -34,12 +34,8 @@ def devenv() -> Iterator[DevEnv]:
 
     The processes die with this pytest process (even on SIGKILL) and the state directory is removed
     at the end, pass, fail or interrupt."""
-    env = temporary_env()
-    try:
-        env.up()
+    with temporary_env() as env:
         yield env
-    finally:
-        env.down()
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,7 @@ def sweep_abandoned() -> list[Path]:
     for path in Path(tempfile.gettempdir()).glob(f"{TEMPORARY_PREFIX}*-*"):
         owner = path.name.removeprefix(TEMPORARY_PREFIX).split("-")[0]
         if owner.isdigit() and not psutil.pid_exists(int(owner)) and DevEnv(path).is_removable():
-            shutil.rmtree(path, ignore_errors=True)
+            DevEnv(path).down()  # a node's containers, mounts and bridge too, not only the directory
             removed.append(path)
     return removed
 

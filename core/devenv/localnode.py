@@ -123,6 +123,16 @@ def unmount(points: list[str]) -> None:
         subprocess.run(["umount", "--lazy", point], capture_output=True)
 
 
+def kill_cgroup_tree(directory: Path) -> None:
+    """SIGKILL every process left in a cgroup tree (containers whose containerd and shims are gone)."""
+    for procs in directory.rglob("cgroup.procs") if directory.is_dir() else ():
+        for pid in procs.read_text().split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+
+
 def remove_cgroup_tree(directory: Path) -> None:
     """rmdir a cgroup and its descendants, deepest first (a cgroup dir can only be removed empty)."""
     if not directory.is_dir():
@@ -144,9 +154,12 @@ def clean_host(layout: NodeLayout, environment: Path, netns: set[str]) -> None:
     unmount([path for path in netns if Path(path).exists()])
     for path in netns:
         Path(path).unlink(missing_ok=True)
+    hierarchies = list(CGROUP_ROOT.iterdir()) if CGROUP_ROOT.is_dir() else []
+    for hierarchy in hierarchies:
+        kill_cgroup_tree(hierarchy / KUBEPODS)
     unmount(mounts_under(layout.root))
     _ip("link", "delete", BRIDGE, check=False)
-    for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
+    for hierarchy in hierarchies:
         remove_cgroup_tree(hierarchy / KUBEPODS)
     for path in KUBELET_FIXED_SOCKETS:
         path.unlink(missing_ok=True)

@@ -14,12 +14,8 @@ from harness import Operator, install_operator, kubectl_runner
 
 @pytest.fixture(scope="module")
 def devenv() -> Iterator[DevEnv]:
-    env = temporary_env(with_prometheus=False, with_node=True)
-    try:
-        env.up()
+    with temporary_env(with_prometheus=False, with_node=True) as env:
         yield env
-    finally:
-        env.down()
 
 
 @pytest.fixture(scope="module")
