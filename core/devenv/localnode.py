@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -123,14 +125,20 @@ def unmount(points: list[str]) -> None:
         subprocess.run(["umount", "--lazy", point], capture_output=True)
 
 
-def kill_cgroup_tree(directory: Path) -> None:
-    """SIGKILL every process left in a cgroup tree (containers whose containerd and shims are gone)."""
-    for procs in directory.rglob("cgroup.procs") if directory.is_dir() else ():
-        for pid in procs.read_text().split():
+def kill_cgroup_tree(directory: Path, timeout: float = 10.0) -> None:
+    """SIGKILL every process left in a cgroup tree (containers whose containerd and shims are gone) and
+    wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while directory.is_dir() and time.monotonic() < deadline:
+        pids = [pid for procs in directory.rglob("cgroup.procs") for pid in procs.read_text().split()]
+        if not pids:
+            return
+        for pid in pids:
             try:
-                os.kill(int(pid), 9)
+                os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        time.sleep(0.05)
 
 
 def remove_cgroup_tree(directory: Path) -> None:
@@ -148,15 +156,28 @@ def remove_cgroup_tree(directory: Path) -> None:
         pass
 
 
+def empty_pod_netns() -> set[str]:
+    """containerd's pod network namespaces (`cni-*`) that no process is in any more: what a node whose
+    containerd died (SIGKILL) leaves, since only containerd knew which were its own."""
+    in_use = set()
+    for link in Path("/proc").glob("[0-9]*/ns/net"):
+        try:
+            in_use.add(link.stat().st_ino)
+        except OSError:
+            pass
+    return {str(path) for path in node.NETNS_DIR.glob("cni-*") if path.stat().st_ino not in in_use}
+
+
 def clean_host(layout: NodeLayout, environment: Path, netns: set[str]) -> None:
     """Everything else the node made, once its processes (containerd last) have stopped."""
     kill_shims(layout)
-    unmount([path for path in netns if Path(path).exists()])
-    for path in netns:
-        Path(path).unlink(missing_ok=True)
     hierarchies = list(CGROUP_ROOT.iterdir()) if CGROUP_ROOT.is_dir() else []
     for hierarchy in hierarchies:
         kill_cgroup_tree(hierarchy / KUBEPODS)
+    netns = netns | empty_pod_netns()
+    unmount([path for path in netns if Path(path).exists()])
+    for path in netns:
+        Path(path).unlink(missing_ok=True)
     unmount(mounts_under(layout.root))
     _ip("link", "delete", BRIDGE, check=False)
     for hierarchy in hierarchies:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
 from agentkube.client import Sandbox
 from agentkube.devenv import images, localnode, node
+from agentkube.devenv.cluster import sweep_abandoned
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api
 
@@ -165,3 +167,37 @@ def test_dev_down_leaves_no_container_mount_namespace_bridge_or_process(devenv):
     leftovers = subprocess.run(["pgrep", "-f", socket], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes of the node still running: {leftovers}"
     assert not node.NODE_LOCK.exists()
+
+
+ABANDONED = """
+import sys, time
+from agentkube.devenv import temporary_env
+env = temporary_env(with_prometheus=False, with_node=True).up()
+manifest = sys.stdin.read()
+import subprocess
+subprocess.run([sys.argv[1], "apply", "-f", "-"], input=manifest, text=True, env=env.environ(), check=True, capture_output=True)
+subprocess.run([sys.argv[1], "wait", "--for=condition=Ready", "pod/web", "--timeout=120s"], env=env.environ(), check=True, capture_output=True)
+print(env.layout.root, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_node_whose_owner_was_killed_is_swept_by_the_next_environment():
+    """SIGKILL leaves containers (their shims outlive containerd), mounts and the bridge; the next
+    temporary environment's sweep takes them all away."""
+    owner = subprocess.Popen([sys.executable, "-c", ABANDONED, str(bin_dir() / "kubectl")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        owner.stdin.write(json.dumps(_pod_manifest("web")))
+        owner.stdin.close()
+        root = Path(owner.stdout.readline().strip())
+    finally:
+        owner.kill()
+        owner.wait()
+    assert root.is_dir() and node.NODE_LOCK.exists()
+    assert root in sweep_abandoned()
+    assert not root.exists() and not localnode.mounts_under(root) and not node.NODE_LOCK.exists()
+    assert subprocess.run(["ip", "link", "show", node.BRIDGE], capture_output=True).returncode != 0
+    assert not list(localnode.CGROUP_ROOT.glob(f"*/{localnode.KUBEPODS}"))
+    assert not localnode.empty_pod_netns() and not list(node.NETNS_DIR.glob("cni-*"))
+    assert not subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
