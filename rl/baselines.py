@@ -29,12 +29,26 @@ __all__ = [
     "TargetTracking",
     "QLearning",
     "TARGET_GRID",
+    "STATIC_TARGET_GRID",
     "grid_search_static_target",
     "tune_target_tracking",
     "cheapest_within_slo",
 ]
 
-TARGET_GRID = (25.0, 35.0, 50.0, 70.0, 100.0, 140.0, 200.0, 280.0, 400.0)
+TARGET_GRID = (25.0, 35.0, 50.0, 70.0, 100.0, 140.0, 200.0, 280.0, 400.0)  # Q-learning's states and steps
+
+
+def _static_target_grid(bounds: ActionBounds = ActionBounds(), steps_per_doubling: int = 5) -> tuple[float, ...]:
+    """Whole-number targets ~15% apart (5 per doubling, through Knative's default 100) over the whole
+    range the PPO policy may choose from, so the offline baseline is searched as finely as PPO acts."""
+    low = math.ceil(steps_per_doubling * math.log2(bounds.min_target / 100.0))
+    high = math.floor(steps_per_doubling * math.log2(bounds.max_target / 100.0))
+    grid = {float(round(100.0 * 2.0 ** (k / steps_per_doubling))) for k in range(low, high + 1)}
+    return tuple(sorted(grid | {bounds.min_target, bounds.max_target}))
+
+
+# The grid the best static target is searched over (the offline approach).
+STATIC_TARGET_GRID = _static_target_grid()
 SLO_GOAL = 0.99
 _LATENCY = OBSERVATION_FIELDS.index("p95_latency_over_reference")
 _LOAD = OBSERVATION_FIELDS.index("concurrency_per_pod_over_target")
@@ -146,7 +160,7 @@ def cheapest_within_slo(results: dict[float, list[EpisodeSummary]], goal: float 
 
 
 def grid_search_static_target(
-    traces: Sequence[Trace], config: SimConfig | None = None, candidates: Sequence[float] = TARGET_GRID, seed: int = 0,
+    traces: Sequence[Trace], config: SimConfig | None = None, candidates: Sequence[float] = STATIC_TARGET_GRID, seed: int = 0,
 ) -> float:
     results = {c: [run_episode(StaticTarget(c), t, config, seed=seed + i, initial_target=c)[0] for i, t in enumerate(traces)]
                for c in candidates}

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 
 from agentkube.rl.episodes import DECISION_INTERVAL_S, RewardWeights, reward, warm_pods
-from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, decision_from_action
+from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, bounded_target, decision_from_action
 from agentkube.rl.simulator import SimConfig, Simulator
 from agentkube.rl.traces import WORKLOADS, Trace, training_trace
 
@@ -32,7 +32,8 @@ class EnvConfig:
 
 
 class AutoscalingEnv(gym.Env):
-    """Observation: `OBSERVATION_FIELDS`; action: [target, spot share] in [-1, 1]^2 (see `observation`)."""
+    """Observation: `OBSERVATION_FIELDS`; action: [target, spot share] in [-1, 1]^2 (see `observation`).
+    The target a step sets is bounded as the operator bounds it (`observation.bounded_target`)."""
 
     metadata = {"render_modes": []}
 
@@ -63,7 +64,7 @@ class AutoscalingEnv(gym.Env):
     def step(self, action):
         cfg = self.config
         decision = decision_from_action(action, cfg.bounds, self.spot_allowed)
-        self.sim.set_target(decision.target)
+        self.sim.set_target(bounded_target(self.sim.target, decision.target, cfg.bounds))
         self.sim.set_spot_share(decision.spot_share)
         stats = self.sim.advance(cfg.interval_s)
         observation = self.sim.observation(stats, self.spot_allowed, cfg.bounds)

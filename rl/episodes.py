@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from agentkube.rl import knative
-from agentkube.rl.observation import ActionBounds, Decision
+from agentkube.rl.observation import ActionBounds, Decision, bounded_target
 from agentkube.rl.server import decode_step_s
 from agentkube.rl.simulator import EpisodeSummary, IntervalStats, SimConfig, Simulator
 from agentkube.rl.traces import Trace
@@ -36,9 +36,17 @@ class RewardWeights:
     `pods` is the interval's cost in on-demand pod-equivalents (cost / on-demand price), so the weights
     read as "missing the SLO for 1% of requests is as bad as running `slo_miss / 100` more pods".
     Failed requests (lost to spot reclamation) weigh more than slow ones: the user sees an error.
+
+    `slo_miss` = 60 makes the reward rank fixed targets the way the goal does: on the API and
+    conversation training traces, the static target with the best reward is the cheapest one that
+    keeps ≥ 99% of requests within the SLO (at 40 the flash-crowd traces' best was a target at 97–98.6%;
+    at 80–100 the API trace's was one at 99.8%, giving up cost). The flash training trace's crowds
+    are so large that only targets ≤ 70 keep 99% there, which no weight up to 100 prefers. PPO's
+    results hardly move with it: trained with 45 or 50 instead, its costs on the held-out traces
+    changed by less than 1 point.
     """
 
-    slo_miss: float = 40.0
+    slo_miss: float = 60.0
     failed: float = 1000.0
     scale: float = 10.0
 
@@ -80,7 +88,8 @@ def run_episode(
     initial_target: float | None = None,
 ) -> tuple[EpisodeSummary, Simulator, float]:
     """Run `policy` over `trace` from a warm revision; returns the summary, the simulator (with its
-    per-second series) and the total reward."""
+    per-second series) and the total reward. Each decision's target is bounded as the operator bounds
+    it (`observation.bounded_target`: at most `bounds.max_change_fraction` away from the one in force)."""
     sim = Simulator(config)
     sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm_pods(trace, sim.config, initial_target))
     if hasattr(policy, "reset"):
@@ -89,7 +98,7 @@ def run_episode(
     stats = sim.advance(interval_s)
     while not sim.done:
         decision = policy.decide(sim.observation(stats, spot_allowed, bounds))
-        sim.set_target(decision.target)
+        sim.set_target(bounded_target(sim.target, decision.target, bounds))
         sim.set_spot_share(decision.spot_share if spot_allowed else 0.0)
         stats = sim.advance(interval_s)
         step_reward = reward(stats, sim.config, weights)

@@ -23,6 +23,7 @@ __all__ = [
     "observation_from_metrics",
     "decision_from_action",
     "action_from_decision",
+    "bounded_target",
 ]
 
 SECONDS_PER_DAY = 86_400.0
@@ -67,6 +68,10 @@ class ActionBounds:
     min_target: float = 10.0
     max_target: float = 400.0
     target_utilization: float = 0.7  # Knative's; per-pod load is compared with target × utilisation
+    # The largest change of the target one decision may make, as a fraction of the target in force: the
+    # operator enforces it (the ServedModel's `autoscaling.ppo.maxChangeFraction`, default 0.5), so
+    # training and evaluation enforce the same, or the policy would learn jumps it never gets to make.
+    max_change_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,12 @@ def decision_from_action(action: np.ndarray, bounds: ActionBounds = ActionBounds
     target = bounds.min_target * (bounds.max_target / bounds.min_target) ** fraction
     spot_share = (a[1] + 1.0) / 2.0 if spot_allowed and a.size > 1 else 0.0
     return Decision(float(target), float(spot_share))
+
+
+def bounded_target(current: float, proposed: float, bounds: ActionBounds = ActionBounds()) -> float:
+    """`proposed`, moved at most `max_change_fraction` of `current` away from it and kept in the bounds."""
+    step = bounds.max_change_fraction * current
+    return min(max(proposed, current - step, bounds.min_target), current + step, bounds.max_target)
 
 
 def action_from_decision(decision: Decision, bounds: ActionBounds = ActionBounds()) -> np.ndarray:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from agentkube.rl.baselines import (
+    STATIC_TARGET_GRID,
     TARGET_GRID,
     KnativeDefault,
     QLearning,
@@ -17,7 +18,7 @@ from agentkube.rl.baselines import (
 )
 from agentkube.rl.episodes import RewardWeights, reward, run_episode
 from agentkube.rl.evaluation import EvaluationConfig, evaluate, write_report
-from agentkube.rl.observation import OBSERVATION_FIELDS, Decision, action_from_decision
+from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, Decision, action_from_decision
 from agentkube.rl.policy import ExportedPolicy
 from agentkube.rl.simulator import EpisodeSummary, IntervalStats, SimConfig
 from agentkube.rl.traces import WORKLOADS, generate_trace
@@ -65,6 +66,26 @@ def test_reward_charges_cost_misses_and_failures():
     slow = reward(IntervalStats(within_slo=990, failed=0, cost=two_pods, **base), config)
     failing = reward(IntervalStats(within_slo=990, failed=10, cost=two_pods, **base), config)
     assert failing < slow < clean
+
+
+def test_the_static_grid_covers_the_policys_whole_action_range_finely():
+    bounds = ActionBounds()
+    assert STATIC_TARGET_GRID[0] == bounds.min_target and STATIC_TARGET_GRID[-1] == bounds.max_target
+    assert 100.0 in STATIC_TARGET_GRID  # Knative's default is a candidate
+    ratios = np.array(STATIC_TARGET_GRID[1:]) / np.array(STATIC_TARGET_GRID[:-1])
+    assert ratios.max() < 1.2
+
+
+def test_every_policy_is_run_with_the_operators_step_bound():
+    class AlwaysMost:
+        def decide(self, observation):
+            return Decision(400.0, 0.0)
+
+    trace = generate_trace(WORKLOADS["conversation"], 2, 600)
+    _, sim, _ = run_episode(AlwaysMost(), trace, initial_target=100.0, interval_s=30)
+    utilization = sim.config.knative.target_utilization
+    targets = [sim.target_series[30 * k] / utilization for k in range(1, 5)]
+    assert targets == pytest.approx([150.0, 225.0, 337.5, 400.0])
 
 
 def test_cheapest_within_slo_prefers_meeting_the_goal():

@@ -12,6 +12,7 @@ from agentkube.rl.observation import (
     Decision,
     MissingMetricError,
     action_from_decision,
+    bounded_target,
     decision_from_action,
     observation_from_metrics,
 )
@@ -64,6 +65,20 @@ def test_actions_map_to_bounded_decisions_and_back():
     decision = Decision(70.0, 0.3)
     again = decision_from_action(action_from_decision(decision))
     assert again.target == pytest.approx(70.0, rel=1e-5) and again.spot_share == pytest.approx(0.3, abs=1e-6)
+
+
+def test_a_decision_moves_the_target_at_most_the_operators_max_change():
+    bounds = ActionBounds()
+    assert bounded_target(100.0, 400.0) == pytest.approx(150.0)
+    assert bounded_target(100.0, 10.0) == pytest.approx(50.0)
+    assert bounded_target(100.0, 120.0) == 120.0
+    assert bounded_target(15.0, 1.0) == bounds.min_target and bounded_target(350.0, 1000.0) == bounds.max_target
+
+
+def test_training_bounds_the_step_as_the_operator_does():
+    from agentkube.operator.api import PpoSettings
+
+    assert ActionBounds().max_change_fraction == PpoSettings().max_change_fraction
 
 
 def test_simulator_observation_is_the_operators_observation():

@@ -10,7 +10,8 @@ from gymnasium.utils.env_checker import check_env  # noqa: E402
 from agentkube.rl.env import AutoscalingEnv, EnvConfig  # noqa: E402
 from agentkube.rl.policy import load_policy  # noqa: E402
 from agentkube.rl.traces import WORKLOADS, generate_trace  # noqa: E402
-from agentkube.rl.training import TrainConfig, train_ppo  # noqa: E402
+from agentkube.rl.observation import decision_from_action  # noqa: E402
+from agentkube.rl.training import TrainConfig, initial_action_mean, train_ppo  # noqa: E402
 
 SMALL = EnvConfig(episode_s=1800)
 
@@ -56,3 +57,8 @@ def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces):
     batch = np.concatenate([np.array(observations), rng.uniform(-3, 3, (64, observations[0].size))]).astype(np.float32)
     sb3_actions, _ = model.predict(batch, deterministic=True)
     assert np.allclose(exported.action(batch), sb3_actions, atol=1e-5)
+
+
+def test_training_starts_from_knatives_default_target():
+    start = decision_from_action(initial_action_mean(TrainConfig()))
+    assert start.target == pytest.approx(100.0, rel=1e-5) and start.spot_share == pytest.approx(0.5)
