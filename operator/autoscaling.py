@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -23,6 +23,7 @@ from agentkube.rl.observation import (
     ActionBounds,
     Decision,
     MissingMetricError,
+    bounded_target,
     observation_from_metrics,
 )
 from agentkube.rl.simulator import SLOConfig
@@ -120,11 +121,10 @@ def seconds_since_midnight(now: datetime) -> float:
 def bounded_step(current: float, wanted: float, max_change_fraction: float, bounds: ActionBounds) -> int:
     """The target after one decision: at most `max_change_fraction` of the current target away from it,
     within the policy's bounds, a whole number of requests (Knative reads the annotation as a number;
-    whole numbers keep the Knative Service from changing on rounding noise)."""
-    low, high = current * (1.0 - max_change_fraction), current * (1.0 + max_change_fraction)
-    stepped = min(max(wanted, low), high)
-    clamped = min(max(stepped, bounds.min_target), bounds.max_target)
-    return max(1, int(round(clamped)))
+    whole numbers keep the Knative Service from changing on rounding noise). The same bound the policy
+    was trained under (`rl.observation.bounded_target`), with the ServedModel's own fraction."""
+    bounded = bounded_target(current, wanted, replace(bounds, max_change_fraction=max_change_fraction))
+    return max(1, int(round(bounded)))
 
 
 def _fallback(current: int, reason: str, why: str, inputs: dict[str, float] | None = None) -> Outcome:
