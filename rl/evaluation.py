@@ -105,11 +105,11 @@ def _goals(rows: list[dict]) -> list[str]:
             return "met" if ok else "**missed**"
 
         lines += [
-            f"- `{trace}`: PPO is {saving:+.1%} cheaper than Knative's default at {ppo['slo_attainment']:.2%} within "
+            f"- `{trace}`: PPO costs {-saving:+.1%} against Knative's default at {ppo['slo_attainment']:.2%} within "
             f"SLO (goal ≥ 25% at ≥ 99%: {mark(saving >= GOALS['ppo_saving_vs_default'] and ppo['slo_attainment'] >= GOALS['slo'])}); "
             f"cost vs best static {ppo['cost'] / static['cost'] - 1:+.1%}, vs tuned rule {ppo['cost'] / rule['cost'] - 1:+.1%} "
             f"(goal: no worse: {mark(ppo['cost'] <= static['cost'] and ppo['cost'] <= rule['cost'] and ppo['slo_attainment'] >= GOALS['slo'])}); "
-            f"with spot {spot_saving:+.1%} cheaper than on-demand only, {spot_ppo['served_share']:.3%} served "
+            f"with spot {-spot_saving:+.1%} against on-demand only, {spot_ppo['served_share']:.3%} served "
             f"(goal ≥ 50% at ≥ 99.9%: {mark(spot_saving >= GOALS['spot_saving_vs_on_demand'] and spot_ppo['served_share'] >= GOALS['served_through_interruptions'])})."
         ]
     return lines
