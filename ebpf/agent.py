@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from agentkube.ebpf.cgroups import (
 )
 from agentkube.ebpf.limits import HISTORY_WINDOW, OutOfEnvelope, command_signature, parse_network, resolve_limits
 from agentkube.ebpf.deadlines import Deadlines
-from agentkube.ebpf.metrics import Metrics
+from agentkube.ebpf.metrics import Metrics, call_totals
 from agentkube.ebpf.models import (
     CallCreate,
     CallFinish,
@@ -109,6 +109,7 @@ class Sandbox:
     cgroup: Cgroup
     main: Cgroup
     last_activity: float = field(default_factory=time.time)
+    totals: Counter = field(default_factory=Counter)  # call totals since it was registered (call_totals)
 
     @property
     def key(self) -> str:
@@ -384,6 +385,7 @@ class NodeAgent:
         sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
         if sandbox:
             sandbox.last_activity = now
+            sandbox.totals.update(call_totals(record))
         self.metrics.finished(record)
         return record
 

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from agentkube.operator.sandbox import (
     LAST_ACTIVITY_ANNOTATION,
     RUNTIME_VOLUME,
     SANDBOX_LABEL,
+    TOOL_CALLS_ANNOTATION,
     TOOLS_ANNOTATION,
     parse_duration,
 )
@@ -35,6 +38,8 @@ WATCH_SECONDS = 300  # a watch is renewed this often (the API server ends long w
 # How often tool-call activity is reported to the AgentSandbox (the operator's idle timeout reads it):
 # a bound on API writes per sandbox, and far below any sensible idle timeout.
 ACTIVITY_REPORT_SECONDS = 15.0
+# The keys of status.toolCalls (api.ToolCallTotals), as agentkube.ebpf.metrics.call_totals counts them.
+TOTAL_KEYS = ("calls", "failed", "oomKilled", "blockedConnections")
 
 
 def cpu_cores(quantity: str | int | float) -> float:
@@ -86,6 +91,29 @@ def sandbox_spec(pod: dict[str, Any]) -> SandboxCreate | None:
     )
 
 
+def _brief(error: Exception) -> str:
+    """An API error as its status and reason (the client's text carries every response header)."""
+    status = getattr(error, "status", None)
+    return f"{status} {getattr(error, 'reason', '')}".strip() if status else str(error)
+
+
+@dataclass
+class Report:
+    activity: float | None = None
+    totals: Counter = field(default_factory=Counter)
+
+
+def added_totals(current: str | None, delta: Counter) -> dict[str, int]:
+    """The AgentSandbox's call totals (its annotation's JSON, if any) plus what happened since."""
+    try:
+        totals = json.loads(current) if current else {}
+    except ValueError:
+        totals = {}
+    if not isinstance(totals, dict):
+        totals = {}
+    return {key: int(totals.get(key, 0) or 0) + delta.get(key, 0) for key in TOTAL_KEYS}
+
+
 def pod_runtime_socket(kubelet_root: Path, pod_uid: str) -> Path:
     """Where the runtime's socket of a pod is on the node: in its emptyDir runtime volume."""
     return kubelet_root / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir" / RUNTIME_VOLUME / RUNTIME_SOCKET_NAME
@@ -104,7 +132,7 @@ class PodWatcher:
         self.core = client.CoreV1Api()
         self.custom = client.CustomObjectsApi()
         self.agent = agent
-        self.reported: dict[str, float] = {}  # sandbox key -> the last activity time reported
+        self.reported: dict[tuple[str, str], Report] = {}  # (sandbox key, container id) -> what was reported
         self.node_name = node_name
         self.kubelet_root = Path(kubelet_root)
         self.stop = threading.Event()
@@ -116,19 +144,34 @@ class PodWatcher:
         self.reporter.start()
 
     def _report_activity(self) -> None:
-        """Mirror each sandbox's last tool-call activity into its AgentSandbox's annotation."""
         while not self.stop.wait(ACTIVITY_REPORT_SECONDS):
-            for key, sandbox in list(self.agent.sandboxes.items()):
-                if sandbox.spec.kubernetes is None or self.reported.get(key) == sandbox.last_activity:
-                    continue
-                moment = datetime.fromtimestamp(sandbox.last_activity, timezone.utc).replace(microsecond=0)
-                patch = {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: timestamp(moment)}}}
-                try:
-                    self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, sandbox.spec.namespace,
-                                                               "agentsandboxes", sandbox.spec.name, patch)
-                    self.reported[key] = sandbox.last_activity
-                except Exception as error:  # the next round tries again
-                    log.warning("sandbox %s: reporting activity: %s", key, error)
+            for sandbox in list(self.agent.sandboxes.values()):
+                if sandbox.spec.kubernetes is not None:
+                    self._report(sandbox)
+
+    def _report(self, sandbox) -> None:
+        """Mirror a sandbox's last tool-call activity and its call totals into its AgentSandbox's
+        annotations. Totals are added as deltas to what the object holds, so they survive new pods
+        and agent restarts; the write is conditional on the object's version (a conflict retries)."""
+        seen = self.reported.setdefault((sandbox.key, sandbox.spec.kubernetes.container_id), Report())
+        totals = Counter(sandbox.totals)
+        delta = totals - seen.totals
+        if seen.activity == sandbox.last_activity and not delta:
+            return
+        try:
+            body = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, sandbox.spec.namespace,
+                                                            "agentsandboxes", sandbox.spec.name)
+            annotations = body["metadata"].get("annotations") or {}
+            moment = datetime.fromtimestamp(sandbox.last_activity, timezone.utc).replace(microsecond=0)
+            patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"], "annotations": {
+                LAST_ACTIVITY_ANNOTATION: timestamp(moment),
+                TOOL_CALLS_ANNOTATION: json.dumps(added_totals(annotations.get(TOOL_CALLS_ANNOTATION), delta), sort_keys=True),
+            }}}
+            self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, sandbox.spec.namespace,
+                                                       "agentsandboxes", sandbox.spec.name, patch)
+            seen.activity, seen.totals = sandbox.last_activity, totals
+        except Exception as error:  # a conflict, the API server away: the next round tries again
+            log.warning("sandbox %s: reporting activity: %s", sandbox.key, _brief(error))
 
     def close(self) -> None:
         self.stop.set()
@@ -152,7 +195,7 @@ class PodWatcher:
                     pod = event["raw_object"]
                     self._apply(pod, deleted=event["type"] == "DELETED")
             except Exception as error:  # the API server restarting, an expired watch: list again
-                log.warning("pod watch: %s; listing again", error)
+                log.warning("pod watch: %s; listing again", _brief(error))
                 self.stop.wait(1.0)
 
     def _resync(self, pods: list[dict[str, Any]]) -> None:
@@ -188,6 +231,10 @@ class PodWatcher:
 
     def _remove(self, spec: SandboxCreate) -> None:
         runtime_socket(spec.namespace, spec.name).unlink(missing_ok=True)
+        current = self.agent.sandboxes.get(spec.key)
+        if current is not None and current.spec.kubernetes is not None:
+            self._report(current)  # the last calls' totals, before they go with the sandbox
+            self.reported.pop((spec.key, current.spec.kubernetes.container_id), None)
         try:
             self.agent.unregister(SandboxRef(name=spec.name, namespace=spec.namespace))
             log.info("sandbox %s removed", spec.key)

@@ -24,6 +24,17 @@ def outcome(record: CallRecord) -> str:
     return "ok" if usage.exit_code == 0 else "failed"
 
 
+def call_totals(record: CallRecord) -> dict[str, int]:
+    """What one finished call adds to its sandbox's totals (the AgentSandbox's status.toolCalls)."""
+    usage = record.usage
+    return {
+        "calls": 1,
+        "failed": int(outcome(record) != "ok"),
+        "oomKilled": int(bool(usage and usage.oom_kills)),
+        "blockedConnections": usage.connections_blocked if usage else 0,
+    }
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

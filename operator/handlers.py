@@ -169,6 +169,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
             "nodeName": view.node_name if view and decision.want_pod else None,
             "serviceFqdn": sandbox.service_fqdn(name, namespace),
             "lastActivityTime": timestamp(last_activity) if last_activity else old.get("lastActivityTime"),
+            "toolCalls": sandbox.tool_call_totals(annotations) or old.get("toolCalls"),
             "observedGeneration": body["metadata"].get("generation"),
         }
         if old.get("phase") != decision.phase:

@@ -17,6 +17,9 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "agentkube"}
 LAST_ACTIVITY_ANNOTATION = "agentkube.dev/last-activity"
 # The node agent reads a sandbox's tool intents and envelope from its pod.
 TOOLS_ANNOTATION = "agentkube.dev/tools"
+# The node agent adds each finished call to these totals (JSON); the operator mirrors them into
+# status.toolCalls.
+TOOL_CALLS_ANNOTATION = "agentkube.dev/tool-calls"
 # Pods labelled so (in any namespace) may reach a sandbox's runtime port.
 CLIENT_LABEL = "agentkube.dev/sandbox-client"
 SANDBOX_RUNTIME_PORT = 7070
@@ -70,6 +73,14 @@ def _metadata(name: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         "ownerReferences": [owner_reference(body)],
         **extra,
     }
+
+
+def tool_call_totals(annotations: dict[str, str]) -> dict[str, int] | None:
+    """status.toolCalls from the node agent's annotation; None when there is none or it is malformed."""
+    try:
+        return api.ToolCallTotals.model_validate_json(annotations[TOOL_CALLS_ANNOTATION]).model_dump(by_alias=True)
+    except (KeyError, ValueError):
+        return None
 
 
 def workspace_claim_name(sandbox: str) -> str:

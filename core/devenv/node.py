@@ -219,7 +219,7 @@ def node_rbac(apiserver_kubelet_client: str, node_agent: str) -> list[dict[str, 
             "kind": "ClusterRole",
             "metadata": {"name": "agentkube:node-agent"},
             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["patch"]}],
+                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]}],
         },
         _cluster_role_binding("agentkube:node-agent", "agentkube:node-agent", node_agent),
     ]

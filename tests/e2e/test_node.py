@@ -152,9 +152,14 @@ def test_a_tool_call_runs_in_its_own_cgroup_and_only_it_is_oom_killed(operator, 
     assert pod.status.container_statuses[0].restart_count == 0 and pod.status.phase == "Running"
     container_cgroup = MEMORY_V1 / container_path.lstrip("/")
     assert not any(p.name.startswith("call-") for p in container_cgroup.iterdir()), "call cgroups removed"
-    # The node agent reports the calls' activity; the operator mirrors it (what idleTimeout measures from).
-    eventually(lambda: (_sandbox(api_client, namespace, "agent").get("status") or {}).get("lastActivityTime"),
-               timeout=90, message="status.lastActivityTime from the node agent's report")
+    # The node agent reports the calls' activity and totals; the operator mirrors them into status (the
+    # activity is what idleTimeout measures from).
+    def reported():
+        status = _sandbox(api_client, namespace, "agent").get("status") or {}
+        return status.get("lastActivityTime") and status.get("toolCalls", {}).get("calls", 0) >= 3 and status
+
+    status = eventually(reported, timeout=90, message="status.lastActivityTime and toolCalls from the node agent")
+    assert status["toolCalls"]["oomKilled"] == 1 and status["toolCalls"]["failed"] == 1
 
 
 def test_dev_down_leaves_no_container_mount_namespace_bridge_or_process(devenv):

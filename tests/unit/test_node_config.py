@@ -5,6 +5,7 @@ import hashlib
 import ipaddress
 import json
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from agentkube.devenv import config, images, node
 from agentkube.devenv.config import Layout, Ports
 from agentkube.ebpf.agent import innermost_pid
-from agentkube.ebpf.kubernetes import cpu_cores, pod_runtime_socket, sandbox_spec
+from agentkube.ebpf.kubernetes import TOTAL_KEYS, added_totals, cpu_cores, pod_runtime_socket, sandbox_spec
 from agentkube.operator import api, sandbox
 
 LAYOUT = Layout(Path("/state"))
@@ -76,7 +77,7 @@ def test_node_rbac_binds_the_apiserver_to_the_kubelet_api_and_lets_the_node_agen
     assert binding["roleRef"]["name"] == "system:kubelet-api-admin"
     assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "apiserver-client"}]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["patch"]}]
+                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]}]
     assert agent_binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
@@ -159,3 +160,19 @@ def test_innermost_pid_is_the_last_nspid():
     assert innermost_pid("Name:\tpython3\nNSpid:\t4242\t17\n") == 17
     assert innermost_pid("Name:\tinit\nNSpid:\t1\n") == 1
     assert innermost_pid("Name:\tx\n") is None
+
+
+def test_call_totals_are_added_to_what_the_sandbox_already_holds():
+    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {"calls": 2, "failed": 0, "oomKilled": 1, "blockedConnections": 0}
+    held = json.dumps({"calls": 5, "failed": 1, "oomKilled": 0, "blockedConnections": 3})
+    assert added_totals(held, Counter(calls=1, failed=1)) == {"calls": 6, "failed": 2, "oomKilled": 0, "blockedConnections": 3}
+    assert added_totals("not json", Counter(calls=1))["calls"] == 1
+    assert added_totals("[1, 2]", Counter(calls=1))["calls"] == 1
+
+
+def test_the_operator_mirrors_the_totals_into_status_and_ignores_garbage():
+    totals = {"calls": 3, "failed": 1, "oomKilled": 1, "blockedConnections": 0}
+    assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: json.dumps(totals)}) == totals
+    assert sandbox.tool_call_totals({}) is None
+    assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: '{"calls": "many"}'}) is None
+    assert set(totals) == set(TOTAL_KEYS)

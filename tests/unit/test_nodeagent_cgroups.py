@@ -17,7 +17,7 @@ from agentkube.ebpf.cgroups import (
     parse_proc_cgroup,
 )
 from agentkube.ebpf.limits import CPU_PERIOD_US, memory_high_for, parse_network
-from agentkube.ebpf.metrics import LABELS, OUTCOMES, Metrics, outcome
+from agentkube.ebpf.metrics import LABELS, OUTCOMES, Metrics, call_totals, outcome
 from agentkube.ebpf.models import CallRecord, Usage
 
 HYBRID_MOUNTS = """\
@@ -177,6 +177,16 @@ def test_metrics_have_bounded_labels_and_outcomes():
     label_names = {name for family in metrics.registry.collect() for s in family.samples for name in s.labels}
     assert label_names <= {*LABELS, "outcome", "le"}
     assert set(OUTCOMES) >= {outcome(_record(None))}
+
+
+def test_a_finished_call_adds_to_its_sandbox_totals():
+    base = dict(duration_seconds=1, exit_code=0, signal=None, timed_out=False, peak_memory_bytes=1, cpu_seconds=0.1,
+                throttled_seconds=0, oom_kills=0, processes_spawned=1, connections_blocked=2, memory_high_events=0,
+                pids_limit_hits=0)
+    assert call_totals(_record(Usage(**base))) == {"calls": 1, "failed": 0, "oomKilled": 0, "blockedConnections": 2}
+    oom = call_totals(_record(Usage(**{**base, "exit_code": None, "signal": 9, "oom_kills": 3})))
+    assert (oom["failed"], oom["oomKilled"]) == (1, 1)
+    assert call_totals(_record(None)) == {"calls": 1, "failed": 1, "oomKilled": 0, "blockedConnections": 0}
 
 
 def test_high_events_count_a_crossing_the_watch_missed():
