@@ -10,12 +10,13 @@ sandbox's defaults), and comes back with what it used.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from agentkube.ebpf.models import RunRequest, RunResult, SandboxStatus
 from agentkube.ebpf.limits import Intent
-from agentkube.ebpf.runtime import runtime_socket
+from agentkube.ebpf.runtime import REGISTRATION_WAIT_SECONDS, runtime_socket
 from agentkube.ebpf.unixhttp import ApiError, request
 
 __all__ = ["Sandbox", "RunResult", "ApiError"]
@@ -51,8 +52,17 @@ class Sandbox:
         body = RunRequest(argv=list(argv), intent=intent, stdin=stdin, cwd=cwd)
         # The HTTP wait covers the call's own timeout plus the time to report it.
         wait = (timeout or 3600) + 60
+        self._wait_for_runtime()
         return RunResult.model_validate(request(self.socket, "POST", "/v1/run", body, timeout=wait))
 
     def status(self) -> SandboxStatus:
         """The sandbox as the node agent sees it, including when it was last active."""
+        self._wait_for_runtime()
         return SandboxStatus.model_validate(request(self.socket, "GET", "/v1/status"))
+
+    def _wait_for_runtime(self) -> None:
+        """A pod's runtime socket appears once the node agent has registered the pod, just after it runs:
+        a call made right after the AgentSandbox turns Running waits for it rather than failing."""
+        deadline = time.monotonic() + REGISTRATION_WAIT_SECONDS
+        while not self.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -47,6 +47,7 @@ from agentkube.ebpf.models import (
     SandboxRef,
     SandboxStatus,
     Usage,
+    UNREGISTERED,
 )
 from agentkube.ebpf.pressure import PressureWatcher, high_events_seen
 from agentkube.ebpf.unixhttp import HttpError, Peer
@@ -174,7 +175,7 @@ class NodeAgent:
         try:
             return self.sandboxes[ref.key]
         except KeyError:
-            raise HttpError(404, f"no sandbox {ref.key} on this node") from None
+            raise HttpError(404, f"{UNREGISTERED} {ref.key} on this node") from None
 
     # --- sandboxes ------------------------------------------------------------------------------------
     def create_sandbox(self, peer: Peer, spec: SandboxCreate) -> SandboxStatus:

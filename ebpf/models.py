@@ -170,6 +170,8 @@ class CallRecord(Strict):
 
 
 MAX_OUTPUT_BYTES = 1024 * 1024  # per stream; the rest is drained and counted, not kept
+# The start of the node agent's 404 message for a sandbox it does not know (yet): the runtime waits on it.
+UNREGISTERED = "no sandbox"
 
 
 class RunRequest(Strict):

@@ -29,6 +29,7 @@ from agentkube.ebpf.models import (
     SandboxCreate,
     SandboxRef,
     SandboxStatus,
+    UNREGISTERED,
 )
 from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
 
@@ -45,6 +46,9 @@ RUNTIME_SOCKET_DIR = Path("/run/agentkube/sandboxes")
 POD_RUNTIME_DIR = Path("/run/agentkube/runtime")
 RUNTIME_SOCKET_NAME = "runtime.sock"
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
+# In Kubernetes the node agent registers a pod's sandbox once it sees the container running (well under a
+# second later): a call that comes first waits this long for it rather than failing.
+REGISTRATION_WAIT_SECONDS = 10.0
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
@@ -147,18 +151,24 @@ class _Pump:
 _clients: dict[str, Client] = {}
 
 
-def _agent_call(agent_socket: Path, method: str, path: str, body: object, retry_for: float = 0.0) -> object:
-    """A request to the node agent, retried while it is away (restarting) for up to `retry_for` s."""
+def _agent_call(agent_socket: Path, method: str, path: str, body: object, retry_for: float = 0.0,
+                unregistered_for: float = 0.0) -> object:
+    """A request to the node agent, retried while it is away (restarting) for up to `retry_for` s, and
+    while it does not know this sandbox yet for up to `unregistered_for` s."""
     client = _clients.get(str(agent_socket)) or _clients.setdefault(str(agent_socket), Client(agent_socket))
-    deadline = time.monotonic() + retry_for
+    started = time.monotonic()
     while True:
         try:
             return client.request(method, path, body)
         except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError,
                 http.client.RemoteDisconnected):
-            if time.monotonic() > deadline:
+            if time.monotonic() - started > retry_for:
                 raise
-            time.sleep(0.1)
+        except ApiError as error:
+            if not (error.status == 404 and error.message.startswith(UNREGISTERED)) \
+                    or time.monotonic() - started > unregistered_for:
+                raise
+        time.sleep(0.1)
 
 
 def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunResult:
@@ -180,7 +190,8 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
     os.close(go_read), os.close(out_write), os.close(err_write), os.close(in_read)
     try:
         placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", CallCreate(
-            name=sandbox.name, namespace=sandbox.namespace, pid=pid, argv=run.argv, intent=run.intent)))
+            name=sandbox.name, namespace=sandbox.namespace, pid=pid, argv=run.argv, intent=run.intent),
+            unregistered_for=REGISTRATION_WAIT_SECONDS))
     except BaseException:
         for fd in (go_write, in_write, out_read, err_read):  # the held child exits without running anything
             os.close(fd)

@@ -93,20 +93,6 @@ def _phase(api_client, namespace: str, name: str) -> str | None:
     return (_sandbox(api_client, namespace, name).get("status") or {}).get("phase")
 
 
-def _ready_sandbox(namespace: str, name: str, eventually) -> Sandbox:
-    """The SDK's handle, once the node agent has registered the pod (its status answers)."""
-    client = Sandbox(name, namespace)
-
-    def answers():
-        try:
-            return client.status()
-        except (OSError, RuntimeError):
-            return None
-
-    eventually(answers, timeout=60, message=f"sandbox {namespace}/{name} reachable through the SDK")
-    return client
-
-
 def test_agent_sandbox_runs_on_the_node_suspends_and_resumes(operator, api_client, kubectl, namespace, eventually):
     manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "box"}, "spec": SANDBOX}
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
@@ -117,7 +103,8 @@ def test_agent_sandbox_runs_on_the_node_suspends_and_resumes(operator, api_clien
     assert pod.status.phase == "Running" and pod.spec.node_name == node.NODE_NAME
     # The policy object is there; enforcing it takes a policy-capable CNI (see README).
     assert NetworkingV1Api(api_client).read_namespaced_network_policy("box", namespace)
-    assert _ready_sandbox(namespace, "box", eventually).run(["true"]).exit_code == 0
+    # Right after Running: the SDK waits the moment it takes the node agent to register the pod.
+    assert Sandbox("box", namespace).run(["true"]).exit_code == 0
 
     kubectl("patch", "-n", namespace, "agentsandbox/box", "--type=merge", "-p", '{"spec":{"lifecycle":{"suspend":true}}}')
     eventually(lambda: _phase(api_client, namespace, "box") == "Suspended", timeout=60, message="sandbox Suspended")
@@ -125,14 +112,14 @@ def test_agent_sandbox_runs_on_the_node_suspends_and_resumes(operator, api_clien
 
     kubectl("patch", "-n", namespace, "agentsandbox/box", "--type=merge", "-p", '{"spec":{"lifecycle":{"suspend":false}}}')
     eventually(lambda: _phase(api_client, namespace, "box") == "Running", timeout=120, message="sandbox Running again")
-    assert _ready_sandbox(namespace, "box", eventually).run(["echo", "back"]).stdout == "back\n"
+    assert Sandbox("box", namespace).run(["echo", "back"]).stdout == "back\n"
 
 
 def test_a_tool_call_runs_in_its_own_cgroup_and_only_it_is_oom_killed(operator, api_client, kubectl, namespace, eventually):
     manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "agent"}, "spec": SANDBOX}
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     eventually(lambda: _phase(api_client, namespace, "agent") == "Running", timeout=120, message="sandbox Running")
-    client = _ready_sandbox(namespace, "agent", eventually)
+    client = Sandbox("agent", namespace)
     pod = CoreV1Api(api_client).read_namespaced_pod("agent", namespace)
     container_id = pod.status.container_statuses[0].container_id.split("://")[1]
 
