@@ -35,7 +35,7 @@ from agentkube.ebpf.cgroups import (
     parse_proc_cgroup,
     UNIFIED,
 )
-from agentkube.ebpf.limits import HISTORY_WINDOW, OutOfEnvelope, command_signature, parse_network, resolve_limits
+from agentkube.ebpf.limits import HISTORY_WINDOW, PROFILES, OutOfEnvelope, command_signature, parse_network, resolve_limits
 from agentkube.ebpf.deadlines import Deadlines
 from agentkube.ebpf.metrics import Metrics, call_totals
 from agentkube.ebpf.models import (
@@ -278,7 +278,8 @@ class NodeAgent:
         history_key = f"{sandbox.key}\t{signature}"
         try:
             resolved = resolve_limits(request.intent, list(self.history.get(history_key, ())),
-                                      sandbox.spec.defaults.limits(), sandbox.spec.envelope.envelope())
+                                      sandbox.spec.defaults.limits(), sandbox.spec.envelope.envelope(),
+                                      PROFILES | sandbox.spec.profiles)
         except OutOfEnvelope as error:
             raise HttpError(422, str(error)) from None
         limits = resolved.limits

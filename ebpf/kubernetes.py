@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from agentkube.ebpf.limits import Profile
 from agentkube.ebpf.models import DefaultsSpec, EnvelopeSpec, KubernetesContainer, SandboxCreate, SandboxRef
 from agentkube.ebpf.runtime import RUNTIME_SOCKET_NAME, runtime_socket
 from agentkube.operator import api
@@ -58,6 +59,18 @@ def network_of(intent: api.ToolNetwork | None) -> str:
     return "all"
 
 
+def intent_values(intent: api.ToolIntent) -> dict[str, Any]:
+    """The fields a CRD tool intent sets, in the node agent's units (bytes, cores, seconds, network)."""
+    values = {
+        "memory": intent.memory,
+        "cpu": cpu_cores(intent.cpu) if intent.cpu is not None else None,
+        "pids": intent.pids,
+        "timeout": parse_duration(intent.timeout).total_seconds() if intent.timeout else None,
+        "network": network_of(intent.network) if intent.network is not None else None,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def sandbox_spec(pod: dict[str, Any]) -> SandboxCreate | None:
     """The sandbox a pod's running sandbox container makes, or None while it does not run."""
     metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
@@ -67,25 +80,20 @@ def sandbox_spec(pod: dict[str, Any]) -> SandboxCreate | None:
     tools_json = json.loads((metadata.get("annotations") or {}).get(TOOLS_ANNOTATION, "{}"))
     envelope_limits = tools_json.pop("envelope", {})
     tools = api.Tools.model_validate(tools_json)
-    default = tools.default
     envelope = EnvelopeSpec(**{
         key: value for key, value in (("memory", envelope_limits.get("memory")),
                                       ("cpu", cpu_cores(envelope_limits["cpu"]) if "cpu" in envelope_limits else None))
         if value is not None
     })
-    defaults = DefaultsSpec(**{
-        key: value for key, value in (
-            ("memory", default.memory), ("cpu", cpu_cores(default.cpu) if default.cpu is not None else None),
-            ("pids", default.pids), ("timeout", parse_duration(default.timeout).total_seconds() if default.timeout else None),
-            ("network", network_of(default.network)),
-        ) if value is not None
-    })
+    defaults = DefaultsSpec(**{"network": "none", **intent_values(tools.default)})
     # What the operator's CEL already guarantees, once more for pods made by anything else.
     defaults = defaults.model_copy(update={"memory": min(defaults.memory, envelope.memory),
                                            "cpu": min(defaults.cpu, envelope.cpu), "pids": min(defaults.pids, envelope.pids),
                                            "timeout": min(defaults.timeout, envelope.timeout)})
+    profiles = {name: Profile(**intent_values(intent)) for name, intent in tools.profiles.items()}
     return SandboxCreate(
         name=metadata["labels"][SANDBOX_LABEL], namespace=metadata["namespace"], envelope=envelope, defaults=defaults,
+        profiles=profiles,
         kubernetes=KubernetesContainer(pod_uid=metadata["uid"], container_id=container["containerID"],
                                        qos=(status.get("qosClass") or "Burstable").lower()),
     )

@@ -12,12 +12,13 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # names: sandboxes, namespaces, profiles
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -29,6 +30,7 @@ HISTORY_MARGIN = 1.5
 HISTORY_WINDOW = 50  # most recent peaks kept per command signature
 MIN_CALL_MEMORY = 16 * MiB  # below this a shell cannot even start
 MAX_ALLOW_RULES = 16  # one source of truth with the BPF program's MAX_RULES (passed to it as a define)
+MAX_PROFILES = 16  # named intents per sandbox
 CPU_PERIOD_US = 100_000
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?[bB]?\s*$")
@@ -163,19 +165,32 @@ class Intent(BaseModel):
     @field_validator("profile")
     @classmethod
     def _profile(cls, value):
-        if value is not None and value not in PROFILES:
-            raise ValueError(f"unknown profile {value!r}; known: {', '.join(sorted(PROFILES))}")
+        # Which names exist is the sandbox's to say (its own profiles beside the built-in ones).
+        if value is not None and not DNS_LABEL.match(value):
+            raise ValueError(f"unknown profile {value!r}: a profile is named by a DNS label")
         return value
 
 
 class Profile(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     memory: int | None = None
-    cpu: float | None = None
-    pids: int | None = None
-    timeout: float | None = None
+    cpu: float | None = Field(default=None, gt=0)
+    pids: int | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
     network: str | None = None
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return None if value is None else parse_size(value)
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value):
+        if value is not None:
+            parse_network(value)
+        return value
 
 
 # Named intents an agent can declare instead of numbers. Shapes follow what coding agents' tool calls
@@ -236,10 +251,14 @@ def command_signature(argv: Sequence[str]) -> str:
     return " ".join(words)[:128]
 
 
-def resolve_limits(intent: Intent, history_peaks: Sequence[int], defaults: Limits, envelope: Envelope) -> ResolvedLimits:
+def resolve_limits(intent: Intent, history_peaks: Sequence[int], defaults: Limits, envelope: Envelope,
+                   profiles: Mapping[str, Profile] = PROFILES) -> ResolvedLimits:
     """The limits one call gets. Raises OutOfEnvelope when the agent explicitly asks for more than the
-    envelope; anything not asked for explicitly is clamped to the envelope instead."""
-    profile = PROFILES[intent.profile] if intent.profile else Profile()
+    envelope (or names a profile the sandbox does not have); anything not asked for explicitly is clamped
+    to the envelope instead."""
+    if intent.profile and intent.profile not in profiles:
+        raise OutOfEnvelope(f"unknown profile {intent.profile!r}; this sandbox has: {', '.join(sorted(profiles))}")
+    profile = profiles[intent.profile] if intent.profile else Profile()
     history_memory = memory_from_history(history_peaks)
     values: dict[str, object] = {}
     sources: dict[str, LimitSource] = {}

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from agentkube.ebpf.limits import Envelope, Intent, Limits, LimitSource, parse_network, parse_size
+from agentkube.ebpf.limits import (
+    DNS_LABEL,
+    MAX_PROFILES,
+    Envelope,
+    Intent,
+    Limits,
+    LimitSource,
+    Profile,
+    parse_network,
+    parse_size,
+)
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ARGV_ITEMS = 1024
 MAX_ARG_CHARS = 16 * 1024
@@ -94,6 +102,8 @@ class KubernetesContainer(Strict):
 class SandboxCreate(SandboxRef):
     envelope: EnvelopeSpec = EnvelopeSpec()
     defaults: DefaultsSpec = DefaultsSpec()
+    # Named intents of this sandbox (an AgentSandbox's spec.tools.profiles), beside and above the built-in ones.
+    profiles: dict[Annotated[str, AfterValidator(_label)], Profile] = Field(default_factory=dict, max_length=MAX_PROFILES)
     # --local: a process to become the sandbox's main process (moved into its `agent` leaf).
     pid: int | None = Field(default=None, gt=1)
     kubernetes: KubernetesContainer | None = None

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
+from agentkube.ebpf.limits import MAX_ALLOW_RULES, MAX_PROFILES  # what the node agent accepts per sandbox
 from agentkube.rl.knative import KnativeDefaults
 
 GROUP = "agentkube.dev"
@@ -20,8 +21,6 @@ API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "agentkube"
 
 # Bounds keep every CEL rule's cost estimable by the API server (it refuses unbounded lists and maps).
-MAX_PROFILES = 16
-MAX_ALLOW_RULES = 32
 MAX_NAME = 63
 MAX_STRING = 1024
 MAX_LIST = 64

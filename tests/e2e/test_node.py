@@ -81,7 +81,8 @@ def test_a_plain_pod_runs_answers_logs_exec_and_port_forward_and_leaves_nothing_
 SANDBOX = {
     "template": {"image": images.SANDBOX_IMAGE,
                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}},
-    "tools": {"default": {"memory": "128Mi", "cpu": "1", "pids": 64, "timeout": "1m", "network": {"egress": "none"}}},
+    "tools": {"default": {"memory": "128Mi", "cpu": "1", "pids": 64, "timeout": "1m", "network": {"egress": "none"}},
+              "profiles": {"probe": {"memory": "96Mi", "pids": 16}}},
 }
 
 
@@ -123,11 +124,11 @@ def test_a_tool_call_runs_in_its_own_cgroup_and_only_it_is_oom_killed(operator, 
     pod = CoreV1Api(api_client).read_namespaced_pod("agent", namespace)
     container_id = pod.status.container_statuses[0].container_id.split("://")[1]
 
-    where = client.run(["cat", "/proc/self/cgroup"], memory="96Mi")
+    where = client.run(["cat", "/proc/self/cgroup"], profile="probe")  # the AgentSandbox's own profile
     memory_path = next(line.split(":", 2)[2] for line in where.stdout.splitlines() if line.split(":")[1] == "memory")
     container_path, call = memory_path.rsplit("/", 1)
     assert container_path.endswith(f"pod{pod.metadata.uid}/{container_id}") and call.startswith("call-")
-    assert where.limits.memory == 96 * 2**20
+    assert where.limits.memory == 96 * 2**20 and where.limits.pids == 16 and where.sources["memory"] == "profile"
 
     hog = client.run(["python3", "-c", "block = bytearray(400 * 2**20); print(len(block))"], memory="64Mi")
     assert hog.signal == 9 and hog.usage.oom_kills >= 1, hog

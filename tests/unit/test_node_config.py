@@ -132,6 +132,15 @@ def test_a_sandbox_pod_registers_once_its_container_runs():
     assert spec.defaults.network == "10.1.0.0/16:443"
 
 
+def test_the_sandbox_profiles_reach_the_node_agent_in_its_units():
+    spec = sandbox_spec(_pod({"running": {}}, tools={"profiles": {
+        "test": {"memory": "768Mi", "cpu": "500m", "timeout": "10m"},
+        "fetch": {"network": {"egress": "explicit", "allow": [{"cidr": "10.0.0.0/8", "port": 443}]}}}}))
+    assert spec.profiles["test"].model_dump() == {"memory": 768 * 2**20, "cpu": 0.5, "pids": None, "timeout": 600.0,
+                                                  "network": None}
+    assert spec.profiles["fetch"].network == "10.0.0.0/8:443" and spec.profiles["fetch"].memory is None
+
+
 def test_defaults_never_exceed_the_envelope_whoever_made_the_pod():
     spec = sandbox_spec(_pod({"running": {}}, tools={"default": {"memory": "4Gi", "cpu": "4"}}))
     assert spec.defaults.memory == spec.envelope.memory and spec.defaults.cpu == spec.envelope.cpu

@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from agentkube.ebpf.limits import (
+    Profile,
     HISTORY_MARGIN,
     MAX_ALLOW_RULES,
     MIN_CALL_MEMORY,
@@ -119,7 +120,7 @@ def test_bad_network_policies_are_refused(bad):
 
 def test_intent_validates_its_fields():
     with pytest.raises(ValidationError, match="unknown profile"):
-        Intent(profile="gigantic")
+        Intent(profile="Not A Profile")
     with pytest.raises(ValidationError):
         Intent(cpu=-1)
     with pytest.raises(ValidationError):
@@ -133,3 +134,13 @@ def test_sandbox_specs_parse_their_default_sizes_too():
     spec = SandboxCreate(name="s")
     assert spec.envelope.memory == 2 * GiB and spec.defaults.memory == 512 * MiB
     assert spec.defaults.limits().memory <= spec.envelope.envelope().memory
+
+
+def test_a_sandbox_names_its_own_profiles_beside_the_built_in_ones():
+    own = PROFILES | {"test": Profile(memory="3Gi", timeout=900), "lint": Profile(cpu=0.25, network="none")}
+    heavier = resolve_limits(Intent(profile="test"), [], DEFAULTS, ENVELOPE, own)
+    assert heavier.limits.memory == 2 * GiB and heavier.sources["memory"] == "profile"  # clamped to the envelope
+    assert heavier.limits.timeout == 900 and heavier.limits.pids == DEFAULTS.pids
+    assert resolve_limits(Intent(profile="lint"), [], DEFAULTS, ENVELOPE, own).limits.cpu == 0.25
+    with pytest.raises(OutOfEnvelope, match="unknown profile 'gigantic'"):
+        resolve_limits(Intent(profile="gigantic"), [], DEFAULTS, ENVELOPE, own)
