@@ -280,11 +280,12 @@ class DevEnv:
         _write_private(node_layout.kubelet_config, yaml.safe_dump(
             node.kubelet_config(node_layout, layout.pki, ports.kubelet, ports.kubelet_healthz)).encode())
         self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
-        for archive in archives:
-            images.import_archive(node.CTR, node_layout.containerd_socket, node.CONTAINERD_NAMESPACE, archive)
         self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user))
         for component in NODE:
             self._start(component, binaries[component.name], deadline)
+        # While the kubelet registers its node (it needs no image for that), the images go into containerd.
+        for archive in archives:
+            images.import_archive(node.CTR, node_layout.containerd_socket, node.CONTAINERD_NAMESPACE, archive)
         self._wait_node_ready(deadline)
         self.startup_seconds["node"] = time.monotonic() - started
 
