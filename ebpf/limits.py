@@ -138,12 +138,11 @@ class Limits(Envelope):
         return max(1000, round(self.cpu * CPU_PERIOD_US))
 
 
-class Intent(BaseModel):
-    """What the agent declares for one call: a profile, explicit values, or nothing."""
+class Profile(BaseModel):
+    """Limits a call can name at once: a built-in profile, a sandbox's own, or (as `Intent`) a call's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    profile: str | None = None
     memory: int | str | None = None
     cpu: float | None = Field(default=None, gt=0)
     pids: int | None = Field(default=None, gt=0)
@@ -162,34 +161,18 @@ class Intent(BaseModel):
             parse_network(value)
         return value
 
+
+class Intent(Profile):
+    """What the agent declares for one call: a profile, explicit values, or nothing."""
+
+    profile: str | None = None
+
     @field_validator("profile")
     @classmethod
     def _profile(cls, value):
         # Which names exist is the sandbox's to say (its own profiles beside the built-in ones).
         if value is not None and not DNS_LABEL.match(value):
             raise ValueError(f"unknown profile {value!r}: a profile is named by a DNS label")
-        return value
-
-
-class Profile(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    memory: int | None = None
-    cpu: float | None = Field(default=None, gt=0)
-    pids: int | None = Field(default=None, gt=0)
-    timeout: float | None = Field(default=None, gt=0)
-    network: str | None = None
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _size(cls, value):
-        return None if value is None else parse_size(value)
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, value):
-        if value is not None:
-            parse_network(value)
         return value
 
 
