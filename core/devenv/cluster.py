@@ -295,7 +295,9 @@ class DevEnv:
         netns = localnode.remove_containers(self.layout.node)
         process.stop([r for r in self.processes if r.name == CONTAINERD.name])
         self.processes = [r for r in self.processes if r.name not in node_processes | {CONTAINERD.name}]
-        localnode.clean_host(self.layout.node, self.layout.root, netns)
+        # The bridge, the kubepods cgroups and pod netns are the machine's: only the node's owner clears them.
+        if localnode.other_owner(self.layout.root) is None:
+            localnode.clean_host(self.layout.node, self.layout.root, netns)
 
     def _kubectl_apply(self, documents: list[dict]) -> None:
         manifest = yaml.safe_dump_all(documents).encode()

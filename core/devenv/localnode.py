@@ -29,13 +29,21 @@ class NodeError(RuntimeError):
     """The node cannot start on this machine; the message says why."""
 
 
+def other_owner(environment: Path) -> Path | None:
+    """The other environment that holds this machine's node, if any (a claim whose environment is gone
+    is stale and counts for nobody)."""
+    if not NODE_LOCK.exists():
+        return None
+    owner = Path(NODE_LOCK.read_text().strip())
+    return owner if owner != environment and (owner / "state.json").is_file() else None
+
+
 def acquire(environment: Path) -> None:
-    """Claim this machine's one node for `environment`. A claim whose environment is gone is stale."""
-    if NODE_LOCK.exists():
-        owner = Path(NODE_LOCK.read_text().strip())
-        if owner != environment and (owner / "state.json").is_file():
-            raise NodeError(f"this machine's node belongs to the environment in {owner}: "
-                            f"run `agentkube dev down --state-dir {owner}` first")
+    """Claim this machine's one node for `environment`."""
+    owner = other_owner(environment)
+    if owner is not None:
+        raise NodeError(f"this machine's node belongs to the environment in {owner}: "
+                        f"run `agentkube dev down --state-dir {owner}` first")
     NODE_LOCK.parent.mkdir(parents=True, exist_ok=True)
     NODE_LOCK.write_text(str(environment))
 

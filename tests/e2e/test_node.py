@@ -14,7 +14,7 @@ import requests
 from kubernetes.client import CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
 from agentkube.client import Sandbox
-from agentkube.devenv import images, localnode, node
+from agentkube.devenv import DevEnv, images, localnode, node
 from agentkube.devenv.cluster import sweep_abandoned
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api
@@ -148,6 +148,16 @@ def test_a_tool_call_runs_in_its_own_cgroup_and_only_it_is_oom_killed(operator, 
 
     status = eventually(reported, timeout=90, message="status.lastActivityTime and toolCalls from the node agent")
     assert status["toolCalls"]["oomKilled"] == 1 and status["toolCalls"]["failed"] == 1
+
+
+def test_a_second_node_is_refused_and_leaves_the_first_running(devenv, kubectl, tmp_path):
+    second = DevEnv(tmp_path / "second", tie_to_parent=True, with_prometheus=False, with_node=True)
+    with pytest.raises(localnode.NodeError, match=str(devenv.layout.root)):
+        second.up()
+    assert not (tmp_path / "second").exists()
+    assert subprocess.run(["ip", "link", "show", node.BRIDGE], capture_output=True).returncode == 0
+    ready = kubectl("get", "node", node.NODE_NAME, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}")
+    assert ready.stdout == "True"
 
 
 def test_dev_down_leaves_no_container_mount_namespace_bridge_or_process(devenv):
