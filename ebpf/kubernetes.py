@@ -39,8 +39,8 @@ WATCH_SECONDS = 300  # a watch is renewed this often (the API server ends long w
 # How often tool-call activity is reported to the AgentSandbox (the operator's idle timeout reads it):
 # a bound on API writes per sandbox, and far below any sensible idle timeout.
 ACTIVITY_REPORT_SECONDS = 15.0
-# The keys of status.toolCalls (api.ToolCallTotals), as agentkube.ebpf.metrics.call_totals counts them.
-TOTAL_KEYS = ("calls", "failed", "oomKilled", "blockedConnections")
+# The keys of status.toolCalls, as agentkube.ebpf.metrics.call_totals counts them (a unit test keeps the two in step).
+TOTAL_KEYS = tuple(field.alias for field in api.ToolCallTotals.model_fields.values())
 
 
 def cpu_cores(quantity: str | int | float) -> float:
@@ -49,13 +49,13 @@ def cpu_cores(quantity: str | int | float) -> float:
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def network_of(intent: api.ToolNetwork | None) -> str:
+def network_of(network: api.ToolNetwork) -> str:
     """The node agent's network string for a tool intent's network. `cluster` and `internet` allow all at
     the cgroup level: which addresses those mean is the pod's NetworkPolicy's to enforce."""
-    if intent is None or intent.egress == "none":
+    if network.egress == "none":
         return "none"
-    if intent.egress == "explicit":
-        return ",".join(f"{rule.cidr}:{rule.port or '*'}" for rule in intent.allow)
+    if network.egress == "explicit":
+        return ",".join(f"{rule.cidr}:{rule.port or '*'}" for rule in network.allow)
     return "all"
 
 

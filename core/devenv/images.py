@@ -143,13 +143,17 @@ def _run(step: str, argv: list[str], **kwargs) -> None:
 
 
 def _cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
-    """A build product in the image cache, rebuilt only when `key` (what it is made from) changes."""
+    """A build product in the image cache, rebuilt only when `key` (what it is made from) changes; the
+    products it replaces go (each sandbox archive is ~180 MB, and every source change makes a new one)."""
     target = images_cache() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tar"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             build(Path(scratch))
             (Path(scratch) / "out.tar").replace(target)
+        for older in target.parent.glob(f"{name}-*.tar"):
+            if older != target:
+                older.unlink(missing_ok=True)
     return target
 
 

@@ -17,6 +17,7 @@ from agentkube.ebpf.cgroups import (
     parse_proc_cgroup,
 )
 from agentkube.ebpf.limits import CPU_PERIOD_US, memory_high_for, parse_network
+from agentkube.ebpf.kubernetes import TOTAL_KEYS
 from agentkube.ebpf.metrics import LABELS, OUTCOMES, Metrics, call_totals, outcome
 from agentkube.ebpf.models import CallRecord, Usage
 
@@ -187,6 +188,7 @@ def test_a_finished_call_adds_to_its_sandbox_totals():
     oom = call_totals(_record(Usage(**{**base, "exit_code": None, "signal": 9, "oom_kills": 3})))
     assert (oom["failed"], oom["oomKilled"]) == (1, 1)
     assert call_totals(_record(None)) == {"calls": 1, "failed": 1, "oomKilled": 0, "blockedConnections": 0}
+    assert set(call_totals(_record(None))) == set(TOTAL_KEYS)  # what the node agent reports, status.toolCalls holds
 
 
 def test_high_events_count_a_crossing_the_watch_missed():
