@@ -15,12 +15,11 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import durationpy
-from kubernetes.utils import parse_quantity
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -62,6 +61,11 @@ def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_D
     return directory / namespace / f"{name}.sock"
 
 
+def timestamp(moment: datetime) -> str:
+    """A Kubernetes (RFC 3339, UTC) timestamp, as annotations and status carry them."""
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 # ----- bounds both sides agree on -----------------------------------------------------------------------
 
 MAX_ALLOW_RULES = 16  # per network; one source of truth with the BPF program's MAX_RULES (passed as a define)
@@ -72,6 +76,7 @@ MAX_LIST = 64
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # names: sandboxes, namespaces, profiles
+GO_DURATION = re.compile(r"^[-+]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+$")
 # A domain name, optionally with a leading "*." that stands for one or more labels.
 FQDN = re.compile(r"^(\*\.)?([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)+[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -89,6 +94,10 @@ NON_PUBLIC = tuple(ipaddress.ip_network(net) for net in (
 # ----- quantities and durations, parsed as Kubernetes parses them ---------------------------------------
 
 def _quantity(value: int | float | str) -> Decimal:
+    # Imported here: the sandbox runtime imports this module but never parses a quantity (the node agent
+    # judges intents), and its image carries no Kubernetes client.
+    from kubernetes.utils import parse_quantity
+
     if isinstance(value, bool):
         raise ValueError("expected a quantity such as 512Mi or 2, not a boolean")
     try:
@@ -118,6 +127,10 @@ def duration_seconds(value: int | float | str) -> float:
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
+        import durationpy  # what the Kubernetes client parses durations with (imported late, as above)
+
+        if not GO_DURATION.match(value):  # durationpy also takes days and weeks, which Go does not
+            raise ValueError(f"not a duration: {value!r} (e.g. 30s, 5m, 1h30m)")
         try:
             seconds = durationpy.from_str(value).total_seconds()
         except Exception:  # durationpy raises its own error type for every malformed form
@@ -254,6 +267,37 @@ class ToolNetwork(Model):
         return ",".join(map(str, self.allow)) if self.egress == "explicit" else self.egress
 
 
+def egress_rule(text: str) -> EgressRule:
+    """One rule as the SDK and the CLI write it: "10.0.0.0/8:443", "203.0.113.7:*", "[2001:db8::1]:80",
+    "pypi.org:443", "*.github.com:443" (the port is required; * means any)."""
+    text = text.strip()
+    host, sep, port = (text[1:].partition("]:") if text.startswith("[") else text.rpartition(":"))
+    if not sep or not host:
+        raise ValueError(f"not HOST:PORT: {text!r} (e.g. 10.0.0.0/8:443, pypi.org:443, [2001:db8::1]:80, 203.0.113.7:*)")
+    if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"not a port in {text!r}: {port!r} (1-65535 or *)")
+    try:
+        address = ipaddress.ip_network(host, strict=False)
+        destination = {"cidr": str(address) if "/" not in host else host}
+    except ValueError:
+        destination = {"fqdn": host.lower()}
+    return EgressRule(**destination, port=None if port == "*" else int(port))
+
+
+def tool_network(value: str | Sequence[str] | dict[str, Any] | ToolNetwork) -> ToolNetwork:
+    """A network as a mode ("none", "cluster", "internet"), a list of rules (egress: explicit), or the
+    CRD's own form."""
+    if isinstance(value, ToolNetwork):
+        return value
+    if isinstance(value, dict):
+        return ToolNetwork.model_validate(value)
+    if isinstance(value, str):
+        if value in ("none", "cluster", "internet"):
+            return ToolNetwork(egress=value)  # type: ignore[arg-type]
+        value = [part for part in value.split(",") if part.strip()]
+    return ToolNetwork(egress="explicit", allow=[egress_rule(item) for item in value])
+
+
 class ToolIntent(Model):
     """What one tool call may use. Unset fields fall back to the sandbox's default intent."""
 
@@ -262,6 +306,15 @@ class ToolIntent(Model):
     pids: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     network: ToolNetwork | None = None
     timeout: Duration | None = None
+
+
+class ToolCallTotals(Model):
+    """The node agent's running totals of a sandbox's calls (TOOL_CALLS_ANNOTATION; status.toolCalls)."""
+
+    calls: int = 0
+    failed: int = 0
+    oom_killed: int = 0
+    blocked_connections: int = 0
 
 
 DEFAULT_INTENT = ToolIntent(memory="512Mi", cpu="1", pids=256, timeout="5m", network=ToolNetwork())

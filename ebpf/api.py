@@ -38,7 +38,7 @@ def routes(agent: NodeAgent, sandbox_only: bool = False) -> dict:
 
     def get_sandbox(peer, params, body):
         sandbox = agent.sandbox(ref(params))
-        agent.require_in_sandbox_or_admin(peer, sandbox)
+        agent.require_runtime_or_admin(peer, sandbox)
         return 200, agent.status(sandbox)
 
     def delete_sandbox(peer, params, body):

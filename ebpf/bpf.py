@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentkube.ebpf.limits import MAX_ALLOW_RULES, NetworkPolicy
+from agentkube.contract import MAX_ALLOW_RULES, ToolNetwork
 
 PROGRAM_SOURCE = Path(__file__).parent / "programs" / "nodeagent.c"
 BPFFS = Path("/sys/fs/bpf")
@@ -55,16 +55,18 @@ def _words(packed: bytes) -> list[int]:
     return [int.from_bytes(padded[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
 
 
-def policy_values(policy: NetworkPolicy) -> tuple[int, list[tuple[list[int], list[int], int, int]]] | None:
-    """(mode, [(addr words, mask words, port, family)]) for the policy map, or None for "all" (no entry:
-    the program lets everything through)."""
-    if policy.mode == "all":
-        return None
+def policy_values(network: ToolNetwork) -> tuple[int, list[tuple[list[int], list[int], int, int]]]:
+    """(mode, [(addr words, mask words, port, family)]) for the policy map. Every call has an entry: the
+    pod's loopback only for `none`, the address rules for `explicit`; modes this program cannot express
+    yet get no rule at all (fail closed)."""
+    if network.egress == "none":
+        return MODES["loopback"], []
     rules = [
-        (_words(rule.network.network_address.packed), _words(rule.network.netmask.packed), rule.port, rule.network.version)
-        for rule in policy.rules
+        (_words(rule.network.network_address.packed), _words(rule.network.netmask.packed), rule.port or 0,
+         rule.network.version)
+        for rule in network.allow if rule.cidr is not None
     ]
-    return MODES[policy.mode], rules
+    return MODES["allowlist"], rules
 
 
 @dataclass
@@ -155,14 +157,11 @@ class Programs:
         return {int(p.name) for p in self._pins.iterdir()}
 
     # --- per-call state -------------------------------------------------------------------------------
-    def track(self, cgroup_id: int, policy: NetworkPolicy) -> None:
+    def track(self, cgroup_id: int, network: ToolNetwork) -> None:
         """Start counting for a call's cgroup and enforce its egress policy."""
         key = ct.c_uint64(cgroup_id)
         self.call_stats[key] = CallStats()
-        values = policy_values(policy)
-        if values is None:
-            return
-        mode, rules = values
+        mode, rules = policy_values(network)
         entry = Policy(mode=mode, nrules=len(rules))
         for i, (addr, mask, port, family) in enumerate(rules):
             entry.rules[i] = Rule((ct.c_uint32 * 4)(*addr), (ct.c_uint32 * 4)(*mask), port, family, 0)

@@ -3,6 +3,10 @@
 from datetime import datetime
 from typing import Any
 
+from agentkube.contract import timestamp
+
+__all__ = ["merge_conditions", "timestamp"]
+
 
 def merge_conditions(
     old: list[dict[str, Any]], new: list[tuple[str, bool, str, str]], now: datetime
@@ -26,5 +30,3 @@ def merge_conditions(
     return merged
 
 
-def timestamp(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")

@@ -24,7 +24,7 @@ from agentkube.devenv import config, images, localnode, node, pki, process
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
-from agentkube.ebpf.runtime import AGENT_SOCKET
+from agentkube.contract import AGENT_SOCKET
 
 POLL_INTERVAL = 0.1
 

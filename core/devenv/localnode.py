@@ -17,7 +17,7 @@ import psutil
 
 from agentkube.devenv import node
 from agentkube.devenv.node import BRIDGE, CONTAINERD_NAMESPACE, CTR, NODE_LOCK, NodeLayout
-from agentkube.ebpf.runtime import RUNTIME_SOCKET_DIR
+from agentkube.contract import RUNTIME_SOCKET_DIR
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBEPODS = "kubepods"

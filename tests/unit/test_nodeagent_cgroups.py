@@ -16,7 +16,7 @@ from agentkube.ebpf.cgroups import (
     parse_mounts,
     parse_proc_cgroup,
 )
-from agentkube.ebpf.limits import CPU_PERIOD_US, memory_high_for, parse_network
+from agentkube.contract import CPU_PERIOD_US, memory_high_for, tool_network
 from agentkube.ebpf.kubernetes import TOTAL_KEYS
 from agentkube.ebpf.metrics import LABELS, OUTCOMES, Metrics, call_totals, outcome
 from agentkube.ebpf.models import CallRecord, Usage
@@ -143,9 +143,8 @@ def test_counters_parse_on_both_layouts():
 
 
 def test_egress_policy_entries():
-    assert policy_values(parse_network("all")) is None
-    assert policy_values(parse_network("none")) == (MODES["none"], [])
-    mode, rules = policy_values(parse_network(["10.1.0.0/16:443", "[::1]:80"]))
+    assert policy_values(tool_network("none")) == (MODES["loopback"], [])  # the pod's own loopback only
+    mode, rules = policy_values(tool_network(["10.1.0.0/16:443", "[::1]:80"]))
     assert mode == MODES["allowlist"]
     (addr, mask, port, family), (addr6, mask6, port6, family6) = rules
     assert (port, family, port6, family6) == (443, 4, 80, 6)
