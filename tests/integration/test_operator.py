@@ -122,7 +122,7 @@ def test_a_sandbox_gets_its_pod_service_and_policy_and_reports_status(api_client
     _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
     eventually(lambda: _phase(api_client, namespace, "box") == "Running", message="never Running")
     conditions = {c["type"]: c["status"] for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"]}
-    assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True"}
+    assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True", "ToolsEnforced": "True"}
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=box,involvedObject.kind=AgentSandbox")
     assert "PodReady" in {e.reason for e in events.items}
 
