@@ -70,14 +70,16 @@ def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.Po
     """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
     last reported (activity, call totals) is kept until it reports again."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    annotations = body["metadata"].get("annotations") or {}
+    refused = annotations.get(sandbox.TOOLS_REFUSED_ANNOTATION)
     return api.AgentSandboxStatus(
         phase=decision.phase,
-        conditions=merge_conditions(old.conditions, sandbox.conditions(decision, pod), now),
+        conditions=merge_conditions(old.conditions, sandbox.conditions(decision, pod, refused), now),
         pod_name=name if decision.want_pod else None,
         node_name=pod.node_name if pod and decision.want_pod else None,
         service_fqdn=sandbox.service_fqdn(name, namespace),
         last_activity_time=last_activity or old.last_activity_time,
-        tool_calls=sandbox.tool_call_totals(body["metadata"].get("annotations") or {}) or old.tool_calls,
+        tool_calls=sandbox.tool_call_totals(annotations) or old.tool_calls,
         observed_generation=body["metadata"].get("generation"),
     )
 
