@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,7 +63,7 @@ def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_D
 
 def timestamp(moment: datetime) -> str:
     """A Kubernetes (RFC 3339, UTC) timestamp, as annotations and status carry them."""
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # ----- bounds both sides agree on -----------------------------------------------------------------------

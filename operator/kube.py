@@ -4,7 +4,7 @@ already there, already gone, or replaced meanwhile). Blocking: call from Kopf's 
 
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -50,7 +50,7 @@ def _connect() -> None:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_dict(obj: Any) -> dict[str, Any]:

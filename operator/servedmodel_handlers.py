@@ -50,7 +50,7 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
                                                                ("Ready", False, "KnativeNotInstalled", message)], kube.now())
             kube.patch_status(SERVED_MODELS, namespace, name, current, api.ServedModelStatus(
                 conditions=conditions, ready=False, observed_generation=body["metadata"].get("generation")))
-            raise kopf.TemporaryError(message, delay=knative_backoff(retry))
+            raise kopf.TemporaryError(message, delay=knative_backoff(retry)) from None
         # Status from a fresh read: the event's copy may predate the autoscaling loop's last write, and
         # a comparison with it would skip a write that is needed (or undo the loop's).
         refresh_served_model(namespace, name, logger, service)

@@ -77,7 +77,7 @@ class RevisionMetrics:
         count.add_sample("revision_app_request_count", self.labels, requests)
         yield count
         cumulative, buckets = 0.0, []
-        for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], per_bucket):
+        for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], per_bucket, strict=True):
             cumulative += n
             buckets.append((le, cumulative))
         latencies = HistogramMetricFamily("revision_app_request_latencies", "The response time in millisecond", labels=names)

@@ -46,7 +46,7 @@ class ExportedPolicy:
         """The raw action (clipped to [-1, 1]) for one observation or a batch of them."""
         x = np.asarray(observation, dtype=np.float32)
         act = _ACTIVATIONS[self.activation]
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = x @ w.T + b
             if i < len(self.weights) - 1:
                 x = act(x)

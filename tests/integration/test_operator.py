@@ -6,7 +6,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes
@@ -168,7 +168,7 @@ def test_idle_sandbox_is_suspended_and_the_next_request_resumes_it(api_client, o
                timeout=30, message="not suspended when idle")
     reason = next(c for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"] if c["type"] == "Suspended")
     assert reason["reason"] == "IdleTimeout"
-    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     _patch_sandbox(api_client, namespace, "box", {"metadata": {"annotations": {sandbox.LAST_ACTIVITY_ANNOTATION: now}}})
     eventually(lambda: _pod(api_client, namespace, "box") is not None, timeout=30, message="activity did not resume it")
     assert _get_sandbox(api_client, namespace, "box")["status"]["lastActivityTime"] == now
@@ -337,7 +337,7 @@ def test_every_quantity_the_api_server_admits_reaches_the_node_agent_intact(api_
             "image": "busybox", "resources": {"limits": {"memory": memory, "cpu": cpu}}},
             tools={"default": {"memory": memory, "cpu": cpu, "timeout": "45m30s"}}))
     for i, (memory, cpu) in enumerate(QUANTITY_FORMS):
-        pod = eventually(lambda: _pod(api_client, namespace, f"q{i}"), message=f"no pod for {memory}")
+        pod = eventually(lambda i=i: _pod(api_client, namespace, f"q{i}"), message=f"no pod for {memory}")
         running = api_client.sanitize_for_serialization(pod)
         running["status"] = {"qosClass": "Burstable", "containerStatuses": [
             {"name": sandbox.CONTAINER_NAME, "state": {"running": {}}, "containerID": "containerd://" + "a" * 64}]}

@@ -1,11 +1,11 @@
 """Two writers share a ServedModel's conditions: the reconcile (Knative's state) and the autoscaling loop."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from agentkube.operator import api
 from agentkube.operator.status import merge_own_conditions
 
-NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 EARLIER = "2026-11-21T11:00:00Z"
 
 

@@ -1,9 +1,11 @@
 """Cgroup layout detection and the files the node agent writes and reads, as pure functions."""
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from agentkube.contract import CPU_PERIOD_US, memory_high_for, tool_network
 from agentkube.ebpf.agent import sandbox_containing
 from agentkube.ebpf.bpf import MODES, policy_values
 from agentkube.ebpf.cgroups import (
@@ -16,7 +18,6 @@ from agentkube.ebpf.cgroups import (
     parse_mounts,
     parse_proc_cgroup,
 )
-from agentkube.contract import CPU_PERIOD_US, memory_high_for, tool_network
 from agentkube.ebpf.kubernetes import TOTAL_KEYS
 from agentkube.ebpf.metrics import LABELS, OUTCOMES, Metrics, call_totals, outcome
 from agentkube.ebpf.models import CallRecord, Usage
@@ -149,7 +150,9 @@ def test_egress_policy_entries():
     (addr, mask, port, family), (addr6, mask6, port6, family6) = rules
     assert (port, family, port6, family6) == (443, 4, 80, 6)
     # Words hold the address bytes in packet order, as the program loads them from the packet.
-    as_bytes = lambda words: b"".join(w.to_bytes(4, __import__("sys").byteorder) for w in words)
+    def as_bytes(words):
+        return b"".join(w.to_bytes(4, sys.byteorder) for w in words)
+
     assert as_bytes(addr)[:4] == bytes([10, 1, 0, 0]) and as_bytes(mask)[:4] == bytes([255, 255, 0, 0])
     assert as_bytes(addr6) == bytes(15) + b"\x01"
 

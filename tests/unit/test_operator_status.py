@@ -1,14 +1,14 @@
 """Status is written through the API's status models: what a handler writes reads back as unchanged, a
 field set to None is removed, and each writer writes only its own fields."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from agentkube.operator import api, sandbox
 from agentkube.operator.sandbox_handlers import sandbox_status
 from agentkube.operator.servedmodel_handlers import served_model_status
 from agentkube.operator.status import changed, status_patch
 
-NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=UTC)
 RUNNING = sandbox.PodView(phase="Running", ready=True, scheduled=True, node_name="n1", terminating=False)
 
 

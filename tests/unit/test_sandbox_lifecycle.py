@@ -1,12 +1,12 @@
 """The lifecycle decision: run, replace, suspend on request or when idle, expire."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from agentkube.operator import api
 from agentkube.operator.sandbox import PodView, plan
 from agentkube.operator.status import merge_conditions
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RUNNING = PodView(phase="Running", ready=True, scheduled=True, node_name="n1", terminating=False)
 
 
