@@ -116,9 +116,10 @@ def _write_autoscaling_status(model: dict[str, Any], condition: ConditionUpdate,
         except ApiException as error:
             if error.status != 409 or attempt == STATUS_WRITE_ATTEMPTS - 1:
                 raise
-        model = kube.read_own(SERVED_MODELS, namespace, name)
-        if model is None or api.ServedModelSpec.model_validate(model["spec"]).autoscaling.policy != "ppo":
+        fresh = kube.read_own(SERVED_MODELS, namespace, name)
+        if fresh is None or api.ServedModelSpec.model_validate(fresh["spec"]).autoscaling.policy != "ppo":
             return False  # the spec's own target is in force now: a late decision must not override it
+        model = fresh
     return False
 
 

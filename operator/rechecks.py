@@ -39,12 +39,14 @@ class Rechecks:
             self.loop.call_soon_threadsafe(self._arm, key, seconds, reconcile, logger, contextvars.copy_context())
 
     def _arm(self, key, seconds: float, reconcile: Reconcile, logger: logging.Logger, context: contextvars.Context) -> None:
+        assert self.loop is not None  # armed only from the loop itself
         if key in self.timers:
             self.timers.pop(key).cancel()
         self.timers[key] = self.loop.call_later(seconds, self._fire, key, reconcile, logger, context)
 
     def _fire(self, key, reconcile: Reconcile, logger: logging.Logger, context: contextvars.Context) -> None:
         self.timers.pop(key, None)
+        assert self.loop is not None  # fired only by the loop itself
         self.loop.run_in_executor(None, context.run, self._run, reconcile, key[1], key[2], logger)
 
     def _run(self, reconcile: Reconcile, namespace: str, name: str, logger: logging.Logger) -> None:

@@ -66,10 +66,10 @@ def _metadata(name: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
     }
 
 
-def tool_call_totals(annotations: dict[str, str]) -> dict[str, int] | None:
+def tool_call_totals(annotations: dict[str, str]) -> api.ToolCallTotals | None:
     """status.toolCalls from the node agent's annotation; None when there is none or it is malformed."""
     try:
-        return api.ToolCallTotals.model_validate_json(annotations[TOOL_CALLS_ANNOTATION]).model_dump(by_alias=True)
+        return api.ToolCallTotals.model_validate_json(annotations[TOOL_CALLS_ANNOTATION])
     except (KeyError, ValueError):
         return None
 
@@ -273,7 +273,7 @@ class PodView:
 class Plan:
     """What the sandbox should look like now, and when time alone will change that."""
 
-    phase: str
+    phase: api.SandboxPhase
     reason: str
     message: str
     want_pod: bool

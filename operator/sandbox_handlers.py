@@ -46,6 +46,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
             _apply_network_policy(body, spec, namespace, name)
 
         if decision.delete_pod:
+            assert pod is not None  # the plan deletes only a pod that exists
             kube.delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
             logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
         elif decision.want_pod and pod is None:
@@ -122,6 +123,7 @@ def sandbox_pod_changed(type: str, body: kopf.Body, logger: logging.Logger, **_:
         _pod_views.pop(uid, None)
     else:
         view = sandbox.PodView.of(pod)
+        assert view is not None  # of a pod that exists
         previous, _pod_views[uid] = _pod_views.get(uid), view
         if view == previous or (type == "ADDED" and previous is None and view.phase == "Pending" and not view.scheduled):
             return  # nothing new; a just-created pod was already reported by the reconciliation that made it

@@ -7,7 +7,7 @@ fields alone."""
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -23,11 +23,10 @@ def merge_conditions(old: Sequence[api.Condition], new: Iterable[ConditionUpdate
     previous = {c.type: c for c in old}
     merged = []
     for type_, status, reason, message in new:
-        value = "True" if status else "False"
+        value: Literal["True", "False"] = "True" if status else "False"
         before = previous.get(type_)
-        changed = before is None or before.status != value
-        merged.append(api.Condition(type=type_, status=value, reason=reason, message=message,
-                                    last_transition_time=now if changed else before.last_transition_time))
+        since = before.last_transition_time if before is not None and before.status == value else now
+        merged.append(api.Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=since))
     return merged
 
 

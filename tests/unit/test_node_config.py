@@ -198,7 +198,7 @@ def test_call_totals_are_added_to_what_the_sandbox_already_holds():
 
 def test_the_operator_mirrors_the_totals_into_status_and_ignores_garbage():
     totals = {"calls": 3, "failed": 1, "oomKilled": 1, "blockedConnections": 0}
-    assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: json.dumps(totals)}) == totals
+    assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: json.dumps(totals)}).model_dump(by_alias=True) == totals
     assert sandbox.tool_call_totals({}) is None
     assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: '{"calls": "many"}'}) is None
     assert set(totals) == set(TOTAL_KEYS)
