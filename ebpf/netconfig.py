@@ -70,21 +70,27 @@ def local_addresses() -> set[IPAddress]:
     return found
 
 
-def ensure_address(interface: str, address: IPAddress) -> bool:
-    """Put `address` on a dummy interface of that name (made if missing); True when this call made it."""
+def ensure_address(interface: str, address: IPAddress) -> str:
+    """Put `address` on a dummy interface of that name (made if missing), as NodeLocal DNSCache does; on a
+    kernel without the dummy driver, on the loopback interface (local delivery works the same). Returns the
+    interface that carries it."""
     links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)
-    made = False
     if not any(link["ifname"] == interface for link in links):
-        subprocess.run(["ip", "link", "add", interface, "type", "dummy"], check=True, capture_output=True)
-        made = True
+        made = subprocess.run(["ip", "link", "add", interface, "type", "dummy"], capture_output=True, text=True)
+        if made.returncode != 0:
+            log.info("no dummy interface (%s): the DNS address goes on lo", made.stderr.strip())
+            interface = "lo"
     subprocess.run(["ip", "addr", "replace", f"{address}/{address.max_prefixlen}", "dev", interface], check=True,
                    capture_output=True)
     subprocess.run(["ip", "link", "set", interface, "up"], check=True, capture_output=True)
-    return made
+    return interface
 
 
-def remove_interface(interface: str) -> None:
-    subprocess.run(["ip", "link", "del", interface], capture_output=True)
+def remove_address(interface: str, address: IPAddress) -> None:
+    if interface == "lo":
+        subprocess.run(["ip", "addr", "del", f"{address}/{address.max_prefixlen}", "dev", "lo"], capture_output=True)
+    else:
+        subprocess.run(["ip", "link", "del", interface], capture_output=True)
 
 
 @dataclass
@@ -173,9 +179,9 @@ class EgressServices:
         self.programs = programs
         self.watcher = NetworkWatcher(config, programs.set_cluster_networks, programs.set_node_addresses)
         self.dns: DnsAnswerer | None = None
-        self._made_interface = False
+        self._interface: str | None = None
         if config.dns_address is not None:
-            self._made_interface = ensure_address(config.interface, config.dns_address)
+            self._interface = ensure_address(config.interface, config.dns_address)
             self.dns = DnsAnswerer(config.dns_address, config.dns_port, programs, call_network,
                                    lambda: self.watcher.current.cluster, lambda: self.watcher.current.upstream)
             programs.set_dns_address(config.dns_address, config.dns_port)
@@ -187,4 +193,4 @@ class EgressServices:
         if self.dns is not None:
             self.dns.close()
             # The address stays only while something answers on it; the next agent process adds it again.
-            remove_interface(self.config.interface)
+            remove_address(self._interface, self.config.dns_address)

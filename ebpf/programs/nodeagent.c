@@ -88,6 +88,9 @@ BPF_LPM_TRIE(public_refused, struct lpm_key, u8, 64);
 BPF_LPM_TRIE(node_addrs, struct lpm_key, u8, MAX_NODE_ADDRESSES);
 BPF_ARRAY(settings, struct settings, 1);
 BPF_TABLE("lru_hash", struct sender_key, u64, dns_senders, MAX_DNS_SENDERS);
+// Sockets whose blocked connection attempt was counted already: a TCP connect retransmits its SYN
+// (1 s, 3 s, ...), and one connect is one blocked connection.
+BPF_SK_STORAGE(counted, u8);
 BPF_RINGBUF_OUTPUT(events, 64);
 
 static __always_inline struct call_stats *tracked(u64 cgroup_id) {
@@ -193,13 +196,27 @@ static __always_inline int resolved_allows(u64 id, u8 family, u32 *daddr, u16 po
     return !attempt || bpf_ktime_get_ns() < *expires;
 }
 
-static __always_inline void count_blocked(u64 id, u32 *daddr, u16 dport, u8 family, int attempt) {
+static __always_inline void count_blocked(struct __sk_buff *skb, u64 id, u32 *daddr, u16 dport, u8 family,
+                                          int attempt, u8 proto) {
     struct call_stats *s = tracked(id);
     if (!s)
         return;
     __sync_fetch_and_add(&s->blocked_packets, 1);
     if (!attempt)
         return;
+    if (proto == IPPROTO_TCP_) {
+        struct bpf_sock *sk = skb->sk;
+        if (sk)
+            sk = bpf_sk_fullsock(sk);
+        if (sk) {
+            u8 *seen = counted.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+            if (seen) {
+                if (*seen)
+                    return;  // a retransmitted SYN of a connect already counted
+                *seen = 1;
+            }
+        }
+    }
     __sync_fetch_and_add(&s->blocked_connections, 1);
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (e) {
@@ -310,6 +327,6 @@ int egress(struct __sk_buff *skb) {
     }
     if (allowed)
         return 1;
-    count_blocked(id, daddr, dport, family, attempt);
+    count_blocked(skb, id, daddr, dport, family, attempt, proto);
     return 0;
 }
