@@ -229,7 +229,7 @@ class EgressRule(Model):
     model_config = validations(cel("has(self.cidr) != has(self.fqdn)", "set exactly one of cidr and fqdn"))
     cidr: Annotated[str, Field(max_length=64), AfterValidator(_cidr)] | None = Field(
         default=None, json_schema_extra={"x-kubernetes-validations": [cel("isCIDR(self)", "must be a CIDR such as 10.0.0.0/8")]})
-    fqdn: Annotated[str, Field(max_length=253, pattern=FQDN.pattern), AfterValidator(_fqdn)] | None = None
+    fqdn: Annotated[str, Field(max_length=253, json_schema_extra={"pattern": FQDN.pattern}), AfterValidator(_fqdn)] | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
     @model_validator(mode="after")

@@ -329,12 +329,16 @@ def _soonest(durations: list[timedelta]) -> timedelta | None:
     return min(durations) if durations else None
 
 
-def conditions(plan_: Plan, pod: PodView | None) -> list[tuple[str, bool, str, str]]:
-    """(type, status, reason, message) for Ready, Suspended and PodScheduled."""
+def conditions(plan_: Plan, pod: PodView | None, tools_refused: str | None = None) -> list[tuple[str, bool, str, str]]:
+    """(type, status, reason, message) for Ready, Suspended, PodScheduled and ToolsEnforced. `tools_refused`
+    is the node agent's word (TOOLS_REFUSED_ANNOTATION) that it cannot honour the sandbox's tool intent."""
     suspended = plan_.phase in ("Suspended", "Expired")
+    enforced = ("ToolsEnforced", False, "ToolIntentRefused", f"no tool call runs: {tools_refused}") if tools_refused \
+        else ("ToolsEnforced", True, "NotRefused", "the node agent has not refused this sandbox's tool intent")
     return [
         ("Ready", plan_.phase == "Running", plan_.reason, plan_.message),
         ("Suspended", suspended, plan_.reason if suspended else "Active", plan_.message if suspended else ""),
         ("PodScheduled", bool(pod and pod.scheduled), "Scheduled" if pod and pod.scheduled else "NotScheduled",
          f"on {pod.node_name}" if pod and pod.node_name else ""),
+        enforced,
     ]
