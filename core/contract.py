@@ -62,6 +62,11 @@ NODE_DNS_ADDRESS = "169.254.20.10"
 CLUSTER_DOMAIN = "cluster.local"  # the kubelet's --cluster-domain: sandbox pods' DNS search paths end in it
 
 
+def dns_search_paths(namespace: str, domain: str = CLUSTER_DOMAIN) -> list[str]:
+    """The search paths of a pod in `namespace` (what the kubelet writes for dnsPolicy ClusterFirst)."""
+    return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain]
+
+
 def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_DIR) -> Path:
     return directory / namespace / f"{name}.sock"
 

@@ -28,7 +28,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from agentkube.contract import CLUSTER_DOMAIN, MAX_ALLOW_RULES, NON_PUBLIC, EgressRule, ToolNetwork, fqdn_matches
+from agentkube.contract import (CLUSTER_DOMAIN, MAX_ALLOW_RULES, NON_PUBLIC, EgressRule, ToolNetwork, dns_search_paths,
+                                fqdn_matches)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -190,8 +191,8 @@ def normalize(name: str) -> str:
 
 
 def search_suffixes(namespace: str, domain: str = CLUSTER_DOMAIN) -> tuple[str, ...]:
-    """The search paths a sandbox pod's resolver appends (the kubelet's for a pod in `namespace`)."""
-    return (f"{namespace}.svc.{domain}", f"svc.{domain}", domain)
+    """The search paths a sandbox pod's resolver appends (the operator writes them into its dnsConfig)."""
+    return tuple(dns_search_paths(namespace, domain))
 
 
 def under(name: str, domain: str) -> bool:

@@ -111,3 +111,30 @@ def test_ttl_expiry():
     assert not egress.is_expired(expires, 1000 + 59 * 10**9)
     assert egress.is_expired(expires, 1000 + 60 * 10**9)
     assert egress.expiry_ns(0, -5) == egress.MIN_TTL_SECONDS * 10**9
+
+
+def test_sandbox_pods_resolve_through_the_node_agent():
+    from agentkube.contract import NODE_DNS_ADDRESS
+    from agentkube.operator import api, sandbox
+
+    spec = api.AgentSandboxSpec.model_validate({"template": {"image": "sandbox:dev"}})
+    body = {"apiVersion": "agentkube.dev/v1alpha1", "kind": "AgentSandbox", "metadata": {"name": "s1", "namespace": "team", "uid": "u"}}
+    pod = sandbox.pod_manifest(body, spec)["spec"]
+    assert pod["dnsPolicy"] == "None"
+    assert pod["dnsConfig"]["nameservers"] == [NODE_DNS_ADDRESS]
+    assert pod["dnsConfig"]["searches"] == list(egress.search_suffixes("team"))
+
+
+def test_egress_flags():
+    from agentkube.ebpf.netconfig import EgressConfig
+
+    local = EgressConfig.from_flags(local=True, pod_cidrs=["10.250.0.0/24"], service_cidrs=[], dns_address=None,
+                                    upstream_dns=None, cluster_domain="cluster.local", kubeconfig=None, instance="x")
+    assert local.dns_address is None and not local.kubernetes  # --local answers DNS only when told where
+    with pytest.raises(ValueError, match="upstream"):
+        EgressConfig.from_flags(local=True, pod_cidrs=[], service_cidrs=[], dns_address="169.254.53.2",
+                                upstream_dns=None, cluster_domain="cluster.local", kubeconfig=None, instance="x")
+    node = EgressConfig.from_flags(local=False, pod_cidrs=[], service_cidrs=[], dns_address=None,
+                                   upstream_dns="10.96.0.10:5353", cluster_domain="cluster.local", kubeconfig=None,
+                                   instance="agentkube")
+    assert (str(node.dns_address), node.upstream_dns, node.kubernetes) == ("169.254.20.10", ("10.96.0.10", 5353), True)
