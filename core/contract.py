@@ -14,7 +14,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -181,7 +181,7 @@ class Model(BaseModel):
 
 def validations(*rules: dict[str, Any]) -> ConfigDict:
     """A model's config with CEL rules that span its fields."""
-    return ConfigDict(**Model.model_config, json_schema_extra={"x-kubernetes-validations": list(rules)})  # type: ignore[typeddict-item]
+    return ConfigDict(**Model.model_config, json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 def defaulted(factory: Any) -> Any:
@@ -442,7 +442,8 @@ class Limits(Envelope):
 
 def enforced(intent: ToolIntent) -> dict[str, Any]:
     """The fields an intent sets, in the node agent's units (bytes, cores, seconds)."""
-    parsers = {"memory": quantity_bytes, "cpu": quantity_cores, "pids": int, "timeout": duration_seconds}
+    parsers: dict[str, Callable[[Any], int | float]] = {"memory": quantity_bytes, "cpu": quantity_cores, "pids": int,
+                                                         "timeout": duration_seconds}
     values: dict[str, Any] = {name: parsers[name](getattr(intent, name)) for name in LIMIT_FIELDS
                               if getattr(intent, name) is not None}
     if intent.network is not None:

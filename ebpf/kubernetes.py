@@ -220,10 +220,13 @@ class PodWatcher:
         if current and (spec is None or current.spec.kubernetes != spec.kubernetes):
             self._remove(current.spec)
             current = None
+        if key in self.agent.refused:
+            # The runtime stays reachable from the node, so that a caller hears why every call is refused.
+            self._link(namespace, name, pod["metadata"]["uid"])
         if spec and current is None:
             try:
                 self.agent.register(spec)
-                self._link(spec)
+                self._link(spec.namespace, spec.name, spec.kubernetes.pod_uid)
                 log.info("sandbox %s: container %s", spec.key, spec.kubernetes.container_id)
             except Exception as error:  # e.g. the cgroup is not there yet: the next event retries
                 log.warning("sandbox %s: %s", spec.key, error)
@@ -249,8 +252,8 @@ class PodWatcher:
         except Exception as error:  # never let one sandbox stop the watch of all the others
             log.warning("sandbox %s: removing it: %s", spec.key, error)
 
-    def _link(self, spec: SandboxCreate) -> None:
-        link = runtime_socket(spec.namespace, spec.name)
+    def _link(self, namespace: str, name: str, pod_uid: str) -> None:
+        link = runtime_socket(namespace, name)
         link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         link.unlink(missing_ok=True)
-        os.symlink(pod_runtime_socket(self.kubelet_root, spec.kubernetes.pod_uid), link)
+        os.symlink(pod_runtime_socket(self.kubelet_root, pod_uid), link)
