@@ -55,6 +55,16 @@ RUNTIME_ENV = {
 }
 # The prefix of every call cgroup's name: who is inside a call is decided by it.
 CALL_PREFIX = "call-"
+# The node agent answers sandbox pods' DNS on this node-local link-local address (as NodeLocal DNSCache
+# does): it lets a tool call reach the addresses of the names its network allows, and only those. Sandbox
+# pods get it as their only nameserver; the node agent's --dns-address overrides it (both sides then).
+NODE_DNS_ADDRESS = "169.254.20.10"
+CLUSTER_DOMAIN = "cluster.local"  # the kubelet's --cluster-domain: sandbox pods' DNS search paths end in it
+
+
+def dns_search_paths(namespace: str, domain: str = CLUSTER_DOMAIN) -> list[str]:
+    """The search paths of a pod in `namespace` (what the kubelet writes for dnsPolicy ClusterFirst)."""
+    return [f"{namespace}.svc.{domain}", f"svc.{domain}", domain]
 
 
 def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_DIR) -> Path:

@@ -38,6 +38,7 @@ from agentkube.ebpf.cgroups import (
 )
 from agentkube.ebpf.deadlines import Deadlines
 from agentkube.ebpf.metrics import Metrics, call_totals
+from agentkube.ebpf.netconfig import EgressConfig, EgressServices  # egress: cluster networks, DNS answering
 from agentkube.ebpf.models import (
     CallCreate,
     CallFinish,
@@ -119,7 +120,8 @@ class Sandbox:
 
 class NodeAgent:
     def __init__(self, state_dir: Path, instance: str = "agentkube", layout: CgroupLayout | None = None,
-                 audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True):
+                 audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True,
+                 egress: EgressConfig | None = None):
         self.state_dir = Path(state_dir)
         self.instance = instance
         self.local = local  # sandboxes are cgroups this agent makes (else: Kubernetes containers' cgroups)
@@ -153,6 +155,8 @@ class NodeAgent:
         self.root.create(delegate=True)
         self._recover()
         self.programs.start_events(self._on_event)
+        # egress: the cluster's networks and node addresses into the program's tries; DNS answering.
+        self.egress = EgressServices(egress or EgressConfig(), self.programs, self._call_network)
 
     # --- who is calling -------------------------------------------------------------------------------
     def _sandbox_paths(self) -> dict[str, str]:
@@ -378,6 +382,7 @@ class NodeAgent:
             oom_kills=max(counters.oom_kills if counters else 0, stats.ooms),
             processes_spawned=stats.forks + 1,  # the first process was forked before it joined the call
             connections_blocked=stats.blocked_connections,
+            dns_refused=stats.dns_refused,  # egress: lookups refused (kernel-dropped and answered REFUSED)
             memory_high_events=high_events_seen(high_events, counters.memory_high_events if counters else 0,
                                                 counters.peak_memory_bytes if counters else 0, record.limits.memory_high),
             pids_limit_hits=counters.pids_limit_hits if counters else 0,
@@ -400,6 +405,12 @@ class NodeAgent:
             sandbox.totals.update(call_totals(record))
         self.metrics.finished(record)
         return record
+
+    def _call_network(self, cgroup_id: int):
+        """egress: the network and sandbox namespace of the running call with this cgroup id (for DNS)."""
+        with self._lock:
+            record = self.running.get(self._by_cgroup.get(cgroup_id, ""))
+            return (record.limits.network, record.namespace) if record else None
 
     def _remove_cgroups(self) -> None:
         while (cgroup := self._removals.get()) is not None:
@@ -536,6 +547,7 @@ class NodeAgent:
         self._removals.put(None)
         self._remover.join(timeout=30)
         self.pressure.close()
+        self.egress.close()
         self.programs.close()
 
     def teardown(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from agentkube.contract import AGENT_SOCKET, SANDBOX_AGENT_SOCKET, runtime_socket
+from agentkube.contract import AGENT_SOCKET, CLUSTER_DOMAIN, NODE_DNS_ADDRESS, SANDBOX_AGENT_SOCKET, runtime_socket
 
 AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")  # running calls, sandboxes, history, audit log
 
@@ -32,6 +32,15 @@ def run_node_agent(
     favor_dynmods: bool = typer.Option(False, "--favor-dynmods",
                                        help="remount the v2 hierarchy with favordynmods: ~10 ms less per call "
                                             "(no RCU wait on each process move), a little more per fork/exit"),
+    pod_cidr: list[str] = typer.Option([], "--pod-cidr", help="egress `cluster`: a pod CIDR (repeatable; "
+                                       "default in Kubernetes mode: every Node's spec.podCIDRs)"),
+    service_cidr: list[str] = typer.Option([], "--service-cidr", help="egress `cluster`: a service CIDR "
+                                           "(repeatable; default in Kubernetes mode: the ServiceCIDR objects)"),
+    dns_address: str | None = typer.Option(None, help="answer tool calls' DNS on this node-local address "
+                                           f"(default in Kubernetes mode: {NODE_DNS_ADDRESS}; --local: none)"),
+    upstream_dns: str | None = typer.Option(None, help="HOST[:PORT] allowed queries are forwarded to (default in "
+                                            "Kubernetes mode: the kube-dns Service in kube-system)"),
+    cluster_domain: str = typer.Option(CLUSTER_DOMAIN, help="the kubelet's --cluster-domain"),
 ) -> None:
     """Run the node agent until SIGTERM/SIGINT. Running calls survive a restart."""
     import logging
@@ -44,8 +53,16 @@ def run_node_agent(
     install_stop_signals(stop)
     if not local and not node_name:
         raise typer.BadParameter("give --node-name (or NODE_NAME), or run with --local", param_hint="--node-name")
+    from agentkube.ebpf.netconfig import EgressConfig
+
+    try:
+        egress = EgressConfig.from_flags(local=local, pod_cidrs=pod_cidr, service_cidrs=service_cidr,
+                                         dns_address=dns_address, upstream_dns=upstream_dns,
+                                         cluster_domain=cluster_domain, kubeconfig=kubeconfig, instance=instance)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port,
-                             favor_dynmods=favor_dynmods, local=local)
+                             favor_dynmods=favor_dynmods, local=local, egress=egress)
     if not local:
         server.serve_kubernetes(node_name, sandbox_socket, kubelet_root_dir, kubeconfig)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)

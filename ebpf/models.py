@@ -131,6 +131,7 @@ class Usage(Strict):
     oom_kills: int
     processes_spawned: int
     connections_blocked: int
+    dns_refused: int = Field(default=0, description="DNS lookups refused: the call's network does not allow the name")
     memory_high_events: int
     pids_limit_hits: int
 

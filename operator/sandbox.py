@@ -7,8 +7,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agentkube.contract import (
+    CLUSTER_DOMAIN,
     CONTAINER_NAME,
     LAST_ACTIVITY_ANNOTATION,
+    NODE_DNS_ADDRESS,
     NON_PUBLIC,
     POD_RUNTIME_DIR,
     RUNTIME_ENV,
@@ -19,6 +21,7 @@ from agentkube.contract import (
     TOOLS_ANNOTATION,
     TOOLS_REFUSED_ANNOTATION,
     ToolNetwork,
+    dns_search_paths,
     duration_seconds,
 )
 from agentkube.operator import api
@@ -30,7 +33,6 @@ SANDBOX_RUNTIME_PORT = 7070
 WORKSPACE_VOLUME = "workspace"
 # The node agent's sandbox socket comes into the pod read-only from this volume.
 AGENT_VOLUME = "agentkube-agent"
-CLUSTER_DOMAIN = "cluster.local"
 
 __all__ = ["CONTAINER_NAME", "LAST_ACTIVITY_ANNOTATION", "SANDBOX_LABEL", "TOOL_CALLS_ANNOTATION",
            "TOOLS_ANNOTATION", "TOOLS_REFUSED_ANNOTATION"]
@@ -144,6 +146,12 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
+        # egress: the pod's only resolver is the node agent's DNS answering, which forwards what each tool
+        # call's network allows to the cluster DNS and lets the call reach exactly what allowed names resolve to.
+        "dnsPolicy": "None",
+        "dnsConfig": {"nameservers": [NODE_DNS_ADDRESS],
+                      "searches": dns_search_paths(body["metadata"]["namespace"]),
+                      "options": [{"name": "ndots", "value": "5"}]},
         "volumes": [
             workspace,
             {"name": RUNTIME_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
@@ -213,7 +221,9 @@ def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) ->
     """Ingress only to the runtime port from labelled clients; egress only DNS plus the union of what the
     tool intents allow (the node agent narrows each call further with its own eBPF program)."""
     dns = {
-        "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+        # egress: sandbox pods resolve through the node agent on its node-local address (kube-dns behind it).
+        "to": [{"ipBlock": {"cidr": f"{NODE_DNS_ADDRESS}/32"}},
+               {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
     }
     intents = [spec.tools.default, *spec.tools.profiles.values()]

@@ -219,7 +219,11 @@ def node_rbac(apiserver_kubelet_client: str, node_agent: str) -> list[dict[str, 
             "kind": "ClusterRole",
             "metadata": {"name": "agentkube:node-agent"},
             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]}],
+                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]},
+                      # egress `cluster`: pod CIDRs, service CIDRs and the cluster DNS (the DNS answering's upstream)
+                      {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+                      {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]},
+                      {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}],
         },
         _cluster_role_binding("agentkube:node-agent", "agentkube:node-agent", node_agent),
     ]

@@ -78,7 +78,11 @@ def test_node_rbac_binds_the_apiserver_to_the_kubelet_api_and_lets_the_node_agen
     assert binding["roleRef"]["name"] == "system:kubelet-api-admin"
     assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "apiserver-client"}]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]}]
+                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]},
+                             # egress `cluster`: what the node agent discovers the cluster's networks from
+                             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+                             {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]},
+                             {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]
     assert agent_binding["roleRef"]["name"] == role["metadata"]["name"]
 
 

@@ -1,13 +1,11 @@
 """Cgroup layout detection and the files the node agent writes and reads, as pure functions."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from agentkube.contract import CPU_PERIOD_US, memory_high_for, tool_network
+from agentkube.contract import CPU_PERIOD_US, memory_high_for
 from agentkube.ebpf.agent import sandbox_containing
-from agentkube.ebpf.bpf import MODES, policy_values
 from agentkube.ebpf.cgroups import (
     CgroupError,
     counters_from_files,
@@ -141,20 +139,6 @@ def test_counters_parse_on_both_layouts():
         "cpuacct.usage": "500000000\n", "cpu.stat": "nr_periods 3\nnr_throttled 1\nthrottled_time 20000000\n"})
     assert (v1.peak_memory_bytes, v1.cpu_seconds, v1.throttled_seconds, v1.oom_kills, v1.pids_limit_hits) == (
         2097152, 0.5, 0.02, 2, 0)
-
-
-def test_egress_policy_entries():
-    assert policy_values(tool_network("none")) == (MODES["loopback"], [])  # the pod's own loopback only
-    mode, rules = policy_values(tool_network(["10.1.0.0/16:443", "[::1]:80"]))
-    assert mode == MODES["allowlist"]
-    (addr, mask, port, family), (addr6, mask6, port6, family6) = rules
-    assert (port, family, port6, family6) == (443, 4, 80, 6)
-    # Words hold the address bytes in packet order, as the program loads them from the packet.
-    def as_bytes(words):
-        return b"".join(w.to_bytes(4, sys.byteorder) for w in words)
-
-    assert as_bytes(addr)[:4] == bytes([10, 1, 0, 0]) and as_bytes(mask)[:4] == bytes([255, 255, 0, 0])
-    assert as_bytes(addr6) == bytes(15) + b"\x01"
 
 
 def _record(usage: Usage | None) -> CallRecord:
