@@ -325,6 +325,7 @@ class ToolCallTotals(Model):
     failed: int = 0
     oom_killed: int = 0
     blocked_connections: int = 0
+    dns_refused: int = 0
 
 
 DEFAULT_INTENT = ToolIntent(memory="512Mi", cpu="1", pids=256, timeout="5m", network=ToolNetwork())

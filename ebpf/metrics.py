@@ -32,6 +32,7 @@ def call_totals(record: CallRecord) -> dict[str, int]:
         "failed": int(outcome(record) != "ok"),
         "oomKilled": int(bool(usage and usage.oom_kills)),
         "blockedConnections": usage.connections_blocked if usage else 0,
+        "dnsRefused": usage.dns_refused if usage else 0,
     }
 
 

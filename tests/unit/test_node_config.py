@@ -193,15 +193,15 @@ def test_innermost_pid_is_the_last_nspid():
 
 
 def test_call_totals_are_added_to_what_the_sandbox_already_holds():
-    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {"calls": 2, "failed": 0, "oomKilled": 1, "blockedConnections": 0}
-    held = json.dumps({"calls": 5, "failed": 1, "oomKilled": 0, "blockedConnections": 3})
-    assert added_totals(held, Counter(calls=1, failed=1)) == {"calls": 6, "failed": 2, "oomKilled": 0, "blockedConnections": 3}
+    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {"calls": 2, "failed": 0, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}
+    held = json.dumps({"calls": 5, "failed": 1, "oomKilled": 0, "blockedConnections": 3, "dnsRefused": 0})
+    assert added_totals(held, Counter(calls=1, failed=1)) == {"calls": 6, "failed": 2, "oomKilled": 0, "blockedConnections": 3, "dnsRefused": 0}
     assert added_totals("not json", Counter(calls=1))["calls"] == 1
     assert added_totals("[1, 2]", Counter(calls=1))["calls"] == 1
 
 
 def test_the_operator_mirrors_the_totals_into_status_and_ignores_garbage():
-    totals = {"calls": 3, "failed": 1, "oomKilled": 1, "blockedConnections": 0}
+    totals = {"calls": 3, "failed": 1, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}
     assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: json.dumps(totals)}).model_dump(by_alias=True) == totals
     assert sandbox.tool_call_totals({}) is None
     assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: '{"calls": "many"}'}) is None

@@ -170,10 +170,10 @@ def test_a_finished_call_adds_to_its_sandbox_totals():
     base = dict(duration_seconds=1, exit_code=0, signal=None, timed_out=False, peak_memory_bytes=1, cpu_seconds=0.1,
                 throttled_seconds=0, oom_kills=0, processes_spawned=1, connections_blocked=2, memory_high_events=0,
                 pids_limit_hits=0)
-    assert call_totals(_record(Usage(**base))) == {"calls": 1, "failed": 0, "oomKilled": 0, "blockedConnections": 2}
+    assert call_totals(_record(Usage(**base))) == {"calls": 1, "failed": 0, "oomKilled": 0, "blockedConnections": 2, "dnsRefused": 0}
     oom = call_totals(_record(Usage(**{**base, "exit_code": None, "signal": 9, "oom_kills": 3})))
     assert (oom["failed"], oom["oomKilled"]) == (1, 1)
-    assert call_totals(_record(None)) == {"calls": 1, "failed": 1, "oomKilled": 0, "blockedConnections": 0}
+    assert call_totals(_record(None)) == {"calls": 1, "failed": 1, "oomKilled": 0, "blockedConnections": 0, "dnsRefused": 0}
     assert set(call_totals(_record(None))) == set(TOTAL_KEYS)  # what the node agent reports, status.toolCalls holds
 
 
