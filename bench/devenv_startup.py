@@ -59,7 +59,8 @@ def markdown(result: dict) -> str:
         f"| **fresh `dev up`** | **{total:.2f}** | 100% ({result['fresh_up_median_over_target']:.2f}× the {TARGET_SECONDS:.0f} s target) |",
         f"| repeated `dev up` (no-op) | {result['repeated_up_median']:.2f} | {result['repeated_up_median'] / total:.1%} |",
     ]
-    return f"# dev up start-to-ready ({result['kubernetes_version']}, {result['runs']} runs, {result['machine']['cpus']} CPUs)\n\n" + "\n".join(rows) + "\n"
+    title = f"# dev up start-to-ready ({result['kubernetes_version']}, {result['runs']} runs, {result['machine']['cpus']} CPUs)"
+    return title + "\n\n" + "\n".join(rows) + "\n"
 
 
 def main() -> None:

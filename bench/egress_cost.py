@@ -17,9 +17,9 @@ Writes bench/results/egress_cost.{json,md}.
 import argparse
 import json
 import os
-import subprocess
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -112,7 +112,8 @@ def main() -> None:
     server = UnixHttpServer(workdir / "agent.sock", routes(agent))
     server.start()
     receiver = Receiver()
-    configs = {"not_attached": ("bench-plain", {"egress": "explicit", "allow": [{"cidr": "0.0.0.0/0"}]}), "attached_all": ("bench-egress", {"egress": "explicit", "allow": [{"cidr": "0.0.0.0/0"}]}),
+    anywhere = {"egress": "explicit", "allow": [{"cidr": "0.0.0.0/0"}]}
+    configs = {"not_attached": ("bench-plain", anywhere), "attached_all": ("bench-egress", anywhere),
                "attached_loopback": ("bench-egress", {"egress": "none"})}
     throughput = {name: [] for name in configs}
     program = {name: [] for name in configs}

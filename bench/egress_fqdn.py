@@ -86,7 +86,7 @@ def main() -> None:
     from agentkube.ebpf.local import LocalNodeAgent
     from agentkube.ebpf.unixhttp import request
 
-    zone = "\n".join(f"{name}. 60 A {address}" for name, address in zip(NAMES, ADDRESSES))
+    zone = "\n".join(f"{name}. 60 A {address}" for name, address in zip(NAMES, ADDRESSES, strict=True))
     tools = {"default": {"network": {"egress": "none"}}, "profiles": {
         "fqdn": {"network": {"egress": "explicit", "allow": [{"fqdn": n, "port": PORT} for n in NAMES]}},
         "cidr": {"network": {"egress": "explicit", "allow": [{"cidr": f"{a}/32", "port": PORT} for a in ADDRESSES]}}}}

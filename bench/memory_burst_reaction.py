@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from nodeagent_common import SandboxWorker, machine, main_or_worker, serve_worker, summary, write_results  # noqa: E402
 
 from agentkube.contract import MiB, memory_high_for  # noqa: E402
-from agentkube.ebpf.cgroups import CALL_PREFIX, detect_layout  # noqa: E402
+from agentkube.contract import CALL_PREFIX  # noqa: E402
+from agentkube.ebpf.cgroups import detect_layout  # noqa: E402
 
 CALL_MEMORY = 64 * MiB
 POLL_INTERVAL = 0.100

@@ -179,22 +179,28 @@ def measure(runs: int, sandboxes: int, calls: int) -> dict:
 def markdown(result: dict) -> str:
     up, ready, trip = result["dev_up_seconds"], result["apply_to_ready_seconds"], result["round_trip_seconds"]
     first, present, imported = ready["first_on_fresh_node"], ready["image_present"], ready["image_imported_first"]
+
+    def row(measure: str, stats: dict, milliseconds: bool = False) -> str:
+        if milliseconds:
+            return f"| {measure} | {stats['median'] * 1000:.1f} ms | {stats['p95'] * 1000:.1f} ms | {stats['n']} |"
+        return f"| {measure} | {stats['median']:.2f} | {stats['p95']:.2f} | {stats['n']} |"
+
     return "\n".join([
         f"# A sandbox on the local node ({result['kubernetes_version']}, {result['machine']['cpus']} CPUs, "
         f"kernel {result['machine']['kernel']})",
         "",
         "| measure | median s | p95 s | n |",
         "|---|---:|---:|---:|",
-        f"| `dev up` (control plane only) | {up['control_plane']['median']:.2f} | {up['control_plane']['p95']:.2f} | {up['control_plane']['n']} |",
-        f"| `dev up --with-node` | {up['with_node']['median']:.2f} | {up['with_node']['p95']:.2f} | {up['with_node']['n']} |",
+        row("`dev up` (control plane only)", up["control_plane"]),
+        row("`dev up --with-node`", up["with_node"]),
         f"| apply → Running, first sandbox on a fresh node | {first['ready']:.2f} | | 1 |",
         f"| apply → SDK answers, first sandbox on a fresh node | {first['sdk']:.2f} | | 1 |",
-        f"| apply → Running, image present | {present['ready']['median']:.2f} | {present['ready']['p95']:.2f} | {present['ready']['n']} |",
-        f"| apply → SDK answers, image present | {present['sdk']['median']:.2f} | {present['sdk']['p95']:.2f} | {present['sdk']['n']} |",
-        f"| image import (no registry: `ctr import` of the cached archive) | {imported['import']['median']:.2f} | {imported['import']['p95']:.2f} | {imported['import']['n']} |",
-        f"| import + apply → Running (image not present) | {imported['ready']['median']:.2f} | {imported['ready']['p95']:.2f} | {imported['ready']['n']} |",
-        f"| tool call round trip through the SDK into the pod (`true`) | {trip['sdk_into_pod']['median'] * 1000:.1f} ms | {trip['sdk_into_pod']['p95'] * 1000:.1f} ms | {trip['sdk_into_pod']['n']} |",
-        f"| the same command spawned directly on the host | {trip['host_spawn']['median'] * 1000:.1f} ms | {trip['host_spawn']['p95'] * 1000:.1f} ms | {trip['host_spawn']['n']} |",
+        row("apply → Running, image present", present["ready"]),
+        row("apply → SDK answers, image present", present["sdk"]),
+        row("image import (no registry: `ctr import` of the cached archive)", imported["import"]),
+        row("import + apply → Running (image not present)", imported["ready"]),
+        row("tool call round trip through the SDK into the pod (`true`)", trip["sdk_into_pod"], milliseconds=True),
+        row("the same command spawned directly on the host", trip["host_spawn"], milliseconds=True),
         "",
         "`dev up --with-node`, median per step (s): " + ", ".join(
             f"{name} {seconds:.2f}" for name, seconds in result["dev_up_node_components_median"].items()),

@@ -65,7 +65,8 @@ def measure(config: SimConfig = SimConfig(), seed: int = 0) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| trace | Knative default ($) | best static in hindsight (≥ 99% SLO) | vs default | fluid lower bound ($) | vs default | goal |",
+    lines = ["| trace | Knative default ($) | best static in hindsight (≥ 99% SLO) | vs default | fluid lower bound ($) "
+             "| vs default | goal |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         best = r["hindsight_static"]

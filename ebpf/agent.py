@@ -18,28 +18,27 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentkube.contract import HISTORY_WINDOW, CallIntent, OutOfEnvelope, command_signature, resolve_limits
+from agentkube.contract import CALL_PREFIX, HISTORY_WINDOW, CallIntent, OutOfEnvelope, command_signature, resolve_limits
 from agentkube.ebpf.bpf import CallEvent, Programs
 from agentkube.ebpf.cgroups import (
-    CALL_PREFIX,
     MAIN_LEAF,
+    UNIFIED,
     Cgroup,
     CgroupError,
     CgroupLayout,
     detect_layout,
     favors_dynmods,
-    set_favor_dynmods,
     is_within,
     kubernetes_container_paths,
     local_root_paths,
     own_cgroups,
     parse_proc_cgroup,
-    UNIFIED,
+    set_favor_dynmods,
 )
 from agentkube.ebpf.deadlines import Deadlines
 from agentkube.ebpf.metrics import Metrics, call_totals
-from agentkube.ebpf.netconfig import EgressConfig, EgressServices  # egress: cluster networks, DNS answering
 from agentkube.ebpf.models import (
+    UNREGISTERED,
     CallCreate,
     CallFinish,
     CallPlaced,
@@ -48,8 +47,8 @@ from agentkube.ebpf.models import (
     SandboxRef,
     SandboxStatus,
     Usage,
-    UNREGISTERED,
 )
+from agentkube.ebpf.netconfig import EgressConfig, EgressServices  # egress: cluster networks, DNS answering
 from agentkube.ebpf.pressure import PressureWatcher, high_events_seen
 from agentkube.ebpf.unixhttp import HttpError, Peer
 

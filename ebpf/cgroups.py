@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agentkube.contract import CALL_PREFIX, CPU_PERIOD_US, Envelope, Limits, memory_high_for
+from agentkube.contract import CPU_PERIOD_US, Envelope, Limits, memory_high_for
 
 UNIFIED = "unified"
 # v1 controllers the agent drives on a hybrid host (cpuacct for CPU time; cpu for quota and throttling).

@@ -111,7 +111,7 @@ class DnsAnswerer:
         while not self._stop.is_set():
             try:
                 data, peer = self.udp.recvfrom(4096)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self._pool.submit(self._udp_one, data, peer)
 
@@ -127,7 +127,7 @@ class DnsAnswerer:
         while not self._stop.is_set():
             try:
                 conn, peer = self.tcp.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             if not self._tcp_slots.acquire(blocking=False):
                 conn.close()

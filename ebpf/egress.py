@@ -28,8 +28,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from agentkube.contract import (CLUSTER_DOMAIN, MAX_ALLOW_RULES, NON_PUBLIC, EgressRule, ToolNetwork, dns_search_paths,
-                                fqdn_matches)
+from agentkube.contract import CLUSTER_DOMAIN, MAX_ALLOW_RULES, NON_PUBLIC, EgressRule, ToolNetwork, dns_search_paths, fqdn_matches
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

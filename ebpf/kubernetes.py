@@ -14,7 +14,7 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,7 @@ class PodWatcher:
             body = self.custom.get_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
                                                             sandbox.spec.name)
             annotations = body["metadata"].get("annotations") or {}
-            moment = datetime.fromtimestamp(sandbox.last_activity, timezone.utc).replace(microsecond=0)
+            moment = datetime.fromtimestamp(sandbox.last_activity, UTC).replace(microsecond=0)
             patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"], "annotations": {
                 LAST_ACTIVITY_ANNOTATION: timestamp(moment),
                 TOOL_CALLS_ANNOTATION: json.dumps(added_totals(annotations.get(TOOL_CALLS_ANNOTATION), delta), sort_keys=True),

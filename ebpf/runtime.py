@@ -23,6 +23,7 @@ from pathlib import Path
 from agentkube.contract import CALL_PREFIX
 from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
+    UNREGISTERED,
     CallPlaced,
     CallRecord,
     RunRequest,
@@ -30,7 +31,6 @@ from agentkube.ebpf.models import (
     SandboxCreate,
     SandboxRef,
     SandboxStatus,
-    UNREGISTERED,
 )
 from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
 

@@ -57,7 +57,7 @@ def validation_message(error: ValidationError) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "UnixHttpServer"
+    server: UnixHttpServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):  # the agent keeps its own audit log
@@ -150,7 +150,7 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             if len(pattern_parts) != len(parts):
                 continue
             params = {}
-            for want, got in zip(pattern_parts, parts):
+            for want, got in zip(pattern_parts, parts, strict=True):
                 if want.startswith("{"):
                     params[want.strip("{}")] = got
                 elif want != got:

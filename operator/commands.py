@@ -16,7 +16,8 @@ def run(
     metrics_address: Annotated[str, typer.Option(help="Address of the metrics and liveness endpoints.")] = "127.0.0.1",
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: off).")] = 8080,
     liveness_port: Annotated[int, typer.Option(help="Liveness probe port, /healthz (0: off).")] = 8081,
-    peering: Annotated[str | None, typer.Option(help="ClusterKopfPeering name, so that one replica is active; '' to run standalone.")] = main.PEERING_NAME,
+    peering: Annotated[str | None, typer.Option(
+        help="ClusterKopfPeering name, so that one replica is active; '' to run standalone.")] = main.PEERING_NAME,
     prometheus_url: Annotated[str | None, typer.Option(
         envvar="AGENTKUBE_PROMETHEUS_URL",
         help="Prometheus that scrapes Knative's metrics, for ServedModels with autoscaling policy ppo "

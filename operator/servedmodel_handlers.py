@@ -63,7 +63,9 @@ def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) 
     current = kube.read_knative_service(namespace, name)
     if current is None:
         return kube.create_knative_service(namespace, manifest)
-    if current.get("spec", {}).get("template") == manifest["spec"]["template"] and current["metadata"].get("labels") == manifest["metadata"]["labels"]:
+    unchanged = (current.get("spec", {}).get("template") == manifest["spec"]["template"]
+                 and current["metadata"].get("labels") == manifest["metadata"]["labels"])
+    if unchanged:
         return current
     return kube.patch_knative_service(namespace, name, {"metadata": {"labels": manifest["metadata"]["labels"]}, "spec": manifest["spec"]})
 

@@ -17,7 +17,7 @@ from agentkube.client import ApiError, Sandbox
 from agentkube.devenv import DevEnv, images, localnode, node
 from agentkube.devenv.cluster import sweep_abandoned
 from agentkube.devenv.versions import bin_dir
-from agentkube.operator import api
+from agentkube.operator import api, sandbox
 
 MEMORY_V1 = Path("/sys/fs/cgroup/memory")
 
@@ -249,16 +249,54 @@ def test_a_tool_intent_the_node_agent_cannot_honour_runs_no_call(operator, api_c
     assert condition["reason"] == "ToolIntentRefused" and "default.memory" in condition["message"]
 
 
+def test_a_call_reaches_a_service_by_name_exactly_when_its_network_allows(operator, api_client, kubectl, namespace,
+                                                                          eventually):
+    """Cluster networking on the node (kube-proxy, CoreDNS) through the node agent's DNS answering: a call
+    with `cluster` egress resolves a Service by name and reaches its ClusterIP; `none` gets no answer;
+    a domain rule opens exactly its name."""
+    web = _pod_manifest("web")
+    web["metadata"]["labels"] = {"app": "web"}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    for manifest in (web, service):
+        kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/web", "--timeout=120s")
+    name = f"web.{namespace}.svc.cluster.local"
+    spec = json.loads(json.dumps(SANDBOX))
+    spec["tools"]["profiles"] = {"svc": {"network": {"egress": "explicit", "allow": [{"fqdn": name, "port": 80}]}},
+                                 "cluster": {"network": {"egress": "cluster"}}}
+    client = _running(api_client, kubectl, namespace, eventually, "resolver", spec)
+    fetch = f"import urllib.request as u; print(u.urlopen('http://{name}/', timeout=5).status)"
+    by_cluster = client.run(["python3", "-c", fetch], profile="cluster", timeout=60)
+    assert by_cluster.stdout == "200\n", by_cluster
+    by_name = client.run(["python3", "-c", fetch], profile="svc", timeout=60)
+    assert by_name.stdout == "200\n" and by_name.usage.dns_refused == 0, by_name
+    other = client.run(["python3", "-c", fetch.replace("web.", "kubernetes.").replace(namespace, "default")],
+                       profile="svc", timeout=60)
+    assert other.exit_code != 0 and other.usage.dns_refused >= 1, other
+    nothing = client.run(["python3", "-c", fetch], timeout=60)  # the default: egress none, DNS included
+    assert nothing.exit_code != 0 and nothing.usage.dns_refused >= 1, nothing
+
+
 def test_no_other_pod_can_get_a_call_run(operator, api_client, kubectl, namespace, eventually):
-    """The runtime listens on a unix socket in the pod only: whatever the CNI and NetworkPolicy, another
-    pod cannot reach it over the network (the gateway, authenticated, is the way in from pods)."""
+    """The runtime listens on a unix socket in the pod only, so no pod can get a call run over the network,
+    whatever the CNI; where NetworkPolicy is enforced (kube-router here), a pod without the client label
+    cannot even reach the sandbox pod's runtime port."""
     _running(api_client, kubectl, namespace, eventually, "target")
     target_ip = CoreV1Api(api_client).read_namespaced_pod("target", namespace).status.pod_ip
-    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pod_manifest("intruder")))
-    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/intruder", "--timeout=120s")
-    attempt = kubectl("exec", "-n", namespace, "intruder", "--", "python3", "-c",
-                      f"import socket; socket.create_connection(({target_ip!r}, 7070), timeout=3)", check=False)
-    assert attempt.returncode != 0 and "ConnectionRefused" in attempt.stderr, attempt.stderr
+    client = _pod_manifest("client")
+    client["metadata"]["labels"] = {sandbox.CLIENT_LABEL: "true"}
+    for pod in (_pod_manifest("intruder"), client):
+        kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/intruder", "pod/client", "--timeout=120s")
+    connect = f"import socket; socket.create_connection(({target_ip!r}, {sandbox.SANDBOX_RUNTIME_PORT}), timeout=3)"
+
+    def attempt(pod: str) -> str:
+        tried = kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", connect, check=False)
+        assert tried.returncode != 0, f"{pod} connected to the sandbox's runtime port"
+        return tried.stderr
+    assert "timed out" in attempt("intruder")  # dropped by the sandbox's NetworkPolicy
+    assert "ConnectionRefused" in attempt("client")  # let through, and nothing listens: the runtime is not on TCP
 
 
 def test_a_second_node_is_refused_and_leaves_the_first_running(devenv, kubectl, tmp_path):

@@ -6,7 +6,8 @@ which the contract counts as public), a stand-in metadata endpoint (169.254.169.
 (10.250.0.53, the agent's --upstream-dns); the host routes them through the veth. The node's own address
 is served by a listener on the host. One tool call per egress mode tries every destination and lookup;
 exactly the allowed ones succeed, the others are dropped by the egress program (a UDP send fails with
-EPERM, a TCP connect times out: TCP retransmits a dropped SYN) or get a refused lookup, and the call's usage counts each of them. The servers stop by themselves."""
+EPERM, a TCP connect times out: TCP retransmits a dropped SYN) or get a refused lookup, and the call's usage
+counts each of them. The servers stop by themselves."""
 
 import ipaddress
 import json
@@ -92,7 +93,7 @@ ZONE_SERVER = textwrap.dedent("""
 def world():
     assert os.geteuid() == 0, "the egress tests need root (network namespaces, cgroups and BPF)"
     node_ip = node_address()
-    assert not ipaddress.ip_address(node_ip) in ipaddress.ip_network(POD_CIDR)
+    assert ipaddress.ip_address(node_ip) not in ipaddress.ip_network(POD_CIDR)
     zone = "\n".join([
         f"allowed.test. 60 A {PUBLIC}", f"denied.test. 60 A {PUBLIC}", "rebind.test. 60 CNAME inner.test.",
         f"inner.test. 60 A {CLUSTER_HOST}", f"meta.test. 60 A {METADATA}", f"node.test. 60 A {node_ip}",

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from agentkube.client import ApiError
 from agentkube.ebpf.cgroups import MAIN_LEAF, detect_layout
-from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallRecord
 from agentkube.ebpf.local import LocalNodeAgent
+from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallRecord
 from agentkube.ebpf.unixhttp import request
 
 PY = sys.executable
@@ -152,7 +152,7 @@ class OneShotServer:
         while not self._stop.is_set() and time.monotonic() < self._deadline:
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.accepted += 1
             with conn:
@@ -338,7 +338,7 @@ def raw_request(socket_path: Path, data: bytes) -> tuple[int, str]:
             response += chunk
             if b"\r\n\r\n" in response:
                 head, _, body = response.partition(b"\r\n\r\n")
-                length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")), 0))
+                length = int(next((h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0))
                 if len(body) >= length:
                     break
     status = int(response.split(b" ", 2)[1])

@@ -96,7 +96,8 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
     assert review.status.allowed
     for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
                     ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
-                    ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"], ["delete", "persistentvolumeclaims", "-n", "x"],
+                    ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"],
+                    ["delete", "persistentvolumeclaims", "-n", "x"],
                     ["create", "serviceaccounts", "--subresource=token", "-n", SYSTEM_NAMESPACE]):
         assert not can(*refused), refused
 
@@ -353,7 +354,8 @@ def test_quantities_the_api_server_refuses_the_contract_refuses_too(api_client, 
 
     for memory in ("1.5.5Gi", "5Xi", "-1Gi", "0", "Gi"):
         with pytest.raises(ApiException) as refused:
-            _create_sandbox(api_client, namespace, _sandbox("bad", template={"image": "busybox", "resources": {"limits": {"memory": memory}}}))
+            template = {"image": "busybox", "resources": {"limits": {"memory": memory}}}
+            _create_sandbox(api_client, namespace, _sandbox("bad", template=template))
         assert refused.value.status == 422, memory
         with pytest.raises(ValueError):
             quantity_bytes(memory)
@@ -367,7 +369,8 @@ def test_a_refusal_by_the_node_agent_becomes_the_tools_enforced_condition(api_cl
     _create_sandbox(api_client, namespace, _sandbox("refused"))
     eventually(lambda: (tools_enforced() or {}).get("status") == "True", message="no ToolsEnforced=True")
     # What the node agent writes when it cannot honour the sandbox's tool intent (see agentkube.ebpf.kubernetes).
-    _patch_sandbox(api_client, namespace, "refused", {"metadata": {"annotations": {sandbox.TOOLS_REFUSED_ANNOTATION: "default.memory: lots"}}})
+    refusal = {sandbox.TOOLS_REFUSED_ANNOTATION: "default.memory: lots"}
+    _patch_sandbox(api_client, namespace, "refused", {"metadata": {"annotations": refusal}})
     condition = eventually(lambda: (tools_enforced() or {}).get("status") == "False" and tools_enforced(), message="never refused")
     assert condition["reason"] == "ToolIntentRefused" and "default.memory: lots" in condition["message"]
     _patch_sandbox(api_client, namespace, "refused", {"metadata": {"annotations": {sandbox.TOOLS_REFUSED_ANNOTATION: None}}})

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from agentkube.contract import CallIntent, resolve_limits
 from agentkube.devenv import config, images, node
 from agentkube.devenv.config import Layout, Ports
 from agentkube.ebpf.agent import innermost_pid
-from agentkube.contract import CallIntent, resolve_limits
 from agentkube.ebpf.kubernetes import TOTAL_KEYS, IntentRefused, added_totals, pod_runtime_socket, sandbox_spec
 from agentkube.operator import api, sandbox
 
@@ -132,8 +132,9 @@ def _defaults(spec):
 def test_a_sandbox_pod_registers_once_its_container_runs():
     assert sandbox_spec(_pod(None)) is None
     assert sandbox_spec(_pod({"waiting": {"reason": "ContainerCreating"}})) is None
-    spec = sandbox_spec(_pod({"running": {}}, tools={"default": {"memory": "128Mi", "cpu": "250m", "pids": 32, "timeout": "2m",
-                                                                 "network": {"egress": "explicit", "allow": [{"cidr": "10.1.0.0/16", "port": 443}]}}}))
+    network = {"egress": "explicit", "allow": [{"cidr": "10.1.0.0/16", "port": 443}]}
+    default = {"memory": "128Mi", "cpu": "250m", "pids": 32, "timeout": "2m", "network": network}
+    spec = sandbox_spec(_pod({"running": {}}, tools={"default": default}))
     assert (spec.name, spec.namespace) == ("box", "team")
     assert spec.kubernetes.container_id == "containerd://" + "f" * 64 and spec.kubernetes.qos == "burstable"
     assert spec.envelope.envelope().memory == 2**30 and spec.envelope.envelope().cpu == 0.5
@@ -193,9 +194,10 @@ def test_innermost_pid_is_the_last_nspid():
 
 
 def test_call_totals_are_added_to_what_the_sandbox_already_holds():
-    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {"calls": 2, "failed": 0, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}
-    held = json.dumps({"calls": 5, "failed": 1, "oomKilled": 0, "blockedConnections": 3, "dnsRefused": 0})
-    assert added_totals(held, Counter(calls=1, failed=1)) == {"calls": 6, "failed": 2, "oomKilled": 0, "blockedConnections": 3, "dnsRefused": 0}
+    zero = dict.fromkeys(TOTAL_KEYS, 0)
+    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {**zero, "calls": 2, "oomKilled": 1}
+    held = json.dumps({**zero, "calls": 5, "failed": 1, "blockedConnections": 3})
+    assert added_totals(held, Counter(calls=1, failed=1)) == {**zero, "calls": 6, "failed": 2, "blockedConnections": 3}
     assert added_totals("not json", Counter(calls=1))["calls"] == 1
     assert added_totals("[1, 2]", Counter(calls=1))["calls"] == 1
 

@@ -29,7 +29,8 @@ def _read_back(status: api.AgentSandboxStatus | api.ServedModelStatus, old: dict
 
 def test_a_sandbox_status_written_reads_back_unchanged():
     plan = sandbox.plan(api.AgentSandboxSpec.model_validate({"template": {"image": "x"}}), NOW, None, RUNNING, NOW)
-    body = _sandbox(**{sandbox.TOOL_CALLS_ANNOTATION: '{"calls": 4, "failed": 1, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}'})
+    totals = '{"calls": 4, "failed": 1, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}'
+    body = _sandbox(**{sandbox.TOOL_CALLS_ANNOTATION: totals})
     new = sandbox_status(body, plan, RUNNING, api.AgentSandboxStatus(), NOW, NOW)
     stored = _read_back(new)
     assert stored["phase"] == "Running" and stored["podName"] == "coder" and stored["nodeName"] == "n1"

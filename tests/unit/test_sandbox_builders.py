@@ -10,7 +10,8 @@ BODY = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"nam
 
 
 def _spec(**overrides) -> api.AgentSandboxSpec:
-    return api.AgentSandboxSpec.model_validate({"template": {"image": "python:3.12", "resources": {"limits": {"memory": "4Gi", "cpu": 2}}}, **overrides})
+    template = {"image": "python:3.12", "resources": {"limits": {"memory": "4Gi", "cpu": 2}}}
+    return api.AgentSandboxSpec.model_validate({"template": template, **overrides})
 
 
 def test_pod_is_hardened_owned_and_carries_the_tool_intents():
