@@ -22,8 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from nodeagent_common import SandboxWorker, machine, main_or_worker, serve_worker, summary, write_results  # noqa: E402
 
-from agentkube.contract import MiB, memory_high_for  # noqa: E402
-from agentkube.contract import CALL_PREFIX  # noqa: E402
+from agentkube.contract import (  # noqa: E402
+    CALL_PREFIX,  # noqa: E402
+    MiB,
+    memory_high_for,
+)
 from agentkube.ebpf.cgroups import detect_layout  # noqa: E402
 
 CALL_MEMORY = 64 * MiB
