@@ -237,6 +237,7 @@ class NodeAgent:
 
     def _kubernetes_cgroup(self, spec: SandboxCreate) -> Cgroup:
         k8s = spec.kubernetes
+        assert k8s is not None  # only a Kubernetes sandbox comes here
         for candidate in kubernetes_container_paths(k8s.pod_uid, k8s.container_id, k8s.qos):
             cgroup = Cgroup(self.layout, {h.name: candidate for h in self.layout.hierarchies})
             if cgroup.exists():

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 
 from agentkube.ebpf.agent import NodeAgent
 from agentkube.ebpf.models import CallCreate, CallFinish, SandboxCreate, SandboxRef
 from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
+
+if TYPE_CHECKING:  # imported where Kubernetes mode starts: --local needs no Kubernetes client
+    from agentkube.ebpf.kubernetes import PodWatcher
 
 
 def _body(body: object) -> dict:
@@ -80,7 +84,7 @@ class NodeAgentServer:
             # Loopback only: a scraper on the node (or a Service through the pod's network) reads it there.
             start_http_server(metrics_port, addr="127.0.0.1", registry=self.agent.metrics.registry)
         self.sandbox_server: UnixHttpServer | None = None
-        self.watcher = None
+        self.watcher: PodWatcher | None = None
 
     def serve_kubernetes(self, node_name: str, sandbox_socket: Path, kubelet_root: Path, kubeconfig: str | None) -> None:
         """Kubernetes mode: register the sandbox pods of `node_name`, and serve their runtimes on a socket
@@ -92,14 +96,14 @@ class NodeAgentServer:
 
     def serve_forever(self, stop: threading.Event) -> None:
         self.server.start()
-        if self.sandbox_server:
+        if self.sandbox_server and self.watcher:
             self.sandbox_server.start()
             self.watcher.start()
         stop.wait()
         self.close()
 
     def close(self) -> None:
-        if self.watcher:
+        if self.watcher and self.sandbox_server:
             self.watcher.close()
             self.sandbox_server.stop()
         self.server.stop()

@@ -64,7 +64,7 @@ def run_node_agent(
     server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port,
                              favor_dynmods=favor_dynmods, local=local, egress=egress)
     if not local:
-        server.serve_kubernetes(node_name, sandbox_socket, kubelet_root_dir, kubeconfig)
+        server.serve_kubernetes(str(node_name), sandbox_socket, kubelet_root_dir, kubeconfig)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)
     server.serve_forever(stop)
 

@@ -156,7 +156,7 @@ def networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 def pod_cidrs_of(nodes: Iterable[dict]) -> tuple[IPNetwork, ...]:
     """Every Node's `spec.podCIDRs` (and the older single `spec.podCIDR`)."""
-    cidrs = []
+    cidrs: list[str] = []
     for node in nodes:
         spec = node.get("spec") or {}
         cidrs += spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])

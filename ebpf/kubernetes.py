@@ -44,7 +44,7 @@ WATCH_SECONDS = 300  # a watch is renewed this often (the API server ends long w
 # a bound on API writes per sandbox, and far below any sensible idle timeout.
 ACTIVITY_REPORT_SECONDS = 15.0
 # The keys of status.toolCalls, as agentkube.ebpf.metrics.call_totals counts them (a unit test keeps the two in step).
-TOTAL_KEYS = tuple(field.alias for field in ToolCallTotals.model_fields.values())
+TOTAL_KEYS = tuple(field.alias or name for name, field in ToolCallTotals.model_fields.items())
 
 
 class IntentRefused(ValueError):
@@ -151,8 +151,8 @@ class PodWatcher:
         if seen.activity == sandbox.last_activity and not delta:
             return
         try:
-            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
-                                                            sandbox.spec.name)
+            body: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
+                                                                 sandbox.spec.name)
             annotations = body["metadata"].get("annotations") or {}
             moment = datetime.fromtimestamp(sandbox.last_activity, UTC).replace(microsecond=0)
             patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"], "annotations": {
@@ -173,8 +173,8 @@ class PodWatcher:
 
         while not self.stop.is_set():
             try:
-                selector = {"label_selector": SANDBOX_LABEL, "field_selector": f"spec.nodeName={self.node_name}"}
-                pods = self.core.list_pod_for_all_namespaces(**selector, _preload_content=False)
+                selector: dict[str, Any] = {"label_selector": SANDBOX_LABEL, "field_selector": f"spec.nodeName={self.node_name}"}
+                pods: Any = self.core.list_pod_for_all_namespaces(**selector, _preload_content=False)  # raw: no models
                 listed = json.loads(pods.data)
                 self._resync([item for item in listed["items"]])
                 stream = watch.Watch()
@@ -202,7 +202,7 @@ class PodWatcher:
 
     def _apply(self, pod: dict[str, Any], deleted: bool) -> SandboxCreate | None:
         labels = pod["metadata"].get("labels") or {}
-        namespace, name = pod["metadata"]["namespace"], labels.get(SANDBOX_LABEL)
+        namespace, name = pod["metadata"]["namespace"], str(labels.get(SANDBOX_LABEL))  # the watch selects on it
         key = f"{namespace}/{name}"
         try:
             spec = None if deleted else sandbox_spec(pod)
@@ -223,7 +223,7 @@ class PodWatcher:
         if key in self.agent.refused:
             # The runtime stays reachable from the node, so that a caller hears why every call is refused.
             self._link(namespace, name, pod["metadata"]["uid"])
-        if spec and current is None:
+        if spec and spec.kubernetes and current is None:
             try:
                 self.agent.register(spec)
                 self._link(spec.namespace, spec.name, spec.kubernetes.pod_uid)

@@ -22,7 +22,7 @@ def _wait_for_socket(path: Path, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while not path.exists():
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[3:5]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear within {START_TIMEOUT:.0f}s:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)

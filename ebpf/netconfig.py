@@ -14,6 +14,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from agentkube.contract import CLUSTER_DOMAIN, NODE_DNS_ADDRESS
 from agentkube.ebpf import egress
@@ -110,7 +111,7 @@ class NetworkWatcher:
         self.current = Discovered(ClusterNetworks(config.pod_cidrs, config.service_cidrs, config.cluster_domain),
                                   config.upstream_dns)
         self._stop = threading.Event()
-        self._api = None
+        self._api: Any = None  # a kubernetes.client.ApiClient, made on first use
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="network-watcher", daemon=True)
         self._thread.start()
@@ -141,7 +142,7 @@ class NetworkWatcher:
                 if not services:
                     objects = client.CustomObjectsApi(api).list_cluster_custom_object(
                         "networking.k8s.io", "v1", "servicecidrs")
-                    services = egress.service_cidrs_of(objects.get("items", ()))
+                    services = egress.service_cidrs_of(cast(dict, objects).get("items", ()))
                 if not upstream:
                     service = client.CoreV1Api(api).read_namespaced_service("kube-dns", "kube-system")
                     ip = egress.cluster_dns_of(api.sanitize_for_serialization(service))
@@ -193,4 +194,5 @@ class EgressServices:
         if self.dns is not None:
             self.dns.close()
             # The address stays only while something answers on it; the next agent process adds it again.
-            remove_address(self._interface, self.config.dns_address)
+            if self._interface is not None and self.config.dns_address is not None:
+                remove_address(self._interface, self.config.dns_address)

@@ -91,11 +91,13 @@ class PressureWatcher:
             with open(memory_dir / "cgroup.event_control", "w") as control:
                 control.write(f"{efd} {usage} {high_bytes}")
         except OSError:
-            os.close(efd), os.close(usage)
+            os.close(efd)
+            os.close(usage)
             raise
         with self._lock:
             if key not in self._counts:  # unwatched meanwhile
-                os.close(efd), os.close(usage)
+                os.close(efd)
+                os.close(usage)
                 return
             self._eventfds[key] = (efd, usage, high_bytes)
             self.selector.register(efd, selectors.EVENT_READ, key)
@@ -154,6 +156,8 @@ class PressureWatcher:
         self.handler(key, seen, 1)
 
     def _read_inotify(self, seen: float) -> None:
+        if self._inotify is None:  # polled only once it exists
+            return
         try:
             data = os.read(self._inotify, 64 * 1024)
         except BlockingIOError:

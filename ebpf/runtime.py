@@ -31,6 +31,7 @@ from agentkube.ebpf.models import (
     SandboxCreate,
     SandboxRef,
     SandboxStatus,
+    Usage,
 )
 from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
 
@@ -94,7 +95,8 @@ class _Pump:
             self.selector.register(fd, selectors.EVENT_READ, "output")
         self.pidfd = os.pidfd_open(pid)
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
-        self.stdin, self.stdin_fd = memoryview(stdin), stdin_fd
+        self.stdin = memoryview(stdin)
+        self.stdin_fd: int | None = stdin_fd
         if stdin:
             os.set_blocking(stdin_fd, False)
             self.selector.register(stdin_fd, selectors.EVENT_WRITE, "input")
@@ -147,7 +149,7 @@ class _Pump:
             self._step(max(0.0, deadline - time.monotonic()))
         for fd in list(self.selector.get_map()):
             self.selector.unregister(fd)
-            os.close(fd)
+            os.close(fd)  # type: ignore[arg-type]  # registered as ints
         self.selector.close()
 
     def text(self, fd: int) -> tuple[str, int]:
@@ -193,7 +195,8 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
         for fd in (go_read, go_write, out_read, out_write, err_read, err_write, in_read, in_write):
             os.close(fd)
         raise
-    os.close(go_read), os.close(out_write), os.close(err_write), os.close(in_read)
+    for fd in (go_read, out_write, err_write, in_read):  # the child's ends
+        os.close(fd)
     try:
         placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", {
             "name": sandbox.name, "namespace": sandbox.namespace, "pid": pid, "argv": run.argv, "intent": run.intent},
@@ -218,8 +221,14 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
     return RunResult(
         call_id=placed.call_id, exit_code=exit_code, signal=killed_by, stdout=stdout, stderr=stderr,
         stdout_truncated_bytes=stdout_dropped, stderr_truncated_bytes=stderr_dropped,
-        limits=placed.limits, sources=placed.sources, usage=record.usage,
+        limits=placed.limits, sources=placed.sources, usage=_finished(record),
     )
+
+
+def _finished(record: CallRecord) -> Usage:
+    if record.usage is None:  # the agent answers a finish with the finished record, usage included
+        raise ApiError(502, f"the node agent finished call {record.call_id} without its usage")
+    return record.usage
 
 
 class SandboxRuntime:
