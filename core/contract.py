@@ -328,7 +328,13 @@ class ToolCallTotals(Model):
     dns_refused: int = 0
 
 
-DEFAULT_INTENT = ToolIntent(memory="512Mi", cpu="1", pids=256, timeout="5m", network=ToolNetwork())
+def _constant(**fields: Any) -> ToolIntent:
+    """An intent written in this module. Not validated here: importing the contract must not need the
+    Kubernetes client (the sandbox image has none); a unit test validates every one of them."""
+    return ToolIntent.model_construct(**fields)
+
+
+DEFAULT_INTENT = _constant(memory="512Mi", cpu="1", pids=256, timeout="5m", network=ToolNetwork())
 
 
 class Tools(Model):
@@ -349,10 +355,10 @@ class CallIntent(ToolIntent):
 # coding agents' tool calls need (AgentCgroup: quick shell commands stay small; builds and test runs burst
 # to GBs). They are bounded like any other intent: `fetch` in a sandbox without internet is refused.
 BUILTIN_PROFILES: dict[str, ToolIntent] = {
-    "shell": ToolIntent(memory="256Mi", cpu="500m", pids=64, timeout="1m", network=ToolNetwork(egress="none")),
-    "test": ToolIntent(memory="2Gi", cpu="1", pids=512, timeout="10m", network=ToolNetwork(egress="none")),
-    "build": ToolIntent(memory="4Gi", cpu="2", pids=1024, timeout="30m", network=ToolNetwork(egress="none")),
-    "fetch": ToolIntent(memory="512Mi", cpu="500m", pids=64, timeout="2m", network=ToolNetwork(egress="internet")),
+    "shell": _constant(memory="256Mi", cpu="500m", pids=64, timeout="1m", network=ToolNetwork(egress="none")),
+    "test": _constant(memory="2Gi", cpu="1", pids=512, timeout="10m", network=ToolNetwork(egress="none")),
+    "build": _constant(memory="4Gi", cpu="2", pids=1024, timeout="30m", network=ToolNetwork(egress="none")),
+    "fetch": _constant(memory="512Mi", cpu="500m", pids=64, timeout="2m", network=ToolNetwork(egress="internet")),
 }
 
 

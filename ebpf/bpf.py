@@ -87,11 +87,27 @@ class Programs:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         self._pins = self.pin_dir / "egress"
         self._pins.mkdir(exist_ok=True)
-        self.bpf = BPF(
-            src_file=str(PROGRAM_SOURCE).encode(),
-            cflags=[f'-DPIN_DIR="{self.pin_dir}"', *(f"-D{name}={value}" for name, value in egress.bpf_defines().items())],
-        )
-        self.egress = self.bpf.load_func(b"egress", BPF.CGROUP_SKB)
+        def load():
+            bpf = BPF(src_file=str(PROGRAM_SOURCE).encode(),
+                      cflags=[f'-DPIN_DIR="{self.pin_dir}"', *(f"-D{name}={value}" for name, value in egress.bpf_defines().items())])
+            try:
+                return bpf, bpf.load_func(b"egress", BPF.CGROUP_SKB)
+            except Exception:
+                bpf.cleanup()
+                raise
+
+        try:
+            self.bpf, self.egress = load()
+        except Exception as error:  # BCC raises plain Exceptions for a program the verifier refuses
+            # Maps pinned by another version of these programs (another layout of a value) make the verifier
+            # refuse this one. Their counters cannot be read by this version anyway: start with fresh maps.
+            stale = [path for path in (self.pin_dir / name for name in PINNED_MAPS) if path.exists()]
+            if not stale:
+                raise
+            print(f"node agent: {error}; replacing maps pinned by another version of the programs", flush=True)
+            for path in stale:
+                path.unlink()
+            self.bpf, self.egress = load()
         self.policies = self.bpf[b"policies"]
         self.call_stats = self.bpf[b"call_stats"]
         self.resolved = self.bpf[b"resolved"]

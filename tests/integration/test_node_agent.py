@@ -450,3 +450,21 @@ def test_calls_are_audited_and_exported_with_bounded_labels(agent, sandbox):
     assert CallRecord.model_validate(request(agent.socket, "GET", f"/v1/calls/{result.call_id}")).usage == result.usage
     activity = sandbox.client.status().last_activity
     assert activity >= mine["finished_at"] - 1e-3
+
+
+def test_maps_pinned_by_another_version_of_the_programs_are_replaced():
+    """An upgrade that changes a map's layout finds the old version's pinned map: the verifier would refuse
+    the new programs against it, so the agent starts with fresh maps instead of failing."""
+    instance = f"agentkube-stale-{uuid.uuid4().hex[:8]}"
+    pins = Path("/sys/fs/bpf") / instance
+    pins.mkdir(parents=True)
+    subprocess.run(["bpftool", "map", "create", str(pins / "call_stats"), "type", "hash", "key", "8", "value", "8",
+                    "entries", "16", "name", "call_stats"], check=True)
+    with LocalNodeAgent(instance=instance) as agent:
+        local = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS))
+        try:
+            assert local.client.run(["echo", "fresh"]).stdout == "fresh\n"
+        finally:
+            local.close()
+        assert "replacing maps pinned by another version" in agent.log.read_text()
+    assert not pins.exists()

@@ -210,3 +210,21 @@ def test_percentile_is_an_observed_value():
 ])
 def test_command_signature_ignores_options(argv, signature):
     assert command_signature(argv) == signature
+
+
+def test_the_contracts_own_intents_are_valid():
+    from agentkube.contract import DEFAULT_INTENT
+
+    for intent in (DEFAULT_INTENT, *BUILTIN_PROFILES.values()):
+        assert ToolIntent.model_validate(intent.model_dump()) == intent
+
+
+def test_the_sandbox_runtime_and_the_sdk_import_without_the_kubernetes_client():
+    """The sandbox image carries the runtime, the SDK and pydantic, not the Kubernetes client."""
+    import subprocess
+    import sys
+
+    blocked = "import sys; sys.modules['kubernetes'] = None; sys.modules['durationpy'] = None; "
+    for module in ("agentkube.ebpf.runtime", "agentkube.client", "agentkube.ebpf.commands"):
+        result = subprocess.run([sys.executable, "-c", blocked + f"import {module}"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
