@@ -118,12 +118,29 @@ def kube_proxy_rules_present() -> bool:
     return _iptables("-t", "nat", "-S", "KUBE-SERVICES", check=False).returncode == 0
 
 
+def node_chains_present() -> list[str]:
+    """The node's chains (network.NODE_CHAIN_PREFIXES) still in any table, IPv4 or IPv6."""
+    found = []
+    for command in ("iptables", "ip6tables"):
+        for table in network.IPTABLES_TABLES:
+            listing = subprocess.run([command, "-w", "5", "-t", table, "-S"], capture_output=True, text=True).stdout
+            found += [f"{command} {table} {' '.join(step[1:])}" for step in network.node_chain_removal(listing)
+                      if step[0] == "-X"]
+    return found
+
+
 def clean_network(kube_proxy: Path | None) -> None:
-    """kube-proxy's rules (its own --cleanup, once it has stopped), then the node's firewall: after the
-    bridge is gone, so that no packet of a pod is ever forwarded without it."""
+    """kube-proxy's rules (its own --cleanup, once it has stopped), then every other chain of the node's
+    (the kubelet's, the firewall) in both address families: after the bridge is gone, so that no packet of
+    a pod is ever forwarded without the firewall."""
     if kube_proxy is not None and kube_proxy_rules_present():
         subprocess.run(network.kube_proxy_cleanup_command(kube_proxy), capture_output=True, timeout=60)
     remove_firewall()
+    for command in ("iptables", "ip6tables"):
+        for table in network.IPTABLES_TABLES:
+            listing = subprocess.run([command, "-w", "5", "-t", table, "-S"], capture_output=True, text=True).stdout
+            for step in network.node_chain_removal(listing):
+                subprocess.run([command, "-w", "5", "-t", table, *step], capture_output=True)
 
 
 def socket_accepts(path: Path) -> bool:

@@ -7,6 +7,7 @@ processes and applies the objects.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,28 @@ def firewall_rules() -> list[list[str]]:
         ["-o", f"{TEST_LINK_PREFIX}+", "-j", "RETURN"],
         ["-j", "DROP"],
     ]
+
+
+# The chains the node's own parts make: the kubelet's (KUBE-FIREWALL, its canaries), kube-proxy's (KUBE-*)
+# and the node firewall. One node per machine, so whatever chain carries these prefixes is the node's.
+NODE_CHAIN_PREFIXES = ("KUBE-", "AGENTKUBE-")
+IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
+_BUILTIN_CHAINS = {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
+
+
+def node_chain_removal(listing: str) -> list[list[str]]:
+    """From one table's `iptables -S`: the commands that take the node's chains away — first the rules that
+    jump to them from the built-in chains, then every node chain flushed, then every one deleted (they
+    jump to each other, so none can be deleted before all are empty)."""
+    jumps, chains = [], []
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if len(words) > 1 and words[0] == "-N" and words[1].startswith(NODE_CHAIN_PREFIXES):
+            chains.append(words[1])
+        elif (len(words) > 1 and words[0] == "-A" and words[1] in _BUILTIN_CHAINS and "-j" in words
+              and words[words.index("-j") + 1].startswith(NODE_CHAIN_PREFIXES)):
+            jumps.append(["-D", *words[1:]])
+    return jumps + [["-F", chain] for chain in chains] + [["-X", chain] for chain in chains]
 
 
 # Kernel settings the node needs, left as they are by `dev down` (they are harmless without the bridge,
@@ -124,7 +147,7 @@ def coredns_command(binary: Path, corefile_path: Path) -> list[str]:
 DNS_SERVICE = "kube-dns"
 DNS_NAMESPACE = "kube-system"
 # Marks the EndpointSlice as ours, so that no Kubernetes controller takes it over or deletes it.
-ENDPOINTSLICE_MANAGER = "agentkube.dev/devenv"
+ENDPOINTSLICE_MANAGER = "agentkube-devenv"
 _DNS_PORTS = (("dns", "UDP"), ("dns-tcp", "TCP"))
 
 

@@ -271,6 +271,7 @@ def test_dev_down_leaves_no_container_mount_namespace_bridge_or_process(devenv):
     assert not node.NODE_LOCK.exists()
     assert not localnode.firewall_installed(), "the node's iptables chain is gone"
     assert not localnode.kube_proxy_rules_present(), "kube-proxy's chains are gone"
+    assert not localnode.node_chains_present(), "the kubelet's and kube-proxy's chains are gone"
 
 
 ABANDONED = """

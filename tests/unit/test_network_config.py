@@ -110,3 +110,31 @@ def test_the_node_starts_kube_proxy_and_coredns_after_the_kubelet():
     from agentkube.devenv.cluster import NODE
     names = [component.name for component in NODE]
     assert names.index("kubelet") < names.index("kube-proxy") < names.index("coredns")
+
+
+IPTABLES_LISTING = """\
+-P INPUT ACCEPT
+-P FORWARD ACCEPT
+-N KUBE-FIREWALL
+-N KUBE-SERVICES
+-N DOCKER
+-N AGENTKUBE-NODE-FORWARD
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -i agentkube0 -m comment --comment "agentkube dev node: pods stay on this machine" -j AGENTKUBE-NODE-FORWARD
+-A FORWARD -j DOCKER
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -j DROP
+-A KUBE-SERVICES -j KUBE-FIREWALL
+"""
+
+
+def test_dev_down_removes_the_node_chains_and_their_jumps_and_nothing_else():
+    steps = network.node_chain_removal(IPTABLES_LISTING)
+    assert steps == [
+        ["-D", "INPUT", "-j", "KUBE-FIREWALL"],
+        ["-D", "FORWARD", "-i", "agentkube0", "-m", "comment", "--comment",
+         "agentkube dev node: pods stay on this machine", "-j", "AGENTKUBE-NODE-FORWARD"],
+        ["-F", "KUBE-FIREWALL"], ["-F", "KUBE-SERVICES"], ["-F", "AGENTKUBE-NODE-FORWARD"],
+        ["-X", "KUBE-FIREWALL"], ["-X", "KUBE-SERVICES"], ["-X", "AGENTKUBE-NODE-FORWARD"],
+    ]
+    assert ["-D", "FORWARD", *network.firewall_jump()] in steps
+    assert network.node_chain_removal("-P INPUT ACCEPT\n-N DOCKER\n-A FORWARD -j DOCKER\n") == []
