@@ -144,21 +144,26 @@ TEST_HOST = "akt-e2e"  # network.TEST_LINK_PREFIX: a link the firewall lets pods
 TEST_HOST_ADDRESS, TEST_HOST_GATEWAY = "198.51.100.1", "198.51.100.254"
 
 
-def test_a_pod_reaches_a_test_host_in_a_network_namespace_routed_from_the_host(kubectl, namespace):
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True)
+def test_a_pod_reaches_a_test_host_in_a_network_namespace_routed_from_the_host(kubectl, namespace, eventually):
+    """A test host is a network namespace held by a process (not `ip netns add`, which bind-mounts
+    /run/netns over itself and so hides containerd's pod namespaces from `dev down`)."""
+    def ip(*args: str, netns: int | None = None) -> None:
+        prefix = ["nsenter", "-t", str(netns), "-n"] if netns else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
 
-    ip("netns", "add", TEST_HOST)
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "600"])
     server = None
     try:
-        ip("link", "add", TEST_HOST, "type", "veth", "peer", "name", "eth0", "netns", TEST_HOST)
+        own = os.stat("/proc/self/ns/net").st_ino
+        eventually(lambda: os.stat(f"/proc/{holder.pid}/ns/net").st_ino != own, timeout=10, message="netns made")
+        ip("link", "add", TEST_HOST, "type", "veth", "peer", "name", "eth0", "netns", str(holder.pid))
         ip("addr", "add", f"{TEST_HOST_GATEWAY}/24", "dev", TEST_HOST)
         ip("link", "set", TEST_HOST, "up")
-        ip("-n", TEST_HOST, "addr", "add", f"{TEST_HOST_ADDRESS}/24", "dev", "eth0")
-        ip("-n", TEST_HOST, "link", "set", "eth0", "up")
-        ip("-n", TEST_HOST, "route", "add", node.POD_SUBNET, "via", TEST_HOST_GATEWAY)
-        server = subprocess.Popen(["ip", "netns", "exec", TEST_HOST, sys.executable, "-m", "http.server", "--bind",
-                                   TEST_HOST_ADDRESS, "8080", "--directory", "/etc"],
+        ip("addr", "add", f"{TEST_HOST_ADDRESS}/24", "dev", "eth0", netns=holder.pid)
+        ip("link", "set", "eth0", "up", netns=holder.pid)
+        ip("route", "add", node.POD_SUBNET, "via", TEST_HOST_GATEWAY, netns=holder.pid)
+        server = subprocess.Popen(["nsenter", "-t", str(holder.pid), "-n", sys.executable, "-m", "http.server",
+                                   "--bind", TEST_HOST_ADDRESS, "8080", "--directory", "/etc"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pod_manifest("client")))
         kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/client", "--timeout=120s")
@@ -170,11 +175,11 @@ def test_a_pod_reaches_a_test_host_in_a_network_namespace_routed_from_the_host(k
                             "    except OSError: time.sleep(0.2)\n")
         assert fetch.stdout.strip() == "200"
     finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "netns", "delete", TEST_HOST], capture_output=True)
-        subprocess.run(["ip", "link", "delete", TEST_HOST], capture_output=True)
+        for process in (server, holder):
+            if process is not None:
+                process.kill()
+                process.wait()
+        subprocess.run(["ip", "link", "delete", TEST_HOST], capture_output=True)  # gone with the netns, normally
 
 
 SANDBOX = {
