@@ -1,5 +1,6 @@
 """`DevEnv`: one local environment — etcd, kube-apiserver, kube-controller-manager and Prometheus, and with
-`with_node` a node (containerd, kube-scheduler, kubelet, kube-proxy, CoreDNS, the node agent) — living in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
+`with_node` a node (containerd, kube-scheduler, kubelet, kube-proxy, CoreDNS, the node agent, kube-router's
+network policy controller) — living in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
 state file lets a later command (`agentkube dev down`) find what an earlier one started."""
 
 import datetime
@@ -40,6 +41,7 @@ class Component:
     health_url: Callable[[Ports], str] | None = None
     health_client: str | None = None  # the client certificate its health check presents, if it needs one
     health_socket: Callable[[Layout], Path] | None = None  # or: healthy once this unix socket accepts
+    health_probe: Callable[[], bool] | None = None  # or: healthy once this says so (a part with no server)
     binary: str | None = None
 
 
@@ -63,6 +65,8 @@ NODE = (
                   python, layout.node, layout.client_kubeconfig("node-agent")),
               health_socket=lambda layout: AGENT_SOCKET, binary=sys.executable),
 )
+# NetworkPolicy enforcement; it reads its own Node at start, so it starts once the node has registered.
+NETWORK_POLICY = Component("kube-router", config.kube_router_command, health_probe=localnode.kube_router_ready)
 NODE_READY_SECONDS = 120.0
 
 
@@ -263,7 +267,7 @@ class DevEnv:
 
     # ----- internals -------------------------------------------------------------------------------
     def _all_components(self) -> tuple[Component, ...]:
-        return self.components + ((CONTAINERD, *NODE) if self.with_node else ())
+        return self.components + ((CONTAINERD, *NODE, NETWORK_POLICY) if self.with_node else ())
 
     def _start(self, component: Component, binary: Path, deadline: float) -> None:
         started = time.monotonic()
@@ -295,17 +299,19 @@ class DevEnv:
             node.kubelet_config(node_layout, layout.pki, ports.kubelet, ports.kubelet_healthz)).encode())
         self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
         self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user)
-                            + network.coredns_rbac(config.COREDNS.user) + network.dns_objects())
+                            + network.coredns_rbac(config.COREDNS.user) + network.kube_router_rbac(config.KUBE_ROUTER.user)
+                            + network.dns_objects())
         for component in NODE:
             self._start(component, binaries[component.name], deadline)
         # While the kubelet registers its node (it needs no image for that), the images go into containerd.
         for archive in archives:
             images.import_archive(node.CTR, node_layout.containerd_socket, node.CONTAINERD_NAMESPACE, archive)
         self._wait_node_ready(deadline)
+        self._start(NETWORK_POLICY, binaries[NETWORK_POLICY.name], deadline)
         self.startup_seconds["node"] = time.monotonic() - started
 
     def _down_node(self) -> None:
-        node_processes = {component.name for component in NODE}
+        node_processes = {component.name for component in (*NODE, NETWORK_POLICY)}
         process.stop([r for r in self.processes if r.name in node_processes])
         netns = localnode.remove_containers(self.layout.node)
         process.stop([r for r in self.processes if r.name == CONTAINERD.name])
@@ -351,7 +357,7 @@ class DevEnv:
 
         kubeconfigs = [(layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")]
         kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent",
-                                                                "kube-proxy-client", "coredns-client")]
+                                                                "kube-proxy-client", "coredns-client", "kube-router-client")]
         for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(
@@ -368,6 +374,8 @@ class DevEnv:
             return False
         if component.health_socket:
             return localnode.socket_accepts(component.health_socket(self.layout))
+        if component.health_probe:
+            return component.health_probe()
         client = component.health_client
         cert = (str(self.layout.cert(client)), str(self.layout.key(client))) if client else None
         try:

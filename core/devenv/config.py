@@ -51,6 +51,8 @@ NODE_AGENT = ClientIdentity("agentkube:node-agent")
 KUBE_PROXY = ClientIdentity("system:kube-proxy")
 # Bound to a ClusterRole of its own (network.coredns_rbac): list/watch Services, EndpointSlices, Namespaces.
 COREDNS = ClientIdentity("agentkube:coredns")
+# Bound to a read-only ClusterRole of its own (network.kube_router_rbac).
+KUBE_ROUTER = ClientIdentity("agentkube:kube-router")
 
 # Client certificates by file name. The front-proxy client is separate: it is signed by its own CA.
 CLIENT_CERTIFICATES = {
@@ -64,6 +66,7 @@ CLIENT_CERTIFICATES = {
     "node-agent": NODE_AGENT,
     "kube-proxy-client": KUBE_PROXY,
     "coredns-client": COREDNS,
+    "kube-router-client": KUBE_ROUTER,
 }
 # The apiserver proxies to aggregated APIs as this identity, signed by a CA of its own (as kubeadm does)
 # so that no other client certificate can assert a user through the request headers.
@@ -271,6 +274,10 @@ def kube_proxy_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
 
 def coredns_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
     return network.coredns_command(binary, layout.node.corefile)
+
+
+def kube_router_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return network.kube_router_command(binary, layout.client_kubeconfig("kube-router-client"), SERVICE_CIDR)
 
 
 def corefile(layout: Layout, ports: Ports) -> str:

@@ -111,7 +111,8 @@ def ensure_go_program(name: str, log=print) -> Path:
     its own go.mod and go.sum decide every dependency, exactly as its release is built."""
     program = GO_PROGRAMS[name]
     target = program_path(name)
-    if _is_current(target, program.pin):
+    stamp = " ".join([program.pin, program.package, *program.version_variables])
+    if _is_current(target, stamp):
         return target
     go = shutil.which("go")
     if go is None:
@@ -130,11 +131,12 @@ def ensure_go_program(name: str, log=print) -> Path:
         shutil.copytree(source, work)
         for path in [work, *work.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)  # module-cache copies are read-only; let go write if it must
-        command = [go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(partial), program.package]
+        ldflags = " ".join(["-s", "-w", *(f"-X {variable}" for variable in program.version_variables)])
+        command = [go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(partial), program.package]
         if subprocess.run(command, cwd=work, env=env).returncode != 0:
             raise InstallError(f"{program.pin} build failed: `{' '.join(command)}` in a copy of {source}")
     partial.replace(target)
-    _mark_current(target, program.pin)
+    _mark_current(target, stamp)
     return target
 
 

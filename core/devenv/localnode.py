@@ -141,6 +141,21 @@ def clean_network(kube_proxy: Path | None) -> None:
             listing = subprocess.run([command, "-w", "5", "-t", table, "-S"], capture_output=True, text=True).stdout
             for step in network.node_chain_removal(listing):
                 subprocess.run([command, "-w", "5", "-t", table, *step], capture_output=True)
+    for name in node_ipsets_present():
+        subprocess.run(["ipset", "destroy", name], capture_output=True)
+
+
+def node_ipsets_present() -> list[str]:
+    try:
+        listing = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True).stdout
+    except FileNotFoundError:  # no ipset, so no kube-router either
+        return []
+    return network.node_ipsets(listing.split())
+
+
+def kube_router_ready() -> bool:
+    """kube-router has synced once: its FORWARD chain exists."""
+    return _iptables("-t", "filter", "-S", network.KUBE_ROUTER_READY_CHAIN, check=False).returncode == 0
 
 
 def socket_accepts(path: Path) -> bool:

@@ -185,21 +185,60 @@ def coredns_rbac(user: str) -> list[dict[str, Any]]:
     """What CoreDNS's `kubernetes` plugin reads (with `pods disabled`), and nothing more: it lists and
     watches Services, EndpointSlices and Namespaces. kube-proxy needs no binding of ours: Kubernetes'
     bootstrap policy binds `system:node-proxier` to the user `system:kube-proxy`."""
+    return _cluster_role_and_binding("agentkube:coredns", user, [
+        {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+    ])
+
+
+# ----- NetworkPolicy: kube-router's network policy controller alone -------------------------------------
+# Its first sync makes this chain (jumped to from FORWARD): from then on, policies are enforced.
+KUBE_ROUTER_READY_CHAIN = "KUBE-ROUTER-FORWARD"
+# The ipsets it keeps pods' and policies' addresses in; they outlive it, and go after the chains that
+# reference them.
+KUBE_ROUTER_IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
+
+
+def kube_router_command(binary: Path, kubeconfig: Path, service_cidr: str) -> list[str]:
     return [
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": "agentkube:coredns"},
-            "rules": [
-                {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["list", "watch"]},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "agentkube:coredns"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "agentkube:coredns"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
-        },
+        str(binary),
+        f"--kubeconfig={kubeconfig}",
+        f"--hostname-override={NODE_NAME}",
+        # Only the network policy controller: routes, BGP and Services are the bridge's and kube-proxy's.
+        "--run-firewall=true",
+        "--run-router=false",
+        "--run-service-proxy=false",
+        "--enable-cni=false",
+        "--enable-ipv6=false",
+        f"--service-cluster-ip-range={service_cidr}",
+        # Both would listen on every address, the machine's uplink included: off. Readiness is its chain.
+        "--health-port=0",
+        "--metrics-port=0",
+        "--v=1",
+    ]
+
+
+def kube_router_rbac(user: str) -> list[dict[str, Any]]:
+    """Read-only: the network policy controller waits for informers on all of these before it syncs (it
+    watches Services and endpoints even with the service proxy off), and reads its own Node."""
+    return _cluster_role_and_binding("agentkube:kube-router", user, [
+        {"apiGroups": [""], "resources": ["pods", "namespaces", "services", "endpoints"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]},
+    ])
+
+
+def node_ipsets(names: list[str]) -> list[str]:
+    """Of the machine's ipsets (`ipset list -n`), kube-router's."""
+    return [name for name in names if name.startswith(KUBE_ROUTER_IPSET_PREFIXES)]
+
+
+def _cluster_role_and_binding(name: str, user: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]},
     ]

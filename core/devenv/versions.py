@@ -27,6 +27,8 @@ class GoProgram:
     module: str
     version: str
     package: str = "."
+    # `-X` settings for the linker, as the program's own release build stamps its version.
+    version_variables: tuple[str, ...] = ()
 
     @property
     def pin(self) -> str:
@@ -36,7 +38,13 @@ class GoProgram:
 # The cluster DNS, run by `dev up --with-node` as a host process (its `kubernetes` plugin is in the default
 # build).
 COREDNS = GoProgram("github.com/coredns/coredns", "v1.15.0")
-GO_PROGRAMS = {"coredns": COREDNS}
+# NetworkPolicy enforcement with iptables + ipset (kube-network-policies needs the nftables `queue`
+# expression, which these kernels lack). v2.1.0 is the only v2 release the module proxy serves, and
+# security flaws are reported against it: dev up runs only its network policy controller (no BGP, no
+# service proxy), listening on no port, with read-only RBAC (network.kube_router_rbac).
+KUBE_ROUTER = GoProgram("github.com/cloudnativelabs/kube-router/v2", "v2.1.0", "./cmd/kube-router",
+                        ("github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=v2.1.0",))
+GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER}
 
 
 def cache_root() -> Path:

@@ -182,6 +182,29 @@ def test_a_pod_reaches_a_test_host_in_a_network_namespace_routed_from_the_host(k
         subprocess.run(["ip", "link", "delete", TEST_HOST], capture_output=True)  # gone with the netns, normally
 
 
+NO_ENFORCER = ("no NetworkPolicy enforcer runs on this node: kube-network-policies needs the nftables `queue` "
+               "expression (CONFIG_NFT_QUEUE is unset on this kernel), and kube-router is not running")
+
+
+def test_a_network_policy_that_denies_ingress_is_enforced_and_lifted(devenv, kubectl, namespace, eventually):
+    if not devenv.status().get("kube-router"):
+        pytest.skip(NO_ENFORCER)
+    _web_and_client(kubectl, namespace)
+    web_ip = kubectl("get", "-n", namespace, "pod/web", "-o", "jsonpath={.status.podIP}").stdout
+    connect = f"import socket; socket.create_connection(('{web_ip}', 8080), timeout=2); print('connected')"
+
+    def reachable() -> bool:
+        return _pod_python(kubectl, namespace, "client", connect, check=False).stdout.strip() == "connected"
+
+    assert reachable(), "without a policy, pods reach each other"
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "deny-web"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]}}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deny))
+    eventually(lambda: not reachable(), timeout=60, message="the deny-ingress policy enforced")
+    kubectl("delete", "-n", namespace, "networkpolicy/deny-web")
+    eventually(reachable, timeout=60, message="the policy lifted")
+
+
 SANDBOX = {
     "template": {"image": images.SANDBOX_IMAGE,
                  "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}},
@@ -276,7 +299,8 @@ def test_dev_down_leaves_no_container_mount_namespace_bridge_or_process(devenv):
     assert not node.NODE_LOCK.exists()
     assert not localnode.firewall_installed(), "the node's iptables chain is gone"
     assert not localnode.kube_proxy_rules_present(), "kube-proxy's chains are gone"
-    assert not localnode.node_chains_present(), "the kubelet's and kube-proxy's chains are gone"
+    assert not localnode.node_chains_present(), "the kubelet's, kube-proxy's and kube-router's chains are gone"
+    assert not localnode.node_ipsets_present(), "kube-router's ipsets are gone"
 
 
 ABANDONED = """

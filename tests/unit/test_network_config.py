@@ -6,7 +6,7 @@ from pathlib import Path
 
 from agentkube.devenv import config, network, node
 from agentkube.devenv.config import Layout, Ports
-from agentkube.devenv.versions import COREDNS, GO_PROGRAMS, program_path
+from agentkube.devenv.versions import COREDNS, GO_PROGRAMS, KUBE_ROUTER, program_path
 
 LAYOUT = Layout(Path("/state"))
 PORTS = Ports(etcd_client=1, etcd_peer=2, apiserver=3, controller_manager=4, prometheus=5, scheduler=6, kubelet=7,
@@ -107,9 +107,37 @@ def test_coredns_is_built_from_its_pinned_module_into_a_directory_per_version():
 
 
 def test_the_node_starts_kube_proxy_and_coredns_after_the_kubelet():
-    from agentkube.devenv.cluster import NODE
+    from agentkube.devenv.cluster import NETWORK_POLICY, NODE
     names = [component.name for component in NODE]
     assert names.index("kubelet") < names.index("kube-proxy") < names.index("coredns")
+    assert NETWORK_POLICY.name == "kube-router" and NETWORK_POLICY.health_probe is not None
+
+
+def test_kube_router_runs_only_its_network_policy_controller_and_listens_nowhere():
+    flags = _flags(config.kube_router_command(Path("kube-router"), LAYOUT, PORTS))
+    assert flags["kubeconfig"] == str(LAYOUT.client_kubeconfig("kube-router-client"))
+    assert (flags["run-firewall"], flags["run-router"], flags["run-service-proxy"]) == ("true", "false", "false")
+    assert flags["enable-cni"] == "false" and flags["hostname-override"] == node.NODE_NAME
+    assert flags["service-cluster-ip-range"] == node.SERVICE_CIDR
+    # Its health and metrics servers would bind every address, the uplink's too.
+    assert flags["health-port"] == "0" and flags["metrics-port"] == "0"
+    assert GO_PROGRAMS["kube-router"] == KUBE_ROUTER and KUBE_ROUTER.package == "./cmd/kube-router"
+    assert program_path("kube-router").parent.name == f"kube-router-{KUBE_ROUTER.version}"
+
+
+def test_kube_router_identity_only_reads():
+    role, binding = network.kube_router_rbac(config.KUBE_ROUTER.user)
+    assert config.CLIENT_CERTIFICATES["kube-router-client"] == config.KUBE_ROUTER and not config.KUBE_ROUTER.groups
+    verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
+    assert verbs == {"get", "list", "watch"}
+    resources = {resource for rule in role["rules"] for resource in rule["resources"]}
+    assert resources == {"pods", "namespaces", "services", "endpoints", "nodes", "endpointslices", "networkpolicies"}
+    assert binding["subjects"][0]["name"] == config.KUBE_ROUTER.user
+
+
+def test_dev_down_destroys_kube_routers_ipsets_only():
+    names = ["KUBE-SRC-ABC", "KUBE-DST-DEF", "inet6:KUBE-DST-X", "TMP-1", "docker-set", "KUBE-OTHER"]
+    assert network.node_ipsets(names) == ["KUBE-SRC-ABC", "KUBE-DST-DEF", "inet6:KUBE-DST-X"]
 
 
 IPTABLES_LISTING = """\
