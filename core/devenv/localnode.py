@@ -62,11 +62,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def create_bridge() -> None:
     """The pods' bridge, holding the node's address before the kubelet starts (it must find its node IP
-    on an interface); the CNI bridge plugin then attaches pods to it."""
+    on an interface) and the cluster DNS's; the CNI bridge plugin then attaches pods to it."""
     if _ip("link", "show", BRIDGE, check=False).returncode != 0:
         _ip("link", "add", BRIDGE, "type", "bridge")
-    if node.NODE_IP not in _ip("-o", "addr", "show", "dev", BRIDGE).stdout:
+    addresses = _ip("-o", "addr", "show", "dev", BRIDGE).stdout
+    if f" {node.NODE_IP}/" not in addresses:
         _ip("addr", "add", f"{node.NODE_IP}/{node.POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
+    # The cluster DNS's own address, where CoreDNS listens (why: network.dns_objects).
+    if f" {node.CLUSTER_DNS_IP}/" not in addresses:
+        _ip("addr", "add", f"{node.CLUSTER_DNS_IP}/32", "dev", BRIDGE)
     _ip("link", "set", BRIDGE, "up")
 
 

@@ -127,7 +127,7 @@ def corefile(kubeconfig: Path, ready_port: int) -> str:
     `kubernetes` plugin NXDOMAIN for an unknown name in its zones (no `fallthrough`)."""
     return f"""\
 {CLUSTER_DOMAIN}:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
-    bind {NODE_IP}
+    bind {CLUSTER_DNS_IP}
     errors
     ready {LOOPBACK}:{ready_port}
     kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
@@ -153,7 +153,13 @@ _DNS_PORTS = (("dns", "UDP"), ("dns-tcp", "TCP"))
 
 def dns_objects() -> list[dict[str, Any]]:
     """The `kube-dns` Service at the cluster DNS address, without a selector (CoreDNS is a host process,
-    not a pod), and the EndpointSlice that points it at the address CoreDNS listens on."""
+    not a pod), and the EndpointSlice that points it at the address CoreDNS listens on: the ClusterIP
+    itself, which the bridge holds (`localnode.create_bridge`).
+
+    Why not the node's address: kube-proxy would DNAT queries to it, and a NetworkPolicy that lets a pod
+    reach DNS by selecting `k8s-app: kube-dns` pods (the operator's sandbox policy does) can match no host
+    process, so kube-router would drop every query. Traffic to the Services' range is what kube-router
+    lets through, and with the ClusterIP as its own endpoint the destination stays in that range."""
     labels = {"k8s-app": DNS_SERVICE, "kubernetes.io/name": "CoreDNS"}
     service = {
         "apiVersion": "v1",
@@ -175,7 +181,7 @@ def dns_objects() -> list[dict[str, Any]]:
                        "endpointslice.kubernetes.io/managed-by": ENDPOINTSLICE_MANAGER},
         },
         "addressType": "IPv4",
-        "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}, "nodeName": NODE_NAME}],
+        "endpoints": [{"addresses": [CLUSTER_DNS_IP], "conditions": {"ready": True}, "nodeName": NODE_NAME}],
         "ports": [{"name": name, "port": DNS_PORT, "protocol": protocol} for name, protocol in _DNS_PORTS],
     }
     return [service, slice_]

@@ -204,6 +204,19 @@ def test_a_network_policy_that_denies_ingress_is_enforced_and_lifted(devenv, kub
     kubectl("delete", "-n", namespace, "networkpolicy/deny-web")
     eventually(reachable, timeout=60, message="the policy lifted")
 
+    # Egress like a sandbox's (operator.sandbox.network_policy_manifest): DNS to kube-dns only. Names still
+    # resolve (CoreDNS is a host process no pod selector matches, reached on its ClusterIP), nothing else.
+    dns_only = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "dns-only"},
+                "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"], "egress": [
+                    {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}}
+    kubectl("label", "-n", namespace, "pod/client", "app=client")
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(dns_only))
+    eventually(lambda: not reachable(), timeout=60, message="the egress policy enforced")
+    cluster_ip = kubectl("get", "-n", namespace, "service/web", "-o", "jsonpath={.spec.clusterIP}").stdout
+    resolved = _pod_python(kubectl, namespace, "client", "import socket; print(socket.getaddrinfo('web', 80)[0][4][0])")
+    assert resolved.stdout.strip() == cluster_ip
+
 
 SANDBOX = {
     "template": {"image": images.SANDBOX_IMAGE,
@@ -229,7 +242,7 @@ def test_agent_sandbox_runs_on_the_node_suspends_and_resumes(operator, api_clien
     assert status["nodeName"] == node.NODE_NAME and status["podName"] == "box"
     pod = CoreV1Api(api_client).read_namespaced_pod("box", namespace)
     assert pod.status.phase == "Running" and pod.spec.node_name == node.NODE_NAME
-    # The policy object is there; enforcing it takes a policy-capable CNI (see README).
+    # The policy object is there (kube-router enforces it on this node).
     assert NetworkingV1Api(api_client).read_namespaced_network_policy("box", namespace)
     # Right after Running: the SDK waits the moment it takes the node agent to register the pod.
     assert Sandbox("box", namespace).run(["true"]).exit_code == 0

@@ -51,7 +51,7 @@ def test_coredns_serves_only_the_cluster_and_forwards_nothing_off_this_machine()
     (zones,) = _server_blocks(corefile)
     assert zones.split() == ["cluster.local:53", "in-addr.arpa:53", "ip6.arpa:53"], "no `.` zone"
     assert "forward" not in corefile and "proxy" not in corefile and "fallthrough" not in corefile
-    assert f"bind {node.NODE_IP}\n" in corefile
+    assert f"bind {node.CLUSTER_DNS_IP}\n" in corefile
     assert f"kubeconfig {LAYOUT.client_kubeconfig('coredns-client')}\n" in corefile
     assert "ready 127.0.0.1:11\n" in corefile and config.coredns_health_url(PORTS) == "http://127.0.0.1:11/ready"
     assert config.coredns_command(Path("coredns"), LAYOUT, PORTS)[1:] == ["-conf", str(LAYOUT.node.corefile)]
@@ -75,7 +75,7 @@ def test_kube_dns_service_points_at_the_host_address_coredns_binds():
     assert service["spec"]["clusterIP"] == node.CLUSTER_DNS_IP and "selector" not in service["spec"]
     assert endpoints["metadata"]["labels"]["kubernetes.io/service-name"] == "kube-dns"
     assert endpoints["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] != "endpointslice-controller.k8s.io"
-    assert endpoints["endpoints"][0]["addresses"] == [node.NODE_IP]
+    assert endpoints["endpoints"][0]["addresses"] == [node.CLUSTER_DNS_IP], "its own ClusterIP: kube-router lets it through"
     service_ports = {(p["name"], p["protocol"], p["port"]) for p in service["spec"]["ports"]}
     assert service_ports == {(p["name"], p["protocol"], p["port"]) for p in endpoints["ports"]}
     assert service_ports == {("dns", "UDP", 53), ("dns-tcp", "TCP", 53)}
