@@ -25,10 +25,15 @@ APT_PACKAGES += containerd runc containernetworking-plugins iproute2 iptables mm
 # ipset for kube-router's network policy controller (NetworkPolicy enforcement on the node).
 APT_PACKAGES += ipset
 
-.PHONY: test dev down deps venv tools unit clean ebpf-host
+.PHONY: test dev down deps venv tools unit lint clean ebpf-host
 
-test: deps venv tools ebpf-host
+test: deps venv tools ebpf-host lint
 	$(VENV)/bin/pytest
+
+# ruff and mypy over the whole package, its tests and benchmarks (configured in pyproject.toml): clean.
+lint: venv
+	$(VENV)/bin/ruff check core operator ebpf rl tests bench
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit
@@ -55,11 +60,15 @@ venv: $(VENV)/.installed
 
 # pip's HTTP cache is not kept with every registry (here it is not), so the wheels themselves are kept in
 # $(WHEELS): `pip download` only resolves and fetches what is missing, the install runs offline from it.
-$(VENV)/.installed: pyproject.toml
+# Strict editable mode installs a tree of links that type checkers and IDEs follow (the default mode's
+# import hook hides the folder mapping from them). It lists files, not folders, so a module added or removed
+# reinstalls: the folders' modification times are prerequisites.
+PACKAGE_DIRS := core core/devenv operator ebpf ebpf/programs rl rl/policies
+$(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip download --quiet -d $(WHEELS) pip 'setuptools>=69' '.[$(EXTRAS)]'
 	$(VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) --upgrade pip
-	$(VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) -e '.[$(EXTRAS)]'
+	$(VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) -e '.[$(EXTRAS)]' --config-settings editable_mode=strict
 	touch $@
 
 tools: venv

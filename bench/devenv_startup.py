@@ -8,8 +8,8 @@ bench/results/devenv_startup.{json,md}.
 """
 
 import argparse
-import os
 import json
+import os
 import platform
 import statistics
 import time

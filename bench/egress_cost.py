@@ -47,13 +47,12 @@ print(sent / (time.perf_counter() - start))
 
 
 def worker(agent_socket: str, name: str) -> None:
-    from agentkube.ebpf.limits import Intent
     from agentkube.ebpf.models import RunRequest, SandboxRef
     from agentkube.ebpf.runtime import run_call
 
     def handle(command):
         request = RunRequest(argv=[sys.executable, "-c", SENDER, str(command["port"]), str(command["bytes"])],
-                             intent=Intent(network=command["network"], cpu=1.0, memory="256Mi", timeout=120))
+                             intent={"network": command["network"], "cpu": "1", "memory": "256Mi", "timeout": "120s"})
         result = run_call(Path(agent_socket), SandboxRef(name=name), request)
         if result.exit_code != 0:
             raise RuntimeError(result.stderr)
@@ -113,8 +112,8 @@ def main() -> None:
     server = UnixHttpServer(workdir / "agent.sock", routes(agent))
     server.start()
     receiver = Receiver()
-    configs = {"not_attached": ("bench-plain", "all"), "attached_all": ("bench-egress", "all"),
-               "attached_loopback": ("bench-egress", "loopback")}
+    configs = {"not_attached": ("bench-plain", {"egress": "explicit", "allow": [{"cidr": "0.0.0.0/0"}]}), "attached_all": ("bench-egress", {"egress": "explicit", "allow": [{"cidr": "0.0.0.0/0"}]}),
+               "attached_loopback": ("bench-egress", {"egress": "none"})}
     throughput = {name: [] for name in configs}
     program = {name: [] for name in configs}
     workers = {}

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from nodeagent_common import SandboxWorker, machine, main_or_worker, serve_worker, summary, write_results  # noqa: E402
 
+from agentkube.contract import MiB, memory_high_for  # noqa: E402
 from agentkube.ebpf.cgroups import CALL_PREFIX, detect_layout  # noqa: E402
-from agentkube.ebpf.limits import MiB, memory_high_for  # noqa: E402
 
 CALL_MEMORY = 64 * MiB
 POLL_INTERVAL = 0.100
@@ -54,12 +54,11 @@ time.sleep(0.3)
 
 
 def worker(agent_socket: str, name: str) -> None:
-    from agentkube.ebpf.limits import Intent
     from agentkube.ebpf.models import RunRequest, SandboxRef
     from agentkube.ebpf.runtime import run_call
 
     request = RunRequest(argv=[sys.executable, "-c", BURST, str(memory_high_for(CALL_MEMORY))],
-                         intent=Intent(memory=CALL_MEMORY, network="none", timeout=60))
+                         intent={"memory": CALL_MEMORY, "network": {"egress": "none"}, "timeout": "60s"})
 
     def handle(command):
         result = run_call(Path(agent_socket), SandboxRef(name=name), request)

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agentkube.ebpf.models import DefaultsSpec, EnvelopeSpec, SandboxCreate
+from agentkube.contract import Tools
+from agentkube.ebpf.models import EnvelopeSpec, SandboxCreate
 from agentkube.ebpf.unixhttp import request
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,6 +31,11 @@ def summary(samples: list[float]) -> dict:
             "mean": statistics.fmean(ordered), "min": ordered[0], "max": ordered[-1]}
 
 
+# Benchmark sandboxes may reach anything: the benchmarks choose each call's network themselves.
+TOOLS = {"default": {"network": {"egress": "none"}},
+         "profiles": {"any": {"network": {"egress": "explicit", "allow": [{"cidr": "0.0.0.0/0"}, {"cidr": "::/0"}]}}}}
+
+
 class SandboxWorker:
     """This script run again with --worker, as the main process of a fresh sandbox; the benchmark sends it
     one JSON command per line and reads one JSON answer per line."""
@@ -38,7 +44,7 @@ class SandboxWorker:
         self.process = subprocess.Popen([sys.executable, script, "--worker", str(agent_socket), name],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         spec = SandboxCreate(name=name, envelope=EnvelopeSpec(**envelope),
-                             defaults=DefaultsSpec(network="loopback"), pid=self.process.pid)
+                             tools=Tools.model_validate(TOOLS), pid=self.process.pid)
         request(agent_socket, "POST", "/v1/sandboxes", spec)
         self.agent_socket = agent_socket
         self.name = name

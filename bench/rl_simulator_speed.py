@@ -40,11 +40,11 @@ def measure(repeats: int) -> dict:
     for workload in sorted(WORKLOADS):
         trace = evaluation_trace(workload)
         row = {"workload": workload, "requests": len(trace),
-               "generate_trace_s": timed(lambda: evaluation_trace(workload), repeats),
-               "knative_default_s": timed(lambda: run_episode(KnativeDefault(), trace), repeats),
-               "knative_default_spot_s": timed(lambda: run_episode(KnativeDefault(), trace, spot_allowed=True), repeats)}
+               "generate_trace_s": timed(lambda w=workload: evaluation_trace(w), repeats),
+               "knative_default_s": timed(lambda t=trace: run_episode(KnativeDefault(), t), repeats),
+               "knative_default_spot_s": timed(lambda t=trace: run_episode(KnativeDefault(), t, spot_allowed=True), repeats)}
         if ppo is not None:
-            row["ppo_s"] = timed(lambda: run_episode(ppo, trace, spot_allowed=True), repeats)
+            row["ppo_s"] = timed(lambda t=trace: run_episode(ppo, t, spot_allowed=True), repeats)
         rows.append(row)
     return {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "repeats": repeats,
             "goal_seconds_per_day": GOAL_SECONDS_PER_DAY, "rows": rows}

@@ -56,12 +56,11 @@ def timed(run, calls: int) -> list[float]:
 
 
 def worker(agent_socket: str, name: str) -> None:
-    from agentkube.ebpf.limits import Intent
     from agentkube.ebpf.models import RunRequest, SandboxRef
     from agentkube.ebpf.runtime import run_call
 
     ref = SandboxRef(name=name)
-    request = RunRequest(argv=TOOL, intent=Intent(memory="64Mi", pids=64, network="none", timeout=30))
+    request = RunRequest(argv=TOOL, intent={"memory": "64Mi", "pids": 64, "network": {"egress": "none"}, "timeout": "30s"})
 
     def handle(command):
         def one():

@@ -5,9 +5,9 @@ from importlib.metadata import version as package_version
 import typer
 
 from agentkube.devenv.commands import dev_app
+from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
 from agentkube.operator.commands import crds_app, operator_app
 from agentkube.rl.cli import rl_app
-from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
 
 app = typer.Typer(
     name="agentkube",

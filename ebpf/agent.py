@@ -18,6 +18,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentkube.contract import HISTORY_WINDOW, CallIntent, OutOfEnvelope, command_signature, resolve_limits
 from agentkube.ebpf.bpf import CallEvent, Programs
 from agentkube.ebpf.cgroups import (
     CALL_PREFIX,
@@ -35,9 +36,9 @@ from agentkube.ebpf.cgroups import (
     parse_proc_cgroup,
     UNIFIED,
 )
-from agentkube.ebpf.limits import HISTORY_WINDOW, PROFILES, OutOfEnvelope, command_signature, parse_network, resolve_limits
 from agentkube.ebpf.deadlines import Deadlines
 from agentkube.ebpf.metrics import Metrics, call_totals
+from agentkube.ebpf.netconfig import EgressConfig, EgressServices  # egress: cluster networks, DNS answering
 from agentkube.ebpf.models import (
     CallCreate,
     CallFinish,
@@ -119,7 +120,8 @@ class Sandbox:
 
 class NodeAgent:
     def __init__(self, state_dir: Path, instance: str = "agentkube", layout: CgroupLayout | None = None,
-                 audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True):
+                 audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True,
+                 egress: EgressConfig | None = None):
         self.state_dir = Path(state_dir)
         self.instance = instance
         self.local = local  # sandboxes are cgroups this agent makes (else: Kubernetes containers' cgroups)
@@ -130,6 +132,8 @@ class NodeAgent:
             set_favor_dynmods(self.layout, True)
         self.metrics = Metrics()
         self.sandboxes: dict[str, Sandbox] = {}
+        # Sandboxes whose tool intent cannot be honoured (Kubernetes mode): key -> why. None of their calls runs.
+        self.refused: dict[str, str] = {}
         self.running: dict[str, CallRecord] = {}
         self.finished: OrderedDict[str, CallRecord] = OrderedDict()
         self.history: dict[str, deque[int]] = {}
@@ -151,6 +155,8 @@ class NodeAgent:
         self.root.create(delegate=True)
         self._recover()
         self.programs.start_events(self._on_event)
+        # egress: the cluster's networks and node addresses into the program's tries; DNS answering.
+        self.egress = EgressServices(egress or EgressConfig(), self.programs, self._call_network)
 
     # --- who is calling -------------------------------------------------------------------------------
     def _sandbox_paths(self) -> dict[str, str]:
@@ -163,18 +169,29 @@ class NodeAgent:
         if inside:
             raise HttpError(403, f"a process inside sandbox {inside} may not manage sandboxes")
 
-    def require_in_sandbox(self, peer: Peer, sandbox: Sandbox) -> None:
-        if not is_within(unified_cgroup_of(peer.pid), sandbox.cgroup.unified_path):
-            raise HttpError(403, f"caller pid {peer.pid} is not in sandbox {sandbox.key}")
+    def require_runtime(self, peer: Peer, sandbox: Sandbox) -> None:
+        """Only the sandbox's runtime places, finishes and reads its calls. It lives in the sandbox's main
+        leaf; a tool call's processes live in their call cgroup and can never move out of it, so code
+        running inside a call cannot ask for anything here, for its own sandbox or for any other."""
+        where = unified_cgroup_of(peer.pid)
+        if where == sandbox.main.unified_path:
+            return
+        if is_within(where, sandbox.cgroup.unified_path):
+            raise HttpError(403, f"caller pid {peer.pid} runs inside a tool call of sandbox {sandbox.key}: only the "
+                                 "sandbox's runtime may ask the node agent for anything")
+        raise HttpError(403, f"caller pid {peer.pid} is not the runtime of sandbox {sandbox.key}")
 
-    def require_in_sandbox_or_admin(self, peer: Peer, sandbox: Sandbox) -> None:
-        if not is_within(unified_cgroup_of(peer.pid), sandbox.cgroup.unified_path):
+    def require_runtime_or_admin(self, peer: Peer, sandbox: Sandbox) -> None:
+        if unified_cgroup_of(peer.pid) != sandbox.main.unified_path:
             self.require_admin(peer)
 
     def sandbox(self, ref: SandboxRef) -> Sandbox:
         try:
             return self.sandboxes[ref.key]
         except KeyError:
+            if ref.key in self.refused:
+                raise HttpError(422, f"sandbox {ref.key}: the node agent cannot honour its tool intent, so none of "
+                                     f"its calls runs: {self.refused[ref.key]}") from None
             raise HttpError(404, f"{UNREGISTERED} {ref.key} on this node") from None
 
     # --- sandboxes ------------------------------------------------------------------------------------
@@ -184,9 +201,6 @@ class NodeAgent:
 
     def register(self, spec: SandboxCreate) -> SandboxStatus:
         """Make a sandbox (the API's create, and the Kubernetes mode's pod watcher, come here)."""
-        if spec.defaults.memory > spec.envelope.memory or spec.defaults.pids > spec.envelope.pids \
-                or spec.defaults.cpu > spec.envelope.cpu or spec.defaults.timeout > spec.envelope.timeout:
-            raise HttpError(422, "the sandbox's defaults must fit inside its envelope")
         if self.local != (spec.kubernetes is None):
             raise HttpError(422, "this node agent runs with --local: a sandbox is a cgroup it makes (no kubernetes "
                                  "field)" if self.local else "this node agent serves Kubernetes pods: give the "
@@ -233,7 +247,8 @@ class NodeAgent:
     def status(self, sandbox: Sandbox) -> SandboxStatus:
         return SandboxStatus(
             name=sandbox.spec.name, namespace=sandbox.spec.namespace, cgroup=sandbox.cgroup.unified_path,
-            envelope=sandbox.spec.envelope.envelope(), defaults=sandbox.spec.defaults.limits(),
+            envelope=sandbox.spec.envelope.envelope(),
+            defaults=resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits,
             running_calls=sum(1 for r in self.running.values() if f"{r.namespace}/{r.sandbox}" == sandbox.key),
             last_activity=sandbox.last_activity,
         )
@@ -265,7 +280,7 @@ class NodeAgent:
     # --- calls ----------------------------------------------------------------------------------------
     def place_call(self, peer: Peer, request: CallCreate) -> CallPlaced:
         sandbox = self.sandbox(request)
-        self.require_in_sandbox(peer, sandbox)
+        self.require_runtime(peer, sandbox)
         request = request.model_copy(update={"pid": host_pid(request.pid, peer.pid, sandbox.main.pids())})
         target = unified_cgroup_of(request.pid)
         if target != sandbox.main.unified_path:
@@ -278,8 +293,7 @@ class NodeAgent:
         history_key = f"{sandbox.key}\t{signature}"
         try:
             resolved = resolve_limits(request.intent, list(self.history.get(history_key, ())),
-                                      sandbox.spec.defaults.limits(), sandbox.spec.envelope.envelope(),
-                                      PROFILES | sandbox.spec.profiles)
+                                      sandbox.spec.tools, sandbox.spec.envelope.envelope())
         except OutOfEnvelope as error:
             raise HttpError(422, str(error)) from None
         limits = resolved.limits
@@ -300,7 +314,7 @@ class NodeAgent:
                 self.running[call_id] = record
                 self._by_cgroup[record.cgroup_id] = call_id
                 self._first_exit_seen[call_id] = threading.Event()
-            self.programs.track(record.cgroup_id, parse_network(limits.network))
+            self.programs.track(record.cgroup_id, limits.network)
             self.pressure.watch(call_id, cgroup, limits.memory_high)
             cgroup.add_process(request.pid)
         except BaseException:
@@ -316,7 +330,7 @@ class NodeAgent:
         record = self.running.get(call_id) or self.finished.get(call_id)
         if record is None:
             raise HttpError(404, f"no call {call_id}")
-        self.require_in_sandbox(peer, self.sandbox(SandboxRef(name=record.sandbox, namespace=record.namespace)))
+        self.require_runtime(peer, self.sandbox(SandboxRef(name=record.sandbox, namespace=record.namespace)))
         return self.finalize(call_id, finish)
 
     def call(self, peer: Peer, call_id: str) -> CallRecord:
@@ -326,7 +340,7 @@ class NodeAgent:
             raise HttpError(404, f"no call {call_id}")
         sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
         if sandbox:
-            self.require_in_sandbox_or_admin(peer, sandbox)
+            self.require_runtime_or_admin(peer, sandbox)
         else:
             self.require_admin(peer)
         return record
@@ -368,6 +382,7 @@ class NodeAgent:
             oom_kills=max(counters.oom_kills if counters else 0, stats.ooms),
             processes_spawned=stats.forks + 1,  # the first process was forked before it joined the call
             connections_blocked=stats.blocked_connections,
+            dns_refused=stats.dns_refused,  # egress: lookups refused (kernel-dropped and answered REFUSED)
             memory_high_events=high_events_seen(high_events, counters.memory_high_events if counters else 0,
                                                 counters.peak_memory_bytes if counters else 0, record.limits.memory_high),
             pids_limit_hits=counters.pids_limit_hits if counters else 0,
@@ -390,6 +405,12 @@ class NodeAgent:
             sandbox.totals.update(call_totals(record))
         self.metrics.finished(record)
         return record
+
+    def _call_network(self, cgroup_id: int):
+        """egress: the network and sandbox namespace of the running call with this cgroup id (for DNS)."""
+        with self._lock:
+            record = self.running.get(self._by_cgroup.get(cgroup_id, ""))
+            return (record.limits.network, record.namespace) if record else None
 
     def _remove_cgroups(self) -> None:
         while (cgroup := self._removals.get()) is not None:
@@ -489,7 +510,7 @@ class NodeAgent:
             self.running[record.call_id] = record
             self._by_cgroup[record.cgroup_id] = record.call_id
             if record.cgroup_id not in tracked:
-                self.programs.track(record.cgroup_id, parse_network(record.limits.network))
+                self.programs.track(record.cgroup_id, record.limits.network)
             self.pressure.watch(record.call_id, cgroup, record.limits.memory_high)
             self.metrics.started(record.sandbox, record.namespace, record.started_at)
             if record.timed_out:
@@ -526,6 +547,7 @@ class NodeAgent:
         self._removals.put(None)
         self._remover.join(timeout=30)
         self.pressure.close()
+        self.egress.close()
         self.programs.close()
 
     def teardown(self) -> None:

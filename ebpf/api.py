@@ -38,7 +38,7 @@ def routes(agent: NodeAgent, sandbox_only: bool = False) -> dict:
 
     def get_sandbox(peer, params, body):
         sandbox = agent.sandbox(ref(params))
-        agent.require_in_sandbox_or_admin(peer, sandbox)
+        agent.require_runtime_or_admin(peer, sandbox)
         return 200, agent.status(sandbox)
 
     def delete_sandbox(peer, params, body):
@@ -73,8 +73,8 @@ class NodeAgentServer:
     """A node agent and its API server, started and stopped together."""
 
     def __init__(self, socket_path: Path, state_dir: Path, instance: str = "agentkube", metrics_port: int | None = None,
-                 favor_dynmods: bool = False, local: bool = True):
-        self.agent = NodeAgent(state_dir, instance=instance, favor_dynmods=favor_dynmods, local=local)
+                 favor_dynmods: bool = False, local: bool = True, egress=None):
+        self.agent = NodeAgent(state_dir, instance=instance, favor_dynmods=favor_dynmods, local=local, egress=egress)
         self.server = UnixHttpServer(socket_path, routes(self.agent))
         if metrics_port is not None:
             # Loopback only: a scraper on the node (or a Service through the pod's network) reads it there.

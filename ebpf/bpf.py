@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentkube.ebpf.limits import MAX_ALLOW_RULES, NetworkPolicy
+from agentkube.contract import MAX_ALLOW_RULES, ToolNetwork
+from agentkube.ebpf import egress
+from agentkube.ebpf.egress import IPAddress, IPNetwork, LpmKey, ResolvedEntry, Sender
 
 PROGRAM_SOURCE = Path(__file__).parent / "programs" / "nodeagent.c"
 BPFFS = Path("/sys/fs/bpf")
-MAX_CALLS = 4096  # concurrent calls tracked per node agent (map capacity)
+MAX_CALLS = egress.MAX_CALLS
 BPF_F_ALLOW_MULTI = 2  # other programs (e.g. the container runtime's) may stay attached beside ours
 CGROUP_INET_EGRESS = 1  # enum bpf_attach_type
+PINNED_MAPS = ("policies", "call_stats", "resolved")
 
-MODES = {"none": 1, "loopback": 2, "allowlist": 3}
 EVENT_KINDS = {1: "exec", 2: "exit", 3: "oom", 4: "blocked"}
 
 
@@ -40,7 +41,7 @@ class Policy(ct.Structure):
 
 class CallStats(ct.Structure):
     _fields_ = [("forks", ct.c_uint64), ("execs", ct.c_uint64), ("exits", ct.c_uint64), ("ooms", ct.c_uint64),
-                ("blocked_packets", ct.c_uint64), ("blocked_connections", ct.c_uint64)]
+                ("blocked_packets", ct.c_uint64), ("blocked_connections", ct.c_uint64), ("dns_refused", ct.c_uint64)]
 
 
 class Event(ct.Structure):
@@ -49,22 +50,12 @@ class Event(ct.Structure):
                 ("family", ct.c_uint8), ("pad", ct.c_uint8), ("comm", ct.c_char * 16)]
 
 
-def _words(packed: bytes) -> list[int]:
-    """16 bytes in packet order → four u32 whose in-memory bytes are those bytes (what the program loads)."""
-    padded = packed.ljust(16, b"\0")
-    return [int.from_bytes(padded[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
-
-
-def policy_values(policy: NetworkPolicy) -> tuple[int, list[tuple[list[int], list[int], int, int]]] | None:
-    """(mode, [(addr words, mask words, port, family)]) for the policy map, or None for "all" (no entry:
-    the program lets everything through)."""
-    if policy.mode == "all":
-        return None
-    rules = [
-        (_words(rule.network.network_address.packed), _words(rule.network.netmask.packed), rule.port, rule.network.version)
-        for rule in policy.rules
-    ]
-    return MODES[policy.mode], rules
+def policy_struct(network: ToolNetwork) -> Policy:
+    entry = egress.compile_policy(network)
+    policy = Policy(mode=entry.mode, nrules=len(entry.rules))
+    for i, rule in enumerate(entry.rules):
+        policy.rules[i] = Rule((ct.c_uint32 * 4)(*rule.addr), (ct.c_uint32 * 4)(*rule.mask), rule.port, rule.family, 0)
+    return policy
 
 
 @dataclass
@@ -80,11 +71,8 @@ class CallEvent:
 def parse_event(raw: Event) -> CallEvent:
     destination = None
     if raw.kind == 4:
-        data = b"".join(w.to_bytes(4, sys.byteorder) for w in raw.daddr)
-        import ipaddress
-
-        address = ipaddress.IPv4Address(data[:4]) if raw.family == 4 else ipaddress.IPv6Address(data)
-        destination = f"{address}:{raw.dport}"
+        address = egress.address_of(raw.family, list(raw.daddr))
+        destination = f"[{address}]:{raw.dport}" if raw.family == 6 else f"{address}:{raw.dport}"
     return CallEvent(raw.cgroup_id, EVENT_KINDS.get(raw.kind, str(raw.kind)), raw.pid, raw.timestamp_ns,
                      raw.comm.decode(errors="replace"), destination)
 
@@ -101,11 +89,23 @@ class Programs:
         self._pins.mkdir(exist_ok=True)
         self.bpf = BPF(
             src_file=str(PROGRAM_SOURCE).encode(),
-            cflags=[f'-DPIN_DIR="{self.pin_dir}"', f"-DMAX_RULES={MAX_ALLOW_RULES}", f"-DMAX_CALLS={MAX_CALLS}"],
+            cflags=[f'-DPIN_DIR="{self.pin_dir}"', *(f"-D{name}={value}" for name, value in egress.bpf_defines().items())],
         )
         self.egress = self.bpf.load_func(b"egress", BPF.CGROUP_SKB)
         self.policies = self.bpf[b"policies"]
         self.call_stats = self.bpf[b"call_stats"]
+        self.resolved = self.bpf[b"resolved"]
+        self.dns_senders = self.bpf[b"dns_senders"]
+        self.settings = self.bpf[b"settings"]
+        self._tries = {name: self.bpf[name.encode()] for name in ("cluster_nets", "public_refused", "node_addrs")}
+        self._trie_keys: dict[str, set[LpmKey]] = {name: set() for name in self._tries}
+        self._sync_trie("public_refused", egress.refused_to_internet())
+        # Resolved entries of each call (to remove them when it ends), rebuilt from the pinned map after a
+        # restart; and the lookups the DNS answering refused, per call (the kernel counts those it drops).
+        self._resolved_keys: dict[int, set[bytes]] = {}
+        for key in self.resolved.keys():
+            self._resolved_keys.setdefault(key.cgroup_id, set()).add(bytes(key))
+        self._dns_refused: dict[int, int] = {}
         self._lib = __import__("bcc.libbcc", fromlist=["lib"]).lib
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -155,24 +155,19 @@ class Programs:
         return {int(p.name) for p in self._pins.iterdir()}
 
     # --- per-call state -------------------------------------------------------------------------------
-    def track(self, cgroup_id: int, policy: NetworkPolicy) -> None:
-        """Start counting for a call's cgroup and enforce its egress policy."""
+    def track(self, cgroup_id: int, network: ToolNetwork) -> None:
+        """Start counting for a call's cgroup and enforce its egress policy (every call has an entry)."""
         key = ct.c_uint64(cgroup_id)
         self.call_stats[key] = CallStats()
-        values = policy_values(policy)
-        if values is None:
-            return
-        mode, rules = values
-        entry = Policy(mode=mode, nrules=len(rules))
-        for i, (addr, mask, port, family) in enumerate(rules):
-            entry.rules[i] = Rule((ct.c_uint32 * 4)(*addr), (ct.c_uint32 * 4)(*mask), port, family, 0)
-        self.policies[key] = entry
+        self.policies[key] = policy_struct(network)
 
     def stats(self, cgroup_id: int) -> CallStats:
         try:
-            return self.call_stats[ct.c_uint64(cgroup_id)]
+            stats = CallStats.from_buffer_copy(bytes(self.call_stats[ct.c_uint64(cgroup_id)]))
         except KeyError:
-            return CallStats()
+            stats = CallStats()
+        stats.dns_refused += self._dns_refused.get(cgroup_id, 0)
+        return stats
 
     def untrack(self, cgroup_id: int) -> CallStats:
         """Stop counting and enforcing for a call; returns its final counters."""
@@ -183,13 +178,88 @@ class Programs:
                 del table[key]
             except KeyError:
                 pass
-        return CallStats.from_buffer_copy(bytes(stats))
+        with self._lock:
+            resolved = self._resolved_keys.pop(cgroup_id, set())
+            self._dns_refused.pop(cgroup_id, None)
+        for raw in resolved:
+            try:
+                del self.resolved[self.resolved.Key.from_buffer_copy(raw)]
+            except KeyError:
+                pass
+        return stats
 
     def tracked(self) -> set[int]:
         return {key.value for key in self.call_stats.keys()}
 
     def policy_entries(self) -> set[int]:
-        return {key.value for key in self.policies.keys()}
+        """Calls with map entries: a policy, or addresses their lookups opened."""
+        with self._lock:
+            return {key.value for key in self.policies.keys()} | set(self._resolved_keys)
+
+    # --- the cluster's networks and the DNS answering ----------------------------------------------------
+    def _sync_trie(self, name: str, wanted: set[LpmKey]) -> None:
+        """Make an LPM trie hold exactly `wanted`: add first, then remove, so no moment admits less."""
+        trie, current = self._tries[name], self._trie_keys[name]
+        for entry in wanted - current:
+            trie[self._lpm(trie, entry)] = ct.c_uint8(1)
+        for entry in current - wanted:
+            try:
+                del trie[self._lpm(trie, entry)]
+            except KeyError:
+                pass
+        self._trie_keys[name] = set(wanted)
+
+    @staticmethod
+    def _lpm(trie, entry: LpmKey):
+        key = trie.Key()
+        key.prefixlen = entry.prefixlen
+        ct.memmove(ct.addressof(key.data), entry.data, len(entry.data))
+        return key
+
+    def set_cluster_networks(self, networks: tuple[IPNetwork, ...]) -> None:
+        self._sync_trie("cluster_nets", egress.lpm_entries(networks))
+
+    def set_node_addresses(self, addresses: set[IPAddress]) -> None:
+        self._sync_trie("node_addrs", egress.node_address_entries(addresses))
+
+    def set_dns_address(self, address: IPAddress | None, port: int = egress.DNS_PORT) -> None:
+        """Where the DNS answering listens (None: nowhere; DNS packets are then judged like any other)."""
+        value = self.settings.Leaf()
+        if address is not None:
+            value.dns_addr = (ct.c_uint32 * 4)(*egress.words(address.packed))
+            value.dns_port = port
+            value.dns_family = address.version
+        self.settings[ct.c_int(0)] = value
+
+    def dns_sender(self, sender: Sender) -> int | None:
+        """The call whose DNS packet left from this source, as the egress program recorded it."""
+        key = self.dns_senders.Key()
+        key.addr = (ct.c_uint32 * 4)(*egress.words(sender.address.packed))
+        key.port = sender.port
+        key.family = sender.address.version
+        key.proto = sender.protocol
+        try:
+            return self.dns_senders[key].value
+        except KeyError:
+            return None
+
+    def allow_resolved(self, entries: list[ResolvedEntry]) -> None:
+        """Let calls open addresses their allowed names resolved to (written before the answer is sent)."""
+        for entry in entries:
+            key = self.resolved.Key()
+            key.cgroup_id = entry.cgroup_id
+            key.addr = (ct.c_uint32 * 4)(*egress.words(entry.address.packed))
+            key.port = entry.port
+            key.family = entry.address.version
+            with self._lock:  # against untrack: a call that ended while its lookup was in flight gets nothing
+                if ct.c_uint64(entry.cgroup_id) not in self.policies:
+                    continue
+                self.resolved[key] = ct.c_uint64(entry.expires_ns)
+                self._resolved_keys.setdefault(entry.cgroup_id, set()).add(bytes(key))
+
+    def count_dns_refused(self, cgroup_id: int) -> None:
+        with self._lock:
+            self._dns_refused[cgroup_id] = self._dns_refused.get(cgroup_id, 0) + 1
 
     # --- the event ring buffer ------------------------------------------------------------------------
     def start_events(self, handle: Callable[[CallEvent], None]) -> None:
@@ -214,7 +284,7 @@ class Programs:
 
     def remove_pins(self) -> None:
         """Remove this instance's pins (maps and program pins); for an agent shutting down for good."""
-        for path in (self.pin_dir / "policies", self.pin_dir / "call_stats"):
+        for path in (self.pin_dir / name for name in PINNED_MAPS):
             path.unlink(missing_ok=True)
         for pin in self._pins.iterdir():
             pin.unlink(missing_ok=True)

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agentkube.ebpf.limits import CPU_PERIOD_US, Envelope, Limits, memory_high_for
+from agentkube.contract import CALL_PREFIX, CPU_PERIOD_US, Envelope, Limits, memory_high_for
 
 UNIFIED = "unified"
 # v1 controllers the agent drives on a hybrid host (cpuacct for CPU time; cpu for quota and throttling).
 V1_CONTROLLERS = frozenset({"memory", "cpu", "cpuacct", "pids"})
 V2_CONTROLLERS = ("memory", "cpu", "pids")  # enabled in subtree_control on pure v2
 MAIN_LEAF = "agent"  # the leaf a sandbox's own processes live in, so none sits in a cgroup with children
-CALL_PREFIX = "call-"
 REMOVE_WAIT_SECONDS = 10.0  # bound on waiting for killed processes to leave a cgroup
 
 LayoutKind = Literal["v2", "hybrid"]

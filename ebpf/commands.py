@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from agentkube.ebpf.runtime import AGENT_SOCKET, AGENT_STATE_DIR, SANDBOX_AGENT_SOCKET, runtime_socket
+from agentkube.contract import AGENT_SOCKET, CLUSTER_DOMAIN, NODE_DNS_ADDRESS, SANDBOX_AGENT_SOCKET, runtime_socket
+
+AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")  # running calls, sandboxes, history, audit log
 
 node_agent_app = typer.Typer(help="The node agent: a cgroup per tool call, enforced and observed with eBPF.",
                              no_args_is_help=True)
@@ -30,6 +32,15 @@ def run_node_agent(
     favor_dynmods: bool = typer.Option(False, "--favor-dynmods",
                                        help="remount the v2 hierarchy with favordynmods: ~10 ms less per call "
                                             "(no RCU wait on each process move), a little more per fork/exit"),
+    pod_cidr: list[str] = typer.Option([], "--pod-cidr", help="egress `cluster`: a pod CIDR (repeatable; "
+                                       "default in Kubernetes mode: every Node's spec.podCIDRs)"),
+    service_cidr: list[str] = typer.Option([], "--service-cidr", help="egress `cluster`: a service CIDR "
+                                           "(repeatable; default in Kubernetes mode: the ServiceCIDR objects)"),
+    dns_address: str | None = typer.Option(None, help="answer tool calls' DNS on this node-local address "
+                                           f"(default in Kubernetes mode: {NODE_DNS_ADDRESS}; --local: none)"),
+    upstream_dns: str | None = typer.Option(None, help="HOST[:PORT] allowed queries are forwarded to (default in "
+                                            "Kubernetes mode: the kube-dns Service in kube-system)"),
+    cluster_domain: str = typer.Option(CLUSTER_DOMAIN, help="the kubelet's --cluster-domain"),
 ) -> None:
     """Run the node agent until SIGTERM/SIGINT. Running calls survive a restart."""
     import logging
@@ -42,8 +53,16 @@ def run_node_agent(
     install_stop_signals(stop)
     if not local and not node_name:
         raise typer.BadParameter("give --node-name (or NODE_NAME), or run with --local", param_hint="--node-name")
+    from agentkube.ebpf.netconfig import EgressConfig
+
+    try:
+        egress = EgressConfig.from_flags(local=local, pod_cidrs=pod_cidr, service_cidrs=service_cidr,
+                                         dns_address=dns_address, upstream_dns=upstream_dns,
+                                         cluster_domain=cluster_domain, kubeconfig=kubeconfig, instance=instance)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port,
-                             favor_dynmods=favor_dynmods, local=local)
+                             favor_dynmods=favor_dynmods, local=local, egress=egress)
     if not local:
         server.serve_kubernetes(node_name, sandbox_socket, kubelet_root_dir, kubeconfig)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)
@@ -58,26 +77,26 @@ def run_sandbox_runtime(
     agent_socket: Path = typer.Option(AGENT_SOCKET, envvar="AGENTKUBE_AGENT_SOCKET", help="the node agent's socket"),
     socket: Path | None = typer.Option(None, envvar="AGENTKUBE_SANDBOX_SOCKET",
                                        help="this runtime's socket (default /run/agentkube/sandboxes/NS/NAME.sock)"),
-    memory: str = typer.Option("2Gi", help="--local: the sandbox's memory envelope"),
-    cpu: float = typer.Option(1.0, help="--local: the sandbox's CPU envelope (cores)"),
+    memory: str = typer.Option("2Gi", help="--local: the sandbox's memory envelope (a quantity)"),
+    cpu: str = typer.Option("1", help="--local: the sandbox's CPU envelope (a quantity)"),
     pids: int = typer.Option(1024, help="--local: the sandbox's pids envelope"),
-    timeout: float = typer.Option(3600, help="--local: the longest call allowed (s)"),
-    default_memory: str = typer.Option("512Mi", help="--local: a call's memory when nothing else decides"),
-    default_network: str = typer.Option("loopback", help="--local: a call's network when not declared"),
+    timeout: str = typer.Option("1h", help="--local: the longest call allowed (a duration)"),
+    tools: str = typer.Option("{}", help="--local: the sandbox's spec.tools as JSON (default intent, profiles)"),
 ) -> None:
     """Serve run requests for one sandbox until SIGTERM/SIGINT."""
-    from agentkube.ebpf.models import DefaultsSpec, EnvelopeSpec, SandboxCreate, SandboxRef
-    from agentkube.ebpf.runtime import SandboxRuntime, install_stop_signals, register_local_sandbox
+    from agentkube.contract import Tools
+    from agentkube.ebpf.models import EnvelopeSpec, SandboxCreate, SandboxRef
+    from agentkube.ebpf.runtime import SandboxRuntime, install_stop_signals, refuse_tracing, register_local_sandbox
 
     stop = threading.Event()
     install_stop_signals(stop)
     ref = SandboxRef(name=name, namespace=namespace)
     if local:
         envelope = EnvelopeSpec(memory=memory, cpu=cpu, pids=pids, timeout=timeout)
-        defaults = DefaultsSpec(memory=default_memory, cpu=cpu, pids=min(256, pids), timeout=min(300, timeout),
-                                network=default_network)
-        register_local_sandbox(agent_socket, SandboxCreate(name=name, namespace=namespace, envelope=envelope, defaults=defaults))
+        register_local_sandbox(agent_socket, SandboxCreate(name=name, namespace=namespace, envelope=envelope,
+                                                           tools=Tools.model_validate_json(tools)))
     path = socket or runtime_socket(namespace, name)
+    refuse_tracing()
     runtime = SandboxRuntime(ref, agent_socket, path)
     typer.echo(f"sandbox runtime for {ref.key} on {path}", err=True)
     runtime.serve(stop)

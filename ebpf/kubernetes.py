@@ -18,85 +18,69 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agentkube.ebpf.limits import Profile
-from agentkube.ebpf.models import DefaultsSpec, EnvelopeSpec, KubernetesContainer, SandboxCreate, SandboxRef
-from agentkube.ebpf.runtime import RUNTIME_SOCKET_NAME, runtime_socket
-from agentkube.operator import api
-from agentkube.operator.sandbox import (
+from pydantic import ValidationError
+
+from agentkube.contract import (
     CONTAINER_NAME,
     LAST_ACTIVITY_ANNOTATION,
+    RUNTIME_SOCKET_NAME,
     RUNTIME_VOLUME,
     SANDBOX_LABEL,
     TOOL_CALLS_ANNOTATION,
     TOOLS_ANNOTATION,
-    parse_duration,
+    TOOLS_REFUSED_ANNOTATION,
+    ToolCallTotals,
+    Tools,
+    runtime_socket,
+    timestamp,
 )
-from agentkube.operator.status import timestamp
+from agentkube.ebpf.models import EnvelopeSpec, KubernetesContainer, SandboxCreate, SandboxRef
 
 log = logging.getLogger("agentkube.node-agent")
 
+GROUP, VERSION, PLURAL = "agentkube.dev", "v1alpha1", "agentsandboxes"
 WATCH_SECONDS = 300  # a watch is renewed this often (the API server ends long watches anyway)
 # How often tool-call activity is reported to the AgentSandbox (the operator's idle timeout reads it):
 # a bound on API writes per sandbox, and far below any sensible idle timeout.
 ACTIVITY_REPORT_SECONDS = 15.0
 # The keys of status.toolCalls, as agentkube.ebpf.metrics.call_totals counts them (a unit test keeps the two in step).
-TOTAL_KEYS = tuple(field.alias for field in api.ToolCallTotals.model_fields.values())
+TOTAL_KEYS = tuple(field.alias for field in ToolCallTotals.model_fields.values())
 
 
-def cpu_cores(quantity: str | int | float) -> float:
-    """CPU cores from a Kubernetes quantity ("500m", "2", 1.5)."""
-    text = str(quantity)
-    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+class IntentRefused(ValueError):
+    """A sandbox pod whose tool intent the node agent cannot read or honour: none of its calls may run."""
 
 
-def network_of(network: api.ToolNetwork) -> str:
-    """The node agent's network string for a tool intent's network. `cluster` and `internet` allow all at
-    the cgroup level: which addresses those mean is the pod's NetworkPolicy's to enforce."""
-    if network.egress == "none":
-        return "none"
-    if network.egress == "explicit":
-        return ",".join(f"{rule.cidr}:{rule.port or '*'}" for rule in network.allow)
-    return "all"
-
-
-def intent_values(intent: api.ToolIntent) -> dict[str, Any]:
-    """The fields a CRD tool intent sets, in the node agent's units (bytes, cores, seconds, network)."""
-    values = {
-        "memory": intent.memory,
-        "cpu": cpu_cores(intent.cpu) if intent.cpu is not None else None,
-        "pids": intent.pids,
-        "timeout": parse_duration(intent.timeout).total_seconds() if intent.timeout else None,
-        "network": network_of(intent.network) if intent.network is not None else None,
-    }
-    return {key: value for key, value in values.items() if value is not None}
+def _why(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'tools'}: {e['msg']}" for e in error.errors())
 
 
 def sandbox_spec(pod: dict[str, Any]) -> SandboxCreate | None:
-    """The sandbox a pod's running sandbox container makes, or None while it does not run."""
+    """The sandbox a pod's running sandbox container makes, or None while it does not run. Raises
+    IntentRefused when the pod's tools annotation cannot be read or honoured (fail closed)."""
     metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
     container = next((c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER_NAME), None)
     if container is None or "running" not in (container.get("state") or {}) or not container.get("containerID"):
         return None
-    tools_json = json.loads((metadata.get("annotations") or {}).get(TOOLS_ANNOTATION, "{}"))
+    try:
+        tools_json = json.loads((metadata.get("annotations") or {}).get(TOOLS_ANNOTATION, "{}"))
+    except ValueError as error:
+        raise IntentRefused(f"annotation {TOOLS_ANNOTATION} is not JSON: {error}") from None
+    if not isinstance(tools_json, dict):
+        raise IntentRefused(f"annotation {TOOLS_ANNOTATION} is not a JSON object")
     envelope_limits = tools_json.pop("envelope", {})
-    tools = api.Tools.model_validate(tools_json)
-    envelope = EnvelopeSpec(**{
-        key: value for key, value in (("memory", envelope_limits.get("memory")),
-                                      ("cpu", cpu_cores(envelope_limits["cpu"]) if "cpu" in envelope_limits else None))
-        if value is not None
-    })
-    defaults = DefaultsSpec(**{"network": "none", **intent_values(tools.default)})
-    # What the operator's CEL already guarantees, once more for pods made by anything else.
-    defaults = defaults.model_copy(update={"memory": min(defaults.memory, envelope.memory),
-                                           "cpu": min(defaults.cpu, envelope.cpu), "pids": min(defaults.pids, envelope.pids),
-                                           "timeout": min(defaults.timeout, envelope.timeout)})
-    profiles = {name: Profile(**intent_values(intent)) for name, intent in tools.profiles.items()}
-    return SandboxCreate(
-        name=metadata["labels"][SANDBOX_LABEL], namespace=metadata["namespace"], envelope=envelope, defaults=defaults,
-        profiles=profiles,
-        kubernetes=KubernetesContainer(pod_uid=metadata["uid"], container_id=container["containerID"],
-                                       qos=(status.get("qosClass") or "Burstable").lower()),
-    )
+    if not isinstance(envelope_limits, dict):
+        raise IntentRefused(f"annotation {TOOLS_ANNOTATION}: envelope is not a JSON object")
+    try:
+        envelope = EnvelopeSpec(**{key: envelope_limits[key] for key in ("memory", "cpu") if key in envelope_limits})
+        tools = Tools.model_validate(tools_json)
+        return SandboxCreate(
+            name=metadata["labels"][SANDBOX_LABEL], namespace=metadata["namespace"], envelope=envelope, tools=tools,
+            kubernetes=KubernetesContainer(pod_uid=metadata["uid"], container_id=container["containerID"],
+                                           qos=(status.get("qosClass") or "Burstable").lower()),
+        )
+    except ValidationError as error:
+        raise IntentRefused(_why(error)) from None
 
 
 def _brief(error: Exception) -> str:
@@ -167,16 +151,16 @@ class PodWatcher:
         if seen.activity == sandbox.last_activity and not delta:
             return
         try:
-            body = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, sandbox.spec.namespace,
-                                                            "agentsandboxes", sandbox.spec.name)
+            body = self.custom.get_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
+                                                            sandbox.spec.name)
             annotations = body["metadata"].get("annotations") or {}
             moment = datetime.fromtimestamp(sandbox.last_activity, timezone.utc).replace(microsecond=0)
             patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"], "annotations": {
                 LAST_ACTIVITY_ANNOTATION: timestamp(moment),
                 TOOL_CALLS_ANNOTATION: json.dumps(added_totals(annotations.get(TOOL_CALLS_ANNOTATION), delta), sort_keys=True),
             }}}
-            self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, sandbox.spec.namespace,
-                                                       "agentsandboxes", sandbox.spec.name, patch)
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
+                                                       sandbox.spec.name, patch)
             seen.activity, seen.totals = sandbox.last_activity, totals
         except Exception as error:  # a conflict, the API server away: the next round tries again
             log.warning("sandbox %s: reporting activity: %s", sandbox.key, _brief(error))
@@ -217,25 +201,44 @@ class PodWatcher:
                 self._remove(sandbox.spec)
 
     def _apply(self, pod: dict[str, Any], deleted: bool) -> SandboxCreate | None:
+        labels = pod["metadata"].get("labels") or {}
+        namespace, name = pod["metadata"]["namespace"], labels.get(SANDBOX_LABEL)
+        key = f"{namespace}/{name}"
         try:
             spec = None if deleted else sandbox_spec(pod)
-        except ValueError as error:  # a malformed annotation: say so, leave the pod without per-call limits
-            log.warning("pod %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], error)
+            if self.agent.refused.pop(key, None) is not None:
+                self._say_refused(namespace, name, None)
+        except IntentRefused as error:
+            # Fail closed: the sandbox is not registered, so its runtime places no call, and the refusal
+            # (not a silent 404) is what the runtime and the AgentSandbox's condition say.
             spec = None
-        labels = pod["metadata"].get("labels") or {}
-        key = f"{pod['metadata']['namespace']}/{labels.get(SANDBOX_LABEL)}"
+            if self.agent.refused.get(key) != str(error):
+                log.warning("sandbox %s: refusing its calls: %s", key, error)
+                self.agent.refused[key] = str(error)
+                self._say_refused(namespace, name, str(error))
         current = self.agent.sandboxes.get(key)
         if current and (spec is None or current.spec.kubernetes != spec.kubernetes):
             self._remove(current.spec)
             current = None
+        if key in self.agent.refused:
+            # The runtime stays reachable from the node, so that a caller hears why every call is refused.
+            self._link(namespace, name, pod["metadata"]["uid"])
         if spec and current is None:
             try:
                 self.agent.register(spec)
-                self._link(spec)
+                self._link(spec.namespace, spec.name, spec.kubernetes.pod_uid)
                 log.info("sandbox %s: container %s", spec.key, spec.kubernetes.container_id)
             except Exception as error:  # e.g. the cgroup is not there yet: the next event retries
                 log.warning("sandbox %s: %s", spec.key, error)
         return spec
+
+    def _say_refused(self, namespace: str, name: str, why: str | None) -> None:
+        """Tell the AgentSandbox why its calls are refused (None: they are not, any more)."""
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                       {"metadata": {"annotations": {TOOLS_REFUSED_ANNOTATION: why}}})
+        except Exception as error:  # the sandbox's runtime still hears the reason on every call
+            log.warning("sandbox %s/%s: recording the refusal: %s", namespace, name, _brief(error))
 
     def _remove(self, spec: SandboxCreate) -> None:
         runtime_socket(spec.namespace, spec.name).unlink(missing_ok=True)
@@ -249,8 +252,8 @@ class PodWatcher:
         except Exception as error:  # never let one sandbox stop the watch of all the others
             log.warning("sandbox %s: removing it: %s", spec.key, error)
 
-    def _link(self, spec: SandboxCreate) -> None:
-        link = runtime_socket(spec.namespace, spec.name)
+    def _link(self, namespace: str, name: str, pod_uid: str) -> None:
+        link = runtime_socket(namespace, name)
         link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         link.unlink(missing_ok=True)
-        os.symlink(pod_runtime_socket(self.kubelet_root, spec.kubernetes.pod_uid), link)
+        os.symlink(pod_runtime_socket(self.kubelet_root, pod_uid), link)

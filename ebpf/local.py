@@ -42,7 +42,7 @@ def _stop(process: subprocess.Popen | None) -> None:
 class LocalNodeAgent:
     """`agentkube node-agent run --local` in a temporary directory, under a unique instance name."""
 
-    def __init__(self, instance: str | None = None):
+    def __init__(self, instance: str | None = None, agent_args: list[str] | tuple[str, ...] = ()):
         self.instance = instance or f"agentkube-test-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         self.dir = Path(tempfile.mkdtemp(prefix="agentkube-node-agent-"))
         self.socket = self.dir / "agent.sock"
@@ -50,6 +50,7 @@ class LocalNodeAgent:
         self.log = self.dir / "agent.log"
         self.process: subprocess.Popen | None = None
         self.sandboxes: list[LocalSandbox] = []
+        self.agent_args = list(agent_args)  # more `node-agent run` flags (egress: --pod-cidr, --dns-address, ...)
 
     @property
     def audit_log(self) -> Path:
@@ -60,7 +61,7 @@ class LocalNodeAgent:
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agentkube", "node-agent", "run", "--local", "--socket", str(self.socket),
-                 "--state-dir", str(self.state_dir), "--instance", self.instance],
+                 "--state-dir", str(self.state_dir), "--instance", self.instance, *self.agent_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait_for_socket(self.socket, self.process, self.log)
         return self

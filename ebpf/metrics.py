@@ -32,6 +32,7 @@ def call_totals(record: CallRecord) -> dict[str, int]:
         "failed": int(outcome(record) != "ok"),
         "oomKilled": int(bool(usage and usage.oom_kills)),
         "blockedConnections": usage.connections_blocked if usage else 0,
+        "dnsRefused": usage.dns_refused if usage else 0,
     }
 
 
@@ -49,6 +50,7 @@ class Metrics:
         self.oom = Counter("agentkube_tool_call_oom_kills", "Processes OOM-killed inside tool calls", LABELS, registry=r)
         self.spawned = Counter("agentkube_tool_call_processes_spawned", "Processes started by tool calls", LABELS, registry=r)
         self.blocked = Counter("agentkube_tool_call_connections_blocked", "Egress connection attempts blocked", LABELS, registry=r)
+        self.dns_refused = Counter("agentkube_tool_call_dns_refused", "DNS lookups refused to tool calls", LABELS, registry=r)
         self.high = Counter("agentkube_tool_call_memory_high_events", "Times tool calls crossed memory.high", LABELS, registry=r)
         self.running = Gauge("agentkube_tool_calls_running", "Tool calls running now", ("sandbox", "namespace"), registry=r)
         self.activity = Gauge("agentkube_sandbox_last_activity_timestamp_seconds",
@@ -75,6 +77,7 @@ class Metrics:
         self.spawned.labels(*labels).inc(usage.processes_spawned)
         self.blocked.labels(*labels).inc(usage.connections_blocked)
         self.high.labels(*labels).inc(usage.memory_high_events)
+        self.dns_refused.labels(*labels).inc(usage.dns_refused)
 
     def forget_sandbox(self, sandbox: str, namespace: str) -> None:
         for gauge in (self.running, self.activity):

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from agentkube.ebpf.limits import (
+from agentkube.contract import (
     DNS_LABEL,
-    MAX_PROFILES,
+    CallIntent,
+    Duration,
     Envelope,
-    Intent,
-    Limits,
     LimitSource,
-    Profile,
-    parse_network,
-    parse_size,
+    Limits,
+    Quantity,
+    Tools,
+    duration_seconds,
+    quantity_bytes,
+    quantity_cores,
 )
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -58,37 +60,16 @@ class SandboxRef(Strict):
 
 
 class EnvelopeSpec(Strict):
-    model_config = ConfigDict(extra="forbid", validate_default=True)  # defaults pass through parse_size too
+    """The numeric envelope of a sandbox in the CRD's units (a pod's: its container's limits)."""
 
-    memory: int | str = "2Gi"
-    cpu: float = Field(default=1.0, gt=0, le=1024)
+    memory: Quantity = "2Gi"
+    cpu: Quantity = "1"
     pids: int = Field(default=1024, gt=0, le=4_194_304)
-    timeout: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
-
-    @field_validator("memory")
-    @classmethod
-    def _memory(cls, value):
-        return parse_size(value)
+    timeout: Duration = "1h"
 
     def envelope(self) -> Envelope:
-        return Envelope(memory=self.memory, cpu=self.cpu, pids=self.pids, timeout=self.timeout)
-
-
-class DefaultsSpec(EnvelopeSpec):
-    memory: int | str = "512Mi"
-    cpu: float = Field(default=1.0, gt=0, le=1024)
-    pids: int = Field(default=256, gt=0, le=4_194_304)
-    timeout: float = Field(default=300, gt=0, le=7 * 24 * 3600)
-    network: str = "loopback"
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, value):
-        parse_network(value)
-        return value
-
-    def limits(self) -> Limits:
-        return Limits(memory=self.memory, cpu=self.cpu, pids=self.pids, timeout=self.timeout, network=self.network)
+        return Envelope(memory=quantity_bytes(self.memory), cpu=quantity_cores(self.cpu), pids=self.pids,
+                        timeout=duration_seconds(self.timeout))
 
 
 class KubernetesContainer(Strict):
@@ -101,9 +82,9 @@ class KubernetesContainer(Strict):
 
 class SandboxCreate(SandboxRef):
     envelope: EnvelopeSpec = EnvelopeSpec()
-    defaults: DefaultsSpec = DefaultsSpec()
-    # Named intents of this sandbox (an AgentSandbox's spec.tools.profiles), beside and above the built-in ones.
-    profiles: dict[Annotated[str, AfterValidator(_label)], Profile] = Field(default_factory=dict, max_length=MAX_PROFILES)
+    # The sandbox's default intent and its own profiles (an AgentSandbox's spec.tools): what its calls get
+    # when they ask for nothing, and the networks they may ask for.
+    tools: Tools = Tools()
     # --local: a process to become the sandbox's main process (moved into its `agent` leaf).
     pid: int | None = Field(default=None, gt=1)
     kubernetes: KubernetesContainer | None = None
@@ -122,7 +103,7 @@ class CallCreate(SandboxRef):
 
     pid: int = Field(gt=1)
     argv: Argv
-    intent: Intent = Intent()
+    intent: CallIntent = CallIntent()
 
 
 class CallPlaced(Strict):
@@ -150,6 +131,7 @@ class Usage(Strict):
     oom_kills: int
     processes_spawned: int
     connections_blocked: int
+    dns_refused: int = Field(default=0, description="DNS lookups refused: the call's network does not allow the name")
     memory_high_events: int
     pids_limit_hits: int
 
@@ -185,10 +167,11 @@ UNREGISTERED = "no sandbox"
 
 
 class RunRequest(Strict):
-    """SDK → sandbox runtime: run one command as a tool call."""
+    """SDK → sandbox runtime: run one command as a tool call. The runtime passes the intent on as it came:
+    the node agent is the one judge of it (the SDK checks it first, to fail early)."""
 
     argv: Argv
-    intent: Intent = Intent()
+    intent: dict[str, Any] = Field(default_factory=dict)
     stdin: str | None = Field(default=None, max_length=MAX_REQUEST_BYTES // 2)
     cwd: str | None = None
 

@@ -11,6 +11,7 @@ the command left behind, removes the cgroup and answers with the call's usage.
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import os
 import selectors
@@ -19,9 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+from agentkube.contract import CALL_PREFIX
 from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
-    CallCreate,
     CallPlaced,
     CallRecord,
     RunRequest,
@@ -33,22 +34,11 @@ from agentkube.ebpf.models import (
 )
 from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
 
-# Where things live on a node (and, for a sandbox pod, inside it). One node agent per node serves two
-# sockets: the admin socket (0600, root outside every sandbox) and the sandbox socket (0666, mounted
-# read-only into sandbox pods; each request is authorized by the caller's cgroup).
-AGENT_SOCKET = Path("/run/agentkube/node-agent.sock")
-SANDBOX_AGENT_SOCKET = Path("/run/agentkube/agent/sandbox.sock")
-AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")
-# Each sandbox's runtime socket, as the SDK on the node finds it (for a pod: a link the node agent makes
-# to the socket in the pod's runtime volume).
-RUNTIME_SOCKET_DIR = Path("/run/agentkube/sandboxes")
-# Inside a sandbox pod: the runtime's socket in an emptyDir volume (writable by the sandbox's user).
-POD_RUNTIME_DIR = Path("/run/agentkube/runtime")
-RUNTIME_SOCKET_NAME = "runtime.sock"
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
 # In Kubernetes the node agent registers a pod's sandbox once it sees the container running (well under a
 # second later): a call that comes first waits this long for it rather than failing.
 REGISTRATION_WAIT_SECONDS = 10.0
+PR_SET_DUMPABLE = 4
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
@@ -57,8 +47,24 @@ HOLDER = ["/bin/sh", "-c",
           "agentkube-held"]
 
 
-def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_DIR) -> Path:
-    return directory / namespace / f"{name}.sock"
+def inside_a_call(peer_pid: int) -> bool:
+    """Whether the process at the other end of a connection runs inside a tool call: whether its cgroup is
+    a call's (a call's processes can never move out of it). A process of another PID namespace (the SDK on
+    the node, a gateway) shows as pid 0 and is never a call."""
+    if peer_pid == 0:
+        return False
+    try:
+        peer = Path(f"/proc/{peer_pid}/cgroup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True  # gone before it could be asked about: nothing to serve
+    return any(part.startswith(CALL_PREFIX) for line in peer.splitlines() for part in line.rsplit(":", 1)[-1].split("/"))
+
+
+def refuse_tracing() -> None:
+    """Make this process non-dumpable: a tool call runs as the same user and could otherwise ptrace the
+    runtime (or write its memory through /proc) and make it place calls on its behalf."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
 
 
 class _Output:
@@ -189,8 +195,8 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
         raise
     os.close(go_read), os.close(out_write), os.close(err_write), os.close(in_read)
     try:
-        placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", CallCreate(
-            name=sandbox.name, namespace=sandbox.namespace, pid=pid, argv=run.argv, intent=run.intent),
+        placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", {
+            "name": sandbox.name, "namespace": sandbox.namespace, "pid": pid, "argv": run.argv, "intent": run.intent},
             unregistered_for=REGISTRATION_WAIT_SECONDS))
     except BaseException:
         for fd in (go_write, in_write, out_read, err_read):  # the held child exits without running anything
@@ -226,6 +232,9 @@ class SandboxRuntime:
         def run(peer, params, body):
             if peer.uid != 0 and peer.uid != os.getuid():
                 raise HttpError(403, f"uid {peer.uid} may not run commands in this sandbox")
+            if inside_a_call(peer.pid):
+                raise HttpError(403, "a process inside this sandbox may not run commands through its runtime: "
+                                     "only callers outside the sandbox (the SDK on the node, the gateway) may")
             if not isinstance(body, dict):
                 raise HttpError(400, "expected a JSON object")
             try:
@@ -234,6 +243,8 @@ class SandboxRuntime:
                 raise HttpError(error.status, error.message) from None
 
         def status(peer, params, body):
+            if inside_a_call(peer.pid):
+                raise HttpError(403, "a process inside this sandbox may not ask its runtime for anything")
             path = f"/v1/sandboxes/{self.sandbox.namespace}/{self.sandbox.name}"
             return 200, SandboxStatus.model_validate(request(self.agent_socket, "GET", path))
 

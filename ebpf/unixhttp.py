@@ -179,14 +179,17 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
+    def __init__(self, path: str, timeout: float, check_server: Callable[[Peer], None] | None = None):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
+        self.check_server = check_server
 
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self.socket_path)
+        if self.check_server is not None:
+            self.check_server(peer_credentials(self.sock))
 
 
 class ApiError(RuntimeError):
@@ -213,9 +216,11 @@ def _exchange(connection: http.client.HTTPConnection, method: str, path: str, bo
     return parsed
 
 
-def request(socket_path: Path | str, method: str, path: str, body: object = None, timeout: float = 30.0) -> object:
-    """One request on a new connection; returns the parsed JSON (or text) body, raises ApiError on 4xx/5xx."""
-    connection = _UnixConnection(str(socket_path), timeout)
+def request(socket_path: Path | str, method: str, path: str, body: object = None, timeout: float = 30.0,
+            check_server: Callable[[Peer], None] | None = None) -> object:
+    """One request on a new connection; returns the parsed JSON (or text) body, raises ApiError on 4xx/5xx.
+    `check_server` vets the process listening on the socket before anything is sent to it."""
+    connection = _UnixConnection(str(socket_path), timeout, check_server)
     try:
         return _exchange(connection, method, path, body)
     finally:

@@ -7,75 +7,30 @@ with a message that names the field; the same rules hold in Python where they ar
 """
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field
 
-from agentkube.ebpf.limits import MAX_ALLOW_RULES, MAX_PROFILES  # what the node agent accepts per sandbox
+from agentkube.contract import (  # the tool-call vocabulary, shared with the node agent, runtime and SDK
+    MAX_LIST,
+    MAX_NAME,
+    MAX_STRING,
+    Duration,
+    Model,
+    Name,
+    Quantity,
+    ToolCallTotals,
+    Tools,
+    cel,
+    defaulted,
+    validations,
+)
 from agentkube.rl.knative import KnativeDefaults
 
 GROUP = "agentkube.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "agentkube"
-
-# Bounds keep every CEL rule's cost estimable by the API server (it refuses unbounded lists and maps).
-MAX_NAME = 63
-MAX_STRING = 1024
-MAX_LIST = 64
-
-# A Kubernetes resource quantity ("2Gi", "500m", 2). Checked by the API server's quantity library.
-Quantity = Annotated[
-    str | int,
-    WithJsonSchema(
-        {
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "maxLength": 64,  # bounds the cost of the CEL rules below; applies to the string form only
-            "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                {"rule": "isQuantity(string(self))", "message": "must be a Kubernetes quantity such as 512Mi or 2"},
-                {
-                    "rule": "!isQuantity(string(self)) || quantity(string(self)).isGreaterThan(quantity('0'))",
-                    "message": "must be positive",
-                },
-            ],
-        }
-    ),
-]
-# A Go duration ("30s", "10m", "1h30m"), as Kubernetes and Knative write them.
-Duration = Annotated[str, Field(pattern=r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$", max_length=32)]
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
-
-
-def cel(rule: str, message: str | None = None, *, message_expression: str | None = None, field_path: str | None = None) -> dict:
-    validation: dict[str, Any] = {"rule": rule}
-    if message:
-        validation["message"] = message
-    if message_expression:
-        validation["messageExpression"] = message_expression
-    if field_path:
-        validation["fieldPath"] = field_path
-    return validation
-
-
-class Model(BaseModel):
-    """Kubernetes spelling (camelCase) on the wire, Python spelling in code; unknown fields rejected."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-
-def defaulted(factory: Any) -> Any:
-    """A field whose default is a whole object (or list): the API server fills it in too, so that
-    `kubectl get -o yaml` shows what is in force."""
-    value = factory()
-    dumped = value.model_dump(by_alias=True, exclude_none=True) if isinstance(value, BaseModel) else value
-    return Field(default_factory=factory, json_schema_extra={"default": dumped})
-
-
-def validations(*rules: dict) -> ConfigDict:
-    """A model's config with CEL rules that span its fields."""
-    return ConfigDict(**Model.model_config, json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 # ----- AgentSandbox -------------------------------------------------------------------------------------
@@ -126,37 +81,6 @@ class SandboxTemplate(Model):
     # every capability dropped; only the identity is the user's to choose.
     run_as_user: Annotated[int, Field(ge=1)] = 1000
     run_as_group: Annotated[int, Field(ge=1)] = 1000
-
-
-class AllowRule(Model):
-    cidr: Annotated[str, Field(max_length=64)] = Field(json_schema_extra={"x-kubernetes-validations": [cel("isCIDR(self)", "must be a CIDR such as 10.0.0.0/8")]})
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-
-
-class ToolNetwork(Model):
-    """Where a tool call may connect. `explicit` allows exactly the listed CIDR (and port) rules."""
-
-    model_config = validations(
-        cel("self.egress == 'explicit' ? (has(self.allow) && size(self.allow) > 0) : (!has(self.allow) || size(self.allow) == 0)",
-            "allow lists the rules of egress: explicit, and only then", field_path=".allow"),
-    )
-    egress: Literal["none", "cluster", "internet", "explicit"] = "none"
-    allow: Annotated[list[AllowRule], Field(max_length=MAX_ALLOW_RULES)] = defaulted(list)
-
-
-class ToolIntent(Model):
-    """What one tool call may use. Unset fields fall back to the sandbox's default intent."""
-
-    memory: Quantity | None = None
-    cpu: Quantity | None = None
-    pids: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    network: ToolNetwork | None = None
-    timeout: Duration | None = None
-
-
-class Tools(Model):
-    default: ToolIntent = defaulted(lambda: ToolIntent(memory="512Mi", cpu="1", pids=256, timeout="5m", network=ToolNetwork()))
-    profiles: Annotated[dict[Name, ToolIntent], Field(max_length=MAX_PROFILES)] = defaulted(dict)
 
 
 class Lifecycle(Model):
@@ -231,13 +155,6 @@ class Condition(Model):
     reason: str = ""
     message: str = ""
     last_transition_time: datetime | None = None
-
-
-class ToolCallTotals(Model):
-    calls: int = 0
-    failed: int = 0
-    oom_killed: int = 0
-    blocked_connections: int = 0
 
 
 SandboxPhase = Literal["Pending", "Running", "Suspended", "Failed", "Expired"]

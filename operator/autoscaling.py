@@ -2,7 +2,7 @@
 returned nothing) to the concurrency target to apply, the reason, and the `Autoscaling` condition.
 
 Like Knative's own `Scale()`, the decision knows nothing of where the metrics came from or how the
-result is applied: `agentkube.operator.prometheus` queries, the handlers patch. Everything here is
+result is applied: `agentkube.operator.prometheus` queries, `autoscaling_loop` records and patches. Everything here is
 unit-tested without Prometheus or a cluster.
 """
 

@@ -1,6 +1,7 @@
 """Run the operator: Kopf with agentkube's settings, a metrics endpoint and a liveness probe."""
 
 import asyncio
+import importlib
 import logging
 import random
 from typing import Any
@@ -8,7 +9,15 @@ from typing import Any
 import kopf
 import prometheus_client
 
-from agentkube.operator import api, handlers  # importing handlers registers them with Kopf
+from agentkube.operator import api, autoscaling_loop, kube
+
+# Kopf finds handlers by their decorators, which run when these modules are imported: every module that
+# declares one is listed here, and nowhere else.
+HANDLER_MODULES = (
+    "agentkube.operator.rechecks",
+    "agentkube.operator.sandbox_handlers",
+    "agentkube.operator.servedmodel_handlers",
+)
 
 PEERING_NAME = "agentkube"
 # Kopf's bookkeeping annotations. Kopf ignores every annotation under its prefix when it looks for
@@ -23,7 +32,7 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     # Users see the Events the handlers post on purpose; Kopf's per-handler chatter only when it fails.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = handlers.WORKERS
+    settings.execution.max_workers = kube.WORKERS
     settings.watching.server_timeout = 300
     if peering:
         settings.peering.name = peering
@@ -43,7 +52,9 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, peering=peering)
 
-    handlers.configure_autoscaling(prometheus_url)
+    for module in HANDLER_MODULES:
+        importlib.import_module(module)
+    autoscaling_loop.configure_autoscaling(prometheus_url)
     if metrics_port:
         prometheus_client.disable_created_metrics()
         prometheus_client.start_http_server(metrics_port, addr=metrics_address)

@@ -2,52 +2,45 @@
 asks for right now (run, suspend, expire). The handlers only read, call these, and apply."""
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from agentkube.ebpf.runtime import POD_RUNTIME_DIR, RUNTIME_SOCKET_NAME, SANDBOX_AGENT_SOCKET
+from agentkube.contract import (
+    CLUSTER_DOMAIN,
+    CONTAINER_NAME,
+    LAST_ACTIVITY_ANNOTATION,
+    NODE_DNS_ADDRESS,
+    NON_PUBLIC,
+    POD_RUNTIME_DIR,
+    RUNTIME_ENV,
+    RUNTIME_VOLUME,
+    SANDBOX_AGENT_SOCKET,
+    SANDBOX_LABEL,
+    TOOL_CALLS_ANNOTATION,
+    TOOLS_ANNOTATION,
+    TOOLS_REFUSED_ANNOTATION,
+    ToolNetwork,
+    dns_search_paths,
+    duration_seconds,
+)
 from agentkube.operator import api
 
-SANDBOX_LABEL = "agentkube.dev/sandbox"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "agentkube"}
-# Set by the sandbox runtime / SDK on every tool call; the operator mirrors it into status and measures
-# idleness from it. A newer value than an idle suspension resumes the sandbox.
-LAST_ACTIVITY_ANNOTATION = "agentkube.dev/last-activity"
-# The node agent reads a sandbox's tool intents and envelope from its pod.
-TOOLS_ANNOTATION = "agentkube.dev/tools"
-# The node agent adds each finished call to these totals (JSON); the operator mirrors them into
-# status.toolCalls.
-TOOL_CALLS_ANNOTATION = "agentkube.dev/tool-calls"
 # Pods labelled so (in any namespace) may reach a sandbox's runtime port.
 CLIENT_LABEL = "agentkube.dev/sandbox-client"
 SANDBOX_RUNTIME_PORT = 7070
-CONTAINER_NAME = "sandbox"
 WORKSPACE_VOLUME = "workspace"
-# The sandbox runtime's socket lives in this emptyDir (writable by the sandbox's user); the node agent
-# links it where the SDK on the node finds it. The node agent's sandbox socket comes in read-only.
-RUNTIME_VOLUME = "agentkube-runtime"
+# The node agent's sandbox socket comes into the pod read-only from this volume.
 AGENT_VOLUME = "agentkube-agent"
-# The sandbox image's runtime reads who it is and where to listen from these.
-RUNTIME_ENV = {
-    "AGENTKUBE_SANDBOX_SOCKET": str(POD_RUNTIME_DIR / RUNTIME_SOCKET_NAME),
-    "AGENTKUBE_AGENT_SOCKET": str(SANDBOX_AGENT_SOCKET),
-}
-CLUSTER_DOMAIN = "cluster.local"
-# What "internet" excludes: private ranges and link-local (cloud metadata endpoints live there).
-NON_INTERNET = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+__all__ = ["CONTAINER_NAME", "LAST_ACTIVITY_ANNOTATION", "SANDBOX_LABEL", "TOOL_CALLS_ANNOTATION",
+           "TOOLS_ANNOTATION", "TOOLS_REFUSED_ANNOTATION"]
 
 
 def parse_duration(text: str) -> timedelta:
     """A Go duration ("1h30m", "45s") as a timedelta."""
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r}")
-    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    return timedelta(seconds=duration_seconds(text))
 
 
 def labels(name: str) -> dict[str, str]:
@@ -75,10 +68,10 @@ def _metadata(name: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
     }
 
 
-def tool_call_totals(annotations: dict[str, str]) -> dict[str, int] | None:
+def tool_call_totals(annotations: dict[str, str]) -> api.ToolCallTotals | None:
     """status.toolCalls from the node agent's annotation; None when there is none or it is malformed."""
     try:
-        return api.ToolCallTotals.model_validate_json(annotations[TOOL_CALLS_ANNOTATION]).model_dump(by_alias=True)
+        return api.ToolCallTotals.model_validate_json(annotations[TOOL_CALLS_ANNOTATION])
     except (KeyError, ValueError):
         return None
 
@@ -153,6 +146,12 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
+        # egress: the pod's only resolver is the node agent's DNS answering, which forwards what each tool
+        # call's network allows to the cluster DNS and lets the call reach exactly what allowed names resolve to.
+        "dnsPolicy": "None",
+        "dnsConfig": {"nameservers": [NODE_DNS_ADDRESS],
+                      "searches": dns_search_paths(body["metadata"]["namespace"]),
+                      "options": [{"name": "ndots", "value": "5"}]},
         "volumes": [
             workspace,
             {"name": RUNTIME_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
@@ -202,14 +201,17 @@ def workspace_claim_manifest(body: dict[str, Any], workspace: api.Workspace) -> 
     }
 
 
-def _egress_rules(network: api.ToolNetwork) -> list[dict[str, Any]]:
+def _egress_rules(network: ToolNetwork) -> list[dict[str, Any]]:
+    """The pod-wide bound of one tool network. A domain rule's addresses are known only when resolved, so at
+    this level it allows its port anywhere; the node agent lets each call reach only what it resolved."""
     if network.egress == "cluster":
         return [{"to": [{"namespaceSelector": {}}]}]
     if network.egress == "internet":
-        return [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(NON_INTERNET)}}]}]
+        return [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": [str(n) for n in NON_PUBLIC if n.version == 4]}}]}]
     if network.egress == "explicit":
         return [
-            {"to": [{"ipBlock": {"cidr": rule.cidr}}], **({"ports": [{"protocol": "TCP", "port": rule.port}]} if rule.port else {})}
+            {"to": [{"ipBlock": {"cidr": rule.cidr or "0.0.0.0/0"}}],
+             **({"ports": [{"protocol": "TCP", "port": rule.port}]} if rule.port else {})}
             for rule in network.allow
         ]
     return []
@@ -219,13 +221,15 @@ def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) ->
     """Ingress only to the runtime port from labelled clients; egress only DNS plus the union of what the
     tool intents allow (the node agent narrows each call further with its own eBPF program)."""
     dns = {
-        "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+        # egress: sandbox pods resolve through the node agent on its node-local address (kube-dns behind it).
+        "to": [{"ipBlock": {"cidr": f"{NODE_DNS_ADDRESS}/32"}},
+               {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
     }
     intents = [spec.tools.default, *spec.tools.profiles.values()]
     egress = [dns]
     for intent in intents:
-        for rule in _egress_rules(intent.network or api.ToolNetwork()):
+        for rule in _egress_rules(intent.network or ToolNetwork()):
             if rule not in egress:
                 egress.append(rule)
     name = body["metadata"]["name"]
@@ -279,7 +283,7 @@ class PodView:
 class Plan:
     """What the sandbox should look like now, and when time alone will change that."""
 
-    phase: str
+    phase: api.SandboxPhase
     reason: str
     message: str
     want_pod: bool
@@ -335,12 +339,16 @@ def _soonest(durations: list[timedelta]) -> timedelta | None:
     return min(durations) if durations else None
 
 
-def conditions(plan_: Plan, pod: PodView | None) -> list[tuple[str, bool, str, str]]:
-    """(type, status, reason, message) for Ready, Suspended and PodScheduled."""
+def conditions(plan_: Plan, pod: PodView | None, tools_refused: str | None = None) -> list[tuple[str, bool, str, str]]:
+    """(type, status, reason, message) for Ready, Suspended, PodScheduled and ToolsEnforced. `tools_refused`
+    is the node agent's word (TOOLS_REFUSED_ANNOTATION) that it cannot honour the sandbox's tool intent."""
     suspended = plan_.phase in ("Suspended", "Expired")
+    enforced = ("ToolsEnforced", False, "ToolIntentRefused", f"no tool call runs: {tools_refused}") if tools_refused \
+        else ("ToolsEnforced", True, "NotRefused", "the node agent has not refused this sandbox's tool intent")
     return [
         ("Ready", plan_.phase == "Running", plan_.reason, plan_.message),
         ("Suspended", suspended, plan_.reason if suspended else "Active", plan_.message if suspended else ""),
         ("PodScheduled", bool(pod and pod.scheduled), "Scheduled" if pod and pod.scheduled else "NotScheduled",
          f"on {pod.node_name}" if pod and pod.node_name else ""),
+        enforced,
     ]

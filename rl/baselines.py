@@ -155,7 +155,7 @@ def cheapest_within_slo(results: dict[float, list[EpisodeSummary]], goal: float 
     the best worst-case SLO attainment."""
     meeting = {c: sum(r.cost for r in runs) for c, runs in results.items() if min(r.slo_attainment for r in runs) >= goal}
     if meeting:
-        return min(meeting, key=meeting.get)
+        return min(meeting, key=lambda c: meeting[c])
     return max(results, key=lambda c: min(r.slo_attainment for r in results[c]))
 
 

@@ -47,7 +47,8 @@ def evaluate(
     tuning_days: float = typer.Option(1.0, help="Training-trace days used to tune the baselines."),
 ) -> None:
     """Run PPO and the baselines on held-out traces; write a Markdown table, JSON and plots."""
-    from agentkube.rl.evaluation import EvaluationConfig, evaluate as run_evaluation, write_report
+    from agentkube.rl.evaluation import EvaluationConfig, write_report
+    from agentkube.rl.evaluation import evaluate as run_evaluation
     from agentkube.rl.policy import load_policy
 
     loaded = load_policy(policy)
@@ -74,7 +75,8 @@ def serve_revision(
 ) -> None:
     """Play a Knative revision under a trace, live: read its target from the Knative Service, serve
     Knative's metrics for Prometheus on 127.0.0.1, exit after --duration (the operator's loop under test)."""
-    from agentkube.rl.live import load_trace, serve_revision as serve
+    from agentkube.rl.live import load_trace
+    from agentkube.rl.live import serve_revision as serve
 
     loaded = load_trace(trace, trace_start, duration * speed + 60.0)
     serve(namespace=namespace, service=service, trace=loaded, port=port, duration_s=duration, speed=speed, seed=seed,

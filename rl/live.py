@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import kubernetes
 from kubernetes.client import ApiException
@@ -76,7 +77,7 @@ class RevisionMetrics:
         count.add_sample("revision_app_request_count", self.labels, requests)
         yield count
         cumulative, buckets = 0.0, []
-        for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], per_bucket):
+        for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], per_bucket, strict=True):
             cumulative += n
             buckets.append((le, cumulative))
         latencies = HistogramMetricFamily("revision_app_request_latencies", "The response time in millisecond", labels=names)
@@ -117,8 +118,8 @@ def _service_reader(namespace: str, service: str, kubeconfig: str | None) -> Cal
 
     def read() -> dict | None:
         try:
-            return custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", service,
-                                                       _request_timeout=5)
+            return cast(dict, custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services",
+                                                                  service, _request_timeout=5))
         except ApiException as error:
             if error.status == 404:
                 return None

@@ -11,6 +11,7 @@ action bounds it was trained with, so a mismatch with the running code is caught
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,7 +23,7 @@ from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, Decision,
 __all__ = ["ExportedPolicy", "load_policy", "save_policy", "DEFAULT_POLICY_FILE", "default_policy_path"]
 
 DEFAULT_POLICY_FILE = "ppo_default.npz"
-_ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}
 
 
 def default_policy_path() -> Path:
@@ -45,7 +46,7 @@ class ExportedPolicy:
         """The raw action (clipped to [-1, 1]) for one observation or a batch of them."""
         x = np.asarray(observation, dtype=np.float32)
         act = _ACTIVATIONS[self.activation]
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = x @ w.T + b
             if i < len(self.weights) - 1:
                 x = act(x)
@@ -71,7 +72,7 @@ def save_policy(policy: ExportedPolicy, path: str | Path) -> Path:
         "metadata": policy.metadata or {},
     }
     with open(path, "wb") as handle:
-        np.savez(handle, header=np.array(json.dumps(header)), **arrays)
+        np.savez(handle, **{"header": np.array(json.dumps(header)), **arrays})  # type: ignore[arg-type]
     return path
 
 

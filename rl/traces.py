@@ -85,7 +85,7 @@ def write_burstgpt(trace: Trace, path: str | Path, model: str = "ChatGPT", log_t
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(BURSTGPT_COLUMNS)
-        for i, (t, req, resp) in enumerate(zip(trace.arrival_s, trace.request_tokens, trace.response_tokens)):
+        for i, (t, req, resp) in enumerate(zip(trace.arrival_s, trace.request_tokens, trace.response_tokens, strict=True)):
             writer.writerow([f"{t:.3f}", i, 0, model, int(req), int(resp), int(req + resp), log_type])
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -98,7 +99,8 @@ def train_ppo(
         seed=config.seed, device="cpu", verbose=0,
     )
     with torch.no_grad():  # the action layer's weights start near 0 (SB3's gain 0.01): the bias is the start
-        model.policy.action_net.bias.copy_(torch.as_tensor(initial_action_mean(config)))
+        bias = cast(torch.Tensor, model.policy.action_net.bias)  # a Module attribute: typed as Tensor | Module
+        bias.copy_(torch.as_tensor(initial_action_mean(config)))
     started = time.perf_counter()
     model.learn(total_timesteps=config.total_steps, callback=Progress())
     metadata = {

@@ -25,7 +25,7 @@ from agentkube.devenv import config, images, localnode, network, node, pki, proc
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import InstallError, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
-from agentkube.ebpf.runtime import AGENT_SOCKET
+from agentkube.contract import AGENT_SOCKET
 
 POLL_INTERVAL = 0.1
 
@@ -120,8 +120,15 @@ def sweep_abandoned() -> list[Path]:
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{TEMPORARY_PREFIX}*-*"):
         owner = path.name.removeprefix(TEMPORARY_PREFIX).split("-")[0]
-        if owner.isdigit() and not psutil.pid_exists(int(owner)) and DevEnv(path).is_removable():
-            DevEnv(path).down()  # a node's containers, mounts and bridge too, not only the directory
+        if not owner.isdigit() or psutil.pid_exists(int(owner)):
+            continue
+        try:
+            abandoned = DevEnv(path)
+        except (ValueError, TypeError, KeyError) as error:  # written by another version of agentkube: not ours to judge
+            print(f"leaving {path} alone: its state is not this version's ({error})")
+            continue
+        if abandoned.is_removable():
+            abandoned.down()  # a node's containers, mounts and bridge too, not only the directory
             removed.append(path)
     return removed
 

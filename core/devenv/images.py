@@ -189,10 +189,11 @@ def _runtime_sources() -> dict[str, Path]:
     """agentkube's files the sandbox image carries (archive name → file): the SDK and the node-agent
     package, whose runtime module needs only pydantic and typer at import."""
     import agentkube.client
+    import agentkube.contract
     import agentkube.ebpf.runtime
 
     ebpf_dir = Path(agentkube.ebpf.runtime.__file__).parent
-    files = {"agentkube/client.py": Path(agentkube.client.__file__)}
+    files = {"agentkube/client.py": Path(agentkube.client.__file__), "agentkube/contract.py": Path(agentkube.contract.__file__)}
     files |= {f"agentkube/ebpf/{path.name}": path for path in sorted(ebpf_dir.glob("*.py"))}
     return files
 

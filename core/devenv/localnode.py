@@ -1,6 +1,7 @@
 """The host side of the local node: what it sets up on this machine before its processes start (the
 bridge, the firewall, sysctls), and everything `dev down` must take away after they stop (containers,
-mounts, network namespaces, the bridge, iptables chains, cgroups). The decisions (paths, configs) are in `node`; this module only does them."""
+mounts, network namespaces, the bridge, iptables chains and ipsets, cgroups). The decisions (paths,
+configs, rules) are in `node` and `network`; this module only does them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import psutil
 
 from agentkube.devenv import network, node
 from agentkube.devenv.node import BRIDGE, CONTAINERD_NAMESPACE, CTR, NODE_LOCK, NodeLayout
-from agentkube.ebpf.runtime import RUNTIME_SOCKET_DIR
+from agentkube.contract import RUNTIME_SOCKET_DIR
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBEPODS = "kubepods"

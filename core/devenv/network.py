@@ -11,10 +11,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from agentkube.contract import CLUSTER_DOMAIN
 from agentkube.devenv.node import (
     BRIDGE,
     CLUSTER_DNS_IP,
-    CLUSTER_DOMAIN,
     DNS_PORT,
     NODE_IP,
     NODE_NAME,

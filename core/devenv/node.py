@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentkube.contract import CLUSTER_DOMAIN
+
 NODE_NAME = "agentkube-node"
 # The pods' subnet. The bridge holds its first address, which is also the node's InternalIP: the
 # apiserver reaches the kubelet there for logs, exec and port-forward, and pods route through it (their
@@ -25,7 +27,6 @@ NODE_IP = "10.88.0.1"
 # `cluster` egress mode): the Services' range, and the cluster DNS (the `kube-dns` Service, by custom the
 # tenth address of the range) under the cluster's domain.
 SERVICE_CIDR = "10.96.0.0/16"
-CLUSTER_DOMAIN = "cluster.local"
 CLUSTER_DNS_IP = "10.96.0.10"
 DNS_PORT = 53
 # Links whose host end is named so (veths into network namespaces the tests make as "test hosts") are
@@ -247,7 +248,11 @@ def node_rbac(apiserver_kubelet_client: str, node_agent: str) -> list[dict[str, 
             "kind": "ClusterRole",
             "metadata": {"name": "agentkube:node-agent"},
             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]}],
+                      {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]},
+                      # egress `cluster`: pod CIDRs, service CIDRs and the cluster DNS (the DNS answering's upstream)
+                      {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+                      {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]},
+                      {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}],
         },
         _cluster_role_binding("agentkube:node-agent", "agentkube:node-agent", node_agent),
     ]

@@ -4,17 +4,14 @@
 // Maps are keyed by the tool call's v2 cgroup id and pinned under PIN_DIR (set by the loader), so that a
 // restarted node agent picks up the calls that were running, their policies and their counters.
 
-#define MODE_NONE 1
-#define MODE_LOOPBACK 2
-#define MODE_ALLOWLIST 3
+// MODE_*, MAX_* and IPPROTO_*_ come from the loader (bpf.py), which takes them from egress.py: one source.
+// What each mode admits is explained there too.
 
 #define EVENT_EXEC 1
 #define EVENT_EXIT 2
 #define EVENT_OOM 3
 #define EVENT_BLOCKED 4
 
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
 
 struct rule {
     u32 addr[4];   // network byte order, as the packet carries it
@@ -37,6 +34,38 @@ struct call_stats {
     u64 ooms;
     u64 blocked_packets;
     u64 blocked_connections;
+    u64 dns_refused;   // DNS queries to the node agent dropped here (a `none` call); the agent adds its own
+};
+
+// LPM trie key: the family byte then the address; prefixlen counts the family byte (see egress.lpm_key).
+struct lpm_key {
+    u32 prefixlen;
+    u8 data[20];
+};
+
+// The node agent's DNS answering: where it listens (family 0: not answering).
+struct settings {
+    u32 dns_addr[4];
+    u16 dns_port;
+    u8 dns_family;
+    u8 pad;
+};
+
+// Who sent a DNS query to the node agent: the DNS answering looks its call up by the query's source.
+struct sender_key {
+    u32 addr[4];
+    u16 port;
+    u8 family;
+    u8 proto;
+};
+
+// An address a call resolved through an allowed name, for one port (0: any), until `value` (ktime ns).
+struct resolved_key {
+    u64 cgroup_id;
+    u32 addr[4];
+    u16 port;
+    u8 family;
+    u8 pad[5];
 };
 
 struct event {
@@ -53,6 +82,15 @@ struct event {
 
 BPF_TABLE_PINNED("hash", u64, struct policy, policies, MAX_CALLS, PIN_DIR "/policies");
 BPF_TABLE_PINNED("hash", u64, struct call_stats, call_stats, MAX_CALLS, PIN_DIR "/call_stats");
+BPF_TABLE_PINNED("hash", struct resolved_key, u64, resolved, MAX_RESOLVED, PIN_DIR "/resolved");
+BPF_LPM_TRIE(cluster_nets, struct lpm_key, u8, MAX_CLUSTER_NETWORKS);
+BPF_LPM_TRIE(public_refused, struct lpm_key, u8, 64);
+BPF_LPM_TRIE(node_addrs, struct lpm_key, u8, MAX_NODE_ADDRESSES);
+BPF_ARRAY(settings, struct settings, 1);
+BPF_TABLE("lru_hash", struct sender_key, u64, dns_senders, MAX_DNS_SENDERS);
+// Sockets whose blocked connection attempt was counted already: a TCP connect retransmits its SYN
+// (1 s, 3 s, ...), and one connect is one blocked connection.
+BPF_SK_STORAGE(counted, u8);
 BPF_RINGBUF_OUTPUT(events, 64);
 
 static __always_inline struct call_stats *tracked(u64 cgroup_id) {
@@ -120,7 +158,81 @@ static __always_inline int rule_matches(struct rule *r, u8 family, u32 *daddr, u
     return 1;
 }
 
-// cgroup_skb programs see the packet from its network header on.
+static __always_inline void lpm_key_of(struct lpm_key *key, u8 family, u32 *daddr) {
+    key->prefixlen = family == 4 ? 8 + 32 : 8 + 128;
+    key->data[0] = family;
+    __builtin_memcpy(&key->data[1], daddr, 16);
+}
+
+// BCC binds a map to its name at each call site (not through a pointer or a macro): one function per trie.
+static __always_inline int in_cluster(u8 family, u32 *daddr) {
+    struct lpm_key key = {};
+    lpm_key_of(&key, family, daddr);
+    return cluster_nets.lookup(&key) != NULL;
+}
+
+static __always_inline int of_node(u8 family, u32 *daddr) {
+    struct lpm_key key = {};
+    lpm_key_of(&key, family, daddr);
+    return node_addrs.lookup(&key) != NULL;
+}
+
+static __always_inline int not_public(u8 family, u32 *daddr) {
+    struct lpm_key key = {};
+    lpm_key_of(&key, family, daddr);
+    return public_refused.lookup(&key) != NULL;
+}
+
+static __always_inline int resolved_allows(u64 id, u8 family, u32 *daddr, u16 port, int attempt) {
+    struct resolved_key key = {};
+    key.cgroup_id = id;
+    __builtin_memcpy(key.addr, daddr, 16);
+    key.port = port;
+    key.family = family;
+    u64 *expires = resolved.lookup(&key);
+    if (!expires)
+        return 0;
+    // Past its TTL an address takes no new connection; the packets of one opened in time keep flowing.
+    return !attempt || bpf_ktime_get_ns() < *expires;
+}
+
+static __always_inline void count_blocked(struct __sk_buff *skb, u64 id, u32 *daddr, u16 dport, u8 family,
+                                          int attempt, u8 proto) {
+    struct call_stats *s = tracked(id);
+    if (!s)
+        return;
+    __sync_fetch_and_add(&s->blocked_packets, 1);
+    if (!attempt)
+        return;
+    if (proto == IPPROTO_TCP_) {
+        struct bpf_sock *sk = skb->sk;
+        if (sk)
+            sk = bpf_sk_fullsock(sk);
+        if (sk) {
+            u8 *seen = counted.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+            if (seen) {
+                if (*seen)
+                    return;  // a retransmitted SYN of a connect already counted
+                *seen = 1;
+            }
+        }
+    }
+    __sync_fetch_and_add(&s->blocked_connections, 1);
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (e) {
+        __builtin_memset(e, 0, sizeof(*e));
+        e->cgroup_id = id;
+        e->timestamp_ns = bpf_ktime_get_ns();
+        e->kind = EVENT_BLOCKED;
+        __builtin_memcpy(e->daddr, daddr, 16);
+        e->dport = dport;
+        e->family = family;
+        events.ringbuf_submit(e, 0);
+    }
+}
+
+// cgroup_skb programs see the packet from its network header on. A call without a policy entry is no call
+// (the sandbox's runtime, in the sandbox's main leaf): it passes.
 int egress(struct __sk_buff *skb) {
     u64 id = bpf_skb_cgroup_id(skb);
     struct policy *p = policies.lookup(&id);
@@ -129,38 +241,73 @@ int egress(struct __sk_buff *skb) {
 
     u8 first = 0;
     if (bpf_skb_load_bytes(skb, 0, &first, 1) < 0)
-        return 1;
+        return 0;
     u8 family = first >> 4;
     u32 daddr[4] = {0, 0, 0, 0};
+    u32 saddr[4] = {0, 0, 0, 0};
     u8 proto = 0;
     u32 transport = 0;
+    int first_fragment = 1;
     if (family == 4) {
+        u16 frag = 0;
+        bpf_skb_load_bytes(skb, 6, &frag, 2);
+        first_fragment = (bpf_ntohs(frag) & 0x1fff) == 0;
         bpf_skb_load_bytes(skb, 9, &proto, 1);
+        bpf_skb_load_bytes(skb, 12, &saddr[0], 4);
         bpf_skb_load_bytes(skb, 16, &daddr[0], 4);
         transport = (first & 0x0f) * 4;
     } else if (family == 6) {
+        // Next header only: behind an extension header (a fragment, options) the ports read as 0, which
+        // only an any-port rule admits (fail closed).
         bpf_skb_load_bytes(skb, 6, &proto, 1);
+        bpf_skb_load_bytes(skb, 8, &saddr, 16);
         bpf_skb_load_bytes(skb, 24, &daddr, 16);
         transport = 40;
     } else {
-        return 1;
+        return 0;
     }
-    u16 dport = 0;
+    u16 sport = 0, dport = 0;
     u8 tcp_flags = 0;
-    if (proto == IPPROTO_TCP_ || proto == IPPROTO_UDP_) {
-        u16 raw = 0;
-        bpf_skb_load_bytes(skb, transport + 2, &raw, 2);
-        dport = bpf_ntohs(raw);
+    int l4 = proto == IPPROTO_TCP_ || proto == IPPROTO_UDP_;
+    if (l4 && first_fragment) {
+        u16 raw[2] = {0, 0};
+        bpf_skb_load_bytes(skb, transport, &raw, 4);
+        sport = bpf_ntohs(raw[0]);
+        dport = bpf_ntohs(raw[1]);
         if (proto == IPPROTO_TCP_)
             bpf_skb_load_bytes(skb, transport + 13, &tcp_flags, 1);
     }
+    // A connection attempt: a TCP SYN without ACK, or any UDP datagram (there is no handshake).
+    int attempt = proto == IPPROTO_UDP_ || (proto == IPPROTO_TCP_ && (tcp_flags & 0x12) == 0x02);
+
+    // 1. The pod's own loopback never leaves the pod.
+    u8 *bytes = (u8 *)daddr;
+    if (family == 4 ? bytes[0] == 127
+                    : (daddr[0] == 0 && daddr[1] == 0 && daddr[2] == 0 && daddr[3] == bpf_htonl(1)))
+        return 1;
+
+    // 2. DNS to the node agent's answering: refused for `none`, else let through with its sender recorded.
+    int zero = 0;
+    struct settings *cfg = settings.lookup(&zero);
+    if (cfg && cfg->dns_family == family && l4 && dport == cfg->dns_port && daddr[0] == cfg->dns_addr[0]
+        && daddr[1] == cfg->dns_addr[1] && daddr[2] == cfg->dns_addr[2] && daddr[3] == cfg->dns_addr[3]) {
+        if (p->mode == MODE_NONE) {
+            struct call_stats *s = tracked(id);
+            if (s && attempt)
+                __sync_fetch_and_add(&s->dns_refused, 1);
+            return 0;
+        }
+        struct sender_key sender = {};
+        __builtin_memcpy(sender.addr, saddr, 16);
+        sender.port = sport;
+        sender.family = family;
+        sender.proto = proto;
+        dns_senders.update(&sender, &id);
+        return 1;
+    }
 
     int allowed = 0;
-    if (p->mode == MODE_LOOPBACK) {
-        u8 *bytes = (u8 *)daddr;
-        allowed = family == 4 ? bytes[0] == 127
-                              : (daddr[0] == 0 && daddr[1] == 0 && daddr[2] == 0 && daddr[3] == bpf_htonl(1));
-    } else if (p->mode == MODE_ALLOWLIST) {
+    if (p->mode == MODE_EXPLICIT) {
         u32 n = p->nrules;
         #pragma unroll
         for (int i = 0; i < MAX_RULES; i++) {
@@ -169,29 +316,17 @@ int egress(struct __sk_buff *skb) {
                 break;
             }
         }
+        // An address resolved for an allowed name, unless it is one of the node's own (a zone may point anywhere).
+        if (!allowed)
+            allowed = (resolved_allows(id, family, daddr, dport, attempt) || resolved_allows(id, family, daddr, 0, attempt))
+                      && !of_node( family, daddr);
+    } else if (p->mode == MODE_CLUSTER) {
+        allowed = in_cluster( family, daddr) && !of_node( family, daddr);
+    } else if (p->mode == MODE_INTERNET) {
+        allowed = !not_public( family, daddr) && !of_node( family, daddr);
     }
     if (allowed)
         return 1;
-
-    struct call_stats *s = tracked(id);
-    if (s) {
-        __sync_fetch_and_add(&s->blocked_packets, 1);
-        // A connection attempt: a TCP SYN without ACK, or any UDP datagram (there is no handshake).
-        int attempt = proto == IPPROTO_UDP_ || (proto == IPPROTO_TCP_ && (tcp_flags & 0x12) == 0x02);
-        if (attempt) {
-            __sync_fetch_and_add(&s->blocked_connections, 1);
-            struct event *e = events.ringbuf_reserve(sizeof(struct event));
-            if (e) {
-                __builtin_memset(e, 0, sizeof(*e));
-                e->cgroup_id = id;
-                e->timestamp_ns = bpf_ktime_get_ns();
-                e->kind = EVENT_BLOCKED;
-                __builtin_memcpy(e->daddr, daddr, sizeof(daddr));
-                e->dport = dport;
-                e->family = family;
-                events.ringbuf_submit(e, 0);
-            }
-        }
-    }
+    count_blocked(skb, id, daddr, dport, family, attempt, proto);
     return 0;
 }

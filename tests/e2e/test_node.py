@@ -14,7 +14,7 @@ import pytest
 import requests
 from kubernetes.client import CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
-from agentkube.client import Sandbox
+from agentkube.client import ApiError, Sandbox
 from agentkube.devenv import DevEnv, images, localnode, network, node
 from agentkube.devenv.cluster import sweep_abandoned
 from agentkube.devenv.versions import bin_dir
@@ -288,6 +288,117 @@ def test_a_tool_call_runs_in_its_own_cgroup_and_only_it_is_oom_killed(operator, 
 
     status = eventually(reported, timeout=90, message="status.lastActivityTime and toolCalls from the node agent")
     assert status["toolCalls"]["oomKilled"] == 1 and status["toolCalls"]["failed"] == 1
+
+
+# From inside a tool call of a real sandbox pod: the runtime's socket and the node agent's sandbox socket
+# (both reachable from the pod, as the same user) refuse it; so does every route about another sandbox.
+ESCAPE_PROBE = """
+import json, os, sys
+from agentkube.ebpf.unixhttp import request, ApiError
+runtime, agent = os.environ["AGENTKUBE_SANDBOX_SOCKET"], os.environ["AGENTKUBE_AGENT_SOCKET"]
+me, other = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+tries = {
+    "run_via_runtime": (runtime, "POST", "/v1/run", {"argv": ["true"], "intent": {"network": {"egress": "internet"}}}),
+    "status_via_runtime": (runtime, "GET", "/v1/status", None),
+    "place_self": (agent, "POST", "/v1/calls", {**me, "pid": os.getpid(), "argv": ["x"]}),
+    "read_own_sandbox": (agent, "GET", f"/v1/sandboxes/{me['namespace']}/{me['name']}", None),
+    "place_in_other": (agent, "POST", "/v1/calls", {**other, "pid": os.getpid(), "argv": ["x"]}),
+    "read_other": (agent, "GET", f"/v1/sandboxes/{other['namespace']}/{other['name']}", None),
+}
+out = {}
+for name, (socket, method, path, body) in tries.items():
+    try:
+        request(socket, method, path, body)
+        out[name] = 200
+    except ApiError as error:
+        out[name] = error.status
+    except OSError as error:
+        out[name] = type(error).__name__
+print(json.dumps(out))
+"""
+
+
+def _running(api_client, kubectl, namespace, eventually, name: str, spec: dict = SANDBOX) -> Sandbox:
+    manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": name}, "spec": spec}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    eventually(lambda: _phase(api_client, namespace, name) == "Running", timeout=120, message=f"sandbox {name} Running")
+    return Sandbox(name, namespace)
+
+
+def test_in_a_real_pod_calls_are_bounded_and_code_inside_cannot_ask_for_more(operator, api_client, kubectl, namespace,
+                                                                               eventually):
+    client = _running(api_client, kubectl, namespace, eventually, "bounded")
+    other = _running(api_client, kubectl, namespace, eventually, "neighbour")
+    refs = [json.dumps({"name": n, "namespace": namespace}) for n in ("bounded", "neighbour")]
+    probe = client.run(["python3", "-c", ESCAPE_PROBE, *refs], timeout=60)
+    assert json.loads(probe.stdout) == dict.fromkeys(
+        ["run_via_runtime", "status_via_runtime", "place_self", "read_own_sandbox", "place_in_other", "read_other"], 403), probe
+
+    # Asked of the SDK: more network than the spec grants, a built-in profile with internet: refused.
+    for asked in ({"network": "internet"}, {"profile": "fetch"}, {"network": [f"{node.NODE_IP}:10250"]}):
+        with pytest.raises(ApiError) as refused:
+            client.run(["true"], **asked)
+        assert refused.value.status == 422 and refused.value.message.startswith("network:"), asked
+
+    # Egress none: the node's own address is blocked in the kernel and counted.
+    connect = f"import socket; socket.create_connection(({node.NODE_IP!r}, 10250), timeout=3)"
+    blocked = client.run(["python3", "-c", connect], timeout=30)
+    assert blocked.exit_code != 0 and blocked.usage.connections_blocked >= 1, blocked
+
+    # A fork bomb is stopped by the pids limit; the machine and the sandbox stay usable.
+    bomb = client.run(["bash", "-c", "bomb() { bomb | bomb & }; bomb; exec sleep 1000"], pids=32, timeout=5)
+    assert bomb.usage.pids_limit_hits > 0 and bomb.usage.timed_out and bomb.signal == 9, bomb.usage
+    assert client.run(["echo", "alive"]).stdout == "alive\n"
+
+    # A timeout kills the call's whole tree, a daemonized grandchild included.
+    marker = "agentkube-e2e-daemon"
+    tree = client.run(["bash", "-c", f"setsid bash -c 'exec -a {marker} sleep 1000' </dev/null >/dev/null 2>&1 & sleep 1000"],
+                      timeout=2)
+    assert tree.usage.timed_out and tree.signal == 9
+    # (The pattern's last letter in brackets: grep's own command line does not match it.)
+    survivors = client.run(["bash", "-c", f"grep -l {marker[:-1]}[{marker[-1]}] /proc/[0-9]*/cmdline 2>/dev/null | wc -l"])
+    assert survivors.stdout.strip() == "0", survivors
+
+    # What the node agent counted reaches the AgentSandbox's status.
+    def counted():
+        totals = (_sandbox(api_client, namespace, "bounded").get("status") or {}).get("toolCalls") or {}
+        return totals.get("blockedConnections", 0) >= 1 and totals
+    eventually(counted, timeout=90, message="status.toolCalls.blockedConnections from the node agent")
+    assert other.run(["echo", "untouched"]).stdout == "untouched\n"
+
+
+def test_a_tool_intent_the_node_agent_cannot_honour_runs_no_call(operator, api_client, kubectl, namespace, eventually):
+    client = _running(api_client, kubectl, namespace, eventually, "closed")
+    assert client.run(["true"]).exit_code == 0
+    # Whoever may patch pods breaks the intent the operator wrote: the agent fails closed.
+    kubectl("annotate", "--overwrite", "-n", namespace, "pod/closed", 'agentkube.dev/tools={"default": {"memory": "lots"}}')
+
+    def refused():
+        try:
+            client.run(["true"], timeout=10)
+        except ApiError as error:
+            return error.status == 422 and error
+        except OSError:  # the runtime restarting: the agent stopped what ran under the old intent
+            return False
+        return False
+    error = eventually(refused, timeout=60, message="calls still run with an intent the agent cannot read")
+    assert "default.memory" in error.message
+    condition = eventually(lambda: next((c for c in (_sandbox(api_client, namespace, "closed").get("status") or {}).get(
+        "conditions", []) if c["type"] == "ToolsEnforced" and c["status"] == "False"), None), timeout=60,
+        message="no ToolsEnforced=False condition")
+    assert condition["reason"] == "ToolIntentRefused" and "default.memory" in condition["message"]
+
+
+def test_no_other_pod_can_get_a_call_run(operator, api_client, kubectl, namespace, eventually):
+    """The runtime listens on a unix socket in the pod only: whatever the CNI and NetworkPolicy, another
+    pod cannot reach it over the network (the gateway, authenticated, is the way in from pods)."""
+    _running(api_client, kubectl, namespace, eventually, "target")
+    target_ip = CoreV1Api(api_client).read_namespaced_pod("target", namespace).status.pod_ip
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pod_manifest("intruder")))
+    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/intruder", "--timeout=120s")
+    attempt = kubectl("exec", "-n", namespace, "intruder", "--", "python3", "-c",
+                      f"import socket; socket.create_connection(({target_ip!r}, 7070), timeout=3)", check=False)
+    assert attempt.returncode != 0 and "ConnectionRefused" in attempt.stderr, attempt.stderr
 
 
 def test_a_second_node_is_refused_and_leaves_the_first_running(devenv, kubectl, tmp_path):

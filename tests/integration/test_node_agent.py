@@ -32,10 +32,23 @@ def agent():
         yield node_agent
 
 
+def host_address() -> str:
+    """This machine's own first non-loopback IPv4 address: a destination off the call's loopback that
+    never leaves the machine."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=True)
+    return out.stdout.split()[3].split("/")[0]
+
+
+HOST = host_address()
+# What the test sandboxes' spec grants: no egress by default, the host's own address through a profile.
+TOOLS = {"default": {"network": {"egress": "none"}},
+         "profiles": {"lan": {"network": {"egress": "explicit", "allow": [{"cidr": f"{HOST}/32"}]}}}}
+
+
 @pytest.fixture
 def sandbox(agent, request):
     name = "t-" + uuid.uuid4().hex[:8]
-    local = agent.sandbox(name, memory="1Gi", cpu="1", pids="512")
+    local = agent.sandbox(name, memory="1Gi", cpu="1", pids="512", tools=json.dumps(TOOLS))
     try:
         yield local
     finally:
@@ -164,35 +177,46 @@ def connect_script(port: int, host: str = "127.0.0.1") -> list[str]:
     return [PY, "-c", code]
 
 
-def test_network_none_blocks_loopback_and_counts_it_while_loopback_calls_connect(sandbox, server):
-    blocked = sandbox.client.run(connect_script(server.port), network="none", timeout=30)
-    assert blocked.exit_code != 0
-    assert blocked.usage.connections_blocked >= 1
-    allowed = sandbox.client.run(connect_script(server.port), network="loopback", timeout=30)
-    assert (allowed.exit_code, allowed.stdout, allowed.usage.connections_blocked) == (0, "hello\n", 0)
-    assert server.accepted == 1  # the blocked attempt never reached the server
+def test_network_none_blocks_the_host_and_counts_it_while_loopback_stays_open(sandbox):
+    server = OneShotServer(host="0.0.0.0")
+    try:
+        blocked = sandbox.client.run(connect_script(server.port, HOST), network="none", timeout=30)
+        assert blocked.exit_code != 0
+        assert blocked.usage.connections_blocked >= 1
+        loopback = sandbox.client.run(connect_script(server.port), network="none", timeout=30)
+        assert (loopback.exit_code, loopback.stdout, loopback.usage.connections_blocked) == (0, "hello\n", 0)
+        allowed = sandbox.client.run(connect_script(server.port, HOST), profile="lan", timeout=30)
+        assert (allowed.exit_code, allowed.stdout, allowed.usage.connections_blocked) == (0, "hello\n", 0)
+        assert server.accepted == 2  # the blocked attempt never reached the server
+    finally:
+        server.close()
 
 
-def test_allow_list_admits_only_its_destinations(sandbox, server):
-    exact = sandbox.client.run(connect_script(server.port), network=[f"127.0.0.1:{server.port}"], timeout=30)
-    assert exact.stdout == "hello\n" and exact.usage.connections_blocked == 0
-    other_port = sandbox.client.run(connect_script(server.port), network=[f"127.0.0.0/8:{(server.port % 60000) + 1}"],
-                                    timeout=30)
-    assert other_port.exit_code != 0 and other_port.usage.connections_blocked >= 1
-    cidr = sandbox.client.run(connect_script(server.port), network=["127.0.0.0/8:*"], timeout=30)
-    assert cidr.stdout == "hello\n"
+def test_allow_list_admits_only_its_destinations(sandbox):
+    server = OneShotServer(host="0.0.0.0")
+    try:
+        exact = sandbox.client.run(connect_script(server.port, HOST), network=[f"{HOST}:{server.port}"], timeout=30)
+        assert exact.stdout == "hello\n" and exact.usage.connections_blocked == 0
+        other_port = sandbox.client.run(connect_script(server.port, HOST), network=[f"{HOST}:{(server.port % 60000) + 1}"],
+                                        timeout=30)
+        assert other_port.exit_code != 0 and other_port.usage.connections_blocked >= 1
+    finally:
+        server.close()
 
 
-def test_ipv6_loopback_follows_the_same_policies(sandbox):
+def test_asking_for_a_wider_network_than_the_spec_grants_is_refused(sandbox):
+    for asked in ({"network": "internet"}, {"network": "cluster"}, {"network": ["10.0.0.0/8:443"]},
+                  {"network": ["pypi.org:443"]}, {"profile": "fetch"}):
+        with pytest.raises(ApiError) as refused:
+            sandbox.client.run(["true"], **asked)
+        assert refused.value.status == 422 and refused.value.message.startswith("network:"), asked
+
+
+def test_ipv6_loopback_is_the_calls_own(sandbox):
     server = OneShotServer(host="::1")
     try:
-        blocked = sandbox.client.run(connect_script(server.port, "::1"), network="none", timeout=30)
-        assert blocked.exit_code != 0 and blocked.usage.connections_blocked >= 1
-        loopback = sandbox.client.run(connect_script(server.port, "::1"), network="loopback", timeout=30)
-        assert loopback.stdout == "hello\n"
-        listed = sandbox.client.run(connect_script(server.port, "::1"), network=[f"[::1]:{server.port}"], timeout=30)
-        assert listed.stdout == "hello\n" and listed.usage.connections_blocked == 0
-        assert server.accepted == 2
+        loopback = sandbox.client.run(connect_script(server.port, "::1"), network="none", timeout=30)
+        assert loopback.stdout == "hello\n" and loopback.usage.connections_blocked == 0
     finally:
         server.close()
 
@@ -238,7 +262,7 @@ def test_a_thousand_calls_leave_no_cgroup_attachment_or_process_behind(agent, sa
     attached_before = bpftool("cgroup", "show", str(unified_dir))
     assert [p["name"] for p in attached_before] == ["egress"]
     for i in range(1000):
-        result = sandbox.client.run(["/bin/true"], network="none" if i % 2 else "loopback", timeout=30)
+        result = sandbox.client.run(["/bin/true"], **({"network": "none"} if i % 2 else {"profile": "lan"}), timeout=30)
         assert result.exit_code == 0, result
     # A finished call's directories are removed just after its answer, off the call's path.
     eventually(lambda: not call_cgroups_left(status["cgroup"]), timeout=30, message="call cgroups left behind")
@@ -332,18 +356,22 @@ def test_outsiders_and_bad_requests_are_refused_and_the_agent_keeps_serving(agen
     # The test process is not in the sandbox: it may not place a process there.
     with pytest.raises(ApiError) as refused:
         request(agent.socket, "POST", "/v1/calls", {**ref, "pid": sandbox.process.pid, "argv": ["x"]})
-    assert refused.value.status == 403 and "not in sandbox" in refused.value.message
+    assert refused.value.status == 403 and "not the runtime" in refused.value.message
 
-    # A tool call inside the sandbox may neither place itself nor manage sandboxes.
+    # A tool call inside the sandbox may neither place itself nor manage sandboxes, nor get its runtime to
+    # run a call with more than it has, nor read its runtime's status.
     probe = (
         "import json, os, sys\nfrom agentkube.ebpf.unixhttp import request, ApiError\nout = {}\n"
-        f"for name, (method, path, body) in {{'place': ('POST', '/v1/calls', {{**{ref!r}, 'pid': os.getpid(), 'argv': ['x']}}),"
-        f" 'create': ('POST', '/v1/sandboxes', {{'name': 'evil'}}),"
-        f" 'delete': ('DELETE', '/v1/sandboxes/{sandbox.namespace}/{sandbox.name}', None)}}.items():\n"
-        f"    try:\n        request({str(agent.socket)!r}, method, path, body); out[name] = 200\n"
+        f"for name, (socket, method, path, body) in {{"
+        f"'place': ({str(agent.socket)!r}, 'POST', '/v1/calls', {{**{ref!r}, 'pid': os.getpid(), 'argv': ['x']}}),"
+        f" 'create': ({str(agent.socket)!r}, 'POST', '/v1/sandboxes', {{'name': 'evil'}}),"
+        f" 'delete': ({str(agent.socket)!r}, 'DELETE', '/v1/sandboxes/{sandbox.namespace}/{sandbox.name}', None),"
+        f" 'run': ({str(sandbox.socket)!r}, 'POST', '/v1/run', {{'argv': ['true'], 'intent': {{'network': {{'egress': 'internet'}}}}}}),"
+        f" 'status': ({str(sandbox.socket)!r}, 'GET', '/v1/status', None)}}.items():\n"
+        f"    try:\n        request(socket, method, path, body); out[name] = 200\n"
         "    except ApiError as e:\n        out[name] = e.status\nprint(json.dumps(out))\n")
     inside = sandbox.client.run([PY, "-c", probe], network="none", timeout=60)
-    assert json.loads(inside.stdout) == {"place": 403, "create": 403, "delete": 403}, inside.stderr
+    assert json.loads(inside.stdout) == {"place": 403, "create": 403, "delete": 403, "run": 403, "status": 403}, inside.stderr
 
     cases = [
         (post("/v1/calls", b"{not json"), 400, "not JSON"),
@@ -353,11 +381,11 @@ def test_outsiders_and_bad_requests_are_refused_and_the_agent_keeps_serving(agen
         (post("/v1/sandboxes", json.dumps({"name": "Bad_Name"}).encode()), 422, "DNS label"),
         (post("/v1/sandboxes", json.dumps({"name": "pod", "kubernetes": {
             "pod_uid": "1f2e3d4c-0000-1111-2222-333344445555", "container_id": "ab" * 32}}).encode()), 422, "--local"),
-        (post("/v1/sandboxes", json.dumps({"name": "tight", "envelope": {"memory": "64Mi"}}).encode()), 422, "envelope"),
-        (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"network": ["nowhere:80"]}}).encode()),
-         422, "not an IP network"),
+        (post("/v1/sandboxes", json.dumps({"name": "tight", "envelope": {"memory": "lots"}}).encode()), 422, "quantity"),
+        (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"network": {"egress": "all"}}}).encode()),
+         422, "egress"),
         (post("/v1/calls", json.dumps({**ref, "pid": 5, "argv": ["x"], "intent": {"memory": "lots"}}).encode()),
-         422, "not a size"),
+         422, "quantity"),
         (post("/v1/calls", b"x" * (MAX_REQUEST_BYTES + 1)), 413, "limit"),
         (b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such endpoint"),
         (b"PUT /v1/calls HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 501, ""),
@@ -370,11 +398,43 @@ def test_outsiders_and_bad_requests_are_refused_and_the_agent_keeps_serving(agen
     with pytest.raises(ApiError) as too_big:
         sandbox.client.run(["true"], memory="8Gi")
     assert too_big.value.status == 422 and "envelope" in too_big.value.message
-    with pytest.raises(ValidationError, match="not an IP network"):  # the SDK checks before sending
+    with pytest.raises(ValidationError, match="not a domain name"):  # the SDK checks before sending
         sandbox.client.run(["true"], network=["nowhere:80"])
 
     assert agent.process.poll() is None
     assert sandbox.client.run(["echo", "ok"]).stdout == "ok\n"
+
+
+def test_nothing_of_one_sandbox_can_be_placed_finished_read_or_killed_from_another(agent, sandbox):
+    other = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS))
+    try:
+        victim = {"name": other.name, "namespace": other.namespace}
+        running = threading.Thread(target=lambda: other.client.run(["sleep", "3"], timeout=30))
+        running.start()
+        deadline = time.monotonic() + 30
+        while sandbox_status(agent, other)["running_calls"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        call_id = next(iter(json.loads(p.read_text())["call_id"] for p in (agent.state_dir / "calls").glob("*.json")))
+        # From a call of `sandbox`: every route of the agent and of the other sandbox's runtime, about `other`.
+        probe = (
+            "import json\nfrom agentkube.ebpf.unixhttp import request, ApiError\nout = {}\n"
+            f"for name, (socket, method, path, body) in {{"
+            f"'place': ({str(agent.socket)!r}, 'POST', '/v1/calls', {{**{victim!r}, 'pid': 2, 'argv': ['x']}}),"
+            f" 'finish': ({str(agent.socket)!r}, 'POST', '/v1/calls/{call_id}/finish', {{}}),"
+            f" 'read': ({str(agent.socket)!r}, 'GET', '/v1/calls/{call_id}', None),"
+            f" 'status': ({str(agent.socket)!r}, 'GET', '/v1/sandboxes/{other.namespace}/{other.name}', None),"
+            f" 'kill': ({str(agent.socket)!r}, 'DELETE', '/v1/sandboxes/{other.namespace}/{other.name}', None),"
+            f" 'run': ({str(other.socket)!r}, 'POST', '/v1/run', {{'argv': ['true']}})}}.items():\n"
+            "    try:\n        request(socket, method, path, body); out[name] = 200\n"
+            "    except ApiError as e:\n        out[name] = e.status\nprint(json.dumps(out))\n")
+        inside = sandbox.client.run([PY, "-c", probe], network="none", timeout=60)
+        assert json.loads(inside.stdout) == dict.fromkeys(["place", "finish", "read", "status", "kill", "run"], 403), inside.stderr
+        assert sandbox_status(agent, other)["running_calls"] == 1  # untouched: neither finished nor killed
+        running.join(timeout=60)
+        assert sandbox_status(agent, other)["running_calls"] == 0
+    finally:
+        other.close()
+        agent.sandboxes.remove(other)
 
 
 def test_calls_are_audited_and_exported_with_bounded_labels(agent, sandbox):

@@ -6,7 +6,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes
@@ -122,7 +122,7 @@ def test_a_sandbox_gets_its_pod_service_and_policy_and_reports_status(api_client
     _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
     eventually(lambda: _phase(api_client, namespace, "box") == "Running", message="never Running")
     conditions = {c["type"]: c["status"] for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"]}
-    assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True"}
+    assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True", "ToolsEnforced": "True"}
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=box,involvedObject.kind=AgentSandbox")
     assert "PodReady" in {e.reason for e in events.items}
 
@@ -168,7 +168,7 @@ def test_idle_sandbox_is_suspended_and_the_next_request_resumes_it(api_client, o
                timeout=30, message="not suspended when idle")
     reason = next(c for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"] if c["type"] == "Suspended")
     assert reason["reason"] == "IdleTimeout"
-    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     _patch_sandbox(api_client, namespace, "box", {"metadata": {"annotations": {sandbox.LAST_ACTIVITY_ANNOTATION: now}}})
     eventually(lambda: _pod(api_client, namespace, "box") is not None, timeout=30, message="activity did not resume it")
     assert _get_sandbox(api_client, namespace, "box")["status"]["lastActivityTime"] == now
@@ -320,3 +320,55 @@ def test_the_whole_chart_lints_renders_and_is_accepted_by_the_api_server(install
     # values.schema.json guards the values a user can set.
     refused = subprocess.run([helm, "template", "agentkube", str(CHART), "--set", "operator.replicas=0"], capture_output=True, text=True)
     assert refused.returncode != 0 and "replicas" in refused.stderr
+
+
+# Every form of the Kubernetes quantity grammar, as the API server admits it in an AgentSandbox, must reach
+# the node agent intact: the bytes and cores it enforces are what Kubernetes makes of the same text.
+QUANTITY_FORMS = [("1Gi", "1"), ("1.5Gi", "1.5"), (".5Gi", "500m"), ("129e6", "250m"), ("500000k", "0.1"), ("2G", "2"),
+                  ("1073741824", "1e0"), ("1E9", "1500m"), ("0.5Gi", "+1")]
+
+
+def test_every_quantity_the_api_server_admits_reaches_the_node_agent_intact(api_client, operator, namespace, eventually):
+    from agentkube.contract import CallIntent, quantity_bytes, quantity_cores, resolve_limits
+    from agentkube.ebpf.kubernetes import sandbox_spec
+
+    for i, (memory, cpu) in enumerate(QUANTITY_FORMS):
+        _create_sandbox(api_client, namespace, _sandbox(f"q{i}", template={
+            "image": "busybox", "resources": {"limits": {"memory": memory, "cpu": cpu}}},
+            tools={"default": {"memory": memory, "cpu": cpu, "timeout": "45m30s"}}))
+    for i, (memory, cpu) in enumerate(QUANTITY_FORMS):
+        pod = eventually(lambda i=i: _pod(api_client, namespace, f"q{i}"), message=f"no pod for {memory}")
+        running = api_client.sanitize_for_serialization(pod)
+        running["status"] = {"qosClass": "Burstable", "containerStatuses": [
+            {"name": sandbox.CONTAINER_NAME, "state": {"running": {}}, "containerID": "containerd://" + "a" * 64}]}
+        spec = sandbox_spec(running)
+        envelope = spec.envelope.envelope()
+        assert (envelope.memory, envelope.cpu) == (quantity_bytes(memory), quantity_cores(cpu)), (memory, cpu)
+        defaults = resolve_limits(CallIntent(), [], spec.tools, envelope).limits
+        assert (defaults.memory, defaults.cpu, defaults.timeout) == (quantity_bytes(memory), quantity_cores(cpu), 2730)
+
+
+def test_quantities_the_api_server_refuses_the_contract_refuses_too(api_client, installed, namespace):
+    from agentkube.contract import quantity_bytes
+
+    for memory in ("1.5.5Gi", "5Xi", "-1Gi", "0", "Gi"):
+        with pytest.raises(ApiException) as refused:
+            _create_sandbox(api_client, namespace, _sandbox("bad", template={"image": "busybox", "resources": {"limits": {"memory": memory}}}))
+        assert refused.value.status == 422, memory
+        with pytest.raises(ValueError):
+            quantity_bytes(memory)
+
+
+def test_a_refusal_by_the_node_agent_becomes_the_tools_enforced_condition(api_client, operator, namespace, eventually):
+    def tools_enforced():
+        conditions = (_get_sandbox(api_client, namespace, "refused").get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "ToolsEnforced"), None)
+
+    _create_sandbox(api_client, namespace, _sandbox("refused"))
+    eventually(lambda: (tools_enforced() or {}).get("status") == "True", message="no ToolsEnforced=True")
+    # What the node agent writes when it cannot honour the sandbox's tool intent (see agentkube.ebpf.kubernetes).
+    _patch_sandbox(api_client, namespace, "refused", {"metadata": {"annotations": {sandbox.TOOLS_REFUSED_ANNOTATION: "default.memory: lots"}}})
+    condition = eventually(lambda: (tools_enforced() or {}).get("status") == "False" and tools_enforced(), message="never refused")
+    assert condition["reason"] == "ToolIntentRefused" and "default.memory: lots" in condition["message"]
+    _patch_sandbox(api_client, namespace, "refused", {"metadata": {"annotations": {sandbox.TOOLS_REFUSED_ANNOTATION: None}}})
+    eventually(lambda: (tools_enforced() or {}).get("status") == "True", message="refusal never cleared")

@@ -1,6 +1,6 @@
 """The ppo autoscaling decision, as a pure function: bounded steps, fallbacks and what is recorded."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from agentkube.operator import api, autoscaling
 from agentkube.rl.observation import KNATIVE_METRICS, ActionBounds, Decision
 from agentkube.rl.policy import load_policy
 
-NOON = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+NOON = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 BOUNDS = ActionBounds()
 FRESH = {"revision_app_request_count": 20.0, "revision_app_request_latencies": 1500.0,
          "autoscaler_stable_request_concurrency": 150.0, "autoscaler_panic_request_concurrency": 160.0,

@@ -13,7 +13,8 @@ import pytest
 from agentkube.devenv import config, images, node
 from agentkube.devenv.config import Layout, Ports
 from agentkube.ebpf.agent import innermost_pid
-from agentkube.ebpf.kubernetes import TOTAL_KEYS, added_totals, cpu_cores, pod_runtime_socket, sandbox_spec
+from agentkube.contract import CallIntent, resolve_limits
+from agentkube.ebpf.kubernetes import TOTAL_KEYS, IntentRefused, added_totals, pod_runtime_socket, sandbox_spec
 from agentkube.operator import api, sandbox
 
 LAYOUT = Layout(Path("/state"))
@@ -80,7 +81,11 @@ def test_node_rbac_binds_the_apiserver_to_the_kubelet_api_and_lets_the_node_agen
     assert binding["roleRef"]["name"] == "system:kubelet-api-admin"
     assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "apiserver-client"}]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]}]
+                             {"apiGroups": ["agentkube.dev"], "resources": ["agentsandboxes"], "verbs": ["get", "patch"]},
+                             # egress `cluster`: what the node agent discovers the cluster's networks from
+                             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+                             {"apiGroups": ["networking.k8s.io"], "resources": ["servicecidrs"], "verbs": ["list"]},
+                             {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]
     assert agent_binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
@@ -123,6 +128,10 @@ def _pod(state: dict | None, tools: dict | None = None) -> dict:
     return pod
 
 
+def _defaults(spec):
+    return resolve_limits(CallIntent(), [], spec.tools, spec.envelope.envelope()).limits
+
+
 def test_a_sandbox_pod_registers_once_its_container_runs():
     assert sandbox_spec(_pod(None)) is None
     assert sandbox_spec(_pod({"waiting": {"reason": "ContainerCreating"}})) is None
@@ -130,23 +139,40 @@ def test_a_sandbox_pod_registers_once_its_container_runs():
                                                                  "network": {"egress": "explicit", "allow": [{"cidr": "10.1.0.0/16", "port": 443}]}}}))
     assert (spec.name, spec.namespace) == ("box", "team")
     assert spec.kubernetes.container_id == "containerd://" + "f" * 64 and spec.kubernetes.qos == "burstable"
-    assert spec.envelope.memory == 2**30 and spec.envelope.cpu == 0.5
-    assert (spec.defaults.memory, spec.defaults.cpu, spec.defaults.pids, spec.defaults.timeout) == (128 * 2**20, 0.25, 32, 120)
-    assert spec.defaults.network == "10.1.0.0/16:443"
+    assert spec.envelope.envelope().memory == 2**30 and spec.envelope.envelope().cpu == 0.5
+    defaults = _defaults(spec)
+    assert (defaults.memory, defaults.cpu, defaults.pids, defaults.timeout) == (128 * 2**20, 0.25, 32, 120)
+    assert str(defaults.network) == "10.1.0.0/16:443"
 
 
-def test_the_sandbox_profiles_reach_the_node_agent_in_its_units():
-    spec = sandbox_spec(_pod({"running": {}}, tools={"profiles": {
-        "test": {"memory": "768Mi", "cpu": "500m", "timeout": "10m"},
-        "fetch": {"network": {"egress": "explicit", "allow": [{"cidr": "10.0.0.0/8", "port": 443}]}}}}))
-    assert spec.profiles["test"].model_dump() == {"memory": 768 * 2**20, "cpu": 0.5, "pids": None, "timeout": 600.0,
-                                                  "network": None}
-    assert spec.profiles["fetch"].network == "10.0.0.0/8:443" and spec.profiles["fetch"].memory is None
+def test_the_sandbox_profiles_reach_the_node_agent_as_written():
+    tools = {"profiles": {"test": {"memory": "768Mi", "cpu": "500m", "timeout": "10m"},
+                          "fetch": {"network": {"egress": "explicit", "allow": [{"cidr": "10.0.0.0/8", "port": 443}]}}}}
+    spec = sandbox_spec(_pod({"running": {}}, tools=tools))
+    assert spec.tools.profiles["test"].model_dump(by_alias=True, exclude_none=True) == tools["profiles"]["test"]
+    limits = resolve_limits(CallIntent(profile="test"), [], spec.tools, spec.envelope.envelope()).limits
+    assert (limits.memory, limits.cpu, limits.timeout) == (768 * 2**20, 0.5, 600.0)
+    assert str(resolve_limits(CallIntent(profile="fetch"), [], spec.tools, spec.envelope.envelope()).limits.network) == "10.0.0.0/8:443"
 
 
 def test_defaults_never_exceed_the_envelope_whoever_made_the_pod():
-    spec = sandbox_spec(_pod({"running": {}}, tools={"default": {"memory": "4Gi", "cpu": "4"}}))
-    assert spec.defaults.memory == spec.envelope.memory and spec.defaults.cpu == spec.envelope.cpu
+    pod = _pod({"running": {}})
+    pod["metadata"]["annotations"][sandbox.TOOLS_ANNOTATION] = json.dumps({"envelope": {"memory": "1Gi", "cpu": "500m"},
+                                                                           "default": {"memory": "4Gi", "cpu": "4"}})
+    spec = sandbox_spec(pod)
+    defaults, envelope = _defaults(spec), spec.envelope.envelope()
+    assert defaults.memory == envelope.memory and defaults.cpu == envelope.cpu
+
+
+@pytest.mark.parametrize("annotation", ["{not json", "[]", json.dumps({"default": {"memory": "lots"}}),
+                                        json.dumps({"default": {"network": {"egress": "all"}}}),
+                                        json.dumps({"envelope": {"memory": "-1"}}), json.dumps({"envelope": "big"}),
+                                        json.dumps({"surprise": 1})])
+def test_a_tools_annotation_the_agent_cannot_honour_is_refused_not_ignored(annotation):
+    pod = _pod({"running": {}})
+    pod["metadata"]["annotations"][sandbox.TOOLS_ANNOTATION] = annotation
+    with pytest.raises(IntentRefused):
+        sandbox_spec(pod)
 
 
 def test_sandbox_pod_mounts_the_agent_socket_read_only_and_the_runtime_socket_in_memory():
@@ -163,11 +189,6 @@ def test_sandbox_pod_mounts_the_agent_socket_read_only_and_the_runtime_socket_in
     assert pod_runtime_socket(Path("/var/lib/kubelet"), "u").parts[-2:] == (sandbox.RUNTIME_VOLUME, "runtime.sock")
 
 
-@pytest.mark.parametrize(("quantity", "cores"), [("500m", 0.5), ("2", 2.0), (1.5, 1.5), ("1500m", 1.5)])
-def test_cpu_quantities(quantity, cores):
-    assert cpu_cores(quantity) == cores
-
-
 def test_innermost_pid_is_the_last_nspid():
     assert innermost_pid("Name:\tpython3\nNSpid:\t4242\t17\n") == 17
     assert innermost_pid("Name:\tinit\nNSpid:\t1\n") == 1
@@ -175,16 +196,16 @@ def test_innermost_pid_is_the_last_nspid():
 
 
 def test_call_totals_are_added_to_what_the_sandbox_already_holds():
-    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {"calls": 2, "failed": 0, "oomKilled": 1, "blockedConnections": 0}
-    held = json.dumps({"calls": 5, "failed": 1, "oomKilled": 0, "blockedConnections": 3})
-    assert added_totals(held, Counter(calls=1, failed=1)) == {"calls": 6, "failed": 2, "oomKilled": 0, "blockedConnections": 3}
+    assert added_totals(None, Counter(calls=2, oomKilled=1)) == {"calls": 2, "failed": 0, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}
+    held = json.dumps({"calls": 5, "failed": 1, "oomKilled": 0, "blockedConnections": 3, "dnsRefused": 0})
+    assert added_totals(held, Counter(calls=1, failed=1)) == {"calls": 6, "failed": 2, "oomKilled": 0, "blockedConnections": 3, "dnsRefused": 0}
     assert added_totals("not json", Counter(calls=1))["calls"] == 1
     assert added_totals("[1, 2]", Counter(calls=1))["calls"] == 1
 
 
 def test_the_operator_mirrors_the_totals_into_status_and_ignores_garbage():
-    totals = {"calls": 3, "failed": 1, "oomKilled": 1, "blockedConnections": 0}
-    assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: json.dumps(totals)}) == totals
+    totals = {"calls": 3, "failed": 1, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}
+    assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: json.dumps(totals)}).model_dump(by_alias=True) == totals
     assert sandbox.tool_call_totals({}) is None
     assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: '{"calls": "many"}'}) is None
     assert set(totals) == set(TOTAL_KEYS)

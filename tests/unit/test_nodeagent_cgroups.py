@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from agentkube.contract import CPU_PERIOD_US, memory_high_for
 from agentkube.ebpf.agent import sandbox_containing
-from agentkube.ebpf.bpf import MODES, policy_values
 from agentkube.ebpf.cgroups import (
     CgroupError,
     counters_from_files,
@@ -16,7 +16,6 @@ from agentkube.ebpf.cgroups import (
     parse_mounts,
     parse_proc_cgroup,
 )
-from agentkube.ebpf.limits import CPU_PERIOD_US, memory_high_for, parse_network
 from agentkube.ebpf.kubernetes import TOTAL_KEYS
 from agentkube.ebpf.metrics import LABELS, OUTCOMES, Metrics, call_totals, outcome
 from agentkube.ebpf.models import CallRecord, Usage
@@ -142,19 +141,6 @@ def test_counters_parse_on_both_layouts():
         2097152, 0.5, 0.02, 2, 0)
 
 
-def test_egress_policy_entries():
-    assert policy_values(parse_network("all")) is None
-    assert policy_values(parse_network("none")) == (MODES["none"], [])
-    mode, rules = policy_values(parse_network(["10.1.0.0/16:443", "[::1]:80"]))
-    assert mode == MODES["allowlist"]
-    (addr, mask, port, family), (addr6, mask6, port6, family6) = rules
-    assert (port, family, port6, family6) == (443, 4, 80, 6)
-    # Words hold the address bytes in packet order, as the program loads them from the packet.
-    as_bytes = lambda words: b"".join(w.to_bytes(4, __import__("sys").byteorder) for w in words)
-    assert as_bytes(addr)[:4] == bytes([10, 1, 0, 0]) and as_bytes(mask)[:4] == bytes([255, 255, 0, 0])
-    assert as_bytes(addr6) == bytes(15) + b"\x01"
-
-
 def _record(usage: Usage | None) -> CallRecord:
     return CallRecord(call_id="abc", sandbox="s", namespace="n", profile="none", signature="x", argv=["x"], pid=2,
                       cgroup_paths={}, cgroup_id=1, limits={"memory": 1 << 24, "cpu": 1, "pids": 1, "timeout": 1},
@@ -184,10 +170,10 @@ def test_a_finished_call_adds_to_its_sandbox_totals():
     base = dict(duration_seconds=1, exit_code=0, signal=None, timed_out=False, peak_memory_bytes=1, cpu_seconds=0.1,
                 throttled_seconds=0, oom_kills=0, processes_spawned=1, connections_blocked=2, memory_high_events=0,
                 pids_limit_hits=0)
-    assert call_totals(_record(Usage(**base))) == {"calls": 1, "failed": 0, "oomKilled": 0, "blockedConnections": 2}
+    assert call_totals(_record(Usage(**base))) == {"calls": 1, "failed": 0, "oomKilled": 0, "blockedConnections": 2, "dnsRefused": 0}
     oom = call_totals(_record(Usage(**{**base, "exit_code": None, "signal": 9, "oom_kills": 3})))
     assert (oom["failed"], oom["oomKilled"]) == (1, 1)
-    assert call_totals(_record(None)) == {"calls": 1, "failed": 1, "oomKilled": 0, "blockedConnections": 0}
+    assert call_totals(_record(None)) == {"calls": 1, "failed": 1, "oomKilled": 0, "blockedConnections": 0, "dnsRefused": 0}
     assert set(call_totals(_record(None))) == set(TOTAL_KEYS)  # what the node agent reports, status.toolCalls holds
 
 

@@ -36,7 +36,7 @@ def observe(metrics=METRICS, **overrides):
 
 
 def test_observation_from_knative_metrics():
-    observation = dict(zip(OBSERVATION_FIELDS, observe()))
+    observation = dict(zip(OBSERVATION_FIELDS, observe(), strict=True))
     assert set(METRICS) == set(KNATIVE_METRICS)
     assert observation["log_request_rate"] == pytest.approx(math.log1p(20.0) / 5)
     assert observation["p95_latency_over_reference"] == pytest.approx(0.5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agentkube.rl.knative import KnativeDefaults
-from agentkube.rl.server import ColdStartConfig, ModelServerConfig
+from agentkube.rl.server import ColdStartConfig
 from agentkube.rl.simulator import SimConfig, Simulator
 from agentkube.rl.spot import SpotConfig
 from agentkube.rl.traces import Trace, WorkloadProfile, generate_trace

@@ -8,9 +8,9 @@ pytest.importorskip("stable_baselines3", reason="needs the train extra")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 from agentkube.rl.env import AutoscalingEnv, EnvConfig  # noqa: E402
+from agentkube.rl.observation import decision_from_action  # noqa: E402
 from agentkube.rl.policy import load_policy  # noqa: E402
 from agentkube.rl.traces import WORKLOADS, generate_trace  # noqa: E402
-from agentkube.rl.observation import decision_from_action  # noqa: E402
 from agentkube.rl.training import TrainConfig, initial_action_mean, train_ppo  # noqa: E402
 
 SMALL = EnvConfig(episode_s=1800)

@@ -1,12 +1,12 @@
 """The lifecycle decision: run, replace, suspend on request or when idle, expire."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from agentkube.operator import api
 from agentkube.operator.sandbox import PodView, plan
 from agentkube.operator.status import merge_conditions
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 RUNNING = PodView(phase="Running", ready=True, scheduled=True, node_name="n1", terminating=False)
 
 
@@ -70,6 +70,6 @@ def test_expiry_wins_over_suspend_and_idle():
 def test_conditions_keep_their_transition_time_while_unchanged():
     first = merge_conditions([], [("Ready", False, "PodStarting", "")], T0)
     same = merge_conditions(first, [("Ready", False, "PodScheduling", "x")], T0 + timedelta(minutes=1))
-    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] and same[0]["reason"] == "PodScheduling"
+    assert same[0].last_transition_time == first[0].last_transition_time and same[0].reason == "PodScheduling"
     flipped = merge_conditions(same, [("Ready", True, "PodReady", "")], T0 + timedelta(minutes=2))
-    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:02:00Z"
+    assert flipped[0].model_dump(mode="json", by_alias=True)["lastTransitionTime"] == "2026-01-01T00:02:00Z"

@@ -1,0 +1,152 @@
+"""The operator's I/O edge towards the Kubernetes API: one pooled client, and reads, creates, deletes and
+status writes that treat the races of a level-triggered controller as outcomes, not errors (an object
+already there, already gone, or replaced meanwhile). Blocking: call from Kopf's worker threads."""
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiException
+from pydantic import BaseModel
+
+from agentkube.operator import api, crds, servedmodel
+from agentkube.operator.status import changed, status_patch
+
+SANDBOXES = crds.AGENT_SANDBOX.plural
+SERVED_MODELS = crds.SERVED_MODEL.plural
+# Threads that run the (synchronous) handlers; Kopf's executor and the client's connection pool match it.
+WORKERS = 16
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def client(kind: str) -> Any:
+    """Kubernetes API clients (`client`, `core`, `networking`, `custom`), created once the operator has
+    logged in (current kubeconfig or in-cluster)."""
+    with _clients_lock:
+        if not _clients:
+            _connect()
+    return _clients[kind]
+
+
+def _connect() -> None:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    # One pooled connection per handler thread: past the pool, every request would pay a TLS handshake.
+    configuration.connection_pool_maxsize = WORKERS
+    api_client = kubernetes.client.ApiClient(configuration)
+    _clients.update(
+        client=api_client,
+        core=kubernetes.client.CoreV1Api(api_client),
+        networking=kubernetes.client.NetworkingV1Api(api_client),
+        custom=kubernetes.client.CustomObjectsApi(api_client),
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """An API object (or Kopf's view of one) as the plain dict the API sends."""
+    return obj if isinstance(obj, dict) else client("client").sanitize_for_serialization(obj)
+
+
+def read(read_call: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+    """The object, or None when it does not exist."""
+    try:
+        result = read_call(*args)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return as_dict(result)
+
+
+def create(create_call: Callable[..., Any], namespace: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The created object, or None when it exists already (another run, or a racing handler, made it)."""
+    try:
+        return as_dict(create_call(namespace, manifest))
+    except ApiException as error:
+        if error.status == 409 or (error.status == 403 and "being terminated" in str(error.body)):
+            return None  # or its namespace is going away, and everything in it with it
+        raise
+
+
+def delete(delete_call: Callable[..., Any], name: str, namespace: str, uid: str | None = None) -> None:
+    """Delete, if it is still the object with `uid` (when given)."""
+    options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
+    try:
+        delete_call(name, namespace, body=options)
+    except ApiException as error:
+        if error.status not in (404, 409):  # gone already, or replaced by a newer object we must keep
+            raise
+
+
+# ----- agentkube's own objects ---------------------------------------------------------------------------
+
+
+def read_own(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """An AgentSandbox or ServedModel (by plural), or None when it does not exist."""
+    return read(client("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, plural, name)
+
+
+def delete_own(plural: str, namespace: str, name: str, uid: str) -> None:
+    def delete_call(name_: str, namespace_: str, body: Any) -> None:
+        client("custom").delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace_, plural, name_, body=body)
+
+    delete(delete_call, name, namespace, uid)
+
+
+def patch_status(plural: str, namespace: str, name: str, old: BaseModel, new: BaseModel) -> bool:
+    """Write the fields `new` was given, unless `old` has them already. False when nothing was written
+    because nothing changed; an object gone meanwhile is not an error."""
+    if not changed(old, new):
+        return False
+    try:
+        client("custom").patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, plural, name,
+                                                              status_patch(new))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    return True
+
+
+def patch_status_if_unchanged(plural: str, namespace: str, name: str, resource_version: str, new: BaseModel) -> bool:
+    """Write the fields `new` was given only over the object at `resource_version` (a write over a newer
+    one would drop another writer's work). False when the object is gone; a 409 is the caller's to handle."""
+    body = {"metadata": {"resourceVersion": resource_version}, **status_patch(new)}
+    try:
+        client("custom").patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, plural, name, body)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    return True
+
+
+# ----- Knative Services (serving.knative.dev/v1), which ServedModels become ---------------------------------
+
+
+def _knative_services(namespace: str) -> tuple[str, str, str, str]:
+    return servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION, namespace, servedmodel.KNATIVE_PLURAL
+
+
+def read_knative_service(namespace: str, name: str) -> dict[str, Any] | None:
+    """The Knative Service, or None when there is none (a 404 also when Knative is not installed)."""
+    return read(client("custom").get_namespaced_custom_object, *_knative_services(namespace), name)
+
+
+def create_knative_service(namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Raises ApiException 404 when Knative Serving is not installed."""
+    return client("custom").create_namespaced_custom_object(*_knative_services(namespace), manifest)
+
+
+def patch_knative_service(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    return client("custom").patch_namespaced_custom_object(*_knative_services(namespace), name, patch)

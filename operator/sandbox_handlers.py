@@ -1,0 +1,130 @@
+"""AgentSandbox handlers: read the sandbox and its pod, ask `sandbox` (pure) what should exist, apply
+that, write status. Every step is idempotent, so a handler killed half-way (or two racing) converges on
+the next run."""
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from agentkube.operator import api, kube, metrics, sandbox
+from agentkube.operator.kube import SANDBOXES
+from agentkube.operator.rechecks import rechecks
+from agentkube.operator.status import merge_conditions, parse_timestamp
+
+
+def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
+                      *, pod_only: bool = False) -> sandbox.Plan | None:
+    """Bring one sandbox's children and status in line with its spec. `body`: the object, when the caller
+    has it fresh from a watch event (saves a read). `pod_only`: a pod event; the service, claim and policy
+    were ensured when the sandbox itself last changed, so only the pod and status are looked at."""
+    if body is None:
+        body = kube.read_own(SANDBOXES, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None  # the owned children go with it, through their owner references
+    with metrics.reconciling("AgentSandbox"):
+        spec = api.AgentSandboxSpec.model_validate(body["spec"])
+        core = kube.client("core")
+        pod = kube.read(core.read_namespaced_pod, name, namespace)
+        now = kube.now()
+        created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
+        annotations = body["metadata"].get("annotations") or {}
+        last_activity = parse_timestamp(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
+        decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
+
+        if decision.delete_sandbox:
+            kube.delete_own(SANDBOXES, namespace, name, body["metadata"]["uid"])
+            kopf.event(body, type="Normal", reason="Expired", message="deleted at its shutdown time (shutdownPolicy: Delete)")
+            return decision
+
+        if not pod_only:
+            kube.create(core.create_namespaced_service, namespace, sandbox.service_manifest(body))
+            if spec.workspace is not None:
+                kube.create(core.create_namespaced_persistent_volume_claim, namespace,
+                            sandbox.workspace_claim_manifest(body, spec.workspace))
+            _apply_network_policy(body, spec, namespace, name)
+
+        if decision.delete_pod:
+            assert pod is not None  # the plan deletes only a pod that exists
+            kube.delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
+            logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
+        elif decision.want_pod and pod is None:
+            pod = kube.create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec))
+            if pod is not None:
+                logger.info("created pod %s/%s", namespace, name)
+                # Report the pod as it now is, not as it was before it existed.
+                decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
+
+        old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
+        new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now)
+        if old.phase != decision.phase:
+            kopf.event(body, type="Warning" if decision.phase == "Failed" else "Normal", reason=decision.reason, message=decision.message)
+        kube.patch_status(SANDBOXES, namespace, name, old, new)
+        if decision.recheck_after is not None:
+            rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
+    return decision
+
+
+def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.PodView | None, old: api.AgentSandboxStatus,
+                   last_activity: datetime | None, now: datetime) -> api.AgentSandboxStatus:
+    """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
+    last reported (activity, call totals) is kept until it reports again."""
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    annotations = body["metadata"].get("annotations") or {}
+    refused = annotations.get(sandbox.TOOLS_REFUSED_ANNOTATION)
+    return api.AgentSandboxStatus(
+        phase=decision.phase,
+        conditions=merge_conditions(old.conditions, sandbox.conditions(decision, pod, refused), now),
+        pod_name=name if decision.want_pod else None,
+        node_name=pod.node_name if pod and decision.want_pod else None,
+        service_fqdn=sandbox.service_fqdn(name, namespace),
+        last_activity_time=last_activity or old.last_activity_time,
+        tool_calls=sandbox.tool_call_totals(annotations) or old.tool_calls,
+        observed_generation=body["metadata"].get("generation"),
+    )
+
+
+def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> None:
+    networking = kube.client("networking")
+    if not spec.network.managed_policy:
+        current = kube.read(networking.read_namespaced_network_policy, name, namespace)
+        if current and current["metadata"].get("labels", {}).get(sandbox.SANDBOX_LABEL) == name:
+            kube.delete(networking.delete_namespaced_network_policy, name, namespace)
+        return
+    manifest = sandbox.network_policy_manifest(body, spec)
+    if kube.create(networking.create_namespaced_network_policy, namespace, manifest) is None:
+        current = kube.read(networking.read_namespaced_network_policy, name, namespace)
+        if current is not None and current["spec"] != manifest["spec"]:
+            networking.patch_namespaced_network_policy(name, namespace, {"spec": manifest["spec"]})
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, SANDBOXES)
+@kopf.on.create(api.GROUP, api.VERSION, SANDBOXES)
+@kopf.on.update(api.GROUP, api.VERSION, SANDBOXES)
+def sandbox_changed(body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    reconcile_sandbox(namespace, name, logger, kube.as_dict(dict(body)))
+
+
+# The last state seen of each sandbox pod, by uid: most pod updates (a new resourceVersion, a kubelet
+# heartbeat of the status) change nothing the sandbox reports, and are not worth a reconciliation.
+_pod_views: dict[str, sandbox.PodView] = {}
+
+
+@kopf.on.event("", "v1", "pods", labels={sandbox.SANDBOX_LABEL: kopf.PRESENT})
+def sandbox_pod_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod."""
+    pod = kube.as_dict(dict(body))
+    owner = (pod["metadata"].get("labels") or {}).get(sandbox.SANDBOX_LABEL)
+    uid = pod["metadata"].get("uid")
+    if not owner or type not in ("ADDED", "MODIFIED", "DELETED"):
+        return
+    if type == "DELETED":
+        _pod_views.pop(uid, None)
+    else:
+        view = sandbox.PodView.of(pod)
+        assert view is not None  # of a pod that exists
+        previous, _pod_views[uid] = _pod_views.get(uid), view
+        if view == previous or (type == "ADDED" and previous is None and view.phase == "Pending" and not view.scheduled):
+            return  # nothing new; a just-created pod was already reported by the reconciliation that made it
+    reconcile_sandbox(pod["metadata"]["namespace"], owner, logger, pod_only=True)
