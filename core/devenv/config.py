@@ -303,6 +303,11 @@ def controller_manager_command(binary: Path, layout: Layout, ports: Ports) -> li
         f"--cluster-signing-cert-file={layout.cert('ca')}",
         f"--cluster-signing-key-file={layout.key('ca')}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # The node's spec.podCIDRs, as in any cluster, for whoever discovers the pod network from the API
+        # (the node agent's `cluster` egress mode): the one node gets the whole pod subnet.
+        "--allocate-node-cidrs=true",
+        f"--cluster-cidr={node.POD_SUBNET}",
+        f"--node-cidr-mask-size={node.POD_SUBNET.split('/')[1]}",
         "--leader-elect=false",
         "--profiling=false",
     ]

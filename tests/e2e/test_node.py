@@ -45,6 +45,7 @@ def test_node_is_ready_and_reports_containerd(kubectl):
     assert ready["status"] == "True"
     assert described["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     assert {"type": "InternalIP", "address": node.NODE_IP} in described["status"]["addresses"]
+    assert described["spec"]["podCIDRs"] == [node.POD_SUBNET], "allocated by the controller manager"
 
 
 def test_a_plain_pod_runs_answers_logs_exec_and_port_forward_and_leaves_nothing_when_deleted(

@@ -25,6 +25,12 @@ def test_cluster_addresses_fit_together():
     assert config.SERVICE_CIDR == node.SERVICE_CIDR  # one source of truth, re-exported
 
 
+def test_the_controller_manager_gives_the_one_node_the_whole_pod_subnet():
+    flags = _flags(config.controller_manager_command(Path("kcm"), LAYOUT, PORTS))
+    assert flags["allocate-node-cidrs"] == "true" and flags["cluster-cidr"] == node.POD_SUBNET
+    assert flags["node-cidr-mask-size"] == node.POD_SUBNET.split("/")[1]
+
+
 def test_kube_proxy_runs_iptables_mode_as_its_own_identity_and_leaves_host_settings_alone():
     flags = _flags(config.kube_proxy_command(Path("kube-proxy"), LAYOUT, PORTS))
     assert flags["kubeconfig"] == str(LAYOUT.client_kubeconfig("kube-proxy-client"))
