@@ -22,6 +22,8 @@ APT_PACKAGES += python3-bpfcc linux-headers-amd64 bpftool cgroup-tools
 # The node: containerd and runc, the CNI plugins, iproute2 for its bridge, iptables for portmap, and
 # mmdebstrap (with gpg) for the images' Debian root filesystems and gcc for the pause program (no registry).
 APT_PACKAGES += containerd runc containernetworking-plugins iproute2 iptables mmdebstrap gpg gcc libc6-dev
+# ipset for kube-router's network policy controller (NetworkPolicy enforcement on the node).
+APT_PACKAGES += ipset
 
 .PHONY: test dev down deps venv tools unit lint clean ebpf-host
 

@@ -1,5 +1,6 @@
 """`DevEnv`: one local environment — etcd, kube-apiserver, kube-controller-manager and Prometheus, and with
-`with_node` a node (containerd, kube-scheduler, kubelet, the node agent) — living in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
+`with_node` a node (containerd, kube-scheduler, kubelet, kube-proxy, CoreDNS, the node agent, kube-router's
+network policy controller) — living in one state directory. `up()` is idempotent, `down()` leaves no process and no file behind, and the
 state file lets a later command (`agentkube dev down`) find what an earlier one started."""
 
 import datetime
@@ -20,9 +21,9 @@ import psutil
 import requests
 import yaml
 
-from agentkube.devenv import config, images, localnode, node, pki, process
+from agentkube.devenv import config, images, localnode, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
-from agentkube.devenv.install import require_binary
+from agentkube.devenv.install import InstallError, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
 from agentkube.contract import AGENT_SOCKET
 
@@ -40,6 +41,7 @@ class Component:
     health_url: Callable[[Ports], str] | None = None
     health_client: str | None = None  # the client certificate its health check presents, if it needs one
     health_socket: Callable[[Layout], Path] | None = None  # or: healthy once this unix socket accepts
+    health_probe: Callable[[], bool] | None = None  # or: healthy once this says so (a part with no server)
     binary: str | None = None
 
 
@@ -57,10 +59,14 @@ CONTAINERD = Component("containerd", lambda binary, layout, ports: node.containe
 NODE = (
     Component("kube-scheduler", config.scheduler_command, config.scheduler_health_url),
     Component("kubelet", config.kubelet_command, config.kubelet_health_url),
+    Component("kube-proxy", config.kube_proxy_command, config.kube_proxy_health_url),
+    Component("coredns", config.coredns_command, config.coredns_health_url),
     Component("node-agent", lambda python, layout, ports: node.node_agent_command(
                   python, layout.node, layout.client_kubeconfig("node-agent")),
               health_socket=lambda layout: AGENT_SOCKET, binary=sys.executable),
 )
+# NetworkPolicy enforcement; it reads its own Node at start, so it starts once the node has registered.
+NETWORK_POLICY = Component("kube-router", config.kube_router_command, health_probe=localnode.kube_router_ready)
 NODE_READY_SECONDS = 120.0
 
 
@@ -87,6 +93,13 @@ def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
     for name, identity in config.CLIENT_CERTIFICATES.items():
         credentials[name] = pki.issue(ca, ca_key, identity.user, now, organizations=identity.groups, client=True)
     return credentials
+
+
+def _optional_binary(name: str) -> Path | None:
+    try:
+        return require_binary(name)
+    except InstallError:
+        return None
 
 
 # Temporary environments (tests, benchmarks) live in <tmp>/agentkube-<owner pid>-<random>.
@@ -261,7 +274,7 @@ class DevEnv:
 
     # ----- internals -------------------------------------------------------------------------------
     def _all_components(self) -> tuple[Component, ...]:
-        return self.components + ((CONTAINERD, *NODE) if self.with_node else ())
+        return self.components + ((CONTAINERD, *NODE, NETWORK_POLICY) if self.with_node else ())
 
     def _start(self, component: Component, binary: Path, deadline: float) -> None:
         started = time.monotonic()
@@ -278,33 +291,41 @@ class DevEnv:
         started = time.monotonic()
         localnode.acquire(layout.root)
         localnode.create_bridge()
+        # The firewall before forwarding is on and before any pod exists: no packet of a pod ever leaves.
+        localnode.install_firewall()
+        localnode.set_host_sysctls()
         node_layout = layout.node
-        for directory in (node_layout.cni_conf_dir, node_layout.kubelet_root):
+        for directory in (node_layout.cni_conf_dir, node_layout.kubelet_root, node_layout.corefile.parent):
             directory.mkdir(parents=True, exist_ok=True)
+        _write_private(node_layout.resolv_conf, node.resolv_conf().encode())
+        _write_private(node_layout.corefile, config.corefile(layout, ports).encode())
         _write_private(node_layout.containerd_config, node.containerd_config(node_layout, images.PAUSE_IMAGE).encode())
         _write_private(node_layout.cni_conf_dir / f"10-{node.CNI_NETWORK}.conflist",
                        json.dumps(node.cni_conflist(node_layout)).encode())
         _write_private(node_layout.kubelet_config, yaml.safe_dump(
             node.kubelet_config(node_layout, layout.pki, ports.kubelet, ports.kubelet_healthz)).encode())
         self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
-        self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user))
+        self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user)
+                            + network.coredns_rbac(config.COREDNS.user) + network.kube_router_rbac(config.KUBE_ROUTER.user)
+                            + network.dns_objects())
         for component in NODE:
             self._start(component, binaries[component.name], deadline)
         # While the kubelet registers its node (it needs no image for that), the images go into containerd.
         for archive in archives:
             images.import_archive(node.CTR, node_layout.containerd_socket, node.CONTAINERD_NAMESPACE, archive)
         self._wait_node_ready(deadline)
+        self._start(NETWORK_POLICY, binaries[NETWORK_POLICY.name], deadline)
         self.startup_seconds["node"] = time.monotonic() - started
 
     def _down_node(self) -> None:
-        node_processes = {component.name for component in NODE}
+        node_processes = {component.name for component in (*NODE, NETWORK_POLICY)}
         process.stop([r for r in self.processes if r.name in node_processes])
         netns = localnode.remove_containers(self.layout.node)
         process.stop([r for r in self.processes if r.name == CONTAINERD.name])
         self.processes = [r for r in self.processes if r.name not in node_processes | {CONTAINERD.name}]
         # The bridge, the kubepods cgroups and pod netns are the machine's: only the node's owner clears them.
         if localnode.other_owner(self.layout.root) is None:
-            localnode.clean_host(self.layout.node, self.layout.root, netns)
+            localnode.clean_host(self.layout.node, self.layout.root, netns, _optional_binary("kube-proxy"))
 
     def _kubectl_apply(self, documents: list[dict]) -> None:
         manifest = yaml.safe_dump_all(documents).encode()
@@ -342,7 +363,8 @@ class DevEnv:
         _write_private(layout.service_account_public_key, pki.public_key_pem(service_account_key))
 
         kubeconfigs = [(layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")]
-        kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent")]
+        kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent",
+                                                                "kube-proxy-client", "coredns-client", "kube-router-client")]
         for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(
@@ -359,6 +381,8 @@ class DevEnv:
             return False
         if component.health_socket:
             return localnode.socket_accepts(component.health_socket(self.layout))
+        if component.health_probe:
+            return component.health_probe()
         client = component.health_client
         cert = (str(self.layout.cert(client)), str(self.layout.key(client))) if client else None
         try:

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentkube.devenv import node
-from agentkube.devenv.node import NODE_NAME, NodeLayout
+from agentkube.devenv import network, node
+from agentkube.devenv.node import NODE_NAME, SERVICE_CIDR, NodeLayout
 
 LOOPBACK = "127.0.0.1"
-SERVICE_CIDR = "10.96.0.0/16"
 # The first address of the service range is the `kubernetes` Service's ClusterIP: the apiserver's
 # serving certificate must name it for in-cluster clients.
 KUBERNETES_SERVICE_IP = "10.96.0.1"
@@ -48,6 +47,12 @@ KUBELET = ClientIdentity(f"system:node:{NODE_NAME}", ("system:nodes",))
 # The apiserver calls the kubelet (logs, exec, port-forward) as this identity; RBAC binds it (node.node_rbac).
 APISERVER_KUBELET_CLIENT = ClientIdentity("kube-apiserver-kubelet-client")
 NODE_AGENT = ClientIdentity("agentkube:node-agent")
+# Kubernetes' bootstrap policy binds system:node-proxier to this user: what kube-proxy may read and record.
+KUBE_PROXY = ClientIdentity("system:kube-proxy")
+# Bound to a ClusterRole of its own (network.coredns_rbac): list/watch Services, EndpointSlices, Namespaces.
+COREDNS = ClientIdentity("agentkube:coredns")
+# Bound to a read-only ClusterRole of its own (network.kube_router_rbac).
+KUBE_ROUTER = ClientIdentity("agentkube:kube-router")
 
 # Client certificates by file name. The front-proxy client is separate: it is signed by its own CA.
 CLIENT_CERTIFICATES = {
@@ -59,6 +64,9 @@ CLIENT_CERTIFICATES = {
     "kubelet-client": KUBELET,
     "apiserver-kubelet-client": APISERVER_KUBELET_CLIENT,
     "node-agent": NODE_AGENT,
+    "kube-proxy-client": KUBE_PROXY,
+    "coredns-client": COREDNS,
+    "kube-router-client": KUBE_ROUTER,
 }
 # The apiserver proxies to aggregated APIs as this identity, signed by a CA of its own (as kubeadm does)
 # so that no other client certificate can assert a user through the request headers.
@@ -75,6 +83,10 @@ class Ports:
     scheduler: int
     kubelet: int
     kubelet_healthz: int
+    # Defaults: a state file written before these existed still loads (and can be taken down).
+    kube_proxy_healthz: int = 0
+    kube_proxy_metrics: int = 0
+    coredns_ready: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,6 +258,32 @@ def kubelet_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
     return node.kubelet_command(binary, layout.node, layout.client_kubeconfig("kubelet-client"))
 
 
+def kube_proxy_health_url(ports: Ports) -> str:
+    return f"http://{LOOPBACK}:{ports.kube_proxy_healthz}/healthz"
+
+
+def coredns_health_url(ports: Ports) -> str:
+    """Answers 200 once the `kubernetes` plugin has synced with the API: the names are there to serve."""
+    return f"http://{LOOPBACK}:{ports.coredns_ready}/ready"
+
+
+def kube_proxy_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return network.kube_proxy_command(binary, layout.client_kubeconfig("kube-proxy-client"),
+                                      ports.kube_proxy_healthz, ports.kube_proxy_metrics)
+
+
+def coredns_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return network.coredns_command(binary, layout.node.corefile)
+
+
+def kube_router_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return network.kube_router_command(binary, layout.client_kubeconfig("kube-router-client"), SERVICE_CIDR)
+
+
+def corefile(layout: Layout, ports: Ports) -> str:
+    return network.corefile(layout.client_kubeconfig("coredns-client"), ports.coredns_ready)
+
+
 def controller_manager_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
     kubeconfig = layout.controller_manager_kubeconfig
     return [
@@ -265,6 +303,11 @@ def controller_manager_command(binary: Path, layout: Layout, ports: Ports) -> li
         f"--cluster-signing-cert-file={layout.cert('ca')}",
         f"--cluster-signing-key-file={layout.key('ca')}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # The node's spec.podCIDRs, as in any cluster, for whoever discovers the pod network from the API
+        # (the node agent's `cluster` egress mode): the one node gets the whole pod subnet.
+        "--allocate-node-cidrs=true",
+        f"--cluster-cidr={node.POD_SUBNET}",
+        f"--node-cidr-mask-size={node.POD_SUBNET.split('/')[1]}",
         "--leader-elect=false",
         "--profiling=false",
     ]

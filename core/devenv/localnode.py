@@ -1,6 +1,7 @@
-"""The host side of the local node: what it sets up on this machine before its processes start, and
-everything `dev down` must take away after they stop (containers, mounts, network namespaces, the
-bridge, cgroups). The decisions (paths, configs) are in `node`; this module only does them."""
+"""The host side of the local node: what it sets up on this machine before its processes start (the
+bridge, the firewall, sysctls), and everything `dev down` must take away after they stop (containers,
+mounts, network namespaces, the bridge, iptables chains and ipsets, cgroups). The decisions (paths,
+configs, rules) are in `node` and `network`; this module only does them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from agentkube.devenv import node
+from agentkube.devenv import network, node
 from agentkube.devenv.node import BRIDGE, CONTAINERD_NAMESPACE, CTR, NODE_LOCK, NodeLayout
 from agentkube.contract import RUNTIME_SOCKET_DIR
 
@@ -62,12 +63,104 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def create_bridge() -> None:
     """The pods' bridge, holding the node's address before the kubelet starts (it must find its node IP
-    on an interface); the CNI bridge plugin then attaches pods to it."""
+    on an interface) and the cluster DNS's; the CNI bridge plugin then attaches pods to it."""
     if _ip("link", "show", BRIDGE, check=False).returncode != 0:
         _ip("link", "add", BRIDGE, "type", "bridge")
-    if node.NODE_IP not in _ip("-o", "addr", "show", "dev", BRIDGE).stdout:
+    addresses = _ip("-o", "addr", "show", "dev", BRIDGE).stdout
+    if f" {node.NODE_IP}/" not in addresses:
         _ip("addr", "add", f"{node.NODE_IP}/{node.POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
+    # The cluster DNS's own address, where CoreDNS listens (why: network.dns_objects).
+    if f" {node.CLUSTER_DNS_IP}/" not in addresses:
+        _ip("addr", "add", f"{node.CLUSTER_DNS_IP}/32", "dev", BRIDGE)
     _ip("link", "set", BRIDGE, "up")
+
+
+def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # -w: wait for the xtables lock that kube-proxy holds while it writes its rules.
+    result = subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise NodeError(f"`iptables {' '.join(args)}` failed: {result.stderr.strip()}")
+    return result
+
+
+def install_firewall() -> None:
+    """The node's chain (network.firewall_rules), made afresh, and its jump first in FORWARD."""
+    remove_firewall()
+    table, chain = network.FIREWALL_TABLE, network.FIREWALL_CHAIN
+    _iptables("-t", table, "-N", chain)
+    for rule in network.firewall_rules():
+        _iptables("-t", table, "-A", chain, *rule)
+    _iptables("-t", table, "-I", network.FIREWALL_HOOK, "1", *network.firewall_jump())
+
+
+def firewall_installed() -> bool:
+    return _iptables("-t", network.FIREWALL_TABLE, "-S", network.FIREWALL_CHAIN, check=False).returncode == 0
+
+
+def remove_firewall() -> None:
+    table, chain = network.FIREWALL_TABLE, network.FIREWALL_CHAIN
+    jump = network.firewall_jump()
+    while _iptables("-t", table, "-C", network.FIREWALL_HOOK, *jump, check=False).returncode == 0:
+        _iptables("-t", table, "-D", network.FIREWALL_HOOK, *jump)
+    _iptables("-t", table, "-F", chain, check=False)
+    _iptables("-t", table, "-X", chain, check=False)
+
+
+def set_host_sysctls() -> None:
+    """network.HOST_SYSCTLS; br_netfilter must be loaded for the bridge's settings to exist."""
+    if not network.sysctl_path("net.bridge.bridge-nf-call-iptables").exists():
+        subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+    for name, value in network.HOST_SYSCTLS.items():
+        path = network.sysctl_path(name)
+        if not path.exists():
+            raise NodeError(f"{path} is missing: the node needs the br_netfilter module (`modprobe br_netfilter`)")
+        if path.read_text().strip() != value:
+            path.write_text(value)
+
+
+def kube_proxy_rules_present() -> bool:
+    """Whether kube-proxy's chains are in the nat table (they outlive it until `--cleanup`)."""
+    return _iptables("-t", "nat", "-S", "KUBE-SERVICES", check=False).returncode == 0
+
+
+def node_chains_present() -> list[str]:
+    """The node's chains (network.NODE_CHAIN_PREFIXES) still in any table, IPv4 or IPv6."""
+    found = []
+    for command in ("iptables", "ip6tables"):
+        for table in network.IPTABLES_TABLES:
+            listing = subprocess.run([command, "-w", "5", "-t", table, "-S"], capture_output=True, text=True).stdout
+            found += [f"{command} {table} {' '.join(step[1:])}" for step in network.node_chain_removal(listing)
+                      if step[0] == "-X"]
+    return found
+
+
+def clean_network(kube_proxy: Path | None) -> None:
+    """kube-proxy's rules (its own --cleanup, once it has stopped), then every other chain of the node's
+    (the kubelet's, the firewall) in both address families: after the bridge is gone, so that no packet of
+    a pod is ever forwarded without the firewall."""
+    if kube_proxy is not None and kube_proxy_rules_present():
+        subprocess.run(network.kube_proxy_cleanup_command(kube_proxy), capture_output=True, timeout=60)
+    remove_firewall()
+    for command in ("iptables", "ip6tables"):
+        for table in network.IPTABLES_TABLES:
+            listing = subprocess.run([command, "-w", "5", "-t", table, "-S"], capture_output=True, text=True).stdout
+            for step in network.node_chain_removal(listing):
+                subprocess.run([command, "-w", "5", "-t", table, *step], capture_output=True)
+    for name in node_ipsets_present():
+        subprocess.run(["ipset", "destroy", name], capture_output=True)
+
+
+def node_ipsets_present() -> list[str]:
+    try:
+        listing = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True).stdout
+    except FileNotFoundError:  # no ipset, so no kube-router either
+        return []
+    return network.node_ipsets(listing.split())
+
+
+def kube_router_ready() -> bool:
+    """kube-router has synced once: its FORWARD chain exists."""
+    return _iptables("-t", "filter", "-S", network.KUBE_ROUTER_READY_CHAIN, check=False).returncode == 0
 
 
 def socket_accepts(path: Path) -> bool:
@@ -176,8 +269,9 @@ def empty_pod_netns() -> set[str]:
     return {str(path) for path in node.NETNS_DIR.glob("cni-*") if path.stat().st_ino not in in_use}
 
 
-def clean_host(layout: NodeLayout, environment: Path, netns: set[str]) -> None:
-    """Everything else the node made, once its processes (containerd last) have stopped."""
+def clean_host(layout: NodeLayout, environment: Path, netns: set[str], kube_proxy: Path | None = None) -> None:
+    """Everything else the node made, once its processes (containerd last) have stopped; the machine's
+    node lock goes last, so that the next node's firewall is never the one removed here."""
     kill_shims(layout)
     hierarchies = list(CGROUP_ROOT.iterdir()) if CGROUP_ROOT.is_dir() else []
     for hierarchy in hierarchies:
@@ -188,6 +282,7 @@ def clean_host(layout: NodeLayout, environment: Path, netns: set[str]) -> None:
         Path(path).unlink(missing_ok=True)
     unmount(mounts_under(layout.root))
     _ip("link", "delete", BRIDGE, check=False)
+    clean_network(kube_proxy)
     for hierarchy in hierarchies:
         remove_cgroup_tree(hierarchy / KUBEPODS)
     for path in KUBELET_FIXED_SOCKETS:

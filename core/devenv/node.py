@@ -13,13 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentkube.contract import CLUSTER_DOMAIN
+
 NODE_NAME = "agentkube-node"
 # The pods' subnet. The bridge holds its first address, which is also the node's InternalIP: the
-# apiserver reaches the kubelet there for logs, exec and port-forward. Pods get no default route and no
-# masquerade, so nothing they send can leave this machine.
+# apiserver reaches the kubelet there for logs, exec and port-forward, and pods route through it (their
+# default gateway). No masquerade, and the node's firewall (`network.firewall_rules`) drops whatever
+# pods send towards any other interface, so nothing they send leaves this machine.
 BRIDGE = "agentkube0"
 POD_SUBNET = "10.88.0.0/24"
 NODE_IP = "10.88.0.1"
+# The cluster's addresses, for whoever must know them (the apiserver, kube-proxy, the node agent's
+# `cluster` egress mode): the Services' range, and the cluster DNS (the `kube-dns` Service, by custom the
+# tenth address of the range) under the cluster's domain.
+SERVICE_CIDR = "10.96.0.0/16"
+CLUSTER_DNS_IP = "10.96.0.10"
+DNS_PORT = 53
+# Links whose host end is named so (veths into network namespaces the tests make as "test hosts") are
+# the only interfaces besides the bridge that pods' traffic may be forwarded to.
+TEST_LINK_PREFIX = "akt"
 CNI_NETWORK = "agentkube"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 RUNC = Path("/usr/sbin/runc")
@@ -72,6 +84,14 @@ class NodeLayout:
         return self.root / "kubelet-config.yaml"
 
     @property
+    def resolv_conf(self) -> Path:
+        return self.root / "resolv.conf"
+
+    @property
+    def corefile(self) -> Path:
+        return self.root / "coredns" / "Corefile"
+
+    @property
     def images(self) -> Path:
         return self.root / "images"
 
@@ -120,7 +140,9 @@ def cni_conflist(layout: NodeLayout) -> dict[str, Any]:
                 "type": "bridge",
                 "bridge": BRIDGE,
                 "isGateway": True,
-                "isDefaultGateway": False,  # only the pod subnet is routed: no way off this machine
+                # Through the node for everything (ClusterIPs, the tests' hosts): what may leave the
+                # bridge is decided by the node's firewall, which forwards nothing off this machine.
+                "isDefaultGateway": True,
                 "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {
@@ -160,9 +182,11 @@ def kubelet_config(layout: NodeLayout, pki: Path, port: int, healthz_port: int) 
         "failCgroupV1": False,
         "failSwapOn": False,
         "memorySwap": {"swapBehavior": "NoSwap"},
-        # Pods get an empty resolv.conf: no cluster DNS here, and the host's resolvers are off limits.
-        "resolvConf": "",
-        "clusterDomain": "cluster.local",
+        # The base of every pod's resolv.conf names only the cluster DNS: the host's own resolvers are off
+        # this machine, so even a pod with dnsPolicy Default never asks them.
+        "resolvConf": str(layout.resolv_conf),
+        "clusterDNS": [CLUSTER_DNS_IP],
+        "clusterDomain": CLUSTER_DOMAIN,
         # A development disk is often fuller than a node's: evict only when it is really out.
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
                          "nodefs.inodesFree": "1%"},
@@ -175,6 +199,11 @@ def kubelet_config(layout: NodeLayout, pki: Path, port: int, healthz_port: int) 
         "staticPodPath": "",
         "shutdownGracePeriod": "0s",
     }
+
+
+def resolv_conf() -> str:
+    """The kubelet's base resolv.conf (see `kubelet_config`)."""
+    return f"nameserver {CLUSTER_DNS_IP}\n"
 
 
 def kubelet_command(binary: Path, layout: NodeLayout, kubeconfig: Path) -> list[str]:

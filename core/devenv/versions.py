@@ -4,6 +4,7 @@
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 KUBERNETES_VERSION = "v1.35.4"
@@ -14,8 +15,36 @@ KUBECTL_LAYER_VERSION = "2.2.2"
 
 CONTROLPLANE_BINARY = "controlplane"
 # Names the multi-call control-plane binary answers to (symlinks to it in the bin directory).
-CONTROLPLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet")
+CONTROLPLANE_COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
 LAYER_TOOLS = ("kubectl", "helm")
+
+
+@dataclass(frozen=True)
+class GoProgram:
+    """A program built from its own Go module (as the main module, with the module's own go.sum), at a
+    pinned version: rebuilt only when the pin changes."""
+
+    module: str
+    version: str
+    package: str = "."
+    # `-X` settings for the linker, as the program's own release build stamps its version.
+    version_variables: tuple[str, ...] = ()
+
+    @property
+    def pin(self) -> str:
+        return f"{self.module}@{self.version}"
+
+
+# The cluster DNS, run by `dev up --with-node` as a host process (its `kubernetes` plugin is in the default
+# build).
+COREDNS = GoProgram("github.com/coredns/coredns", "v1.15.0")
+# NetworkPolicy enforcement with iptables + ipset (kube-network-policies needs the nftables `queue`
+# expression, which these kernels lack). v2.1.0 is the only v2 release the module proxy serves, and
+# security flaws are reported against it: dev up runs only its network policy controller (no BGP, no
+# service proxy), listening on no port, with read-only RBAC (network.kube_router_rbac).
+KUBE_ROUTER = GoProgram("github.com/cloudnativelabs/kube-router/v2", "v2.1.0", "./cmd/kube-router",
+                        ("github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=v2.1.0",))
+GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER}
 
 
 def cache_root() -> Path:
@@ -43,3 +72,10 @@ def default_state_dir() -> Path:
         return Path(override)
     xdg = os.environ.get("XDG_STATE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "agentkube" / "dev"
+
+
+def program_path(name: str) -> Path:
+    """Where a GO_PROGRAMS program is built: one directory per version, so a new pin never overwrites the
+    binary a running environment uses."""
+    program = GO_PROGRAMS[name]
+    return cache_root() / "bin" / f"{name}-{program.version}" / name

@@ -1,6 +1,6 @@
 // Command controlplane is a multi-call binary: invoked as (or with a first
-// argument of) kube-apiserver, kube-controller-manager, kube-scheduler, kubelet
-// or etcd, it runs that component exactly as the upstream release binary would.
+// argument of) kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+// kube-proxy or etcd, it runs that component exactly as the upstream release binary would.
 // One binary keeps the cold build to a single link of the shared Kubernetes code.
 package main
 
@@ -22,11 +22,12 @@ import (
 	_ "k8s.io/component-base/metrics/prometheus/workqueue"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
-var components = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "etcd"}
+var components = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "etcd"}
 
 func main() {
 	name := filepath.Base(os.Args[0])
@@ -47,6 +48,9 @@ func main() {
 	case "kubelet":
 		os.Args = args
 		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
+	case "kube-proxy":
+		os.Args = args
+		os.Exit(cli.Run(proxy.NewProxyCommand()))
 	case "etcd":
 		etcdmain.Main(args)
 	default:

@@ -1,4 +1,5 @@
-"""Through the real parts: pods on a real kubelet with containerd and runc, an AgentSandbox from
+"""Through the real parts: pods on a real kubelet with containerd and runc, Services through kube-proxy
+and CoreDNS, a firewall that keeps pods' packets on this machine, an AgentSandbox from
 `kubectl apply` to Running, and tool calls through the SDK into the sandbox pod's runtime, each placed
 by the node agent (Kubernetes mode) in its own cgroup under the container's."""
 
@@ -14,7 +15,7 @@ import requests
 from kubernetes.client import CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
 from agentkube.client import ApiError, Sandbox
-from agentkube.devenv import DevEnv, images, localnode, node
+from agentkube.devenv import DevEnv, images, localnode, network, node
 from agentkube.devenv.cluster import sweep_abandoned
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api, sandbox
@@ -44,6 +45,7 @@ def test_node_is_ready_and_reports_containerd(kubectl):
     assert ready["status"] == "True"
     assert described["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     assert {"type": "InternalIP", "address": node.NODE_IP} in described["status"]["addresses"]
+    assert described["spec"]["podCIDRs"] == [node.POD_SUBNET], "allocated by the controller manager"
 
 
 def test_a_plain_pod_runs_answers_logs_exec_and_port_forward_and_leaves_nothing_when_deleted(
@@ -58,11 +60,6 @@ def test_a_plain_pod_runs_answers_logs_exec_and_port_forward_and_leaves_nothing_
 
     eventually(lambda: "serving" in kubectl("logs", "-n", namespace, "web").stdout, message="the pod's log")
     assert kubectl("exec", "-n", namespace, "web", "--", "cat", "/etc/debian_version").stdout.strip()
-    # Pods reach nothing beyond this machine: no default route.
-    probe = kubectl("exec", "-n", namespace, "web", "--", "python3", "-c",
-                    "import socket; socket.create_connection(('192.0.2.1', 80), timeout=2)", check=False)
-    assert "Network is unreachable" in probe.stderr
-
     forward = subprocess.Popen([str(bin_dir() / "kubectl"), "port-forward", "-n", namespace, "pod/web", ":8080"],
                                env=devenv.environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -76,6 +73,150 @@ def test_a_plain_pod_runs_answers_logs_exec_and_port_forward_and_leaves_nothing_
     eventually(lambda: not _cgroup_dirs(uid), timeout=60, message="the pod's cgroups removed")
     eventually(lambda: (set(node.NETNS_DIR.iterdir()) if node.NETNS_DIR.is_dir() else set()) <= netns_before,
                timeout=60, message="the pod's network namespace removed")
+
+
+def _pod_python(kubectl, namespace: str, pod: str, program: str, check: bool = True):
+    return kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", program, check=check)
+
+
+def _web_and_client(kubectl, namespace: str) -> None:
+    """A web pod behind the Service `web` (port 80 → 8080) and a client pod, started together."""
+    web = _pod_manifest("web")
+    web["metadata"]["labels"] = {"app": "web"}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    documents = [web, _pod_manifest("client"), service]
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
+    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/web", "pod/client", "--timeout=120s")
+
+
+RESOLVE_AND_FETCH = """
+import json, socket, sys, urllib.request
+names = sys.argv[1:]
+addresses = {name: socket.getaddrinfo(name, 80, proto=socket.IPPROTO_TCP)[0][4][0] for name in names}
+body = urllib.request.urlopen(f"http://{names[0]}/debian_version", timeout=10).read().decode()
+print(json.dumps({"addresses": addresses, "body": body, "resolv": open("/etc/resolv.conf").read()}))
+"""
+
+
+def test_a_pod_resolves_a_service_by_name_and_reaches_it_through_its_cluster_ip(kubectl, namespace):
+    _web_and_client(kubectl, namespace)
+    cluster_ip = kubectl("get", "-n", namespace, "service/web", "-o", "jsonpath={.spec.clusterIP}").stdout
+    names = ["web", f"web.{namespace}", f"web.{namespace}.svc.cluster.local"]
+    answer = json.loads(kubectl("exec", "-n", namespace, "client", "--", "python3", "-c", RESOLVE_AND_FETCH, *names).stdout)
+    assert answer["addresses"] == {name: cluster_ip for name in names}
+    assert answer["body"].strip()
+    assert f"nameserver {node.CLUSTER_DNS_IP}" in answer["resolv"] and "svc.cluster.local" in answer["resolv"]
+    # kube-dns is itself a Service: its ClusterIP answers over TCP too (kube-proxy → CoreDNS on the bridge).
+    _pod_python(kubectl, namespace, "client", f"import socket; socket.create_connection(('{node.CLUSTER_DNS_IP}', 53), timeout=5)")
+    # Names outside the cluster are answered by nobody: CoreDNS refuses them instead of asking upstream.
+    outside = _pod_python(kubectl, namespace, "client",
+                          "import socket, time; t = time.monotonic()\n"
+                          "try: socket.getaddrinfo('example.com', 80)\n"
+                          "except socket.gaierror as e: print('failed', round(time.monotonic() - t, 1), e)")
+    assert outside.stdout.startswith("failed"), outside.stdout
+
+
+def _firewall_drops() -> int:
+    """Packets the node's firewall dropped so far (the DROP rule's counter)."""
+    listing = subprocess.run(["iptables", "-w", "5", "-t", network.FIREWALL_TABLE, "-L", network.FIREWALL_CHAIN,
+                              "-v", "-x", "-n"], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[0]) for line in listing.splitlines()[2:] if line.split()[2] == "DROP")
+
+
+def test_a_pod_reaches_nothing_off_the_machine_its_packets_are_dropped_in_forward(kubectl, namespace):
+    # Checked first, so that a missing firewall fails the test before any packet is sent.
+    assert localnode.firewall_installed()
+    forward = subprocess.run(["iptables", "-w", "5", "-t", network.FIREWALL_TABLE, "-S", network.FIREWALL_HOOK],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert forward[1].endswith(f"-j {network.FIREWALL_CHAIN}"), "the node's jump comes first"
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pod_manifest("client")))
+    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/client", "--timeout=120s")
+    # The machine's own gateway (192.0.2.1 here) and an address routed like any public one (TEST-NET-3).
+    for address in ("192.0.2.1", "203.0.113.1"):
+        dropped = _firewall_drops()
+        probe = _pod_python(kubectl, namespace, "client",
+                            f"import socket; socket.create_connection(('{address}', 80), timeout=2)", check=False)
+        assert probe.returncode != 0 and "timed out" in probe.stderr, probe.stderr
+        assert _firewall_drops() > dropped, f"the SYN to {address} was dropped by the node's FORWARD chain"
+
+
+TEST_HOST = "akt-e2e"  # network.TEST_LINK_PREFIX: a link the firewall lets pods' traffic into
+TEST_HOST_ADDRESS, TEST_HOST_GATEWAY = "198.51.100.1", "198.51.100.254"
+
+
+def test_a_pod_reaches_a_test_host_in_a_network_namespace_routed_from_the_host(kubectl, namespace, eventually):
+    """A test host is a network namespace held by a process (not `ip netns add`, which bind-mounts
+    /run/netns over itself and so hides containerd's pod namespaces from `dev down`)."""
+    def ip(*args: str, netns: int | None = None) -> None:
+        prefix = ["nsenter", "-t", str(netns), "-n"] if netns else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
+
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    server = None
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+        eventually(lambda: os.stat(f"/proc/{holder.pid}/ns/net").st_ino != own, timeout=10, message="netns made")
+        ip("link", "add", TEST_HOST, "type", "veth", "peer", "name", "eth0", "netns", str(holder.pid))
+        ip("addr", "add", f"{TEST_HOST_GATEWAY}/24", "dev", TEST_HOST)
+        ip("link", "set", TEST_HOST, "up")
+        ip("addr", "add", f"{TEST_HOST_ADDRESS}/24", "dev", "eth0", netns=holder.pid)
+        ip("link", "set", "eth0", "up", netns=holder.pid)
+        ip("route", "add", node.POD_SUBNET, "via", TEST_HOST_GATEWAY, netns=holder.pid)
+        server = subprocess.Popen(["nsenter", "-t", str(holder.pid), "-n", sys.executable, "-m", "http.server",
+                                   "--bind", TEST_HOST_ADDRESS, "8080", "--directory", "/etc"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pod_manifest("client")))
+        kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/client", "--timeout=120s")
+        fetch = _pod_python(kubectl, namespace, "client",
+                            "import time, urllib.request\n"
+                            "for attempt in range(50):\n"
+                            "    try: print(urllib.request.urlopen("
+                            f"'http://{TEST_HOST_ADDRESS}:8080/debian_version', timeout=5).status); break\n"
+                            "    except OSError: time.sleep(0.2)\n")
+        assert fetch.stdout.strip() == "200"
+    finally:
+        for process in (server, holder):
+            if process is not None:
+                process.kill()
+                process.wait()
+        subprocess.run(["ip", "link", "delete", TEST_HOST], capture_output=True)  # gone with the netns, normally
+
+
+NO_ENFORCER = ("no NetworkPolicy enforcer runs on this node: kube-network-policies needs the nftables `queue` "
+               "expression (CONFIG_NFT_QUEUE is unset on this kernel), and kube-router is not running")
+
+
+def test_a_network_policy_that_denies_ingress_is_enforced_and_lifted(devenv, kubectl, namespace, eventually):
+    if not devenv.status().get("kube-router"):
+        pytest.skip(NO_ENFORCER)
+    _web_and_client(kubectl, namespace)
+    web_ip = kubectl("get", "-n", namespace, "pod/web", "-o", "jsonpath={.status.podIP}").stdout
+    connect = f"import socket; socket.create_connection(('{web_ip}', 8080), timeout=2); print('connected')"
+
+    def reachable() -> bool:
+        return _pod_python(kubectl, namespace, "client", connect, check=False).stdout.strip() == "connected"
+
+    assert reachable(), "without a policy, pods reach each other"
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "deny-web"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]}}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deny))
+    eventually(lambda: not reachable(), timeout=60, message="the deny-ingress policy enforced")
+    kubectl("delete", "-n", namespace, "networkpolicy/deny-web")
+    eventually(reachable, timeout=60, message="the policy lifted")
+
+    # Egress like a sandbox's (operator.sandbox.network_policy_manifest): DNS to kube-dns only. Names still
+    # resolve (CoreDNS is a host process no pod selector matches, reached on its ClusterIP), nothing else.
+    dns_only = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "dns-only"},
+                "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"], "egress": [
+                    {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}}
+    kubectl("label", "-n", namespace, "pod/client", "app=client")
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(dns_only))
+    eventually(lambda: not reachable(), timeout=60, message="the egress policy enforced")
+    cluster_ip = kubectl("get", "-n", namespace, "service/web", "-o", "jsonpath={.spec.clusterIP}").stdout
+    resolved = _pod_python(kubectl, namespace, "client", "import socket; print(socket.getaddrinfo('web', 80)[0][4][0])")
+    assert resolved.stdout.strip() == cluster_ip
 
 
 SANDBOX = {
@@ -102,7 +243,7 @@ def test_agent_sandbox_runs_on_the_node_suspends_and_resumes(operator, api_clien
     assert status["nodeName"] == node.NODE_NAME and status["podName"] == "box"
     pod = CoreV1Api(api_client).read_namespaced_pod("box", namespace)
     assert pod.status.phase == "Running" and pod.spec.node_name == node.NODE_NAME
-    # The policy object is there; enforcing it takes a policy-capable CNI (see README).
+    # The policy object is there (kube-router enforces it on this node).
     assert NetworkingV1Api(api_client).read_namespaced_network_policy("box", namespace)
     # Right after Running: the SDK waits the moment it takes the node agent to register the pod.
     assert Sandbox("box", namespace).run(["true"]).exit_code == 0
@@ -319,6 +460,10 @@ def test_dev_down_leaves_no_container_mount_namespace_bridge_or_process(devenv):
     leftovers = subprocess.run(["pgrep", "-f", socket], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes of the node still running: {leftovers}"
     assert not node.NODE_LOCK.exists()
+    assert not localnode.firewall_installed(), "the node's iptables chain is gone"
+    assert not localnode.kube_proxy_rules_present(), "kube-proxy's chains are gone"
+    assert not localnode.node_chains_present(), "the kubelet's, kube-proxy's and kube-router's chains are gone"
+    assert not localnode.node_ipsets_present(), "kube-router's ipsets are gone"
 
 
 ABANDONED = """

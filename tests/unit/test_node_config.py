@@ -38,9 +38,10 @@ def test_containerd_runs_runc_with_cgroupfs_and_keeps_everything_in_the_environm
         assert path.startswith("/state/node/")
 
 
-def test_pods_get_the_subnet_only_no_default_route_and_no_masquerade():
+def test_pods_route_through_the_node_without_masquerade():
     bridge = node.cni_conflist(NODE_LAYOUT)["plugins"][0]
-    assert bridge["isDefaultGateway"] is False and bridge["ipMasq"] is False
+    # What may leave the bridge is the node firewall's to decide (test_network_config), never a NAT's.
+    assert bridge["isDefaultGateway"] is True and bridge["ipMasq"] is False
     subnet = ipaddress.ip_network(node.POD_SUBNET)
     (pod_range,) = bridge["ipam"]["ranges"][0]
     assert ipaddress.ip_address(node.NODE_IP) in subnet and pod_range["gateway"] == node.NODE_IP
@@ -54,7 +55,9 @@ def test_kubelet_authenticates_and_authorizes_every_caller_and_accepts_this_host
     assert kubelet["authorization"]["mode"] == "Webhook" and kubelet["readOnlyPort"] == 0
     assert kubelet["address"] == node.NODE_IP and kubelet["healthzBindAddress"] == "127.0.0.1"
     assert kubelet["cgroupDriver"] == "cgroupfs" and kubelet["failCgroupV1"] is False
-    assert kubelet["resolvConf"] == "", "pods get no route to the host's resolvers"
+    assert kubelet["resolvConf"] == "/state/node/resolv.conf", "pods never get the host's resolvers"
+    assert node.resolv_conf() == f"nameserver {node.CLUSTER_DNS_IP}\n"
+    assert kubelet["clusterDNS"] == [node.CLUSTER_DNS_IP] and kubelet["clusterDomain"] == "cluster.local"
     flags = _flags(config.kubelet_command(Path("kubelet"), LAYOUT, PORTS))
     assert flags["hostname-override"] == node.NODE_NAME and flags["node-ip"] == node.NODE_IP
     assert flags["kubeconfig"] == str(LAYOUT.client_kubeconfig("kubelet-client"))
