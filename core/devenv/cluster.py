@@ -16,16 +16,17 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
 import yaml
 
+from agentkube.contract import AGENT_SOCKET
 from agentkube.devenv import config, images, localnode, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import InstallError, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
-from agentkube.contract import AGENT_SOCKET
 
 POLL_INTERVAL = 0.1
 
@@ -75,7 +76,7 @@ def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
     which component may do what is decided there and checked by the unit tests."""
     ca, ca_key = pki.new_ca("agentkube-dev-ca", now)
     front_proxy_ca, front_proxy_ca_key = pki.new_ca("agentkube-dev-front-proxy-ca", now)
-    loopback = {"dns_names": ("localhost",), "ip_addresses": (config.LOOPBACK,)}
+    loopback: dict[str, Any] = {"dns_names": ("localhost",), "ip_addresses": (config.LOOPBACK,)}
     credentials = {
         "ca": ca,
         "etcd": pki.issue(ca, ca_key, "etcd", now, server=True, client=True, **loopback),
@@ -354,7 +355,7 @@ class DevEnv:
 
     def _write_files(self) -> None:
         layout, ports = self.layout, self._require_ports()
-        credentials = issue_credentials(datetime.datetime.now(datetime.timezone.utc))
+        credentials = issue_credentials(datetime.datetime.now(datetime.UTC))
         for name, pair in credentials.items():
             _write_private(layout.cert(name), pair.cert_pem)
             _write_private(layout.key(name), pair.key_pem)
@@ -384,6 +385,7 @@ class DevEnv:
         if component.health_probe:
             return component.health_probe()
         client = component.health_client
+        assert component.health_url is not None  # a component is checked by a socket, a probe or a URL
         cert = (str(self.layout.cert(client)), str(self.layout.key(client))) if client else None
         try:
             response = requests.get(component.health_url(self.ports), cert=cert, verify=str(self.layout.cert("ca")), timeout=2)

@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agentkube.devenv.images import ImageError
-from agentkube.devenv.localnode import NodeError
 from agentkube.devenv.cluster import DevEnv, DevEnvError
+from agentkube.devenv.images import ImageError
 from agentkube.devenv.install import InstallError, install_all
+from agentkube.devenv.localnode import NodeError
 from agentkube.devenv.versions import bin_dir, default_state_dir
 
 dev_app = typer.Typer(help="A real local control plane and Prometheus, for development and tests.", no_args_is_help=True)

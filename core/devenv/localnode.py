@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psutil
 
+from agentkube.contract import RUNTIME_SOCKET_DIR
 from agentkube.devenv import network, node
 from agentkube.devenv.node import BRIDGE, CONTAINERD_NAMESPACE, CTR, NODE_LOCK, NodeLayout
-from agentkube.contract import RUNTIME_SOCKET_DIR
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBEPODS = "kubepods"
@@ -285,8 +285,8 @@ def clean_host(layout: NodeLayout, environment: Path, netns: set[str], kube_prox
     clean_network(kube_proxy)
     for hierarchy in hierarchies:
         remove_cgroup_tree(hierarchy / KUBEPODS)
-    for path in KUBELET_FIXED_SOCKETS:
-        path.unlink(missing_ok=True)
+    for fixed in KUBELET_FIXED_SOCKETS:
+        fixed.unlink(missing_ok=True)
     for link in RUNTIME_SOCKET_DIR.glob("*/*.sock") if RUNTIME_SOCKET_DIR.is_dir() else ():
         if link.is_symlink() and str(os.readlink(link)).startswith(str(layout.root)):
             link.unlink()

@@ -473,7 +473,8 @@ env = temporary_env(with_prometheus=False, with_node=True).up()
 manifest = sys.stdin.read()
 import subprocess
 subprocess.run([sys.argv[1], "apply", "-f", "-"], input=manifest, text=True, env=env.environ(), check=True, capture_output=True)
-subprocess.run([sys.argv[1], "wait", "--for=condition=Ready", "pod/web", "--timeout=120s"], env=env.environ(), check=True, capture_output=True)
+subprocess.run([sys.argv[1], "wait", "--for=condition=Ready", "pod/web", "--timeout=120s"], env=env.environ(), check=True,
+               capture_output=True)
 print(env.layout.root, flush=True)
 time.sleep(600)
 """
