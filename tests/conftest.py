@@ -1,6 +1,5 @@
 """Shared fixtures. Integration tests share one real control plane for the whole session."""
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,21 +26,6 @@ def _raise_keyboard_interrupt(signum, frame):
 def pytest_configure(config: pytest.Config) -> None:
     # A run stopped with SIGTERM (a CI time-out, `kill`) unwinds like Ctrl-C, so fixtures tear down.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def kubectl_cache_outside_the_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """kubectl keeps a discovery cache in $HOME/.kube/cache; where HOME is unset that is `.kube/` in the
-    working directory, which was the repository (and got committed). Every kubectl a test starts, directly
-    or through `DevEnv.environ()` (which passes this process's environment on), caches in the session's
-    temporary directory instead."""
-    previous = os.environ.get("KUBECACHEDIR")
-    os.environ["KUBECACHEDIR"] = str(tmp_path_factory.mktemp("kube-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("KUBECACHEDIR", None)
-    else:
-        os.environ["KUBECACHEDIR"] = previous
 
 
 @pytest.fixture(scope="session")

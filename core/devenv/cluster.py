@@ -197,9 +197,12 @@ class DevEnv:
         return config.prometheus_url(self._require_ports())
 
     def environ(self) -> dict[str, str]:
-        """This process's environment, pointed at this environment: KUBECONFIG, and kubectl/helm first on PATH."""
+        """This process's environment, pointed at this environment: KUBECONFIG, and kubectl/helm first on PATH.
+        kubectl's discovery cache goes to the environment's directory unless the caller chose a place: without
+        HOME it would be `.kube/` in the working directory (once the repository, where it got committed)."""
         path = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path}
+        cache = os.environ.get("KUBECACHEDIR") or str(self.layout.root / "kube-cache")
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": path, "KUBECACHEDIR": cache}
 
     def status(self) -> dict[str, bool]:
         """Whether each component is running and answering its health check."""
