@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -419,25 +420,52 @@ def test_a_call_reaches_a_service_by_name_exactly_when_its_network_allows(operat
     assert nothing.exit_code != 0 and nothing.usage.dns_refused >= 1, nothing
 
 
+LISTENER = """
+import socket, sys, time
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+server.settimeout(1)
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    try:
+        conn, _ = server.accept()
+    except TimeoutError:
+        continue
+    with conn:
+        conn.sendall(b"hi")
+"""
+
+
 def test_no_other_pod_can_get_a_call_run(operator, api_client, kubectl, namespace, eventually):
     """The runtime listens on a unix socket in the pod only, so no pod can get a call run over the network,
-    whatever the CNI; where NetworkPolicy is enforced (kube-router here), a pod without the client label
-    cannot even reach the sandbox pod's runtime port."""
-    _running(api_client, kubectl, namespace, eventually, "target")
+    whatever the CNI. Where NetworkPolicy is enforced (kube-router here), a pod without the client label
+    cannot even reach the sandbox pod's runtime port: shown with a listener on that port (a tool call
+    allowed to answer the pod network), which a labelled client reaches and an unlabelled pod does not."""
+    spec = json.loads(json.dumps(SANDBOX))
+    spec["tools"]["profiles"]["listen"] = {"network": {"egress": "explicit", "allow": [{"cidr": node.POD_SUBNET}]}}
+    target = _running(api_client, kubectl, namespace, eventually, "target", spec)
     target_ip = CoreV1Api(api_client).read_namespaced_pod("target", namespace).status.pod_ip
     client = _pod_manifest("client")
     client["metadata"]["labels"] = {sandbox.CLIENT_LABEL: "true"}
     for pod in (_pod_manifest("intruder"), client):
         kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
     kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/intruder", "pod/client", "--timeout=120s")
-    connect = f"import socket; socket.create_connection(({target_ip!r}, {sandbox.SANDBOX_RUNTIME_PORT}), timeout=3)"
+    port = sandbox.SANDBOX_RUNTIME_PORT
+    connect = f"import socket; print(socket.create_connection(({target_ip!r}, {port}), timeout=3).recv(2).decode())"
 
-    def attempt(pod: str) -> str:
-        tried = kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", connect, check=False)
-        assert tried.returncode != 0, f"{pod} connected to the sandbox's runtime port"
-        return tried.stderr
-    assert "timed out" in attempt("intruder")  # dropped by the sandbox's NetworkPolicy
-    assert "ConnectionRefused" in attempt("client")  # let through, and nothing listens: the runtime is not on TCP
+    def attempt(pod: str):
+        return kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", connect, check=False)
+
+    nothing_listens = attempt("client")
+    assert nothing_listens.returncode != 0 and "ConnectionRefused" in nothing_listens.stderr  # not on TCP at all
+    listening = threading.Thread(target=lambda: target.run(["python3", "-c", LISTENER, str(port)], profile="listen",
+                                                           timeout=60))
+    listening.start()
+    try:
+        eventually(lambda: attempt("client").stdout == "hi\n", timeout=30, message="the labelled client never got through")
+        intruder = attempt("intruder")
+        assert intruder.returncode != 0 and "hi" not in intruder.stdout, intruder
+    finally:
+        listening.join(timeout=90)
 
 
 def test_a_second_node_is_refused_and_leaves_the_first_running(devenv, kubectl, tmp_path):
