@@ -9,8 +9,9 @@ PYTHON ?= python3
 VENV := .venv
 CACHE := $(or $(AGENTKUBE_CACHE),$(HOME)/.cache/agentkube)
 WHEELS := $(CACHE)/wheels
-# `train` (stable-baselines3, torch) for the PPO pipeline's tests; the operator needs none of it at run time.
-EXTRAS := test,train
+# `train` (stable-baselines3, torch) for the PPO pipeline's tests, `dashboards` (grafana-foundation-sdk,
+# matplotlib) to generate and render the Grafana dashboards; the operator needs none of it at run time.
+EXTRAS := test,train,dashboards
 export PIP_CACHE_DIR := $(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

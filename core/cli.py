@@ -4,6 +4,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
+from agentkube.dashboard_commands import dashboards_app
 from agentkube.devenv.commands import dev_app
 from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
 from agentkube.operator.commands import crds_app, operator_app
@@ -21,6 +22,7 @@ app.add_typer(crds_app, name="crds")
 app.add_typer(rl_app, name="rl")
 app.add_typer(node_agent_app, name="node-agent")
 app.add_typer(sandbox_runtime_app, name="sandbox-runtime")
+app.add_typer(dashboards_app, name="dashboards")
 
 
 @app.command()
