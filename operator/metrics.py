@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agentkube.operator import autoscaling
 from agentkube.operator.api import SandboxPhase
 
 RECONCILES = Counter(
@@ -37,6 +38,16 @@ SPOT_SHARE = Gauge("agentkube_servedmodel_spot_share", "The share of replicas th
                    MODEL_LABELS)
 
 SANDBOX_PHASES: tuple[str, ...] = get_args(SandboxPhase)
+KINDS = ("AgentSandbox", "ServedModel")
+DECISION_REASONS = (autoscaling.DECIDED, autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE,
+                    autoscaling.PROMETHEUS_UNREACHABLE, autoscaling.PROMETHEUS_NOT_CONFIGURED, autoscaling.DECISION_FAILED)
+# Every bounded label value exists from the start (at zero): an error rate or a fallback count is then 0,
+# not "no data", and `rate()` sees the first increase.
+for _kind in KINDS:
+    for _result in ("success", "error"):
+        RECONCILES.labels(_kind, _result)
+for _reason in DECISION_REASONS:
+    AUTOSCALING_DECISIONS.labels(_reason)
 
 
 @contextmanager
