@@ -11,6 +11,7 @@ where there is no Knative).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterable
@@ -272,7 +273,6 @@ def render_png(dashboard: Dashboard, prometheus_url: str, out: Path, *, minutes:
     columns = 2
     rows = (len(dashboard.panels) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(14, 3.2 * rows), squeeze=False)
-    import datetime as dt
 
     for index, panel in enumerate(dashboard.panels):
         axis = axes[index // columns][index % columns]
@@ -291,7 +291,8 @@ def render_png(dashboard: Dashboard, prometheus_url: str, out: Path, *, minutes:
         else:
             axis.text(0.5, 0.5, "No data", transform=axis.transAxes, ha="center", va="center", color="grey")
         axis.set_ylabel(panel.unit, fontsize=8)
-        axis.xaxis.set_major_formatter(DateFormatter("%H:%M"))
+        axis.set_xlim(dt.datetime.fromtimestamp(start), dt.datetime.fromtimestamp(end))  # one time range, as in Grafana
+        axis.xaxis.set_major_formatter(DateFormatter("%H:%M" if minutes > 10 else "%H:%M:%S"))
         axis.tick_params(labelsize=7)
         axis.grid(alpha=0.3)
     for index in range(len(dashboard.panels), rows * columns):
