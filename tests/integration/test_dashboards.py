@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from kubernetes.client import CustomObjectsApi
 
 from agentkube import dashboards
@@ -30,7 +31,7 @@ from agentkube.devenv import process
 from agentkube.devenv.cluster import free_port
 from agentkube.ebpf.local import LocalNodeAgent
 from agentkube.operator import api, autoscaling
-from harness import KNATIVE_CRD, Operator, install_operator
+from harness import CHART, KNATIVE_CRD, Operator, install_operator
 
 PY = sys.executable
 MODEL = "llm"
@@ -191,3 +192,42 @@ def test_each_dashboard_renders_to_png_from_the_same_queries(workload, tmp_path)
                                          minutes=(time.time() - workload.started_at) / 60) for dashboard in dashboards.DASHBOARDS]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+# --- the chart ships what this module builds ------------------------------------------------------------
+def _helm_template(*args: str) -> list[dict]:
+    from agentkube.devenv.versions import bin_dir
+
+    rendered = subprocess.run([str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", "monitoring-test",
+                               *args], capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+def test_the_chart_ships_each_dashboard_as_a_labelled_configmap_by_default():
+    maps = [d for d in _helm_template() if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    shipped = {name: json.loads(text) for m in maps for name, text in m["data"].items()}
+    assert shipped == {d.filename: dashboards.build(d) for d in dashboards.DASHBOARDS}
+    assert not [d for d in _helm_template("--set", "dashboards.enabled=false") if d["kind"] == "ConfigMap"]
+
+
+def test_the_prometheus_rule_carries_the_rules_file_and_is_off_by_default():
+    assert not [d for d in _helm_template() if d["kind"] in ("PrometheusRule", "ServiceMonitor")]
+    rules = yaml.safe_load((CHART / "rules" / "agentkube.rules.yaml").read_text())
+    [rule] = [d for d in _helm_template("--set", "prometheusRule.enabled=true", "--set", "prometheusRule.labels.release=kps")
+              if d["kind"] == "PrometheusRule"]
+    assert rule["spec"] == rules and rule["metadata"]["labels"]["release"] == "kps"
+
+
+def test_service_monitors_for_the_operator_and_the_node_agent_name_the_jobs_the_alerts_use():
+    docs = _helm_template("--set", "serviceMonitor.enabled=true")
+    services = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == "Service"
+                and "agentkube.dev/metrics-job" in d["metadata"]["labels"]}
+    monitors = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(services) == set(monitors) == {"operator", "node-agent"}
+    for component, job in (("operator", dashboards.OPERATOR_JOB), ("node-agent", dashboards.NODE_AGENT_JOB)):
+        service, monitor = services[component], monitors[component]
+        assert service["metadata"]["labels"]["agentkube.dev/metrics-job"] == job
+        assert monitor["spec"]["jobLabel"] == "agentkube.dev/metrics-job"
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == component
+        assert service["spec"]["ports"][0]["targetPort"] == "metrics"
