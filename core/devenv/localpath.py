@@ -76,10 +76,11 @@ def helper_pod(image: str) -> dict[str, Any]:
 def provisioner_rbac(user: str) -> list[dict[str, Any]]:
     """Least privilege for what the provisioner does (module docstring): cluster-wide on volumes, claims,
     classes, nodes and events; pods only in its own namespace."""
-    cluster_role = {
+    name = "agentkube:local-path-provisioner"
+    cluster_role: dict[str, Any] = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": {"name": "agentkube:local-path-provisioner"},
+        "metadata": {"name": name},
         "rules": [
             {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "update"]},
             {"apiGroups": [""], "resources": ["persistentvolumes"],
@@ -89,23 +90,23 @@ def provisioner_rbac(user: str) -> list[dict[str, Any]]:
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
         ],
     }
-    role = {
+    role: dict[str, Any] = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": {"name": "agentkube:local-path-provisioner", "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": NAMESPACE},
         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "create", "delete"]}],
     }
     subject = [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
     return [
         cluster_role,
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "agentkube:local-path-provisioner"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role["metadata"]["name"]},
+         "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
          "subjects": subject},
         role,
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "agentkube:local-path-provisioner", "namespace": NAMESPACE},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]},
+         "metadata": {"name": name, "namespace": NAMESPACE},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
          "subjects": subject},
     ]
 
