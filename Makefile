@@ -1,6 +1,7 @@
 # The two commands a newcomer needs:
-#   make dev   -- a real local control plane, Prometheus and a node, and how to point kubectl at it
+#   make demo  -- agentkube on a local cluster: helm install, a sandbox, an agent's tool calls, a summary
 #   make test  -- install everything and run the whole test suite
+# (`make dev` brings up the local cluster alone; `make down` removes it.)
 # Heavy downloads and builds are cached outside the repository (~/.cache/agentkube, Go's module and build
 # caches), so only the first run on a machine is slow.
 
@@ -26,7 +27,11 @@ APT_PACKAGES += containerd runc containernetworking-plugins iproute2 iptables mm
 # ipset for kube-router's network policy controller (NetworkPolicy enforcement on the node).
 APT_PACKAGES += ipset
 
-.PHONY: test dev down deps venv tools unit lint clean ebpf-host
+.PHONY: demo test dev down deps venv tools unit lint clean ebpf-host
+
+# agentkube's main job on the local cluster: the node, `helm install`, a sandbox and an agent's tool calls.
+demo: deps venv tools ebpf-host
+	$(VENV)/bin/agentkube demo
 
 test: deps venv tools ebpf-host lint
 	$(VENV)/bin/pytest
