@@ -49,6 +49,9 @@ NODE_AGENT_PACKAGES = ("python3-bpfcc", "iproute2")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "agentkube"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The user the chart runs the operator as (runAsUser), named in /etc/passwd and /etc/group as distroless
+# images name it: Python's getpass.getuser() (which Kopf calls for its peering identity) fails without.
+NONROOT_UID, NONROOT_NAME = 65532, "nonroot"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -328,12 +331,27 @@ def _wheel_source() -> list[str]:
     return ["--no-index", "--find-links", str(wheels)] if any(wheels.glob("*.whl")) else []
 
 
+def with_nonroot_user(passwd: str, group: str) -> tuple[str, str]:
+    """The base's /etc/passwd and /etc/group with the NONROOT user and group appended."""
+    return (passwd.rstrip("\n") + f"\n{NONROOT_NAME}:x:{NONROOT_UID}:{NONROOT_UID}:{NONROOT_NAME}:/nonexistent:/usr/sbin/nologin\n",
+            group.rstrip("\n") + f"\n{NONROOT_NAME}:x:{NONROOT_UID}:\n")
+
+
+def _base_file(base: Path, name: str) -> str:
+    with tarfile.open(base) as archive:
+        handle = archive.extractfile(f"./{name}")
+        return handle.read().decode() if handle else ""
+
+
 def agentkube_layer(log=print) -> Layer:
-    """/opt/agentkube/lib: agentkube and its runtime dependencies (not the test or training extras)."""
+    """/opt/agentkube/lib: agentkube and its runtime dependencies (not the test or training extras), and
+    the non-root user the chart runs it as."""
+    base = debian_rootfs(log=log)
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     sources = package_sources(pyproject, REPO_ROOT)
     requirements = pyproject["project"]["dependencies"]
-    key = json.dumps({"requirements": requirements, "python": sys.version_info[:2],
+    key = json.dumps({"base": _sha256_file(base), "user": [NONROOT_UID, NONROOT_NAME],
+                      "requirements": requirements, "python": sys.version_info[:2],
                       "wheels": sorted(path.name for path in wheels_dir().glob("*.whl")),
                       "sources": {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sources.items()}})
 
@@ -347,6 +365,10 @@ def agentkube_layer(log=print) -> Layer:
             (site / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, site / name)
         shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter
+        passwd, group = with_nonroot_user(_base_file(base, "etc/passwd"), _base_file(base, "etc/group"))
+        (root / "etc").mkdir()
+        (root / "etc" / "passwd").write_text(passwd)
+        (root / "etc" / "group").write_text(group)
         tar_directory(root, scratch / "out.tar")
 
     return layer(_cached("agentkube-layer", key, build))

@@ -60,3 +60,10 @@ def test_the_node_agent_runs_on_the_host_by_default_or_not_at_all():
     assert [c.name for c in cluster.node_components("none")] == [c.name for c in cluster.NODE if c.name != "node-agent"]
     with pytest.raises(ValueError):
         cluster.node_components("daemonset")
+
+
+def test_the_nonroot_user_is_added_to_the_bases_accounts():
+    passwd, group = images.with_nonroot_user("root:x:0:0:root:/root:/bin/bash\n", "root:x:0:\n")
+    assert passwd.splitlines() == ["root:x:0:0:root:/root:/bin/bash",
+                                   "nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin"]
+    assert group.splitlines() == ["root:x:0:", "nonroot:x:65532:"]
