@@ -77,12 +77,13 @@ class NodeAgentServer:
     """A node agent and its API server, started and stopped together."""
 
     def __init__(self, socket_path: Path, state_dir: Path, instance: str = "agentkube", metrics_port: int | None = None,
-                 favor_dynmods: bool = False, local: bool = True, egress=None):
+                 favor_dynmods: bool = False, local: bool = True, egress=None, metrics_address: str = "127.0.0.1"):
         self.agent = NodeAgent(state_dir, instance=instance, favor_dynmods=favor_dynmods, local=local, egress=egress)
         self.server = UnixHttpServer(socket_path, routes(self.agent))
         if metrics_port is not None:
-            # Loopback only: a scraper on the node (or a Service through the pod's network) reads it there.
-            start_http_server(metrics_port, addr="127.0.0.1", registry=self.agent.metrics.registry)
+            # One address, never all of them: loopback for a scraper on the node, or the node's own address for
+            # a Service in front of a DaemonSet on the host network.
+            start_http_server(metrics_port, addr=metrics_address, registry=self.agent.metrics.registry)
         self.sandbox_server: UnixHttpServer | None = None
         self.watcher: PodWatcher | None = None
 

@@ -28,7 +28,9 @@ def run_node_agent(
     kubelet_root_dir: Path = typer.Option(Path("/var/lib/kubelet"), help="Kubernetes mode: the kubelet's --root-dir"),
     state_dir: Path = typer.Option(AGENT_STATE_DIR, help="running calls, sandboxes, history, audit log"),
     instance: str = typer.Option("agentkube", help="name of the cgroup root and bpffs directory"),
-    metrics_port: int | None = typer.Option(None, help="also serve /metrics on 127.0.0.1:PORT"),
+    metrics_port: int | None = typer.Option(None, help="also serve /metrics on METRICS_ADDRESS:PORT"),
+    metrics_address: str = typer.Option("127.0.0.1", help="where /metrics listens: loopback, or (a DaemonSet on "
+                                                          "the host network) the node's own address for its Service"),
     favor_dynmods: bool = typer.Option(False, "--favor-dynmods",
                                        help="remount the v2 hierarchy with favordynmods: ~10 ms less per call "
                                             "(no RCU wait on each process move), a little more per fork/exit"),
@@ -61,7 +63,7 @@ def run_node_agent(
                                          cluster_domain=cluster_domain, kubeconfig=kubeconfig, instance=instance)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port,
+    server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port, metrics_address=metrics_address,
                              favor_dynmods=favor_dynmods, local=local, egress=egress)
     if not local:
         server.serve_kubernetes(str(node_name), sandbox_socket, kubelet_root_dir, kubeconfig)

@@ -1,12 +1,18 @@
 """What integration and end-to-end tests share: the operator as it runs in production (a child process
 authenticated as the chart's service account, with the chart's RBAC)."""
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from agentkube.devenv import DevEnv, process
+import pytest
+
+from agentkube.devenv import DevEnv, process, temporary_env
 from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import crds
@@ -77,3 +83,16 @@ def kubectl_runner(devenv: DevEnv):
                               text=True, check=check, input=input, timeout=60)
 
     return run
+
+
+@contextmanager
+def node_environment(request: pytest.FixtureRequest, node_agent: str = "host") -> Iterator[DevEnv]:
+    """A temporary environment with the node (`node_agent`: see DevEnv), its logs kept if a test failed."""
+    failed_before = request.session.testsfailed
+    with temporary_env(with_prometheus=False, with_node=True, node_agent=node_agent) as env:
+        yield env
+        if request.session.testsfailed > failed_before and env.layout.logs.is_dir():
+            # The environment goes with the fixture: keep its components' logs for whoever reads the failure.
+            kept = Path(tempfile.mkdtemp(prefix="agentkube-e2e-logs-"))
+            shutil.copytree(env.layout.logs, kept, dirs_exist_ok=True)
+            print(f"the node's component logs are kept in {kept}")

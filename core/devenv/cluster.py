@@ -74,6 +74,16 @@ NETWORK_POLICY = Component("kube-router", config.kube_router_command, health_pro
 LOCAL_PATH = Component("local-path-provisioner", config.local_path_provisioner_command, health_probe=lambda: True)
 NODE_COMPONENTS_AFTER_READY = (NETWORK_POLICY, LOCAL_PATH)
 NODE_READY_SECONDS = 120.0
+# Where the node agent runs: a host process that `up` starts (the default), or nowhere, for a node agent
+# that the chart's DaemonSet runs (one per node: two would share the sockets and the pins).
+NODE_AGENT_MODES = ("host", "none")
+
+
+def node_components(node_agent: str) -> tuple[Component, ...]:
+    """The node's processes after containerd, in start order, for a node-agent mode."""
+    if node_agent not in NODE_AGENT_MODES:
+        raise ValueError(f"node agent {node_agent!r}: one of {', '.join(NODE_AGENT_MODES)}")
+    return tuple(c for c in NODE if node_agent == "host" or c.name != "node-agent")
 
 
 def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
@@ -112,14 +122,14 @@ def _optional_binary(name: str) -> Path | None:
 TEMPORARY_PREFIX = "agentkube-"
 
 
-def temporary_env(*, with_prometheus: bool = True, with_node: bool = False) -> "DevEnv":
+def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node_agent: str = "host") -> "DevEnv":
     """An environment in a fresh temporary directory whose processes die with this Python process.
 
     `down()` removes the directory. A process killed outright (SIGKILL) cannot do that, so every new
     temporary environment first sweeps the directories of owners that no longer exist."""
     sweep_abandoned()
     root = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
-    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node)
+    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node, node_agent=node_agent)
 
 
 def sweep_abandoned() -> list[Path]:
@@ -157,12 +167,15 @@ def _write_private(path: Path, data: bytes) -> None:
 
 class DevEnv:
     def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True,
-                 with_node: bool = False):
+                 with_node: bool = False, node_agent: str = "host"):
         """`tie_to_parent`: the processes die with this Python process (tests); otherwise they outlive it
-        (`agentkube dev up`). `with_node`: also a node that runs pods (one per machine)."""
+        (`agentkube dev up`). `with_node`: also a node that runs pods (one per machine). `node_agent`:
+        `host` starts the node agent as a host process, `none` leaves it to the chart's DaemonSet."""
         self.layout = Layout(Path(state_dir))
         self.tie_to_parent = tie_to_parent
         self.with_node = with_node
+        self.node_components = node_components(node_agent)
+        self.node_agent = node_agent
         self.components = CONTROL_PLANE + ((PROMETHEUS,) if with_prometheus else ())
         self.ports: Ports | None = None
         self.processes: list[process.ProcessRecord] = []
@@ -177,6 +190,8 @@ class DevEnv:
             self.ports = Ports(**state["ports"])
             self.processes = [process.ProcessRecord.from_json(p) for p in state["processes"]]
             self.with_node = self.with_node or state.get("with_node", False)
+            self.node_agent = state.get("node_agent", "host")
+            self.node_components = node_components(self.node_agent)
 
     def _save_state(self) -> None:
         assert self.ports is not None
@@ -184,6 +199,7 @@ class DevEnv:
             "kubernetes_version": KUBERNETES_VERSION,
             "ports": asdict(self.ports),
             "with_node": self.with_node,
+            "node_agent": self.node_agent,
             "processes": [p.to_json() for p in self.processes],
         }
         _write_private(self.layout.state, json.dumps(state, indent=2).encode())
@@ -228,7 +244,7 @@ class DevEnv:
         self.down()  # leftovers of a crashed or partial run: start clean
         binaries = {c.name: require_binary(c.binary or c.name) for c in self._all_components()}
         # Images first and outside the deadline: the first Debian root filesystem takes a minute or two.
-        archives = [images.pause_archive(), images.sandbox_archive()] if self.with_node else []
+        archives = [images.pause_archive(), images.sandbox_archive(), *images.component_archives()] if self.with_node else []
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
@@ -306,7 +322,7 @@ class DevEnv:
 
     # ----- internals -------------------------------------------------------------------------------
     def _all_components(self) -> tuple[Component, ...]:
-        return self.components + ((CONTAINERD, *NODE, *NODE_COMPONENTS_AFTER_READY) if self.with_node else ())
+        return self.components + ((CONTAINERD, *self.node_components, *NODE_COMPONENTS_AFTER_READY) if self.with_node else ())
 
     def _start(self, component: Component, binary: Path, deadline: float) -> None:
         started = time.monotonic()
@@ -343,7 +359,7 @@ class DevEnv:
         config_dir = config.local_path_config_dir(layout)
         for name, content in localpath.config_files(localpath.data_dir(node_layout.root), images.SANDBOX_IMAGE).items():
             _write_private(config_dir / name, content.encode())
-        for component in NODE:
+        for component in self.node_components:
             self._start(component, binaries[component.name], deadline)
         # While the kubelet registers its node (it needs no image for that), the images go into containerd.
         for archive in archives:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agentkube.devenv.cluster import DevEnv, DevEnvError
+from agentkube.devenv.cluster import NODE_AGENT_MODES, DevEnv, DevEnvError
 from agentkube.devenv.images import ImageError
 from agentkube.devenv.install import InstallError, install_all
 from agentkube.devenv.localnode import NodeError
@@ -44,10 +44,15 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every component to be healthy.")] = 120.0,
     with_node: Annotated[bool, typer.Option("--with-node", help="Also run a node (containerd, runc, kubelet, "
                                             "kube-scheduler, the node agent) so that pods run; needs root.")] = False,
+    node_agent: Annotated[str, typer.Option(
+        "--node-agent", help="with --with-node: `host` runs the node agent as a host process; `none` runs none, "
+        "for the chart's DaemonSet (one node agent per node)")] = "host",
 ) -> None:
     """Start etcd, kube-apiserver, kube-controller-manager and Prometheus on loopback (no-op when already up);
     with --with-node also a node whose pods run for real."""
-    env = DevEnv(state_dir, with_node=with_node)
+    if node_agent not in NODE_AGENT_MODES:
+        _fail(DevEnvError(f"--node-agent {node_agent}: one of {', '.join(NODE_AGENT_MODES)}"))
+    env = DevEnv(state_dir, with_node=with_node, node_agent=node_agent)
     if env.is_up():
         console.print(f"already up in {state_dir}")
     else:

@@ -3,6 +3,10 @@
 - `pause`: the pod sandbox's process, compiled statically from hack/images/pause.c.
 - `sandbox`: Debian (minbase) with Python 3, plus agentkube's sandbox runtime and SDK and the few wheels
   they need; its entry point is the sandbox runtime.
+- `operator` and `node-agent`, what the chart runs: the same Debian layer, then one layer with agentkube and
+  its runtime dependencies (from the offline wheel cache) that both share; the node agent's image adds a
+  layer with BCC (`python3-bpfcc`) and iproute2 from Debian, which the operator does without. Their names
+  and tag come from the chart (values.yaml's repositories, Chart.yaml's appVersion), the one source.
 
 Each image is an OCI archive whose layers are plain tars; building one is deterministic (sorted members,
 fixed owners and times), so an unchanged image has an unchanged digest and re-importing it is a no-op.
@@ -19,11 +23,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from agentkube.devenv.versions import cache_root, wheels_dir
 
@@ -35,6 +42,16 @@ SANDBOX_PACKAGES = ("python3",)
 # Wheels the runtime imports (installed from the same offline wheel cache as the project's venv).
 SANDBOX_WHEELS = ("pydantic", "typer", "prometheus-client")
 SITE_DIR = "opt/agentkube/lib"
+# What only the node agent needs from Debian: BCC (its programs compile at start against the host's kernel
+# headers, mounted by the DaemonSet) and `ip`, with which it puts the DNS answering's address on a link.
+NODE_AGENT_PACKAGES = ("python3-bpfcc", "iproute2")
+# The checkout the chart and the package's sources are read from (images are built from a checkout).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "charts" / "agentkube"
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The user the chart runs the operator as (runAsUser), named in /etc/passwd and /etc/group as distroless
+# images name it: Python's getpass.getuser() (which Kopf calls for its peering identity) fails without.
+NONROOT_UID, NONROOT_NAME = 65532, "nonroot"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -136,6 +153,52 @@ def tar_directory(source: Path, target: Path) -> Path:
     return target
 
 
+def tar_difference(base: Path, full: Path, target: Path) -> Path:
+    """A layer that turns the root filesystem `base` into `full` (both tars): every member `full` lacks in
+    `base` or holds differently, and a whiteout for every one it no longer has. Deterministic like
+    `tar_directory`. A hard link whose target is not in the layer becomes a copy (a link may not reach into
+    a lower layer)."""
+    def signature(archive: tarfile.TarFile, member: tarfile.TarInfo) -> tuple:
+        content = ""
+        if member.isfile() or member.islnk():
+            handle = archive.extractfile(member)
+            content = hashlib.sha256(handle.read() if handle else b"").hexdigest()
+        return (member.type if not member.islnk() else tarfile.REGTYPE, member.mode, member.uid, member.gid,
+                member.linkname if member.issym() else "", content)
+
+    with tarfile.open(base) as lower:
+        known = {_member_path(member.name): signature(lower, member) for member in lower}
+    partial = target.with_name(target.name + ".partial")
+    with tarfile.open(full) as upper, tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as out:
+        members = {_member_path(member.name): member for member in upper}
+        changed = sorted(name for name, member in members.items() if known.get(name) != signature(upper, member))
+        in_layer = set(changed)
+        for name in changed:
+            member = upper.getmember(members[name].name)
+            info = _normalise(tarfile.TarInfo(name))
+            info.type, info.mode, info.uid, info.gid = member.type, member.mode, member.uid, member.gid
+            if member.islnk() and _member_path(member.linkname) not in in_layer:
+                info.type = tarfile.REGTYPE
+            if info.type == tarfile.REGTYPE:
+                data = (upper.extractfile(member) or io.BytesIO()).read()
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+            else:
+                info.linkname = _member_path(member.linkname) if member.islnk() else member.linkname
+                info.devmajor, info.devminor = member.devmajor, member.devminor
+                out.addfile(info)
+        for name in sorted(set(known) - set(members)):
+            parent, _, leaf = name.rpartition("/")
+            out.addfile(_normalise(tarfile.TarInfo(f"{parent}/.wh.{leaf}" if parent else f".wh.{leaf}")))
+    partial.replace(target)
+    return target
+
+
+def _member_path(name: str) -> str:
+    """A tar member's path as a layer names it (mmdebstrap writes `./usr/...`)."""
+    return name.removeprefix("./").rstrip("/") or "."
+
+
 def _run(step: str, argv: list[str], **kwargs) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
@@ -172,11 +235,15 @@ def pause_archive(log=print) -> Path:
     return _cached("pause", hashlib.sha256(program).hexdigest(), build)
 
 
-def debian_rootfs(packages: tuple[str, ...] = SANDBOX_PACKAGES, log=print) -> Path:
-    """A Debian minbase root filesystem with `packages`, as a tar (mmdebstrap, from Debian's mirror)."""
-    argv = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", "--quiet",
+def _mmdebstrap_argv(packages: tuple[str, ...]) -> list[str]:
+    return ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", "--quiet",
             *(f"--dpkgopt=path-exclude=/usr/share/{folder}/*" for folder in ("doc", "man", "locale", "info")),
             DEBIAN_SUITE]
+
+
+def debian_rootfs(packages: tuple[str, ...] = SANDBOX_PACKAGES, log=print) -> Path:
+    """A Debian minbase root filesystem with `packages`, as a tar (mmdebstrap, from Debian's mirror)."""
+    argv = _mmdebstrap_argv(packages)
 
     def build(scratch: Path) -> None:
         log(f"building a Debian {DEBIAN_SUITE} root filesystem with {', '.join(packages)} (once; a minute or two)")
@@ -227,6 +294,133 @@ def sandbox_archive(log=print) -> Path:
         write_oci_archive(scratch / "out.tar", [base, runtime], config, SANDBOX_IMAGE)
 
     return _cached("sandbox", key, build)
+
+
+def chart_images(chart: dict[str, Any], values: dict[str, Any]) -> dict[str, str]:
+    """The images the chart runs (component → reference), from its Chart.yaml and values.yaml: each
+    repository as values.yaml names it, tagged with the chart's appVersion, as the chart's templates
+    default the tag."""
+    return {component: f"{values[key]['image']['repository']}:{values[key]['image'].get('tag') or chart['appVersion']}"
+            for component, key in (("operator", "operator"), ("node-agent", "nodeAgent"))}
+
+
+def read_chart_images(chart_dir: Path = CHART_DIR) -> dict[str, str]:
+    return chart_images(yaml.safe_load((chart_dir / "Chart.yaml").read_text()),
+                        yaml.safe_load((chart_dir / "values.yaml").read_text()))
+
+
+def package_sources(pyproject: dict[str, Any], root: Path) -> dict[str, Path]:
+    """agentkube's files as a wheel holds them (archive name → file in the checkout): each package's
+    modules and package data, found through pyproject's package-dir mapping."""
+    setuptools = pyproject["tool"]["setuptools"]
+    mapping, data = setuptools["package-dir"], setuptools.get("package-data", {})
+    files: dict[str, Path] = {}
+    for package in setuptools["packages"]:
+        owner = max((name for name in mapping if package == name or package.startswith(name + ".")), key=len)
+        folder = root / mapping[owner] / Path(*package.split(".")[len(owner.split(".")):])
+        patterns = ["*.py", *data.get("*", []), *data.get(package, [])]
+        for pattern in patterns:
+            for path in sorted(folder.glob(pattern)):
+                files[str(Path(*package.split("."), path.relative_to(folder)))] = path
+    return files
+
+
+def _wheel_source() -> list[str]:
+    """pip's arguments for the wheels: offline from `make venv`'s cache when it is there."""
+    wheels = wheels_dir()
+    return ["--no-index", "--find-links", str(wheels)] if any(wheels.glob("*.whl")) else []
+
+
+def with_nonroot_user(passwd: str, group: str) -> tuple[str, str]:
+    """The base's /etc/passwd and /etc/group with the NONROOT user and group appended."""
+    return (passwd.rstrip("\n") + f"\n{NONROOT_NAME}:x:{NONROOT_UID}:{NONROOT_UID}:{NONROOT_NAME}:/nonexistent:/usr/sbin/nologin\n",
+            group.rstrip("\n") + f"\n{NONROOT_NAME}:x:{NONROOT_UID}:\n")
+
+
+def _base_file(base: Path, name: str) -> str:
+    with tarfile.open(base) as archive:
+        handle = archive.extractfile(f"./{name}")
+        return handle.read().decode() if handle else ""
+
+
+def agentkube_layer(log=print) -> Layer:
+    """/opt/agentkube/lib: agentkube and its runtime dependencies (not the test or training extras), and
+    the non-root user the chart runs it as."""
+    base = debian_rootfs(log=log)
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    sources = package_sources(pyproject, REPO_ROOT)
+    requirements = pyproject["project"]["dependencies"]
+    key = json.dumps({"base": _sha256_file(base), "user": [NONROOT_UID, NONROOT_NAME],
+                      "requirements": requirements, "python": sys.version_info[:2],
+                      "wheels": sorted(path.name for path in wheels_dir().glob("*.whl")),
+                      "sources": {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sources.items()}})
+
+    def build(scratch: Path) -> None:
+        log("building the agentkube layer (agentkube and its runtime dependencies)")
+        root = scratch / "rootfs"
+        site = root / SITE_DIR
+        _run("agentkube wheels", [sys.executable, "-m", "pip", "install", "--quiet", *_wheel_source(),
+                                  "--target", str(site), "--no-compile", *requirements])
+        for name, path in sources.items():
+            (site / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, site / name)
+        shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter
+        passwd, group = with_nonroot_user(_base_file(base, "etc/passwd"), _base_file(base, "etc/group"))
+        (root / "etc").mkdir()
+        (root / "etc" / "passwd").write_text(passwd)
+        (root / "etc" / "group").write_text(group)
+        tar_directory(root, scratch / "out.tar")
+
+    return layer(_cached("agentkube-layer", key, build))
+
+
+def node_agent_layer(log=print) -> Layer:
+    """What the node agent's image adds to the Debian layer: BCC and iproute2, as a difference of two
+    root filesystems (the packages' files and dpkg's records of them)."""
+    base = debian_rootfs(log=log)
+    argv = _mmdebstrap_argv((*SANDBOX_PACKAGES, *NODE_AGENT_PACKAGES))
+    key = json.dumps({"base": _sha256_file(base), "argv": argv})
+
+    def build(scratch: Path) -> None:
+        log(f"building a Debian root filesystem with {', '.join(NODE_AGENT_PACKAGES)} (once; a minute or two)")
+        _run("node-agent rootfs", [*argv, str(scratch / "full.tar")])
+        tar_difference(base, scratch / "full.tar", scratch / "out.tar")
+
+    return layer(_cached("bcc-layer", key, build))
+
+
+def _component_config(entrypoint_args: list[str]) -> dict[str, Any]:
+    return {"Env": [PATH_ENV, f"PYTHONPATH=/{SITE_DIR}", "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"],
+            "Entrypoint": ["python3", "-m", "agentkube", *entrypoint_args], "WorkingDir": "/"}
+
+
+def component_archives(log=print) -> list[Path]:
+    """The operator's and the node agent's images, as the chart names them. Layers are shared in this
+    order (Debian, agentkube, then BCC), so containerd stores the first two once."""
+    references = read_chart_images()
+    base = layer(debian_rootfs(log=log))
+    agentkube = agentkube_layer(log=log)
+    bcc = node_agent_layer(log=log)
+    archives = []
+    for component, layers in (("operator", [base, agentkube]), ("node-agent", [base, agentkube, bcc])):
+        reference = references[component]
+        key = json.dumps({"layers": [item.digest for item in layers], "reference": reference})
+
+        def build(scratch: Path, layers: list[Layer] = layers, reference: str = reference) -> None:
+            write_oci_archive(scratch / "out.tar", layers, _component_config([]), reference)
+
+        archives.append(_cached(component, key, build))
+    return archives
+
+
+def layer_sizes(archive: Path) -> list[int]:
+    """Bytes of each of an image's layers (uncompressed tars), from its manifest."""
+    with tarfile.open(archive) as handle:
+        def blob(digest: str) -> dict[str, Any]:
+            return json.load(handle.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}"))  # type: ignore[arg-type]
+
+        index = json.load(handle.extractfile("index.json"))  # type: ignore[arg-type]
+        return [item["size"] for item in blob(index["manifests"][0]["digest"])["layers"]]
 
 
 def import_archive(ctr: Path, socket: Path, namespace: str, archive: Path) -> None:

@@ -8,3 +8,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "agentkube.operatorName" -}}
 {{ .Release.Name }}-operator
 {{- end -}}
+
+
+{{- define "agentkube.nodeAgentName" -}}
+{{ .Release.Name }}-node-agent
+{{- end -}}
+
+{{- define "agentkube.image" -}}
+{{ .image.repository }}:{{ .image.tag | default .appVersion }}
+{{- end -}}

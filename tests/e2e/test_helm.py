@@ -1,0 +1,180 @@
+"""agentkube as a user installs it: `helm install` of the chart with the images built here, on the local
+node without the host's node agent, so that the chart's DaemonSet runs the only one. Tools calls go
+through that node agent; upgrades keep sandboxes; uninstall keeps the CRDs and removes everything else."""
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentkube.client import Sandbox
+from agentkube.devenv import DevEnv, images, node
+from agentkube.devenv.versions import bin_dir
+from agentkube.operator import api
+from harness import CHART, node_environment
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a node needs root (cgroups, network namespaces, mounts)")
+
+RELEASE, NAMESPACE = "agentkube", "agentkube-system"
+SANDBOX = {
+    "template": {"image": images.SANDBOX_IMAGE,
+                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}}},
+    "tools": {"default": {"memory": "128Mi", "cpu": "1", "pids": 64, "timeout": "1m", "network": {"egress": "none"}}},
+}
+
+
+@pytest.fixture(scope="module")
+def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
+    with node_environment(request, node_agent="none") as env:
+        yield env
+
+
+def chart_values(env: DevEnv) -> list[str]:
+    """The local node's paths: its kubelet keeps pods under the environment's directory, and the node
+    agent's state goes there too, so that `dev down` removes it."""
+    return ["--set", f"nodeAgent.kubeletRootDir={env.layout.node.kubelet_root}",
+            "--set", f"nodeAgent.stateDir={env.layout.node.root / 'node-agent-state'}"]
+
+
+@pytest.fixture(scope="module")
+def helm(devenv: DevEnv):
+    def run(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(bin_dir() / "helm"), *args], env=devenv.environ(), capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)}: {result.stdout}\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def release(devenv, helm) -> Iterator[float]:
+    """The chart installed and every workload Ready; yields how long that took (seconds)."""
+    started = time.monotonic()
+    helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace", "--wait", "--timeout=5m",
+         *chart_values(devenv))
+    elapsed = time.monotonic() - started
+    print(f"helm install → all Ready: {elapsed:.1f}s")
+    yield elapsed
+    helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=2m", check=False)
+
+
+def _pods(kubectl, component: str) -> list[dict]:
+    listed = kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/component={component}", "-o", "json")
+    return json.loads(listed.stdout)["items"]
+
+
+def _ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
+
+
+def _phase(kubectl, namespace: str, name: str) -> str | None:
+    got = kubectl("get", "-n", namespace, f"agentsandbox/{name}", "-o", "jsonpath={.status.phase}", check=False)
+    return got.stdout or None
+
+
+def test_the_operator_runs_two_ready_replicas_with_one_active_and_the_node_agent_daemonset_is_ready(
+        release, kubectl, eventually):
+    operators = _pods(kubectl, "operator")
+    assert len(operators) == 2 and all(_ready(pod) for pod in operators)
+    for pod in operators:
+        container = pod["spec"]["containers"][0]
+        assert container["image"] == images.read_chart_images()["operator"]
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+    def logs() -> list[str]:
+        return [kubectl("logs", "-n", NAMESPACE, pod["metadata"]["name"]).stdout for pod in operators]
+
+    eventually(lambda: any("Pausing operations in favour of" in log for log in logs()), timeout=60,
+               message="neither replica stands by")
+    assert sum("Pausing operations in favour of" in log for log in logs()) == 1, "exactly one replica stands by"
+
+    agents = _pods(kubectl, "node-agent")
+    assert len(agents) == 1 and _ready(agents[0]) and agents[0]["spec"]["nodeName"] == node.NODE_NAME
+    daemonset = json.loads(kubectl("get", "daemonset", "-n", NAMESPACE, f"{RELEASE}-node-agent", "-o", "json").stdout)
+    assert daemonset["status"]["numberReady"] == daemonset["status"]["desiredNumberScheduled"] == 1
+
+
+def test_a_sandbox_applied_with_kubectl_runs_its_calls_through_the_daemonsets_node_agent(
+        release, devenv, kubectl, namespace, eventually):
+    manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "agent"}, "spec": SANDBOX}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    eventually(lambda: _phase(kubectl, namespace, "agent") == "Running", timeout=120, message="sandbox Running")
+    pod = json.loads(kubectl("get", "-n", namespace, "pod/agent", "-o", "json").stdout)
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://")[1]
+
+    where = Sandbox("agent", namespace).run(["cat", "/proc/self/cgroup"])
+    memory_path = next(line.split(":", 2)[2] for line in where.stdout.splitlines() if line.split(":")[1] == "memory")
+    container_path, call = memory_path.rsplit("/", 1)
+    assert container_path.endswith(f"pod{pod['metadata']['uid']}/{container_id}") and call.startswith("call-")
+    assert where.limits.memory == 128 * 2**20
+
+    # The node agent that placed it is the DaemonSet's: the host runs none, and its log names the sandbox.
+    agent = _pods(kubectl, "node-agent")[0]["metadata"]["name"]
+    assert f"sandbox {namespace}/agent" in kubectl("logs", "-n", NAMESPACE, agent).stdout
+    assert "node-agent" not in {record.name for record in devenv.processes}
+
+
+def test_helm_upgrade_with_a_changed_value_loses_no_sandbox(release, devenv, helm, kubectl, namespace, eventually):
+    manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "kept"}, "spec": SANDBOX}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    eventually(lambda: _phase(kubectl, namespace, "kept") == "Running", timeout=120, message="sandbox Running")
+    uid = json.loads(kubectl("get", "-n", namespace, "pod/kept", "-o", "json").stdout)["metadata"]["uid"]
+    assert Sandbox("kept", namespace).run(["echo", "before"]).stdout == "before\n"
+
+    # A changed value that rolls both workloads: new pods for the operator and the node agent.
+    helm("upgrade", RELEASE, str(CHART), "-n", NAMESPACE, "--wait", "--timeout=5m", *chart_values(devenv),
+         "--set", "operator.resources.limits.memory=600Mi", "--set", "nodeAgent.resources.limits.memory=600Mi")
+    for component in ("operator", "node-agent"):
+        eventually(lambda c=component: all(p["spec"]["containers"][0]["resources"]["limits"]["memory"] == "600Mi"
+                                           and _ready(p) for p in _pods(kubectl, c)),
+                   timeout=180, message=f"{component} rolled")
+    assert _phase(kubectl, namespace, "kept") == "Running"
+    assert json.loads(kubectl("get", "-n", namespace, "pod/kept", "-o", "json").stdout)["metadata"]["uid"] == uid
+    # The new node agent took the sandbox over: calls run again.
+    assert eventually(lambda: _run_quietly(Sandbox("kept", namespace), ["echo", "after"]), timeout=60,
+                      message="calls after the upgrade") == "after\n"
+
+
+def _run_quietly(sandbox: Sandbox, argv: list[str]) -> str | None:
+    try:
+        return sandbox.run(argv).stdout
+    except Exception:  # the new node agent is registering the pod again
+        return None
+
+
+def test_helm_test_passes(release, helm):
+    result = helm("test", RELEASE, "-n", NAMESPACE, "--timeout=5m", "--logs")
+    assert "Phase:          Succeeded" in result.stdout or "Succeeded" in result.stdout, result.stdout
+
+
+def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, kubectl):
+    rendered = helm("get", "manifest", RELEASE, "-n", NAMESPACE).stdout
+    objects = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=2m")
+    for crd in ("agentsandboxes.agentkube.dev", "servedmodels.agentkube.dev", "clusterkopfpeerings.kopf.dev"):
+        kubectl("get", "crd", crd)
+    left = []
+    for document in objects:
+        namespace = document["metadata"].get("namespace")
+        got = kubectl("get", document["kind"], document["metadata"]["name"], *(["-n", namespace] if namespace else []),
+                      "--ignore-not-found", "-o", "name", check=False)
+        if got.stdout.strip():
+            left.append(got.stdout.strip())
+    assert not left, left
+    assert not kubectl("get", "pods", "-n", NAMESPACE, "-o", "name").stdout.strip()
+    # Managed-by labels find anything a template made that the manifest does not list (hooks' objects).
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    kinds = "serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,daemonsets,deployments,pods"
+    assert not kubectl("get", kinds, "-A", "-l", selector, "-o", "name").stdout.strip()
+
+
+def test_record_the_install_time_and_image_sizes(release):
+    sizes = {Path(archive).name: sum(images.layer_sizes(archive)) / 1e6 for archive in images.component_archives()}
+    print(f"helm install → all Ready {release:.1f}s; image sizes (MB, uncompressed): {sizes}")
