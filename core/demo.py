@@ -23,8 +23,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from agentkube import dashboards
 from agentkube.client import Sandbox
 from agentkube.demo_agent import USAGE_COLUMNS, Outcome, run_agent, steps, usage_rows
+from agentkube.devenv import node
 from agentkube.devenv.cluster import DevEnv
 from agentkube.devenv.versions import bin_dir
 
@@ -105,6 +107,23 @@ class Demo:
                         "jsonpath={.status.phase}", check=False)
         return got.stdout or None
 
+    def scrape(self) -> None:
+        """Have the local Prometheus scrape the installed operator's pods and the node agent (what the
+        chart's ServiceMonitors do where the Prometheus Operator runs), under the jobs the dashboards read."""
+        pods = json.loads(self.tool("kubectl", "get", "pods", "-n", SYSTEM_NAMESPACE, "-l",
+                                    "app.kubernetes.io/component=operator", "-o", "json").stdout)["items"]
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        self.env.add_scrape_target(dashboards.OPERATOR_JOB, [f"{p['status']['podIP']}:{values['operator']['metricsPort']}"
+                                                              for p in pods if p["status"].get("podIP")])
+        self.env.add_scrape_target(dashboards.NODE_AGENT_JOB, [f"{node.NODE_IP}:{values['nodeAgent']['metricsPort']}"])
+
+    def render(self) -> list[Path]:
+        out = self.env.layout.root / "dashboards"
+        # Served models: not yet part of the demo's workload (the operator in the cluster cannot reach the
+        # local Prometheus, which listens on loopback), so their dashboard would be empty.
+        return [dashboards.render_png(board, self.env.prometheus_url, out / f"{board.uid}.png", minutes=5)
+                for board in dashboards.DASHBOARDS if board is not dashboards.SERVED_MODELS]
+
     def agent(self, sandbox: Sandbox) -> None:
         def show(outcome: Outcome) -> None:
             mark = "[green]✓[/]" if outcome.as_expected else "[red]✗[/]"
@@ -118,14 +137,18 @@ class Demo:
         if not self.env.is_up():
             self.step("local cluster with its node (first run: builds images)", lambda: self.env.up(timeout=300))
         self.step("helm install agentkube", self.install)
+        self.step("Prometheus scrapes the operator and the node agent", self.scrape)
         sandbox = self.step(f"AgentSandbox {SANDBOX_NAME} Running in {DEMO_NAMESPACE} (Pod Security baseline)",
                             self.sandbox_running)
         self.console.print("the scripted agent's tool calls:")
         self.step("agent done", lambda: self.agent(sandbox))
-        self.summary()
+        # Two scrapes of the counters the calls raised (the local Prometheus scrapes every second).
+        time.sleep(3)
+        pictures = self.step("dashboards rendered from Prometheus", self.render)
+        self.summary(pictures)
         return all(o.as_expected for o in self.outcomes)
 
-    def summary(self) -> None:
+    def summary(self, pictures: list[Path]) -> None:
         view = self.tool("kubectl", "get", "agentkube", "-A", check=False).stdout
         self.console.rule("agentkube")
         self.console.print(view.rstrip(), highlight=False)
@@ -134,6 +157,8 @@ class Demo:
             table.add_row(*row)
         self.console.print(table)
         self.console.print(f"prometheus: {self.env.prometheus_url}")
+        for picture in pictures:
+            self.console.print(f"dashboard:  {picture}")
         self.console.print(f'kubectl:    eval "$(agentkube dev env --state-dir {self.env.layout.root})"')
         self.console.print("tear down:  make down")
 

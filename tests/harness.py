@@ -86,10 +86,11 @@ def kubectl_runner(devenv: DevEnv):
 
 
 @contextmanager
-def node_environment(request: pytest.FixtureRequest, node_agent: str = "host") -> Iterator[DevEnv]:
+def node_environment(request: pytest.FixtureRequest, node_agent: str = "host",
+                     with_prometheus: bool = False) -> Iterator[DevEnv]:
     """A temporary environment with the node (`node_agent`: see DevEnv), its logs kept if a test failed."""
     failed_before = request.session.testsfailed
-    with temporary_env(with_prometheus=False, with_node=True, node_agent=node_agent) as env:
+    with temporary_env(with_prometheus=with_prometheus, with_node=True, node_agent=node_agent) as env:
         yield env
         if request.session.testsfailed > failed_before and env.layout.logs.is_dir():
             # The environment goes with the fixture: keep its components' logs for whoever reads the failure.

@@ -30,7 +30,7 @@ SANDBOX = {
 
 @pytest.fixture(scope="module")
 def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
-    with node_environment(request, node_agent="none") as env:
+    with node_environment(request, node_agent="none", with_prometheus=True) as env:  # Prometheus: for the demo
         yield env
 
 
@@ -152,6 +152,21 @@ def _run_quietly(sandbox: Sandbox, argv: list[str]) -> str | None:
 def test_helm_test_passes(release, helm):
     result = helm("test", RELEASE, "-n", NAMESPACE, "--timeout=5m", "--logs")
     assert "Phase:          Succeeded" in result.stdout or "Succeeded" in result.stdout, result.stdout
+
+
+def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
+    """`make demo`'s own code path, with one call of each kind: on this installed agentkube, the example
+    sandbox in a baseline namespace runs the scripted agent's calls as expected, and the dashboards it
+    renders come from the real Prometheus."""
+    from rich.console import Console
+
+    from agentkube.demo import Demo
+    from agentkube.demo_agent import usage_rows
+
+    demo = Demo(devenv, Console(stderr=True), quick=True)
+    assert demo.run(), usage_rows(demo.outcomes)
+    assert sorted(p.name for p in (devenv.layout.root / "dashboards").glob("*.png")) == [
+        "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png"]
 
 
 def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, kubectl):
