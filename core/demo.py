@@ -11,6 +11,7 @@ Running it twice is harmless (every step is an apply or an upgrade); `agentkube 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +37,12 @@ EXAMPLES = REPOSITORY / "examples"
 RELEASE, SYSTEM_NAMESPACE, DEMO_NAMESPACE = "agentkube", "agentkube-system", "agentkube-demo"
 SANDBOX_NAME = "coder"  # examples/sandbox.yaml
 RUNNING_TIMEOUT = 180.0
+# Knative Serving's Service CRD alone: the ServedModel's Knative Service is played by the simulated revision
+# (`agentkube rl serve-revision`) until Knative itself runs on the local cluster.
+KNATIVE_CRD = REPOSITORY / "tests" / "manifests" / "knative-service-crd.yaml"
+MODEL_NAME, REVISION_JOB = "llm", "knative-revision"
+REVISION_SECONDS = 600  # the simulated revision stops by itself after this long
+DECISION_TIMEOUT = 120.0
 
 
 def chart_values(env: DevEnv) -> list[str]:
@@ -51,6 +58,13 @@ def demo_namespace() -> dict[str, Any]:
         "pod-security.kubernetes.io/enforce": "baseline", "pod-security.kubernetes.io/warn": "baseline"}}}
 
 
+def served_model() -> dict[str, Any]:
+    """A ServedModel whose concurrency target the PPO policy tunes, every 10 s for the demo to see it."""
+    return {"apiVersion": "agentkube.dev/v1alpha1", "kind": "ServedModel", "metadata": {"name": MODEL_NAME},
+            "spec": {"model": {"name": "llama-3-8b"}, "image": "vllm/vllm-openai:latest", "autoscaling": {
+                "policy": "ppo", "slo": {"p95LatencyMs": 2000}, "ppo": {"decisionInterval": "10s"}}}}
+
+
 def example_sandbox() -> dict[str, Any]:
     """The README's example AgentSandbox, exactly as users copy it."""
     return yaml.safe_load((EXAMPLES / "sandbox.yaml").read_text())
@@ -64,6 +78,7 @@ class Demo:
     console: Console
     quick: bool = False
     outcomes: list[Outcome] = field(default_factory=list)
+    decision: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def tool(self, name: str, *args: str, input: str | None = None, check: bool = True,
@@ -85,7 +100,8 @@ class Demo:
     # ----- the steps ------------------------------------------------------------------------------
     def install(self) -> None:
         self.tool("helm", "upgrade", "--install", RELEASE, str(CHART), "-n", SYSTEM_NAMESPACE, "--create-namespace",
-                  "--wait", "--timeout=5m", *chart_values(self.env))
+                  "--wait", "--timeout=5m", *chart_values(self.env),
+                  "--set", f"operator.prometheusUrl={self.env.prometheus_url}")
 
     def apply(self, *objects: dict[str, Any], namespace: str | None = None) -> None:
         where = ["-n", namespace] if namespace else []
@@ -117,12 +133,39 @@ class Demo:
                                                               for p in pods if p["status"].get("podIP")])
         self.env.add_scrape_target(dashboards.NODE_AGENT_JOB, [f"{node.NODE_IP}:{values['nodeAgent']['metricsPort']}"])
 
+    def model_decided(self) -> dict[str, Any]:
+        """The ServedModel applied, its revision played by the simulator (scraped by Prometheus), and the
+        installed operator's first policy decision."""
+        self.tool("kubectl", "apply", "-f", str(KNATIVE_CRD))
+        self.tool("kubectl", "wait", "--for=condition=Established", "crd/services.serving.knative.dev", "--timeout=60s")
+        self.apply(served_model(), namespace=DEMO_NAMESPACE)
+        log = self.env.start_alongside("demo-revision", [
+            "env", f"KUBECONFIG={self.env.kubeconfig}", sys.executable, "-m", "agentkube", "rl", "serve-revision",
+            "--namespace", DEMO_NAMESPACE, "--service", MODEL_NAME, "--trace", "conversation", "--port", "0",
+            "--duration", str(REVISION_SECONDS)])
+        address = self._wait(lambda: re.search(r"^listening (127\.0\.0\.1:\d+)$", log.read_text(), re.MULTILINE),
+                             60, "the simulated revision did not start").group(1)
+        self.env.add_scrape_target(REVISION_JOB, [address])
+
+        def decided() -> dict[str, Any] | None:
+            got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"servedmodel/{MODEL_NAME}", "-o", "json", check=False)
+            decision = (json.loads(got.stdout or "{}").get("status") or {}).get("lastDecision") or {}
+            return decision if decision.get("reason") == "PolicyDecided" else None
+
+        return self._wait(decided, DECISION_TIMEOUT, "no autoscaling decision by the PPO policy")
+
+    def _wait(self, condition: Callable[[], Any], timeout: float, failure: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := condition()):
+            if time.monotonic() > deadline:
+                raise DemoError(f"{failure} within {timeout:.0f}s")
+            time.sleep(0.5)
+        return value
+
     def render(self) -> list[Path]:
         out = self.env.layout.root / "dashboards"
-        # Served models: not yet part of the demo's workload (the operator in the cluster cannot reach the
-        # local Prometheus, which listens on loopback), so their dashboard would be empty.
         return [dashboards.render_png(board, self.env.prometheus_url, out / f"{board.uid}.png", minutes=5)
-                for board in dashboards.DASHBOARDS if board is not dashboards.SERVED_MODELS]
+                for board in dashboards.DASHBOARDS]
 
     def agent(self, sandbox: Sandbox) -> None:
         def show(outcome: Outcome) -> None:
@@ -142,6 +185,8 @@ class Demo:
                             self.sandbox_running)
         self.console.print("the scripted agent's tool calls:")
         self.step("agent done", lambda: self.agent(sandbox))
+        self.decision = self.step(f"ServedModel {MODEL_NAME}: a concurrency target chosen by the PPO policy",
+                                  self.model_decided)
         # Two scrapes of the counters the calls raised (the local Prometheus scrapes every second).
         time.sleep(3)
         pictures = self.step("dashboards rendered from Prometheus", self.render)
@@ -156,6 +201,9 @@ class Demo:
         for row in usage_rows(self.outcomes):
             table.add_row(*row)
         self.console.print(table)
+        if self.decision:
+            self.console.print(f"ServedModel {MODEL_NAME}: concurrency target {self.decision.get('previousValue')} → "
+                               f"{self.decision['value']} ({self.decision['reason']}: {self.decision.get('message', '')})")
         self.console.print(f"prometheus: {self.env.prometheus_url}")
         for picture in pictures:
             self.console.print(f"dashboard:  {picture}")

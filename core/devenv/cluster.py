@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,10 @@ CONTROL_PLANE = (
 )
 APISERVER = CONTROL_PLANE[1]
 PROMETHEUS = Component("prometheus", config.prometheus_command, config.prometheus_health_url)
+# With a node, Prometheus listens on the node's address instead (the bridge, never beyond this machine), so
+# that pods reach it: the installed operator's autoscaling loop reads Knative's metrics there.
+PROMETHEUS_ON_NODE = Component("prometheus", partial(config.prometheus_command, host=node.NODE_IP),
+                               partial(config.prometheus_health_url, host=node.NODE_IP))
 CONTAINERD = Component("containerd", lambda binary, layout, ports: node.containerd_command(layout.node),
                        health_socket=lambda layout: layout.node.containerd_socket)
 # The node, in start order after containerd (which comes first, so that the images can be imported).
@@ -176,12 +181,17 @@ class DevEnv:
         self.with_node = with_node
         self.node_components = node_components(node_agent)
         self.node_agent = node_agent
-        self.components = CONTROL_PLANE + ((PROMETHEUS,) if with_prometheus else ())
+        self.with_prometheus = with_prometheus
         self.ports: Ports | None = None
         self.processes: list[process.ProcessRecord] = []
         # Seconds from starting each component to its first healthy answer, in start order (last `up`).
         self.startup_seconds: dict[str, float] = {}
         self._load_state()
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The control plane and Prometheus (on the node's address when there is a node)."""
+        return CONTROL_PLANE + (((PROMETHEUS_ON_NODE if self.with_node else PROMETHEUS),) if self.with_prometheus else ())
 
     # ----- state -----------------------------------------------------------------------------------
     def _load_state(self) -> None:
@@ -215,7 +225,7 @@ class DevEnv:
 
     @property
     def prometheus_url(self) -> str:
-        return config.prometheus_url(self._require_ports())
+        return config.prometheus_url(self._require_ports(), node.NODE_IP if self.with_node else config.LOOPBACK)
 
     def environ(self) -> dict[str, str]:
         """This process's environment, pointed at this environment: KUBECONFIG, and kubectl/helm first on PATH.
@@ -251,6 +261,9 @@ class DevEnv:
             self.ports = Ports(*(free_port() for _ in fields(Ports)))
             self._save_state()  # first, so that `down` recognises the directory as an environment's
             self._write_files()
+            if self.with_node:  # the node's address, on its bridge, before Prometheus listens there
+                localnode.acquire(self.layout.root)
+                localnode.create_bridge()
             for component in self.components:
                 self._start(component, binaries[component.name], deadline)
             if self.with_node:
@@ -297,6 +310,20 @@ class DevEnv:
         self.stop_apiserver()
         time.sleep(down_for)
         self.start_apiserver(timeout)
+
+    def start_alongside(self, name: str, argv: list[str]) -> Path:
+        """Start a process that belongs to this environment (`down` stops it), in place of an earlier one of
+        the same name; returns its log."""
+        self.stop_alongside(name)
+        log = self.layout.log(name)
+        self.processes.append(process.start(name, argv, log, tie_to_parent=self.tie_to_parent))
+        self._save_state()
+        return log
+
+    def stop_alongside(self, name: str) -> None:
+        process.stop([r for r in self.processes if r.name == name])
+        self.processes = [r for r in self.processes if r.name != name]
+        self._save_state()
 
     def add_scrape_target(self, job: str, addresses: list[str], labels: dict[str, str] | None = None) -> None:
         """Have Prometheus scrape `addresses` (host:port) under the job name `job`, from its next refresh."""

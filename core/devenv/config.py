@@ -164,8 +164,8 @@ def etcd_url(port: int) -> str:
     return f"https://{LOOPBACK}:{port}"
 
 
-def prometheus_url(ports: Ports) -> str:
-    return f"http://{LOOPBACK}:{ports.prometheus}"
+def prometheus_url(ports: Ports, host: str = LOOPBACK) -> str:
+    return f"http://{host}:{ports.prometheus}"
 
 
 def etcd_health_url(ports: Ports) -> str:
@@ -180,8 +180,8 @@ def controller_manager_health_url(ports: Ports) -> str:
     return f"https://{LOOPBACK}:{ports.controller_manager}/healthz"
 
 
-def prometheus_health_url(ports: Ports) -> str:
-    return f"{prometheus_url(ports)}/-/ready"
+def prometheus_health_url(ports: Ports, host: str = LOOPBACK) -> str:
+    return f"{prometheus_url(ports, host)}/-/ready"
 
 
 def etcd_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
@@ -325,12 +325,12 @@ def controller_manager_command(binary: Path, layout: Layout, ports: Ports) -> li
     ]
 
 
-def prometheus_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+def prometheus_command(binary: Path, layout: Layout, ports: Ports, host: str = LOOPBACK) -> list[str]:
     return [
         str(binary),
         f"--config.file={layout.prometheus_config}",
         f"--storage.tsdb.path={layout.prometheus_data}",
-        f"--web.listen-address={LOOPBACK}:{ports.prometheus}",
+        f"--web.listen-address={host}:{ports.prometheus}",
         "--storage.tsdb.retention.time=1d",
         "--log.level=warn",
     ]
