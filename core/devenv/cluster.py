@@ -27,6 +27,7 @@ from agentkube.devenv import config, images, localnode, network, node, pki, proc
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import InstallError, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
+from agentkube.ebpf import csi
 
 POLL_INTERVAL = 0.1
 
@@ -311,7 +312,7 @@ class DevEnv:
         self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
         self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user)
                             + network.coredns_rbac(config.COREDNS.user) + network.kube_router_rbac(config.KUBE_ROUTER.user)
-                            + network.dns_objects())
+                            + network.dns_objects() + [csi.csi_driver_object()])
         for component in NODE:
             self._start(component, binaries[component.name], deadline)
         # While the kubelet registers its node (it needs no image for that), the images go into containerd.
