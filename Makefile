@@ -1,6 +1,7 @@
 # The two commands a newcomer needs:
-#   make dev   -- a real local control plane, Prometheus and a node, and how to point kubectl at it
+#   make demo  -- agentkube on a local cluster: helm install, a sandbox, an agent's tool calls, a summary
 #   make test  -- install everything and run the whole test suite
+# (`make dev` brings up the local cluster alone; `make down` removes it.)
 # Heavy downloads and builds are cached outside the repository (~/.cache/agentkube, Go's module and build
 # caches), so only the first run on a machine is slow.
 
@@ -9,8 +10,9 @@ PYTHON ?= python3
 VENV := .venv
 CACHE := $(or $(AGENTKUBE_CACHE),$(HOME)/.cache/agentkube)
 WHEELS := $(CACHE)/wheels
-# `train` (stable-baselines3, torch) for the PPO pipeline's tests; the operator needs none of it at run time.
-EXTRAS := test,train
+# `train` (stable-baselines3, torch) for the PPO pipeline's tests, `dashboards` (grafana-foundation-sdk,
+# matplotlib) to generate and render the Grafana dashboards; the operator needs none of it at run time.
+EXTRAS := test,train,dashboards
 export PIP_CACHE_DIR := $(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -25,7 +27,11 @@ APT_PACKAGES += containerd runc containernetworking-plugins iproute2 iptables mm
 # ipset for kube-router's network policy controller (NetworkPolicy enforcement on the node).
 APT_PACKAGES += ipset
 
-.PHONY: test dev down deps venv tools unit lint clean ebpf-host
+.PHONY: demo test dev down deps venv tools unit lint clean ebpf-host
+
+# agentkube's main job on the local cluster: the node, `helm install`, a sandbox and an agent's tool calls.
+demo: deps venv tools ebpf-host
+	$(VENV)/bin/agentkube demo
 
 test: deps venv tools ebpf-host lint
 	$(VENV)/bin/pytest

@@ -1,10 +1,13 @@
 """The `agentkube` command line. Each concern contributes its own sub-command group."""
 
 from importlib.metadata import version as package_version
+from pathlib import Path
 
 import typer
 
+from agentkube.dashboard_commands import dashboards_app
 from agentkube.devenv.commands import dev_app
+from agentkube.devenv.versions import default_state_dir
 from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
 from agentkube.operator.commands import crds_app, operator_app
 from agentkube.rl.cli import rl_app
@@ -21,6 +24,19 @@ app.add_typer(crds_app, name="crds")
 app.add_typer(rl_app, name="rl")
 app.add_typer(node_agent_app, name="node-agent")
 app.add_typer(sandbox_runtime_app, name="sandbox-runtime")
+app.add_typer(dashboards_app, name="dashboards")
+
+
+@app.command()
+def demo(
+    state_dir: Path = typer.Option(default_state_dir(), "--state-dir", envvar="AGENTKUBE_DEV_DIR",
+                                   help="The local environment's directory (the one `agentkube dev` uses)."),
+    quick: bool = typer.Option(False, "--quick", help="One call of each kind (what the test suite runs)."),
+) -> None:
+    """agentkube's main job on the local cluster: install it with Helm, run an agent in a sandbox, summarize."""
+    from agentkube.demo import main
+
+    raise typer.Exit(main(state_dir, quick))
 
 
 @app.command()

@@ -114,7 +114,7 @@ def run_agent(sandbox: Sandbox, plan: Sequence[Step], on_step: Callable[[Outcome
 
 def usage_rows(outcomes: Sequence[Outcome]) -> list[tuple[str, ...]]:
     """One row per call for the summary table: what ran, how it ended, what it used, whether that was right."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for outcome in outcomes:
         result, usage = outcome.result, outcome.result.usage
         ended = f"signal {result.signal}" if result.signal else f"exit {result.exit_code}"

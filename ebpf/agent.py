@@ -154,6 +154,8 @@ class NodeAgent:
         self.root.create(delegate=True)
         self._recover()
         self.programs.start_events(self._on_event)
+        self.metrics.bpf_loaded.set_function(lambda: float(self.programs.events_running))
+        self.metrics.sandboxes.set_function(lambda: len(self.sandboxes))
         # egress: the cluster's networks and node addresses into the program's tries; DNS answering.
         self.egress = EgressServices(egress or EgressConfig(), self.programs, self._call_network)
 
@@ -279,6 +281,10 @@ class NodeAgent:
 
     # --- calls ----------------------------------------------------------------------------------------
     def place_call(self, peer: Peer, request: CallCreate) -> CallPlaced:
+        with self.metrics.placement.time():
+            return self._place_call(peer, request)
+
+    def _place_call(self, peer: Peer, request: CallCreate) -> CallPlaced:
         sandbox = self.sandbox(request)
         self.require_runtime(peer, sandbox)
         request = request.model_copy(update={"pid": host_pid(request.pid, peer.pid, sandbox.main.pids())})

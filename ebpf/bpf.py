@@ -278,6 +278,11 @@ class Programs:
             self._dns_refused[cgroup_id] = self._dns_refused.get(cgroup_id, 0) + 1
 
     # --- the event ring buffer ------------------------------------------------------------------------
+    @property
+    def events_running(self) -> bool:
+        """The event reader is alive: exec, exit and OOM events reach the agent."""
+        return self._poller is not None and self._poller.is_alive()
+
     def start_events(self, handle: Callable[[CallEvent], None]) -> None:
         def callback(_ctx, data, _size):
             handle(parse_event(ct.cast(data, ct.POINTER(Event)).contents))

@@ -56,6 +56,15 @@ class Metrics:
         self.activity = Gauge("agentkube_sandbox_last_activity_timestamp_seconds",
                               "Unix time of a sandbox's last tool call start or end (for idle suspension)",
                               ("sandbox", "namespace"), registry=r)
+        # The node agent's own health: how long placing a call in its cgroup takes (on the call's start
+        # path: the agent's cost to every tool call) and whether its BPF programs are loaded and attached.
+        self.placement = Histogram("agentkube_node_agent_call_placement_seconds",
+                                   "Time the node agent takes to place a call in its own cgroup (limits, BPF maps, move)",
+                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+                                   registry=r)
+        self.bpf_loaded = Gauge("agentkube_node_agent_bpf_programs_loaded",
+                                "1 when the node agent's BPF programs are loaded and their event reader runs", registry=r)
+        self.sandboxes = Gauge("agentkube_node_agent_sandboxes", "Sandboxes registered with the node agent", registry=r)
 
     def started(self, sandbox: str, namespace: str, at: float) -> None:
         self.running.labels(sandbox, namespace).inc()

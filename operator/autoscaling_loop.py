@@ -9,7 +9,7 @@ from typing import Any
 
 from kubernetes.client import ApiException
 
-from agentkube.operator import api, autoscaling, kube, prometheus, servedmodel
+from agentkube.operator import api, autoscaling, kube, metrics, prometheus, servedmodel
 from agentkube.operator.kube import SERVED_MODELS
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import ConditionUpdate, merge_own_conditions
@@ -45,9 +45,11 @@ def decide_served_model(namespace: str, name: str, logger: logging.Logger) -> au
     model is deleted or its policy is no longer ppo (no turn is scheduled then)."""
     model = kube.read_own(SERVED_MODELS, namespace, name)
     if model is None or model["metadata"].get("deletionTimestamp"):
+        metrics.forget_served_model(namespace, name)
         return None
     spec = api.ServedModelSpec.model_validate(model["spec"])
     if spec.autoscaling.policy != "ppo":
+        metrics.forget_served_model(namespace, name)
         return None
     try:
         return _decide_and_apply(model, spec, logger)
@@ -83,6 +85,8 @@ def _decide_and_apply(model: dict[str, Any], spec: api.ServedModelSpec, logger: 
         previous_value=outcome.previous_target, policy_target=outcome.policy_target, spot_share=outcome.spot_share,
         inputs=outcome.inputs,
     )
+    metrics.served_model_decided(namespace, name, reason=outcome.reason, target=outcome.target,
+                                 policy_target=outcome.policy_target, spot_share=outcome.spot_share)
     # The status first: it is what every reconcile reads as the target in force (one source of truth),
     # so a reconcile between the two writes already applies the new target.
     if _write_autoscaling_status(model, outcome.condition, now, concurrency_target=outcome.target, last_decision=decision):

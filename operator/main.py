@@ -23,6 +23,12 @@ PEERING_NAME = "agentkube"
 # Kopf's bookkeeping annotations. Kopf ignores every annotation under its prefix when it looks for
 # changes, so it must not be our API group: `agentkube.dev/last-activity` has to wake the handlers.
 KOPF_PREFIX = f"kopf.{api.GROUP}"
+# How long a request to the API server is retried through connection errors and 5xx before Kopf gives up
+# on it. Kopf's default schedule (1, 1, 2, 3, 5, 8, 13, 21: 54 s in all) is shorter than an API server
+# restart or a control-plane upgrade, and a watch that gives up ends the operator. Growing to 30 s
+# between tries and ~5 minutes in all rides those out; past that the process exits and its Deployment
+# (liveness) restarts it.
+API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30, 30, 30)
 
 
 def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
@@ -34,6 +40,7 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = kube.WORKERS
     settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = API_ERROR_BACKOFFS
     if peering:
         settings.peering.name = peering
         # Without the peering object (a quick local run) it runs alone, with a warning; the chart makes it.

@@ -22,6 +22,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
     if body is None:
         body = kube.read_own(SANDBOXES, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
+        metrics.SANDBOXES.forget(namespace, name)
         return None  # the owned children go with it, through their owner references
     with metrics.reconciling("AgentSandbox"):
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
@@ -35,6 +36,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
 
         if decision.delete_sandbox:
             kube.delete_own(SANDBOXES, namespace, name, body["metadata"]["uid"])
+            metrics.SANDBOXES.forget(namespace, name)
             kopf.event(body, type="Normal", reason="Expired", message="deleted at its shutdown time (shutdownPolicy: Delete)")
             return decision
 
@@ -61,6 +63,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
         if old.phase != decision.phase:
             kopf.event(body, type="Warning" if decision.phase == "Failed" else "Normal", reason=decision.reason, message=decision.message)
         kube.patch_status(SANDBOXES, namespace, name, old, new)
+        metrics.SANDBOXES.set(namespace, name, decision.phase)
         if decision.recheck_after is not None:
             rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
     return decision

@@ -23,7 +23,7 @@ import requests
 import yaml
 
 from agentkube.contract import AGENT_SOCKET
-from agentkube.devenv import config, images, localnode, network, node, pki, process
+from agentkube.devenv import config, images, localnode, localpath, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import InstallError, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
@@ -54,6 +54,7 @@ CONTROL_PLANE = (
     Component("kube-apiserver", config.apiserver_command, config.apiserver_health_url, "admin"),
     Component("kube-controller-manager", config.controller_manager_command, config.controller_manager_health_url),
 )
+APISERVER = CONTROL_PLANE[1]
 PROMETHEUS = Component("prometheus", config.prometheus_command, config.prometheus_health_url)
 CONTAINERD = Component("containerd", lambda binary, layout, ports: node.containerd_command(layout.node),
                        health_socket=lambda layout: layout.node.containerd_socket)
@@ -69,6 +70,10 @@ NODE = (
 )
 # NetworkPolicy enforcement; it reads its own Node at start, so it starts once the node has registered.
 NETWORK_POLICY = Component("kube-router", config.kube_router_command, health_probe=localnode.kube_router_ready)
+# Volumes for claims (sandbox workspaces); its helper pods need a Ready node. It serves nothing to probe:
+# running is healthy.
+LOCAL_PATH = Component("local-path-provisioner", config.local_path_provisioner_command, health_probe=lambda: True)
+NODE_COMPONENTS_AFTER_READY = (NETWORK_POLICY, LOCAL_PATH)
 NODE_READY_SECONDS = 120.0
 
 
@@ -255,6 +260,29 @@ class DevEnv:
         self.ports = None
         shutil.rmtree(self.layout.root, ignore_errors=True)
 
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone (an outage, for testing that clients ride it out); etcd and every other
+        process keep running, and `start_apiserver` brings it back on the same address and port."""
+        self._require_ports()
+        process.stop([r for r in self.processes if r.name == APISERVER.name])
+        self.processes = [r for r in self.processes if r.name != APISERVER.name]
+        self._save_state()
+
+    def start_apiserver(self, timeout: float = 60.0) -> None:
+        """Start kube-apiserver again with the same command line: same port, certificates and etcd, so that
+        every client reconnects to what it knew. A no-op while it runs."""
+        self._require_ports()
+        if any(r.name == APISERVER.name and process.is_running(r) for r in self.processes):
+            return
+        self.processes = [r for r in self.processes if r.name != APISERVER.name]
+        self._start(APISERVER, require_binary(APISERVER.name), time.monotonic() + timeout)
+
+    def restart_apiserver(self, down_for: float = 0.0, timeout: float = 60.0) -> None:
+        """Stop kube-apiserver, leave it down for `down_for` seconds, start it again; returns once healthy."""
+        self.stop_apiserver()
+        time.sleep(down_for)
+        self.start_apiserver(timeout)
+
     def add_scrape_target(self, job: str, addresses: list[str], labels: dict[str, str] | None = None) -> None:
         """Have Prometheus scrape `addresses` (host:port) under the job name `job`, from its next refresh."""
         group = config.scrape_target_group(job, addresses, labels)
@@ -279,7 +307,7 @@ class DevEnv:
 
     # ----- internals -------------------------------------------------------------------------------
     def _all_components(self) -> tuple[Component, ...]:
-        return self.components + ((CONTAINERD, *NODE, NETWORK_POLICY) if self.with_node else ())
+        return self.components + ((CONTAINERD, *NODE, *NODE_COMPONENTS_AFTER_READY) if self.with_node else ())
 
     def _start(self, component: Component, binary: Path, deadline: float) -> None:
         started = time.monotonic()
@@ -312,18 +340,23 @@ class DevEnv:
         self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
         self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user)
                             + network.coredns_rbac(config.COREDNS.user) + network.kube_router_rbac(config.KUBE_ROUTER.user)
-                            + network.dns_objects() + [csi.csi_driver_object()])
+                            + network.dns_objects() + localpath.objects(config.LOCAL_PATH_PROVISIONER.user)
+                            + [csi.csi_driver_object()])
+        config_dir = config.local_path_config_dir(layout)
+        for name, content in localpath.config_files(localpath.data_dir(node_layout.root), images.SANDBOX_IMAGE).items():
+            _write_private(config_dir / name, content.encode())
         for component in NODE:
             self._start(component, binaries[component.name], deadline)
         # While the kubelet registers its node (it needs no image for that), the images go into containerd.
         for archive in archives:
             images.import_archive(node.CTR, node_layout.containerd_socket, node.CONTAINERD_NAMESPACE, archive)
         self._wait_node_ready(deadline)
-        self._start(NETWORK_POLICY, binaries[NETWORK_POLICY.name], deadline)
+        for component in NODE_COMPONENTS_AFTER_READY:
+            self._start(component, binaries[component.name], deadline)
         self.startup_seconds["node"] = time.monotonic() - started
 
     def _down_node(self) -> None:
-        node_processes = {component.name for component in (*NODE, NETWORK_POLICY)}
+        node_processes = {component.name for component in (*NODE, *NODE_COMPONENTS_AFTER_READY)}
         process.stop([r for r in self.processes if r.name in node_processes])
         netns = localnode.remove_containers(self.layout.node)
         process.stop([r for r in self.processes if r.name == CONTAINERD.name])
@@ -369,7 +402,8 @@ class DevEnv:
 
         kubeconfigs = [(layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")]
         kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent",
-                                                                "kube-proxy-client", "coredns-client", "kube-router-client")]
+                                                                "kube-proxy-client", "coredns-client", "kube-router-client",
+                                                                "local-path-provisioner-client")]
         for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(

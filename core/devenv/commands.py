@@ -72,6 +72,21 @@ def down(state_dir: StateDir = default_state_dir()) -> None:
     console.print(f"down: {state_dir} removed")
 
 
+@dev_app.command("restart-apiserver")
+def restart_apiserver(
+    state_dir: StateDir = default_state_dir(),
+    down_for: Annotated[float, typer.Option(help="Seconds to leave it stopped before starting it again.")] = 0.0,
+) -> None:
+    """Stop kube-apiserver and start it again on the same address and port (an outage its clients must ride out)."""
+    env = DevEnv(state_dir)
+    try:
+        console.print(f"stopping kube-apiserver for {down_for:.0f}s")
+        env.restart_apiserver(down_for=down_for)
+    except (InstallError, DevEnvError) as error:
+        _fail(error)
+    console.print(f"kube-apiserver back at {env.apiserver_url}")
+
+
 @dev_app.command()
 def status(state_dir: StateDir = default_state_dir()) -> None:
     """Show each component and whether it is healthy; exits 1 unless all are."""

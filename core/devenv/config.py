@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentkube.devenv import network, node
+from agentkube.devenv import images, localpath, network, node
 from agentkube.devenv.node import NODE_NAME, SERVICE_CIDR, NodeLayout
 
 LOOPBACK = "127.0.0.1"
@@ -53,6 +53,8 @@ KUBE_PROXY = ClientIdentity("system:kube-proxy")
 COREDNS = ClientIdentity("agentkube:coredns")
 # Bound to a read-only ClusterRole of its own (network.kube_router_rbac).
 KUBE_ROUTER = ClientIdentity("agentkube:kube-router")
+# Bound to what it needs to provision volumes (localpath.provisioner_rbac).
+LOCAL_PATH_PROVISIONER = ClientIdentity("agentkube:local-path-provisioner")
 
 # Client certificates by file name. The front-proxy client is separate: it is signed by its own CA.
 CLIENT_CERTIFICATES = {
@@ -67,6 +69,7 @@ CLIENT_CERTIFICATES = {
     "kube-proxy-client": KUBE_PROXY,
     "coredns-client": COREDNS,
     "kube-router-client": KUBE_ROUTER,
+    "local-path-provisioner-client": LOCAL_PATH_PROVISIONER,
 }
 # The apiserver proxies to aggregated APIs as this identity, signed by a CA of its own (as kubeadm does)
 # so that no other client certificate can assert a user through the request headers.
@@ -278,6 +281,15 @@ def coredns_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
 
 def kube_router_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
     return network.kube_router_command(binary, layout.client_kubeconfig("kube-router-client"), SERVICE_CIDR)
+
+
+def local_path_config_dir(layout: Layout) -> Path:
+    return layout.node.root / "local-path-provisioner"
+
+
+def local_path_provisioner_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return localpath.command(binary, layout.client_kubeconfig("local-path-provisioner-client"),
+                             local_path_config_dir(layout), images.SANDBOX_IMAGE)
 
 
 def corefile(layout: Layout, ports: Ports) -> str:

@@ -112,7 +112,7 @@ def ensure_go_program(name: str, log=print) -> Path:
     its own go.mod and go.sum decide every dependency, exactly as its release is built."""
     program = GO_PROGRAMS[name]
     target = program_path(name)
-    stamp = " ".join([program.pin, program.package, *program.version_variables])
+    stamp = " ".join([program.pin, program.package, *program.version_variables, *(["-mod=mod"] if program.drop_vendor else [])])
     if _is_current(target, stamp):
         return target
     go = shutil.which("go")
@@ -126,12 +126,15 @@ def ensure_go_program(name: str, log=print) -> Path:
     source = Path(json.loads(download.stdout)["Dir"])
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false -mod=readonly"}
+    mod = "-mod=mod" if program.drop_vendor else "-mod=readonly"
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": f"-buildvcs=false {mod}"}
     with tempfile.TemporaryDirectory(prefix=f"agentkube-build-{name}-") as scratch:
         work = Path(scratch) / "src"
         shutil.copytree(source, work)
         for path in [work, *work.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)  # module-cache copies are read-only; let go write if it must
+        if program.drop_vendor:
+            shutil.rmtree(work / "vendor", ignore_errors=True)
         ldflags = " ".join(["-s", "-w", *(f"-X {variable}" for variable in program.version_variables)])
         command = [go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(partial), program.package]
         if subprocess.run(command, cwd=work, env=env).returncode != 0:

@@ -29,6 +29,9 @@ class GoProgram:
     package: str = "."
     # `-X` settings for the linker, as the program's own release build stamps its version.
     version_variables: tuple[str, ...] = ()
+    # The module ships a vendor/ directory that does not match its go.mod (local-path-provisioner's lacks
+    # packages it imports): delete it and let go resolve every dependency from go.sum instead.
+    drop_vendor: bool = False
 
     @property
     def pin(self) -> str:
@@ -44,7 +47,12 @@ COREDNS = GoProgram("github.com/coredns/coredns", "v1.15.0")
 # service proxy), listening on no port, with read-only RBAC (network.kube_router_rbac).
 KUBE_ROUTER = GoProgram("github.com/cloudnativelabs/kube-router/v2", "v2.1.0", "./cmd/kube-router",
                         ("github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=v2.1.0",))
-GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER}
+# Dynamic provisioning of the node's volumes (sandbox workspaces), the provisioner kind and k3s ship: run by
+# `dev up --with-node` as a host process with RBAC of its own (localpath.provisioner_rbac); it makes each
+# volume's directory through a short helper pod.
+LOCAL_PATH_PROVISIONER = GoProgram("github.com/rancher/local-path-provisioner", "v0.0.30",
+                                   version_variables=("main.VERSION=v0.0.30",), drop_vendor=True)
+GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER, "local-path-provisioner": LOCAL_PATH_PROVISIONER}
 
 
 def cache_root() -> Path:

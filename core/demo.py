@@ -1,0 +1,160 @@
+"""`make demo` (`agentkube demo`): agentkube's main job on the local cluster, as a user meets it.
+
+It brings up the local cluster with its node (the node agent left to the chart), `helm install`s agentkube
+with the images built here, applies the example AgentSandbox in a namespace that enforces the Pod Security
+`baseline` standard, and runs a scripted coding agent against it (agentkube.demo_agent). Then a ServedModel
+with `autoscaling.policy: ppo` is tuned by the installed operator against the simulated Knative revision,
+the dashboards are rendered from the real Prometheus, and a summary says what happened and where to look.
+Running it twice is harmless (every step is an apply or an upgrade); `agentkube dev down` removes it all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from agentkube.client import Sandbox
+from agentkube.demo_agent import USAGE_COLUMNS, Outcome, run_agent, steps, usage_rows
+from agentkube.devenv.cluster import DevEnv
+from agentkube.devenv.versions import bin_dir
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+CHART = REPOSITORY / "charts" / "agentkube"
+EXAMPLES = REPOSITORY / "examples"
+RELEASE, SYSTEM_NAMESPACE, DEMO_NAMESPACE = "agentkube", "agentkube-system", "agentkube-demo"
+SANDBOX_NAME = "coder"  # examples/sandbox.yaml
+RUNNING_TIMEOUT = 180.0
+
+
+def chart_values(env: DevEnv) -> list[str]:
+    """The local node's paths for the chart: its kubelet keeps pods under the environment's directory, and
+    the node agent's state goes there too, so that `dev down` removes it."""
+    return ["--set", f"nodeAgent.kubeletRootDir={env.layout.node.kubelet_root}",
+            "--set", f"nodeAgent.stateDir={env.layout.node.root / 'node-agent-state'}"]
+
+
+def demo_namespace() -> dict[str, Any]:
+    """Where the demo's sandbox runs: a namespace that enforces the Pod Security `baseline` standard."""
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE, "labels": {
+        "pod-security.kubernetes.io/enforce": "baseline", "pod-security.kubernetes.io/warn": "baseline"}}}
+
+
+def example_sandbox() -> dict[str, Any]:
+    """The README's example AgentSandbox, exactly as users copy it."""
+    return yaml.safe_load((EXAMPLES / "sandbox.yaml").read_text())
+
+
+@dataclass
+class Demo:
+    """One run of the demo against an environment; each step is idempotent."""
+
+    env: DevEnv
+    console: Console
+    quick: bool = False
+    outcomes: list[Outcome] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def tool(self, name: str, *args: str, input: str | None = None, check: bool = True,
+             timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(bin_dir() / name), *args], env=self.env.environ(), capture_output=True, text=True,
+                                input=input, timeout=timeout)
+        if check and result.returncode != 0:
+            raise DemoError(f"{name} {' '.join(args)} failed:\n{result.stderr.strip() or result.stdout.strip()}")
+        return result
+
+    def step(self, title: str, action: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        with self.console.status(title):
+            value = action()
+        self.timings[title] = time.monotonic() - started
+        self.console.print(f"[green]✓[/] {title} [dim]({self.timings[title]:.1f}s)[/]")
+        return value
+
+    # ----- the steps ------------------------------------------------------------------------------
+    def install(self) -> None:
+        self.tool("helm", "upgrade", "--install", RELEASE, str(CHART), "-n", SYSTEM_NAMESPACE, "--create-namespace",
+                  "--wait", "--timeout=5m", *chart_values(self.env))
+
+    def apply(self, *objects: dict[str, Any], namespace: str | None = None) -> None:
+        where = ["-n", namespace] if namespace else []
+        self.tool("kubectl", "apply", *where, "-f", "-", input="\n---\n".join(json.dumps(o) for o in objects))
+
+    def sandbox_running(self) -> Sandbox:
+        self.apply(demo_namespace())
+        self.apply(example_sandbox(), namespace=DEMO_NAMESPACE)
+        deadline = time.monotonic() + RUNNING_TIMEOUT
+        while self._phase() != "Running":
+            if time.monotonic() > deadline:
+                raise DemoError(f"AgentSandbox {SANDBOX_NAME} not Running after {RUNNING_TIMEOUT:.0f}s "
+                                f"(phase {self._phase()}); see `kubectl describe agentsandbox -n {DEMO_NAMESPACE}`")
+            time.sleep(0.5)
+        return Sandbox(SANDBOX_NAME, DEMO_NAMESPACE)
+
+    def _phase(self) -> str | None:
+        got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"agentsandbox/{SANDBOX_NAME}", "-o",
+                        "jsonpath={.status.phase}", check=False)
+        return got.stdout or None
+
+    def agent(self, sandbox: Sandbox) -> None:
+        def show(outcome: Outcome) -> None:
+            mark = "[green]✓[/]" if outcome.as_expected else "[red]✗[/]"
+            self.console.print(f"  {mark} {outcome.step.title}: [dim]{outcome.step.expect}[/]")
+
+        self.outcomes = run_agent(sandbox, steps(self.quick), on_step=show)
+
+    # ----- the whole run ----------------------------------------------------------------------------
+    def run(self) -> bool:
+        """The demo from a possibly fresh machine to its summary; True when every call went as expected."""
+        if not self.env.is_up():
+            self.step("local cluster with its node (first run: builds images)", lambda: self.env.up(timeout=300))
+        self.step("helm install agentkube", self.install)
+        sandbox = self.step(f"AgentSandbox {SANDBOX_NAME} Running in {DEMO_NAMESPACE} (Pod Security baseline)",
+                            self.sandbox_running)
+        self.console.print("the scripted agent's tool calls:")
+        self.step("agent done", lambda: self.agent(sandbox))
+        self.summary()
+        return all(o.as_expected for o in self.outcomes)
+
+    def summary(self) -> None:
+        view = self.tool("kubectl", "get", "agentkube", "-A", check=False).stdout
+        self.console.rule("agentkube")
+        self.console.print(view.rstrip(), highlight=False)
+        table = Table(*USAGE_COLUMNS, title="tool calls, each in its own cgroup")
+        for row in usage_rows(self.outcomes):
+            table.add_row(*row)
+        self.console.print(table)
+        self.console.print(f"prometheus: {self.env.prometheus_url}")
+        self.console.print(f'kubectl:    eval "$(agentkube dev env --state-dir {self.env.layout.root})"')
+        self.console.print("tear down:  make down")
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message says which and how to look."""
+
+
+def main(state_dir: Path, quick: bool = False) -> int:
+    console = Console(stderr=True)
+    env = DevEnv(state_dir, with_node=True, node_agent="none")
+    if env.is_up() and env.node_agent != "none":
+        console.print(f"[red]the environment in {state_dir} runs the node agent on the host; the demo installs it "
+                      "with the chart: run `make down` first[/]")
+        return 1
+    try:
+        return 0 if Demo(env, console, quick).run() else 1
+    except DemoError as error:
+        console.print(f"[bold red]demo failed:[/] {error}", highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
