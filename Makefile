@@ -69,7 +69,7 @@ venv: $(VENV)/.installed
 # Strict editable mode installs a tree of links that type checkers and IDEs follow (the default mode's
 # import hook hides the folder mapping from them). It lists files, not folders, so a module added or removed
 # reinstalls: the folders' modification times are prerequisites.
-PACKAGE_DIRS := core core/devenv operator ebpf ebpf/programs rl rl/policies
+PACKAGE_DIRS := core core/devenv operator ebpf ebpf/programs ebpf/csiproto rl rl/policies
 $(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip download --quiet -d $(WHEELS) pip 'setuptools>=69' '.[$(EXTRAS)]'

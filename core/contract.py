@@ -41,6 +41,9 @@ CONTAINER_NAME = "sandbox"  # the sandbox pod's container whose cgroup holds the
 # sandbox socket (0666, mounted read-only into sandbox pods; each request is authorized by the caller's cgroup).
 AGENT_SOCKET = Path("/run/agentkube/node-agent.sock")
 SANDBOX_AGENT_SOCKET = Path("/run/agentkube/agent/sandbox.sock")
+# The sandbox socket's directory reaches sandbox pods as a CSI ephemeral inline volume of this driver, which
+# the node agent serves (a hostPath would keep the pods out of the Pod Security baseline standard).
+CSI_DRIVER = "csi.agentkube.dev"
 # Each sandbox's runtime socket as the SDK on the node finds it (for a pod: a link the node agent makes to
 # the socket in the pod's runtime volume).
 RUNTIME_SOCKET_DIR = Path("/run/agentkube/sandboxes")

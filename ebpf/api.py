@@ -22,7 +22,8 @@ from agentkube.ebpf.agent import NodeAgent
 from agentkube.ebpf.models import CallCreate, CallFinish, SandboxCreate, SandboxRef
 from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
 
-if TYPE_CHECKING:  # imported where Kubernetes mode starts: --local needs no Kubernetes client
+if TYPE_CHECKING:  # imported where Kubernetes mode starts: --local needs no Kubernetes client (nor gRPC)
+    from agentkube.ebpf.csi import CSIPluginServer
     from agentkube.ebpf.kubernetes import PodWatcher
 
 
@@ -86,24 +87,36 @@ class NodeAgentServer:
             start_http_server(metrics_port, addr=metrics_address, registry=self.agent.metrics.registry)
         self.sandbox_server: UnixHttpServer | None = None
         self.watcher: PodWatcher | None = None
+        self.csi: CSIPluginServer | None = None
 
-    def serve_kubernetes(self, node_name: str, sandbox_socket: Path, kubelet_root: Path, kubeconfig: str | None) -> None:
+    def serve_kubernetes(self, node_name: str, sandbox_socket: Path, kubelet_root: Path, kubeconfig: str | None,
+                         csi_driver: str | None = None) -> None:
         """Kubernetes mode: register the sandbox pods of `node_name`, and serve their runtimes on a socket
-        the pods mount (only the routes a sandbox needs)."""
+        the pods mount (only the routes a sandbox needs); with `csi_driver`, deliver that socket's directory
+        into sandbox pods as that CSI driver's ephemeral inline volume."""
         from agentkube.ebpf.kubernetes import PodWatcher
 
         self.sandbox_server = UnixHttpServer(sandbox_socket, routes(self.agent, sandbox_only=True), mode=0o666)
         self.watcher = PodWatcher(self.agent, node_name, kubelet_root, kubeconfig)
+        if csi_driver:
+            from agentkube.ebpf.csi import CSIPluginServer, NodePlugin, api_pod_lookup
+
+            self.csi = CSIPluginServer(NodePlugin(node_name, kubelet_root, api_pod_lookup(self.watcher.core),
+                                                  driver=csi_driver, source=sandbox_socket.parent))
 
     def serve_forever(self, stop: threading.Event) -> None:
         self.server.start()
         if self.sandbox_server and self.watcher:
             self.sandbox_server.start()
             self.watcher.start()
+            if self.csi:
+                self.csi.start()  # after the sandbox socket exists: the directory it publishes is complete
         stop.wait()
         self.close()
 
     def close(self) -> None:
+        if self.csi:
+            self.csi.stop()
         if self.watcher and self.sandbox_server:
             self.watcher.close()
             self.sandbox_server.stop()

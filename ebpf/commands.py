@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from agentkube.contract import AGENT_SOCKET, CLUSTER_DOMAIN, NODE_DNS_ADDRESS, SANDBOX_AGENT_SOCKET, runtime_socket
+from agentkube.contract import AGENT_SOCKET, CLUSTER_DOMAIN, CSI_DRIVER, NODE_DNS_ADDRESS, SANDBOX_AGENT_SOCKET, runtime_socket
 
 AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")  # running calls, sandboxes, history, audit log
 
@@ -26,6 +26,9 @@ def run_node_agent(
     node_name: str | None = typer.Option(None, envvar="NODE_NAME", help="Kubernetes mode: this node's name"),
     kubeconfig: str | None = typer.Option(None, help="Kubernetes mode: credentials (default: in-cluster)"),
     kubelet_root_dir: Path = typer.Option(Path("/var/lib/kubelet"), help="Kubernetes mode: the kubelet's --root-dir"),
+    csi: bool = typer.Option(True, "--csi/--no-csi", help="Kubernetes mode: serve the CSI node plugin that delivers "
+                             "the sandbox socket's directory into sandbox pods (registered with the kubelet)"),
+    csi_driver: str = typer.Option(CSI_DRIVER, help="Kubernetes mode: the CSI driver's name (its CSIDriver object's)"),
     state_dir: Path = typer.Option(AGENT_STATE_DIR, help="running calls, sandboxes, history, audit log"),
     instance: str = typer.Option("agentkube", help="name of the cgroup root and bpffs directory"),
     metrics_port: int | None = typer.Option(None, help="also serve /metrics on METRICS_ADDRESS:PORT"),
@@ -66,7 +69,8 @@ def run_node_agent(
     server = NodeAgentServer(socket, state_dir, instance=instance, metrics_port=metrics_port, metrics_address=metrics_address,
                              favor_dynmods=favor_dynmods, local=local, egress=egress)
     if not local:
-        server.serve_kubernetes(str(node_name), sandbox_socket, kubelet_root_dir, kubeconfig)
+        server.serve_kubernetes(str(node_name), sandbox_socket, kubelet_root_dir, kubeconfig,
+                                csi_driver=csi_driver if csi else None)
     typer.echo(f"node agent ({server.agent.layout.kind} cgroups{', local' if local else ''}) on {socket}", err=True)
     server.serve_forever(stop)
 

@@ -9,6 +9,7 @@ from typing import Any
 from agentkube.contract import (
     CLUSTER_DOMAIN,
     CONTAINER_NAME,
+    CSI_DRIVER,
     LAST_ACTIVITY_ANNOTATION,
     NODE_DNS_ADDRESS,
     NON_PUBLIC,
@@ -31,7 +32,8 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "agentkube"}
 CLIENT_LABEL = "agentkube.dev/sandbox-client"
 SANDBOX_RUNTIME_PORT = 7070
 WORKSPACE_VOLUME = "workspace"
-# The node agent's sandbox socket comes into the pod read-only from this volume.
+# The node agent's sandbox socket comes into the pod read-only from this volume: a CSI ephemeral inline
+# volume the node agent itself publishes (a hostPath would keep the pod out of the Pod Security baseline).
 AGENT_VOLUME = "agentkube-agent"
 
 __all__ = ["CONTAINER_NAME", "LAST_ACTIVITY_ANNOTATION", "SANDBOX_LABEL", "TOOL_CALLS_ANNOTATION",
@@ -155,7 +157,7 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, 
         "volumes": [
             workspace,
             {"name": RUNTIME_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
-            {"name": AGENT_VOLUME, "hostPath": {"path": str(SANDBOX_AGENT_SOCKET.parent), "type": "DirectoryOrCreate"}},
+            {"name": AGENT_VOLUME, "csi": {"driver": CSI_DRIVER, "readOnly": True}},
         ],
     }
     if template.runtime_class_name:

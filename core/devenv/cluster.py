@@ -28,6 +28,7 @@ from agentkube.devenv import config, images, localnode, localpath, network, node
 from agentkube.devenv.config import Layout, Ports
 from agentkube.devenv.install import InstallError, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
+from agentkube.ebpf import csi
 
 POLL_INTERVAL = 0.1
 
@@ -382,7 +383,8 @@ class DevEnv:
         self._start(CONTAINERD, binaries[CONTAINERD.name], deadline)
         self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user)
                             + network.coredns_rbac(config.COREDNS.user) + network.kube_router_rbac(config.KUBE_ROUTER.user)
-                            + network.dns_objects() + localpath.objects(config.LOCAL_PATH_PROVISIONER.user))
+                            + network.dns_objects() + localpath.objects(config.LOCAL_PATH_PROVISIONER.user)
+                            + [csi.csi_driver_object()])
         config_dir = config.local_path_config_dir(layout)
         for name, content in localpath.config_files(localpath.data_dir(node_layout.root), images.SANDBOX_IMAGE).items():
             _write_private(config_dir / name, content.encode())

@@ -19,6 +19,7 @@ import psutil
 from agentkube.contract import RUNTIME_SOCKET_DIR
 from agentkube.devenv import network, node
 from agentkube.devenv.node import BRIDGE, CONTAINERD_NAMESPACE, CTR, NODE_LOCK, NodeLayout
+from agentkube.ebpf import csi
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 KUBEPODS = "kubepods"
@@ -287,6 +288,9 @@ def clean_host(layout: NodeLayout, environment: Path, netns: set[str], kube_prox
         remove_cgroup_tree(hierarchy / KUBEPODS)
     for fixed in KUBELET_FIXED_SOCKETS:
         fixed.unlink(missing_ok=True)
+    # The node agent removes its CSI plugin's sockets when it stops; a killed agent leaves them.
+    for plugin_socket in (csi.plugin_socket(layout.kubelet_root), csi.registration_socket(layout.kubelet_root)):
+        plugin_socket.unlink(missing_ok=True)
     for link in RUNTIME_SOCKET_DIR.glob("*/*.sock") if RUNTIME_SOCKET_DIR.is_dir() else ():
         if link.is_symlink() and str(os.readlink(link)).startswith(str(layout.root)):
             link.unlink()
