@@ -384,7 +384,8 @@ class DevEnv:
         self._kubectl_apply(node.node_rbac(config.APISERVER_KUBELET_CLIENT.user, config.NODE_AGENT.user)
                             + network.coredns_rbac(config.COREDNS.user) + network.kube_router_rbac(config.KUBE_ROUTER.user)
                             + network.dns_objects() + localpath.objects(config.LOCAL_PATH_PROVISIONER.user)
-                            + [csi.csi_driver_object()])
+                            # The node agent's CSIDriver goes with the node agent: the chart has its own.
+                            + ([csi.csi_driver_object()] if self.node_agent == "host" else []))
         config_dir = config.local_path_config_dir(layout)
         for name, content in localpath.config_files(localpath.data_dir(node_layout.root), images.SANDBOX_IMAGE).items():
             _write_private(config_dir / name, content.encode())

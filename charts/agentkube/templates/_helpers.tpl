@@ -17,3 +17,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "agentkube.image" -}}
 {{ .image.repository }}:{{ .image.tag | default .appVersion }}
 {{- end -}}
+
+{{/* The node agent's CSI driver name: agentkube.contract.CSI_DRIVER (a unit test keeps them equal). */}}
+{{- define "agentkube.csiDriver" -}}
+csi.agentkube.dev
+{{- end }}
