@@ -49,13 +49,18 @@ class Component:
 
 
 STORE = "etcd"
-# Start order; each waits for the ones before it to be healthy.
-CONTROL_PLANE = (
-    Component(STORE, config.etcd_command, config.etcd_health_url, "apiserver-etcd-client"),
-    Component("kube-apiserver", config.apiserver_command, config.apiserver_health_url, "admin"),
-    Component("kube-controller-manager", config.controller_manager_command, config.controller_manager_health_url),
-)
-APISERVER = CONTROL_PLANE[1]
+APISERVER_NAME = "kube-apiserver"
+
+
+def control_plane(host: str) -> tuple[Component, ...]:
+    """etcd, kube-apiserver (listening on `host`) and kube-controller-manager, in start order; each waits for
+    the ones before it to be healthy."""
+    return (
+        Component(STORE, config.etcd_command, config.etcd_health_url, "apiserver-etcd-client"),
+        Component(APISERVER_NAME, partial(config.apiserver_command, host=host), partial(config.apiserver_health_url, host=host),
+                  "admin"),
+        Component("kube-controller-manager", config.controller_manager_command, config.controller_manager_health_url),
+    )
 PROMETHEUS = Component("prometheus", config.prometheus_command, config.prometheus_health_url)
 # With a node, Prometheus listens on the node's address instead (the bridge, never beyond this machine), so
 # that pods reach it: the installed operator's autoscaling loop reads Knative's metrics there.
@@ -103,7 +108,7 @@ def issue_credentials(now: datetime.datetime) -> dict[str, pki.KeyPair]:
         "etcd": pki.issue(ca, ca_key, "etcd", now, server=True, client=True, **loopback),
         "apiserver": pki.issue(
             ca, ca_key, "kube-apiserver", now, server=True,
-            dns_names=config.APISERVER_DNS_NAMES, ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP),
+            dns_names=config.APISERVER_DNS_NAMES, ip_addresses=(config.LOOPBACK, config.KUBERNETES_SERVICE_IP, node.NODE_IP),
         ),
         "controller-manager": pki.issue(ca, ca_key, "kube-controller-manager", now, server=True, **loopback),
         "scheduler": pki.issue(ca, ca_key, "kube-scheduler", now, server=True, **loopback),
@@ -192,7 +197,14 @@ class DevEnv:
     @property
     def components(self) -> tuple[Component, ...]:
         """The control plane and Prometheus (on the node's address when there is a node)."""
-        return CONTROL_PLANE + (((PROMETHEUS_ON_NODE if self.with_node else PROMETHEUS),) if self.with_prometheus else ())
+        return control_plane(self.host) + (((PROMETHEUS_ON_NODE if self.with_node else PROMETHEUS),) if self.with_prometheus else ())
+
+    @property
+    def host(self) -> str:
+        """Where the API server listens: loopback, or with a node the node's address (on its bridge, never beyond
+        this machine), so that pods — the chart's operator and node agent — reach it through the `kubernetes`
+        Service."""
+        return node.NODE_IP if self.with_node else config.LOOPBACK
 
     # ----- state -----------------------------------------------------------------------------------
     def _load_state(self) -> None:
@@ -222,7 +234,7 @@ class DevEnv:
 
     @property
     def apiserver_url(self) -> str:
-        return config.apiserver_url(self._require_ports())
+        return config.apiserver_url(self._require_ports(), self.host)
 
     @property
     def prometheus_url(self) -> str:
@@ -293,18 +305,19 @@ class DevEnv:
         """Stop kube-apiserver alone (an outage, for testing that clients ride it out); etcd and every other
         process keep running, and `start_apiserver` brings it back on the same address and port."""
         self._require_ports()
-        process.stop([r for r in self.processes if r.name == APISERVER.name])
-        self.processes = [r for r in self.processes if r.name != APISERVER.name]
+        process.stop([r for r in self.processes if r.name == APISERVER_NAME])
+        self.processes = [r for r in self.processes if r.name != APISERVER_NAME]
         self._save_state()
 
     def start_apiserver(self, timeout: float = 60.0) -> None:
         """Start kube-apiserver again with the same command line: same port, certificates and etcd, so that
         every client reconnects to what it knew. A no-op while it runs."""
         self._require_ports()
-        if any(r.name == APISERVER.name and process.is_running(r) for r in self.processes):
+        if any(r.name == APISERVER_NAME and process.is_running(r) for r in self.processes):
             return
-        self.processes = [r for r in self.processes if r.name != APISERVER.name]
-        self._start(APISERVER, require_binary(APISERVER.name), time.monotonic() + timeout)
+        self.processes = [r for r in self.processes if r.name != APISERVER_NAME]
+        apiserver = next(c for c in self.components if c.name == APISERVER_NAME)
+        self._start(apiserver, require_binary(APISERVER_NAME), time.monotonic() + timeout)
 
     def restart_apiserver(self, down_for: float = 0.0, timeout: float = 60.0) -> None:
         """Stop kube-apiserver, leave it down for `down_for` seconds, start it again; returns once healthy."""
@@ -451,13 +464,14 @@ class DevEnv:
         for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(
-                config.apiserver_url(ports), credentials["ca"].cert_pem, credentials[name].cert_pem, credentials[name].key_pem, user
+                config.apiserver_url(ports, self.host), credentials["ca"].cert_pem, credentials[name].cert_pem,
+                credentials[name].key_pem, user
             )
             _write_private(path, yaml.safe_dump(document).encode())
 
         layout.scrape_targets.mkdir(parents=True, exist_ok=True)
         layout.prometheus_data.mkdir(parents=True, exist_ok=True)
-        _write_private(layout.prometheus_config, yaml.safe_dump(config.prometheus_config(layout, ports)).encode())
+        _write_private(layout.prometheus_config, yaml.safe_dump(config.prometheus_config(layout, ports, self.host)).encode())
 
     def _healthy(self, component: Component) -> bool:
         if self.ports is None:

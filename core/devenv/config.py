@@ -156,8 +156,8 @@ class Layout:
         return NodeLayout(self.root / "node")
 
 
-def apiserver_url(ports: Ports) -> str:
-    return f"https://{LOOPBACK}:{ports.apiserver}"
+def apiserver_url(ports: Ports, host: str = LOOPBACK) -> str:
+    return f"https://{host}:{ports.apiserver}"
 
 
 def etcd_url(port: int) -> str:
@@ -172,8 +172,8 @@ def etcd_health_url(ports: Ports) -> str:
     return f"{etcd_url(ports.etcd_client)}/health"
 
 
-def apiserver_health_url(ports: Ports) -> str:
-    return f"{apiserver_url(ports)}/readyz"
+def apiserver_health_url(ports: Ports, host: str = LOOPBACK) -> str:
+    return f"{apiserver_url(ports, host)}/readyz"
 
 
 def controller_manager_health_url(ports: Ports) -> str:
@@ -206,15 +206,16 @@ def etcd_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
     ]
 
 
-def apiserver_command(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+def apiserver_command(binary: Path, layout: Layout, ports: Ports, host: str = LOOPBACK) -> list[str]:
     return [
         str(binary),
         f"--etcd-servers={etcd_url(ports.etcd_client)}",
         f"--etcd-cafile={layout.cert('ca')}",
         f"--etcd-certfile={layout.cert('apiserver-etcd-client')}",
         f"--etcd-keyfile={layout.key('apiserver-etcd-client')}",
-        f"--bind-address={LOOPBACK}",
-        f"--advertise-address={LOOPBACK}",
+        f"--bind-address={host}",
+        # Pods reach it through the `kubernetes` Service, whose endpoint is this address.
+        f"--advertise-address={host}",
         f"--secure-port={ports.apiserver}",
         f"--tls-cert-file={layout.cert('apiserver')}",
         f"--tls-private-key-file={layout.key('apiserver')}",
@@ -361,7 +362,7 @@ def _kubeconfig(server: str, ca_pem: bytes, user: str, credentials: dict[str, st
     }
 
 
-def prometheus_config(layout: Layout, ports: Ports) -> dict[str, Any]:
+def prometheus_config(layout: Layout, ports: Ports, apiserver_host: str = LOOPBACK) -> dict[str, Any]:
     """Scrapes the apiserver (as the monitoring identity) and whatever targets are dropped as files into
     `layout.scrape_targets`: Prometheus watches that folder, so targets come and go without a restart."""
     return {
@@ -376,7 +377,7 @@ def prometheus_config(layout: Layout, ports: Ports) -> dict[str, Any]:
                     "cert_file": str(layout.cert("prometheus")),
                     "key_file": str(layout.key("prometheus")),
                 },
-                "static_configs": [{"targets": [f"{LOOPBACK}:{ports.apiserver}"]}],
+                "static_configs": [{"targets": [f"{apiserver_host}:{ports.apiserver}"]}],
             },
             {
                 "job_name": "discovered",

@@ -91,8 +91,11 @@ def test_the_operator_runs_two_ready_replicas_with_one_active_and_the_node_agent
     def logs() -> list[str]:
         return [kubectl("logs", "-n", NAMESPACE, pod["metadata"]["name"]).stdout for pod in operators]
 
-    eventually(lambda: any("Pausing operations in favour of" in log for log in logs()), timeout=60,
-               message="neither replica stands by")
+    try:
+        eventually(lambda: any("Pausing operations in favour of" in log for log in logs()), timeout=60,
+                   message="neither replica stands by")
+    except AssertionError:
+        raise AssertionError("neither replica stands by:\n" + "\n----\n".join(log[-3000:] for log in logs())) from None
     assert sum("Pausing operations in favour of" in log for log in logs()) == 1, "exactly one replica stands by"
 
     agents = _pods(kubectl, "node-agent")
