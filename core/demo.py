@@ -164,8 +164,7 @@ class Demo:
 
     def render(self) -> list[Path]:
         out = self.env.layout.root / "dashboards"
-        return [dashboards.render_png(board, self.env.prometheus_url, out / f"{board.uid}.png", minutes=5)
-                for board in dashboards.DASHBOARDS]
+        return [dashboards.render_png(board, self.env.prometheus_url, out, minutes=5) for board in dashboards.DASHBOARDS]
 
     def agent(self, sandbox: Sandbox) -> None:
         def show(outcome: Outcome) -> None:

@@ -238,9 +238,9 @@ def apiserver_command(binary: Path, layout: Layout, ports: Ports, host: str = LO
         f"--kubelet-certificate-authority={layout.cert('ca')}",
         "--kubelet-preferred-address-types=InternalIP",
         "--enable-admission-plugins=NodeRestriction",
-        # The `kubernetes` Service's endpoints may not be a loopback address, and nothing on this machine
-        # routes the service IP yet, so the apiserver does not publish them.
-        "--endpoint-reconciler-type=none",
+        # The `kubernetes` Service's endpoints may not be a loopback address: on loopback (no node, nothing
+        # routes the service IP) the apiserver publishes none; on the node's address it does.
+        f"--endpoint-reconciler-type={'none' if host == LOOPBACK else 'lease'}",
         "--allow-privileged=true",
         "--profiling=false",
     ]

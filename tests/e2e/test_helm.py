@@ -168,8 +168,9 @@ def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
 
     demo = Demo(devenv, Console(stderr=True), quick=True)
     assert demo.run(), usage_rows(demo.outcomes)
+    assert demo.decision is not None and demo.decision["reason"] == "PolicyDecided"
     assert sorted(p.name for p in (devenv.layout.root / "dashboards").glob("*.png")) == [
-        "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png"]
+        "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png", "agentkube-served-models.png"]
 
 
 def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, kubectl):
