@@ -173,7 +173,7 @@ def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
         "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png", "agentkube-served-models.png"]
 
 
-def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, kubectl):
+def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, kubectl, eventually):
     rendered = helm("get", "manifest", RELEASE, "-n", NAMESPACE).stdout
     objects = [doc for doc in yaml.safe_load_all(rendered) if doc]
     helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=2m")
@@ -187,7 +187,9 @@ def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, ku
         if got.stdout.strip():
             left.append(got.stdout.strip())
     assert not left, left
-    assert not kubectl("get", "pods", "-n", NAMESPACE, "-o", "name").stdout.strip()
+    # `--wait` waits for the objects' deletion to be accepted; their pods end within their grace period.
+    eventually(lambda: not kubectl("get", "pods", "-n", NAMESPACE, "-o", "name").stdout.strip(), timeout=120,
+               message="the chart's pods never ended")
     # Managed-by labels find anything a template made that the manifest does not list (hooks' objects).
     selector = f"app.kubernetes.io/instance={RELEASE}"
     kinds = "serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,daemonsets,deployments,pods"

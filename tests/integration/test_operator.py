@@ -316,8 +316,10 @@ def test_the_whole_chart_lints_renders_and_is_accepted_by_the_api_server(install
     assert lint.returncode == 0, lint.stdout + lint.stderr
     rendered = helm_template()
     kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
+    # Role and RoleBinding: kube-dns, and `helm test`'s; Pod: `helm test`; ConfigMaps: the dashboards (on by
+    # default; ServiceMonitors and the PrometheusRule are off by default: they need the Prometheus Operator).
     assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment", "DaemonSet",
-                     "Role", "RoleBinding", "Pod"}  # Role and RoleBinding: kube-dns, and `helm test`'s; Pod: `helm test`
+                     "Role", "RoleBinding", "Pod", "CSIDriver", "ConfigMap"}
     kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
     # values.schema.json guards the values a user can set.
     refused = subprocess.run([helm, "template", "agentkube", str(CHART), "--set", "operator.replicas=0"], capture_output=True, text=True)
