@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from agentkube.demo import CHART as CHART  # one definition of where the chart and the CRD stand-in are
+from agentkube.demo import KNATIVE_CRD as KNATIVE_CRD
 from agentkube.devenv import DevEnv, process, temporary_env
 from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import crds
 
 REPO = Path(__file__).resolve().parents[1]
-CHART = REPO / "charts" / "agentkube"
-KNATIVE_CRD = REPO / "tests" / "manifests" / "knative-service-crd.yaml"
 SYSTEM_NAMESPACE = "agentkube-system"
 OPERATOR_SA = "agentkube-operator"
 

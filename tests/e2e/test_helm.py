@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from agentkube.client import Sandbox
+from agentkube.demo import chart_values  # the local node's paths, as `make demo` installs the chart
 from agentkube.devenv import DevEnv, images, node
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api
@@ -32,13 +33,6 @@ SANDBOX = {
 def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
     with node_environment(request, node_agent="none", with_prometheus=True) as env:  # Prometheus: for the demo
         yield env
-
-
-def chart_values(env: DevEnv) -> list[str]:
-    """The local node's paths: its kubelet keeps pods under the environment's directory, and the node
-    agent's state goes there too, so that `dev down` removes it."""
-    return ["--set", f"nodeAgent.kubeletRootDir={env.layout.node.kubelet_root}",
-            "--set", f"nodeAgent.stateDir={env.layout.node.root / 'node-agent-state'}"]
 
 
 @pytest.fixture(scope="module")
