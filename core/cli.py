@@ -25,6 +25,23 @@ app.add_typer(rl_app, name="rl")
 app.add_typer(node_agent_app, name="node-agent")
 app.add_typer(sandbox_runtime_app, name="sandbox-runtime")
 app.add_typer(dashboards_app, name="dashboards")
+gateway_app = typer.Typer(help="The gateway: authenticated, streaming access to sandboxes from anywhere.",
+                          no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.command("run")
+def run_gateway(
+    runtime_key_file: Path = typer.Option(..., envvar="AGENTKUBE_RUNTIME_KEY_FILE",
+                                          help="the key shared with the operator (the chart's Secret)"),
+    address: str = typer.Option("0.0.0.0", help="where it listens"),
+    port: int = typer.Option(8080, help="its HTTP port"),
+    kubeconfig: str | None = typer.Option(None, help="credentials (default: in-cluster)"),
+) -> None:
+    """Serve sandbox calls: TokenReview + SubjectAccessReview on each, then the sandbox's runtime."""
+    from agentkube.gateway import serve
+
+    serve(address=address, port=port, runtime_key_file=runtime_key_file, kubeconfig=kubeconfig)
 
 
 @app.command()

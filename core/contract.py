@@ -10,6 +10,8 @@ accepts.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import math
 import os
@@ -56,6 +58,17 @@ RUNTIME_ENV = {
     "AGENTKUBE_SANDBOX_SOCKET": str(POD_RUNTIME_DIR / RUNTIME_SOCKET_NAME),
     "AGENTKUBE_AGENT_SOCKET": str(SANDBOX_AGENT_SOCKET),
 }
+# The runtime also listens on this TCP port of the pod, for the gateway alone: only when the operator gave
+# it a verifier (RUNTIME_VERIFIER_ENV), every request must carry the sandbox's runtime token as a bearer
+# token, and the sandbox's NetworkPolicy admits only the gateway's pods to it.
+RUNTIME_PORT = 7070
+# The SHA-256 (hex) of the sandbox's runtime token, not the token: a tool call runs as the runtime's user
+# and can read its environment and files, and a digest lets it forge nothing.
+RUNTIME_VERIFIER_ENV = "AGENTKUBE_RUNTIME_TOKEN_SHA256"
+# The gateway's pods, as the sandboxes' NetworkPolicies select them (the chart labels them so).
+GATEWAY_LABELS = {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/component": "gateway"}
+# Who may do what to a sandbox through the gateway, as RBAC sees it: `create agentsandboxes/exec`.
+EXEC_SUBRESOURCE = "exec"
 # The prefix of every call cgroup's name: who is inside a call is decided by it.
 CALL_PREFIX = "call-"
 # The node agent answers sandbox pods' DNS on this node-local link-local address (as NodeLocal DNSCache
@@ -72,6 +85,22 @@ def dns_search_paths(namespace: str, domain: str = CLUSTER_DOMAIN) -> list[str]:
 
 def runtime_socket(namespace: str, name: str, directory: Path = RUNTIME_SOCKET_DIR) -> Path:
     return directory / namespace / f"{name}.sock"
+
+
+def runtime_token(key: bytes, namespace: str, name: str, uid: str) -> str:
+    """The bearer token the gateway presents to one sandbox's runtime: derived from the key the operator
+    and the gateway share, so no Secret per sandbox exists and neither needs to read Secrets. The uid binds
+    it to this sandbox object: a sandbox recreated under the same name gets another token."""
+    return hmac.new(key, f"{namespace}/{name}/{uid}".encode(), hashlib.sha256).hexdigest()
+
+
+def token_verifier(token: str) -> str:
+    """What the runtime is given to check a token with (RUNTIME_VERIFIER_ENV)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, verifier: str) -> bool:
+    return hmac.compare_digest(token_verifier(token), verifier)
 
 
 def timestamp(moment: datetime) -> str:

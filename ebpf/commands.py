@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from agentkube.contract import AGENT_SOCKET, CLUSTER_DOMAIN, CSI_DRIVER, NODE_DNS_ADDRESS, SANDBOX_AGENT_SOCKET, runtime_socket
+from agentkube.contract import (
+    AGENT_SOCKET,
+    CLUSTER_DOMAIN,
+    CSI_DRIVER,
+    NODE_DNS_ADDRESS,
+    RUNTIME_PORT,
+    RUNTIME_VERIFIER_ENV,
+    SANDBOX_AGENT_SOCKET,
+    runtime_socket,
+)
 
 AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")  # running calls, sandboxes, history, audit log
 
@@ -88,6 +97,9 @@ def run_sandbox_runtime(
     pids: int = typer.Option(1024, help="--local: the sandbox's pids envelope"),
     timeout: str = typer.Option("1h", help="--local: the longest call allowed (a duration)"),
     tools: str = typer.Option("{}", help="--local: the sandbox's spec.tools as JSON (default intent, profiles)"),
+    verifier: str | None = typer.Option(None, envvar=RUNTIME_VERIFIER_ENV, help="SHA-256 of the sandbox's runtime "
+                                        "token: also serve the gateway on TCP --port (set by the operator)"),
+    port: int = typer.Option(RUNTIME_PORT, help="the gateway's TCP port (only with a verifier)"),
 ) -> None:
     """Serve run requests for one sandbox until SIGTERM/SIGINT."""
     from agentkube.contract import Tools
@@ -104,8 +116,17 @@ def run_sandbox_runtime(
     path = socket or runtime_socket(namespace, name)
     refuse_tracing()
     runtime = SandboxRuntime(ref, agent_socket, path)
-    typer.echo(f"sandbox runtime for {ref.key} on {path}", err=True)
+    gateway_port = None
+    if verifier:
+        from agentkube.ebpf.runtime_port import RuntimePortServer
+
+        gateway_port = RuntimePortServer(ref, agent_socket, verifier, port)
+        gateway_port.start()
+    typer.echo(f"sandbox runtime for {ref.key} on {path}" + (f" and TCP port {port} (gateway only)" if verifier else ""),
+               err=True)
     runtime.serve(stop)
+    if gateway_port is not None:
+        gateway_port.stop()
 
 
 if __name__ == "__main__":  # the sandbox image's entry point, without the whole CLI's dependencies

@@ -18,6 +18,7 @@ import selectors
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agentkube.contract import CALL_PREFIX
@@ -88,9 +89,12 @@ class _Pump:
     """Moves a call's stdin, stdout and stderr, and notices its first process's exit (pidfd), all in the
     calling thread: no thread per stream on the path of every call."""
 
-    def __init__(self, pid: int, stdin_fd: int, stdin: bytes, stdout_fd: int, stderr_fd: int):
+    def __init__(self, pid: int, stdin_fd: int, stdin: bytes, stdout_fd: int, stderr_fd: int,
+                 on_output: OutputSink | None = None):
         self.selector = selectors.DefaultSelector()
         self.outputs = {stdout_fd: _Output(), stderr_fd: _Output()}
+        self.names = {stdout_fd: "stdout", stderr_fd: "stderr"}
+        self.on_output = on_output
         for fd in self.outputs:
             self.selector.register(fd, selectors.EVENT_READ, "output")
         self.pidfd = os.pidfd_open(pid)
@@ -120,6 +124,8 @@ class _Pump:
                 chunk = os.read(key.fd, 65536)
                 if chunk:
                     self.outputs[key.fd].add(chunk)
+                    if self.on_output is not None:
+                        self.on_output(self.names[key.fd], chunk)
                 else:
                     self.selector.unregister(key.fd)
                     os.close(key.fd)
@@ -156,6 +162,9 @@ class _Pump:
         return self.outputs[fd].text(), self.outputs[fd].dropped
 
 
+# A stream's name ("stdout" or "stderr") and the bytes just read from it.
+OutputSink = Callable[[str, bytes], None]
+
 _clients: dict[str, Client] = {}
 
 
@@ -179,7 +188,11 @@ def _agent_call(agent_socket: Path, method: str, path: str, body: object, retry_
         time.sleep(0.1)
 
 
-def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunResult:
+def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, on_placed: Callable[[CallPlaced], None] | None = None,
+             on_output: OutputSink | None = None) -> RunResult:
+    """Run one command as a tool call. `on_placed` is told once the node agent has placed it (before it
+    runs: a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
+    raise: the call is finished with the node agent whatever becomes of whoever watches it."""
     go_read, go_write = os.pipe()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
@@ -206,7 +219,9 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest) -> RunRes
             os.close(fd)
         os.waitpid(pid, 0)
         raise
-    pump = _Pump(pid, in_write, (run.stdin or "").encode(), out_read, err_read)
+    if on_placed is not None:
+        on_placed(placed)
+    pump = _Pump(pid, in_write, (run.stdin or "").encode(), out_read, err_read, on_output)
     os.write(go_write, b"g\n")
     os.close(go_write)
     pump.until_exit()

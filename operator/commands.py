@@ -1,5 +1,6 @@
 """`agentkube operator ...` and `agentkube crds ...`."""
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,10 +23,18 @@ def run(
         envvar="AGENTKUBE_PROMETHEUS_URL",
         help="Prometheus that scrapes Knative's metrics, for ServedModels with autoscaling policy ppo "
              "(unset: they run Knative's default target, with a condition saying why).")] = None,
+    runtime_key_file: Annotated[Path | None, typer.Option(
+        envvar="AGENTKUBE_RUNTIME_KEY_FILE",
+        help="The key shared with the gateway (the chart's Secret): sandbox runtimes then serve the gateway, "
+             "each with a token derived from it (unset: they serve only their unix socket on the node).")] = None,
+    gateway_namespace: Annotated[str | None, typer.Option(
+        envvar="AGENTKUBE_GATEWAY_NAMESPACE",
+        help="The gateway's namespace: only its pods there may reach sandbox runtimes' port.")] = None,
 ) -> None:
     """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
     main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
-             peering=peering or None, namespace=namespace, prometheus_url=prometheus_url or None)
+             peering=peering or None, namespace=namespace, prometheus_url=prometheus_url or None,
+             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace)
 
 
 @crds_app.command()

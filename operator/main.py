@@ -4,12 +4,13 @@ import asyncio
 import importlib
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import kopf
 import prometheus_client
 
-from agentkube.operator import api, autoscaling_loop, kube
+from agentkube.operator import api, autoscaling_loop, kube, sandbox_handlers
 
 # Kopf finds handlers by their decorators, which run when these modules are imported: every module that
 # declares one is listed here, and nowhere else.
@@ -53,7 +54,8 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
 
 
 def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, namespace: str | None,
-        prometheus_url: str | None = None) -> None:
+        prometheus_url: str | None = None, runtime_key_file: Path | None = None,
+        gateway_namespace: str | None = None) -> None:
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -62,6 +64,7 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
     for module in HANDLER_MODULES:
         importlib.import_module(module)
     autoscaling_loop.configure_autoscaling(prometheus_url)
+    sandbox_handlers.configure_gateway(runtime_key_file, gateway_namespace)
     if metrics_port:
         prometheus_client.disable_created_metrics()
         prometheus_client.start_http_server(metrics_port, addr=metrics_address)

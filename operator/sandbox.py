@@ -10,11 +10,14 @@ from agentkube.contract import (
     CLUSTER_DOMAIN,
     CONTAINER_NAME,
     CSI_DRIVER,
+    GATEWAY_LABELS,
     LAST_ACTIVITY_ANNOTATION,
     NODE_DNS_ADDRESS,
     NON_PUBLIC,
     POD_RUNTIME_DIR,
     RUNTIME_ENV,
+    RUNTIME_PORT,
+    RUNTIME_VERIFIER_ENV,
     RUNTIME_VOLUME,
     SANDBOX_AGENT_SOCKET,
     SANDBOX_LABEL,
@@ -24,13 +27,16 @@ from agentkube.contract import (
     ToolNetwork,
     dns_search_paths,
     duration_seconds,
+    runtime_token,
+    token_verifier,
 )
 from agentkube.operator import api
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "agentkube"}
-# Pods labelled so (in any namespace) may reach a sandbox's runtime port.
-CLIENT_LABEL = "agentkube.dev/sandbox-client"
-SANDBOX_RUNTIME_PORT = 7070
+SANDBOX_RUNTIME_PORT = RUNTIME_PORT
+# Where the chart installs the gateway unless told otherwise (`operator run --gateway-namespace`): only its
+# pods there may reach a sandbox's runtime port.
+DEFAULT_GATEWAY_NAMESPACE = "agentkube-system"
 WORKSPACE_VOLUME = "workspace"
 # The node agent's sandbox socket comes into the pod read-only from this volume: a CSI ephemeral inline
 # volume the node agent itself publishes (a hostPath would keep the pod out of the Pod Security baseline).
@@ -92,7 +98,15 @@ def _quantities(resources: api.ResourceList | None) -> dict[str, str]:
     return {k: str(v) for k, v in resources.model_dump(exclude_none=True).items()}
 
 
-def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, Any]:
+def runtime_verifier(body: dict[str, Any], key: bytes) -> str:
+    """The digest of the sandbox's runtime token its runtime checks the gateway's requests with."""
+    metadata = body["metadata"]
+    return token_verifier(runtime_token(key, metadata["namespace"], metadata["name"], metadata["uid"]))
+
+
+def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: bytes | None = None) -> dict[str, Any]:
+    """The sandbox's pod. With `runtime_key` (the key the operator shares with the gateway) its runtime also
+    serves the gateway on RUNTIME_PORT; without, it serves only its unix socket on the node."""
     name = body["metadata"]["name"]
     template = spec.template
     container: dict[str, Any] = {
@@ -123,7 +137,10 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, 
             {"name": "AGENTKUBE_SANDBOX_NAME", "value": name},
             {"name": "AGENTKUBE_SANDBOX_NAMESPACE", "value": body["metadata"]["namespace"]},
             *({"name": key, "value": value} for key, value in RUNTIME_ENV.items()),
-            *(e.model_dump() for e in template.env or ()),
+            *([{"name": RUNTIME_VERIFIER_ENV, "value": runtime_verifier(body, runtime_key)}] if runtime_key else []),
+            # The template's env comes last (the last of a name wins) but never sets the verifier: only the
+            # operator says which token the runtime accepts.
+            *(e.model_dump() for e in template.env or () if e.name != RUNTIME_VERIFIER_ENV),
         ],
     }
     if template.command:
@@ -219,8 +236,9 @@ def _egress_rules(network: ToolNetwork) -> list[dict[str, Any]]:
     return []
 
 
-def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) -> dict[str, Any]:
-    """Ingress only to the runtime port from labelled clients; egress only DNS plus the union of what the
+def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec,
+                            gateway_namespace: str = DEFAULT_GATEWAY_NAMESPACE) -> dict[str, Any]:
+    """Ingress only to the runtime port, only from the gateway's pods in its namespace; egress only DNS plus the union of what the
     tool intents allow (the node agent narrows each call further with its own eBPF program)."""
     dns = {
         # egress: sandbox pods resolve through the node agent on its node-local address (kube-dns behind it).
@@ -244,7 +262,10 @@ def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec) ->
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {
-                    "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}],
+                    # The namespace by its name label (the API server sets it; nobody can forge it), the pods by
+                    # the gateway's labels: a pod labelled so elsewhere is not the gateway.
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
+                              "podSelector": {"matchLabels": dict(GATEWAY_LABELS)}}],
                     "ports": [{"protocol": "TCP", "port": SANDBOX_RUNTIME_PORT}],
                 }
             ],

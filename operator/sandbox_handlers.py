@@ -3,7 +3,9 @@ that, write status. Every step is idempotent, so a handler killed half-way (or t
 the next run."""
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -12,6 +14,26 @@ from agentkube.operator import api, kube, metrics, sandbox
 from agentkube.operator.kube import SANDBOXES
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import merge_conditions, parse_timestamp
+
+
+@dataclass
+class GatewaySettings:
+    """What the operator knows of the gateway: the key it shares with it (sandbox runtimes then serve the
+    gateway, each with its own token derived from it) and the namespace its pods run in."""
+
+    runtime_key: bytes | None = None
+    namespace: str = sandbox.DEFAULT_GATEWAY_NAMESPACE
+
+
+gateway = GatewaySettings()
+
+
+def configure_gateway(runtime_key_file: Path | None, namespace: str | None) -> None:
+    """Read the shared key once at start. Its bytes are never logged."""
+    gateway.runtime_key = Path(runtime_key_file).read_bytes().strip() if runtime_key_file else None
+    if gateway.runtime_key is not None and len(gateway.runtime_key) < 32:
+        raise ValueError(f"the runtime key in {runtime_key_file} is shorter than 32 bytes")
+    gateway.namespace = namespace or sandbox.DEFAULT_GATEWAY_NAMESPACE
 
 
 def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
@@ -53,7 +75,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
             kube.delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
             logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
         elif decision.want_pod and pod is None:
-            pod = kube.create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec))
+            pod = kube.create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec, gateway.runtime_key))
             _pod_views.acted_on(pod)
             if pod is not None:
                 logger.info("created pod %s/%s", namespace, name)
@@ -97,7 +119,7 @@ def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, name
         if current and current["metadata"].get("labels", {}).get(sandbox.SANDBOX_LABEL) == name:
             kube.delete(networking.delete_namespaced_network_policy, name, namespace)
         return
-    manifest = sandbox.network_policy_manifest(body, spec)
+    manifest = sandbox.network_policy_manifest(body, spec, gateway.namespace)
     if kube.create(networking.create_namespaced_network_policy, namespace, manifest) is None:
         current = kube.read(networking.read_namespaced_network_policy, name, namespace)
         if current is not None and current["spec"] != manifest["spec"]:

@@ -22,3 +22,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "agentkube.csiDriver" -}}
 csi.agentkube.dev
 {{- end }}
+
+{{- define "agentkube.gatewayName" -}}
+{{ .Release.Name }}-gateway
+{{- end -}}
+
+{{/* The key the operator and the gateway share; each sandbox's runtime token is derived from it. */}}
+{{- define "agentkube.runtimeKeyName" -}}
+{{ .Release.Name }}-runtime-key
+{{- end -}}

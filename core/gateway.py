@@ -1,0 +1,298 @@
+"""The gateway: how agents anywhere in the cluster (or outside it) reach their sandboxes.
+
+Every request carries a bearer token — a pod's service-account token, or a user's kubeconfig token. The
+gateway asks the API server who that is (TokenReview) and whether they may `create agentsandboxes/exec`
+on that one sandbox (SubjectAccessReview), so RBAC alone says who may run commands where:
+
+    kubectl auth can-i create agentsandboxes/exec -n team-a --as system:serviceaccount:team-a:agent
+
+It then forwards the call to the sandbox runtime on the pod network (contract.RUNTIME_PORT) with that
+sandbox's runtime token, derived from a key only the gateway and the operator hold, and streams the
+runtime's answer back as it comes. The runtime places every command with the node agent as before: the
+gateway adds a way in, not a way around the tool-call contract.
+
+    POST /v1/namespaces/{namespace}/sandboxes/{name}/run   RunRequest → NDJSON events (ebpf/runtime_port.py)
+    GET  /healthz
+
+Wire protocol: HTTP/1.1 with a chunked NDJSON body, the runtime's own (see runtime_port.py for why); the
+gateway relays the bytes without re-framing them.
+
+Decisions (who is asking, what to ask the API server, which pod is the sandbox's) are pure functions;
+the handlers do the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kubernetes
+from aiohttp import web
+from pydantic import ValidationError
+
+from agentkube.contract import EXEC_SUBRESOURCE, RUNTIME_PORT, SANDBOX_LABEL, runtime_token
+from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest
+from agentkube.ebpf.runtime_port import NDJSON, bearer_token
+from agentkube.ebpf.unixhttp import validation_message
+
+logger = logging.getLogger("agentkube.gateway")
+
+GROUP, VERSION, PLURAL = "agentkube.dev", "v1alpha1", "agentsandboxes"
+DEFAULT_PORT = 8080
+# A token's review is reused this long: the API server's own webhook token authenticator caches for 2
+# minutes; a short reuse keeps a revoked token's reach short and spares the API server a review per call.
+REVIEW_SECONDS = 10.0
+REVIEW_CACHE_SIZE = 4096
+CONNECT_SECONDS = 10.0
+
+
+class Refusal(Exception):
+    """An answer to the caller instead of a call: an HTTP status and a message that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Caller:
+    username: str
+    uid: str
+    groups: tuple[str, ...]
+    extra: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+# ----- decisions ----------------------------------------------------------------------------------------
+
+
+def token_of(header: str | None) -> str:
+    token = bearer_token(header)
+    if token is None:
+        raise Refusal(401, "no bearer token: send `Authorization: Bearer <token>` (a service-account token inside "
+                           "the cluster, your kubeconfig's token outside)")
+    return token
+
+
+def token_review(token: str) -> dict[str, Any]:
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+
+
+def caller_of(review: dict[str, Any]) -> Caller:
+    """Who the API server says the token belongs to, or a 401 that says why not."""
+    status = review.get("status") or {}
+    if not status.get("authenticated"):
+        why = status.get("error") or "the API server does not recognise it (forged, expired or revoked)"
+        raise Refusal(401, f"token not accepted: {why}")
+    user = status.get("user") or {}
+    return Caller(username=user.get("username", ""), uid=user.get("uid", ""), groups=tuple(user.get("groups") or ()),
+                  extra=tuple(sorted((k, tuple(v)) for k, v in (user.get("extra") or {}).items())))
+
+
+def exec_review(caller: Caller, namespace: str, name: str) -> dict[str, Any]:
+    """May this caller run commands in this sandbox: `create agentsandboxes/exec` on it."""
+    return {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": caller.username,
+            "uid": caller.uid,
+            "groups": list(caller.groups),
+            "extra": {k: list(v) for k, v in caller.extra},
+            "resourceAttributes": {"group": GROUP, "resource": PLURAL, "subresource": EXEC_SUBRESOURCE,
+                                   "verb": "create", "namespace": namespace, "name": name},
+        },
+    }
+
+
+def check_allowed(review: dict[str, Any], caller: Caller, namespace: str, name: str) -> None:
+    status = review.get("status") or {}
+    if not status.get("allowed") or status.get("denied"):
+        why = f" ({status['reason']})" if status.get("reason") else ""
+        raise Refusal(403, f"{caller.username} may not create {PLURAL}/{EXEC_SUBRESOURCE} on {name!r} in namespace "
+                           f"{namespace!r}{why}: bind the ClusterRole agentkube-sandbox-user (or a role granting it)")
+
+
+def runtime_address(sandbox: dict[str, Any] | None, pod: dict[str, Any] | None, namespace: str, name: str) -> str:
+    """The sandbox runtime's address, from the sandbox and its pod: only a running pod the sandbox itself
+    controls gets the sandbox's runtime token (a pod someone else named like it does not)."""
+    if sandbox is None:
+        raise Refusal(404, f"no AgentSandbox {name!r} in namespace {namespace!r}")
+    phase = (sandbox.get("status") or {}).get("phase", "Pending")
+    if pod is None:
+        raise Refusal(409, f"sandbox {name!r} has no pod (phase {phase}); resume it (spec.lifecycle.suspend: false) "
+                           "and call again once it is Running")
+    owners = [o for o in pod["metadata"].get("ownerReferences") or () if o.get("controller")]
+    labels = pod["metadata"].get("labels") or {}
+    if [o.get("uid") for o in owners] != [sandbox["metadata"]["uid"]] or labels.get(SANDBOX_LABEL) != name:
+        raise Refusal(502, f"the pod {name!r} in {namespace!r} is not this sandbox's: refusing to send it anything")
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running" or not status.get("podIP") or pod["metadata"].get("deletionTimestamp"):
+        raise Refusal(503, f"sandbox {name!r} is not running yet (phase {phase}): call again once it is Running")
+    return str(status["podIP"])
+
+
+def run_url(address: str, port: int = RUNTIME_PORT) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/v1/run"
+
+
+class ReviewCache:
+    """Recent TokenReview answers by the token's digest (never the token), for REVIEW_SECONDS."""
+
+    def __init__(self, seconds: float = REVIEW_SECONDS, size: int = REVIEW_CACHE_SIZE):
+        self.seconds, self.size = seconds, size
+        self._entries: dict[str, tuple[float, Caller]] = {}
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def get(self, token: str, now: float) -> Caller | None:
+        entry = self._entries.get(self.key(token))
+        return entry[1] if entry and entry[0] > now else None
+
+    def put(self, token: str, caller: Caller, now: float) -> None:
+        if len(self._entries) >= self.size:
+            self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            if len(self._entries) >= self.size:
+                self._entries.clear()
+        self._entries[self.key(token)] = (now + self.seconds, caller)
+
+
+# ----- I/O ----------------------------------------------------------------------------------------------
+
+
+class KubernetesApi:
+    """The few API calls the gateway makes, with its own identity, in worker threads (the client is
+    synchronous; each call is one short request)."""
+
+    def __init__(self, kubeconfig: str | None = None):
+        configuration = kubernetes.client.Configuration()
+        if kubeconfig:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        else:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = 16
+        self.client = kubernetes.client.ApiClient(configuration)
+        self.authn = kubernetes.client.AuthenticationV1Api(self.client)
+        self.authz = kubernetes.client.AuthorizationV1Api(self.client)
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+
+    def _plain(self, obj: Any) -> dict[str, Any]:
+        return obj if isinstance(obj, dict) else self.client.sanitize_for_serialization(obj)
+
+    async def review_token(self, token: str) -> dict[str, Any]:
+        return self._plain(await asyncio.to_thread(self.authn.create_token_review, token_review(token)))
+
+    async def review_access(self, review: dict[str, Any]) -> dict[str, Any]:
+        return self._plain(await asyncio.to_thread(self.authz.create_subject_access_review, review))
+
+    async def _read(self, call: Any, *args: Any) -> dict[str, Any] | None:
+        try:
+            return self._plain(await asyncio.to_thread(call, *args))
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def sandbox(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+
+    async def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read(self.core.read_namespaced_pod, name, namespace)
+
+
+class Gateway:
+    def __init__(self, api: KubernetesApi, runtime_key: bytes, runtime_port: int = RUNTIME_PORT):
+        self.api, self.runtime_key, self.runtime_port = api, runtime_key, runtime_port
+        self.reviews = ReviewCache()
+        self.session: aiohttp.ClientSession | None = None
+
+    async def authorize(self, request: web.Request, namespace: str, name: str) -> Caller:
+        token = token_of(request.headers.get("Authorization"))
+        now = time.monotonic()
+        caller = self.reviews.get(token, now)
+        if caller is None:
+            caller = caller_of(await self.api.review_token(token))
+            self.reviews.put(token, caller, now)
+        check_allowed(await self.api.review_access(exec_review(caller, namespace, name)), caller, namespace, name)
+        return caller
+
+    async def run(self, request: web.Request) -> web.StreamResponse:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        caller = await self.authorize(request, namespace, name)
+        try:
+            run = RunRequest.model_validate_json(await request.read())
+        except ValidationError as error:
+            raise Refusal(422, validation_message(error)) from None
+        sandbox, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
+        address = runtime_address(sandbox, pod, namespace, name)
+        assert sandbox is not None
+        token = runtime_token(self.runtime_key, namespace, name, sandbox["metadata"]["uid"])
+        logger.info("%s runs %s in %s/%s", caller.username, run.argv[:1], namespace, name)
+        assert self.session is not None
+        try:
+            upstream = await self.session.post(run_url(address, self.runtime_port), data=run.model_dump_json(),
+                                               headers={"Authorization": f"Bearer {token}",
+                                                        "Content-Type": "application/json"})
+        except (aiohttp.ClientError, OSError) as error:
+            raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
+        async with upstream:
+            if upstream.status in (401, 403):  # the runtime refused the gateway: not the caller's doing
+                text = await upstream.text()
+                logger.error("runtime of %s/%s refused the gateway: %s", namespace, name, text)
+                raise Refusal(502, f"sandbox {name!r}'s runtime refused the gateway ({upstream.status}); "
+                                   "was the sandbox created before the gateway's key?")
+            if upstream.status != 200:  # the node agent's verdict (422: over the envelope, …): pass it on
+                return web.Response(status=upstream.status, body=await upstream.read(), content_type="application/json")
+            response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    @web.middleware
+    async def refusals(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Refusal as refusal:
+            headers = {"WWW-Authenticate": 'Bearer realm="agentkube"'} if refusal.status == 401 else None
+            return web.json_response({"error": refusal.message}, status=refusal.status, headers=headers)
+        except kubernetes.client.ApiException as error:
+            logger.error("API server: %s %s", error.status, error.reason)
+            return web.json_response({"error": f"the API server answered {error.status} {error.reason}"}, status=502)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.refusals], client_max_size=MAX_REQUEST_BYTES)
+        app.router.add_post("/v1/namespaces/{namespace}/sandboxes/{name}/run", self.run)
+        app.router.add_get("/healthz", self.healthz)
+
+        async def session(app: web.Application):
+            # No total timeout: a call lasts as long as its own timeout says; connecting is bounded.
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS))
+            yield
+            await self.session.close()
+
+        app.cleanup_ctx.append(session)
+        return app
+
+
+def serve(*, address: str, port: int, runtime_key_file: Path, kubeconfig: str | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    key = Path(runtime_key_file).read_bytes().strip()
+    if len(key) < 32:
+        raise SystemExit(f"the runtime key in {runtime_key_file} is shorter than 32 bytes")
+    gateway = Gateway(KubernetesApi(kubeconfig), key)
+    # access_log off: it would log nothing secret, but the gateway's own line per call says who ran what.
+    web.run_app(gateway.app(), host=address, port=port, access_log=None, print=None)

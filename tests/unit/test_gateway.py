@@ -1,0 +1,139 @@
+"""The gateway's decisions and the runtime port's checks, without a cluster: who is asking, what RBAC is
+asked, which pod gets a sandbox's token, and what the sandbox's pod and policy carry for the gateway."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from agentkube import contract, gateway
+from agentkube.client import Output, error_of, parse_event
+from agentkube.ebpf.runtime_port import bearer_token, from_inside_the_pod
+from agentkube.operator import api, sandbox
+
+KEY = b"k" * 32
+BODY = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "box", "namespace": "team", "uid": "u-1"}}
+CHART = Path(__file__).resolve().parents[2] / "charts" / "agentkube"
+
+
+def _spec(**overrides) -> api.AgentSandboxSpec:
+    template = {"image": "python:3.12", "resources": {"limits": {"memory": "4Gi", "cpu": 2}}}
+    return api.AgentSandboxSpec.model_validate({"template": template, **overrides})
+
+
+def test_a_token_is_bound_to_its_sandbox_object_and_its_verifier_forges_nothing():
+    token = contract.runtime_token(KEY, "team", "box", "u-1")
+    assert contract.token_matches(token, contract.token_verifier(token))
+    others = {contract.runtime_token(KEY, "team", "box", "u-2"), contract.runtime_token(KEY, "team", "box2", "u-1"),
+              contract.runtime_token(KEY, "team2", "box", "u-1"), contract.runtime_token(b"x" * 32, "team", "box", "u-1")}
+    assert token not in others and len(others) == 4
+    verifier = contract.token_verifier(token)
+    assert not contract.token_matches(verifier, verifier)  # the digest itself is no token
+
+
+@pytest.mark.parametrize("header,token", [(None, None), ("", None), ("Bearer", None), ("Bearer  ", None),
+                                          ("Basic abc", None), ("Bearer abc", "abc"), ("bearer abc ", "abc")])
+def test_bearer_tokens(header, token):
+    assert bearer_token(header) == token
+
+
+def test_no_token_is_a_401_that_says_how_to_send_one():
+    with pytest.raises(gateway.Refusal) as refused:
+        gateway.token_of(None)
+    assert refused.value.status == 401 and "Authorization: Bearer" in refused.value.message
+
+
+def test_a_token_the_api_server_does_not_recognise_is_a_401():
+    with pytest.raises(gateway.Refusal) as refused:
+        gateway.caller_of({"status": {"authenticated": False, "error": "invalid bearer token"}})
+    assert refused.value.status == 401 and "invalid bearer token" in refused.value.message
+    with pytest.raises(gateway.Refusal):
+        gateway.caller_of({"status": {}})
+
+
+def test_the_caller_is_asked_about_exec_on_that_one_sandbox():
+    caller = gateway.caller_of({"status": {"authenticated": True, "user": {
+        "username": "system:serviceaccount:team:agent", "uid": "1", "groups": ["system:serviceaccounts"],
+        "extra": {"authentication.kubernetes.io/pod-name": ["agent-0"]}}}})
+    review = gateway.exec_review(caller, "team", "box")
+    assert review["spec"]["user"] == "system:serviceaccount:team:agent"
+    assert review["spec"]["extra"] == {"authentication.kubernetes.io/pod-name": ["agent-0"]}
+    assert review["spec"]["resourceAttributes"] == {"group": "agentkube.dev", "resource": "agentsandboxes",
+                                                    "subresource": "exec", "verb": "create", "namespace": "team",
+                                                    "name": "box"}
+    gateway.check_allowed({"status": {"allowed": True}}, caller, "team", "box")
+    for status in ({"allowed": False}, {"allowed": False, "denied": True}, {}):
+        with pytest.raises(gateway.Refusal) as refused:
+            gateway.check_allowed({"status": status}, caller, "team", "box")
+        assert refused.value.status == 403 and "sandbox-user" in refused.value.message
+
+
+def _pod(uid="u-1", phase="Running", ip="10.88.0.7", label="box"):
+    return {"metadata": {"name": "box", "labels": {contract.SANDBOX_LABEL: label},
+                         "ownerReferences": [{"uid": uid, "controller": True}]},
+            "status": {"phase": phase, "podIP": ip}}
+
+
+def test_only_the_sandboxes_own_running_pod_gets_its_token():
+    assert gateway.runtime_address(BODY, _pod(), "team", "box") == "10.88.0.7"
+    cases = [(None, _pod(), 404), (BODY, None, 409), (BODY, _pod(uid="someone-else"), 502), (BODY, _pod(label="x"), 502),
+             (BODY, _pod(phase="Pending"), 503), (BODY, _pod(ip=""), 503)]
+    for body, pod, status in cases:
+        with pytest.raises(gateway.Refusal) as refused:
+            gateway.runtime_address(body, pod, "team", "box")
+        assert refused.value.status == status, (body, pod)
+    assert gateway.run_url("fd00::7") == f"http://[fd00::7]:{contract.RUNTIME_PORT}/v1/run"
+
+
+def test_reviews_are_reused_briefly_and_keyed_by_digest():
+    cache = gateway.ReviewCache(seconds=10, size=2)
+    caller = gateway.Caller("u", "", (), ())
+    cache.put("secret-token", caller, now=0)
+    assert cache.get("secret-token", now=5) == caller and cache.get("secret-token", now=11) is None
+    assert "secret-token" not in json.dumps(list(cache._entries))
+    cache.put("a", caller, 0)
+    cache.put("b", caller, 0)
+    assert len(cache._entries) <= 2
+
+
+@pytest.mark.parametrize("peer,local,inside", [("127.0.0.1", "10.88.0.7", True), ("::1", "::", True),
+                                               ("10.88.0.7", "10.88.0.7", True), ("::ffff:10.88.0.7", "10.88.0.7", True),
+                                               ("10.88.0.9", "10.88.0.7", False), ("::ffff:10.88.0.9", "::ffff:10.88.0.7", False)])
+def test_the_runtime_port_refuses_its_own_pod(peer, local, inside):
+    assert from_inside_the_pod(peer, local) is inside
+
+
+def test_the_pod_carries_a_verifier_only_with_a_key_and_the_template_cannot_set_it():
+    assert contract.RUNTIME_VERIFIER_ENV not in json.dumps(sandbox.pod_manifest(BODY, _spec()))
+    spec = _spec(template={"image": "x", "resources": {"limits": {"memory": "1Gi"}},
+                           "env": [{"name": contract.RUNTIME_VERIFIER_ENV, "value": "mine"}]})
+    env = sandbox.pod_manifest(BODY, spec, KEY)["spec"]["containers"][0]["env"]
+    verifiers = [e["value"] for e in env if e["name"] == contract.RUNTIME_VERIFIER_ENV]
+    assert verifiers == [contract.token_verifier(contract.runtime_token(KEY, "team", "box", "u-1"))]
+
+
+def test_the_runtime_port_admits_the_gateways_pods_in_its_namespace_only():
+    ingress = sandbox.network_policy_manifest(BODY, _spec(), "agentkube-system")["spec"]["ingress"]
+    assert ingress == [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "agentkube-system"}},
+                                  "podSelector": {"matchLabels": contract.GATEWAY_LABELS}}],
+                        "ports": [{"protocol": "TCP", "port": contract.RUNTIME_PORT}]}]
+
+
+def test_the_charts_gateway_pods_carry_the_labels_sandbox_policies_select():
+    template = (CHART / "templates" / "gateway.yaml").read_text()
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert "app.kubernetes.io/component: gateway" in template and 'include "agentkube.labels"' in template
+    assert "app.kubernetes.io/name: agentkube" in helpers
+    assert contract.GATEWAY_LABELS == {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/component": "gateway"}
+    rbac = (CHART / "templates" / "gateway-rbac.yaml").read_text()
+    assert re.search(r"resources: \[agentsandboxes/exec\]\s+verbs: \[create\]", rbac)
+    assert "secrets" not in rbac
+
+
+def test_the_sdk_reads_the_stream_and_errors():
+    assert parse_event(b'{"stream": "stdout", "data": "hi\\n"}') == Output("stdout", "hi\n")
+    error = error_of(403, b'{"error": "no"}')
+    assert (error.status, error.message) == (403, "no")
+    with pytest.raises(Exception, match="could not be finished"):
+        parse_event(b'{"error": "gone"}')
