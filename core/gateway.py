@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast  # the client serializes plain dicts as it does its models
 
 import aiohttp
 import kubernetes
@@ -189,10 +189,10 @@ class KubernetesApi:
         return obj if isinstance(obj, dict) else self.client.sanitize_for_serialization(obj)
 
     async def review_token(self, token: str) -> dict[str, Any]:
-        return self._plain(await asyncio.to_thread(self.authn.create_token_review, token_review(token)))
+        return self._plain(await asyncio.to_thread(self.authn.create_token_review, cast(Any, token_review(token))))
 
     async def review_access(self, review: dict[str, Any]) -> dict[str, Any]:
-        return self._plain(await asyncio.to_thread(self.authz.create_subject_access_review, review))
+        return self._plain(await asyncio.to_thread(self.authz.create_subject_access_review, cast(Any, review)))
 
     async def _read(self, call: Any, *args: Any) -> dict[str, Any] | None:
         try:
