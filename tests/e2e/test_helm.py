@@ -146,6 +146,140 @@ def _run_quietly(sandbox: Sandbox, argv: list[str]) -> str | None:
         return None
 
 
+# ----- the gateway, as the chart installs it: agents in other pods reach a sandbox through it -------------
+
+AGENT_SCRIPT = """
+import asyncio, json, sys, uuid
+from agentkube.client import AsyncSandbox, Output, Sandbox
+namespace = sys.argv[1]
+box = Sandbox.connect("agent", namespace)
+out = {}
+ran = box.run(["cat", "/proc/self/cgroup"])
+out["run"] = {"exit": ran.exit_code, "cgroup": ran.stdout, "memory": ran.limits.memory, "peak": ran.usage.peak_memory_bytes}
+# The command ends only once it is told its first line was seen, which only a streamed first line can do.
+marker = "/tmp/go-" + uuid.uuid4().hex
+events = []
+for event in box.stream(f"echo first; while [ ! -e {marker} ]; do sleep 0.05; done; echo second >&2", timeout=60):
+    if isinstance(event, Output):
+        events.append([event.stream, event.data])
+        if event.data.startswith("first"):
+            Sandbox.connect("agent", namespace).run(["touch", marker])
+    else:
+        out["streamed"] = {"exit": event.exit_code, "timed_out": event.usage.timed_out}
+out["events"] = events
+inside = ("import json, socket, urllib.request as u, urllib.error as e\\n"
+          "def post(host):\\n"
+          "    r = u.Request(f'http://{host}:7070/v1/run', data=b'{\\"argv\\": [\\"true\\"]}', headers={'Authorization': 'Bearer x'})\\n"
+          "    try: return u.urlopen(r, timeout=5).status\\n"
+          "    except e.HTTPError as error: return error.code\\n"
+          "    except OSError as error: return type(error).__name__\\n"
+          "print(json.dumps([post('127.0.0.1'), post(socket.gethostbyname(socket.gethostname()))]))\\n")
+out["from_a_call"] = json.loads(box.run(["python3", "-c", inside], timeout=30).stdout)
+
+async def main():
+    async with AsyncSandbox.connect("agent", namespace) as sandbox:
+        return (await sandbox.run("echo async")).stdout
+out["async"] = asyncio.run(main())
+print(json.dumps(out))
+"""
+
+REFUSALS_SCRIPT = """
+import json, sys, httpx
+from agentkube.client import IN_CLUSTER_GATEWAY, SERVICE_ACCOUNT_TOKEN, ApiError, Sandbox
+namespace, revoked, runtime_ip = sys.argv[1:4]
+def attempt(**credentials):
+    try:
+        Sandbox.connect("agent", namespace, **credentials).run(["true"])
+        return [200, ""]
+    except ApiError as error:
+        return [error.status, error.message]
+out = {"own": attempt(), "forged": attempt(token="eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtZSJ9.Zm9yZ2Vk"), "revoked": attempt(token=revoked)}
+none = httpx.post(f"{IN_CLUSTER_GATEWAY}/v1/namespaces/{namespace}/sandboxes/agent/run", json={"argv": ["true"]})
+out["none"] = [none.status_code, none.json()["error"]]
+try:  # past the gateway, straight to the runtime's port, with this pod's own token
+    direct = httpx.post(f"http://{runtime_ip}:7070/v1/run", json={"argv": ["true"]}, timeout=5,
+                        headers={"Authorization": "Bearer " + SERVICE_ACCOUNT_TOKEN.read_text().strip()})
+    out["direct"] = direct.status_code
+except httpx.HTTPError as error:
+    out["direct"] = type(error).__name__
+print(json.dumps(out))
+"""
+
+
+def _client_pod(name: str, service_account: str) -> dict:
+    """An agent's own pod: the operator's image (Python, the SDK and httpx), its service account's token."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
+        "serviceAccountName": service_account, "terminationGracePeriodSeconds": 1,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{"name": "agent", "image": images.read_chart_images()["operator"], "imagePullPolicy": "IfNotPresent",
+                        "command": ["python3", "-c", "import time; time.sleep(86400)"],
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}}
+
+
+@pytest.fixture(scope="module")
+def gateway_sandbox(release, kubectl, eventually) -> Iterator[str]:
+    """A namespace with a Running sandbox `agent`, the pod `agent-client` whose service account is bound
+    to the chart's sandbox-user role, and the pod `stranger` whose service account is bound to nothing."""
+    namespace = "t-gateway"
+    kubectl("create", "namespace", namespace)
+    manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "agent"}, "spec": SANDBOX}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    for account in ("agent", "stranger"):
+        kubectl("create", "serviceaccount", account, "-n", namespace)
+    kubectl("create", "rolebinding", "agent-runs-commands", "-n", namespace, f"--clusterrole={RELEASE}-sandbox-user",
+            f"--serviceaccount={namespace}:agent")
+    for pod, account in (("agent-client", "agent"), ("stranger", "stranger")):
+        kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_client_pod(pod, account)))
+    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/agent-client", "pod/stranger", "--timeout=180s")
+    eventually(lambda: _phase(kubectl, namespace, "agent") == "Running", timeout=120, message="sandbox Running")
+    yield namespace
+    kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _in_pod(kubectl, namespace: str, pod: str, script: str, *args: str) -> dict:
+    done = kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", script, *args, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_an_agent_pod_bound_to_the_user_role_runs_and_streams_through_the_gateway(gateway_sandbox, kubectl):
+    namespace = gateway_sandbox
+    can = kubectl("auth", "can-i", "create", "agentsandboxes/exec", "-n", namespace,
+                  f"--as=system:serviceaccount:{namespace}:agent", check=False)
+    assert can.stdout.strip() == "yes"
+    out = _in_pod(kubectl, namespace, "agent-client", AGENT_SCRIPT, namespace)
+    # Each command is its own tool call, placed by the node agent under the sandbox's limits.
+    assert out["run"]["exit"] == 0 and out["run"]["memory"] == 128 * 2**20 and out["run"]["peak"] > 0
+    memory = next(line.split(":", 2)[2] for line in out["run"]["cgroup"].splitlines() if line.split(":")[1] == "memory")
+    assert memory.rsplit("/", 1)[1].startswith("call-")
+    # The first line reached the agent while the command ran: the command ended because of it.
+    assert out["events"][0] == ["stdout", "first\n"] and ["stderr", "second\n"] in out["events"]
+    assert out["streamed"] == {"exit": 0, "timed_out": False}
+    # A tool call cannot use its runtime's port: refused on loopback; on the pod's own address the runtime
+    # refuses it too, if the call's egress (none) lets the packet out at all.
+    assert out["from_a_call"][0] == 403 and out["from_a_call"][1] in (403, "URLError", "TimeoutError"), out["from_a_call"]
+    assert out["async"] == "async\n"
+
+
+def test_the_gateway_refuses_strangers_missing_forged_and_revoked_tokens_and_nobody_bypasses_it(
+        gateway_sandbox, kubectl, eventually):
+    namespace = gateway_sandbox
+    kubectl("create", "serviceaccount", "gone", "-n", namespace)
+    revoked = kubectl("create", "token", "gone", "-n", namespace).stdout.strip()
+    kubectl("delete", "serviceaccount", "gone", "-n", namespace)
+    runtime_ip = json.loads(kubectl("get", "-n", namespace, "pod/agent", "-o", "json").stdout)["status"]["podIP"]
+    stranger = _in_pod(kubectl, namespace, "stranger", REFUSALS_SCRIPT, namespace, revoked, runtime_ip)
+    assert stranger["own"][0] == 403 and f"system:serviceaccount:{namespace}:stranger" in stranger["own"][1]
+    assert stranger["forged"][0] == 401 and "token not accepted" in stranger["forged"][1]
+    assert stranger["revoked"][0] == 401
+    assert stranger["none"][0] == 401 and "no bearer token" in stranger["none"][1]
+    # The sandbox's NetworkPolicy admits the gateway's pods alone: even an allowed agent cannot dial it.
+    assert stranger["direct"] in ("ConnectTimeout", "ConnectError"), stranger
+    allowed = _in_pod(kubectl, namespace, "agent-client", REFUSALS_SCRIPT, namespace, revoked, runtime_ip)
+    assert allowed["own"] == [200, ""]
+    assert allowed["direct"] in ("ConnectTimeout", "ConnectError"), allowed
+
+
 def test_helm_test_passes(release, helm):
     result = helm("test", RELEASE, "-n", NAMESPACE, "--timeout=5m", "--logs")
     assert "Phase:          Succeeded" in result.stdout or "Succeeded" in result.stdout, result.stdout

@@ -15,6 +15,7 @@ import pytest
 import requests
 from kubernetes.client import CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
+from agentkube import contract
 from agentkube.client import ApiError, Sandbox
 from agentkube.devenv import DevEnv, images, localnode, network, node
 from agentkube.devenv.cluster import sweep_abandoned
@@ -436,36 +437,46 @@ while time.monotonic() < end:
 
 
 def test_no_other_pod_can_get_a_call_run(operator, api_client, kubectl, namespace, eventually):
-    """The runtime listens on a unix socket in the pod only, so no pod can get a call run over the network,
-    whatever the CNI. Where NetworkPolicy is enforced (kube-router here), a pod without the client label
-    cannot even reach the sandbox pod's runtime port: shown with a listener on that port (a tool call
-    allowed to answer the pod network), which a labelled client reaches and an unlabelled pod does not."""
+    """Without the gateway's key (this operator has none) the runtime listens on a unix socket in the pod
+    only, so no pod can get a call run over the network, whatever the CNI. Where NetworkPolicy is enforced
+    (kube-router here), only the gateway's pods — its labels, in its namespace — can even reach the sandbox
+    pod's runtime port: shown with a listener on that port (a tool call allowed to answer the pod network),
+    which a pod labelled as the gateway in the gateway's namespace reaches, and a pod with the same labels
+    in another namespace does not."""
     spec = json.loads(json.dumps(SANDBOX))
     spec["tools"]["profiles"]["listen"] = {"network": {"egress": "explicit", "allow": [{"cidr": node.POD_SUBNET}]}}
     target = _running(api_client, kubectl, namespace, eventually, "target", spec)
     target_ip = CoreV1Api(api_client).read_namespaced_pod("target", namespace).status.pod_ip
-    client = _pod_manifest("client")
-    client["metadata"]["labels"] = {sandbox.CLIENT_LABEL: "true"}
-    for pod in (_pod_manifest("intruder"), client):
-        kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-    kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/intruder", "pod/client", "--timeout=120s")
-    port = sandbox.SANDBOX_RUNTIME_PORT
-    connect = f"import socket; print(socket.create_connection(({target_ip!r}, {port}), timeout=3).recv(2).decode())"
-
-    def attempt(pod: str):
-        return kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", connect, check=False)
-
-    nothing_listens = attempt("client")
-    assert nothing_listens.returncode != 0 and "ConnectionRefused" in nothing_listens.stderr  # not on TCP at all
-    listening = threading.Thread(target=lambda: target.run(["python3", "-c", LISTENER, str(port)], profile="listen",
-                                                           timeout=60))
-    listening.start()
+    gateway_namespace = sandbox.DEFAULT_GATEWAY_NAMESPACE
+    client = _pod_manifest("gateway-stand-in")
+    intruder = _pod_manifest("intruder")
+    for pod in (client, intruder):
+        pod["metadata"]["labels"] = dict(contract.GATEWAY_LABELS)  # the intruder forges them
+    kubectl("apply", "-n", gateway_namespace, "-f", "-", input=json.dumps(client))
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(intruder))
     try:
-        eventually(lambda: attempt("client").stdout == "hi\n", timeout=30, message="the labelled client never got through")
-        intruder = attempt("intruder")
-        assert intruder.returncode != 0 and "hi" not in intruder.stdout, intruder
+        kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/intruder", "--timeout=120s")
+        kubectl("wait", "-n", gateway_namespace, "--for=condition=Ready", "pod/gateway-stand-in", "--timeout=120s")
+        port = sandbox.SANDBOX_RUNTIME_PORT
+        connect = f"import socket; print(socket.create_connection(({target_ip!r}, {port}), timeout=3).recv(2).decode())"
+
+        def attempt(pod_namespace: str, pod: str):
+            return kubectl("exec", "-n", pod_namespace, pod, "--", "python3", "-c", connect, check=False)
+
+        nothing_listens = attempt(gateway_namespace, "gateway-stand-in")
+        assert nothing_listens.returncode != 0 and "ConnectionRefused" in nothing_listens.stderr  # not on TCP at all
+        listening = threading.Thread(target=lambda: target.run(["python3", "-c", LISTENER, str(port)], profile="listen",
+                                                               timeout=60))
+        listening.start()
+        try:
+            eventually(lambda: attempt(gateway_namespace, "gateway-stand-in").stdout == "hi\n", timeout=30,
+                       message="the gateway's stand-in never got through")
+            refused = attempt(namespace, "intruder")
+            assert refused.returncode != 0 and "hi" not in refused.stdout, refused
+        finally:
+            listening.join(timeout=90)
     finally:
-        listening.join(timeout=90)
+        kubectl("delete", "-n", gateway_namespace, "pod/gateway-stand-in", "--wait=false", check=False)
 
 
 def test_a_second_node_is_refused_and_leaves_the_first_running(devenv, kubectl, tmp_path):
