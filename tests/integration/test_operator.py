@@ -318,9 +318,10 @@ def test_the_whole_chart_lints_renders_and_is_accepted_by_the_api_server(install
     documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
     kinds = {doc["kind"] for doc in documents}
     # Role and RoleBinding: kube-dns, and `helm test`'s; Pod: `helm test`; ConfigMaps: the dashboards (on by
-    # default; ServiceMonitors and the PrometheusRule are off by default: they need the Prometheus Operator).
+    # default; ServiceMonitors and the PrometheusRule are off by default: they need the Prometheus Operator);
+    # Service: the gateway's; Secret: the runtime key the operator and the gateway share.
     assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment", "DaemonSet",
-                     "Role", "RoleBinding", "Pod", "CSIDriver", "ConfigMap"}
+                     "Role", "RoleBinding", "Pod", "CSIDriver", "ConfigMap", "Service", "Secret"}
     # What `helm install` creates; `helm test`'s hooks (a pod whose service account is another hook) are
     # created by `helm test`, which the chart's e2e test runs.
     installed = [doc for doc in documents if "helm.sh/hook" not in (doc["metadata"].get("annotations") or {})]
