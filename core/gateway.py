@@ -28,6 +28,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast  # the client serializes plain dicts as it does its models
 
@@ -36,7 +37,7 @@ import kubernetes
 from aiohttp import web
 from pydantic import ValidationError
 
-from agentkube.contract import EXEC_SUBRESOURCE, RUNTIME_PORT, SANDBOX_LABEL, runtime_token
+from agentkube.contract import EXEC_SUBRESOURCE, LAST_ACTIVITY_ANNOTATION, RUNTIME_PORT, SANDBOX_LABEL, runtime_token, timestamp
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest
 from agentkube.ebpf.runtime_port import NDJSON, bearer_token
 from agentkube.ebpf.unixhttp import validation_message
@@ -50,6 +51,10 @@ DEFAULT_PORT = 8080
 REVIEW_SECONDS = 10.0
 REVIEW_CACHE_SIZE = 4096
 CONNECT_SECONDS = 10.0
+# How long a call to a suspended sandbox waits for it to run again (a pod start here takes about a second;
+# a cold image pull, much longer) before it is answered 504.
+RESUME_SECONDS = 120.0
+RESUME_POLL_SECONDS = 0.25
 
 
 class Refusal(Exception):
@@ -137,6 +142,21 @@ def runtime_address(sandbox: dict[str, Any] | None, pod: dict[str, Any] | None, 
     return str(status["podIP"])
 
 
+def resume_patch(sandbox: dict[str, Any], now: str) -> dict[str, Any] | None:
+    """What makes a suspended sandbox run again through the operator's own path, or None when it is not
+    suspended: `suspend: true` is cleared; a sandbox suspended for idleness is marked active now (the
+    annotation the node agent sets after each call), so its idle timer starts again. An expired one stays."""
+    lifecycle = (sandbox.get("spec") or {}).get("lifecycle") or {}
+    phase = (sandbox.get("status") or {}).get("phase")
+    if phase == "Expired":
+        raise Refusal(409, f"sandbox {sandbox['metadata']['name']!r} has expired: it runs nothing any more")
+    if lifecycle.get("suspend"):
+        return {"spec": {"lifecycle": {"suspend": False}}}
+    if phase == "Suspended":
+        return {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: now}}}
+    return None
+
+
 def run_url(address: str, port: int = RUNTIME_PORT) -> str:
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{port}/v1/run"
@@ -208,12 +228,17 @@ class KubernetesApi:
     async def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read(self.core.read_namespaced_pod, name, namespace)
 
+    async def patch_sandbox(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch)
+
 
 class Gateway:
     def __init__(self, api: KubernetesApi, runtime_key: bytes, runtime_port: int = RUNTIME_PORT):
         self.api, self.runtime_key, self.runtime_port = api, runtime_key, runtime_port
         self.reviews = ReviewCache()
         self.session: aiohttp.ClientSession | None = None
+        # One resume per sandbox at a time: concurrent calls to a suspended sandbox wait on the same one.
+        self.resuming: dict[tuple[str, str], asyncio.Task[str]] = {}
 
     async def authorize(self, request: web.Request, namespace: str, name: str) -> Caller:
         token = token_of(request.headers.get("Authorization"))
@@ -233,17 +258,16 @@ class Gateway:
         except ValidationError as error:
             raise Refusal(422, validation_message(error)) from None
         sandbox, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
-        address = runtime_address(sandbox, pod, namespace, name)
+        resumed = False
+        if sandbox is not None and resume_patch(sandbox, "") is not None:
+            address = await self.resume(namespace, name, sandbox)
+            resumed = True
+        else:
+            address = runtime_address(sandbox, pod, namespace, name)
         assert sandbox is not None
         token = runtime_token(self.runtime_key, namespace, name, sandbox["metadata"]["uid"])
         logger.info("%s runs %s in %s/%s", caller.username, run.argv[:1], namespace, name)
-        assert self.session is not None
-        try:
-            upstream = await self.session.post(run_url(address, self.runtime_port), data=run.model_dump_json(),
-                                               headers={"Authorization": f"Bearer {token}",
-                                                        "Content-Type": "application/json"})
-        except (aiohttp.ClientError, OSError) as error:
-            raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
+        upstream = await self.dial(address, token, run, name, retry_for=RESUME_SECONDS if resumed else 0.0)
         async with upstream:
             if upstream.status in (401, 403):  # the runtime refused the gateway: not the caller's doing
                 text = await upstream.text()
@@ -258,6 +282,50 @@ class Gateway:
                 await response.write(chunk)
             await response.write_eof()
             return response
+
+    async def dial(self, address: str, token: str, run: RunRequest, name: str, retry_for: float) -> aiohttp.ClientResponse:
+        """The runtime's answer to the call. Just after a resume the runtime may not listen yet: connecting
+        is retried for `retry_for` s (nothing was sent, so nothing runs twice)."""
+        assert self.session is not None
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                return await self.session.post(run_url(address, self.runtime_port), data=run.model_dump_json(),
+                                               headers={"Authorization": f"Bearer {token}",
+                                                        "Content-Type": "application/json"})
+            except aiohttp.ClientConnectorError as error:
+                if time.monotonic() > deadline:
+                    raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {error}") from None
+            except (aiohttp.ClientError, OSError) as error:
+                raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
+            await asyncio.sleep(RESUME_POLL_SECONDS)
+
+    async def resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> str:
+        """Resume a suspended sandbox (once, whoever else calls meanwhile) and wait until its pod runs."""
+        key = (namespace, name)
+        task = self.resuming.get(key)
+        if task is None:
+            task = self.resuming[key] = asyncio.create_task(self._resume(namespace, name, sandbox))
+            task.add_done_callback(lambda _: self.resuming.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> str:
+        patch = resume_patch(sandbox, timestamp(datetime.now(UTC)))
+        if patch is not None:
+            logger.info("resuming %s/%s for a call", namespace, name)
+            await self.api.patch_sandbox(namespace, name, patch)
+        deadline = time.monotonic() + RESUME_SECONDS
+        while True:
+            current, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
+            try:
+                return runtime_address(current, pod, namespace, name)
+            except Refusal as refusal:
+                if refusal.status not in (409, 503):
+                    raise
+                if time.monotonic() > deadline:
+                    raise Refusal(504, f"sandbox {name!r} did not run again within {RESUME_SECONDS:.0f}s of its "
+                                       f"resume: {refusal.message}") from None
+            await asyncio.sleep(RESUME_POLL_SECONDS)
 
     @web.middleware
     async def refusals(self, request: web.Request, handler: Any) -> web.StreamResponse:

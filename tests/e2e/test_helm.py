@@ -224,6 +224,8 @@ def gateway_sandbox(release, kubectl, eventually) -> Iterator[str]:
     kubectl("create", "namespace", namespace)
     manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "agent"}, "spec": SANDBOX}
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    suspended = {**manifest, "metadata": {"name": "sleeper"}, "spec": {**SANDBOX, "lifecycle": {"suspend": True}}}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(suspended))
     for account in ("agent", "stranger"):
         kubectl("create", "serviceaccount", account, "-n", namespace)
     kubectl("create", "rolebinding", "agent-runs-commands", "-n", namespace, f"--clusterrole={RELEASE}-sandbox-user",
@@ -278,6 +280,29 @@ def test_the_gateway_refuses_strangers_missing_forged_and_revoked_tokens_and_nob
     allowed = _in_pod(kubectl, namespace, "agent-client", REFUSALS_SCRIPT, namespace, revoked, runtime_ip)
     assert allowed["own"] == [200, ""]
     assert allowed["direct"] in ("ConnectTimeout", "ConnectError"), allowed
+
+
+RESUME_SCRIPT = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from agentkube.client import Sandbox
+def call(i):
+    return Sandbox.connect("sleeper", sys.argv[1]).run(["echo", str(i)]).stdout
+with ThreadPoolExecutor(3) as pool:
+    print(json.dumps(list(pool.map(call, range(3)))))
+"""
+
+
+def test_a_call_to_a_suspended_sandbox_resumes_it_and_runs(gateway_sandbox, kubectl, eventually):
+    namespace = gateway_sandbox
+    eventually(lambda: _phase(kubectl, namespace, "sleeper") == "Suspended", timeout=60, message="sleeper Suspended")
+    assert kubectl("get", "-n", namespace, "pod/sleeper", "--ignore-not-found", "-o", "name").stdout == ""
+    done = kubectl("exec", "-n", namespace, "agent-client", "--", "python3", "-c", RESUME_SCRIPT, namespace, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == ["0\n", "1\n", "2\n"]  # three concurrent calls, each run once
+    sleeper = json.loads(kubectl("get", "-n", namespace, "agentsandbox/sleeper", "-o", "json").stdout)
+    assert sleeper["spec"]["lifecycle"]["suspend"] is False
+    eventually(lambda: _phase(kubectl, namespace, "sleeper") == "Running", timeout=60, message="sleeper Running")
 
 
 def test_helm_test_passes(release, helm):

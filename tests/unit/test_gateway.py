@@ -137,3 +137,17 @@ def test_the_sdk_reads_the_stream_and_errors():
     assert (error.status, error.message) == (403, "no")
     with pytest.raises(Exception, match="could not be finished"):
         parse_event(b'{"error": "gone"}')
+
+
+def test_a_suspended_sandbox_is_resumed_through_the_operators_own_fields():
+    def box(phase, suspend=False):
+        return {"metadata": {"name": "box"}, "spec": {"lifecycle": {"suspend": suspend}}, "status": {"phase": phase}}
+
+    assert gateway.resume_patch(box("Running"), "now") is None
+    assert gateway.resume_patch(box("Suspended", suspend=True), "now") == {"spec": {"lifecycle": {"suspend": False}}}
+    assert gateway.resume_patch(box("Running", suspend=True), "now") == {"spec": {"lifecycle": {"suspend": False}}}
+    assert gateway.resume_patch(box("Suspended"), "now") == {
+        "metadata": {"annotations": {contract.LAST_ACTIVITY_ANNOTATION: "now"}}}
+    with pytest.raises(gateway.Refusal) as refused:
+        gateway.resume_patch(box("Expired"), "now")
+    assert refused.value.status == 409
