@@ -118,13 +118,16 @@ class _Handler(BaseHTTPRequestHandler):
         started = False
 
         def placed(_: CallPlaced) -> None:
-            nonlocal started
+            nonlocal started, watching
             started = True
-            self.send_response(200)
-            self.send_header("Content-Type", NDJSON)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.flush()
+            try:  # never raises: the call is placed and held, and must be released and finished
+                self.send_response(200)
+                self.send_header("Content-Type", NDJSON)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.flush()
+            except OSError:
+                watching = False
 
         def output(stream: str, chunk: bytes) -> None:
             text = decoders[stream].decode(chunk)
