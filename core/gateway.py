@@ -4,7 +4,7 @@ Every request carries a bearer token — a pod's service-account token, or a use
 gateway asks the API server who that is (TokenReview) and whether they may `create agentsandboxes/exec`
 on that one sandbox (SubjectAccessReview), so RBAC alone says who may run commands where:
 
-    kubectl auth can-i create agentsandboxes/exec -n team-a --as system:serviceaccount:team-a:agent
+    kubectl auth can-i create agentsandboxes --subresource=exec -n team-a --as system:serviceaccount:team-a:agent
 
 It then forwards the call to the sandbox runtime on the pod network (contract.RUNTIME_PORT) with that
 sandbox's runtime token, derived from a key only the gateway and the operator hold, and streams the

@@ -246,9 +246,10 @@ def _in_pod(kubectl, namespace: str, pod: str, script: str, *args: str) -> dict:
 
 def test_an_agent_pod_bound_to_the_user_role_runs_and_streams_through_the_gateway(gateway_sandbox, kubectl):
     namespace = gateway_sandbox
-    can = kubectl("auth", "can-i", "create", "agentsandboxes/exec", "-n", namespace,
-                  f"--as=system:serviceaccount:{namespace}:agent", check=False)
-    assert can.stdout.strip() == "yes"
+    for account, answer in (("agent", "yes"), ("stranger", "no")):
+        can = kubectl("auth", "can-i", "create", "agentsandboxes", "--subresource=exec", "-n", namespace,
+                      f"--as=system:serviceaccount:{namespace}:{account}", check=False)
+        assert can.stdout.strip() == answer, (account, can.stdout, can.stderr)
     out = _in_pod(kubectl, namespace, "agent-client", AGENT_SCRIPT, namespace)
     # Each command is its own tool call, placed by the node agent under the sandbox's limits.
     assert out["run"]["exit"] == 0 and out["run"]["memory"] == 128 * 2**20 and out["run"]["peak"] > 0
