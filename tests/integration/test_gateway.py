@@ -1,0 +1,120 @@
+"""The gateway as a real process against the real API server, as its service account with the chart's
+RBAC: every refusal the caller can meet before a sandbox runs anything (no token, a forged or revoked
+token, no RBAC, no such sandbox, no pod yet) and the resume it asks the operator for. Calls that run are
+tested on the node (tests/e2e/test_helm.py)."""
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from agentkube.devenv import process
+from agentkube.devenv.cluster import free_port
+from agentkube.operator import api
+from harness import SYSTEM_NAMESPACE, helm_template, install_operator
+
+GATEWAY_SA = "agentkube-gateway"
+SANDBOX = {"template": {"image": "sandbox", "resources": {"limits": {"memory": "512Mi", "cpu": "1"}}}}
+
+
+@pytest.fixture(scope="module")
+def gateway(devenv, kubectl, tmp_path_factory) -> Iterator[str]:
+    install_operator(devenv, kubectl)  # CRDs and the system namespace
+    kubectl("apply", "-f", "-", input=helm_template("gateway-rbac.yaml"))
+    kubectl("create", "serviceaccount", GATEWAY_SA, "-n", SYSTEM_NAMESPACE, check=False)
+    token = kubectl("create", "token", GATEWAY_SA, "-n", SYSTEM_NAMESPACE, "--duration=2h").stdout.strip()
+    kubeconfig = devenv.write_token_kubeconfig(GATEWAY_SA, token)
+    directory = tmp_path_factory.mktemp("gateway")
+    key = directory / "key"
+    key.write_text("k" * 64)
+    port = free_port()
+    record = process.start("gateway", [sys.executable, "-m", "agentkube", "gateway", "run", "--address=127.0.0.1",
+                                       f"--port={port}", f"--runtime-key-file={key}", f"--kubeconfig={kubeconfig}"],
+                           directory / "gateway.log", tie_to_parent=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, (directory / "gateway.log").read_text()[-3000:]
+        time.sleep(0.2)
+    yield url
+    process.stop([record])
+    log = (directory / "gateway.log").read_text()
+    assert token not in log and "k" * 64 not in log, "no secret reaches the gateway's log"
+
+
+@pytest.fixture(scope="module")
+def team(kubectl) -> Iterator[str]:
+    """A namespace with the service accounts `agent` (bound to the users' role) and `stranger` (not)."""
+    namespace = "t-gateway-refusals"
+    kubectl("create", "namespace", namespace)
+    kubectl("apply", "-f", "-", input=helm_template("gateway-rbac.yaml"))
+    for account in ("agent", "stranger", "gone"):
+        kubectl("create", "serviceaccount", account, "-n", namespace)
+    kubectl("create", "rolebinding", "agent-runs", "-n", namespace, "--clusterrole=agentkube-sandbox-user",
+            f"--serviceaccount={namespace}:agent")
+    yield namespace
+    kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _token(kubectl, namespace: str, account: str) -> str:
+    return kubectl("create", "token", account, "-n", namespace).stdout.strip()
+
+
+def _run(url: str, namespace: str, name: str, token: str | None, timeout: float = 30) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.post(f"{url}/v1/namespaces/{namespace}/sandboxes/{name}/run", json={"argv": ["true"]},
+                      headers=headers, timeout=timeout)
+
+
+def test_every_caller_is_authenticated_and_authorized_per_sandbox(gateway, team, kubectl):
+    none = _run(gateway, team, "box", None)
+    assert none.status_code == 401 and "no bearer token" in none.json()["error"]
+    assert none.headers["WWW-Authenticate"].startswith("Bearer")
+    forged = _run(gateway, team, "box", "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtZSJ9.Zm9yZ2Vk")
+    assert forged.status_code == 401 and "token not accepted" in forged.json()["error"]
+    revoked = _token(kubectl, team, "gone")
+    kubectl("delete", "serviceaccount", "gone", "-n", team)
+    assert _run(gateway, team, "box", revoked).status_code == 401
+    stranger = _run(gateway, team, "box", _token(kubectl, team, "stranger"))
+    assert stranger.status_code == 403
+    assert f"system:serviceaccount:{team}:stranger" in stranger.json()["error"]
+    assert "agentsandboxes/exec" in stranger.json()["error"]
+    # Allowed, but there is no such sandbox.
+    agent = _token(kubectl, team, "agent")
+    missing = _run(gateway, team, "box", agent)
+    assert missing.status_code == 404 and "no AgentSandbox" in missing.json()["error"]
+    # The role is per namespace: the same agent is a stranger elsewhere.
+    assert _run(gateway, "default", "box", agent).status_code == 403
+
+
+def test_a_bad_request_is_refused_after_authorization_and_before_any_sandbox_is_looked_at(gateway, team, kubectl):
+    agent = _token(kubectl, team, "agent")
+    bad = httpx.post(f"{gateway}/v1/namespaces/{team}/sandboxes/box/run", content=b'{"argv": []}',
+                     headers={"Authorization": f"Bearer {agent}"})
+    assert bad.status_code == 422 and "argv" in bad.json()["error"]
+    # A stranger learns nothing of the request's validity.
+    assert httpx.post(f"{gateway}/v1/namespaces/{team}/sandboxes/box/run", content=b"{",
+                      headers={"Authorization": f"Bearer {_token(kubectl, team, 'stranger')}"}).status_code == 403
+
+
+def test_a_call_to_a_suspended_sandbox_asks_the_operator_to_resume_it(gateway, team, kubectl):
+    """No operator runs here: the gateway's patch is what is checked (the e2e test sees the sandbox run)."""
+    manifest = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "sleeper"},
+                "spec": {**SANDBOX, "lifecycle": {"suspend": True}}}
+    kubectl("apply", "-n", team, "-f", "-", input=json.dumps(manifest))
+    agent = _token(kubectl, team, "agent")
+    try:
+        _run(gateway, team, "sleeper", agent, timeout=3)
+    except httpx.ReadTimeout:
+        pass  # it waits for the pod, which no operator here makes
+    sleeper = json.loads(kubectl("get", "-n", team, "agentsandbox/sleeper", "-o", "json").stdout)
+    assert sleeper["spec"]["lifecycle"]["suspend"] is False
+
