@@ -42,6 +42,8 @@ SANDBOX_PACKAGES = ("python3",)
 # Wheels the runtime imports (installed from the same offline wheel cache as the project's venv).
 SANDBOX_WHEELS = ("pydantic", "typer", "prometheus-client")
 SITE_DIR = "opt/agentkube/lib"
+# The runtime's warm-pool held program (ebpf/programs/held.c), compiled statically into the sandbox image.
+HELD_PATH = "opt/agentkube/bin/agentkube-held"
 # What only the node agent needs from Debian: BCC (its programs compile at start against the host's kernel
 # headers, mounted by the DaemonSet) and `ip`, with which it puts the DNS answering's address on a link.
 NODE_AGENT_PACKAGES = ("python3-bpfcc", "iproute2")
@@ -262,6 +264,7 @@ def _runtime_sources() -> dict[str, Path]:
     ebpf_dir = Path(agentkube.ebpf.runtime.__file__).parent
     files = {"agentkube/client.py": Path(agentkube.client.__file__), "agentkube/contract.py": Path(agentkube.contract.__file__)}
     files |= {f"agentkube/ebpf/{path.name}": path for path in sorted(ebpf_dir.glob("*.py"))}
+    files["agentkube/ebpf/programs/held.c"] = ebpf_dir / "programs" / "held.c"  # compiled into HELD_PATH too
     return files
 
 
@@ -284,10 +287,12 @@ def sandbox_archive(log=print) -> Path:
             (site / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, site / name)
         shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter
+        (root / HELD_PATH).parent.mkdir(parents=True, exist_ok=True)
+        _run("held program", ["cc", "-static", "-O2", "-o", str(root / HELD_PATH), str(sources["agentkube/ebpf/programs/held.c"])])
         runtime = layer(tar_directory(root, scratch / "layer.tar"))
         config = {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", f"PYTHONPATH=/{SITE_DIR}",
-                    "PYTHONDONTWRITEBYTECODE=1"],
+                    "PYTHONDONTWRITEBYTECODE=1", f"AGENTKUBE_HELD=/{HELD_PATH}"],
             "Entrypoint": ["python3", "-m", "agentkube.ebpf.commands"],
             "WorkingDir": "/",
         }
