@@ -81,7 +81,8 @@ def evaluate(
 def serve_revision(
     namespace: str = typer.Option(..., help="Namespace of the Knative Service whose revision this plays."),
     service: str = typer.Option(..., help="The Knative Service: its target annotation is read from the API server."),
-    trace: str = typer.Option("conversation", help="A generated workload (conversation, api, flash) or a BurstGPT CSV."),
+    trace: str = typer.Option("conversation", help="A generated workload (conversation, api, flash), a held-out family "
+                              "(mmpp, on-off-pareto, ...) or a BurstGPT CSV."),
     trace_start: float = typer.Option(36_000.0, help="Where in the trace to start, in seconds (default: 10:00, near the peak)."),
     port: int = typer.Option(0, help="Metrics port on 127.0.0.1 (0: any free one; printed as `listening 127.0.0.1:<port>`)."),
     duration: float = typer.Option(300.0, help="Wall seconds to run before exiting."),

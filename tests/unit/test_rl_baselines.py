@@ -66,6 +66,14 @@ def test_reward_charges_cost_misses_and_failures():
     slow = reward(IntervalStats(within_slo=990, failed=0, cost=two_pods, **base), config)
     failing = reward(IntervalStats(within_slo=990, failed=10, cost=two_pods, **base), config)
     assert failing < slow < clean
+    # Missing the SLO for 1% of requests is as bad as running slo_miss% more pods, at any size.
+    weights = RewardWeights()
+    assert slow == pytest.approx(-2 * (1 + weights.slo_miss * 0.01) / weights.scale)
+    twenty = reward(IntervalStats(within_slo=990, failed=0, cost=10 * two_pods, **base), config)
+    assert twenty == pytest.approx(10 * slow)
+    # No pods while requests wait: the misses still cost (one pod's worth), scaling to zero is not free.
+    stranded = reward(IntervalStats(**(base | {"admitted": 0}), within_slo=0, failed=0, cost=0.0), config)
+    assert stranded == pytest.approx(-weights.slo_miss * 0.5 / weights.scale)
 
 
 def test_the_static_grid_covers_the_policys_whole_action_range_finely():
