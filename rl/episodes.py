@@ -46,7 +46,7 @@ class RewardWeights:
     more than slow ones: the user sees an error.
     """
 
-    slo_miss: float = 25.0
+    slo_miss: float = 40.0
     failed: float = 1000.0
     scale: float = 10.0
 
