@@ -49,9 +49,8 @@ STALE_AFTER_MIN_S = 15.0
 # and short enough to catch a policy that has been running too lean for minutes.
 GUARD_P95 = "guard_p95_latency_ms"
 GUARD_WINDOW = "10m"
-GUARD_QUERIES: dict[str, str] = {
-    GUARD_P95: ("histogram_quantile(0.95, sum by (le) "
-                f"(rate(revision_app_request_latencies_bucket{{{{{{rev}}}}}}[{GUARD_WINDOW}])))"),
+GUARD_QUERIES: dict[str, str] = {  # `{rev}` as in POLICY_METRICS
+    GUARD_P95: "histogram_quantile(0.95, sum by (le) (rate(revision_app_request_latencies_bucket{{{rev}}}[" + GUARD_WINDOW + "])))",
 }
 # Once engaged, the guard lets the policy back only when the window's p95 is this far inside the SLO:
 # the window still holds the lean minutes that tripped it, so releasing at the SLO itself would hand
