@@ -13,6 +13,7 @@ that opened it, since the runtime's sockets are close-on-exec and the runtime is
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import threading
@@ -103,51 +104,64 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
 
 
 class FrameClient:
-    """Frames to the node agent over one kept-alive connection per thread."""
+    """Frames to the node agent over kept-alive connections, shared by the threads that use this client: an
+    idle connection is taken for a request and put back after it. (The runtime serves each SDK request in a
+    thread of its own; a connection per thread would be a new connection, and a new agent thread, per call.)"""
 
     def __init__(self, socket_path: Path | str, timeout: float = 30.0):
         self.socket_path = str(socket_path)
         self.timeout = timeout
-        self._local = threading.local()
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
 
-    def _connection(self) -> socket.socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec, as Python's sockets are
-            try:
-                sock.settimeout(self.timeout)
-                sock.connect(self.socket_path)
-                sock.sendall(MAGIC)
-            except BaseException:
-                sock.close()
-                raise
-            self._local.sock = sock
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec, as Python's sockets are
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(MAGIC)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
-    def close(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is not None:
+    def _take_idle(self) -> socket.socket | None:
+        # An idle connection with something to read has been closed by the agent (a restarted agent): the
+        # request goes on another rather than failing on it.
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                sock = self._idle.pop()
+            if not select.select([sock], [], [], 0)[0]:
+                return sock
             sock.close()
-            self._local.sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
 
     def request(self, op: str, **fields: object) -> object:
         """One request and its answer's body; ApiError for a refusal. A connection that breaks (a restarting
-        agent) raises ConnectionError, and the next request opens a new one."""
-        sock = self._connection()
+        agent) raises ConnectionError and is dropped; the next request opens a new one."""
+        sock = self._take_idle() or self._connect()
         try:
             sock.sendall(encode({"op": op, **fields}))
             answer = read_frame(sock, MAX_ANSWER_BYTES)
-        except (OSError, HttpError) as error:
-            self.close()
-            if isinstance(error, ConnectionError):
+            if not isinstance(answer, dict) or "status" not in answer:
+                raise ConnectionResetError("the node agent closed the connection" if answer is None
+                                           else "the node agent sent a malformed answer")
+        except BaseException as error:
+            sock.close()
+            if isinstance(error, (ConnectionError, KeyboardInterrupt, SystemExit)):
                 raise
-            raise ConnectionResetError(f"node agent connection failed: {error}") from None
-        if answer is None:
-            self.close()
-            raise ConnectionResetError("the node agent closed the connection")
-        if not isinstance(answer, dict) or "status" not in answer:
-            self.close()
-            raise ConnectionResetError("the node agent sent a malformed answer")
+            if isinstance(error, (OSError, HttpError)):
+                raise ConnectionResetError(f"node agent connection failed: {error}") from None
+            raise
+        with self._lock:
+            self._idle.append(sock)
         if answer["status"] >= 400:
             raise ApiError(answer["status"], str(answer.get("error", "")))
         return answer.get("body")

@@ -87,3 +87,47 @@ def test_the_held_program_runs_its_command_only_once_given_and_exits_125_without
     assert run(b"")[0] == 125
     assert run(command_frame(None, ["/nonexistent/x"]))[0] == 127
     assert run(command_frame("/nonexistent", ["true"]))[0] == 126
+
+
+def test_frames_share_connections_across_threads_speak_beside_http_and_survive_a_restarted_server(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentkube.ebpf.frames import FrameClient
+    from agentkube.ebpf.unixhttp import ApiError, UnixHttpServer, request
+
+    path = tmp_path / "agent.sock"
+    peers = set()
+
+    def echo(peer, memo, message):
+        memo["count"] = memo.get("count", 0) + 1
+        peers.add(id(memo))
+        if message.get("refuse"):
+            raise HttpError(403, "no")
+        return {"value": message["value"], "on_this_connection": memo["count"]}
+
+    def serve():
+        server = UnixHttpServer(path, {("GET", "/v1/ping"): lambda peer, params, body: (200, {"pong": True})},
+                                frames={"echo": echo})
+        server.start()
+        return server
+
+    server = serve()
+    client = FrameClient(path)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: client.request("echo", value=i), range(40)))
+        assert [a["value"] for a in answers] == list(range(40))
+        assert len(peers) <= 4  # kept-alive connections, reused by whichever thread comes next
+        with pytest.raises(ApiError) as refused:
+            client.request("echo", value=1, refuse=True)
+        assert refused.value.status == 403
+        with pytest.raises(ApiError) as unknown:
+            client.request("nothing")
+        assert unknown.value.status == 404
+        assert request(path, "GET", "/v1/ping") == {"pong": True}  # HTTP on the same socket
+        server.stop()
+        server = serve()  # a restarted agent: idle connections are closed ones now
+        assert client.request("echo", value=7)["value"] == 7
+    finally:
+        client.close()
+        server.stop()
