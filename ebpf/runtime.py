@@ -401,7 +401,10 @@ def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlace
     pump = _Pump(held.pid, held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr)
     # The release: the held program's command (the next thing it does is the command's exec), or the shell
     # holder's release line (its command was given when it started).
-    _write_all(held.command, command_frame(run.cwd, run.argv) if framed else b"g\n")
+    try:
+        _write_all(held.command, command_frame(run.cwd, run.argv) if framed else b"g\n")
+    except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
+        pass
     os.close(held.command)
     pump.until_exit()
     _, status = os.waitpid(held.pid, 0)
