@@ -24,9 +24,9 @@ import requests
 import yaml
 
 from agentkube.contract import AGENT_SOCKET
-from agentkube.devenv import config, images, localnode, localpath, network, node, pki, process
+from agentkube.devenv import config, images, knative, localnode, localpath, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
-from agentkube.devenv.install import InstallError, require_binary
+from agentkube.devenv.install import InstallError, ensure_knative, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
 from agentkube.ebpf import csi
 
@@ -85,6 +85,8 @@ NETWORK_POLICY = Component("kube-router", config.kube_router_command, health_pro
 LOCAL_PATH = Component("local-path-provisioner", config.local_path_provisioner_command, health_probe=lambda: True)
 NODE_COMPONENTS_AFTER_READY = (NETWORK_POLICY, LOCAL_PATH)
 NODE_READY_SECONDS = 120.0
+# Knative's four Deployments pulling nothing (images are imported) and starting on two shared cores.
+KNATIVE_READY_SECONDS = 240.0
 # Where the node agent runs: a host process that `up` starts (the default), or nowhere, for a node agent
 # that the chart's DaemonSet runs (one per node: two would share the sockets and the pins).
 NODE_AGENT_MODES = ("host", "none")
@@ -133,14 +135,16 @@ def _optional_binary(name: str) -> Path | None:
 TEMPORARY_PREFIX = "agentkube-"
 
 
-def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node_agent: str = "host") -> "DevEnv":
+def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node_agent: str = "host",
+                  with_knative: bool = False) -> "DevEnv":
     """An environment in a fresh temporary directory whose processes die with this Python process.
 
     `down()` removes the directory. A process killed outright (SIGKILL) cannot do that, so every new
     temporary environment first sweeps the directories of owners that no longer exist."""
     sweep_abandoned()
     root = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
-    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node, node_agent=node_agent)
+    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node, node_agent=node_agent,
+                  with_knative=with_knative)
 
 
 def sweep_abandoned() -> list[Path]:
@@ -178,13 +182,15 @@ def _write_private(path: Path, data: bytes) -> None:
 
 class DevEnv:
     def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True,
-                 with_node: bool = False, node_agent: str = "host"):
+                 with_node: bool = False, node_agent: str = "host", with_knative: bool = False):
         """`tie_to_parent`: the processes die with this Python process (tests); otherwise they outlive it
         (`agentkube dev up`). `with_node`: also a node that runs pods (one per machine). `node_agent`:
-        `host` starts the node agent as a host process, `none` leaves it to the chart's DaemonSet."""
+        `host` starts the node agent as a host process, `none` leaves it to the chart's DaemonSet.
+        `with_knative`: also Knative Serving, as pods on the node (implies `with_node`)."""
         self.layout = Layout(Path(state_dir))
         self.tie_to_parent = tie_to_parent
-        self.with_node = with_node
+        self.with_knative = with_knative
+        self.with_node = with_node or with_knative
         self.node_components = node_components(node_agent)
         self.node_agent = node_agent
         self.with_prometheus = with_prometheus
@@ -213,6 +219,7 @@ class DevEnv:
             self.ports = Ports(**state["ports"])
             self.processes = [process.ProcessRecord.from_json(p) for p in state["processes"]]
             self.with_node = self.with_node or state.get("with_node", False)
+            self.with_knative = self.with_knative or state.get("with_knative", False)
             self.node_agent = state.get("node_agent", "host")
             self.node_components = node_components(self.node_agent)
 
@@ -222,6 +229,7 @@ class DevEnv:
             "kubernetes_version": KUBERNETES_VERSION,
             "ports": asdict(self.ports),
             "with_node": self.with_node,
+            "with_knative": self.with_knative,
             "node_agent": self.node_agent,
             "processes": [p.to_json() for p in self.processes],
         }
@@ -268,6 +276,8 @@ class DevEnv:
         binaries = {c.name: require_binary(c.binary or c.name) for c in self._all_components()}
         # Images first and outside the deadline: the first Debian root filesystem takes a minute or two.
         archives = [images.pause_archive(), images.sandbox_archive(), *images.component_archives()] if self.with_node else []
+        if self.with_knative:
+            archives += [*knative.image_archives(ensure_knative()), images.model_server_archive()]
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
@@ -281,6 +291,8 @@ class DevEnv:
                 self._start(component, binaries[component.name], deadline)
             if self.with_node:
                 self._up_node(binaries, archives, deadline + NODE_READY_SECONDS)
+            if self.with_knative:
+                self._up_knative(deadline + NODE_READY_SECONDS + KNATIVE_READY_SECONDS)
         except BaseException:
             self.down()
             raise
@@ -422,6 +434,33 @@ class DevEnv:
         if localnode.other_owner(self.layout.root) is None:
             localnode.clean_host(self.layout.node, self.layout.root, netns, _optional_binary("kube-proxy"))
 
+    def _up_knative(self, deadline: float) -> None:
+        """Knative's install applied as Knative documents it: CRDs first (its own objects of those kinds
+        follow in the same install), then everything else, then each Deployment Available."""
+        started = time.monotonic()
+        documents = knative.load_documents()
+        crds = [doc for doc in documents if doc["kind"] == "CustomResourceDefinition"]
+        self._kubectl_apply(crds + knative.prometheus_pod_discovery_rbac(config.PROMETHEUS.user))
+        self._kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      *(f"crd/{doc['metadata']['name']}" for doc in crds))
+        self._kubectl_apply([doc for doc in documents if doc["kind"] != "CustomResourceDefinition"])
+        for name in knative.DEPLOYMENTS:
+            remaining = max(1, int(deadline - time.monotonic()))
+            try:
+                self._kubectl("-n", knative.SYSTEM_NAMESPACE, "rollout", "status", f"deployment/{name}",
+                              f"--timeout={remaining}s")
+            except DevEnvError as error:
+                pods = subprocess.run([str(require_binary("kubectl")), "-n", knative.SYSTEM_NAMESPACE, "get", "pods",
+                                       "-o", "wide"], capture_output=True, text=True, env=self.environ()).stdout
+                raise DevEnvError(f"Knative's {name} not available in time: {error}\n{pods}") from None
+        self.startup_seconds["knative"] = time.monotonic() - started
+
+    def _kubectl(self, *args: str) -> str:
+        result = subprocess.run([str(require_binary("kubectl")), *args], capture_output=True, text=True, env=self.environ())
+        if result.returncode != 0:
+            raise DevEnvError(f"kubectl {' '.join(args)} failed: {result.stderr[-2000:]}")
+        return result.stdout
+
     def _kubectl_apply(self, documents: list[dict]) -> None:
         manifest = yaml.safe_dump_all(documents).encode()
         result = subprocess.run([str(require_binary("kubectl")), "apply", "--server-side", "-f", "-"], input=manifest,
@@ -471,7 +510,11 @@ class DevEnv:
 
         layout.scrape_targets.mkdir(parents=True, exist_ok=True)
         layout.prometheus_data.mkdir(parents=True, exist_ok=True)
-        _write_private(layout.prometheus_config, yaml.safe_dump(config.prometheus_config(layout, ports, self.host)).encode())
+        extra = [knative.prometheus_scrape_config(config.apiserver_url(ports, self.host), str(layout.cert("ca")),
+                                                  str(layout.cert("prometheus")), str(layout.key("prometheus")))
+                 ] if self.with_knative else []
+        _write_private(layout.prometheus_config,
+                       yaml.safe_dump(config.prometheus_config(layout, ports, self.host, extra)).encode())
 
     def _healthy(self, component: Component) -> bool:
         if self.ports is None:
