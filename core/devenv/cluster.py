@@ -87,6 +87,7 @@ NODE_COMPONENTS_AFTER_READY = (NETWORK_POLICY, LOCAL_PATH)
 NODE_READY_SECONDS = 120.0
 # Knative's four Deployments pulling nothing (images are imported) and starting on two shared cores.
 KNATIVE_READY_SECONDS = 240.0
+KNATIVE_TARGETS = "knative-targets"
 # Where the node agent runs: a host process that `up` starts (the default), or nowhere, for a node agent
 # that the chart's DaemonSet runs (one per node: two would share the sockets and the pins).
 NODE_AGENT_MODES = ("host", "none")
@@ -440,7 +441,7 @@ class DevEnv:
         started = time.monotonic()
         documents = knative.load_documents()
         crds = [doc for doc in documents if doc["kind"] == "CustomResourceDefinition"]
-        self._kubectl_apply(crds + knative.prometheus_pod_discovery_rbac(config.PROMETHEUS.user))
+        self._kubectl_apply(crds + knative.pod_discovery_rbac(config.PROMETHEUS.user))
         self._kubectl("wait", "--for=condition=Established", "--timeout=60s",
                       *(f"crd/{doc['metadata']['name']}" for doc in crds))
         self._kubectl_apply([doc for doc in documents if doc["kind"] != "CustomResourceDefinition"])
@@ -453,6 +454,10 @@ class DevEnv:
                 pods = subprocess.run([str(require_binary("kubectl")), "-n", knative.SYSTEM_NAMESPACE, "get", "pods",
                                        "-o", "wide"], capture_output=True, text=True, env=self.environ()).stdout
                 raise DevEnvError(f"Knative's {name} not available in time: {error}\n{pods}") from None
+        # Prometheus scrapes Knative's pods through a target file kept current by a process of this
+        # environment (Debian's Prometheus has no Kubernetes service discovery).
+        self.start_alongside(KNATIVE_TARGETS, [sys.executable, "-m", "agentkube", "dev", "knative-targets",
+                                               "--state-dir", str(self.layout.root)])
         self.startup_seconds["knative"] = time.monotonic() - started
 
     def _kubectl(self, *args: str) -> str:
@@ -499,7 +504,7 @@ class DevEnv:
         kubeconfigs = [(layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")]
         kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent",
                                                                 "kube-proxy-client", "coredns-client", "kube-router-client",
-                                                                "local-path-provisioner-client")]
+                                                                "local-path-provisioner-client", "prometheus")]
         for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(
@@ -510,11 +515,7 @@ class DevEnv:
 
         layout.scrape_targets.mkdir(parents=True, exist_ok=True)
         layout.prometheus_data.mkdir(parents=True, exist_ok=True)
-        extra = [knative.prometheus_scrape_config(config.apiserver_url(ports, self.host), str(layout.cert("ca")),
-                                                  str(layout.cert("prometheus")), str(layout.key("prometheus")))
-                 ] if self.with_knative else []
-        _write_private(layout.prometheus_config,
-                       yaml.safe_dump(config.prometheus_config(layout, ports, self.host, extra)).encode())
+        _write_private(layout.prometheus_config, yaml.safe_dump(config.prometheus_config(layout, ports, self.host)).encode())
 
     def _healthy(self, component: Component) -> bool:
         if self.ports is None:

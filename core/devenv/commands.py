@@ -13,6 +13,7 @@ from agentkube.devenv.cluster import NODE_AGENT_MODES, DevEnv, DevEnvError
 from agentkube.devenv.images import ImageError
 from agentkube.devenv.install import InstallError, install_all
 from agentkube.devenv.knative import KnativeError
+from agentkube.devenv.knative import watch_scrape_targets as knative_watch
 from agentkube.devenv.localnode import NodeError
 from agentkube.devenv.versions import bin_dir, default_state_dir
 
@@ -119,3 +120,11 @@ def env(state_dir: StateDir = default_state_dir()) -> None:
         _fail(DevEnvError(f"no environment in {state_dir}: run `agentkube dev up`"))
     print(f"export KUBECONFIG={shlex.quote(str(environment.kubeconfig))}")
     print(f'export PATH={shlex.quote(str(bin_dir()))}:"$PATH"')
+
+
+@dev_app.command("knative-targets", hidden=True)
+def knative_targets(state_dir: StateDir = default_state_dir()) -> None:
+    """Keep Prometheus' target file for Knative's pods current (started by `up --with-knative`)."""
+    environment = DevEnv(state_dir)
+    knative_watch(environment.layout.client_kubeconfig("prometheus"),
+                  environment.layout.scrape_targets / "knative.json")

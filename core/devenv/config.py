@@ -362,11 +362,9 @@ def _kubeconfig(server: str, ca_pem: bytes, user: str, credentials: dict[str, st
     }
 
 
-def prometheus_config(layout: Layout, ports: Ports, apiserver_host: str = LOOPBACK,
-                      extra_scrape_configs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def prometheus_config(layout: Layout, ports: Ports, apiserver_host: str = LOOPBACK) -> dict[str, Any]:
     """Scrapes the apiserver (as the monitoring identity) and whatever targets are dropped as files into
-    `layout.scrape_targets`: Prometheus watches that folder, so targets come and go without a restart.
-    `extra_scrape_configs` (Knative's pods, found through the API server) follow."""
+    `layout.scrape_targets`: Prometheus watches that folder, so targets come and go without a restart."""
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "scrape_configs": [
@@ -385,7 +383,6 @@ def prometheus_config(layout: Layout, ports: Ports, apiserver_host: str = LOOPBA
                 "job_name": "discovered",
                 "file_sd_configs": [{"files": [str(layout.scrape_targets / "*.json")], "refresh_interval": "1s"}],
             },
-            *(extra_scrape_configs or []),
         ],
     }
 

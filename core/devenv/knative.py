@@ -102,9 +102,9 @@ def adapt(documents: Iterable[dict[str, Any] | None], replacements: dict[str, st
     return adapted
 
 
-def prometheus_pod_discovery_rbac(user: str) -> list[dict[str, Any]]:
-    """Read-only access to pods for Prometheus' Kubernetes service discovery (pod IPs change with every
-    revision pod; nothing else is needed to find the metrics ports)."""
+def pod_discovery_rbac(user: str) -> list[dict[str, Any]]:
+    """Read-only access to pods for the environment's target discovery (pod IPs change with every
+    revision pod; nothing else is needed to find the metrics ports), as the Prometheus identity."""
     name = "agentkube:prometheus-pod-discovery"
     return [
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
@@ -115,22 +115,22 @@ def prometheus_pod_discovery_rbac(user: str) -> list[dict[str, Any]]:
     ]
 
 
-def prometheus_scrape_config(api_server: str, ca_file: str, cert_file: str, key_file: str) -> dict[str, Any]:
-    """A scrape job for Knative's metrics ports on every pod (its components and every revision's
-    queue-proxy), found through the API server; each series carries the pod's namespace and name."""
-    tls = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
-    return {
-        "job_name": "knative",
-        "kubernetes_sd_configs": [{"role": "pod", "api_server": api_server, "tls_config": tls}],
-        "relabel_configs": [
-            {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "|".join(METRICS_PORT_NAMES),
-             "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-            {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
-        ],
-    }
+def scrape_target_groups(pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prometheus file_sd target groups for Knative's metrics ports (its components' and every revision's
+    queue-proxy's) on running pods, each labelled with the pod's namespace, name and container. Debian's
+    Prometheus is built without Kubernetes service discovery, so the environment lists pods itself."""
+    groups = []
+    for pod in pods:
+        metadata, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+        if status.get("phase") != "Running" or not status.get("podIP"):
+            continue
+        for container in spec.get("containers") or []:
+            for port in container.get("ports") or []:
+                if port.get("name") in METRICS_PORT_NAMES:
+                    groups.append({"targets": [f"{status['podIP']}:{port['containerPort']}"],
+                                   "labels": {"job": "knative", "namespace": metadata.get("namespace", ""),
+                                              "pod": metadata.get("name", ""), "container": container.get("name", "")}})
+    return sorted(groups, key=lambda group: group["targets"][0])
 
 
 # ----- I/O: module sources, images -----------------------------------------------------------------
@@ -188,3 +188,35 @@ def image_archive(command: str, binary: Path) -> Path:
 
 def image_archives(binaries: dict[str, Path]) -> list[Path]:
     return [image_archive(command, binaries[command]) for command in KNATIVE_COMMANDS]
+
+
+def watch_scrape_targets(kubeconfig: Path, target_file: Path, interval_s: float = 2.0) -> None:
+    """Keep `target_file` (a file_sd file Prometheus watches) equal to the Knative metrics ports of the
+    running pods; runs until killed. Polls: the list is small, and polling rides out API server restarts."""
+    import time
+
+    import kubernetes
+
+    api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
+    written = None
+    while True:
+        try:
+            pods = api.list_pod_for_all_namespaces(_request_timeout=10).to_dict()["items"]
+            groups = scrape_target_groups(_camel(pod) for pod in pods)
+            if groups != written:
+                partial = target_file.with_name(target_file.name + ".partial")
+                partial.write_text(json.dumps(groups))
+                partial.replace(target_file)
+                written = groups
+        except Exception as error:  # an API server restart must not end discovery
+            print(f"listing pods failed: {error}", flush=True)
+        time.sleep(interval_s)
+
+
+def _camel(pod: dict[str, Any]) -> dict[str, Any]:
+    """The fields scrape_target_groups reads, from the client's snake_case model dict."""
+    return {"metadata": pod["metadata"],
+            "spec": {"containers": [{"name": c["name"], "ports": [{"name": p.get("name"), "containerPort": p["container_port"]}
+                                                                  for p in c.get("ports") or []]}
+                                    for c in pod["spec"]["containers"]]},
+            "status": {"phase": pod["status"]["phase"], "podIP": pod["status"].get("pod_ip")}}

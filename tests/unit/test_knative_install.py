@@ -36,11 +36,18 @@ def test_an_unknown_ko_placeholder_is_refused():
                       knative.images_by_ko_path())
 
 
-def test_scrape_config_keeps_only_knatives_metrics_ports():
-    job = knative.prometheus_scrape_config("https://10.88.0.1:6443", "ca", "crt", "key")
-    keep = job["relabel_configs"][0]
-    assert keep["action"] == "keep" and set(keep["regex"].split("|")) == {"metrics", "http-usermetric"}
-    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
+def test_scrape_targets_are_the_metrics_ports_of_running_pods():
+    def pod(name, phase, ip, ports):
+        return {"metadata": {"namespace": "ns", "name": name}, "status": {"phase": phase, "podIP": ip},
+                "spec": {"containers": [{"name": "c", "ports": [{"name": n, "containerPort": p} for n, p in ports]}]}}
+
+    groups = knative.scrape_target_groups([
+        pod("rev-1", "Running", "10.88.0.7", [("http1", 8012), ("http-usermetric", 9091), ("http-autometric", 9090)]),
+        pod("controller", "Running", "10.88.0.5", [("metrics", 9090), ("probes", 8080)]),
+        pod("starting", "Pending", None, [("metrics", 9090)]),
+    ])
+    assert [group["targets"] for group in groups] == [["10.88.0.5:9090"], ["10.88.0.7:9091"]]
+    assert groups[1]["labels"] == {"job": "knative", "namespace": "ns", "pod": "rev-1", "container": "c"}
 
 
 def _in_module_cache(pin: str) -> bool:
