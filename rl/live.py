@@ -103,9 +103,14 @@ def load_trace(trace: str, start_s: float, duration_s: float) -> Trace:
     return full.window(start_s, duration_s)
 
 
-def target_annotation(service: dict | None) -> float | None:
-    """The target in force on a Knative Service (None: none set, Knative's default applies)."""
-    annotations = (((service or {}).get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
+def target_annotation(obj: dict | None) -> float | None:
+    """The target on a PodAutoscaler (its annotations), or on a Knative Service (its template's); None:
+    none set, Knative's default applies."""
+    obj = obj or {}
+    if obj.get("kind") == "PodAutoscaler":
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    else:
+        annotations = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
     try:
         return float(annotations[TARGET_ANNOTATION])
     except (KeyError, ValueError):
@@ -113,17 +118,22 @@ def target_annotation(service: dict | None) -> float | None:
 
 
 def _service_reader(namespace: str, service: str, kubeconfig: str | None) -> Callable[[], dict | None]:
+    """Reads the PodAutoscaler of the service's revision (labelled with the service, as Knative labels
+    it): the KPA takes the target from its annotations, where the operator sets the target in force."""
     client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
     custom = kubernetes.client.CustomObjectsApi(client)
 
     def read() -> dict | None:
         try:
-            return cast(dict, custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services",
-                                                                  service, _request_timeout=5))
+            found = custom.list_namespaced_custom_object(
+                "autoscaling.internal.knative.dev", "v1alpha1", namespace, "podautoscalers",
+                label_selector=f"serving.knative.dev/service={service}", _request_timeout=5)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
+        items = sorted(found.get("items") or [], key=lambda item: item["metadata"]["name"])
+        return cast(dict, items[-1]) if items else None  # the newest revision's
 
     return read
 
