@@ -51,7 +51,7 @@ RAW_SERIES: dict[str, str] = {name: name for name in KNATIVE_METRICS} | {
 
 def revision_matcher(namespace: str, service: str) -> str:
     """The label matcher for every revision of one Knative Service, under Knative's metric labels."""
-    return f'namespace_name="{_escape(namespace)}",service_name="{_escape(service)}"'
+    return _matcher(OPENCENSUS_REVISION_LABELS, namespace, service)
 
 
 def _escape(value: str) -> str:
@@ -67,6 +67,59 @@ def age_queries(matcher: str) -> dict[str, str]:
     """PromQL for the age in seconds of each input's newest raw sample. An instant query answers with
     the latest sample within Prometheus' 5-minute lookback, so presence alone does not mean fresh."""
     return {name: f"time() - max(timestamp({series}{{{matcher}}}))" for name, series in RAW_SERIES.items()}
+
+
+# Knative 1.19 (July 2025) replaced its OpenCensus metrics with OpenTelemetry ones: new names, seconds for
+# durations, `k8s_namespace_name`/`kn_service_name` for the labels (as a Prometheus scrape of its
+# components shows them). The autoscaler's and the controller's series carry the revision's labels
+# themselves; the queue-proxy's carry them only on `target_info` (resource attributes), joined on the
+# scrape target. Which generation a cluster has is read from Prometheus for each input, newest first,
+# never configured: see `metric_generations`.
+OTEL_REVISION_LABELS = ("k8s_namespace_name", "kn_service_name")
+OPENCENSUS_REVISION_LABELS = ("namespace_name", "service_name")
+_ON_TARGET = "on (job, instance) group_left () target_info{{{rev}}}"
+OPENTELEMETRY_METRICS: dict[str, tuple[str, str]] = {  # key: (value PromQL, age PromQL), `{rev}` the matcher
+    "revision_app_request_count": (
+        f"sum(rate(kn_serving_invocation_duration_seconds_count[1m]) * {_ON_TARGET})",
+        f"time() - max(timestamp(kn_serving_invocation_duration_seconds_count) * {_ON_TARGET})",
+    ),
+    "revision_app_request_latencies": (  # p95, milliseconds (the histogram is in seconds)
+        "1000 * histogram_quantile(0.95, sum by (le) "
+        f"(rate(kn_serving_invocation_duration_seconds_bucket[1m]) * {_ON_TARGET}))",
+        f"time() - max(timestamp(kn_serving_invocation_duration_seconds_bucket) * {_ON_TARGET})",
+    ),
+    **{key: (f"sum({series}{{{{{{rev}}}}}})", f"time() - max(timestamp({series}{{{{{{rev}}}}}}))") for key, series in (
+        ("autoscaler_stable_request_concurrency", "kn_revision_concurrency_stable"),
+        ("autoscaler_panic_request_concurrency", "kn_revision_concurrency_panic"),
+        ("autoscaler_actual_pods", "kn_revision_pods_count"),
+        ("autoscaler_not_ready_pods", "kn_revision_pods_not_ready_count"),
+    )},
+}
+
+
+@dataclass(frozen=True)
+class MetricQuery:
+    """How to read one observation input under one generation of Knative's metric names."""
+
+    generation: str
+    value: str
+    age: str
+
+
+def metric_generations(namespace: str, service: str) -> dict[str, list[MetricQuery]]:
+    """For each observation input (`KNATIVE_METRICS` keys), its queries under each generation of Knative's
+    names, newest first: the query layer uses the first whose series Prometheus has."""
+    otel = _matcher(OTEL_REVISION_LABELS, namespace, service)
+    opencensus = revision_matcher(namespace, service)
+    values, ages = value_queries(opencensus), age_queries(opencensus)
+    return {name: [MetricQuery("opentelemetry", OPENTELEMETRY_METRICS[name][0].format(rev=otel),
+                               OPENTELEMETRY_METRICS[name][1].format(rev=otel)),
+                   MetricQuery("opencensus", values[name], ages[name])]
+            for name in KNATIVE_METRICS}
+
+
+def _matcher(labels: tuple[str, str], namespace: str, service: str) -> str:
+    return f'{labels[0]}="{_escape(namespace)}",{labels[1]}="{_escape(service)}"'
 
 
 @dataclass(frozen=True)

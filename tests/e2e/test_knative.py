@@ -1,0 +1,173 @@
+"""ServedModels on real Knative Serving (built here from knative.dev/serving, `dev up --with-knative`): the
+operator's Knative Service admitted by Knative's webhook, a revision pod answering through the activator,
+scale to zero and back, and the target in force changed without a new Revision.
+
+One environment for the module (Knative's install is the slow part). No KIngress runs here (see README),
+so requests go to the activator with the headers that name the revision, and Routes never turn Ready."""
+
+import json
+from collections.abc import Iterator
+
+import kubernetes
+import pytest
+import requests
+from kubernetes.client import ApiException, CustomObjectsApi
+
+from agentkube.devenv import DevEnv, images, knative
+from agentkube.operator import api, servedmodel
+from harness import Operator, install_operator, kubectl_runner, node_environment
+
+MODEL_PORT = 8080
+SERVING = ("serving.knative.dev", "v1")
+
+
+@pytest.fixture(scope="module")
+def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
+    with node_environment(request, with_prometheus=True, with_knative=True) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def api_client(devenv: DevEnv) -> kubernetes.client.ApiClient:
+    return kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def kubectl(devenv: DevEnv):
+    return kubectl_runner(devenv)
+
+
+@pytest.fixture(scope="module")
+def fast_scale_to_zero(kubectl) -> None:
+    """Knative's shortest allowed windows, so that an idle revision goes to zero in seconds, not minutes."""
+    kubectl("-n", knative.SYSTEM_NAMESPACE, "patch", "configmap", "config-autoscaler", "--type=merge", "-p",
+            json.dumps({"data": {"stable-window": "6s", "scale-to-zero-grace-period": "6s"}}))
+
+
+@pytest.fixture(scope="module")
+def operator(devenv, kubectl, tmp_path_factory, fast_scale_to_zero) -> Iterator[Operator]:
+    running = Operator(install_operator(devenv, kubectl), tmp_path_factory.mktemp("operator"), "--peering=",
+                       f"--prometheus-url={devenv.prometheus_url}")
+    running.start()
+    yield running
+    running.stop()
+
+
+def _served_model(name: str, **autoscaling) -> dict:
+    return {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": name},
+            "spec": {"model": {"name": "emulated"}, "image": images.MODEL_SERVER_IMAGE, "port": MODEL_PORT,
+                     "autoscaling": {"minScale": 0, "maxScale": 3, **autoscaling}}}
+
+
+def _get(api_client, plural: str, namespace: str, name: str, group=SERVING) -> dict | None:
+    try:
+        return CustomObjectsApi(api_client).get_namespaced_custom_object(*group, namespace, plural, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def _list(api_client, plural: str, namespace: str, selector: str, group=SERVING) -> list[dict]:
+    return CustomObjectsApi(api_client).list_namespaced_custom_object(*group, namespace, plural,
+                                                                      label_selector=selector)["items"]
+
+
+def _condition(obj: dict | None, kind: str) -> str | None:
+    for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind:
+            return condition["status"]
+    return None
+
+
+def _activator(api_client) -> str:
+    pods = kubernetes.client.CoreV1Api(api_client).list_namespaced_pod(knative.SYSTEM_NAMESPACE, label_selector="app=activator")
+    return next(pod.status.pod_ip for pod in pods.items if pod.status.pod_ip)
+
+
+def _complete(api_client, namespace: str, revision: str, max_tokens: int = 4) -> requests.Response:
+    """A completion through the activator, which routes by these headers to the revision (and holds the
+    request while a revision at zero scales up)."""
+    return requests.post(f"http://{_activator(api_client)}:8012/v1/completions",
+                         json={"prompt": "the quick brown fox", "max_tokens": max_tokens},
+                         headers={"Knative-Serving-Namespace": namespace, "Knative-Serving-Revision": revision},
+                         timeout=120)
+
+
+def _revision_pods(api_client, namespace: str, revision: str) -> list:
+    pods = kubernetes.client.CoreV1Api(api_client).list_namespaced_pod(
+        namespace, label_selector=f"serving.knative.dev/revision={revision}")
+    return [pod for pod in pods.items if not pod.metadata.deletion_timestamp]
+
+
+def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_client, operator, namespace, eventually):
+    custom = CustomObjectsApi(api_client)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels",
+                                           _served_model("emu", policy="kpa", target=4))
+    # Admitted by Knative's webhook (it defaults and validates every Service), then reconciled into a
+    # Configuration and a Revision that becomes Ready.
+    service = eventually(lambda: _get(api_client, "services", namespace, "emu"), timeout=60,
+                         message="the operator created no Knative Service")
+    assert service["spec"]["template"]["spec"].get("timeoutSeconds")  # a field only Knative's defaulting sets
+    configuration = eventually(lambda: (c := _get(api_client, "configurations", namespace, "emu"))
+                               and _condition(c, "Ready") == "True" and c,
+                               timeout=240, interval=1, message="the Configuration did not become Ready")
+    revision = configuration["status"]["latestReadyRevisionName"]
+
+    answer = _complete(api_client, namespace, revision)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 4
+
+    # Idle: the KPA takes the revision to zero (through the activator, which stays in the path).
+    eventually(lambda: not _revision_pods(api_client, namespace, revision), timeout=180, interval=1,
+               message="the idle revision did not scale to zero")
+    # The next request is held by the activator while the revision scales back up, then answered.
+    again = _complete(api_client, namespace, revision)
+    assert again.status_code == 200, again.text
+    assert _revision_pods(api_client, namespace, revision)
+    assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=emu")) == 1
+
+
+def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stays(
+        api_client, operator, namespace, eventually):
+    custom = CustomObjectsApi(api_client)
+    # `ppo` with a decision every 5 s; its first decisions fall back to Knative's default target (no
+    # metrics of this revision yet), which differs from the spec's 4: that is the change to watch.
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", _served_model(
+        "ppo", policy="ppo", target=4, minScale=1, ppo={"decisionInterval": "5s"}))
+    pa_group = (servedmodel.PA_GROUP, servedmodel.PA_VERSION)
+
+    def target_in_force() -> str | None:
+        found = _list(api_client, servedmodel.PA_PLURAL, namespace, "serving.knative.dev/service=ppo", pa_group)
+        return found[0]["metadata"]["annotations"].get(servedmodel.TARGET_ANNOTATION) if found else None
+
+    eventually(lambda: target_in_force() == "100", timeout=240, interval=1,
+               message="the loop's target did not reach the PodAutoscaler")
+    model = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "ppo")
+    assert model["status"]["concurrencyTarget"] == 100
+    service = _get(api_client, "services", namespace, "ppo")
+    assert service["spec"]["template"]["metadata"]["annotations"][servedmodel.TARGET_ANNOTATION] == "4"
+    revisions = _list(api_client, "revisions", namespace, "serving.knative.dev/service=ppo")
+    assert len(revisions) == 1
+    # Knative's revision reconciler runs again (any change to the Revision wakes it) and leaves the
+    # PodAutoscaler's annotation as the operator set it.
+    revision = revisions[0]["metadata"]["name"]
+    custom.patch_namespaced_custom_object(*SERVING, namespace, "revisions", revision,
+                                          {"metadata": {"labels": {"agentkube.dev/probe": "1"}}})
+    eventually(lambda: (pa := _get(api_client, servedmodel.PA_PLURAL, namespace, revision, pa_group))
+               and pa["metadata"]["labels"].get("agentkube.dev/probe") == "1", timeout=60, interval=1,
+               message="the revision's labels did not reach its PodAutoscaler (the reconciler did not run)")
+    assert target_in_force() == "100"
+    # The KPA decides with it: its metric of the target per pod is 100 x 0.7 (the utilisation).
+    eventually(lambda: _kpa_target(operator, namespace, revision) == pytest.approx(70.0), timeout=120, interval=2,
+               message="the KPA does not use the PodAutoscaler's target")
+    assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=ppo")) == 1
+
+
+def _kpa_target(operator, namespace: str, revision: str) -> float | None:
+    """The autoscaler's own report of the per-pod target it decides with, from the real Prometheus."""
+    url = next(option.split("=", 1)[1] for option in operator.options if option.startswith("--prometheus-url="))
+    query = f'max(kn_revision_concurrency_target{{k8s_namespace_name="{namespace}",kn_revision_name="{revision}"}})'
+    result = requests.get(f"{url}/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
