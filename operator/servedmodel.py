@@ -1,6 +1,7 @@
 """ServedModel decisions, as pure functions: the Knative Service a model wants, with Knative's
 autoscaling annotations."""
 
+import json
 from typing import Any
 
 from agentkube.operator import api
@@ -107,3 +108,13 @@ def knative_readiness(service: dict[str, Any] | None) -> tuple[bool, str | None]
     status = (service or {}).get("status") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     return ready, status.get("url")
+
+
+def refusal_message(status_body: str | bytes | None) -> str:
+    """Why the API server (Knative's webhook, for a Knative Service) refused an object: the `message` of
+    the Status it answered with, or the body itself when that is not a Status."""
+    text = status_body.decode(errors="replace") if isinstance(status_body, bytes) else (status_body or "")
+    try:
+        return str(json.loads(text).get("message") or text)
+    except (ValueError, AttributeError):
+        return text

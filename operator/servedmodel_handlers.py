@@ -41,6 +41,15 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
         try:
             service = _apply_knative_service(namespace, name, manifest)
         except ApiException as error:
+            if error.status in (400, 422):
+                # Refused: Knative's webhook validates every Service (the CRD's schema cannot say all it
+                # does). The same spec would be refused again, so say why and wait for a new spec.
+                message = f"Knative refused the Service: {servedmodel.refusal_message(error.body)}"
+                conditions = merge_conditions(current.conditions, [("KnativeAvailable", False, "KnativeRefused", message),
+                                                                   ("Ready", False, "KnativeRefused", message)], kube.now())
+                kube.patch_status(SERVED_MODELS, namespace, name, current, api.ServedModelStatus(
+                    conditions=conditions, ready=False, observed_generation=body["metadata"].get("generation")))
+                raise kopf.PermanentError(message) from None
             if error.status != 404:
                 raise
             message = (f"Knative Serving is not installed ({servedmodel.KNATIVE_GROUP}/{servedmodel.KNATIVE_VERSION}"

@@ -1,7 +1,11 @@
 #!/bin/sh
 # Build Traefik (MIT) with its Knative provider, a KIngress implementation, from the Go module proxy:
 #   hack/traefik/build.sh OUTPUT [VERSION]
-# `go install github.com/traefik/traefik/v3/cmd/traefik@VERSION` does not work as is (tried with v3.7.13):
+# v3.7.9, not the newest v3.7.13: v3.7.13's go.mod replaces github.com/abbot/go-http-auth with the fork
+# github.com/containous/go-http-auth@v0.4.1-0.20260804094822-b975dcaa8c48, which the proxy refuses
+# (403 "This module version is not available", tried 2026-11-30); v3.7.9 pins the fork's older commit
+# (v0.4.1-0.20200324110947-a37a7636d23e), which it serves, and the same knative.dev/networking as v3.7.13.
+# `go install github.com/traefik/traefik/v3/cmd/traefik@VERSION` does not work as is:
 #  1. go.mod replaces github.com/traefik/traefik/dynamic/ext with ./pkg/config/dynamic/ext, a nested
 #     module that the module zip leaves out (and that the proxy does not serve on its own, 403). Upstream
 #     it is an empty extension point (two empty struct types, HTTP and Router); this writes the same.
@@ -12,7 +16,7 @@
 #     TLS-ALPN-01 stay, and the local node uses neither).
 set -eu
 output=$1
-version=${2:-v3.7.13}
+version=${2:-v3.7.9}
 source=$(cd "${TMPDIR:-/tmp}" && go mod download -json "github.com/traefik/traefik/v3@$version" |
          python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
 work=$(mktemp -d)

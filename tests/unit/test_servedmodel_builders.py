@@ -74,3 +74,12 @@ def test_the_target_in_force_goes_onto_every_pod_autoscaler_that_differs():
     assert patches == [("llm-00001", {"metadata": {"annotations": {f"{A}/target": "12"}}}),
                        ("llm-00003", {"metadata": {"annotations": {f"{A}/target": "12"}}})]
     assert servedmodel.pod_autoscaler_target_patches([pa("llm-00002", "12")], 12) == []
+
+
+def test_the_refusal_message_is_the_status_message_of_the_answer():
+    body = ('{"kind":"Status","apiVersion":"v1","status":"Failure","message":"admission webhook \\"validation.webhook.'
+            'serving.knative.dev\\" denied the request: validation failed: expected 1 <= 0 <= 2147483647: '
+            'spec.template.metadata.annotations.autoscaling.knative.dev/target","reason":"BadRequest","code":400}')
+    assert servedmodel.refusal_message(body).startswith('admission webhook "validation.webhook.serving.knative.dev" denied')
+    assert servedmodel.refusal_message(b"not json") == "not json"
+    assert servedmodel.refusal_message(None) == ""
