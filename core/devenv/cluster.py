@@ -26,7 +26,7 @@ import yaml
 from agentkube.contract import AGENT_SOCKET
 from agentkube.devenv import config, images, knative, localnode, localpath, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
-from agentkube.devenv.install import InstallError, ensure_knative, require_binary
+from agentkube.devenv.install import InstallError, ensure_knative, ensure_traefik, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
 from agentkube.ebpf import csi
 
@@ -88,6 +88,7 @@ NODE_READY_SECONDS = 120.0
 # Knative's four Deployments pulling nothing (images are imported) and starting on two shared cores.
 KNATIVE_READY_SECONDS = 240.0
 KNATIVE_TARGETS = "knative-targets"
+TRAEFIK = "traefik"
 # Where the node agent runs: a host process that `up` starts (the default), or nowhere, for a node agent
 # that the chart's DaemonSet runs (one per node: two would share the sockets and the pins).
 NODE_AGENT_MODES = ("host", "none")
@@ -279,6 +280,7 @@ class DevEnv:
         archives = [images.pause_archive(), images.sandbox_archive(), *images.component_archives()] if self.with_node else []
         if self.with_knative:
             archives += [*knative.image_archives(ensure_knative()), images.model_server_archive()]
+            ensure_traefik()  # before the deadline too: the first build takes minutes
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
@@ -445,6 +447,7 @@ class DevEnv:
         self._kubectl("wait", "--for=condition=Established", "--timeout=60s",
                       *(f"crd/{doc['metadata']['name']}" for doc in crds))
         self._kubectl_apply([doc for doc in documents if doc["kind"] != "CustomResourceDefinition"])
+        self._start_traefik()
         for name in knative.DEPLOYMENTS:
             remaining = max(1, int(deadline - time.monotonic()))
             try:
@@ -459,6 +462,17 @@ class DevEnv:
         self.start_alongside(KNATIVE_TARGETS, [sys.executable, "-m", "agentkube", "dev", "knative-targets",
                                                "--state-dir", str(self.layout.root)])
         self.startup_seconds["knative"] = time.monotonic() - started
+
+    def _start_traefik(self) -> None:
+        """Knative's KIngress: Traefik as a host process on the node's address, as its service account."""
+        port = free_port()
+        self._kubectl_apply(knative.traefik_objects(node.NODE_IP, node.NODE_NAME, port, network.ENDPOINTSLICE_MANAGER))
+        token = self._kubectl("-n", knative.SYSTEM_NAMESPACE, "create", "token", knative.TRAEFIK_ACCOUNT,
+                              "--duration=48h").strip()
+        path = self.layout.root / "traefik.yml"
+        _write_private(path, yaml.safe_dump(knative.traefik_config(
+            f"{node.NODE_IP}:{port}", self.apiserver_url, token, str(self.layout.cert("ca")))).encode())
+        self.start_alongside(TRAEFIK, [str(ensure_traefik()), f"--configFile={path}"])
 
     def _kubectl(self, *args: str) -> str:
         result = subprocess.run([str(require_binary("kubectl")), *args], capture_output=True, text=True, env=self.environ())

@@ -25,11 +25,13 @@ from agentkube.devenv.versions import (
     KUBECTL_LAYER_VERSION,
     KUBERNETES_VERSION,
     LAYER_TOOLS,
+    TRAEFIK_VERSION,
     GoProgram,
     bin_dir,
     cache_root,
     knative_bin_dir,
     program_path,
+    traefik_path,
 )
 
 CONTROLPLANE_SOURCES = ("go.mod", "go.sum", "main.go")
@@ -179,6 +181,27 @@ def ensure_knative(log=print) -> dict[str, Path]:
             (Path(scratch) / name).replace(path)
             _mark_current(path, stamp)
     return targets
+
+
+def ensure_traefik(log=print) -> Path:
+    """Build Traefik with its Knative provider (hack/traefik/build.sh) unless the cached build has the same
+    pin and recipe."""
+    script = Path(__file__).resolve().parents[2] / "hack" / "traefik" / "build.sh"
+    if not script.is_file():
+        raise InstallError(f"{script} not found: building Traefik needs an agentkube source checkout")
+    target = traefik_path()
+    stamp = TRAEFIK_VERSION + " " + hashlib.sha256(script.read_bytes()).hexdigest()
+    if _is_current(target, stamp):
+        return target
+    _require_go()
+    log(f"building Traefik {TRAEFIK_VERSION} (its Knative provider) into {target}; about five minutes the first time")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    if subprocess.run(["sh", str(script), str(partial), TRAEFIK_VERSION]).returncode != 0:
+        raise InstallError(f"Traefik build failed: `sh {script} {partial} {TRAEFIK_VERSION}`")
+    partial.replace(target)
+    _mark_current(target, stamp)
+    return target
 
 
 def _layer_zip(wheel: Path) -> bytes:

@@ -12,7 +12,9 @@
   versions serving's go.mod requires. Only what must differ here is changed: the images, and metrics in
   Prometheus format (off by default in Knative >= 1.19).
 
-No networking layer (KIngress) is installed: see README ("Knative Serving on the local node").
+The networking layer (KIngress) is Traefik's Knative provider, run as a host process like CoreDNS (built
+by hack/traefik/build.sh): it programs its routes from Knative's Ingress objects and marks them ready, so
+Routes and Services become Ready and the Service's URL answers in the cluster.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ DEPLOYMENTS = ("webhook", "controller", "autoscaler", "activator")
 # What makes the components expose Prometheus' text format: components on :9090 (`metrics`), the
 # queue-proxy's request metrics on :9091 (`http-usermetric`). Knative >= 1.19 defaults both to OTLP push.
 OBSERVABILITY = {"metrics-protocol": "prometheus", "request-metrics-protocol": "prometheus"}
+# Traefik's Knative provider answers for Ingresses of this class (config-network's `ingress-class`).
+TRAEFIK_INGRESS_CLASS = "traefik.ingress.networking.knative.dev"
+TRAEFIK_SERVICE = "traefik"
+TRAEFIK_ACCOUNT = "traefik"
+TRAEFIK_HTTP_PORT = 80  # the Service's port; Traefik itself listens on the node's address at a free port
 # The pod ports Prometheus scrapes (by the name Knative's manifests and the revision reconciler give them).
 METRICS_PORT_NAMES = ("metrics", "http-usermetric")
 
@@ -95,11 +102,59 @@ def adapt(documents: Iterable[dict[str, Any] | None], replacements: dict[str, st
         document = _replace_images(copy.deepcopy(document), replacements)
         if document.get("kind") == "ConfigMap" and document["metadata"].get("name") == "config-observability":
             document.setdefault("data", {}).update(OBSERVABILITY)
+        if document.get("kind") == "ConfigMap" and document["metadata"].get("name") == "config-network":
+            document.setdefault("data", {})["ingress-class"] = TRAEFIK_INGRESS_CLASS
         adapted.append(document)
     unresolved = [ref for ref in re.findall(r"ko://\S+", json.dumps(adapted))]
     if unresolved:
         raise KnativeError(f"ko placeholders without a local image: {sorted(set(unresolved))}")
     return adapted
+
+
+def traefik_objects(node_ip: str, node_name: str, port: int, endpointslice_manager: str) -> list[dict[str, Any]]:
+    """Traefik's identity (a service account with what its Knative provider reads and writes: Knative's
+    Ingresses and their status, Services for the backends' ClusterIPs, Secrets for TLS), and the Service
+    Knative names as the Ingresses' load balancer: without a selector (Traefik is a host process), its
+    EndpointSlice points at the node's address, where Traefik listens."""
+    name = "agentkube:traefik-knative"
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": TRAEFIK_SERVICE, "namespace": SYSTEM_NAMESPACE},
+               "spec": {"ports": [{"name": "http", "port": TRAEFIK_HTTP_PORT, "targetPort": port, "protocol": "TCP"}]}}
+    endpoints = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": f"{TRAEFIK_SERVICE}-host", "namespace": SYSTEM_NAMESPACE,
+                              "labels": {"kubernetes.io/service-name": TRAEFIK_SERVICE,
+                                         "endpointslice.kubernetes.io/managed-by": endpointslice_manager}},
+                 "addressType": "IPv4",
+                 "endpoints": [{"addresses": [node_ip], "conditions": {"ready": True}, "nodeName": node_name}],
+                 "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": TRAEFIK_ACCOUNT, "namespace": SYSTEM_NAMESPACE}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name}, "rules": [
+            {"apiGroups": ["networking.internal.knative.dev"], "resources": ["ingresses"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["networking.internal.knative.dev"], "resources": ["ingresses/status"], "verbs": ["update"]},
+            {"apiGroups": [""], "resources": ["services", "secrets"], "verbs": ["get", "list", "watch"]},
+        ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": TRAEFIK_ACCOUNT, "namespace": SYSTEM_NAMESPACE}]},
+        service, endpoints,
+    ]
+
+
+def traefik_config(listen: str, api_server: str, token: str, ca_file: str) -> dict[str, Any]:
+    """Traefik's static configuration: one entry point for public and cluster-local Ingresses alike (the
+    node has no outside), the Knative provider as the service account, and the Service above as the
+    load balancer it reports to Knative."""
+    service = {"name": TRAEFIK_SERVICE, "namespace": SYSTEM_NAMESPACE}
+    return {
+        "entryPoints": {"web": {"address": listen}},
+        "experimental": {"knative": True},
+        "providers": {"knative": {"endpoint": api_server, "token": token, "certAuthFilePath": ca_file,
+                                  "publicEntrypoints": ["web"], "privateEntrypoints": ["web"],
+                                  "publicService": service, "privateService": service}},
+        "log": {"level": "INFO"},
+        "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
+    }
 
 
 def pod_discovery_rbac(user: str) -> list[dict[str, Any]]:

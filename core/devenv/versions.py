@@ -61,6 +61,9 @@ GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER, "local-path-provi
 # repository links some of those files in as symlinks, which module zips drop).
 KNATIVE_SERVING = GoProgram("knative.dev/serving", "v0.47.1")
 KNATIVE_COMMANDS = ("controller", "autoscaler", "activator", "webhook", "queue")
+# Knative's networking layer (KIngress) here: Traefik's experimental Knative provider, built by
+# hack/traefik/build.sh from the module proxy (why this version and what that build leaves out: there).
+TRAEFIK_VERSION = "v3.7.9"
 
 
 def cache_root() -> Path:
@@ -100,3 +103,7 @@ def program_path(name: str) -> Path:
 def knative_bin_dir() -> Path:
     """Where Knative Serving's five programs are built: one directory per pin."""
     return cache_root() / "bin" / f"knative-serving-{KNATIVE_SERVING.version}"
+
+
+def traefik_path() -> Path:
+    return cache_root() / "bin" / f"traefik-{TRAEFIK_VERSION}" / "traefik"

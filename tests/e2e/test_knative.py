@@ -2,8 +2,9 @@
 operator's Knative Service admitted by Knative's webhook, a revision pod answering through the activator,
 scale to zero and back, and the target in force changed without a new Revision.
 
-One environment for the module (Knative's install is the slow part). No KIngress runs here (see README),
-so requests go to the activator with the headers that name the revision, and Routes never turn Ready."""
+One environment for the module (Knative's install is the slow part). The KIngress is Traefik's Knative
+provider (built by hack/traefik/build.sh): requests go to its Service's ClusterIP with the Route's host,
+as a pod's request to the Service URL would."""
 
 import json
 from collections.abc import Iterator
@@ -80,18 +81,18 @@ def _condition(obj: dict | None, kind: str) -> str | None:
     return None
 
 
-def _activator(api_client) -> str:
-    pods = kubernetes.client.CoreV1Api(api_client).list_namespaced_pod(knative.SYSTEM_NAMESPACE, label_selector="app=activator")
-    return next(pod.status.pod_ip for pod in pods.items if pod.status.pod_ip)
+def _ingress(api_client) -> str:
+    service = kubernetes.client.CoreV1Api(api_client).read_namespaced_service(knative.TRAEFIK_SERVICE, knative.SYSTEM_NAMESPACE)
+    return f"{service.spec.cluster_ip}:{knative.TRAEFIK_HTTP_PORT}"
 
 
-def _complete(api_client, namespace: str, revision: str, max_tokens: int = 4) -> requests.Response:
-    """A completion through the activator, which routes by these headers to the revision (and holds the
-    request while a revision at zero scales up)."""
-    return requests.post(f"http://{_activator(api_client)}:8012/v1/completions",
-                         json={"prompt": "the quick brown fox", "max_tokens": max_tokens},
-                         headers={"Knative-Serving-Namespace": namespace, "Knative-Serving-Revision": revision},
-                         timeout=120)
+def _complete(api_client, url: str, max_tokens: int = 4) -> requests.Response:
+    """A completion to the Service's URL, sent through the KIngress (Traefik) as DNS would send it in the
+    cluster; at zero the Route's backend is the activator, which holds the request while the revision
+    scales up."""
+    host = url.removeprefix("http://")
+    return requests.post(f"http://{_ingress(api_client)}/v1/completions", headers={"Host": host},
+                         json={"prompt": "the quick brown fox", "max_tokens": max_tokens}, timeout=120)
 
 
 def _revision_pods(api_client, namespace: str, revision: str) -> list:
@@ -113,8 +114,15 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
                                and _condition(c, "Ready") == "True" and c,
                                timeout=240, interval=1, message="the Configuration did not become Ready")
     revision = configuration["status"]["latestReadyRevisionName"]
+    # The KIngress programs the Route: Route, Service and ServedModel become Ready, with the URL.
+    model = eventually(lambda: (m := custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "emu"))
+                       .get("status", {}).get("ready") and m, timeout=120, interval=1,
+                       message="the ServedModel did not become Ready (Route not programmed?)")
+    url = model["status"]["url"]
+    assert url == f"http://emu.{namespace}.svc.cluster.local"
+    assert _condition(_get(api_client, "routes", namespace, "emu"), "Ready") == "True"
 
-    answer = _complete(api_client, namespace, revision)
+    answer = _complete(api_client, url)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 4
@@ -123,7 +131,7 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
     eventually(lambda: not _revision_pods(api_client, namespace, revision), timeout=180, interval=1,
                message="the idle revision did not scale to zero")
     # The next request is held by the activator while the revision scales back up, then answered.
-    again = _complete(api_client, namespace, revision)
+    again = _complete(api_client, url)
     assert again.status_code == 200, again.text
     assert _revision_pods(api_client, namespace, revision)
     assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=emu")) == 1

@@ -86,3 +86,16 @@ def test_webhook_configurations_come_after_the_configmaps_they_validate(module_d
     last_configmap = max(i for i, kind in enumerate(kinds) if kind == "ConfigMap")
     first_webhook = min(i for i, kind in enumerate(kinds) if kind.endswith("WebhookConfiguration"))
     assert last_configmap < first_webhook
+
+
+def test_knative_uses_traefik_as_its_ingress_and_traefik_reports_its_service():
+    adapted = knative.adapt([{"kind": "ConfigMap", "metadata": {"name": "config-network"}, "data": {}}],
+                            knative.images_by_ko_path())
+    assert adapted[0]["data"]["ingress-class"] == knative.TRAEFIK_INGRESS_CLASS
+    config = knative.traefik_config("10.88.0.1:4000", "https://10.88.0.1:6443", "token", "/ca.crt")
+    provider = config["providers"]["knative"]
+    assert config["experimental"]["knative"] is True
+    assert provider["publicService"] == provider["privateService"] == {"name": "traefik", "namespace": "knative-serving"}
+    objects = knative.traefik_objects("10.88.0.1", "node", 4000, "agentkube-devenv")
+    endpoints = next(obj for obj in objects if obj["kind"] == "EndpointSlice")
+    assert endpoints["endpoints"][0]["addresses"] == ["10.88.0.1"] and endpoints["ports"][0]["port"] == 4000
