@@ -7,6 +7,7 @@ provider (built by hack/traefik/build.sh): requests go to its Service's ClusterI
 as a pod's request to the Service URL would."""
 
 import json
+import threading
 from collections.abc import Iterator
 
 import kubernetes
@@ -239,3 +240,57 @@ def test_what_the_crd_admits_knatives_webhook_admits(api_client, kubectl, operat
     refused = {case for case, row in zip([c for c, _ in ADMISSION_CASES], rows, strict=True) if "CRD refuses" in row}
     assert {"initial scale zero", "min above max", "queue-proxy port", "metrics port", "profiling port", "env PORT",
             "env K_REVISION"} <= refused
+
+
+def test_ppo_decides_from_knatives_real_metrics_and_the_revision_stays_one(
+        api_client, operator, namespace, eventually):
+    """Under a bounded load the KPA scales the revision up; the loop decides from Knative's
+    OpenTelemetry-era metrics (`PolicyDecided`, every input present), each decision reaches the
+    PodAutoscaler, and across twenty decisions there is still one Revision."""
+    custom = CustomObjectsApi(api_client)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", _served_model(
+        "load", policy="ppo", target=2, minScale=1, maxScale=4, ppo={"decisionInterval": "5s"}))
+    model = eventually(lambda: (m := custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "load"))
+                       .get("status", {}).get("ready") and m, timeout=180, interval=1, message="not Ready")
+    url = model["status"]["url"]
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def client() -> None:  # bounded: 6 clients, each one request in flight, until the test ends
+        while not stop.is_set():
+            try:
+                answered.append(_complete(api_client, url, max_tokens=40).status_code)
+            except requests.RequestException:
+                answered.append(0)
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for thread in clients:
+        thread.start()
+    pa_group = (servedmodel.PA_GROUP, servedmodel.PA_VERSION)
+    try:
+        def decisions() -> list[str]:
+            return [line for line in operator.log_path.read_text().splitlines()
+                    if f"autoscaling {namespace}/load:" in line and "(PolicyDecided)" in line]
+
+        eventually(lambda: decisions(), timeout=180, interval=2,
+                   message="the loop never decided from Knative's metrics (inputs missing?)")
+        decided = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "load")
+        inputs = decided["status"]["lastDecision"]["inputs"]
+        assert inputs["revision_app_request_count"] > 0 and inputs["autoscaler_actual_pods"] >= 1
+        # Knative scaled up under the load.
+        eventually(lambda: len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=load")) == 1
+                   and len(_revision_pods(api_client, namespace, "load-00001")) > 1, timeout=120, interval=2,
+                   message="the KPA did not scale the revision up")
+        eventually(lambda: len(decisions()) >= 20, timeout=240, interval=2, message="fewer than 20 decisions")
+        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "load")["status"]
+        pa = _get(api_client, servedmodel.PA_PLURAL, namespace, "load-00001", pa_group)
+        assert pa["metadata"]["annotations"][servedmodel.TARGET_ANNOTATION] in (
+            str(status["concurrencyTarget"]), str(status["lastDecision"]["previousValue"]))  # at most one turn behind
+        assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=load")) == 1
+        print(f"{len(decisions())} decisions, last: {status['lastDecision']['message']}; "
+              f"{sum(code == 200 for code in answered)} of {len(answered)} requests answered")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=130)
+    assert answered and all(code == 200 for code in answered)
