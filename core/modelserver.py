@@ -56,7 +56,8 @@ def admit(batch: list[Sequence], waiting: deque[Sequence], max_batch: int) -> No
 
 def step(batch: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
     """One decode step: every sequence advances by one token. Returns (still running, finished)."""
-    running, finished = [], []
+    running: list[Sequence] = []
+    finished: list[Sequence] = []
     for sequence in batch:
         sequence.remaining_steps -= 1.0
         (finished if sequence.remaining_steps <= 0 else running).append(sequence)

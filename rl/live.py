@@ -125,9 +125,9 @@ def _service_reader(namespace: str, service: str, kubeconfig: str | None) -> Cal
 
     def read() -> dict | None:
         try:
-            found = custom.list_namespaced_custom_object(
+            found = cast(dict, custom.list_namespaced_custom_object(
                 "autoscaling.internal.knative.dev", "v1alpha1", namespace, "podautoscalers",
-                label_selector=f"serving.knative.dev/service={service}", _request_timeout=5)
+                label_selector=f"serving.knative.dev/service={service}", _request_timeout=5))
         except ApiException as error:
             if error.status == 404:
                 return None
