@@ -457,11 +457,26 @@ class DevEnv:
                 pods = subprocess.run([str(require_binary("kubectl")), "-n", knative.SYSTEM_NAMESPACE, "get", "pods",
                                        "-o", "wide"], capture_output=True, text=True, env=self.environ()).stdout
                 raise DevEnvError(f"Knative's {name} not available in time: {error}\n{pods}") from None
+        self._wait_knative_admits(deadline)
         # Prometheus scrapes Knative's pods through a target file kept current by a process of this
         # environment (Debian's Prometheus has no Kubernetes service discovery).
         self.start_alongside(KNATIVE_TARGETS, [sys.executable, "-m", "agentkube", "dev", "knative-targets",
                                                "--state-dir", str(self.layout.root)])
         self.startup_seconds["knative"] = time.monotonic() - started
+
+    def _wait_knative_admits(self, deadline: float) -> None:
+        """Until Knative's webhook answers: its Deployment is Available before the webhook has made its
+        certificate and put it into the webhook configurations, and until then every Knative object and
+        every change to Knative's ConfigMaps is refused."""
+        probe = yaml.safe_dump(knative.admission_probe()).encode()
+        while True:
+            result = subprocess.run([str(require_binary("kubectl")), "create", "--dry-run=server", "-f", "-"],
+                                    input=probe, capture_output=True, env=self.environ())
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise DevEnvError(f"Knative's webhook does not admit a Service: {result.stderr.decode()[-1500:]}")
+            time.sleep(1)
 
     def _start_traefik(self) -> None:
         """Knative's KIngress: Traefik as a host process on the node's address, as its service account."""

@@ -111,6 +111,13 @@ def adapt(documents: Iterable[dict[str, Any] | None], replacements: dict[str, st
     return adapted
 
 
+def admission_probe() -> dict[str, Any]:
+    """A minimal Knative Service, sent as a server-side dry run to learn whether Knative's webhook admits."""
+    return {"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+            "metadata": {"name": "admission-probe", "namespace": "default"},
+            "spec": {"template": {"spec": {"containers": [{"image": image_reference("queue")}]}}}}
+
+
 def traefik_objects(node_ip: str, node_name: str, port: int, endpointslice_manager: str) -> list[dict[str, Any]]:
     """Traefik's identity (a service account with what its Knative provider reads and writes: Knative's
     Ingresses and their status, Services for the backends' ClusterIPs, Secrets for TLS), and the Service

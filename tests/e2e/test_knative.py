@@ -42,8 +42,9 @@ def kubectl(devenv: DevEnv):
 @pytest.fixture(scope="module")
 def fast_scale_to_zero(kubectl) -> None:
     """Knative's shortest allowed windows, so that an idle revision goes to zero in seconds, not minutes."""
-    kubectl("-n", knative.SYSTEM_NAMESPACE, "patch", "configmap", "config-autoscaler", "--type=merge", "-p",
-            json.dumps({"data": {"stable-window": "6s", "scale-to-zero-grace-period": "6s"}}))
+    patched = kubectl("-n", knative.SYSTEM_NAMESPACE, "patch", "configmap", "config-autoscaler", "--type=merge", "-p",
+                      json.dumps({"data": {"stable-window": "6s", "scale-to-zero-grace-period": "6s"}}), check=False)
+    assert patched.returncode == 0, patched.stderr
 
 
 @pytest.fixture(scope="module")
