@@ -140,7 +140,7 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
 
 
 def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stays(
-        api_client, operator, namespace, eventually):
+        api_client, kubectl, operator, namespace, eventually):
     custom = CustomObjectsApi(api_client)
     # `ppo` with a decision every 5 s; its first decisions fall back to Knative's default target (no
     # metrics of this revision yet), which differs from the spec's 4: that is the change to watch.
@@ -163,11 +163,16 @@ def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stay
     # Knative's revision reconciler runs again (any change to the Revision wakes it) and leaves the
     # PodAutoscaler's annotation as the operator set it.
     revision = revisions[0]["metadata"]["name"]
+
+    def pa_reconciles() -> int:  # the revision reconciler logs each pass over the revision's PodAutoscaler
+        logs = kubectl("-n", knative.SYSTEM_NAMESPACE, "logs", "deployment/controller", check=False).stdout
+        return logs.count(f"Reconciling PA: {revision}")
+
+    before = pa_reconciles()
     custom.patch_namespaced_custom_object(*SERVING, namespace, "revisions", revision,
                                           {"metadata": {"labels": {"agentkube.dev/probe": "1"}}})
-    eventually(lambda: (pa := _get(api_client, servedmodel.PA_PLURAL, namespace, revision, pa_group))
-               and pa["metadata"]["labels"].get("agentkube.dev/probe") == "1", timeout=60, interval=1,
-               message="the revision's labels did not reach its PodAutoscaler (the reconciler did not run)")
+    eventually(lambda: pa_reconciles() > before, timeout=60, interval=1,
+               message="the revision reconciler did not run again")
     assert target_in_force() == "100"
     # The KPA decides with it: its metric of the target per pod is 100 x 0.7 (the utilisation).
     eventually(lambda: _kpa_target(operator, namespace, revision) == pytest.approx(70.0), timeout=120, interval=2,
