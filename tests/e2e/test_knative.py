@@ -15,8 +15,8 @@ import pytest
 import requests
 from kubernetes.client import ApiException, CustomObjectsApi
 
-from agentkube.devenv import DevEnv, images, knative
-from agentkube.operator import api, servedmodel
+from agentkube.devenv import DevEnv, images, knative, process
+from agentkube.operator import api, autoscaling, servedmodel
 from harness import Operator, install_operator, kubectl_runner, node_environment
 
 MODEL_PORT = 8080
@@ -253,7 +253,7 @@ def test_what_the_crd_admits_knatives_webhook_admits(api_client, kubectl, operat
 
 
 def test_ppo_decides_from_knatives_real_metrics_and_the_revision_stays_one(
-        api_client, operator, namespace, eventually):
+        devenv, api_client, operator, namespace, eventually):
     """Under a bounded load the KPA scales the revision up; the loop decides from Knative's
     OpenTelemetry-era metrics (`PolicyDecided`, every input present), each decision reaches the
     PodAutoscaler, and across twenty decisions there is still one Revision."""
@@ -304,3 +304,16 @@ def test_ppo_decides_from_knatives_real_metrics_and_the_revision_stays_one(
         for thread in clients:
             thread.join(timeout=130)
     assert answered and all(code == 200 for code in answered)
+
+    # Prometheus goes away (last in this module: nothing after needs it): Knative's default target, at once,
+    # on the PodAutoscaler, with the reason; still one Revision.
+    process.stop([record for record in devenv.processes if record.name == "prometheus"])
+
+    def fell_back() -> bool:
+        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "load")["status"]
+        pa = _get(api_client, servedmodel.PA_PLURAL, namespace, "load-00001", pa_group)
+        return (status["lastDecision"]["reason"] == autoscaling.PROMETHEUS_UNREACHABLE
+                and pa["metadata"]["annotations"][servedmodel.TARGET_ANNOTATION] == str(autoscaling.KNATIVE_DEFAULT_TARGET))
+
+    eventually(fell_back, timeout=90, interval=1, message="no fallback to Knative's default once Prometheus stopped")
+    assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=load")) == 1
