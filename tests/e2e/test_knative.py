@@ -266,14 +266,17 @@ def test_ppo_decides_from_knatives_real_metrics_and_the_revision_stays_one(
     stop = threading.Event()
     answered: list[int] = []
 
-    def client() -> None:  # bounded: 6 clients, each one request in flight, until the test ends
+    # Bounded: 16 clients, each with one request in flight, until the test ends. Enough to need more than
+    # one pod even at the policy's lowest target (10, i.e. 7 per pod at 70%): its first turns run
+    # Knative's default (no metrics yet), then it steps down by at most half per decision.
+    def client() -> None:
         while not stop.is_set():
             try:
                 answered.append(_complete(api_client, url, max_tokens=40).status_code)
             except requests.RequestException:
                 answered.append(0)
 
-    clients = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(16)]
     for thread in clients:
         thread.start()
     pa_group = (servedmodel.PA_GROUP, servedmodel.PA_VERSION)
@@ -290,13 +293,21 @@ def test_ppo_decides_from_knatives_real_metrics_and_the_revision_stays_one(
         # Knative scaled up under the load (at some point: the policy may raise the target meanwhile).
         eventually(lambda: (_prometheus(operator, f'max(max_over_time(kn_revision_pods_count{{k8s_namespace_name="{namespace}",'
                                                   'kn_revision_name="load-00001"}[15m]))') or 0) > 1,
-                   timeout=120, interval=2, message="the KPA did not scale the revision up")
+                   timeout=240, interval=2, message="the KPA did not scale the revision up")
         eventually(lambda: len(decisions()) >= 20, timeout=240, interval=2, message="fewer than 20 decisions")
         status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "load")["status"]
         pa = _get(api_client, servedmodel.PA_PLURAL, namespace, "load-00001", pa_group)
         assert pa["metadata"]["annotations"][servedmodel.TARGET_ANNOTATION] in (
             str(status["concurrencyTarget"]), str(status["lastDecision"]["previousValue"]))  # at most one turn behind
         assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=load")) == 1
+
+        # The KPA follows the target on the PodAutoscaler: its own per-pod target is that x 0.7.
+        def kpa_follows() -> bool:
+            target = _get(api_client, servedmodel.PA_PLURAL, namespace, "load-00001", pa_group)["metadata"][
+                "annotations"][servedmodel.TARGET_ANNOTATION]
+            return _kpa_target(operator, namespace, "load-00001") == pytest.approx(float(target) * 0.7)
+
+        eventually(kpa_follows, timeout=60, interval=1, message="the KPA's target is not the PodAutoscaler's")
         print(f"{len(decisions())} decisions, last: {status['lastDecision']['message']}; "
               f"{sum(code == 200 for code in answered)} of {len(answered)} requests answered")
     finally:
