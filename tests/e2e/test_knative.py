@@ -8,8 +8,8 @@ as a pod's request to the Service URL would."""
 
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import kubernetes
 import pytest
