@@ -79,6 +79,8 @@ def _decide_and_apply(model: dict[str, Any], spec: api.ServedModelSpec, logger: 
         observed, current_target=current, autoscaling=spec.autoscaling, spot=spec.capacity.spot,
         policy=policy.decide if policy else None, bounds=policy.bounds if policy else ActionBounds(), now=now,
         policy_error=policy_error,
+        # The guard's state is the last decision's reason: status holds it across turns and restarts.
+        guard_engaged=status.last_decision is not None and status.last_decision.reason == autoscaling.SLO_GUARD,
     )
     decision = api.AutoscalingDecision(
         time=now, value=outcome.target, reason=outcome.reason, message=outcome.message,

@@ -281,6 +281,37 @@ class PodView:
         )
 
 
+class PodViews:
+    """The last view of each sandbox pod (by uid) that a reconciliation acted on, so that pod events which
+    change nothing the sandbox reports (a new resourceVersion, a kubelet heartbeat) cost no reconciliation.
+
+    Every reconciliation records the pod it read, whatever started it: a view remembered only from pod
+    events goes stale when the status is written from elsewhere (the sandbox's own handler, a recheck) or
+    when Kopf re-lists after a watch outage (those events have no type), and a stale view would swallow
+    the one event that matters, such as the pod Ready again after an API server outage."""
+
+    def __init__(self) -> None:
+        self._views: dict[str, PodView] = {}
+
+    def acted_on(self, pod: dict[str, Any] | None) -> None:
+        view = PodView.of(pod)
+        if pod is not None and view is not None:
+            self._views[pod["metadata"]["uid"]] = view
+
+    def is_news(self, event_type: str | None, pod: dict[str, Any]) -> bool:
+        """Whether a watch event of `pod` may change what its sandbox reports."""
+        uid = pod["metadata"]["uid"]
+        if event_type == "DELETED":
+            self._views.pop(uid, None)
+            return True
+        view = PodView.of(pod)
+        previous = self._views.get(uid)
+        if previous is None:
+            # A pod just created, not scheduled yet, was reported by the reconciliation that made it.
+            return not (event_type == "ADDED" and view is not None and view.phase == "Pending" and not view.scheduled)
+        return view != previous
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the sandbox should look like now, and when time alone will change that."""

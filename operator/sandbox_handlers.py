@@ -28,6 +28,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
         core = kube.client("core")
         pod = kube.read(core.read_namespaced_pod, name, namespace)
+        _pod_views.acted_on(pod)
         now = kube.now()
         created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
         annotations = body["metadata"].get("annotations") or {}
@@ -53,6 +54,7 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
             logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
         elif decision.want_pod and pod is None:
             pod = kube.create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec))
+            _pod_views.acted_on(pod)
             if pod is not None:
                 logger.info("created pod %s/%s", namespace, name)
                 # Report the pod as it now is, not as it was before it existed.
@@ -109,25 +111,15 @@ def sandbox_changed(body: kopf.Body, namespace: str, name: str, logger: logging.
     reconcile_sandbox(namespace, name, logger, kube.as_dict(dict(body)))
 
 
-# The last state seen of each sandbox pod, by uid: most pod updates (a new resourceVersion, a kubelet
-# heartbeat of the status) change nothing the sandbox reports, and are not worth a reconciliation.
-_pod_views: dict[str, sandbox.PodView] = {}
+_pod_views = sandbox.PodViews()
 
 
 @kopf.on.event("", "v1", "pods", labels={sandbox.SANDBOX_LABEL: kopf.PRESENT})
-def sandbox_pod_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-    """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod."""
+def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod.
+    `type` is None for the objects Kopf lists when a watch (re)starts: those count, as the state the
+    pod was in while nobody was watching."""
     pod = kube.as_dict(dict(body))
     owner = (pod["metadata"].get("labels") or {}).get(sandbox.SANDBOX_LABEL)
-    uid = pod["metadata"].get("uid")
-    if not owner or type not in ("ADDED", "MODIFIED", "DELETED"):
-        return
-    if type == "DELETED":
-        _pod_views.pop(uid, None)
-    else:
-        view = sandbox.PodView.of(pod)
-        assert view is not None  # of a pod that exists
-        previous, _pod_views[uid] = _pod_views.get(uid), view
-        if view == previous or (type == "ADDED" and previous is None and view.phase == "Pending" and not view.scheduled):
-            return  # nothing new; a just-created pod was already reported by the reconciliation that made it
-    reconcile_sandbox(pod["metadata"]["namespace"], owner, logger, pod_only=True)
+    if owner and _pod_views.is_news(type, pod):
+        reconcile_sandbox(pod["metadata"]["namespace"], owner, logger, pod_only=True)

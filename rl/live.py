@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from agentkube.rl.simulator import IntervalStats, Simulator
 from agentkube.rl.traces import WORKLOADS, Trace, evaluation_trace, load_burstgpt
+from agentkube.rl.workloads import HELD_OUT_FAMILIES, held_out_trace
 
 __all__ = ["LATENCY_BUCKETS_MS", "RevisionMetrics", "load_trace", "target_annotation", "serve_revision"]
 
@@ -94,10 +95,12 @@ class RevisionMetrics:
 
 
 def load_trace(trace: str, start_s: float, duration_s: float) -> Trace:
-    """`trace`: a generated workload's name (`WORKLOADS`) or a BurstGPT CSV file; the window
-    [start_s, start_s + duration_s) of it."""
+    """`trace`: a generated workload's name (`WORKLOADS`), a held-out family's (`HELD_OUT_FAMILIES`)
+    or a BurstGPT CSV file; the window [start_s, start_s + duration_s) of it."""
     if trace in WORKLOADS:
         full = evaluation_trace(trace, 0, duration_s=start_s + duration_s)
+    elif trace in HELD_OUT_FAMILIES:
+        full = held_out_trace(trace, 0, duration_s=start_s + duration_s)
     else:
         full = load_burstgpt(Path(trace))
     return full.window(start_s, duration_s)

@@ -2,6 +2,7 @@
 Knative's metrics from a real Prometheus, which scrapes the simulator playing the Knative revision as a
 process; the simulator reads the target the operator patched from the real API server."""
 
+import math
 import re
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from kubernetes.client import ApiException, CustomObjectsApi
 
 from agentkube.devenv import process
 from agentkube.devenv.versions import bin_dir
-from agentkube.operator import api, autoscaling, servedmodel
+from agentkube.operator import api, autoscaling, prometheus, servedmodel
+from agentkube.rl.observation import POLICY_METRICS
 from harness import CHART, KNATIVE_CRD, Operator, install_operator
 
 MODEL = "llm"
@@ -136,7 +138,8 @@ def test_the_operator_closes_the_loop_and_falls_back_when_metrics_stop(devenv, a
         first = eventually(decided_applied_and_seen, timeout=120, interval=0.5,
                            message="no policy decision was applied and seen by the revision")
         assert first["message"] and first["previousValue"] >= 1
-        assert set(first["inputs"]) == set(autoscaling.KNATIVE_METRICS)
+        # Every policy input came from Prometheus (the guard's p95 too, once the window has requests).
+        assert set(POLICY_METRICS) <= set(first["inputs"]) <= set(POLICY_METRICS) | {autoscaling.GUARD_P95}
         assert first["inputs"]["autoscaler_actual_pods"] >= 1
         model = _model(api_client, namespace)
         assert _condition(model)["status"] == "True" and _condition(model)["reason"] == autoscaling.DECIDED
@@ -166,6 +169,53 @@ def test_the_operator_closes_the_loop_and_falls_back_when_metrics_stop(devenv, a
     condition = eventually(fell_back, timeout=90, interval=0.5, message="no fallback after the metrics stopped")
     assert condition["reason"] in (autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE)
     assert "default target 100" in condition["message"]
+
+
+def test_the_slo_guard_runs_knatives_default_while_a_lean_target_costs_the_slo(devenv, api_client, operator, namespace,
+                                                                              eventually, tmp_path):
+    revision = Revision(devenv, namespace, tmp_path / "revision.log")
+    try:
+        address = eventually(revision.address, timeout=60, message="the simulator did not start serving")
+        devenv.add_scrape_target(SCRAPE_JOB, [address], labels={"suite": "autoscaling-guard"})
+        # Wait until Prometheus answers every input (the hour's per-minute spread needs a whole minute of
+        # samples): otherwise the first turns fall back for missing metrics and set the default first.
+        source = prometheus.MetricsSource(devenv.prometheus_url)
+
+        def answered() -> bool:
+            samples = source.observe(namespace, MODEL).samples
+            return set(POLICY_METRICS) <= set(samples) and math.isfinite(samples[autoscaling.GUARD_P95].value) \
+                if autoscaling.GUARD_P95 in samples else False
+
+        eventually(answered, timeout=180, interval=2, message="Prometheus does not answer every input")
+        # The model starts at a target leaner than Knative's default, under an SLO no LLM meets (1 ms):
+        # its first decision with metrics must be the guard's, and the guard must hold.
+        body = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": MODEL},
+                "spec": {"model": {"name": "llama"}, "image": "vllm", "autoscaling": {
+                    "policy": "ppo", "target": 200, "slo": {"p95LatencyMs": 1},
+                    "ppo": {"decisionInterval": "5s"}}}}
+        CustomObjectsApi(api_client).create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", body)
+
+        def guarded() -> dict | None:
+            model = _model(api_client, namespace)
+            decision = (model.get("status") or {}).get("lastDecision") or {}
+            if decision.get("reason") == autoscaling.SLO_GUARD and _annotation(api_client, namespace) == "100":
+                return model
+            return None
+
+        model = eventually(guarded, timeout=180, interval=0.5, message="the SLO guard did not engage")
+        condition = _condition(model)
+        assert (condition["status"], condition["reason"]) == ("False", autoscaling.SLO_GUARD)
+        assert "above the SLO's 1ms" in condition["message"] and "default target 100" in condition["message"]
+        assert model["status"]["concurrencyTarget"] == autoscaling.KNATIVE_DEFAULT_TARGET
+        engaged_at = model["status"]["lastDecision"]["time"]
+        # It holds on the next decisions (latency stays above the SLO): the policy does not get control back.
+        later = eventually(lambda: (m := _model(api_client, namespace))["status"]["lastDecision"]["time"] > engaged_at and m,
+                           timeout=60, message="no later decision")
+        assert later["status"]["lastDecision"]["reason"] == autoscaling.SLO_GUARD
+        assert _annotation(api_client, namespace) == "100"
+    finally:
+        revision.stop()
+        devenv.remove_scrape_target(SCRAPE_JOB)
 
 
 def test_the_loop_stops_when_the_policy_is_no_longer_ppo(devenv, api_client, operator, namespace, eventually):

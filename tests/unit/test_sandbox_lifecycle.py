@@ -3,7 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 from agentkube.operator import api
-from agentkube.operator.sandbox import PodView, plan
+from agentkube.operator.sandbox import PodView, PodViews, plan
 from agentkube.operator.status import merge_conditions
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -73,3 +73,38 @@ def test_conditions_keep_their_transition_time_while_unchanged():
     assert same[0].last_transition_time == first[0].last_transition_time and same[0].reason == "PodScheduling"
     flipped = merge_conditions(same, [("Ready", True, "PodReady", "")], T0 + timedelta(minutes=2))
     assert flipped[0].model_dump(mode="json", by_alias=True)["lastTransitionTime"] == "2026-01-01T00:02:00Z"
+
+
+def _pod(uid: str = "u1", *, phase: str = "Running", ready: bool = True, node: str | None = "n1") -> dict:
+    conditions = [{"type": "PodScheduled", "status": "True" if node else "False"},
+                  {"type": "Ready", "status": "True" if ready else "False"}]
+    return {"metadata": {"uid": uid}, "spec": {"nodeName": node}, "status": {"phase": phase, "conditions": conditions}}
+
+
+def test_pod_events_that_change_nothing_reported_cost_no_reconciliation():
+    views = PodViews()
+    views.acted_on(_pod())
+    assert not views.is_news("MODIFIED", _pod()), "a heartbeat of the same state"
+    assert views.is_news("MODIFIED", _pod(ready=False))
+    assert views.is_news("DELETED", _pod())
+    assert views.is_news("MODIFIED", _pod()), "a deleted pod's uid is forgotten"
+
+
+def test_a_just_created_pod_was_reported_by_the_reconciliation_that_made_it():
+    assert not PodViews().is_news("ADDED", _pod(phase="Pending", ready=False, node=None))
+    assert PodViews().is_news("ADDED", _pod()), "a pod the operator never saw, already running"
+
+
+def test_an_api_server_outage_never_hides_the_pod_ready_again():
+    """As seen on the real node: the pod went not ready while the API server was away; Kopf reported that
+    in its re-listing (event type None) or the sandbox's own handler read it; the pod's Ready again must
+    then be news, although the last *event* the handler saw before the outage said Ready too."""
+    for seen_not_ready in ("listing", "another reconciliation"):
+        views = PodViews()
+        views.acted_on(_pod())
+        if seen_not_ready == "listing":
+            assert views.is_news(None, _pod(ready=False))
+            views.acted_on(_pod(ready=False))  # what the reconciliation it started read
+        else:
+            views.acted_on(_pod(ready=False))
+        assert views.is_news("MODIFIED", _pod()), seen_not_ready
