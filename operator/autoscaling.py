@@ -62,7 +62,7 @@ RAW_SERIES: dict[str, str] = METRIC_SERIES | {GUARD_P95: "revision_app_request_l
 
 def revision_matcher(namespace: str, service: str) -> str:
     """The label matcher for every revision of one Knative Service, under Knative's metric labels."""
-    return f'namespace_name="{_escape(namespace)}",service_name="{_escape(service)}"'
+    return _matcher(OPENCENSUS_REVISION_LABELS, namespace, service)
 
 
 def _escape(value: str) -> str:
@@ -78,6 +78,76 @@ def age_queries(matcher: str) -> dict[str, str]:
     """PromQL for the age in seconds of each input's newest raw sample. An instant query answers with
     the latest sample within Prometheus' 5-minute lookback, so presence alone does not mean fresh."""
     return {name: f"time() - max(timestamp({series}{{{matcher}}}))" for name, series in RAW_SERIES.items()}
+
+
+# Knative 1.19 (July 2025) replaced its OpenCensus metrics with OpenTelemetry ones: new names, seconds for
+# durations, `k8s_namespace_name`/`kn_service_name` for the labels (as a Prometheus scrape of its
+# components shows them). The autoscaler's and the controller's series carry the revision's labels
+# themselves; the queue-proxy's carry them only on `target_info` (resource attributes), joined on the
+# scrape target. Which generation a cluster has is read from Prometheus for each input, newest first,
+# never configured: see `metric_generations`.
+OTEL_REVISION_LABELS = ("k8s_namespace_name", "kn_service_name")
+OPENCENSUS_REVISION_LABELS = ("namespace_name", "service_name")
+_ON_TARGET = "on (job, instance) group_left () target_info{{{rev}}}"
+_OTEL_REQUESTS = "kn_serving_invocation_duration_seconds"
+
+
+def _otel_requests(window: str) -> str:
+    return f"sum(rate({_OTEL_REQUESTS}_count[{window}]) * {_ON_TARGET})"
+
+
+def _otel_gauge(series: str) -> tuple[str, str]:
+    return f"sum({series}{{{{{{rev}}}}}})", f"time() - max(timestamp({series}{{{{{{rev}}}}}}))"
+
+
+_OTEL_REQUESTS_AGE = f"time() - max(timestamp({_OTEL_REQUESTS}_count) * {_ON_TARGET})"
+_OTEL_BUCKETS_AGE = f"time() - max(timestamp({_OTEL_REQUESTS}_bucket) * {_ON_TARGET})"
+_STABLE, _PANIC = "kn_revision_concurrency_stable", "kn_revision_concurrency_panic"
+OPENTELEMETRY_METRICS: dict[str, tuple[str, str]] = {  # key: (value PromQL, age PromQL), `{rev}` the matcher
+    "revision_app_request_count": (_otel_requests("1m"), _OTEL_REQUESTS_AGE),
+    "revision_app_request_latencies": (  # p95, milliseconds (the histogram is in seconds)
+        f"1000 * histogram_quantile(0.95, sum by (le) (rate({_OTEL_REQUESTS}_bucket[1m]) * {_ON_TARGET}))",
+        _OTEL_BUCKETS_AGE),
+    "autoscaler_stable_request_concurrency": _otel_gauge(_STABLE),
+    "autoscaler_panic_request_concurrency": _otel_gauge(_PANIC),
+    "autoscaler_actual_pods": _otel_gauge("kn_revision_pods_count"),
+    "autoscaler_not_ready_pods": _otel_gauge("kn_revision_pods_not_ready_count"),
+    # The workload features (rl/observation.py's WORKLOAD_METRICS) over the same series. A pod gone (scaled
+    # down) takes its target_info along, so its past requests drop out of the hour's rates: they read low
+    # after scale-downs, where the OpenCensus series (labelled per revision) do not.
+    "request_rate_10m": (_otel_requests("10m"), _OTEL_REQUESTS_AGE),
+    "request_rate_1h": (_otel_requests("1h"), _OTEL_REQUESTS_AGE),
+    "request_rate_stddev_1h": (f"stddev_over_time({_otel_requests('1m')}[1h:1m])", _OTEL_REQUESTS_AGE),
+    "peak_concurrency_10m": (f"max_over_time(sum({_PANIC}{{{{{{rev}}}}}})[10m:15s])", _otel_gauge(_PANIC)[1]),
+    "mean_concurrency_10m": (f"avg_over_time(sum({_STABLE}{{{{{{rev}}}}}})[10m:15s])", _otel_gauge(_STABLE)[1]),
+    GUARD_P95: (f"1000 * histogram_quantile(0.95, sum by (le) (rate({_OTEL_REQUESTS}_bucket[{GUARD_WINDOW}]) * {_ON_TARGET}))",
+                _OTEL_BUCKETS_AGE),
+}
+
+
+@dataclass(frozen=True)
+class MetricQuery:
+    """How to read one observation input under one generation of Knative's metric names."""
+
+    generation: str
+    value: str
+    age: str
+
+
+def metric_generations(namespace: str, service: str) -> dict[str, list[MetricQuery]]:
+    """For each input (`value_queries`' keys: the policy's and the guard's), its queries under each generation of Knative's
+    names, newest first: the query layer uses the first whose series Prometheus has."""
+    otel = _matcher(OTEL_REVISION_LABELS, namespace, service)
+    opencensus = revision_matcher(namespace, service)
+    values, ages = value_queries(opencensus), age_queries(opencensus)
+    return {name: [MetricQuery("opentelemetry", OPENTELEMETRY_METRICS[name][0].format(rev=otel),
+                               OPENTELEMETRY_METRICS[name][1].format(rev=otel)),
+                   MetricQuery("opencensus", values[name], ages[name])]
+            for name in values}
+
+
+def _matcher(labels: tuple[str, str], namespace: str, service: str) -> str:
+    return f'{labels[0]}="{_escape(namespace)}",{labels[1]}="{_escape(service)}"'
 
 
 @dataclass(frozen=True)

@@ -130,11 +130,4 @@ def _write_autoscaling_status(model: dict[str, Any], condition: ConditionUpdate,
 
 
 def _apply_target(namespace: str, name: str, target: int) -> None:
-    """Set the Knative Service's target annotation (where `servedmodel` puts the static one)."""
-    service = kube.read_knative_service(namespace, name)
-    if service is None:
-        return  # not created yet: the reconcile creates it with the target recorded in status
-    annotations = ((service.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
-    if annotations.get(servedmodel.TARGET_ANNOTATION) != str(target):
-        kube.patch_knative_service(namespace, name, {"spec": {"template": {"metadata": {"annotations": {
-            servedmodel.TARGET_ANNOTATION: str(target)}}}}})
+    kube.set_target_in_force(namespace, name, target)

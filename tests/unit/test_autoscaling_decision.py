@@ -183,3 +183,16 @@ def test_the_guard_needs_an_slo_and_traffic():
 ])
 def test_slo_guard_thresholds(p95_ms, current, engaged, expected):
     assert autoscaling.slo_guard(p95_ms, api.Slo(p95_latency_ms=10_000), current, engaged).engaged is expected
+
+
+def test_each_input_is_read_under_knatives_opentelemetry_names_first_then_opencensus():
+    generations = autoscaling.metric_generations("ml", "llm")
+    assert set(generations) == set(autoscaling.value_queries(autoscaling.revision_matcher("ml", "llm")))
+    for name, queries in generations.items():
+        assert [query.generation for query in queries] == ["opentelemetry", "opencensus"]
+        assert 'k8s_namespace_name="ml",kn_service_name="llm"' in queries[0].value
+        assert 'namespace_name="ml",service_name="llm"' in queries[1].value
+        assert queries[1].value == autoscaling.value_queries(autoscaling.revision_matcher("ml", "llm"))[name]
+    # The queue-proxy's request series name their revision only through target_info.
+    assert "target_info{" in generations["revision_app_request_count"][0].value
+    assert generations["autoscaler_actual_pods"][0].value.startswith("sum(kn_revision_pods_count{")
