@@ -37,8 +37,9 @@ EXAMPLES = REPOSITORY / "examples"
 RELEASE, SYSTEM_NAMESPACE, DEMO_NAMESPACE = "agentkube", "agentkube-system", "agentkube-demo"
 SANDBOX_NAME = "coder"  # examples/sandbox.yaml
 RUNNING_TIMEOUT = 180.0
-# Knative Serving's Service CRD alone: the ServedModel's Knative Service is played by the simulated revision
-# (`agentkube rl serve-revision`) until Knative itself runs on the local cluster.
+# Stand-ins for Knative's Service and PodAutoscaler CRDs: the ServedModel's Knative Service is played by the
+# simulated revision (`agentkube rl serve-revision`). Real Knative runs with `agentkube dev up --with-knative`
+# (tests/e2e/test_knative.py); the demo does not use it yet.
 KNATIVE_CRD = REPOSITORY / "tests" / "manifests" / "knative-service-crd.yaml"
 MODEL_NAME, REVISION_JOB = "llm", "knative-revision"
 REVISION_SECONDS = 600  # the simulated revision stops by itself after this long

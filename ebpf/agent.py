@@ -17,8 +17,18 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
-from agentkube.contract import CALL_PREFIX, HISTORY_WINDOW, CallIntent, OutOfEnvelope, command_signature, resolve_limits
+from agentkube.contract import (
+    CALL_PREFIX,
+    HISTORY_WINDOW,
+    CallIntent,
+    Limits,
+    OutOfEnvelope,
+    ToolNetwork,
+    command_signature,
+    resolve_limits,
+)
 from agentkube.ebpf.bpf import CallEvent, Programs
 from agentkube.ebpf.cgroups import (
     MAIN_LEAF,
@@ -43,6 +53,9 @@ from agentkube.ebpf.models import (
     CallFinish,
     CallPlaced,
     CallRecord,
+    CallStart,
+    PoolFill,
+    PoolSlot,
     SandboxCreate,
     SandboxRef,
     SandboxStatus,
@@ -57,7 +70,7 @@ FINISH_GRACE_SECONDS = 30.0  # after a deadline kill, how long the runtime has t
 FINISHED_KEPT = 512  # finished records answered again to a runtime that retries its finish
 EXECUTED_KEPT = 64  # programs a call executed, kept in its audit record
 HISTORY_SAVE_INTERVAL = 1.0
-EVENTS_CATCH_UP_SECONDS = 0.5  # longest wait at a call's end for the event reader to reach its exit
+POOL_SLOTS_PER_SANDBOX = 4  # warm call cgroups a sandbox's runtime may keep waiting (each holds one process)
 
 
 def sandbox_containing(cgroup_path: str, sandboxes: dict[str, str]) -> str | None:
@@ -97,6 +110,14 @@ def host_pid(pid: int, peer_pid: int, candidates: set[int]) -> int:
     raise HttpError(404, f"no process {pid} among the caller's children")
 
 
+def traced_by(status_text: str) -> int:
+    """The PID tracing a process (0: none), from /proc/PID/status."""
+    for line in status_text.splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
 def unified_cgroup_of(pid: int) -> str:
     try:
         return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())[UNIFIED]
@@ -117,6 +138,20 @@ class Sandbox:
         return self.spec.key
 
 
+@dataclass
+class PooledCgroup:
+    """A call cgroup made ahead of its call, with the runtime's held process already in it: it carries the
+    sandbox's default limits and a `none` egress policy until a call starts in it, and serves one call only
+    (removed when that call ends, never given back)."""
+
+    call_id: str
+    sandbox_key: str
+    cgroup: Cgroup
+    cgroup_id: int
+    pid: int  # the held process, as the node sees it
+    limits: Limits  # what its limit files hold
+
+
 class NodeAgent:
     def __init__(self, state_dir: Path, instance: str = "agentkube", layout: CgroupLayout | None = None,
                  audit_log: Path | None = None, favor_dynmods: bool = False, local: bool = True,
@@ -134,10 +169,10 @@ class NodeAgent:
         # Sandboxes whose tool intent cannot be honoured (Kubernetes mode): key -> why. None of their calls runs.
         self.refused: dict[str, str] = {}
         self.running: dict[str, CallRecord] = {}
+        self.pools: dict[str, dict[str, PooledCgroup]] = {}  # sandbox key -> call id -> its waiting cgroup
         self.finished: OrderedDict[str, CallRecord] = OrderedDict()
         self.history: dict[str, deque[int]] = {}
         self.executed: dict[str, list[str]] = {}
-        self._first_exit_seen: dict[str, threading.Event] = {}  # call id -> its first process's exit event read
         self._by_cgroup: dict[int, str] = {}
         self.deadlines = Deadlines()
         self._removals: queue.Queue[Cgroup | None] = queue.Queue()
@@ -145,6 +180,7 @@ class NodeAgent:
         self._remover.start()
         self._lock = threading.RLock()
         self._stopped = False
+        self._audit: TextIO | None = None  # the audit log, kept open for appending
         self._history_saved = 0.0
         self._history_dirty = False
         for folder in ("sandboxes", "calls"):
@@ -181,6 +217,16 @@ class NodeAgent:
             raise HttpError(403, f"caller pid {peer.pid} runs inside a tool call of sandbox {sandbox.key}: only the "
                                  "sandbox's runtime may ask the node agent for anything")
         raise HttpError(403, f"caller pid {peer.pid} is not the runtime of sandbox {sandbox.key}")
+
+    def runtime_sandbox(self, peer: Peer, memo: dict, ref: SandboxRef) -> Sandbox:
+        """The sandbox `ref`, once its runtime is known to be the peer of a framed connection. Checked once per
+        connection and sandbox: the connection stays the process's that opened it (see frames.py), and a
+        process's cgroup changes only by root's hand."""
+        sandbox = self.sandbox(ref)
+        if memo.get(("runtime", sandbox.key)) is not sandbox:
+            self.require_runtime(peer, sandbox)
+            memo[("runtime", sandbox.key)] = sandbox
+        return sandbox
 
     def require_runtime_or_admin(self, peer: Peer, sandbox: Sandbox) -> None:
         if unified_cgroup_of(peer.pid) != sandbox.main.unified_path:
@@ -264,6 +310,10 @@ class NodeAgent:
         for call_id in [c for c, r in self.running.items() if f"{r.namespace}/{r.sandbox}" == sandbox.key]:
             self.finalize(call_id, CallFinish())
         with self._lock:
+            pooled = list(self.pools.pop(sandbox.key, {}).values())
+        for slot in pooled:  # the waiting cgroups go with their sandbox, held processes killed
+            self._discard(slot)
+        with self._lock:
             # A pod's cgroup goes with its container (the kernel detaches the programs then).
             if sandbox.cgroup.exists():
                 self.programs.detach_egress(sandbox.cgroup.unified_dir, sandbox.cgroup.id)
@@ -319,7 +369,6 @@ class NodeAgent:
             with self._lock:
                 self.running[call_id] = record
                 self._by_cgroup[record.cgroup_id] = call_id
-                self._first_exit_seen[call_id] = threading.Event()
             self.programs.track(record.cgroup_id, limits.network)
             self.pressure.watch(call_id, cgroup, limits.memory_high)
             cgroup.add_process(request.pid)
@@ -332,11 +381,108 @@ class NodeAgent:
         self._arm(record)
         return CallPlaced(call_id=call_id, cgroup=cgroup.unified_path, limits=limits, sources=resolved.sources)
 
-    def finish_call(self, peer: Peer, call_id: str, finish: CallFinish) -> CallRecord:
+    # --- the warm pool: call cgroups made, and their first process placed, before the call ----------------
+    def fill_pool(self, peer: Peer, request: PoolFill, memo: dict | None = None) -> PoolSlot:
+        """Make a call cgroup for a call to come, with the runtime's held process in it (off the call's path:
+        the directories, the limits, the BPF entries and the process move, which waits for an RCU grace
+        period, are done here). The process gets the sandbox's default limits and no network meanwhile."""
+        sandbox = self.runtime_sandbox(peer, {} if memo is None else memo, request)
+        pid = host_pid(request.pid, peer.pid, sandbox.main.pids())
+        if unified_cgroup_of(pid) != sandbox.main.unified_path:
+            raise HttpError(403, f"pid {request.pid} is not a process of sandbox {sandbox.key} outside any call")
+        if read_ppid(pid) != peer.pid:
+            raise HttpError(403, f"pid {request.pid} is not a child of the caller (pid {peer.pid})")
+        # The held process makes itself non-dumpable before it says it is ready, so nobody can attach from
+        # then on; one attached before that would still be tracing it.
+        if traced_by(Path(f"/proc/{pid}/status").read_text()):
+            raise HttpError(403, f"pid {request.pid} is being traced: it cannot wait for a call")
+        with self._lock:
+            if len(self.pools.get(sandbox.key, {})) >= POOL_SLOTS_PER_SANDBOX:
+                raise HttpError(429, f"sandbox {sandbox.key} has {POOL_SLOTS_PER_SANDBOX} call cgroups waiting already")
+            if len(self.running) + sum(map(len, self.pools.values())) >= MAX_RUNNING_CALLS:
+                raise HttpError(429, f"{MAX_RUNNING_CALLS} calls are running or waiting on this node; retry later")
+        limits = resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits
+        call_id = uuid.uuid4().hex[:16]
+        cgroup = sandbox.cgroup.child(CALL_PREFIX + call_id)
+        cgroup.create()
+        slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits)
+        try:
+            cgroup.apply(limits)
+            # No call yet: nothing may leave. A cgroup the agent knows no call for is removed by its sweep
+            # after a restart (its process killed), so a pool needs no record on disk.
+            self.programs.track(slot.cgroup_id, ToolNetwork(egress="none"))
+            cgroup.add_process(pid)
+            with self._lock:
+                if sandbox.key not in self.sandboxes:
+                    raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")
+                self.pools.setdefault(sandbox.key, {})[call_id] = slot
+        except BaseException:
+            self._discard(slot)
+            raise
+        return PoolSlot(call_id=call_id, cgroup=cgroup.unified_path)
+
+    def start_call(self, peer: Peer, request: CallStart, memo: dict | None = None) -> CallPlaced:
+        """Start a call in a cgroup of the pool: check it still holds its held process and nothing else, give
+        it the call's limits and network, record the call (write-ahead), and answer; the runtime then releases
+        the process. A cgroup serves one call: it leaves the pool here, whatever happens next."""
+        sandbox = self.runtime_sandbox(peer, {} if memo is None else memo, request)
+        with self._lock:
+            slot = self.pools.get(sandbox.key, {}).pop(request.call_id, None)
+        if slot is None:
+            raise HttpError(404, f"no waiting call cgroup {request.call_id} in sandbox {sandbox.key}")
+        try:
+            members = (slot.cgroup.unified_dir / "cgroup.procs").read_text().split()
+        except FileNotFoundError:
+            members = []
+        if members != [str(slot.pid)]:
+            self._discard(slot)
+            raise HttpError(409, f"call cgroup {request.call_id} holds {members or 'nothing'} instead of its held "
+                                 f"process {slot.pid}: discarded")
+        signature = command_signature(request.argv)
+        try:
+            resolved = resolve_limits(request.intent, list(self.history.get(f"{sandbox.key}\t{signature}", ())),
+                                      sandbox.spec.tools, sandbox.spec.envelope.envelope())
+        except OutOfEnvelope as error:
+            with self._lock:  # nothing was changed: the cgroup waits for the next call
+                self.pools.setdefault(sandbox.key, {})[slot.call_id] = slot
+            raise HttpError(422, str(error)) from None
+        limits = resolved.limits
+        now = time.time()
+        record = CallRecord(
+            call_id=slot.call_id, sandbox=sandbox.spec.name, namespace=sandbox.spec.namespace,
+            profile=request.intent.profile or "none", signature=signature, argv=request.argv, pid=slot.pid,
+            cgroup_paths=slot.cgroup.paths, cgroup_id=slot.cgroup_id, limits=limits, sources=resolved.sources,
+            started_at=now, deadline=now + limits.timeout,
+        )
+        try:
+            slot.cgroup.apply(limits, previous=slot.limits)
+            self._save_call(record)  # before the process is released: a restart finds the call from here on
+            with self._lock:
+                self.running[record.call_id] = record
+                self._by_cgroup[record.cgroup_id] = record.call_id
+            self.programs.set_policy(record.cgroup_id, limits.network)
+            self.pressure.watch(record.call_id, slot.cgroup, limits.memory_high)
+        except BaseException:
+            self._forget(record)
+            self._discard(slot)
+            raise
+        sandbox.last_activity = now
+        self.metrics.started(record.sandbox, record.namespace, now)
+        self._arm(record)
+        return CallPlaced(call_id=record.call_id, cgroup=slot.cgroup.unified_path, limits=limits,
+                          sources=resolved.sources)
+
+    def _discard(self, slot: PooledCgroup) -> None:
+        """A waiting cgroup that will serve no call: its process killed, its entries and directories removed."""
+        slot.cgroup.kill()
+        self.programs.untrack(slot.cgroup_id)
+        self._removals.put(slot.cgroup)
+
+    def finish_call(self, peer: Peer, call_id: str, finish: CallFinish, memo: dict | None = None) -> CallRecord:
         record = self.running.get(call_id) or self.finished.get(call_id)
         if record is None:
             raise HttpError(404, f"no call {call_id}")
-        self.require_runtime(peer, self.sandbox(SandboxRef(name=record.sandbox, namespace=record.namespace)))
+        self.runtime_sandbox(peer, {} if memo is None else memo, SandboxRef(name=record.sandbox, namespace=record.namespace))
         return self.finalize(call_id, finish)
 
     def call(self, peer: Peer, call_id: str) -> CallRecord:
@@ -363,15 +509,17 @@ class NodeAgent:
         cgroup = Cgroup(self.layout, record.cgroup_paths)
         counters = None
         if cgroup.exists():
-            cgroup.kill()  # leftovers, daemonized grandchildren included: the call is over
-            cgroup.wait_empty()
+            # Leftovers, daemonized grandchildren included: the call is over. Mostly there are none (the first
+            # process was reaped before the runtime reported), and cgroup.kill takes the kernel's cgroup lock,
+            # which a cgroup being made or removed elsewhere can hold for milliseconds: kill only what is there.
+            # Nothing can join an empty call cgroup (only a member's fork, or root, puts a process in one).
+            if cgroup.live_pids():
+                cgroup.kill()
+                cgroup.wait_empty()
             counters = cgroup.counters()
-        # The ring buffer is read in order, so once the first process's exit event is read, so are all
-        # the call's earlier events (what it executed). Bounded: a record recovered after a restart has
-        # no such event to wait for.
-        first_exit = self._first_exit_seen.pop(call_id, None)
-        if first_exit is not None:
-            first_exit.wait(EVENTS_CATCH_UP_SECONDS)
+        # What the call executed: its events are in the ring buffer by now (a process's exit event is
+        # written before its parent can reap it, and the runtime reports only then), read here.
+        self.programs.consume_events()
         stats = self.programs.untrack(record.cgroup_id)
         high_events = self.pressure.unwatch(call_id)
         # Off the caller's path: removing a v1 memory cgroup that had a usage threshold waits on the kernel
@@ -428,7 +576,6 @@ class NodeAgent:
     def _forget(self, record: CallRecord) -> None:
         with self._lock:
             self.running.pop(record.call_id, None)
-            self._first_exit_seen.pop(record.call_id, None)
             self._by_cgroup.pop(record.cgroup_id, None)
         self.programs.untrack(record.cgroup_id)
         self.pressure.unwatch(record.call_id)
@@ -457,8 +604,10 @@ class NodeAgent:
         _atomic_write(self.state_dir / "calls" / f"{record.call_id}.json", record.model_dump_json())
 
     def _append_audit(self, record: CallRecord) -> None:
-        with open(self.audit_log, "a") as log:
-            log.write(record.model_dump_json() + "\n")
+        # One write per record on a file kept open in append mode (an open per call costs more than the write).
+        if self._audit is None:
+            self._audit = open(self.audit_log, "a", buffering=1)
+        self._audit.write(record.model_dump_json() + "\n")
 
     def _save_history(self, force: bool = True) -> None:
         # History only guides limits, so a crash may lose its last second; saved at most once a second.
@@ -478,10 +627,6 @@ class NodeAgent:
             executed = self.executed.setdefault(call_id, [])
             if len(executed) < EXECUTED_KEPT:
                 executed.append(event.comm)
-        elif event.kind == "exit":
-            record = self.running.get(call_id)
-            if record is not None and event.pid == record.pid and call_id in self._first_exit_seen:
-                self._first_exit_seen[call_id].set()
 
     def _on_memory_high(self, call_id: str, seen: float, count: int) -> None:
         with self._lock:
@@ -555,6 +700,8 @@ class NodeAgent:
         self.pressure.close()
         self.egress.close()
         self.programs.close()
+        if self._audit is not None:
+            self._audit.close()
 
     def teardown(self) -> None:
         """Remove everything this agent made: calls, sandboxes, cgroups, attachments, pins, state."""

@@ -8,6 +8,12 @@ the sandbox socket that sandbox pods mount). Handlers only parse and delegate.
     POST   /v1/calls/{call_id}/finish          report the call's first process ended; returns its record
     GET    /v1/calls/{call_id}                 a running or recently finished call
     GET    /metrics                            Prometheus exposition
+
+The sandbox runtime's own requests also come as frames (agentkube.ebpf.frames) on the same sockets:
+    fill    {name, namespace, pid}                  a held process waits in a new call cgroup (warm pool)
+    start   {name, namespace, call_id, argv, intent} start a call in a waiting cgroup
+    place   {name, namespace, pid, argv, intent}    place a held process as a call (no pool)
+    finish  {call_id, exit_code, signal}            the call's first process ended; returns its record
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import start_http_server
 
 from agentkube.ebpf.agent import NodeAgent
-from agentkube.ebpf.models import CallCreate, CallFinish, SandboxCreate, SandboxRef
+from agentkube.ebpf.models import CallCreate, CallFinish, CallStart, PoolFill, SandboxCreate, SandboxRef
 from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
 
 if TYPE_CHECKING:  # imported where Kubernetes mode starts: --local needs no Kubernetes client (nor gRPC)
@@ -74,13 +80,33 @@ def routes(agent: NodeAgent, sandbox_only: bool = False) -> dict:
     })
 
 
+def frame_operations(agent: NodeAgent) -> dict:
+    """The runtime's requests as frames: the operations of a call's path, each with its connection's memo."""
+    def finish(peer, memo, message):
+        call_id = message.get("call_id")
+        if not isinstance(call_id, str):
+            raise HttpError(400, "finish needs a call_id")
+        return agent.finish_call(peer, call_id, CallFinish.model_validate(
+            {k: v for k, v in message.items() if k not in ("op", "call_id")}), memo)
+
+    def fields(message: dict) -> dict:
+        return {k: v for k, v in message.items() if k != "op"}
+
+    return {
+        "fill": lambda peer, memo, message: agent.fill_pool(peer, PoolFill.model_validate(fields(message)), memo),
+        "start": lambda peer, memo, message: agent.start_call(peer, CallStart.model_validate(fields(message)), memo),
+        "place": lambda peer, memo, message: agent.place_call(peer, CallCreate.model_validate(fields(message))),
+        "finish": finish,
+    }
+
+
 class NodeAgentServer:
     """A node agent and its API server, started and stopped together."""
 
     def __init__(self, socket_path: Path, state_dir: Path, instance: str = "agentkube", metrics_port: int | None = None,
                  favor_dynmods: bool = False, local: bool = True, egress=None, metrics_address: str = "127.0.0.1"):
         self.agent = NodeAgent(state_dir, instance=instance, favor_dynmods=favor_dynmods, local=local, egress=egress)
-        self.server = UnixHttpServer(socket_path, routes(self.agent))
+        self.server = UnixHttpServer(socket_path, routes(self.agent), frames=frame_operations(self.agent))
         if metrics_port is not None:
             # One address, never all of them: loopback for a scraper on the node, or the node's own address for
             # a Service in front of a DaemonSet on the host network.
@@ -96,7 +122,8 @@ class NodeAgentServer:
         into sandbox pods as that CSI driver's ephemeral inline volume."""
         from agentkube.ebpf.kubernetes import PodWatcher
 
-        self.sandbox_server = UnixHttpServer(sandbox_socket, routes(self.agent, sandbox_only=True), mode=0o666)
+        self.sandbox_server = UnixHttpServer(sandbox_socket, routes(self.agent, sandbox_only=True), mode=0o666,
+                                             frames=frame_operations(self.agent))
         self.watcher = PodWatcher(self.agent, node_name, kubelet_root, kubeconfig)
         if csi_driver:
             from agentkube.ebpf.csi import CSIPluginServer, NodePlugin, api_pod_lookup

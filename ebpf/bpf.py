@@ -28,6 +28,7 @@ CGROUP_INET_EGRESS = 1  # enum bpf_attach_type
 PINNED_MAPS = ("policies", "call_stats", "resolved")
 
 EVENT_KINDS = {1: "exec", 2: "exit", 3: "oom", 4: "blocked"}
+EVENTS_SWEEP_SECONDS = 0.05  # how often the reader thread empties the ring buffer (events do not wake it)
 
 
 class Rule(ct.Structure):
@@ -124,6 +125,7 @@ class Programs:
         self._dns_refused: dict[int, int] = {}
         self._lib = __import__("bcc.libbcc", fromlist=["lib"]).lib
         self._lock = threading.Lock()
+        self._events_lock = threading.Lock()  # one consumer of the ring buffer at a time
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -176,6 +178,10 @@ class Programs:
         key = ct.c_uint64(cgroup_id)
         self.call_stats[key] = CallStats()
         self.policies[key] = policy_struct(network)
+
+    def set_policy(self, cgroup_id: int, network: ToolNetwork) -> None:
+        """Replace a tracked cgroup's egress policy (a pooled call cgroup's `none`, by its call's network)."""
+        self.policies[ct.c_uint64(cgroup_id)] = policy_struct(network)
 
     def stats(self, cgroup_id: int) -> CallStats:
         try:
@@ -290,11 +296,18 @@ class Programs:
         self.bpf[b"events"].open_ring_buffer(callback)
 
         def poll():
-            while not self._stop.is_set():
-                self.bpf.ring_buffer_poll(200)
+            while not self._stop.wait(EVENTS_SWEEP_SECONDS):
+                self.consume_events()
 
         self._poller = threading.Thread(target=poll, name="bpf-events", daemon=True)
         self._poller.start()
+
+    def consume_events(self) -> None:
+        """Hand every event in the ring buffer to the handler, in this thread. The events are submitted
+        without waking anyone, so a finishing call reads its own (its exit is in the buffer before its
+        parent could reap it) instead of waiting for a reader thread to be scheduled."""
+        with self._events_lock:
+            self.bpf.ring_buffer_consume()
 
     def close(self) -> None:
         """Stop polling and unload. Pinned maps and attachments stay for the next agent process."""

@@ -203,6 +203,20 @@ def limit_settings(kind: LayoutKind, memory: int, cpu: float, pids: int) -> list
     ]
 
 
+def limit_writes(kind: LayoutKind, new: Limits, old: Limits | None = None) -> list[tuple[str, str, str, bool]]:
+    """What to write, in order, to change a cgroup's limits from `old` (what its files hold; None: a new
+    cgroup) to `new`: only the files whose value changes (a pooled call cgroup already holds the sandbox's
+    defaults, and most calls ask for those). On v1 the memory+swap limit may never be below the memory
+    limit, so when memory rises it is written first."""
+    wanted = limit_settings(kind, new.memory, new.cpu, new.pids)
+    if old is not None:
+        held = set(limit_settings(kind, old.memory, old.cpu, old.pids))
+        wanted = [setting for setting in wanted if setting not in held]
+        if kind == "hybrid" and new.memory > old.memory:
+            wanted.sort(key=lambda setting: setting[1] != "memory.memsw.limit_in_bytes")
+    return wanted
+
+
 def delegation_chain(mount: Path, directory: Path) -> list[Path]:
     """The cgroups whose subtree_control must enable a controller for `directory`'s children to use it,
     from the hierarchy's root down to `directory` itself."""
@@ -313,7 +327,10 @@ class Cgroup:
                     _write(ancestor / "cgroup.subtree_control", enable)
 
     def set_limits(self, memory: int, cpu: float, pids: int) -> None:
-        for controller, name, value, required in limit_settings(self.layout.kind, memory, cpu, pids):
+        self._write_settings(limit_settings(self.layout.kind, memory, cpu, pids))
+
+    def _write_settings(self, settings: list[tuple[str, str, str, bool]]) -> None:
+        for controller, name, value, required in settings:
             path = self.controller_dir(controller) / name
             if not required and not path.exists():
                 continue
@@ -322,8 +339,9 @@ class Cgroup:
     def set_envelope(self, envelope: Envelope) -> None:
         self.set_limits(envelope.memory, envelope.cpu, envelope.pids)
 
-    def apply(self, limits: Limits) -> None:
-        self.set_limits(limits.memory, limits.cpu, limits.pids)
+    def apply(self, limits: Limits, previous: Limits | None = None) -> None:
+        """Write `limits`; with `previous` (what the files hold now), only what changes."""
+        self._write_settings(limit_writes(self.layout.kind, limits, previous))
 
     def add_process(self, pid: int) -> None:
         """Move a process into this cgroup in every hierarchy; the unified one last, so that BPF (which
@@ -340,6 +358,14 @@ class Cgroup:
                 continue
             found.update(int(p) for p in text.split())
         return found
+
+    def live_pids(self) -> set[int]:
+        """The processes alive in it: its unified membership (an exiting process leaves every hierarchy at once,
+        but one that has exited can linger in a v1 cgroup.procs until reaped)."""
+        try:
+            return {int(p) for p in (self.unified_dir / "cgroup.procs").read_text().split()}
+        except FileNotFoundError:
+            return set()
 
     def kill(self) -> None:
         """Kill every process in the cgroup, daemonized descendants included. cgroup.kill (v2, also in the

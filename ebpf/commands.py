@@ -61,10 +61,11 @@ def run_node_agent(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agentkube.ebpf.api import NodeAgentServer
-    from agentkube.ebpf.runtime import install_stop_signals
+    from agentkube.ebpf.runtime import favor_latency, install_stop_signals
 
     stop = threading.Event()
     install_stop_signals(stop)
+    favor_latency()
     if not local and not node_name:
         raise typer.BadParameter("give --node-name (or NODE_NAME), or run with --local", param_hint="--node-name")
     from agentkube.ebpf.netconfig import EgressConfig
@@ -97,6 +98,8 @@ def run_sandbox_runtime(
     pids: int = typer.Option(1024, help="--local: the sandbox's pids envelope"),
     timeout: str = typer.Option("1h", help="--local: the longest call allowed (a duration)"),
     tools: str = typer.Option("{}", help="--local: the sandbox's spec.tools as JSON (default intent, profiles)"),
+    pool_size: int = typer.Option(2, min=0, max=4, help="held processes kept waiting in call cgroups for the next "
+                                  "calls (the warm pool; 0: none, each call starts its process and cgroup)"),
     verifier: str | None = typer.Option(None, envvar=RUNTIME_VERIFIER_ENV, help="SHA-256 of the sandbox's runtime "
                                         "token: also serve the gateway on TCP --port (set by the operator)"),
     port: int = typer.Option(RUNTIME_PORT, help="the gateway's TCP port (only with a verifier)"),
@@ -104,7 +107,13 @@ def run_sandbox_runtime(
     """Serve run requests for one sandbox until SIGTERM/SIGINT."""
     from agentkube.contract import Tools
     from agentkube.ebpf.models import EnvelopeSpec, SandboxCreate, SandboxRef
-    from agentkube.ebpf.runtime import SandboxRuntime, install_stop_signals, refuse_tracing, register_local_sandbox
+    from agentkube.ebpf.runtime import (
+        SandboxRuntime,
+        favor_latency,
+        install_stop_signals,
+        refuse_tracing,
+        register_local_sandbox,
+    )
 
     stop = threading.Event()
     install_stop_signals(stop)
@@ -115,12 +124,13 @@ def run_sandbox_runtime(
                                                            tools=Tools.model_validate_json(tools)))
     path = socket or runtime_socket(namespace, name)
     refuse_tracing()
-    runtime = SandboxRuntime(ref, agent_socket, path)
+    favor_latency()
+    runtime = SandboxRuntime(ref, agent_socket, path, pool_size=pool_size)
     gateway_port = None
     if verifier:
         from agentkube.ebpf.runtime_port import RuntimePortServer
 
-        gateway_port = RuntimePortServer(ref, agent_socket, verifier, port)
+        gateway_port = RuntimePortServer(ref, agent_socket, verifier, port, pool=runtime.pool)
         gateway_port.start()
     typer.echo(f"sandbox runtime for {ref.key} on {path}" + (f" and TCP port {port} (gateway only)" if verifier else ""),
                err=True)

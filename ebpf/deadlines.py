@@ -27,7 +27,8 @@ class Deadlines:
             number = next(self._order)
             self._entries[key] = (when, number, action)
             heapq.heappush(self._heap, (when, number, key))
-            self._wake.notify()
+            if self._heap[0][2] == key:  # sooner than what the thread waits for: a wake-up per call otherwise
+                self._wake.notify()
 
     def cancel(self, key: str) -> None:
         with self._wake:

@@ -106,6 +106,26 @@ class CallCreate(SandboxRef):
     intent: CallIntent = CallIntent()
 
 
+class PoolFill(SandboxRef):
+    """Ask for a held process (the runtime's child, not yet a call) to wait in a fresh call cgroup of the
+    sandbox, for a call to come: the warm pool."""
+
+    pid: int = Field(gt=1)
+
+
+class PoolSlot(Strict):
+    call_id: str
+    cgroup: str
+
+
+class CallStart(SandboxRef):
+    """Start a call in a slot of the warm pool (its held process is released by the runtime once answered)."""
+
+    call_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    argv: Argv
+    intent: CallIntent = CallIntent()
+
+
 class CallPlaced(Strict):
     call_id: str
     cgroup: str

@@ -12,16 +12,20 @@ the command left behind, removes the cgroup and answers with the call's usage.
 from __future__ import annotations
 
 import ctypes
-import http.client
 import os
 import selectors
 import signal
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from agentkube.contract import CALL_PREFIX
+from agentkube.ebpf.frames import FrameClient
+from agentkube.ebpf.held import command_frame, held_binary
 from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
     UNREGISTERED,
@@ -34,13 +38,16 @@ from agentkube.ebpf.models import (
     SandboxStatus,
     Usage,
 )
-from agentkube.ebpf.unixhttp import ApiError, Client, HttpError, UnixHttpServer, request
+from agentkube.ebpf.unixhttp import ApiError, HttpError, UnixHttpServer, request
 
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
 # In Kubernetes the node agent registers a pod's sandbox once it sees the container running (well under a
 # second later): a call that comes first waits this long for it rather than failing.
 REGISTRATION_WAIT_SECONDS = 10.0
 PR_SET_DUMPABLE = 4
+# How long a thread may hold the GIL while another waits (Python's default: 5 ms). The runtime and the node
+# agent have threads beside a call's (pool refills, watchers); a call's next step should not wait 5 ms for one.
+GIL_SWITCH_SECONDS = 0.0002
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
@@ -60,6 +67,11 @@ def inside_a_call(peer_pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True  # gone before it could be asked about: nothing to serve
     return any(part.startswith(CALL_PREFIX) for line in peer.splitlines() for part in line.rsplit(":", 1)[-1].split("/"))
+
+
+def favor_latency() -> None:
+    """Hand the GIL over sooner: a call's thread wakes, in both processes, while other threads run."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
 
 
 def refuse_tracing() -> None:
@@ -83,6 +95,10 @@ class _Output:
 
     def text(self) -> str:
         return self.kept.decode(errors="replace")
+
+
+# A stream's name ("stdout" or "stderr") and the bytes just read from it.
+OutputSink = Callable[[str, bytes], None]
 
 
 class _Pump:
@@ -162,23 +178,19 @@ class _Pump:
         return self.outputs[fd].text(), self.outputs[fd].dropped
 
 
-# A stream's name ("stdout" or "stderr") and the bytes just read from it.
-OutputSink = Callable[[str, bytes], None]
-
-_clients: dict[str, Client] = {}
+_clients: dict[str, FrameClient] = {}
 
 
-def _agent_call(agent_socket: Path, method: str, path: str, body: object, retry_for: float = 0.0,
-                unregistered_for: float = 0.0) -> object:
-    """A request to the node agent, retried while it is away (restarting) for up to `retry_for` s, and
-    while it does not know this sandbox yet for up to `unregistered_for` s."""
-    client = _clients.get(str(agent_socket)) or _clients.setdefault(str(agent_socket), Client(agent_socket))
+def _agent_call(agent_socket: Path, op: str, retry_for: float = 0.0, unregistered_for: float = 0.0,
+                **fields: object) -> object:
+    """A framed request to the node agent, retried while it is away (restarting) for up to `retry_for` s,
+    and while it does not know this sandbox yet for up to `unregistered_for` s."""
+    client = _clients.get(str(agent_socket)) or _clients.setdefault(str(agent_socket), FrameClient(agent_socket))
     started = time.monotonic()
     while True:
         try:
-            return client.request(method, path, body)
-        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError,
-                http.client.RemoteDisconnected):
+            return client.request(op, **fields)
+        except (ConnectionError, FileNotFoundError):  # refused, reset, or the socket not there yet
             if time.monotonic() - started > retry_for:
                 raise
         except ApiError as error:
@@ -188,51 +200,238 @@ def _agent_call(agent_socket: Path, method: str, path: str, body: object, retry_
         time.sleep(0.1)
 
 
-def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, on_placed: Callable[[CallPlaced], None] | None = None,
-             on_output: OutputSink | None = None) -> RunResult:
-    """Run one command as a tool call. `on_placed` is told once the node agent has placed it (before it
-    runs: a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
-    raise: the call is finished with the node agent whatever becomes of whoever watches it."""
-    go_read, go_write = os.pipe()
+@dataclass
+class Held:
+    """A started process that has not run anything of a command yet, and the runtime's ends of its pipes."""
+
+    pid: int
+    command: int  # where its command goes (held.c), or its release line (the shell holder)
+    stdin: int
+    stdout: int
+    stderr: int
+    call_id: str | None = None  # the pooled call cgroup it waits in, once the agent placed it
+
+    def close(self) -> None:
+        """Let it go without running anything (it exits at EOF) and reap it."""
+        for fd in (self.command, self.stdin, self.stdout, self.stderr):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.pid:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def _spawn(program: list[str], extra_fd: int | None = None) -> Held:
+    """posix_spawn (vfork-like) rather than fork: no copy of this process's page tables, and no forked copy
+    of a threaded interpreter. The child's fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
+    command_read, command_write = os.pipe()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     in_read, in_write = os.pipe()
-    # posix_spawn (vfork-like) rather than fork: no copy of this process's page tables per call, and no
-    # forked copy of a threaded interpreter. The child is a tiny shell that waits for the release byte on
-    # fd 3, then execs the command in place (same PID, so the placement carries over).
+    child_ends = [command_read, out_write, err_write, in_read]
+    actions = [(os.POSIX_SPAWN_DUP2, in_read, 0), (os.POSIX_SPAWN_DUP2, out_write, 1),
+               (os.POSIX_SPAWN_DUP2, err_write, 2), (os.POSIX_SPAWN_DUP2, command_read, 3)]
+    if extra_fd is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, extra_fd, 4))
     try:
-        pid = os.posix_spawn(HOLDER[0], [*HOLDER, run.cwd or "", *run.argv], os.environ, setsid=True,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, in_read, 0), (os.POSIX_SPAWN_DUP2, out_write, 1),
-                                           (os.POSIX_SPAWN_DUP2, err_write, 2), (os.POSIX_SPAWN_DUP2, go_read, 3)])
+        pid = os.posix_spawn(program[0], program, os.environ, setsid=True, file_actions=actions)
     except BaseException:
-        for fd in (go_read, go_write, out_read, out_write, err_read, err_write, in_read, in_write):
+        for fd in (command_read, command_write, out_read, out_write, err_read, err_write, in_read, in_write):
             os.close(fd)
         raise
-    for fd in (go_read, out_write, err_write, in_read):  # the child's ends
+    for fd in child_ends:
         os.close(fd)
+    return Held(pid, command_write, in_write, out_read, err_read)
+
+
+def spawn_held(program: Path) -> Held:
+    """Start the held program (held.c) and wait until it is non-dumpable and reading its command."""
+    ready_read, ready_write = os.pipe()
     try:
-        placed = CallPlaced.model_validate(_agent_call(agent_socket, "POST", "/v1/calls", {
-            "name": sandbox.name, "namespace": sandbox.namespace, "pid": pid, "argv": run.argv, "intent": run.intent},
-            unregistered_for=REGISTRATION_WAIT_SECONDS))
+        held = _spawn([str(program)], extra_fd=ready_write)
+    finally:
+        os.close(ready_write)
+    try:
+        if os.read(ready_read, 1) != b"r":
+            held.close()
+            raise OSError(f"the held program {program} did not start")
+    finally:
+        os.close(ready_read)
+    return held
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class WarmPool:
+    """Held processes already waiting in call cgroups of this sandbox (the agent's warm pool), so that a
+    call starts with one request to the agent and a write to a pipe: no process start, no cgroup made, no
+    process moved on its path. Refilled in a thread once the calls that took them are over (or at once when
+    none is left), so that a refill's work does not compete with a running call's."""
+
+    def __init__(self, agent_socket: Path, sandbox: SandboxRef, program: Path, size: int = 2):
+        self.agent = FrameClient(agent_socket)  # its own connection: fills never queue behind a call's requests
+        self.sandbox = sandbox
+        self.program = program
+        self.size = size
+        self._ready: deque[Held] = deque()
+        self._active = 0  # calls under way that took a held process from here
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._refill, name="warm-pool", daemon=True)
+        self._thread.start()
+
+    def take(self, wait: float = 0.5) -> Held | None:
+        """A waiting held process, if one is ready within `wait` s (else the call goes the direct way)."""
+        deadline = time.monotonic() + wait
+        with self._changed:
+            while not self._ready and not self._closed and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, deadline - time.monotonic()))
+            held = self._ready.popleft() if self._ready else None
+            if held is not None:
+                self._active += 1
+            self._changed.notify_all()
+        return held
+
+    def done(self) -> None:
+        """A call that took a held process is over (refills may go on)."""
+        with self._changed:
+            self._active -= 1
+            self._changed.notify_all()
+
+    def give_back(self, held: Held) -> None:
+        """A held process whose call the agent refused before anything changed (its cgroup is still waiting)."""
+        with self._changed:
+            self._ready.appendleft(held)
+            self._active -= 1
+
+    def _refill(self) -> None:
+        failures = 0
+        while True:
+            with self._changed:
+                while not self._closed and (len(self._ready) >= self.size or (self._ready and self._active)):
+                    self._changed.wait()
+                if self._closed:
+                    return
+            try:
+                held = spawn_held(self.program)
+                try:
+                    slot = self.agent.request("fill", name=self.sandbox.name, namespace=self.sandbox.namespace, pid=held.pid)
+                except BaseException:
+                    held.close()
+                    raise
+                held.call_id = slot["call_id"]  # type: ignore[index]
+                failures = 0
+                with self._changed:
+                    if self._closed:
+                        held.close()
+                        return
+                    self._ready.append(held)
+                    self._changed.notify_all()
+            except (OSError, ApiError):  # the agent away or not knowing the sandbox yet: calls go direct meanwhile
+                failures += 1
+                with self._changed:
+                    self._changed.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            waiting, self._ready = list(self._ready), deque()
+            self._changed.notify_all()
+        for held in waiting:  # each exits at EOF; its cgroup goes with the sandbox (or the agent's sweep)
+            held.close()
+        self._thread.join(timeout=5)
+        self.agent.close()
+
+
+def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: WarmPool) -> tuple[Held, CallPlaced] | None:
+    """Start the call in a waiting cgroup of the pool; None if none is ready or usable (the call goes direct).
+    A held process that cannot serve (killed while it waited, its cgroup gone after an agent restart or
+    discarded as tampered with) is let go and the next one tried."""
+    while (held := pool.take()) is not None:
+        try:
+            if os.waitpid(held.pid, os.WNOHANG)[0]:  # reaped here: it died while it waited
+                held.pid = 0
+                held.close()
+                pool.done()
+                continue
+            placed = CallPlaced.model_validate(_agent_call(
+                agent_socket, "start", name=sandbox.name, namespace=sandbox.namespace, call_id=held.call_id,
+                argv=run.argv, intent=run.intent))
+            return held, placed
+        except ApiError as error:
+            if error.status == 422:  # refused before anything changed: the cgroup still waits for a call
+                pool.give_back(held)
+                raise
+            held.close()
+            pool.done()
+            if error.status not in (404, 409):  # its cgroup unknown to the agent (restarted), or tampered with
+                raise
+        except BaseException:
+            held.close()
+            pool.done()
+            if isinstance(sys.exc_info()[1], ConnectionError):
+                return None
+            raise
+    return None
+
+
+def _place_direct(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, program: Path | None) -> tuple[Held, CallPlaced]:
+    """No pool: start a held process now and have the agent make its cgroup and move it there."""
+    held = spawn_held(program) if program else _spawn([*HOLDER, run.cwd or "", *run.argv])
+    try:
+        placed = CallPlaced.model_validate(_agent_call(
+            agent_socket, "place", unregistered_for=REGISTRATION_WAIT_SECONDS, name=sandbox.name,
+            namespace=sandbox.namespace, pid=held.pid, argv=run.argv, intent=run.intent))
     except BaseException:
-        for fd in (go_write, in_write, out_read, err_read):  # the held child exits without running anything
-            os.close(fd)
-        os.waitpid(pid, 0)
+        held.close()  # the held child exits without running anything
         raise
+    return held, placed
+
+
+def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: WarmPool | None = None,
+             on_placed: Callable[[CallPlaced], None] | None = None, on_output: OutputSink | None = None) -> RunResult:
+    """Run one command as a tool call. `on_placed` is told once the node agent has placed it (before it
+    runs: a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
+    raise: the call is finished with the node agent whatever becomes of whoever watches it."""
+    program = pool.program if pool else None
+    pooled = _start_pooled(agent_socket, sandbox, run, pool) if pool else None
+    try:
+        held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
+        return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output)
+    finally:
+        if pooled and pool:
+            pool.done()
+
+
+def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlaced, framed: bool,
+              on_placed: Callable[[CallPlaced], None] | None = None, on_output: OutputSink | None = None) -> RunResult:
     if on_placed is not None:
         on_placed(placed)
-    pump = _Pump(pid, in_write, (run.stdin or "").encode(), out_read, err_read, on_output)
-    os.write(go_write, b"g\n")
-    os.close(go_write)
+    pump = _Pump(held.pid, held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr, on_output)
+    # The release: the held program's command (the next thing it does is the command's exec), or the shell
+    # holder's release line (its command was given when it started).
+    try:
+        _write_all(held.command, command_frame(run.cwd, run.argv) if framed else b"g\n")
+    except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
+        pass
+    os.close(held.command)
     pump.until_exit()
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(held.pid, 0)
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     record = CallRecord.model_validate(_agent_call(
-        agent_socket, "POST", f"/v1/calls/{placed.call_id}/finish",
-        {"exit_code": exit_code, "signal": killed_by}, retry_for=AGENT_RETRY_SECONDS))
+        agent_socket, "finish", retry_for=AGENT_RETRY_SECONDS, call_id=placed.call_id, exit_code=exit_code,
+        signal=killed_by))
     pump.drain(timeout=10)
-    (stdout, stdout_dropped), (stderr, stderr_dropped) = pump.text(out_read), pump.text(err_read)
+    (stdout, stdout_dropped), (stderr, stderr_dropped) = pump.text(held.stdout), pump.text(held.stderr)
     return RunResult(
         call_id=placed.call_id, exit_code=exit_code, signal=killed_by, stdout=stdout, stderr=stderr,
         stdout_truncated_bytes=stdout_dropped, stderr_truncated_bytes=stderr_dropped,
@@ -247,10 +446,12 @@ def _finished(record: CallRecord) -> Usage:
 
 
 class SandboxRuntime:
-    def __init__(self, sandbox: SandboxRef, agent_socket: Path, socket_path: Path):
+    def __init__(self, sandbox: SandboxRef, agent_socket: Path, socket_path: Path, pool_size: int = 2):
         self.sandbox = sandbox
         self.agent_socket = Path(agent_socket)
         self.server = UnixHttpServer(socket_path, self._routes())
+        program = held_binary() if pool_size > 0 else None
+        self.pool = WarmPool(self.agent_socket, sandbox, program, pool_size) if program else None
 
     def _routes(self) -> dict:
         def run(peer, params, body):
@@ -262,7 +463,7 @@ class SandboxRuntime:
             if not isinstance(body, dict):
                 raise HttpError(400, "expected a JSON object")
             try:
-                return 200, run_call(self.agent_socket, self.sandbox, RunRequest.model_validate(body))
+                return 200, run_call(self.agent_socket, self.sandbox, RunRequest.model_validate(body), self.pool)
             except ApiError as error:  # the node agent refused: pass its verdict on
                 raise HttpError(error.status, error.message) from None
 
@@ -278,6 +479,8 @@ class SandboxRuntime:
         self.server.start()
         stop.wait()
         self.server.stop()
+        if self.pool:
+            self.pool.close()
 
 
 def register_local_sandbox(agent_socket: Path, spec: SandboxCreate) -> SandboxStatus:

@@ -29,12 +29,16 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from agentkube.contract import token_matches
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallPlaced, RunRequest, SandboxRef
 from agentkube.ebpf.unixhttp import ApiError, validation_message
+
+if TYPE_CHECKING:
+    from agentkube.ebpf.runtime import WarmPool
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         self.close_connection = True  # one call per connection: a chunked body ends the exchange
         try:
-            result = run_call(self.server.agent_socket, self.server.sandbox, run, on_placed=placed, on_output=output)
+            result = run_call(self.server.agent_socket, self.server.sandbox, run, self.server.pool,
+                              on_placed=placed, on_output=output)
         except ApiError as error:  # the node agent's verdict
             if not started:
                 return self._json(error.status, {"error": error.message})
@@ -163,8 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
 class RuntimePortServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, sandbox: SandboxRef, agent_socket: Path, verifier: str, port: int, address: str = "0.0.0.0"):
-        self.sandbox, self.agent_socket, self.verifier = sandbox, Path(agent_socket), verifier
+    def __init__(self, sandbox: SandboxRef, agent_socket: Path, verifier: str, port: int, address: str = "0.0.0.0",
+                 pool: WarmPool | None = None):
+        self.sandbox, self.agent_socket, self.verifier, self.pool = sandbox, Path(agent_socket), verifier, pool
         super().__init__((address, port), _Handler)
         self._thread: threading.Thread | None = None
 

@@ -71,6 +71,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.connections.discard(self.connection)
         super().finish()
 
+    def handle(self) -> None:
+        # A connection that opens with the frames' magic speaks frames (the runtime's calls); else HTTP.
+        frames = self.server.frames
+        if frames:
+            from agentkube.ebpf.frames import MAGIC, serve_connection
+
+            try:
+                start = self.connection.recv(len(MAGIC), socket.MSG_PEEK)
+            except OSError:
+                return
+            if start == MAGIC:
+                self.connection.recv(len(MAGIC))
+                serve_connection(self.connection, peer_credentials(self.connection), frames)
+                self.close_connection = True
+                return
+        super().handle()
+
     def _respond(self, status: int, body: object) -> None:
         if isinstance(body, BaseModel):
             payload, kind = body.model_dump_json().encode(), "application/json"
@@ -127,8 +144,10 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: Path, routes: dict[tuple[str, str], Route], mode: int = 0o600):
+    def __init__(self, path: Path, routes: dict[tuple[str, str], Route], mode: int = 0o600,
+                 frames: dict | None = None):
         self.routes = routes
+        self.frames = frames  # operations served to connections that speak frames (agentkube.ebpf.frames)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if mode == 0o600 else 0o755)
         path.unlink(missing_ok=True)

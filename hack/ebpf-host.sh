@@ -23,3 +23,5 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$shim/bcc"
 echo "$(cd "$shim" && pwd)" > "$site/debian-bcc.pth"
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+# The runtime's warm-pool held process (ebpf/programs/held.c), compiled statically into the cache.
+"$venv/bin/python" -m agentkube.ebpf.held >/dev/null

@@ -210,7 +210,9 @@ class Autoscaling(Model):
     target_utilization: Annotated[int, Field(ge=1, le=100)] = round(KnativeDefaults.target_utilization * 100)  # percent
     min_scale: Annotated[int, Field(ge=0, le=10_000)] = 0
     max_scale: Annotated[int, Field(ge=0, le=10_000)] = 0
-    initial_scale: Annotated[int, Field(ge=0, le=10_000)] = 1
+    # At least 1: Knative refuses initial-scale 0 unless the cluster's config-autoscaler allows it
+    # (allow-zero-initial-scale, off by default), and a ServedModel must not depend on that.
+    initial_scale: Annotated[int, Field(ge=1, le=10_000)] = 1
     scale_to_zero: bool = True
     slo: Slo | None = None
     ppo: PpoSettings = defaulted(PpoSettings)
@@ -226,7 +228,22 @@ class Capacity(Model):
     spot: SpotCapacity = defaulted(SpotCapacity)
 
 
+# What Knative's webhook refuses in a revision's container (knative.dev/serving, pkg/apis/serving/
+# k8s_validation.go: reservedPorts, reservedEnvVars): the queue-proxy's and profiling ports, and the
+# variables Knative sets itself. Refused here too, so that a ServedModel the API server admits is never
+# refused by Knative (tests/e2e/test_knative.py checks both against the real webhook).
+KNATIVE_RESERVED_PORTS = (8008, 8012, 8013, 8022, 9090, 9091)
+KNATIVE_RESERVED_ENV = ("PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION")
+
+
 class ServedModelSpec(Model):
+    model_config = validations(
+        cel(f"!(self.port in {list(KNATIVE_RESERVED_PORTS)})",
+            f"port may not be one Knative reserves for its queue-proxy ({', '.join(map(str, KNATIVE_RESERVED_PORTS))})",
+            field_path=".port"),
+        cel("!has(self.env) || self.env.all(e, !(e.name in " + str(list(KNATIVE_RESERVED_ENV)).replace("'", '"') + "))",
+            f"env may not set what Knative sets itself ({', '.join(KNATIVE_RESERVED_ENV)})", field_path=".env"),
+    )
     model: ModelSource
     image: Annotated[str, Field(min_length=1, max_length=MAX_STRING)]
     port: Annotated[int, Field(ge=1, le=65535)] = 8080

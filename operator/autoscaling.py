@@ -19,7 +19,8 @@ from agentkube.operator import api
 from agentkube.operator.sandbox import parse_duration
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.observation import (
-    KNATIVE_METRICS,
+    METRIC_SERIES,
+    POLICY_METRICS,
     ActionBounds,
     Decision,
     MissingMetricError,
@@ -38,20 +39,30 @@ METRICS_STALE = "MetricsStale"
 PROMETHEUS_UNREACHABLE = "PrometheusUnreachable"
 PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
 DECISION_FAILED = "DecisionFailed"
+SLO_GUARD = "SLOGuard"
 # A metric whose newest raw sample is older than this many decision intervals (or scrape-interval-sized
 # floor) no longer describes the revision: the policy would act on a past that is gone.
 STALE_AFTER_INTERVALS = 2.0
 STALE_AFTER_MIN_S = 15.0
 
-# The raw series behind each KNATIVE_METRICS key (the histogram's freshness is that of its buckets).
-RAW_SERIES: dict[str, str] = {name: name for name in KNATIVE_METRICS} | {
-    "revision_app_request_latencies": "revision_app_request_latencies_bucket",
+# The SLO guard reads the p95 latency over a window long enough that a few slow seconds do not trip it
+# and short enough to catch a policy that has been running too lean for minutes.
+GUARD_P95 = "guard_p95_latency_ms"
+GUARD_WINDOW = "10m"
+GUARD_QUERIES: dict[str, str] = {  # `{rev}` as in POLICY_METRICS
+    GUARD_P95: "histogram_quantile(0.95, sum by (le) (rate(revision_app_request_latencies_bucket{{{rev}}}[" + GUARD_WINDOW + "])))",
 }
+# Once engaged, the guard lets the policy back only when the window's p95 is this far inside the SLO:
+# the window still holds the lean minutes that tripped it, so releasing at the SLO itself would hand
+# control back while the revision is only just recovering (and trip again a turn later).
+GUARD_RELEASE_FRACTION = 0.8
+# The raw series behind each input (the histogram's freshness is that of its buckets).
+RAW_SERIES: dict[str, str] = METRIC_SERIES | {GUARD_P95: "revision_app_request_latencies_bucket"}
 
 
 def revision_matcher(namespace: str, service: str) -> str:
     """The label matcher for every revision of one Knative Service, under Knative's metric labels."""
-    return f'namespace_name="{_escape(namespace)}",service_name="{_escape(service)}"'
+    return _matcher(OPENCENSUS_REVISION_LABELS, namespace, service)
 
 
 def _escape(value: str) -> str:
@@ -59,14 +70,84 @@ def _escape(value: str) -> str:
 
 
 def value_queries(matcher: str) -> dict[str, str]:
-    """PromQL for each observation input, keyed as `KNATIVE_METRICS`."""
-    return {name: promql.format(rev=matcher) for name, promql in KNATIVE_METRICS.items()}
+    """PromQL for each observation input (keyed as `POLICY_METRICS`, the policy's one list) and the guard's."""
+    return {name: promql.format(rev=matcher) for name, promql in (POLICY_METRICS | GUARD_QUERIES).items()}
 
 
 def age_queries(matcher: str) -> dict[str, str]:
     """PromQL for the age in seconds of each input's newest raw sample. An instant query answers with
     the latest sample within Prometheus' 5-minute lookback, so presence alone does not mean fresh."""
     return {name: f"time() - max(timestamp({series}{{{matcher}}}))" for name, series in RAW_SERIES.items()}
+
+
+# Knative 1.19 (July 2025) replaced its OpenCensus metrics with OpenTelemetry ones: new names, seconds for
+# durations, `k8s_namespace_name`/`kn_service_name` for the labels (as a Prometheus scrape of its
+# components shows them). The autoscaler's and the controller's series carry the revision's labels
+# themselves; the queue-proxy's carry them only on `target_info` (resource attributes), joined on the
+# scrape target. Which generation a cluster has is read from Prometheus for each input, newest first,
+# never configured: see `metric_generations`.
+OTEL_REVISION_LABELS = ("k8s_namespace_name", "kn_service_name")
+OPENCENSUS_REVISION_LABELS = ("namespace_name", "service_name")
+_ON_TARGET = "on (job, instance) group_left () target_info{{{rev}}}"
+_OTEL_REQUESTS = "kn_serving_invocation_duration_seconds"
+
+
+def _otel_requests(window: str) -> str:
+    return f"sum(rate({_OTEL_REQUESTS}_count[{window}]) * {_ON_TARGET})"
+
+
+def _otel_gauge(series: str) -> tuple[str, str]:
+    return f"sum({series}{{{{{{rev}}}}}})", f"time() - max(timestamp({series}{{{{{{rev}}}}}}))"
+
+
+_OTEL_REQUESTS_AGE = f"time() - max(timestamp({_OTEL_REQUESTS}_count) * {_ON_TARGET})"
+_OTEL_BUCKETS_AGE = f"time() - max(timestamp({_OTEL_REQUESTS}_bucket) * {_ON_TARGET})"
+_STABLE, _PANIC = "kn_revision_concurrency_stable", "kn_revision_concurrency_panic"
+OPENTELEMETRY_METRICS: dict[str, tuple[str, str]] = {  # key: (value PromQL, age PromQL), `{rev}` the matcher
+    "revision_app_request_count": (_otel_requests("1m"), _OTEL_REQUESTS_AGE),
+    "revision_app_request_latencies": (  # p95, milliseconds (the histogram is in seconds)
+        f"1000 * histogram_quantile(0.95, sum by (le) (rate({_OTEL_REQUESTS}_bucket[1m]) * {_ON_TARGET}))",
+        _OTEL_BUCKETS_AGE),
+    "autoscaler_stable_request_concurrency": _otel_gauge(_STABLE),
+    "autoscaler_panic_request_concurrency": _otel_gauge(_PANIC),
+    "autoscaler_actual_pods": _otel_gauge("kn_revision_pods_count"),
+    "autoscaler_not_ready_pods": _otel_gauge("kn_revision_pods_not_ready_count"),
+    # The workload features (rl/observation.py's WORKLOAD_METRICS) over the same series. A pod gone (scaled
+    # down) takes its target_info along, so its past requests drop out of the hour's rates: they read low
+    # after scale-downs, where the OpenCensus series (labelled per revision) do not.
+    "request_rate_10m": (_otel_requests("10m"), _OTEL_REQUESTS_AGE),
+    "request_rate_1h": (_otel_requests("1h"), _OTEL_REQUESTS_AGE),
+    "request_rate_stddev_1h": (f"stddev_over_time({_otel_requests('1m')}[1h:1m])", _OTEL_REQUESTS_AGE),
+    "peak_concurrency_10m": (f"max_over_time(sum({_PANIC}{{{{{{rev}}}}}})[10m:15s])", _otel_gauge(_PANIC)[1]),
+    "mean_concurrency_10m": (f"avg_over_time(sum({_STABLE}{{{{{{rev}}}}}})[10m:15s])", _otel_gauge(_STABLE)[1]),
+    GUARD_P95: (f"1000 * histogram_quantile(0.95, sum by (le) (rate({_OTEL_REQUESTS}_bucket[{GUARD_WINDOW}]) * {_ON_TARGET}))",
+                _OTEL_BUCKETS_AGE),
+}
+
+
+@dataclass(frozen=True)
+class MetricQuery:
+    """How to read one observation input under one generation of Knative's metric names."""
+
+    generation: str
+    value: str
+    age: str
+
+
+def metric_generations(namespace: str, service: str) -> dict[str, list[MetricQuery]]:
+    """For each input (`value_queries`' keys: the policy's and the guard's), its queries under each generation of Knative's
+    names, newest first: the query layer uses the first whose series Prometheus has."""
+    otel = _matcher(OTEL_REVISION_LABELS, namespace, service)
+    opencensus = revision_matcher(namespace, service)
+    values, ages = value_queries(opencensus), age_queries(opencensus)
+    return {name: [MetricQuery("opentelemetry", OPENTELEMETRY_METRICS[name][0].format(rev=otel),
+                               OPENTELEMETRY_METRICS[name][1].format(rev=otel)),
+                   MetricQuery("opencensus", values[name], ages[name])]
+            for name in values}
+
+
+def _matcher(labels: tuple[str, str], namespace: str, service: str) -> str:
+    return f'{labels[0]}="{_escape(namespace)}",{labels[1]}="{_escape(service)}"'
 
 
 @dataclass(frozen=True)
@@ -132,6 +213,39 @@ def _fallback(current: int, reason: str, why: str, inputs: dict[str, float] | No
                    f"{why}; running Knative's default target {KNATIVE_DEFAULT_TARGET}", inputs=inputs or {})
 
 
+@dataclass(frozen=True)
+class Guard:
+    """The SLO guard's verdict: whether Knative's default replaces the policy, and why."""
+
+    engaged: bool
+    message: str = ""
+
+
+def slo_guard(p95_ms: float | None, slo: api.Slo | None, current_target: int, engaged: bool) -> Guard:
+    """Whether the policy's recent decisions are costing the SLO, so Knative's default takes over.
+
+    `p95_ms` is the revision's p95 latency over `GUARD_WINDOW` (None or NaN: no requests), `engaged`
+    whether the guard held the previous turn. It engages when that p95 is above the SLO's while the
+    policy runs a target above Knative's default (leaner than Knative would run: its choice is the
+    likely cause; below the default it already runs more pods than Knative would, and the default
+    would not help). Once engaged it holds until the p95 is back under `GUARD_RELEASE_FRACTION` of
+    the SLO. No SLO, nothing to guard; no requests, the state stands."""
+    if slo is None:
+        return Guard(False)
+    if p95_ms is None or not math.isfinite(p95_ms):
+        return Guard(engaged, "no requests in the guard's window; Knative's default target stays" if engaged else "")
+    limit = float(slo.p95_latency_ms)
+    if engaged:
+        if p95_ms <= GUARD_RELEASE_FRACTION * limit:
+            return Guard(False)
+        return Guard(True, f"p95 latency over the last {GUARD_WINDOW} is {p95_ms:.0f}ms against the SLO's {limit:.0f}ms "
+                           f"(the policy gets control back below {GUARD_RELEASE_FRACTION * limit:.0f}ms)")
+    if p95_ms > limit and current_target > KNATIVE_DEFAULT_TARGET:
+        return Guard(True, f"p95 latency over the last {GUARD_WINDOW} is {p95_ms:.0f}ms, above the SLO's {limit:.0f}ms, "
+                           f"while the policy ran target {current_target} (leaner than Knative's default)")
+    return Guard(False)
+
+
 def decide(
     observed: Observed,
     *,
@@ -142,27 +256,33 @@ def decide(
     bounds: ActionBounds,
     now: datetime,
     policy_error: str = "",
+    guard_engaged: bool = False,
 ) -> Outcome:
     """The next target for a `policy: ppo` ServedModel.
 
     `policy` is the exported policy's `decide` (None when it could not be loaded: `policy_error` says
     why). Missing or stale metrics, an unreachable Prometheus or no policy fall back to Knative's
-    default target at once: a known, safe target, rather than a step towards it."""
+    default target at once: a known, safe target, rather than a step towards it. So does the SLO guard
+    (`slo_guard`; `guard_engaged`: whether it held at the previous decision)."""
     if observed.problem is not None:
         return _fallback(current_target, observed.problem, observed.detail or observed.problem)
     interval = decision_interval(autoscaling.ppo)
     limit = stale_after_s(interval)
     inputs = {name: round(sample.value, 3) for name, sample in observed.samples.items() if math.isfinite(sample.value)}
-    missing = sorted(name for name in KNATIVE_METRICS if name not in observed.samples)
+    missing = sorted(name for name in POLICY_METRICS if name not in observed.samples)
     if missing:
         return _fallback(current_target, METRICS_MISSING, f"no recent samples of {', '.join(missing)} in Prometheus", inputs)
-    stale = sorted(name for name, sample in observed.samples.items() if name in KNATIVE_METRICS and sample.age_s > limit)
+    stale = sorted(name for name, sample in observed.samples.items() if name in POLICY_METRICS and sample.age_s > limit)
     if stale:
         oldest = max(observed.samples[name].age_s for name in stale)
         return _fallback(current_target, METRICS_STALE,
                          f"{', '.join(stale)} last scraped {oldest:.0f}s ago (more than {limit:.0f}s)", inputs)
     if policy is None:
         return _fallback(current_target, DECISION_FAILED, f"the policy could not be loaded: {policy_error}", inputs)
+    guard_sample = observed.samples.get(GUARD_P95)
+    guard = slo_guard(guard_sample.value if guard_sample else None, autoscaling.slo, current_target, guard_engaged)
+    if guard.engaged:
+        return _fallback(current_target, SLO_GUARD, guard.message, inputs)
     reference_s = autoscaling.slo.p95_latency_ms / 1000.0 if autoscaling.slo else SLOConfig().reference_latency_s
     try:
         observation = observation_from_metrics(

@@ -79,6 +79,8 @@ def _decide_and_apply(model: dict[str, Any], spec: api.ServedModelSpec, logger: 
         observed, current_target=current, autoscaling=spec.autoscaling, spot=spec.capacity.spot,
         policy=policy.decide if policy else None, bounds=policy.bounds if policy else ActionBounds(), now=now,
         policy_error=policy_error,
+        # The guard's state is the last decision's reason: status holds it across turns and restarts.
+        guard_engaged=status.last_decision is not None and status.last_decision.reason == autoscaling.SLO_GUARD,
     )
     decision = api.AutoscalingDecision(
         time=now, value=outcome.target, reason=outcome.reason, message=outcome.message,
@@ -128,11 +130,4 @@ def _write_autoscaling_status(model: dict[str, Any], condition: ConditionUpdate,
 
 
 def _apply_target(namespace: str, name: str, target: int) -> None:
-    """Set the Knative Service's target annotation (where `servedmodel` puts the static one)."""
-    service = kube.read_knative_service(namespace, name)
-    if service is None:
-        return  # not created yet: the reconcile creates it with the target recorded in status
-    annotations = ((service.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
-    if annotations.get(servedmodel.TARGET_ANNOTATION) != str(target):
-        kube.patch_knative_service(namespace, name, {"spec": {"template": {"metadata": {"annotations": {
-            servedmodel.TARGET_ANNOTATION: str(target)}}}}})
+    kube.set_target_in_force(namespace, name, target)

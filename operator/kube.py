@@ -150,3 +150,36 @@ def create_knative_service(namespace: str, manifest: dict[str, Any]) -> dict[str
 
 def patch_knative_service(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
     return client("custom").patch_namespaced_custom_object(*_knative_services(namespace), name, patch)
+
+
+# ----- PodAutoscalers (autoscaling.internal.knative.dev), where the target in force is set -------------------
+
+def list_pod_autoscalers(namespace: str, service: str) -> list[dict[str, Any]]:
+    """The PodAutoscalers of one Knative Service's revisions (Knative labels them with the Service)."""
+    result = client("custom").list_namespaced_custom_object(
+        servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace, servedmodel.PA_PLURAL,
+        label_selector=f"{servedmodel.SERVICE_LABEL}={service}")
+    return list(result.get("items") or [])
+
+
+def patch_pod_autoscaler(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    return client("custom").patch_namespaced_custom_object(
+        servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace, servedmodel.PA_PLURAL, name, patch)
+
+
+def set_target_in_force(namespace: str, service: str, target: int) -> None:
+    """Put `target` on the PodAutoscalers of the Service's revisions, where the KPA reads it (see
+    `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out new pods. A revision created
+    later starts with the template's target and gets this one at the next reconcile or decision."""
+    try:
+        pod_autoscalers = list_pod_autoscalers(namespace, service)
+    except ApiException as error:
+        if error.status == 404:
+            return  # Knative's autoscaling CRD is not installed: nothing scales this Service yet
+        raise
+    for name, patch in servedmodel.pod_autoscaler_target_patches(pod_autoscalers, target):
+        try:
+            patch_pod_autoscaler(namespace, name, patch)
+        except ApiException as error:
+            if error.status != 404:  # a revision removed meanwhile took its PodAutoscaler along
+                raise

@@ -34,15 +34,19 @@ class MetricsSource:
         return float(result[0]["value"][1])
 
     def observe(self, namespace: str, service: str) -> autoscaling.Observed:
-        matcher = autoscaling.revision_matcher(namespace, service)
+        samples = {}
         try:
-            ages = {name: self._scalar(q) for name, q in autoscaling.age_queries(matcher).items()}
-            samples = {}
-            for name, promql in autoscaling.value_queries(matcher).items():
-                age, value = ages[name], self._scalar(promql)
-                if age is None or value is None or math.isnan(age):
-                    continue  # no raw sample within the lookback (or only a stale marker): missing
-                samples[name] = autoscaling.MetricSample(value, age)
+            for name, queries in autoscaling.metric_generations(namespace, service).items():
+                # The first generation of Knative's names with a recent raw sample is the one this cluster
+                # exports (a Knative upgrade switches by itself, within Prometheus' lookback).
+                for query in queries:
+                    age = self._scalar(query.age)
+                    if age is None or math.isnan(age):
+                        continue  # no raw sample within the lookback (or only a stale marker): not this one
+                    value = self._scalar(query.value)
+                    if value is not None:
+                        samples[name] = autoscaling.MetricSample(value, age)
+                        break
         except (requests.RequestException, PrometheusApiClientException) as error:
             return autoscaling.Observed(problem=autoscaling.PROMETHEUS_UNREACHABLE,
                                         detail=f"Prometheus at {self.url} did not answer: {type(error).__name__}")

@@ -1,6 +1,7 @@
 """ServedModel decisions, as pure functions: the Knative Service a model wants, with Knative's
 autoscaling annotations."""
 
+import json
 from typing import Any
 
 from agentkube.operator import api
@@ -13,6 +14,17 @@ MODEL_LABEL = "agentkube.dev/served-model"
 AUTOSCALING = "autoscaling.knative.dev"
 KPA_CLASS = "kpa.autoscaling.knative.dev"
 TARGET_ANNOTATION = f"{AUTOSCALING}/target"
+# The KPA's per-revision object. Knative's revision reconciler creates it with the revision's annotations
+# and afterwards reconciles only its spec (pkg/reconciler/revision/reconcile_resources.go, reconcilePA:
+# it compares and rewrites `Spec`, never `metadata.annotations`), while the KPA reads the target from its
+# annotations on every reconcile of the PodAutoscaler (pkg/reconciler/autoscaling/resources/target.go,
+# ResolveMetricTarget, via MakeDecider). So a target set there changes what the autoscaler aims for and
+# leaves the Revision — and its pods — as they are; a change to the Service's template would stamp a new
+# Revision instead.
+PA_GROUP = "autoscaling.internal.knative.dev"
+PA_VERSION = "v1alpha1"
+PA_PLURAL = "podautoscalers"
+SERVICE_LABEL = "serving.knative.dev/service"
 
 
 def concurrency_target(spec: api.ServedModelSpec, status: api.ServedModelStatus) -> int:
@@ -20,6 +32,25 @@ def concurrency_target(spec: api.ServedModelSpec, status: api.ServedModelStatus)
     if spec.autoscaling.policy == "ppo" and status.concurrency_target is not None:
         return status.concurrency_target
     return spec.autoscaling.target
+
+
+def template_target(spec: api.ServedModelSpec) -> int:
+    """The target a revision starts with: the spec's. Under `ppo` the loop's decisions go onto the
+    revisions' PodAutoscalers (`pod_autoscaler_target_patches`), never into the template."""
+    return spec.autoscaling.target
+
+
+def pod_autoscaler_target_patches(pod_autoscalers: list[dict[str, Any]], target: int) -> list[tuple[str, dict[str, Any]]]:
+    """(name, merge patch) for each PodAutoscaler of a Service whose target differs from `target`: every
+    revision that may serve traffic runs under the target in force. Objects being deleted are left alone."""
+    patches = []
+    for pod_autoscaler in pod_autoscalers:
+        metadata = pod_autoscaler.get("metadata") or {}
+        if metadata.get("deletionTimestamp"):
+            continue
+        if (metadata.get("annotations") or {}).get(TARGET_ANNOTATION) != str(target):
+            patches.append((metadata["name"], {"metadata": {"annotations": {TARGET_ANNOTATION: str(target)}}}))
+    return patches
 
 
 def autoscaling_annotations(autoscaling: api.Autoscaling, target: int) -> dict[str, str]:
@@ -77,3 +108,13 @@ def knative_readiness(service: dict[str, Any] | None) -> tuple[bool, str | None]
     status = (service or {}).get("status") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     return ready, status.get("url")
+
+
+def refusal_message(status_body: str | bytes | None) -> str:
+    """Why the API server (Knative's webhook, for a Knative Service) refused an object: the `message` of
+    the Status it answered with, or the body itself when that is not a Status."""
+    text = status_body.decode(errors="replace") if isinstance(status_body, bytes) else (status_body or "")
+    try:
+        return str(json.loads(text).get("message") or text)
+    except (ValueError, AttributeError):
+        return text

@@ -34,14 +34,22 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
         spec = api.ServedModelSpec.model_validate(body["spec"])
         if spec.autoscaling.policy == "ppo":
             # The autoscaling loop records the target in force in status between events: read it fresh,
-            # so that an older target from the event's copy is not put back on the Knative Service.
+            # so that the status written below does not start from an older copy than the loop's write.
             body["status"] = (kube.read_own(SERVED_MODELS, namespace, name) or body).get("status")
         current = api.ServedModelStatus.model_validate(body.get("status") or {})
-        target = servedmodel.concurrency_target(spec, current)
-        manifest = servedmodel.knative_service_manifest(body, spec, target)
+        manifest = servedmodel.knative_service_manifest(body, spec, servedmodel.template_target(spec))
         try:
             service = _apply_knative_service(namespace, name, manifest)
         except ApiException as error:
+            if error.status in (400, 422):
+                # Refused: Knative's webhook validates every Service (the CRD's schema cannot say all it
+                # does). The same spec would be refused again, so say why and wait for a new spec.
+                message = f"Knative refused the Service: {servedmodel.refusal_message(error.body)}"
+                conditions = merge_conditions(current.conditions, [("KnativeAvailable", False, "KnativeRefused", message),
+                                                                   ("Ready", False, "KnativeRefused", message)], kube.now())
+                kube.patch_status(SERVED_MODELS, namespace, name, current, api.ServedModelStatus(
+                    conditions=conditions, ready=False, observed_generation=body["metadata"].get("generation")))
+                raise kopf.PermanentError(message) from None
             if error.status != 404:
                 raise
             message = (f"Knative Serving is not installed ({servedmodel.KNATIVE_GROUP}/{servedmodel.KNATIVE_VERSION}"
@@ -54,6 +62,7 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
         # Status from a fresh read: the event's copy may predate the autoscaling loop's last write, and
         # a comparison with it would skip a write that is needed (or undo the loop's).
         refresh_served_model(namespace, name, logger, service)
+        _put_target_in_force(namespace, name, spec, current)
         if spec.autoscaling.policy == "ppo":
             # Starts the autoscaling loop (or decides at once after a spec change; the latest timer wins).
             rechecks.schedule(decide_served_model, namespace, name, timedelta(0), logger)
@@ -113,4 +122,18 @@ def knative_service_changed(type: str, body: kopf.Body, logger: logging.Logger, 
     """Knative reports readiness and the URL on its Service; mirror them into the ServedModel."""
     if type in ("ADDED", "MODIFIED"):
         service = kube.as_dict(dict(body))
-        refresh_served_model(service["metadata"]["namespace"], service["metadata"]["labels"][servedmodel.MODEL_LABEL], logger, service)
+        namespace, name = service["metadata"]["namespace"], service["metadata"]["labels"][servedmodel.MODEL_LABEL]
+        refresh_served_model(namespace, name, logger, service)
+        # A new revision (its Service's status names it) starts with the template's target: give it the
+        # one in force.
+        model = kube.read_own(SERVED_MODELS, namespace, name)
+        if model is not None and not model["metadata"].get("deletionTimestamp"):
+            _put_target_in_force(namespace, name, api.ServedModelSpec.model_validate(model["spec"]),
+                                 api.ServedModelStatus.model_validate(model.get("status") or {}))
+
+
+def _put_target_in_force(namespace: str, name: str, spec: api.ServedModelSpec, status: api.ServedModelStatus) -> None:
+    """The target in force (the loop's last decision under `ppo`, the spec's otherwise) onto the revisions'
+    PodAutoscalers: Knative never resets what is set there, so leaving `ppo` must put the spec's back."""
+    if spec.autoscaling.policy != "fixed":
+        kube.set_target_in_force(namespace, name, servedmodel.concurrency_target(spec, status))

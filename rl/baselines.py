@@ -161,16 +161,19 @@ def cheapest_within_slo(results: dict[float, list[EpisodeSummary]], goal: float 
 
 def grid_search_static_target(
     traces: Sequence[Trace], config: SimConfig | None = None, candidates: Sequence[float] = STATIC_TARGET_GRID, seed: int = 0,
+    goal: float = SLO_GOAL,
 ) -> float:
+    """The cheapest candidate keeping at least `goal` of requests within the SLO on every trace."""
     results = {c: [run_episode(StaticTarget(c), t, config, seed=seed + i, initial_target=c)[0] for i, t in enumerate(traces)]
                for c in candidates}
-    return cheapest_within_slo(results)
+    return cheapest_within_slo(results, goal)
 
 
 def tune_target_tracking(
     traces: Sequence[Trace], config: SimConfig | None = None,
-    setpoints: Sequence[float] = (1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5), seed: int = 0,
+    setpoints: Sequence[float] = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5), seed: int = 0, goal: float = SLO_GOAL,
 ) -> float:
+    """The cheapest latency set point keeping at least `goal` of requests within the SLO on every trace."""
     results = {s: [run_episode(TargetTracking(s), t, config, seed=seed + i, initial_target=100.0)[0] for i, t in enumerate(traces)]
                for s in setpoints}
-    return cheapest_within_slo(results)
+    return cheapest_within_slo(results, goal)

@@ -43,18 +43,34 @@ def train(
 def evaluate(
     policy: Path = typer.Option(None, help="Exported policy (default: the shipped one)."),
     out: Path = typer.Option(DEFAULT_RESULTS, help="Folder for rl_evaluation.{md,json,png}."),
-    days: float = typer.Option(1.0, help="Length of each evaluation trace, in days."),
+    days: float = typer.Option(1.0, help="Length of each evaluation trace, in days (user traces: their first DAYS)."),
     tuning_days: float = typer.Option(1.0, help="Training-trace days used to tune the baselines."),
+    trace: list[Path] = typer.Option(None, help="A BurstGPT CSV to evaluate on instead of the built-in suite (repeatable)."),
+    rate_scale: float = typer.Option(1.0, min=1e-6, help="Speed-up of user traces' time (2: twice the requests per second)."),
+    log_type: str = typer.Option(None, help="Keep only rows of this BurstGPT Log Type (\"Conversation log\", \"API log\")."),
 ) -> None:
-    """Run PPO and the baselines on held-out traces; write a Markdown table, JSON and plots."""
-    from agentkube.rl.evaluation import EvaluationConfig, write_report
+    """Run PPO and the baselines on traces it never trained on (the workloads' evaluation days and the
+    held-out families, or --trace files); write a Markdown table, JSON and plots."""
+    from agentkube.rl.evaluation import EvaluationConfig, EvaluationTrace, write_report
     from agentkube.rl.evaluation import evaluate as run_evaluation
     from agentkube.rl.policy import load_policy
+    from agentkube.rl.traces import TraceFormatError, load_burstgpt
 
+    suite = None
+    if trace:
+        suite = []
+        for path in trace:
+            try:
+                loaded_trace = load_burstgpt(path, rate_scale=rate_scale, log_type=log_type)
+            except TraceFormatError as error:
+                raise typer.BadParameter(str(error), param_hint="--trace") from None
+            suite.append(EvaluationTrace(loaded_trace.window(0.0, min(loaded_trace.duration_s, days * 86_400)), "user"))
     loaded = load_policy(policy)
     config = EvaluationConfig(eval_days=days, tuning_days=tuning_days)
-    rows, runs = run_evaluation(loaded, config, log=typer.echo)
+    rows, runs = run_evaluation(loaded, config, log=typer.echo, suite=suite)
     command = f"agentkube rl evaluate --days {days:g} --tuning-days {tuning_days:g}" + (f" --policy {policy}" if policy else "")
+    command += "".join(f" --trace {path}" for path in trace or ())
+    command += (f" --rate-scale {rate_scale:g}" if rate_scale != 1.0 else "") + (f" --log-type '{log_type}'" if log_type else "")
     trained = (loaded.metadata or {}).get("command", "unknown")
     header = f"Made by `{command}`; the policy by `{trained}`. Costs in $ over the trace."
     report = write_report(rows, runs, out, header)
@@ -65,7 +81,8 @@ def evaluate(
 def serve_revision(
     namespace: str = typer.Option(..., help="Namespace of the Knative Service whose revision this plays."),
     service: str = typer.Option(..., help="The Knative Service: its target annotation is read from the API server."),
-    trace: str = typer.Option("conversation", help="A generated workload (conversation, api, flash) or a BurstGPT CSV."),
+    trace: str = typer.Option("conversation", help="A generated workload (conversation, api, flash), a held-out family "
+                              "(mmpp, on-off-pareto, ...) or a BurstGPT CSV."),
     trace_start: float = typer.Option(36_000.0, help="Where in the trace to start, in seconds (default: 10:00, near the peak)."),
     port: int = typer.Option(0, help="Metrics port on 127.0.0.1 (0: any free one; printed as `listening 127.0.0.1:<port>`)."),
     duration: float = typer.Option(300.0, help="Wall seconds to run before exiting."),

@@ -1,8 +1,8 @@
 """A Knative revision, played live by the simulator, for the operator's autoscaling loop.
 
 `agentkube rl serve-revision` runs `Simulator` in real time (or faster) under a trace, reads the target in
-force from the Knative Service in the real API server (the `autoscaling.knative.dev/target` annotation the
-operator patches), and serves what Knative's queue-proxy and autoscaler would export, under their
+force from the revision's PodAutoscaler in the real API server (its `autoscaling.knative.dev/target`
+annotation, which the operator sets and Knative's KPA reads), and serves what Knative's queue-proxy and autoscaler would export, under their
 Prometheus names and labels, on 127.0.0.1 for a real Prometheus to scrape. It stands in for Knative's
 data plane where there is none (tests, demos); it exits by itself after `duration_s`.
 """
@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from agentkube.rl.simulator import IntervalStats, Simulator
 from agentkube.rl.traces import WORKLOADS, Trace, evaluation_trace, load_burstgpt
+from agentkube.rl.workloads import HELD_OUT_FAMILIES, held_out_trace
 
 __all__ = ["LATENCY_BUCKETS_MS", "RevisionMetrics", "load_trace", "target_annotation", "serve_revision"]
 
@@ -94,18 +95,25 @@ class RevisionMetrics:
 
 
 def load_trace(trace: str, start_s: float, duration_s: float) -> Trace:
-    """`trace`: a generated workload's name (`WORKLOADS`) or a BurstGPT CSV file; the window
-    [start_s, start_s + duration_s) of it."""
+    """`trace`: a generated workload's name (`WORKLOADS`), a held-out family's (`HELD_OUT_FAMILIES`)
+    or a BurstGPT CSV file; the window [start_s, start_s + duration_s) of it."""
     if trace in WORKLOADS:
         full = evaluation_trace(trace, 0, duration_s=start_s + duration_s)
+    elif trace in HELD_OUT_FAMILIES:
+        full = held_out_trace(trace, 0, duration_s=start_s + duration_s)
     else:
         full = load_burstgpt(Path(trace))
     return full.window(start_s, duration_s)
 
 
-def target_annotation(service: dict | None) -> float | None:
-    """The target in force on a Knative Service (None: none set, Knative's default applies)."""
-    annotations = (((service or {}).get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
+def target_annotation(obj: dict | None) -> float | None:
+    """The target on a PodAutoscaler (its annotations), or on a Knative Service (its template's); None:
+    none set, Knative's default applies."""
+    obj = obj or {}
+    if obj.get("kind") == "PodAutoscaler":
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    else:
+        annotations = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
     try:
         return float(annotations[TARGET_ANNOTATION])
     except (KeyError, ValueError):
@@ -113,10 +121,24 @@ def target_annotation(service: dict | None) -> float | None:
 
 
 def _service_reader(namespace: str, service: str, kubeconfig: str | None) -> Callable[[], dict | None]:
+    """Reads the PodAutoscaler of the service's newest revision (labelled with the service, as Knative
+    labels it), where the operator sets the target in force and the KPA reads it; while there is none
+    (no Knative controller made one), the Knative Service, whose template's target a new revision's
+    PodAutoscaler starts with."""
     client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
     custom = kubernetes.client.CustomObjectsApi(client)
 
     def read() -> dict | None:
+        try:
+            found = cast(dict, custom.list_namespaced_custom_object(
+                "autoscaling.internal.knative.dev", "v1alpha1", namespace, "podautoscalers",
+                label_selector=f"serving.knative.dev/service={service}", _request_timeout=5))
+            items = sorted(found.get("items") or [], key=lambda item: item["metadata"]["name"])
+            if items:
+                return cast(dict, items[-1])
+        except ApiException as error:
+            if error.status != 404:
+                raise
         try:
             return cast(dict, custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services",
                                                                   service, _request_timeout=5))
@@ -173,5 +195,5 @@ def _read_target(read_service: Callable[[], dict | None], last: float | None) ->
     try:
         return target_annotation(read_service())
     except Exception as error:  # the API server restarting: keep the target in force, as Knative would
-        print(f"reading the Knative Service failed ({type(error).__name__}); keeping target {last}", file=sys.stderr)
+        print(f"reading the target failed ({type(error).__name__}); keeping target {last}", file=sys.stderr)
         return last

@@ -16,6 +16,9 @@ import numpy as np
 
 __all__ = [
     "KNATIVE_METRICS",
+    "WORKLOAD_METRICS",
+    "POLICY_METRICS",
+    "METRIC_SERIES",
     "OBSERVATION_FIELDS",
     "ActionBounds",
     "Decision",
@@ -43,6 +46,31 @@ KNATIVE_METRICS: dict[str, str] = {
     "autoscaler_not_ready_pods": "sum(autoscaler_not_ready_pods{{{rev}}})",
 }
 
+# What tells one workload from another, over the last minutes to an hour, from the same series: the
+# request rate over 10 minutes and an hour, the spread of per-minute rates over the hour (daily cycle,
+# bursts, crowds), the peak of Knative's 6 s panic concurrency against its 60 s stable concurrency over
+# 10 minutes (burstiness at the scale that overfills pods before new ones start), and the stable
+# concurrency over 10 minutes (with the rate: seconds per request, by Little's law, so token lengths and
+# server speed show without a model-server metric). The simulator computes each the way Prometheus
+# does (`Simulator.knative_metrics`), and the operator sends exactly these queries.
+WORKLOAD_METRICS: dict[str, str] = {
+    "request_rate_10m": "sum(rate(revision_app_request_count{{{rev}}}[10m]))",
+    "request_rate_1h": "sum(rate(revision_app_request_count{{{rev}}}[1h]))",
+    "request_rate_stddev_1h": "stddev_over_time(sum(rate(revision_app_request_count{{{rev}}}[1m]))[1h:1m])",
+    "peak_concurrency_10m": "max_over_time(sum(autoscaler_panic_request_concurrency{{{rev}}})[10m:15s])",
+    "mean_concurrency_10m": "avg_over_time(sum(autoscaler_stable_request_concurrency{{{rev}}})[10m:15s])",
+}
+# Every input of the observation, and the raw series each is computed from (its freshness is theirs).
+POLICY_METRICS: dict[str, str] = KNATIVE_METRICS | WORKLOAD_METRICS
+METRIC_SERIES: dict[str, str] = {name: name for name in KNATIVE_METRICS} | {
+    "revision_app_request_latencies": "revision_app_request_latencies_bucket",
+    "request_rate_10m": "revision_app_request_count",
+    "request_rate_1h": "revision_app_request_count",
+    "request_rate_stddev_1h": "revision_app_request_count",
+    "peak_concurrency_10m": "autoscaler_panic_request_concurrency",
+    "mean_concurrency_10m": "autoscaler_stable_request_concurrency",
+}
+
 OBSERVATION_FIELDS = (
     "log_request_rate",
     "log_stable_concurrency",
@@ -56,6 +84,11 @@ OBSERVATION_FIELDS = (
     "log_target",
     "concurrency_per_pod_over_target",
     "spot_allowed",
+    "log_request_rate_10m",
+    "log_request_rate_1h",
+    "request_rate_cv_1h",
+    "log_concurrency_peak_over_mean_10m",
+    "log_seconds_per_request_10m",
 )
 
 
@@ -103,7 +136,7 @@ def observation_from_metrics(
     spot_allowed: bool = False,
     bounds: ActionBounds = ActionBounds(),
 ) -> np.ndarray:
-    """The policy's observation from one revision's metrics (keys: `KNATIVE_METRICS`, values in the
+    """The policy's observation from one revision's metrics (keys: `POLICY_METRICS`, values in the
     units noted there; a NaN p95 — no requests — counts as zero), the target in force, the wall-clock
     time of day, the SLO's reference latency and the number of ready pods on spot."""
     rate = _finite(metrics, "revision_app_request_count")
@@ -112,6 +145,11 @@ def observation_from_metrics(
     panic = _finite(metrics, "autoscaler_panic_request_concurrency")
     ready = _finite(metrics, "autoscaler_actual_pods")
     pending = _finite(metrics, "autoscaler_not_ready_pods")
+    rate_10m = _finite(metrics, "request_rate_10m")
+    rate_1h = _finite(metrics, "request_rate_1h")
+    rate_stddev_1h = _finite(metrics, "request_rate_stddev_1h", allow_nan=True)
+    peak_10m = _finite(metrics, "peak_concurrency_10m")
+    mean_10m = _finite(metrics, "mean_concurrency_10m")
     phase = 2.0 * math.pi * (time_of_day_s % SECONDS_PER_DAY) / SECONDS_PER_DAY
     per_pod_target = max(target * bounds.target_utilization, 0.01)
     return np.array(
@@ -128,6 +166,11 @@ def observation_from_metrics(
             math.log(target / bounds.min_target) / math.log(bounds.max_target / bounds.min_target),
             min(stable / max(ready, 1.0) / per_pod_target, 5.0),
             1.0 if spot_allowed else 0.0,
+            math.log1p(rate_10m) / 5.0,
+            math.log1p(rate_1h) / 5.0,
+            min(rate_stddev_1h / rate_1h, 3.0) if rate_1h > 0.01 else 0.0,
+            min(max(math.log1p(peak_10m) - math.log1p(mean_10m), 0.0), 3.0),
+            math.log1p(mean_10m / rate_10m) / 4.0 if rate_10m > 0.01 else 0.0,
         ],
         dtype=np.float32,
     )

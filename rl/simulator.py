@@ -28,6 +28,12 @@ from agentkube.rl.traces import SECONDS_PER_DAY, Trace
 
 __all__ = ["SLOConfig", "SimConfig", "IntervalStats", "EpisodeSummary", "Simulator"]
 
+# The windows of `observation.WORKLOAD_METRICS` ([10m], [1h], [1m] rates; [10m:15s] subqueries).
+RATE_WINDOW_10M_S = 600
+RATE_WINDOW_1H_S = 3600
+MINUTE_S = 60
+SUBQUERY_STEP_S = 15
+
 
 @dataclass(frozen=True)
 class SLOConfig:
@@ -420,12 +426,48 @@ class Simulator:
 
     # ------------------------------------------------------------------ what Prometheus would show
     def knative_metrics(self, stats: IntervalStats) -> dict[str, float]:
-        """The interval's figures under Knative's Prometheus names, in `observation.KNATIVE_METRICS` units."""
+        """The interval's figures under Knative's Prometheus names, in `observation.POLICY_METRICS` units."""
+        return self._revision_metrics(stats) | self._workload_metrics()
+
+    def _workload_metrics(self) -> dict[str, float]:
+        """`observation.WORKLOAD_METRICS` as Prometheus answers them at the current second: rates over
+        the windows there is history for (`rate` extrapolates over what it has), the per-minute rates'
+        standard deviation over the hour, and the panic and stable concurrency gauges sampled every
+        `SUBQUERY_STEP_S` over 10 minutes."""
+        t = self.t
+        arrived = self._arrived_before
+
+        def rate(window: int) -> float:
+            span = min(window, t)
+            return float(arrived[t] - arrived[t - span]) / span if span else 0.0
+
+        minute_ends = np.arange(t, max(t - RATE_WINDOW_1H_S, MINUTE_S - 1), -MINUTE_S)
+        minute_rates = (arrived[minute_ends] - arrived[minute_ends - MINUTE_S]) / MINUTE_S
+        stable_len, panic_len = len(self._window), self._panic_len
+        history = self.concurrency_series[max(t - RATE_WINDOW_10M_S - stable_len, 0) : t]
+        cumulative = np.concatenate([[0.0], np.cumsum(history)])
+        ends = np.arange(cumulative.size - 1, max(cumulative.size - 1 - RATE_WINDOW_10M_S, 0), -SUBQUERY_STEP_S)
+        if ends.size:
+            panic = (cumulative[ends] - cumulative[np.maximum(ends - panic_len, 0)]) / np.minimum(ends, panic_len)
+            stable = (cumulative[ends] - cumulative[np.maximum(ends - stable_len, 0)]) / np.minimum(ends, stable_len)
+            peak, mean = max(float(panic.max()), 0.0), max(float(stable.mean()), 0.0)
+        else:
+            peak = mean = 0.0
+        return {
+            "request_rate_10m": rate(RATE_WINDOW_10M_S),
+            "request_rate_1h": rate(RATE_WINDOW_1H_S),
+            "request_rate_stddev_1h": float(minute_rates.std()) if minute_rates.size else 0.0,
+            "peak_concurrency_10m": peak,
+            "mean_concurrency_10m": mean,
+        }
+
+    def _revision_metrics(self, stats: IntervalStats) -> dict[str, float]:
         return {
             "revision_app_request_count": stats.arrivals / max(stats.seconds, 1),
             "revision_app_request_latencies": stats.p95_latency_s * 1000.0,
-            "autoscaler_stable_request_concurrency": self._stable_sum / max(min(self._buckets_seen, len(self._window)), 1),
-            "autoscaler_panic_request_concurrency": self._panic_sum / max(min(self._buckets_seen, self._panic_len), 1),
+            # The running sums drift by rounding (-1e-16 once the window empties): a gauge is never below 0.
+            "autoscaler_stable_request_concurrency": max(self._stable_sum, 0.0) / max(min(self._buckets_seen, len(self._window)), 1),
+            "autoscaler_panic_request_concurrency": max(self._panic_sum, 0.0) / max(min(self._buckets_seen, self._panic_len), 1),
             "autoscaler_actual_pods": float(self.ready_pods),
             "autoscaler_not_ready_pods": float(len(self.pending)),
         }

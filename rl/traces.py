@@ -21,8 +21,10 @@ __all__ = [
     "WORKLOADS",
     "BURSTGPT_COLUMNS",
     "load_burstgpt",
+    "TraceFormatError",
     "write_burstgpt",
     "generate_trace",
+    "trace_from_rate",
     "trace_seed",
     "training_trace",
     "evaluation_trace",
@@ -61,21 +63,61 @@ class Trace:
         )
 
 
+class TraceFormatError(ValueError):
+    """A file that is not a usable BurstGPT CSV; the message names the file, the line and what is wrong."""
+
+
+# The columns the loader reads; the others of `BURSTGPT_COLUMNS` may be absent.
+_REQUIRED_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
+
+
 def load_burstgpt(path: str | Path, *, rate_scale: float = 1.0, log_type: str | None = None, name: str | None = None) -> Trace:
     """Read a BurstGPT CSV. `rate_scale` > 1 compresses time (more requests per second);
-    `log_type` keeps only "Conversation log" or "API log" rows."""
+    `log_type` keeps only "Conversation log" or "API log" rows. Raises `TraceFormatError` on a file
+    that is missing, not CSV with BurstGPT's columns, or has a row that is not numbers ≥ 0."""
+    if rate_scale <= 0:
+        raise ValueError(f"rate_scale must be positive, not {rate_scale}")
     arrivals, requests, responses = [], [], []
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if log_type is not None and row["Log Type"].strip() != log_type:
-                continue
-            arrivals.append(float(row["Timestamp"]))
-            requests.append(int(float(row["Request tokens"])))
-            responses.append(int(float(row["Response tokens"])))
+    try:
+        handle = open(path, newline="")
+    except OSError as error:
+        raise TraceFormatError(f"{path}: cannot be read ({error.strerror or error})") from error
+    with handle:
+        reader = csv.DictReader(handle)
+        try:
+            header = [column.strip() for column in reader.fieldnames or ()]
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise TraceFormatError(f"{path}: not a CSV file ({error})") from error
+        missing = [column for column in _REQUIRED_COLUMNS if column not in header]
+        if missing:
+            raise TraceFormatError(f"{path}: not a BurstGPT CSV: no column {', '.join(repr(m) for m in missing)} "
+                                   f"(the header must name {', '.join(BURSTGPT_COLUMNS)})")
+        if log_type is not None and "Log Type" not in header:
+            raise TraceFormatError(f"{path}: no 'Log Type' column to select {log_type!r} rows by")
+        reader.fieldnames = header
+        try:
+            for row in reader:
+                if log_type is not None and (row.get("Log Type") or "").strip() != log_type:
+                    continue
+                try:
+                    values = [float(row[column]) for column in _REQUIRED_COLUMNS]
+                except (TypeError, ValueError):
+                    raise TraceFormatError(f"{path}, line {reader.line_num}: {_REQUIRED_COLUMNS} must be numbers, "
+                                           f"got {[row.get(c) for c in _REQUIRED_COLUMNS]}") from None
+                if not all(np.isfinite(values)) or min(values) < 0:
+                    raise TraceFormatError(f"{path}, line {reader.line_num}: timestamps and token counts must be "
+                                           f"finite and ≥ 0, got {values}")
+                arrivals.append(values[0])
+                requests.append(int(values[1]))
+                responses.append(int(values[2]))
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise TraceFormatError(f"{path}, line {reader.line_num}: not CSV ({error})") from error
+    if not arrivals:
+        raise TraceFormatError(f"{path}: no requests" + (f" of log type {log_type!r}" if log_type else ""))
     arrival = np.asarray(arrivals, dtype=float)
     order = np.argsort(arrival, kind="stable")
-    arrival = (arrival[order] - (arrival[order][0] if arrival.size else 0.0)) / rate_scale
-    duration = float(np.floor(arrival[-1]) + 1.0) if arrival.size else 0.0
+    arrival = (arrival[order] - arrival[order][0]) / rate_scale
+    duration = float(np.floor(arrival[-1]) + 1.0)
     return Trace(arrival, np.asarray(requests, dtype=np.int64)[order], np.asarray(responses, dtype=np.int64)[order],
                  duration, name or Path(path).stem)
 
@@ -124,8 +166,10 @@ def _daytime_bumps(hour: np.ndarray) -> np.ndarray:
 _DAILY_BUMP_MEAN = float(_daytime_bumps(np.linspace(0.0, 24.0, 1440, endpoint=False)).mean())
 
 
-def _rate_curve_rps(profile: WorkloadProfile, rng: np.random.Generator, seconds: int, start_day: int) -> np.ndarray:
-    t = np.arange(seconds, dtype=float)
+def _rate_curve_rps(
+    profile: WorkloadProfile, rng: np.random.Generator, seconds: int, start_day: int, start_s: float = 0.0,
+) -> np.ndarray:
+    t = np.arange(seconds, dtype=float) + start_s
     hour = (t % SECONDS_PER_DAY) / 3600.0
     # Two daytime peaks over a night-time trough, normalised to a mean of 1 over the day.
     shape = 1.0 + profile.daily_amplitude * (_daytime_bumps(hour) / _DAILY_BUMP_MEAN - 1.0)
@@ -134,11 +178,11 @@ def _rate_curve_rps(profile: WorkloadProfile, rng: np.random.Generator, seconds:
     rate = np.where(day % 7 >= 5, rate * profile.weekend_factor, rate)
     days = seconds / SECONDS_PER_DAY
     for _ in range(rng.poisson(profile.erratic_bursts_per_day * days)):
-        start = rng.uniform(0, seconds)
+        start = start_s + rng.uniform(0, seconds)
         length = rng.uniform(1800, 7200)
         rate[(t >= start) & (t < start + length)] *= rng.uniform(0.3, 2.5)
     for _ in range(rng.poisson(profile.flash_crowds_per_day * days)):
-        start = rng.uniform(0, seconds)
+        start = start_s + rng.uniform(0, seconds)
         length = rng.uniform(*profile.flash_duration_s)
         peak = rng.uniform(*profile.flash_multiplier)
         inside = (t >= start) & (t < start + length)
@@ -155,12 +199,23 @@ def _zipf_mandelbrot(rng: np.random.Generator, size: int, exponent: float, offse
 
 def generate_trace(
     profile: WorkloadProfile, seed: int | np.random.SeedSequence, duration_s: float = SECONDS_PER_DAY,
-    start_day: int = 0, name: str = "generated",
+    start_day: int = 0, name: str = "generated", start_time_of_day_s: float = 0.0,
 ) -> Trace:
-    """A seeded trace: Gamma renewal arrivals time-warped through the daily/burst rate curve."""
+    """A seeded trace: Gamma renewal arrivals time-warped through the daily/burst rate curve, starting
+    `start_time_of_day_s` into day `start_day` (training generates hours at any time of day this way,
+    without generating the whole day around them)."""
     rng = np.random.default_rng(seed)
     seconds = int(np.ceil(duration_s))
-    rate = _rate_curve_rps(profile, rng, seconds, start_day)
+    rate = _rate_curve_rps(profile, rng, seconds, start_day, start_time_of_day_s)
+    return trace_from_rate(rate, profile, rng, name, (start_day * SECONDS_PER_DAY + start_time_of_day_s) % SECONDS_PER_DAY)
+
+
+def trace_from_rate(
+    rate: np.ndarray, profile: WorkloadProfile, rng: np.random.Generator, name: str, start_time_of_day_s: float = 0.0,
+) -> Trace:
+    """Requests whose arrival intensity follows `rate` (requests/s, one value a second) with Gamma
+    inter-arrival times of the profile's CV, and token lengths from the profile."""
+    seconds = rate.size
     cumulative = np.concatenate([[0.0], np.cumsum(rate)])  # expected arrivals by each second
     shape = 1.0 / profile.interarrival_cv**2
     expected = cumulative[-1]
@@ -173,7 +228,7 @@ def generate_trace(
     median_response = profile.response_base_tokens + profile.response_slope * request
     response = np.clip(np.rint(median_response * rng.lognormal(0.0, profile.response_sigma, n)),
                        1, profile.max_response_tokens).astype(np.int64)
-    return Trace(arrival, request, response, float(seconds), name, (start_day * SECONDS_PER_DAY) % SECONDS_PER_DAY)
+    return Trace(arrival, request, response, float(seconds), name, start_time_of_day_s)
 
 
 _SPLITS = {"train": 0, "eval": 1}

@@ -87,10 +87,12 @@ def kubectl_runner(devenv: DevEnv):
 
 @contextmanager
 def node_environment(request: pytest.FixtureRequest, node_agent: str = "host",
-                     with_prometheus: bool = False) -> Iterator[DevEnv]:
-    """A temporary environment with the node (`node_agent`: see DevEnv), its logs kept if a test failed."""
+                     with_prometheus: bool = False, with_knative: bool = False) -> Iterator[DevEnv]:
+    """A temporary environment with the node (`node_agent`: see DevEnv; `with_knative`: Knative Serving
+    on it), its logs kept if a test failed."""
     failed_before = request.session.testsfailed
-    with temporary_env(with_prometheus=with_prometheus, with_node=True, node_agent=node_agent) as env:
+    with temporary_env(with_prometheus=with_prometheus, with_node=True, node_agent=node_agent,
+                       with_knative=with_knative) as env:
         yield env
         if request.session.testsfailed > failed_before and env.layout.logs.is_dir():
             # The environment goes with the fixture: keep its components' logs for whoever reads the failure.

@@ -24,9 +24,9 @@ import requests
 import yaml
 
 from agentkube.contract import AGENT_SOCKET
-from agentkube.devenv import config, images, localnode, localpath, network, node, pki, process
+from agentkube.devenv import config, images, knative, localnode, localpath, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
-from agentkube.devenv.install import InstallError, require_binary
+from agentkube.devenv.install import InstallError, ensure_knative, ensure_traefik, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
 from agentkube.ebpf import csi
 
@@ -85,6 +85,10 @@ NETWORK_POLICY = Component("kube-router", config.kube_router_command, health_pro
 LOCAL_PATH = Component("local-path-provisioner", config.local_path_provisioner_command, health_probe=lambda: True)
 NODE_COMPONENTS_AFTER_READY = (NETWORK_POLICY, LOCAL_PATH)
 NODE_READY_SECONDS = 120.0
+# Knative's four Deployments pulling nothing (images are imported) and starting on two shared cores.
+KNATIVE_READY_SECONDS = 240.0
+KNATIVE_TARGETS = "knative-targets"
+TRAEFIK = "traefik"
 # Where the node agent runs: a host process that `up` starts (the default), or nowhere, for a node agent
 # that the chart's DaemonSet runs (one per node: two would share the sockets and the pins).
 NODE_AGENT_MODES = ("host", "none")
@@ -133,14 +137,16 @@ def _optional_binary(name: str) -> Path | None:
 TEMPORARY_PREFIX = "agentkube-"
 
 
-def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node_agent: str = "host") -> "DevEnv":
+def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node_agent: str = "host",
+                  with_knative: bool = False) -> "DevEnv":
     """An environment in a fresh temporary directory whose processes die with this Python process.
 
     `down()` removes the directory. A process killed outright (SIGKILL) cannot do that, so every new
     temporary environment first sweeps the directories of owners that no longer exist."""
     sweep_abandoned()
     root = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
-    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node, node_agent=node_agent)
+    return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node, node_agent=node_agent,
+                  with_knative=with_knative)
 
 
 def sweep_abandoned() -> list[Path]:
@@ -178,13 +184,15 @@ def _write_private(path: Path, data: bytes) -> None:
 
 class DevEnv:
     def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True,
-                 with_node: bool = False, node_agent: str = "host"):
+                 with_node: bool = False, node_agent: str = "host", with_knative: bool = False):
         """`tie_to_parent`: the processes die with this Python process (tests); otherwise they outlive it
         (`agentkube dev up`). `with_node`: also a node that runs pods (one per machine). `node_agent`:
-        `host` starts the node agent as a host process, `none` leaves it to the chart's DaemonSet."""
+        `host` starts the node agent as a host process, `none` leaves it to the chart's DaemonSet.
+        `with_knative`: also Knative Serving, as pods on the node (implies `with_node`)."""
         self.layout = Layout(Path(state_dir))
         self.tie_to_parent = tie_to_parent
-        self.with_node = with_node
+        self.with_knative = with_knative
+        self.with_node = with_node or with_knative
         self.node_components = node_components(node_agent)
         self.node_agent = node_agent
         self.with_prometheus = with_prometheus
@@ -213,6 +221,7 @@ class DevEnv:
             self.ports = Ports(**state["ports"])
             self.processes = [process.ProcessRecord.from_json(p) for p in state["processes"]]
             self.with_node = self.with_node or state.get("with_node", False)
+            self.with_knative = self.with_knative or state.get("with_knative", False)
             self.node_agent = state.get("node_agent", "host")
             self.node_components = node_components(self.node_agent)
 
@@ -222,6 +231,7 @@ class DevEnv:
             "kubernetes_version": KUBERNETES_VERSION,
             "ports": asdict(self.ports),
             "with_node": self.with_node,
+            "with_knative": self.with_knative,
             "node_agent": self.node_agent,
             "processes": [p.to_json() for p in self.processes],
         }
@@ -268,6 +278,9 @@ class DevEnv:
         binaries = {c.name: require_binary(c.binary or c.name) for c in self._all_components()}
         # Images first and outside the deadline: the first Debian root filesystem takes a minute or two.
         archives = [images.pause_archive(), images.sandbox_archive(), *images.component_archives()] if self.with_node else []
+        if self.with_knative:
+            archives += [*knative.image_archives(ensure_knative()), images.model_server_archive()]
+            ensure_traefik()  # before the deadline too: the first build takes minutes
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
@@ -281,6 +294,8 @@ class DevEnv:
                 self._start(component, binaries[component.name], deadline)
             if self.with_node:
                 self._up_node(binaries, archives, deadline + NODE_READY_SECONDS)
+            if self.with_knative:
+                self._up_knative(deadline + NODE_READY_SECONDS + KNATIVE_READY_SECONDS)
         except BaseException:
             self.down()
             raise
@@ -422,6 +437,64 @@ class DevEnv:
         if localnode.other_owner(self.layout.root) is None:
             localnode.clean_host(self.layout.node, self.layout.root, netns, _optional_binary("kube-proxy"))
 
+    def _up_knative(self, deadline: float) -> None:
+        """Knative's install applied as Knative documents it: CRDs first (its own objects of those kinds
+        follow in the same install), then everything else, then each Deployment Available."""
+        started = time.monotonic()
+        documents = knative.load_documents()
+        crds = [doc for doc in documents if doc["kind"] == "CustomResourceDefinition"]
+        self._kubectl_apply(crds + knative.pod_discovery_rbac(config.PROMETHEUS.user))
+        self._kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      *(f"crd/{doc['metadata']['name']}" for doc in crds))
+        self._kubectl_apply([doc for doc in documents if doc["kind"] != "CustomResourceDefinition"])
+        self._start_traefik()
+        for name in knative.DEPLOYMENTS:
+            remaining = max(1, int(deadline - time.monotonic()))
+            try:
+                self._kubectl("-n", knative.SYSTEM_NAMESPACE, "rollout", "status", f"deployment/{name}",
+                              f"--timeout={remaining}s")
+            except DevEnvError as error:
+                pods = subprocess.run([str(require_binary("kubectl")), "-n", knative.SYSTEM_NAMESPACE, "get", "pods",
+                                       "-o", "wide"], capture_output=True, text=True, env=self.environ()).stdout
+                raise DevEnvError(f"Knative's {name} not available in time: {error}\n{pods}") from None
+        self._wait_knative_admits(deadline)
+        # Prometheus scrapes Knative's pods through a target file kept current by a process of this
+        # environment (Debian's Prometheus has no Kubernetes service discovery).
+        self.start_alongside(KNATIVE_TARGETS, [sys.executable, "-m", "agentkube", "dev", "knative-targets",
+                                               "--state-dir", str(self.layout.root)])
+        self.startup_seconds["knative"] = time.monotonic() - started
+
+    def _wait_knative_admits(self, deadline: float) -> None:
+        """Until Knative's webhook answers: its Deployment is Available before the webhook has made its
+        certificate and put it into the webhook configurations, and until then every Knative object and
+        every change to Knative's ConfigMaps is refused."""
+        probe = yaml.safe_dump(knative.admission_probe()).encode()
+        while True:
+            result = subprocess.run([str(require_binary("kubectl")), "create", "--dry-run=server", "-f", "-"],
+                                    input=probe, capture_output=True, env=self.environ())
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise DevEnvError(f"Knative's webhook does not admit a Service: {result.stderr.decode()[-1500:]}")
+            time.sleep(1)
+
+    def _start_traefik(self) -> None:
+        """Knative's KIngress: Traefik as a host process on the node's address, as its service account."""
+        port = free_port()
+        self._kubectl_apply(knative.traefik_objects(node.NODE_IP, node.NODE_NAME, port, network.ENDPOINTSLICE_MANAGER))
+        token = self._kubectl("-n", knative.SYSTEM_NAMESPACE, "create", "token", knative.TRAEFIK_ACCOUNT,
+                              "--duration=48h").strip()
+        path = self.layout.root / "traefik.yml"
+        _write_private(path, yaml.safe_dump(knative.traefik_config(
+            f"{node.NODE_IP}:{port}", self.apiserver_url, token, str(self.layout.cert("ca")))).encode())
+        self.start_alongside(TRAEFIK, [str(ensure_traefik()), f"--configFile={path}"])
+
+    def _kubectl(self, *args: str) -> str:
+        result = subprocess.run([str(require_binary("kubectl")), *args], capture_output=True, text=True, env=self.environ())
+        if result.returncode != 0:
+            raise DevEnvError(f"kubectl {' '.join(args)} failed: {result.stderr[-2000:]}")
+        return result.stdout
+
     def _kubectl_apply(self, documents: list[dict]) -> None:
         manifest = yaml.safe_dump_all(documents).encode()
         result = subprocess.run([str(require_binary("kubectl")), "apply", "--server-side", "-f", "-"], input=manifest,
@@ -460,7 +533,7 @@ class DevEnv:
         kubeconfigs = [(layout.kubeconfig, "admin"), (layout.controller_manager_kubeconfig, "controller-manager-client")]
         kubeconfigs += [(layout.client_kubeconfig(name), name) for name in ("scheduler-client", "kubelet-client", "node-agent",
                                                                 "kube-proxy-client", "coredns-client", "kube-router-client",
-                                                                "local-path-provisioner-client")]
+                                                                "local-path-provisioner-client", "prometheus")]
         for path, name in kubeconfigs:
             user = config.CLIENT_CERTIFICATES[name].user
             document = config.kubeconfig(

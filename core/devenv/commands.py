@@ -12,6 +12,8 @@ from rich.table import Table
 from agentkube.devenv.cluster import NODE_AGENT_MODES, DevEnv, DevEnvError
 from agentkube.devenv.images import ImageError
 from agentkube.devenv.install import InstallError, install_all
+from agentkube.devenv.knative import KnativeError
+from agentkube.devenv.knative import watch_scrape_targets as knative_watch
 from agentkube.devenv.localnode import NodeError
 from agentkube.devenv.versions import bin_dir, default_state_dir
 
@@ -44,6 +46,8 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every component to be healthy.")] = 120.0,
     with_node: Annotated[bool, typer.Option("--with-node", help="Also run a node (containerd, runc, kubelet, "
                                             "kube-scheduler, the node agent) so that pods run; needs root.")] = False,
+    with_knative: Annotated[bool, typer.Option("--with-knative", help="Also run Knative Serving (built here from "
+                                               "its Go module) on the node; implies --with-node.")] = False,
     node_agent: Annotated[str, typer.Option(
         "--node-agent", help="with --with-node: `host` runs the node agent as a host process; `none` runs none, "
         "for the chart's DaemonSet (one node agent per node)")] = "host",
@@ -52,14 +56,14 @@ def up(
     with --with-node also a node whose pods run for real."""
     if node_agent not in NODE_AGENT_MODES:
         _fail(DevEnvError(f"--node-agent {node_agent}: one of {', '.join(NODE_AGENT_MODES)}"))
-    env = DevEnv(state_dir, with_node=with_node, node_agent=node_agent)
+    env = DevEnv(state_dir, with_node=with_node, node_agent=node_agent, with_knative=with_knative)
     if env.is_up():
         console.print(f"already up in {state_dir}")
     else:
         started = time.monotonic()
         try:
             env.up(timeout=timeout)
-        except (InstallError, DevEnvError, ImageError, NodeError) as error:
+        except (InstallError, DevEnvError, ImageError, NodeError, KnativeError) as error:
             _fail(error)
         steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in env.startup_seconds.items())
         console.print(f"up in {time.monotonic() - started:.1f}s ({steps})")
@@ -116,3 +120,11 @@ def env(state_dir: StateDir = default_state_dir()) -> None:
         _fail(DevEnvError(f"no environment in {state_dir}: run `agentkube dev up`"))
     print(f"export KUBECONFIG={shlex.quote(str(environment.kubeconfig))}")
     print(f'export PATH={shlex.quote(str(bin_dir()))}:"$PATH"')
+
+
+@dev_app.command("knative-targets", hidden=True)
+def knative_targets(state_dir: StateDir = default_state_dir()) -> None:
+    """Keep Prometheus' target file for Knative's pods current (started by `up --with-knative`)."""
+    environment = DevEnv(state_dir)
+    knative_watch(environment.layout.client_kubeconfig("prometheus"),
+                  environment.layout.scrape_targets / "knative.json")

@@ -36,12 +36,15 @@ from agentkube.devenv.versions import cache_root, wheels_dir
 
 PAUSE_IMAGE = "localhost/agentkube/pause:dev"
 SANDBOX_IMAGE = "localhost/agentkube/sandbox:dev"
+MODEL_SERVER_IMAGE = "dev.local/agentkube/model-server:dev"
 DEBIAN_SUITE = "bookworm"
 # The sandbox image's Debian packages: Python for the runtime and the agent's own tools.
 SANDBOX_PACKAGES = ("python3",)
 # Wheels the runtime imports (installed from the same offline wheel cache as the project's venv).
 SANDBOX_WHEELS = ("pydantic", "typer", "prometheus-client")
 SITE_DIR = "opt/agentkube/lib"
+# The runtime's warm-pool held program (ebpf/programs/held.c), compiled statically into the sandbox image.
+HELD_PATH = "opt/agentkube/bin/agentkube-held"
 # What only the node agent needs from Debian: BCC (its programs compile at start against the host's kernel
 # headers, mounted by the DaemonSet) and `ip`, with which it puts the DNS answering's address on a link.
 NODE_AGENT_PACKAGES = ("python3-bpfcc", "iproute2")
@@ -205,7 +208,7 @@ def _run(step: str, argv: list[str], **kwargs) -> None:
         raise ImageError(f"{step}: `{' '.join(argv)}` failed:\n{(result.stderr or result.stdout)[-3000:]}")
 
 
-def _cached(name: str, key: str, build: Callable[[Path], None]) -> Path:
+def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
     """A build product in the image cache, rebuilt only when `key` (what it is made from) changes; the
     products it replaces go (each sandbox archive is ~180 MB, and every source change makes a new one)."""
     target = images_cache() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tar"
@@ -232,7 +235,7 @@ def pause_archive(log=print) -> Path:
         archive_layers = [layer(tar_directory(root, scratch / "layer.tar"))]
         write_oci_archive(scratch / "out.tar", archive_layers, {"Entrypoint": ["/pause"]}, PAUSE_IMAGE)
 
-    return _cached("pause", hashlib.sha256(program).hexdigest(), build)
+    return cached_build("pause", hashlib.sha256(program).hexdigest(), build)
 
 
 def _mmdebstrap_argv(packages: tuple[str, ...]) -> list[str]:
@@ -249,7 +252,7 @@ def debian_rootfs(packages: tuple[str, ...] = SANDBOX_PACKAGES, log=print) -> Pa
         log(f"building a Debian {DEBIAN_SUITE} root filesystem with {', '.join(packages)} (once; a minute or two)")
         _run("debian rootfs", [*argv, str(scratch / "out.tar")])
 
-    return _cached("debian", " ".join(argv), build)
+    return cached_build("debian", " ".join(argv), build)
 
 
 def _runtime_sources() -> dict[str, Path]:
@@ -262,6 +265,7 @@ def _runtime_sources() -> dict[str, Path]:
     ebpf_dir = Path(agentkube.ebpf.runtime.__file__).parent
     files = {"agentkube/client.py": Path(agentkube.client.__file__), "agentkube/contract.py": Path(agentkube.contract.__file__)}
     files |= {f"agentkube/ebpf/{path.name}": path for path in sorted(ebpf_dir.glob("*.py"))}
+    files["agentkube/ebpf/programs/held.c"] = ebpf_dir / "programs" / "held.c"  # compiled into HELD_PATH too
     return files
 
 
@@ -284,16 +288,18 @@ def sandbox_archive(log=print) -> Path:
             (site / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, site / name)
         shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter
+        (root / HELD_PATH).parent.mkdir(parents=True, exist_ok=True)
+        _run("held program", ["cc", "-static", "-O2", "-o", str(root / HELD_PATH), str(sources["agentkube/ebpf/programs/held.c"])])
         runtime = layer(tar_directory(root, scratch / "layer.tar"))
         config = {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", f"PYTHONPATH=/{SITE_DIR}",
-                    "PYTHONDONTWRITEBYTECODE=1"],
+                    "PYTHONDONTWRITEBYTECODE=1", f"AGENTKUBE_HELD=/{HELD_PATH}"],
             "Entrypoint": ["python3", "-m", "agentkube.ebpf.commands"],
             "WorkingDir": "/",
         }
         write_oci_archive(scratch / "out.tar", [base, runtime], config, SANDBOX_IMAGE)
 
-    return _cached("sandbox", key, build)
+    return cached_build("sandbox", key, build)
 
 
 def chart_images(chart: dict[str, Any], values: dict[str, Any]) -> dict[str, str]:
@@ -371,7 +377,7 @@ def agentkube_layer(log=print) -> Layer:
         (root / "etc" / "group").write_text(group)
         tar_directory(root, scratch / "out.tar")
 
-    return layer(_cached("agentkube-layer", key, build))
+    return layer(cached_build("agentkube-layer", key, build))
 
 
 def node_agent_layer(log=print) -> Layer:
@@ -386,7 +392,7 @@ def node_agent_layer(log=print) -> Layer:
         _run("node-agent rootfs", [*argv, str(scratch / "full.tar")])
         tar_difference(base, scratch / "full.tar", scratch / "out.tar")
 
-    return layer(_cached("bcc-layer", key, build))
+    return layer(cached_build("bcc-layer", key, build))
 
 
 def _component_config(entrypoint_args: list[str]) -> dict[str, Any]:
@@ -409,8 +415,23 @@ def component_archives(log=print) -> list[Path]:
         def build(scratch: Path, layers: list[Layer] = layers, reference: str = reference) -> None:
             write_oci_archive(scratch / "out.tar", layers, _component_config([]), reference)
 
-        archives.append(_cached(component, key, build))
+        archives.append(cached_build(component, key, build))
     return archives
+
+
+def model_server_archive(log=print) -> Path:
+    """The emulated LLM server (`agentkube.modelserver`) that ServedModels run on the local node: the
+    operator's layers with the server as entry point. Named under `dev.local` so that Knative serves it
+    without resolving a digest from a registry."""
+    layers = [layer(debian_rootfs(log=log)), agentkube_layer(log=log)]
+    key = json.dumps({"layers": [item.digest for item in layers], "reference": MODEL_SERVER_IMAGE})
+
+    def build(scratch: Path) -> None:
+        config = _component_config([]) | {"Entrypoint": ["python3", "-m", "agentkube.modelserver"],
+                                          "User": f"{NONROOT_UID}:{NONROOT_UID}"}
+        write_oci_archive(scratch / "out.tar", layers, config, MODEL_SERVER_IMAGE)
+
+    return cached_build("model-server", key, build)
 
 
 def layer_sizes(archive: Path) -> list[int]:

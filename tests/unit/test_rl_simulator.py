@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from agentkube.rl.knative import KnativeDefaults
+from agentkube.rl.observation import OBSERVATION_FIELDS, WORKLOAD_METRICS
 from agentkube.rl.server import ColdStartConfig
-from agentkube.rl.simulator import SimConfig, Simulator
+from agentkube.rl.simulator import (
+    MINUTE_S,
+    RATE_WINDOW_1H_S,
+    RATE_WINDOW_10M_S,
+    SUBQUERY_STEP_S,
+    SimConfig,
+    Simulator,
+)
 from agentkube.rl.spot import SpotConfig
 from agentkube.rl.traces import Trace, WorkloadProfile, generate_trace
 
@@ -108,7 +116,7 @@ def test_metrics_use_knative_names():
     assert stats.metrics["autoscaler_actual_pods"] >= 1
     assert sim.target == 80.0
     observation = sim.observation(stats, spot_allowed=False)
-    assert observation.shape == (12,) and np.all(np.isfinite(observation))
+    assert observation.shape == (len(OBSERVATION_FIELDS),) and np.all(np.isfinite(observation))
     assert stats.arrivals >= stats.admitted >= stats.within_slo
 
 
@@ -123,3 +131,44 @@ def test_initial_min_and_max_scale_bound_the_revision():
     default = Simulator()
     default.reset(trace, seed=0)
     assert default.ready_pods == 1  # Knative's initial scale
+
+
+def test_workload_features_use_the_windows_of_their_promql():
+    windows = {"10m": RATE_WINDOW_10M_S, "1h": RATE_WINDOW_1H_S, "1m": MINUTE_S, "15s": SUBQUERY_STEP_S}
+    for promql in WORKLOAD_METRICS.values():
+        used = [w for w in windows if f"[{w}]" in promql or f"[{w}:" in promql or f":{w}]" in promql]
+        assert used, promql
+    assert "[1h:1m]" in WORKLOAD_METRICS["request_rate_stddev_1h"]
+    assert "[10m:15s]" in WORKLOAD_METRICS["peak_concurrency_10m"]
+
+
+def test_workload_features_are_what_prometheus_would_answer():
+    sim = Simulator()
+    sim.reset(generate_trace(STEADY, 5, 2 * 3600), seed=0, target=100.0, ready_pods=4)
+    stats = sim.advance(3700)
+    features = stats.metrics
+    t = sim.t
+    arrivals = np.bincount(sim.trace.arrival_s.astype(int), minlength=sim.seconds)
+    assert features["request_rate_10m"] == pytest.approx(arrivals[t - 600 : t].sum() / 600)
+    assert features["request_rate_1h"] == pytest.approx(arrivals[t - 3600 : t].sum() / 3600)
+    per_minute = [arrivals[end - 60 : end].sum() / 60 for end in range(t, t - 3600, -60)]
+    assert features["request_rate_stddev_1h"] == pytest.approx(np.std(per_minute))
+    # Peak of the 6 s panic average sampled every 15 s, mean of the 60 s stable average likewise.
+    conc = sim.concurrency_series
+    ends = range(t, t - 600, -15)
+    assert features["peak_concurrency_10m"] == pytest.approx(max(conc[e - 6 : e].mean() for e in ends))
+    assert features["mean_concurrency_10m"] == pytest.approx(np.mean([conc[e - 60 : e].mean() for e in ends]))
+
+
+def test_workload_features_tell_a_steady_workload_from_a_bursty_one():
+    def features(profile: WorkloadProfile) -> np.ndarray:
+        sim = Simulator()
+        sim.reset(generate_trace(profile, 3, 2 * 3600), seed=0, target=100.0, ready_pods=4)
+        stats = sim.advance(3600)
+        return sim.observation(stats, spot_allowed=False)
+
+    steady = features(STEADY)
+    bursty = features(replace(STEADY, interarrival_cv=3.0, erratic_bursts_per_day=48.0))
+    cv = OBSERVATION_FIELDS.index("request_rate_cv_1h")
+    peak = OBSERVATION_FIELDS.index("log_concurrency_peak_over_mean_10m")
+    assert bursty[cv] > 2 * steady[cv] and bursty[peak] > steady[peak]

@@ -62,3 +62,16 @@ def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces):
 def test_training_starts_from_knatives_default_target():
     start = decision_from_action(initial_action_mean(TrainConfig()))
     assert start.target == pytest.approx(100.0, rel=1e-5) and start.spot_share == pytest.approx(0.5)
+
+
+def test_randomised_episodes_draw_other_workloads_with_history_behind_them():
+    env = AutoscalingEnv(EnvConfig(episode_s=600, lead_in_s=900))
+    env.reset(seed=5)
+    seen = []
+    for _ in range(4):
+        observation, info = env.reset()
+        assert info["trace"] == "randomised" and env.observation_space.contains(observation)
+        # The lead-in ran under the starting target: the 10-minute features already cover 10 minutes.
+        assert env.sim.t == 900 + SMALL.interval_s
+        seen.append((len(env.sim.trace), env.sim.config.server.base_step_s, env.sim.config.cold_start.model_load_s))
+    assert len({s[0] for s in seen}) == 4 and len({s[1] for s in seen}) == 4 and len({s[2] for s in seen}) == 4

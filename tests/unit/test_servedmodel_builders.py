@@ -55,3 +55,31 @@ def test_readiness_and_url_come_from_knative_status():
     ready = {"status": {"url": "http://llm.ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}}
     assert servedmodel.knative_readiness(ready) == (True, "http://llm.ml.example.com")
     assert servedmodel.knative_readiness(None) == (False, None)
+
+
+def test_the_template_keeps_the_specs_target_whatever_the_policy_decided():
+    # A decision must never change the template: Knative stamps a new Revision for any template change.
+    assert servedmodel.template_target(_spec(policy="ppo", target=8)) == 8
+
+
+def test_the_target_in_force_goes_onto_every_pod_autoscaler_that_differs():
+    def pa(name, target=None, deleting=False):
+        metadata = {"name": name, "annotations": {f"{A}/target": target} if target else {}}
+        if deleting:
+            metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return {"metadata": metadata}
+
+    patches = servedmodel.pod_autoscaler_target_patches(
+        [pa("llm-00001", "8"), pa("llm-00002", "12"), pa("llm-00003"), pa("llm-00004", "8", deleting=True)], 12)
+    assert patches == [("llm-00001", {"metadata": {"annotations": {f"{A}/target": "12"}}}),
+                       ("llm-00003", {"metadata": {"annotations": {f"{A}/target": "12"}}})]
+    assert servedmodel.pod_autoscaler_target_patches([pa("llm-00002", "12")], 12) == []
+
+
+def test_the_refusal_message_is_the_status_message_of_the_answer():
+    body = ('{"kind":"Status","apiVersion":"v1","status":"Failure","message":"admission webhook \\"validation.webhook.'
+            'serving.knative.dev\\" denied the request: validation failed: expected 1 <= 0 <= 2147483647: '
+            'spec.template.metadata.annotations.autoscaling.knative.dev/target","reason":"BadRequest","code":400}')
+    assert servedmodel.refusal_message(body).startswith('admission webhook "validation.webhook.serving.knative.dev" denied')
+    assert servedmodel.refusal_message(b"not json") == "not json"
+    assert servedmodel.refusal_message(None) == ""

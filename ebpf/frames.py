@@ -1,0 +1,167 @@
+"""Framed requests between the sandbox runtime and the node agent: one frame per direction on a kept-alive
+unix-socket connection, on the agent's own socket beside its HTTP API.
+
+HTTP costs a tool call two request parsers, header sets and a response builder on each side; a frame is a
+magic prefix (on a connection's first frame only, which is how the agent tells it from HTTP), a 4-byte
+length and a JSON object. A request is {"op": NAME, ...}; an answer is {"status": CODE, "body": ...} or
+{"status": CODE, "error": MESSAGE}, with HTTP's status codes so both transports report alike.
+
+Who is calling is known once per connection (SO_PEERCRED at accept): a connection belongs to the process
+that opened it, since the runtime's sockets are close-on-exec and the runtime is not dumpable.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from agentkube.ebpf.models import MAX_REQUEST_BYTES
+from agentkube.ebpf.unixhttp import ApiError, HttpError, Peer, validation_message
+
+MAGIC = b"AKF1"  # no HTTP method starts with it
+HEADER = struct.Struct("!I")
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+def encode(message: object) -> bytes:
+    payload = message.model_dump_json().encode() if isinstance(message, BaseModel) else json.dumps(message).encode()
+    return HEADER.pack(len(payload)) + payload
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            if data:
+                raise ConnectionResetError("connection closed in the middle of a frame")
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def read_frame(sock: socket.socket, limit: int) -> object | None:
+    """The next frame's JSON, None at a clean end of the connection. Raises HttpError for a frame that is
+    too large or not JSON (the connection is then closed: its framing can no longer be trusted)."""
+    header = _read_exactly(sock, HEADER.size)
+    if header is None:
+        return None
+    (size,) = HEADER.unpack(header)
+    if size > limit:
+        raise HttpError(413, f"frame of {size} bytes is over the {limit} byte limit")
+    payload = _read_exactly(sock, size)
+    if payload is None:
+        raise ConnectionResetError("connection closed in the middle of a frame")
+    try:
+        return json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HttpError(400, f"frame is not JSON: {error}") from None
+
+
+# An operation gets the connection's peer, its per-connection memo (for what was checked about the peer
+# once) and the request, and returns the answer's body.
+Operation = Callable[[Peer, dict, dict], object]
+
+
+def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Operation]) -> None:
+    """Answer frames on an accepted connection until it closes (its magic prefix already read)."""
+    memo: dict = {}
+    while True:
+        try:
+            message = read_frame(sock, MAX_REQUEST_BYTES)
+        except HttpError as error:
+            sock.sendall(encode({"status": error.status, "error": error.message}))
+            return
+        except OSError:
+            return
+        if message is None:
+            return
+        try:
+            if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+                raise HttpError(400, "expected a JSON object with an op")
+            operation = operations.get(message["op"])
+            if operation is None:
+                raise HttpError(404, f"no such operation: {message['op']}")
+            body = operation(peer, memo, message)
+            answer = {"status": 200, "body": body.model_dump(mode="json") if isinstance(body, BaseModel) else body}
+        except HttpError as error:
+            answer = {"status": error.status, "error": error.message}
+        except ValidationError as error:
+            answer = {"status": 422, "error": validation_message(error)}
+        except Exception as error:  # the agent keeps serving; the caller learns what broke
+            answer = {"status": 500, "error": f"{type(error).__name__}: {error}"}
+        try:
+            sock.sendall(encode(answer))
+        except OSError:
+            return
+
+
+class FrameClient:
+    """Frames to the node agent over kept-alive connections, shared by the threads that use this client: an
+    idle connection is taken for a request and put back after it. (The runtime serves each SDK request in a
+    thread of its own; a connection per thread would be a new connection, and a new agent thread, per call.)"""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec, as Python's sockets are
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(MAGIC)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _take_idle(self) -> socket.socket | None:
+        # An idle connection with something to read has been closed by the agent (a restarted agent): the
+        # request goes on another rather than failing on it.
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                sock = self._idle.pop()
+            if not select.select([sock], [], [], 0)[0]:
+                return sock
+            sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def request(self, op: str, **fields: object) -> object:
+        """One request and its answer's body; ApiError for a refusal. A connection that breaks (a restarting
+        agent) raises ConnectionError and is dropped; the next request opens a new one."""
+        sock = self._take_idle() or self._connect()
+        try:
+            sock.sendall(encode({"op": op, **fields}))
+            answer = read_frame(sock, MAX_ANSWER_BYTES)
+            if not isinstance(answer, dict) or "status" not in answer:
+                raise ConnectionResetError("the node agent closed the connection" if answer is None
+                                           else "the node agent sent a malformed answer")
+        except BaseException as error:
+            sock.close()
+            if isinstance(error, (ConnectionError, KeyboardInterrupt, SystemExit)):
+                raise
+            if isinstance(error, (OSError, HttpError)):
+                raise ConnectionResetError(f"node agent connection failed: {error}") from None
+            raise
+        with self._lock:
+            self._idle.append(sock)
+        if answer["status"] >= 400:
+            raise ApiError(answer["status"], str(answer.get("error", "")))
+        return answer.get("body")

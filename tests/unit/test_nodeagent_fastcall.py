@@ -1,0 +1,133 @@
+"""The fast call path's pure parts: what a pooled cgroup's limits change costs, the held process's command,
+the frames between runtime and agent."""
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from agentkube.contract import Limits
+from agentkube.ebpf.agent import traced_by
+from agentkube.ebpf.cgroups import limit_settings, limit_writes
+from agentkube.ebpf.frames import HEADER, encode, read_frame
+from agentkube.ebpf.held import SOURCE, command_frame
+from agentkube.ebpf.unixhttp import HttpError
+
+DEFAULTS = Limits(memory=512 << 20, cpu=1.0, pids=256, timeout=600)
+
+
+@pytest.mark.parametrize("kind", ["v2", "hybrid"])
+def test_a_new_cgroup_gets_every_limit_and_a_pooled_one_only_what_changes(kind):
+    assert limit_writes(kind, DEFAULTS) == limit_settings(kind, DEFAULTS.memory, DEFAULTS.cpu, DEFAULTS.pids)
+    assert limit_writes(kind, DEFAULTS, DEFAULTS) == []
+    fewer_pids = DEFAULTS.model_copy(update={"pids": 64})
+    assert [name for _, name, _, _ in limit_writes(kind, fewer_pids, DEFAULTS)] == ["pids.max"]
+
+
+def test_raising_memory_on_v1_writes_the_memory_and_swap_limit_first():
+    # v1 refuses a memory limit above the memory+swap limit: raising must lift memsw first, lowering after.
+    more = DEFAULTS.model_copy(update={"memory": 1 << 30})
+    raised = [name for _, name, _, _ in limit_writes("hybrid", more, DEFAULTS)]
+    assert raised.index("memory.memsw.limit_in_bytes") < raised.index("memory.limit_in_bytes")
+    lowered = [name for _, name, _, _ in limit_writes("hybrid", DEFAULTS, more)]
+    assert lowered.index("memory.limit_in_bytes") < lowered.index("memory.memsw.limit_in_bytes")
+
+
+def test_the_held_process_reads_its_working_directory_then_its_argv():
+    assert command_frame(None, ["echo", "a b", ""]) == b"\0echo\0a b\0\0"
+    assert command_frame("/tmp", ["true"]) == b"/tmp\0true\0"
+
+
+def test_a_traced_process_is_seen():
+    assert traced_by("Name:\tx\nTracerPid:\t0\n") == 0
+    assert traced_by("Name:\tx\nTracerPid:\t4242\n") == 4242
+
+
+def test_frames_round_trip_and_oversized_or_broken_frames_are_refused():
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(encode({"op": "start", "argv": ["ü"]}))
+        assert read_frame(right, 1024) == {"op": "start", "argv": ["ü"]}
+        left.sendall(HEADER.pack(4096))
+        with pytest.raises(HttpError) as too_big:
+            read_frame(right, 1024)
+        assert too_big.value.status == 413
+        left.sendall(HEADER.pack(3) + b"{x}")
+        with pytest.raises(HttpError) as broken:
+            read_frame(right, 1024)
+        assert broken.value.status == 400
+        left.close()
+        assert read_frame(right, 1024) is None  # a clean end
+
+
+def test_the_held_program_runs_its_command_only_once_given_and_exits_125_without_one(tmp_path):
+    program = tmp_path / "held"
+    subprocess.run(["cc", "-static", "-O2", "-o", str(program), str(SOURCE)], check=True)
+
+    def run(command: bytes) -> tuple[int, bytes]:
+        ready_read, ready_write = os.pipe()
+        command_read, command_write = os.pipe()
+        out_read, out_write = os.pipe()
+        pid = os.posix_spawn(str(program), [str(program)], {"PATH": os.environ["PATH"]}, file_actions=[
+            (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, command_read, 3),
+            (os.POSIX_SPAWN_DUP2, ready_write, 4)])
+        for fd in (command_read, ready_write, out_write):
+            os.close(fd)
+        assert os.read(ready_read, 1) == b"r"  # ready before it is given anything
+        os.close(ready_read)
+        os.write(command_write, command)
+        os.close(command_write)
+        with os.fdopen(out_read, "rb") as out:
+            output = out.read()
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), output
+
+    echoed = run(command_frame(str(tmp_path), ["sh", "-c", 'pwd; printf "%s|" "$@"', "sh", "a b", ""]))
+    assert echoed == (0, f"{tmp_path}\na b||".encode())
+    assert run(b"")[0] == 125
+    assert run(command_frame(None, ["/nonexistent/x"]))[0] == 127
+    assert run(command_frame("/nonexistent", ["true"]))[0] == 126
+
+
+def test_frames_share_connections_across_threads_speak_beside_http_and_survive_a_restarted_server(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentkube.ebpf.frames import FrameClient
+    from agentkube.ebpf.unixhttp import ApiError, UnixHttpServer, request
+
+    path = tmp_path / "agent.sock"
+    peers = set()
+
+    def echo(peer, memo, message):
+        memo["count"] = memo.get("count", 0) + 1
+        peers.add(id(memo))
+        if message.get("refuse"):
+            raise HttpError(403, "no")
+        return {"value": message["value"], "on_this_connection": memo["count"]}
+
+    def serve():
+        server = UnixHttpServer(path, {("GET", "/v1/ping"): lambda peer, params, body: (200, {"pong": True})},
+                                frames={"echo": echo})
+        server.start()
+        return server
+
+    server = serve()
+    client = FrameClient(path)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: client.request("echo", value=i), range(40)))
+        assert [a["value"] for a in answers] == list(range(40))
+        assert len(peers) <= 4  # kept-alive connections, reused by whichever thread comes next
+        with pytest.raises(ApiError) as refused:
+            client.request("echo", value=1, refuse=True)
+        assert refused.value.status == 403
+        with pytest.raises(ApiError) as unknown:
+            client.request("nothing")
+        assert unknown.value.status == 404
+        assert request(path, "GET", "/v1/ping") == {"pong": True}  # HTTP on the same socket
+        server.stop()
+        server = serve()  # a restarted agent: idle connections are closed ones now
+        assert client.request("echo", value=7)["value"] == 7
+    finally:
+        client.close()
+        server.stop()
