@@ -18,7 +18,7 @@ from kubernetes.client import ApiException, CustomObjectsApi
 
 from agentkube.devenv import DevEnv, images, knative, process
 from agentkube.operator import api, autoscaling, servedmodel
-from harness import Operator, install_operator, kubectl_runner, node_environment
+from harness import Operator, install_operator, node_environment
 
 MODEL_PORT = 8080
 SERVING = ("serving.knative.dev", "v1")
@@ -26,18 +26,9 @@ SERVING = ("serving.knative.dev", "v1")
 
 @pytest.fixture(scope="module")
 def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
+    """Overrides the e2e one (its `api_client` and `kubectl` then take this environment)."""
     with node_environment(request, with_prometheus=True, with_knative=True) as env:
         yield env
-
-
-@pytest.fixture(scope="module")
-def api_client(devenv: DevEnv) -> kubernetes.client.ApiClient:
-    return kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))
-
-
-@pytest.fixture(scope="module")
-def kubectl(devenv: DevEnv):
-    return kubectl_runner(devenv)
 
 
 @pytest.fixture(scope="module")
