@@ -132,6 +132,7 @@ class Sandbox:
     main: Cgroup
     last_activity: float = field(default_factory=time.time)
     totals: Counter = field(default_factory=Counter)  # call totals since it was registered (call_totals)
+    closing: bool = False  # set, with its pool taken, when it is unregistered: no cgroup may join its pool after
 
     @property
     def key(self) -> str:
@@ -310,6 +311,7 @@ class NodeAgent:
         for call_id in [c for c, r in self.running.items() if f"{r.namespace}/{r.sandbox}" == sandbox.key]:
             self.finalize(call_id, CallFinish())
         with self._lock:
+            sandbox.closing = True
             pooled = list(self.pools.pop(sandbox.key, {}).values())
         for slot in pooled:  # the waiting cgroups go with their sandbox, held processes killed
             self._discard(slot)
@@ -354,8 +356,7 @@ class NodeAgent:
             raise HttpError(422, str(error)) from None
         limits = resolved.limits
         call_id = uuid.uuid4().hex[:16]
-        cgroup = sandbox.cgroup.child(CALL_PREFIX + call_id)
-        cgroup.create()
+        cgroup = self._call_cgroup(sandbox, call_id)
         now = time.time()
         record = CallRecord(
             call_id=call_id, sandbox=sandbox.spec.name, namespace=sandbox.spec.namespace,
@@ -403,8 +404,7 @@ class NodeAgent:
                 raise HttpError(429, f"{MAX_RUNNING_CALLS} calls are running or waiting on this node; retry later")
         limits = resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits
         call_id = uuid.uuid4().hex[:16]
-        cgroup = sandbox.cgroup.child(CALL_PREFIX + call_id)
-        cgroup.create()
+        cgroup = self._call_cgroup(sandbox, call_id)
         slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits)
         try:
             cgroup.apply(limits)
@@ -412,10 +412,8 @@ class NodeAgent:
             # after a restart (its process killed), so a pool needs no record on disk.
             self.programs.track(slot.cgroup_id, ToolNetwork(egress="none"))
             cgroup.add_process(pid)
-            with self._lock:
-                if sandbox.key not in self.sandboxes:
-                    raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")
-                self.pools.setdefault(sandbox.key, {})[call_id] = slot
+            if not self._wait_in_pool(sandbox, slot):
+                raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")
         except BaseException:
             self._discard(slot)
             raise
@@ -443,8 +441,8 @@ class NodeAgent:
             resolved = resolve_limits(request.intent, list(self.history.get(f"{sandbox.key}\t{signature}", ())),
                                       sandbox.spec.tools, sandbox.spec.envelope.envelope())
         except OutOfEnvelope as error:
-            with self._lock:  # nothing was changed: the cgroup waits for the next call
-                self.pools.setdefault(sandbox.key, {})[slot.call_id] = slot
+            if not self._wait_in_pool(sandbox, slot):  # nothing was changed: the cgroup waits for the next call
+                self._discard(slot)
             raise HttpError(422, str(error)) from None
         limits = resolved.limits
         now = time.time()
@@ -471,6 +469,26 @@ class NodeAgent:
         self._arm(record)
         return CallPlaced(call_id=record.call_id, cgroup=slot.cgroup.unified_path, limits=limits,
                           sources=resolved.sources)
+
+    def _call_cgroup(self, sandbox: Sandbox, call_id: str) -> Cgroup:
+        """A new call cgroup under the sandbox's. Never makes the sandbox's own directories again: once they
+        are removed (the sandbox unregistered meanwhile), a call cgroup there would have none of its limits."""
+        cgroup = sandbox.cgroup.child(CALL_PREFIX + call_id)
+        try:
+            cgroup.create(parents=False)
+        except FileNotFoundError:
+            cgroup.remove()  # what was made in the hierarchies where the sandbox was still there
+            raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node") from None
+        return cgroup
+
+    def _wait_in_pool(self, sandbox: Sandbox, slot: PooledCgroup) -> bool:
+        """Put a cgroup in its sandbox's pool, unless the sandbox is being unregistered (which takes the pool
+        in the same locked step that marks it closing, so a slot added later would outlive it)."""
+        with self._lock:
+            if sandbox.closing or self.sandboxes.get(sandbox.key) is not sandbox:
+                return False
+            self.pools.setdefault(sandbox.key, {})[slot.call_id] = slot
+            return True
 
     def _discard(self, slot: PooledCgroup) -> None:
         """A waiting cgroup that will serve no call: its process killed, its entries and directories removed."""

@@ -313,14 +313,15 @@ class Cgroup:
         """The v2 cgroup id BPF sees (the inode of the unified directory)."""
         return os.stat(self.unified_dir).st_ino
 
-    def create(self, delegate: bool = False) -> None:
-        """Make the directories (parents too). With `delegate` on v2, enable the controllers for this
+    def create(self, delegate: bool = False, parents: bool = True) -> None:
+        """Make the directories (parents too, unless `parents` is false: then a missing parent raises
+        FileNotFoundError instead of being made again without its limits). With `delegate` on v2, enable the controllers for this
         cgroup's children, and in every ancestor, since a child can only use what each ancestor delegates.
         A cgroup that delegates may hold no process (v2), so delegate only once its processes have moved
         to a leaf."""
         for hierarchy in self.layout.hierarchies:
             directory = self.dir(hierarchy)
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=parents, exist_ok=True)
             if delegate and hierarchy.version == 2 and self.layout.kind == "v2":
                 enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
                 for ancestor in delegation_chain(hierarchy.mount, directory):

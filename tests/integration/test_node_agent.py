@@ -583,6 +583,27 @@ def test_the_pool_goes_with_its_sandbox(agent, eventually):
                    timeout=10, message=f"held process {pid} outlived its sandbox")
 
 
+def test_deleting_a_sandbox_while_its_pool_refills_leaves_nothing_behind(agent, eventually):
+    # A call's end starts a refill; deleting the sandbox right then must not let the new cgroup join a pool
+    # that has already been taken away (it would keep its held process and map entries for ever).
+    pins = Path("/sys/fs/bpf") / agent.instance
+    held = []
+    for _ in range(20):
+        local = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS))
+        try:
+            status = sandbox_status(agent, local)
+            held += wait_for_pool(status["cgroup"], eventually).values()
+            assert local.client.run(["/bin/true"], timeout=30).exit_code == 0
+        finally:
+            local.close()
+            agent.sandboxes.remove(local)
+        assert sandbox_dirs(status["cgroup"]) == []
+    assert [len(bpftool("map", "dump", "pinned", str(pins / m))) for m in ("call_stats", "policies")] == [0, 0]
+    eventually(lambda: not [pid for pid in held if Path(f"/proc/{pid}").exists()
+                            and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]],
+               timeout=10, message="a held process outlived its sandbox")
+
+
 def test_a_process_slipped_into_a_waiting_cgroup_never_shares_a_call(agent, sandbox, eventually):
     # Only root can put a process into a call cgroup; if anything ever did, the call that was to use that
     # cgroup must not run beside it: the agent checks the cgroup holds its held process alone.
