@@ -30,11 +30,16 @@ def run(
     gateway_namespace: Annotated[str | None, typer.Option(
         envvar="AGENTKUBE_GATEWAY_NAMESPACE",
         help="The gateway's namespace: only its pods there may reach sandbox runtimes' port.")] = None,
+    node_class: Annotated[str | None, typer.Option(
+        envvar="AGENTKUBE_NODE_CLASS",
+        help="The Karpenter node class the NodePools of spot-enabled ServedModels name, as group/Kind/name "
+             "(e.g. karpenter.k8s.aws/EC2NodeClass/default; unset: karpenter.kwok.sh/KWOKNodeClass/default, "
+             "as `agentkube dev up --with-capacity` makes it).")] = None,
 ) -> None:
     """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
     main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
              peering=peering or None, namespace=namespace, prometheus_url=prometheus_url or None,
-             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace)
+             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace, node_class=node_class)
 
 
 @crds_app.command()

@@ -11,7 +11,7 @@ import kubernetes
 from kubernetes.client import ApiException
 from pydantic import BaseModel
 
-from agentkube.operator import api, crds, servedmodel
+from agentkube.operator import api, capacity, crds, servedmodel
 from agentkube.operator.status import changed, status_patch
 
 SANDBOXES = crds.AGENT_SANDBOX.plural
@@ -183,3 +183,45 @@ def set_target_in_force(namespace: str, service: str, target: int) -> None:
         except ApiException as error:
             if error.status != 404:  # a revision removed meanwhile took its PodAutoscaler along
                 raise
+
+
+# ----- Karpenter NodePools (karpenter.sh/v1, cluster-scoped), which spot-enabled ServedModels run on --------
+
+def _nodepools() -> tuple[str, str, str]:
+    return capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODEPOOLS
+
+
+def list_model_nodepools(namespace: str, name: str) -> list[dict[str, Any]] | None:
+    """The NodePools made for one ServedModel, or None when Karpenter's NodePool CRD is not installed."""
+    selector = f"{capacity.MODEL_NAMESPACE_LABEL}={namespace},{capacity.MODEL_NAME_LABEL}={name}"
+    try:
+        result = client("custom").list_cluster_custom_object(*_nodepools(), label_selector=selector)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return list(result.get("items") or [])
+
+
+def apply_nodepool(manifest: dict[str, Any], current: dict[str, Any] | None) -> None:
+    """Create the NodePool, or bring its labels and spec to the manifest's when they differ."""
+    if current is None:
+        try:
+            client("custom").create_cluster_custom_object(*_nodepools(), manifest)
+            return
+        except ApiException as error:
+            if error.status != 409:
+                raise
+    elif (capacity.holds(current.get("spec") or {}, manifest["spec"])
+          and current["metadata"].get("labels") == manifest["metadata"]["labels"]):
+        return  # the API server's defaults (fields the manifest leaves out) are no difference
+    client("custom").patch_cluster_custom_object(*_nodepools(), manifest["metadata"]["name"],
+                                                 {"metadata": {"labels": manifest["metadata"]["labels"]}, "spec": manifest["spec"]})
+
+
+def delete_nodepool(name: str) -> None:
+    try:
+        client("custom").delete_cluster_custom_object(*_nodepools(), name)
+    except ApiException as error:
+        if error.status != 404:
+            raise

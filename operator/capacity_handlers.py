@@ -1,0 +1,68 @@
+"""Capacity I/O for ServedModels: find out whether Karpenter is there, apply the NodePools `capacity`
+(pure) asks for with the spot share in force, remove them when spot is turned off or the model goes, and
+say which placement is in force (the `Capacity` condition)."""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from agentkube.operator import api, capacity, kube
+from agentkube.operator.kube import SERVED_MODELS
+from agentkube.operator.servedmodel import MODEL_LABEL
+from agentkube.operator.status import ConditionUpdate
+
+CONDITION = "Capacity"
+
+_node_class = capacity.NodeClassRef()
+
+
+def configure_capacity(node_class: str | None) -> None:
+    """The node class every NodePool names (`group/Kind/name`; unset: KWOK's `default`, as `dev up
+    --with-capacity` makes it)."""
+    global _node_class
+    _node_class = capacity.NodeClassRef.parse(node_class) if node_class else capacity.NodeClassRef()
+
+
+@dataclass(frozen=True)
+class CapacityInForce:
+    placement: dict[str, Any]  # the revision's pod-spec fields
+    condition: ConditionUpdate
+    spot_share: float
+
+
+def policy_share(spec: api.ServedModelSpec, status: api.ServedModelStatus) -> float | None:
+    """The policy's last spot share, under `ppo` (None otherwise, or before its first decision)."""
+    if spec.autoscaling.policy == "ppo" and status.last_decision is not None:
+        return status.last_decision.spot_share
+    return None
+
+
+def apply_capacity(namespace: str, name: str, spec: api.ServedModelSpec, status: api.ServedModelStatus) -> CapacityInForce:
+    """Bring the model's NodePools to what its spec and the policy's share ask for; the placement that goes
+    with them."""
+    spot = spec.capacity.spot
+    existing = kube.list_model_nodepools(namespace, name)
+    mode: capacity.Mode = "labels" if existing is None else "karpenter"
+    share = capacity.spot_share_in_force(spot, policy_share(spec, status))
+    wanted = capacity.nodepools(namespace, name, spot, share, _node_class) if spot.enabled and mode == "karpenter" else []
+    current = {pool["metadata"]["name"]: pool for pool in existing or []}
+    for pool in wanted:
+        kube.apply_nodepool(pool, current.get(pool["metadata"]["name"]))
+    # A pool no longer wanted (spot off, or a share of 0 or 1): Karpenter drains and removes its nodes.
+    for stale in set(current) - {pool["metadata"]["name"] for pool in wanted}:
+        kube.delete_nodepool(stale)
+    domains = capacity.split(spot, share) if spot.enabled and mode == "karpenter" else None
+    return CapacityInForce(capacity.placement(namespace, name, spot, mode, MODEL_LABEL),
+                           capacity.capacity_condition(spot, mode, domains), share)
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, SERVED_MODELS, optional=True)
+def served_model_deleted(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    """NodePools are cluster-scoped, so no owner reference takes them along with the model: remove them.
+    `optional`: no finalizer holds a model's deletion for this (a model deleted while the operator is down
+    leaves its NodePools, which `kubectl delete nodepools -l agentkube.dev/served-model=NAME` removes)."""
+    for pool in kube.list_model_nodepools(namespace, name) or []:
+        kube.delete_nodepool(pool["metadata"]["name"])
+        logger.info("deleted NodePool %s of %s/%s", pool["metadata"]["name"], namespace, name)
