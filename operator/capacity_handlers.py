@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from agentkube.operator import api, capacity, kube
+from agentkube.operator import api, capacity, interruptions, kube
 from agentkube.operator.kube import SERVED_MODELS
 from agentkube.operator.servedmodel import MODEL_LABEL
 from agentkube.operator.status import ConditionUpdate
@@ -66,3 +66,45 @@ def served_model_deleted(namespace: str, name: str, logger: logging.Logger, **_:
     for pool in kube.list_model_nodepools(namespace, name) or []:
         kube.delete_nodepool(pool["metadata"]["name"])
         logger.info("deleted NodePool %s of %s/%s", pool["metadata"]["name"], namespace, name)
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A node about to go (see `interruptions`): raise the floors of the revisions with pods on it and hold
+    their drain until replacements are Ready. A node gone: put the floors back."""
+    node = kube.as_dict(dict(body))
+    name = node["metadata"]["name"]
+    if type == "DELETED":
+        restore_floors(logger)
+        return
+    signal = interruptions.interruption_signal(node)
+    if signal is None:
+        return
+    pods = [pod for pod in kube.list_model_pods_on_node(name) if not pod["metadata"].get("deletionTimestamp")]
+    for (namespace, revision), on_node in interruptions.pods_by_revision(pods).items():
+        pod_autoscaler = kube.read_pod_autoscaler(namespace, revision)  # Knative names it after its revision
+        if pod_autoscaler is None:
+            continue
+        running = kube.count_revision_pods(namespace, revision)
+        patch = interruptions.raised_floor(pod_autoscaler, name, running, len(on_node))
+        if patch is None:
+            continue  # this node's notice was handled already
+        # The budget first: from then on no drain evicts below the pods running now.
+        kube.create_disruption_budget(namespace, interruptions.disruption_budget(namespace, revision, running))
+        kube.patch_pod_autoscaler(namespace, revision, patch)
+        logger.warning("node %s is going (%s): revision %s/%s floor raised by %d for replacements",
+                       name, signal, namespace, revision, len(on_node))
+
+
+def restore_floors(logger: logging.Logger) -> None:
+    """Put back every floor an interruption raised once all the nodes that raised it are gone."""
+    existing = kube.node_names()
+    for pod_autoscaler in kube.list_all_pod_autoscalers():
+        patch = interruptions.restored_floor(pod_autoscaler, existing)
+        if patch is None:
+            continue
+        namespace, revision = pod_autoscaler["metadata"]["namespace"], pod_autoscaler["metadata"]["name"]
+        kube.patch_pod_autoscaler(namespace, revision, patch)
+        kube.delete_disruption_budget(namespace, interruptions.budget_name(revision))
+        logger.info("revision %s/%s: interrupted nodes gone, floor back to %s", namespace, revision,
+                    patch["metadata"]["annotations"][interruptions.MIN_SCALE])

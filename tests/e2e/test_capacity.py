@@ -1,0 +1,91 @@
+"""Spot-enabled ServedModels on real Karpenter (its KWOK provider) and real Knative Serving
+(`dev up --with-knative --with-capacity`): the operator's NodePools make Karpenter launch spot and
+on-demand NodeClaims, and the revision's pods land on both in the split asked for, never below the
+on-demand base. Karpenter's nodes have simulated kubelets (kwok): the pods bound there never run."""
+
+from collections import Counter
+from collections.abc import Iterator
+
+import kubernetes
+import pytest
+from kubernetes.client import CustomObjectsApi
+
+from agentkube.devenv import DevEnv, images
+from agentkube.operator import api, capacity
+from harness import Operator, install_operator, node_environment
+
+KARPENTER = (capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION)
+
+
+@pytest.fixture(scope="module")
+def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
+    """Overrides the e2e one (its `api_client` and `kubectl` then take this environment)."""
+    with node_environment(request, with_knative=True, with_capacity=True) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def operator(devenv, kubectl, tmp_path_factory) -> Iterator[Operator]:
+    running = Operator(install_operator(devenv, kubectl), tmp_path_factory.mktemp("operator"), "--peering=")
+    running.start()
+    yield running
+    running.stop()
+
+
+def _nodeclaims(api_client, nodepools: set[str]) -> list[dict]:
+    items = CustomObjectsApi(api_client).list_cluster_custom_object(*KARPENTER, capacity.NODECLAIMS)["items"]
+    return [claim for claim in items if claim["metadata"].get("labels", {}).get(capacity.NODEPOOL_LABEL) in nodepools]
+
+
+def _ready(obj: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def _placed_pods(api_client, namespace: str, name: str) -> Counter:
+    """Capacity type → the model's scheduled, undeleted pods on nodes of that type."""
+    core = kubernetes.client.CoreV1Api(api_client)
+    node_types = {node.metadata.name: (node.metadata.labels or {}).get(capacity.CAPACITY_TYPE_LABEL, "none")
+                  for node in core.list_node().items}
+    pods = core.list_namespaced_pod(namespace, label_selector=f"agentkube.dev/served-model={name}").items
+    return Counter(node_types.get(pod.spec.node_name, "unscheduled") for pod in pods if not pod.metadata.deletion_timestamp)
+
+
+def test_spot_enabled_model_gets_spot_and_on_demand_nodeclaims_and_pods_on_both(api_client, operator, namespace, eventually):
+    custom = CustomObjectsApi(api_client)
+    # Four replicas at a spot share of at most 0.5 over an on-demand base of 1: one on-demand and one spot
+    # spread domain, two pods on each.
+    replicas = 4
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", {
+        "apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": "llm"},
+        "spec": {"model": {"name": "emulated"}, "image": images.MODEL_SERVER_IMAGE,
+                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                 "autoscaling": {"policy": "fixed", "minScale": replicas, "maxScale": replicas, "initialScale": replicas},
+                 "capacity": {"spot": {"enabled": True, "onDemandBase": 1, "maxSpotFraction": 0.5}}}})
+    pools = {capacity.nodepool_name(namespace, "llm", kind) for kind in (capacity.ON_DEMAND, capacity.SPOT)}
+    eventually(lambda: {p["metadata"]["name"] for p in custom.list_cluster_custom_object(*KARPENTER, capacity.NODEPOOLS)["items"]}
+               >= pools, timeout=60, message="the operator made no NodePools")
+
+    # Karpenter launches NodeClaims of both capacity types, and their (simulated) nodes become Ready.
+    def claims_by_type() -> dict[str, int]:
+        ready = [c for c in _nodeclaims(api_client, pools) if _ready(c)]
+        return Counter(c["metadata"]["labels"].get(capacity.CAPACITY_TYPE_LABEL) for c in ready)
+
+    launched = eventually(lambda: (found := claims_by_type()) and found.get("spot") and found.get("on-demand") and found,
+                          timeout=240, interval=2, message="Karpenter launched no Ready spot and on-demand NodeClaims")
+    assert set(launched) == {"spot", "on-demand"}
+
+    # The revision's pods land on both, in the split asked for; never fewer than the base on on-demand.
+    placed = eventually(lambda: (found := _placed_pods(api_client, namespace, "llm")) and sum(
+        found[kind] for kind in ("spot", "on-demand")) == replicas and found,
+        timeout=240, interval=2, message="the revision's pods were not all placed on Karpenter's nodes")
+    assert placed["on-demand"] >= 1
+    assert placed == Counter({"on-demand": 2, "spot": 2})
+
+    model = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "llm")
+    condition = next(c for c in model["status"]["conditions"] if c["type"] == "Capacity")
+    assert (condition["status"], condition["reason"]) == ("True", "NodePoolsApplied")
+
+    # The model goes, and its NodePools with it (they are cluster-scoped: no owner reference does that).
+    custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "llm")
+    eventually(lambda: not {p["metadata"]["name"] for p in custom.list_cluster_custom_object(*KARPENTER, capacity.NODEPOOLS)["items"]}
+               & pools, timeout=60, message="the model's NodePools stayed after it was deleted")
