@@ -1,7 +1,7 @@
 """`agentkube operator ...` and `agentkube crds ...`."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -76,19 +76,20 @@ def interrupt(
     kubernetes.config.load_kube_config()
     core, custom = kubernetes.client.CoreV1Api(), kubernetes.client.CustomObjectsApi()
     try:
-        found = core.read_node(node)
+        found: dict[str, Any] = core.api_client.sanitize_for_serialization(core.read_node(node))
     except ApiException as error:
         typer.echo(f"node {node}: {error.reason}", err=True)
         raise typer.Exit(2) from None
-    if (found.metadata.labels or {}).get(capacity.CAPACITY_TYPE_LABEL) != capacity.SPOT:
+    if (found["metadata"].get("labels") or {}).get(capacity.CAPACITY_TYPE_LABEL) != capacity.SPOT:
         typer.echo(f"node {node} is not a spot node ({capacity.CAPACITY_TYPE_LABEL} is not {capacity.SPOT})", err=True)
         raise typer.Exit(2)
-    claims = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS)["items"]
-    claim = interruptions.nodeclaim_of(claims, node)
+    listed: dict[str, Any] = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION,
+                                                               capacity.NODECLAIMS)
+    claim = interruptions.nodeclaim_of(listed["items"], node)
     if claim is None:
         typer.echo(f"node {node} has no NodeClaim", err=True)
         raise typer.Exit(2)
-    taints = interruptions.notice_taints([core.api_client.sanitize_for_serialization(t) for t in found.spec.taints or []])
+    taints = interruptions.notice_taints((found.get("spec") or {}).get("taints") or [])
     if taints is not None:
         core.patch_node(node, {"spec": {"taints": taints}})
     typer.echo(f"interruption notice on {node}; NodeClaim {claim['metadata']['name']} goes in {notice:g}s")
