@@ -1,7 +1,7 @@
 """`agentkube operator ...` and `agentkube crds ...`."""
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -83,9 +83,8 @@ def interrupt(
     if (found["metadata"].get("labels") or {}).get(capacity.CAPACITY_TYPE_LABEL) != capacity.SPOT:
         typer.echo(f"node {node} is not a spot node ({capacity.CAPACITY_TYPE_LABEL} is not {capacity.SPOT})", err=True)
         raise typer.Exit(2)
-    listed: dict[str, Any] = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION,
-                                                               capacity.NODECLAIMS)
-    claim = interruptions.nodeclaim_of(listed["items"], node)
+    listed = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS)
+    claim = interruptions.nodeclaim_of(cast(dict[str, Any], listed)["items"], node)
     if claim is None:
         typer.echo(f"node {node} has no NodeClaim", err=True)
         raise typer.Exit(2)
