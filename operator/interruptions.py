@@ -24,8 +24,10 @@ INTERRUPTION_TAINTS = (DISRUPTED_TAINT, SPOT_NOTICE_TAINT)
 # A node condition some termination handlers set instead of (or beside) a taint.
 INTERRUPTION_CONDITIONS = ("SpotInterruption", "TerminationScheduled")
 MIN_SCALE = "autoscaling.knative.dev/min-scale"
-# On the PodAutoscaler: the floor before the first interruption, and the nodes that raised it.
+MAX_SCALE = "autoscaling.knative.dev/max-scale"
+# On the PodAutoscaler: the floor (and ceiling) before the first interruption, and the nodes that raised it.
 FLOOR_BEFORE = "agentkube.dev/min-scale-before-interruption"
+CEILING_BEFORE = "agentkube.dev/max-scale-before-interruption"
 INTERRUPTED_NODES = "agentkube.dev/interrupted-nodes"
 REVISION_LABEL = "serving.knative.dev/revision"
 
@@ -61,16 +63,21 @@ def _nodes(annotations: dict[str, str]) -> set[str]:
 
 def raised_floor(pod_autoscaler: dict[str, Any], node: str, revision_pods: int, on_node: int) -> dict[str, Any] | None:
     """The PodAutoscaler's annotation patch that raises its floor by the pods on `node`, over the pods the
-    revision runs (so replacements come on top of them); None when this node already raised it."""
+    revision runs (so replacements come on top of them), and a bounded ceiling with it (the KPA clamps the
+    floor to the ceiling); None when this node already raised it."""
     annotations = (pod_autoscaler.get("metadata") or {}).get("annotations") or {}
     nodes = _nodes(annotations)
     if node in nodes:
         return None
-    before = annotations.get(FLOOR_BEFORE, annotations.get(MIN_SCALE, "0"))
     current = int(annotations.get(MIN_SCALE, "0") or 0)
     floor = max(current, revision_pods) + on_node
-    return {"metadata": {"annotations": {MIN_SCALE: str(floor), FLOOR_BEFORE: before,
-                                         INTERRUPTED_NODES: ",".join(sorted(nodes | {node}))}}}
+    patch = {MIN_SCALE: str(floor), FLOOR_BEFORE: annotations.get(FLOOR_BEFORE, annotations.get(MIN_SCALE, "0")),
+             INTERRUPTED_NODES: ",".join(sorted(nodes | {node}))}
+    ceiling = int(annotations.get(MAX_SCALE, "0") or 0)
+    if ceiling:  # 0 is unbounded
+        patch[MAX_SCALE] = str(max(ceiling, floor))
+        patch[CEILING_BEFORE] = annotations.get(CEILING_BEFORE, str(ceiling))
+    return {"metadata": {"annotations": patch}}
 
 
 def restored_floor(pod_autoscaler: dict[str, Any], existing_nodes: set[str]) -> dict[str, Any] | None:
@@ -80,8 +87,10 @@ def restored_floor(pod_autoscaler: dict[str, Any], existing_nodes: set[str]) -> 
     nodes = _nodes(annotations)
     if not nodes or nodes & existing_nodes:
         return None
-    return {"metadata": {"annotations": {MIN_SCALE: annotations.get(FLOOR_BEFORE, "0"), FLOOR_BEFORE: None,
-                                         INTERRUPTED_NODES: None}}}
+    patch = {MIN_SCALE: annotations.get(FLOOR_BEFORE, "0"), FLOOR_BEFORE: None, INTERRUPTED_NODES: None}
+    if CEILING_BEFORE in annotations:
+        patch |= {MAX_SCALE: annotations[CEILING_BEFORE], CEILING_BEFORE: None}
+    return {"metadata": {"annotations": patch}}
 
 
 def budget_name(revision: str) -> str:

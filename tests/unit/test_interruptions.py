@@ -73,3 +73,14 @@ def test_the_notice_is_a_no_schedule_taint_added_once_and_the_nodeclaim_is_found
     claims = [{"metadata": {"name": "a"}, "status": {"nodeName": "n0"}}, {"metadata": {"name": "b"}, "status": {"nodeName": "n1"}}]
     assert interruptions.nodeclaim_of(claims, "n1")["metadata"]["name"] == "b"
     assert interruptions.nodeclaim_of(claims, "n9") is None
+
+
+def test_a_bounded_ceiling_rises_with_the_floor_and_returns_with_it():
+    raised = interruptions.raised_floor(pa(**{interruptions.MIN_SCALE: "4", interruptions.MAX_SCALE: "4"}), "n1",
+                                        revision_pods=4, on_node=2)["metadata"]["annotations"]
+    assert (raised[interruptions.MIN_SCALE], raised[interruptions.MAX_SCALE]) == ("6", "6")
+    restored = interruptions.restored_floor(pa(**{interruptions.MIN_SCALE: "4", interruptions.MAX_SCALE: "4", **raised}), set())
+    assert restored["metadata"]["annotations"][interruptions.MAX_SCALE] == "4"
+    assert restored["metadata"]["annotations"][interruptions.MIN_SCALE] == "4"
+    unbounded = interruptions.raised_floor(pa(**{interruptions.MAX_SCALE: "0"}), "n1", 1, 1)["metadata"]["annotations"]
+    assert interruptions.MAX_SCALE not in unbounded
