@@ -58,11 +58,14 @@ def apply_capacity(namespace: str, name: str, spec: api.ServedModelSpec, status:
                            capacity.capacity_condition(spot, mode, domains), share)
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, SERVED_MODELS, optional=True)
-def served_model_deleted(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
-    """NodePools are cluster-scoped, so no owner reference takes them along with the model: remove them.
-    `optional`: no finalizer holds a model's deletion for this (a model deleted while the operator is down
-    leaves its NodePools, which `kubectl delete nodepools -l agentkube.dev/served-model=NAME` removes)."""
+@kopf.on.event(api.GROUP, api.VERSION, SERVED_MODELS)
+def served_model_event(type: str, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    """NodePools are cluster-scoped, so no owner reference takes them along with the model: remove them
+    when the model is gone. On the watch's DELETED event rather than with a finalizer, so that nothing
+    holds a model's deletion (a model deleted while no operator runs leaves its NodePools, which
+    `kubectl delete nodepools -l agentkube.dev/served-model=NAME` removes)."""
+    if type != "DELETED":
+        return
     for pool in kube.list_model_nodepools(namespace, name) or []:
         kube.delete_nodepool(pool["metadata"]["name"])
         logger.info("deleted NodePool %s of %s/%s", pool["metadata"]["name"], namespace, name)
