@@ -71,7 +71,9 @@ def autoscaling_annotations(autoscaling: api.Autoscaling, target: int) -> dict[s
     }
 
 
-def knative_service_manifest(body: dict[str, Any], spec: api.ServedModelSpec, target: int) -> dict[str, Any]:
+def knative_service_manifest(body: dict[str, Any], spec: api.ServedModelSpec, target: int,
+                             placement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`placement`: pod-spec fields that say where the revision's pods run (`capacity.placement`)."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     container: dict[str, Any] = {
         "name": "model",
@@ -97,7 +99,7 @@ def knative_service_manifest(body: dict[str, Any], spec: api.ServedModelSpec, ta
         "spec": {
             "template": {
                 "metadata": {"labels": labels, "annotations": autoscaling_annotations(spec.autoscaling, target)},
-                "spec": {"containers": [container]},
+                "spec": {"containers": [container], **(placement or {})},
             }
         },
     }

@@ -9,11 +9,11 @@ from typing import Any
 import kopf
 from kubernetes.client import ApiException
 
-from agentkube.operator import api, autoscaling, kube, metrics, servedmodel
+from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, servedmodel
 from agentkube.operator.autoscaling_loop import decide_served_model
 from agentkube.operator.kube import SERVED_MODELS
 from agentkube.operator.rechecks import rechecks
-from agentkube.operator.status import merge_conditions, merge_own_conditions
+from agentkube.operator.status import ConditionUpdate, merge_conditions, merge_own_conditions
 
 # How often a model whose Knative Service is not ready re-reads it (beside the watch on Knative Services).
 KNATIVE_READINESS_RECHECK = timedelta(seconds=10)
@@ -37,7 +37,9 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             # so that the status written below does not start from an older copy than the loop's write.
             body["status"] = (kube.read_own(SERVED_MODELS, namespace, name) or body).get("status")
         current = api.ServedModelStatus.model_validate(body.get("status") or {})
-        manifest = servedmodel.knative_service_manifest(body, spec, servedmodel.template_target(spec))
+        in_force = capacity_handlers.apply_capacity(namespace, name, spec, current)
+        _write_capacity_condition(namespace, name, current, in_force.condition)
+        manifest = servedmodel.knative_service_manifest(body, spec, servedmodel.template_target(spec), in_force.placement)
         try:
             service = _apply_knative_service(namespace, name, manifest)
         except ApiException as error:
@@ -66,6 +68,14 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
         if spec.autoscaling.policy == "ppo":
             # Starts the autoscaling loop (or decides at once after a spec change; the latest timer wins).
             rechecks.schedule(decide_served_model, namespace, name, timedelta(0), logger)
+
+
+def _write_capacity_condition(namespace: str, name: str, status: api.ServedModelStatus, condition: ConditionUpdate) -> None:
+    """The `Capacity` condition alone (every other writer keeps it: see `served_model_status`)."""
+    conditions = merge_own_conditions(status.conditions, [condition], kube.now(), keep={c.type for c in status.conditions})
+    if conditions != status.conditions:
+        kube.patch_status(SERVED_MODELS, namespace, name, status, api.ServedModelStatus(conditions=conditions))
+        status.conditions = conditions
 
 
 def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +116,7 @@ def served_model_status(model: dict[str, Any], spec: api.ServedModelSpec, old: a
         ("KnativeAvailable", True, "KnativeServiceApplied", f"Knative Service {model['metadata']['name']} applied"),
         ("Ready", ready, "KnativeReady" if ready else "KnativeNotReady",
          "the Knative Service is ready" if ready else "waiting for the Knative Service to become ready"),
-    ], now, keep={autoscaling.CONDITION} if ppo else set())
+    ], now, keep={capacity_handlers.CONDITION} | ({autoscaling.CONDITION} if ppo else set()))
     status = api.ServedModelStatus(url=url, ready=ready, conditions=conditions,
                                    observed_generation=model["metadata"].get("generation"))
     if not ppo or old.concurrency_target is None:

@@ -99,12 +99,13 @@ def kubectl_runner(devenv: DevEnv):
 
 @contextmanager
 def node_environment(request: pytest.FixtureRequest, node_agent: str = "host",
-                     with_prometheus: bool = False, with_knative: bool = False) -> Iterator[DevEnv]:
+                     with_prometheus: bool = False, with_knative: bool = False,
+                     with_capacity: bool = False) -> Iterator[DevEnv]:
     """A temporary environment with the node (`node_agent`: see DevEnv; `with_knative`: Knative Serving
     on it), its logs kept if a test failed."""
     failed_before = request.session.testsfailed
     with temporary_env(with_prometheus=with_prometheus, with_node=True, node_agent=node_agent,
-                       with_knative=with_knative) as env:
+                       with_knative=with_knative, with_capacity=with_capacity) as env:
         yield env
         if request.session.testsfailed > failed_before and env.layout.logs.is_dir():
             # The environment goes with the fixture: keep its components' logs for whoever reads the failure.
