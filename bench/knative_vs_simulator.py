@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import Operator, install_operator, kubectl_runner  # noqa: E402  (the operator as the tests run it)
 
 RESULTS = Path(__file__).parent / "results"
+SIM_SEEDS = 10  # the simulator's own spread (its cold starts are random) beside the one real run
 NAME = "llm"
 MODEL_PORT = 8080
 SERVING = ("serving.knative.dev", "v1")
@@ -237,10 +238,15 @@ def write_report(result: dict, out: Path) -> None:
              f"`{result['command']}`", ""]
     for policy, runs in result["policies"].items():
         comparison = runs["comparison"]
-        lines += [f"## policy `{policy}`", "", "| figure | real Knative | simulator | simulator / real |", "|---|--:|--:|--:|"]
+        seeds = runs["simulator_seeds"]
+        lines += [f"## policy `{policy}`", "", f"| figure | real Knative | simulator (seed {result['slice']['seed']}) | "
+                  f"simulator / real | simulator, {len(seeds['seconds'])} seeds: min–max |", "|---|--:|--:|--:|--:|"]
         for key in FIGURES:
+            values = np.asarray(seeds[key], dtype=float)
+            values = values[~np.isnan(values)]
+            spread = f"{_fmt(float(values.min()))}–{_fmt(float(values.max()))}" if values.size else "—"
             lines.append(f"| {key} | {_fmt(comparison['real'][key])} | {_fmt(comparison['simulator'][key])} | "
-                         f"{_fmt(comparison['simulator_over_real'][key])} |")
+                         f"{_fmt(comparison['simulator_over_real'][key])} | {spread} |")
         gaps = comparison["gaps"]
         lines += ["", f"Ready pods, mean |real − simulator|: {gaps['ready_pods_mean_abs_diff']:.2f} per second, "
                       f"{gaps['ready_pods_minute_mean_abs_diff']:.2f} on minute means. Real run: "
@@ -258,6 +264,32 @@ def write_report(result: dict, out: Path) -> None:
         kpa, ppo = (result["policies"][p]["comparison"]["real"] for p in ("kpa", "ppo"))
         lines += ["", f"PPO's cost against the default: {ppo['pod_seconds'] / kpa['pod_seconds'] - 1:+.1%}.", ""]
     (out / "knative_vs_simulator.md").write_text("\n".join(lines) + "\n")
+    _plot(result, out)
+
+
+def _plot(result: dict, out: Path) -> None:
+    """Ready pods over time, real against simulated, one panel per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = result["policies"]
+    fig, axes = plt.subplots(len(policies), 1, figsize=(10, 3.2 * len(policies)), sharex=True, squeeze=False)
+    for axis, (policy, runs) in zip(axes[:, 0], policies.items(), strict=True):
+        series = runs["series"]
+        minutes = np.arange(len(series["real_ready"])) / 60.0
+        axis.step(minutes, series["real_ready"], where="post", label="real Knative: ready", lw=1.2)
+        axis.step(minutes, series["real_desired"], where="post", label="real: KPA wants", lw=0.8, ls="--")
+        axis.step(minutes, series["sim_ready"], where="post", label="simulator: ready", lw=1.2)
+        axis.step(minutes, series["sim_pods"], where="post", label="simulator: wants", lw=0.8, ls="--")
+        axis.set_ylabel(f"{policy}: pods")
+        axis.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("minutes into the slice")
+    fig.suptitle(result["slice"]["description"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "knative_vs_simulator.png", dpi=90)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -298,8 +330,11 @@ def main() -> None:
                 print(f"{policy}: replaying {description}", flush=True)
                 real, extra = real_run(env, kubectl, policy, trace, args, config)
                 simulated = simulate(policy, trace, config, int(extra["initial_ready_pods"]), args.seed)
+                spread = [summarize(simulate(policy, trace, config, int(extra["initial_ready_pods"]), seed), config.slo)
+                          for seed in range(SIM_SEEDS)]
                 result["policies"][policy] = {
                     "comparison": compare(real, simulated, config.slo), "real_extra": extra,
+                    "simulator_seeds": {key: [run[key] for run in spread] for key in spread[0]},
                     "series": {"real_ready": real.ready.tolist(), "real_pods": real.pods.tolist(),
                                "real_desired": real.desired.tolist(), "sim_ready": simulated.ready.tolist(),
                                "sim_pods": simulated.pods.tolist()},
