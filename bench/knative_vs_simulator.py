@@ -314,7 +314,8 @@ def main() -> None:
     result: dict = {"slice": {"description": description, **vars(args) | {"out": str(args.out)}},
                     "command": "flock /tmp/agentkube-node.lock .venv/bin/python bench/knative_vs_simulator.py "
                                + " ".join(sys.argv[1:]), "policies": {}}
-    env = DevEnv(default_state_dir(), tie_to_parent=True, with_knative=True)
+    # No node agent: nothing here runs sandboxes, and its eBPF programs would only take CPU from the run.
+    env = DevEnv(default_state_dir(), tie_to_parent=True, with_knative=True, node_agent="none")
     started = time.monotonic()
     env.up()
     print(f"environment up in {time.monotonic() - started:.0f}s", flush=True)
