@@ -274,5 +274,9 @@ class ServedModelStatus(Model):
     ready: bool = False
     conditions: list[Condition] = defaulted(list)
     concurrency_target: int | None = None
+    # Knative's Revisions of the model: the latest it created and the latest that became ready (they differ
+    # while a spec change rolls out, or when the new one cannot start).
+    latest_created_revision: str | None = None
+    latest_ready_revision: str | None = None
     last_decision: AutoscalingDecision | None = None
     observed_generation: int | None = None

@@ -144,6 +144,12 @@ def read_knative_service(namespace: str, name: str) -> dict[str, Any] | None:
     return read(client("custom").get_namespaced_custom_object, *_knative_services(namespace), name)
 
 
+def read_knative(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    """A serving.knative.dev object of another kind (a Route or Revision), or None when there is none."""
+    return read(client("custom").get_namespaced_custom_object, servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION,
+                namespace, plural, name)
+
+
 def create_knative_service(namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Raises ApiException 404 when Knative Serving is not installed."""
     return client("custom").create_namespaced_custom_object(*_knative_services(namespace), manifest)

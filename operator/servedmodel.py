@@ -105,6 +105,42 @@ def knative_service_manifest(body: dict[str, Any], spec: api.ServedModelSpec, ta
     }
 
 
+ROUTES = "routes"
+REVISIONS = "revisions"
+
+
+def _ready_condition(obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    return next((c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+
+
+def _as_status(condition: dict[str, Any] | None) -> bool | None:
+    return None if condition is None or condition.get("status") not in ("True", "False") else condition["status"] == "True"
+
+
+def latest_created_revision(service: dict[str, Any] | None) -> str | None:
+    """The Revision the Service's Configuration made last (the one a spec change is waiting for)."""
+    return ((service or {}).get("status") or {}).get("latestCreatedRevisionName")
+
+
+def knative_route_and_revision_conditions(route: dict[str, Any] | None, revision: dict[str, Any] | None,
+                                          revision_name: str | None) -> list[tuple[str, bool | None, str, str]]:
+    """`RouteReady` and `RevisionReady`, Knative's own status, reason and message (why a Route is not
+    programmed by the KIngress, why a Revision's pods do not start: `ExitCode1`, `ImagePullBackOff`, ...).
+    Unknown while Knative has not said."""
+    route_ready = _ready_condition(route)
+    revision_ready = _ready_condition(revision)
+    route_status, revision_status = _as_status(route_ready), _as_status(revision_ready)
+    named = f"Revision {revision_name}" if revision_name else "no Revision yet"
+    return [
+        ("RouteReady", route_status, (route_ready or {}).get("reason") or ("RouteReady" if route_status else "RouteNotReady"),
+         (route_ready or {}).get("message") or ("the Route is ready" if route_status else
+                                                "waiting for the Route" if route is not None else "no Route yet")),
+        ("RevisionReady", revision_status,
+         (revision_ready or {}).get("reason") or ("RevisionReady" if revision_status else "RevisionNotReady"),
+         f"{named}: " + ((revision_ready or {}).get("message") or ("ready" if revision_status else "not ready yet"))),
+    ]
+
+
 def knative_readiness(service: dict[str, Any] | None) -> tuple[bool, str | None]:
     """(ready, url) from a Knative Service's status."""
     status = (service or {}).get("status") or {}

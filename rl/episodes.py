@@ -89,12 +89,16 @@ def run_episode(
     bounds: ActionBounds = ActionBounds(),
     weights: RewardWeights = RewardWeights(),
     initial_target: float | None = None,
+    ready_pods: int | None = None,
 ) -> tuple[EpisodeSummary, Simulator, float]:
     """Run `policy` over `trace` from a warm revision; returns the summary, the simulator (with its
     per-second series) and the total reward. Each decision's target is bounded as the operator bounds
-    it (`observation.bounded_target`: at most `bounds.max_change_fraction` away from the one in force)."""
+    it (`observation.bounded_target`: at most `bounds.max_change_fraction` away from the one in force).
+    `ready_pods`: the warm pods at the start (default: `warm_pods`, what a revision running under the
+    initial target would have)."""
     sim = Simulator(config)
-    sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm_pods(trace, sim.config, initial_target))
+    warm = warm_pods(trace, sim.config, initial_target) if ready_pods is None else ready_pods
+    sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm)
     if hasattr(policy, "reset"):
         policy.reset()
     total_reward = 0.0

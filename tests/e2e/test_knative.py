@@ -68,7 +68,7 @@ def _list(api_client, plural: str, namespace: str, selector: str, group=SERVING)
                                                                       label_selector=selector)["items"]
 
 
-def _condition(obj: dict | None, kind: str) -> str | None:
+def _condition(obj: dict | None, kind: str) -> str | None:  # of a Knative object or a ServedModel
     for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
         if condition["type"] == kind:
             return condition["status"]
@@ -115,6 +115,9 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
     url = model["status"]["url"]
     assert url == f"http://emu.{namespace}.svc.cluster.local"
     assert _condition(_get(api_client, "routes", namespace, "emu"), "Ready") == "True"
+    # Status names the real Route's and Revision's readiness, and the Revision.
+    assert model["status"]["latestReadyRevision"] == model["status"]["latestCreatedRevision"] == revision
+    assert _condition(model, "RouteReady") == _condition(model, "RevisionReady") == "True"
 
     answer = _complete(api_client, url)
     assert answer.status_code == 200, answer.text
@@ -137,6 +140,28 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
     assert again.status_code == 200, again.text
     assert _revision_pods(api_client, namespace, revision)
     assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=emu")) == 1
+
+
+def test_a_revision_that_cannot_start_is_reported_with_knatives_reason(api_client, operator, namespace, eventually):
+    """The model server refuses a negative model-load time and exits: Knative marks the Revision failed
+    (`ExitCode1`, with the container's message) and the ServedModel's `RevisionReady` says so."""
+    custom = CustomObjectsApi(api_client)
+    model = _served_model("broken", policy="kpa")
+    model["spec"]["env"] = [{"name": "MODEL_LOAD_S", "value": "-1"}]
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", model)
+
+    def revision_condition() -> dict | None:
+        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "broken").get("status") or {}
+        found = next((c for c in status.get("conditions") or [] if c["type"] == "RevisionReady"), None)
+        return found if found and found["status"] == "False" and found["reason"].startswith("ExitCode") else None
+
+    condition = eventually(revision_condition, timeout=180, interval=2,
+                           message="the failing Revision's reason did not reach the ServedModel")
+    assert condition["reason"] == "ExitCode1"
+    assert condition["message"].startswith("Revision broken-00001: Container failed with:")
+    status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "broken")["status"]
+    assert not status["ready"] and status["latestCreatedRevision"] == "broken-00001"
+    assert status.get("latestReadyRevision") is None
 
 
 def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stays(
