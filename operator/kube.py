@@ -174,17 +174,18 @@ def patch_pod_autoscaler(namespace: str, name: str, patch: dict[str, Any]) -> di
         servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace, servedmodel.PA_PLURAL, name, patch)
 
 
-def set_target_in_force(namespace: str, service: str, target: int) -> None:
-    """Put `target` on the PodAutoscalers of the Service's revisions, where the KPA reads it (see
-    `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out new pods. A revision created
-    later starts with the template's target and gets this one at the next reconcile or decision."""
+def set_target_in_force(namespace: str, service: str, target: int, min_scale: int) -> None:
+    """Put `target` and `min_scale` (the warm-pod floor) on the PodAutoscalers of the Service's revisions,
+    where the KPA reads them (see `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out
+    new pods. A revision created later starts with the template's and gets these at the next reconcile or
+    decision."""
     try:
         pod_autoscalers = list_pod_autoscalers(namespace, service)
     except ApiException as error:
         if error.status == 404:
             return  # Knative's autoscaling CRD is not installed: nothing scales this Service yet
         raise
-    for name, patch in servedmodel.pod_autoscaler_target_patches(pod_autoscalers, target):
+    for name, patch in servedmodel.pod_autoscaler_patches(pod_autoscalers, target, min_scale):
         try:
             patch_pod_autoscaler(namespace, name, patch)
         except ApiException as error:

@@ -133,6 +133,8 @@ def served_model_status(model: dict[str, Any], spec: api.ServedModelSpec, old: a
         # Under `ppo` the autoscaling loop owns the target in force; a reconcile that read the status
         # before the loop's last write must not put an older target back.
         status.concurrency_target = servedmodel.concurrency_target(spec, old)
+    if not ppo or old.min_scale is None:
+        status.min_scale = servedmodel.min_scale_in_force(spec, old)
     return status
 
 
@@ -153,7 +155,9 @@ def knative_service_changed(type: str, body: kopf.Body, logger: logging.Logger, 
 
 
 def _put_target_in_force(namespace: str, name: str, spec: api.ServedModelSpec, status: api.ServedModelStatus) -> None:
-    """The target in force (the loop's last decision under `ppo`, the spec's otherwise) onto the revisions'
-    PodAutoscalers: Knative never resets what is set there, so leaving `ppo` must put the spec's back."""
+    """The target and min-scale in force (the loop's last decision under `ppo`, the spec's otherwise) onto
+    the revisions' PodAutoscalers: Knative never resets what is set there, so leaving `ppo` must put the
+    spec's back."""
     if spec.autoscaling.policy != "fixed":
-        kube.set_target_in_force(namespace, name, servedmodel.concurrency_target(spec, status))
+        kube.set_target_in_force(namespace, name, servedmodel.concurrency_target(spec, status),
+                                 servedmodel.min_scale_in_force(spec, status))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -171,6 +171,18 @@ class Simulator:
     def set_target(self, target: float | None) -> None:
         """The `autoscaling.knative.dev/target` annotation (None: Knative's default)."""
         self.knative = self.knative.with_target(None if target is None else float(target))
+
+    def set_min_scale(self, pods: int) -> None:
+        """The `autoscaling.knative.dev/min-scale` annotation on the revision's PodAutoscaler (the policy's
+        warm-pod floor): never below the configured min-scale, which is the revision's own."""
+        floor = max(int(pods), self.config.knative.min_scale)
+        if self.knative.max_scale > 0:
+            floor = min(floor, self.knative.max_scale)  # Knative refuses min-scale above max-scale
+        self.knative = replace(self.knative, min_scale=floor)
+
+    @property
+    def min_scale(self) -> int:
+        return self.knative.min_scale
 
     def set_spot_share(self, share: float) -> None:
         self.spot_share = min(1.0, max(0.0, float(share)))
