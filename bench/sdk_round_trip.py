@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     per_round = args.calls // args.rounds
     samples: dict[str, list[float]] = {k: [] for k in (
-        "host_posix_spawn", "host_subprocess", "node_run", "node_status", "port_run", "api_requests",
+        "host_posix_spawn", "host_subprocess", "node_run", "node_status", "port_run", "api_requests", "api_requests_models",
         "gateway_run", "gateway_healthz")}
     load_before = os.getloadavg()
     env = temporary_env(with_prometheus=False, with_node=True, node_agent="none")
@@ -132,9 +132,18 @@ def main() -> None:
         review = exec_review(Caller(username=f"system:serviceaccount:{NAMESPACE}:agent", uid="",
                                     groups=("system:serviceaccounts",), extra=()), NAMESPACE, NAME)
 
-        async def gateway_requests() -> None:  # as Gateway.run makes them for one call
+        async def gateway_requests() -> None:  # as Gateway.run makes them for one call (its review cache aside)
             await api.review_access(review)
             await asyncio.gather(api.sandbox(NAMESPACE, NAME), api.pod(NAMESPACE, NAME))
+
+        def as_models(call, *argv) -> dict:  # the gateway's reads before: the client's models, back to dicts
+            return api.client.sanitize_for_serialization(call(*argv))
+
+        async def gateway_requests_as_models() -> None:
+            await asyncio.to_thread(as_models, api.authz.create_subject_access_review, review)
+            await asyncio.gather(asyncio.to_thread(as_models, api.custom.get_namespaced_custom_object, "agentkube.dev",
+                                                   "v1alpha1", NAMESPACE, "agentsandboxes", NAME),
+                                 asyncio.to_thread(as_models, api.core.read_namespaced_pod, NAME, NAMESPACE))
 
         def port_run() -> None:
             port.post("/v1/run", json={"argv": ["true"]}).raise_for_status()
@@ -156,6 +165,7 @@ def main() -> None:
             if port_run is not None:
                 samples["port_run"] += timed(port_run, per_round)
             samples["api_requests"] += timed(lambda: loop.run_until_complete(gateway_requests()), per_round)
+            samples["api_requests_models"] += timed(lambda: loop.run_until_complete(gateway_requests_as_models()), per_round)
             done = tool("kubectl", "exec", "-n", NAMESPACE, "client", "--", "python3", "-c", IN_POD, NAMESPACE, NAME,
                         str(per_round))
             for name, values in json.loads(done.stdout).items():
@@ -175,7 +185,8 @@ def main() -> None:
         "node_run": "node: SDK → runtime socket → tool call (`true`)",
         "node_status": "node: SDK → runtime socket → node agent status (no call)",
         "port_run": "node → runtime's TCP port → tool call (the gateway's leg)",
-        "api_requests": "node: the gateway's API requests for one call (SAR, sandbox, pod)",
+        "api_requests": "node: the gateway's API requests for one call (SAR, sandbox, pod), read as JSON",
+        "api_requests_models": "node: the same, read into the client's models and back (the gateway before)",
         "gateway_run": "pod: SDK → gateway → runtime → tool call (`true`)",
         "gateway_healthz": "pod: gateway /healthz (network + HTTP floor)",
     }
