@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from agentkube.contract import EXEC_SUBRESOURCE, LAST_ACTIVITY_ANNOTATION, RUNTIME_PORT, SANDBOX_LABEL, runtime_token, timestamp
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest
-from agentkube.ebpf.runtime_port import NDJSON, bearer_token
+from agentkube.ebpf.runtime_port import NDJSON, RUNTIME_IDLE_SECONDS, bearer_token
 from agentkube.ebpf.unixhttp import validation_message
 
 logger = logging.getLogger("agentkube.gateway")
@@ -58,6 +58,10 @@ CONNECT_SECONDS = 10.0
 # a cold image pull, much longer) before it is answered 504.
 RESUME_SECONDS = 120.0
 RESUME_POLL_SECONDS = 0.25
+# Connections to runtimes are kept for the next call, idle at most this long: well under the runtime's own
+# RUNTIME_IDLE_SECONDS, so that it is the gateway that closes an idle one, not both at once.
+RUNTIME_KEEPALIVE_SECONDS = RUNTIME_IDLE_SECONDS / 4
+STALE_CONNECTION_RETRIES = 3
 
 
 class Refusal(Exception):
@@ -311,6 +315,7 @@ class Gateway:
         is retried for `retry_for` s (nothing was sent, so nothing runs twice)."""
         assert self.session is not None
         deadline = time.monotonic() + retry_for
+        stale = 0
         while True:
             try:
                 return await self.session.post(run_url(address, self.runtime_port), data=run.model_dump_json(),
@@ -319,6 +324,14 @@ class Gateway:
             except aiohttp.ClientConnectorError as error:
                 if time.monotonic() > deadline:
                     raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {error}") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+                # A kept-alive connection the runtime no longer holds (it restarted, or let it go idle): closed
+                # before any answer, so the call was never released (the runtime answers once it is placed,
+                # before it runs). Another connection, a few times at most.
+                stale += 1
+                if stale > STALE_CONNECTION_RETRIES:
+                    raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
+                continue
             except (aiohttp.ClientError, OSError) as error:
                 raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
             await asyncio.sleep(RESUME_POLL_SECONDS)
@@ -371,7 +384,8 @@ class Gateway:
 
         async def session(app: web.Application):
             # No total timeout: a call lasts as long as its own timeout says; connecting is bounded.
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS))
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+                                                 connector=aiohttp.TCPConnector(keepalive_timeout=RUNTIME_KEEPALIVE_SECONDS))
             yield
             await self.session.close()
 
