@@ -250,8 +250,11 @@ def run_scenario(agent, budget: Budget, mode: str, count: int, tasks: list[Task]
         for sandbox, plan in zip(sandboxes, plans, strict=True):
             plan.update(mode=mode, start=start, deadline=start + args.seconds, envelope=envelope,
                         memory_scale=args.memory_scale, python=args.call_python)
-            sandbox.process.stdin.write(json.dumps(plan) + "\n")
-            sandbox.process.stdin.flush()
+            try:
+                sandbox.process.stdin.write(json.dumps(plan) + "\n")
+                sandbox.process.stdin.flush()
+            except BrokenPipeError:  # gone before it started: counted as killed below
+                pass
         answers = []
         for sandbox in sandboxes:
             line = sandbox.process.stdout.readline()
