@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast  # the client serializes plain dicts as it does its models
+from typing import Any, Generic, TypeVar, cast  # the client serializes plain dicts as it does its models
 
 import aiohttp
 import kubernetes
@@ -39,7 +40,7 @@ from pydantic import ValidationError
 
 from agentkube.contract import EXEC_SUBRESOURCE, LAST_ACTIVITY_ANNOTATION, RUNTIME_PORT, SANDBOX_LABEL, runtime_token, timestamp
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest
-from agentkube.ebpf.runtime_port import NDJSON, bearer_token
+from agentkube.ebpf.runtime_port import NDJSON, RUNTIME_IDLE_SECONDS, bearer_token
 from agentkube.ebpf.unixhttp import validation_message
 
 logger = logging.getLogger("agentkube.gateway")
@@ -50,11 +51,17 @@ DEFAULT_PORT = 8080
 # minutes; a short reuse keeps a revoked token's reach short and spares the API server a review per call.
 REVIEW_SECONDS = 10.0
 REVIEW_CACHE_SIZE = 4096
+K = TypeVar("K")
+V = TypeVar("V")
 CONNECT_SECONDS = 10.0
 # How long a call to a suspended sandbox waits for it to run again (a pod start here takes about a second;
 # a cold image pull, much longer) before it is answered 504.
 RESUME_SECONDS = 120.0
 RESUME_POLL_SECONDS = 0.25
+# Connections to runtimes are kept for the next call, idle at most this long: well under the runtime's own
+# RUNTIME_IDLE_SECONDS, so that it is the gateway that closes an idle one, not both at once.
+RUNTIME_KEEPALIVE_SECONDS = RUNTIME_IDLE_SECONDS / 4
+STALE_CONNECTION_RETRIES = 3
 
 
 class Refusal(Exception):
@@ -162,27 +169,37 @@ def run_url(address: str, port: int = RUNTIME_PORT) -> str:
     return f"http://{host}:{port}/v1/run"
 
 
-class ReviewCache:
-    """Recent TokenReview answers by the token's digest (never the token), for REVIEW_SECONDS."""
+class ExpiringCache(Generic[K, V]):
+    """Answers reused for `seconds`, at most `size` of them (the expired, else all, dropped when full)."""
 
     def __init__(self, seconds: float = REVIEW_SECONDS, size: int = REVIEW_CACHE_SIZE):
         self.seconds, self.size = seconds, size
-        self._entries: dict[str, tuple[float, Caller]] = {}
+        self._entries: dict[K, tuple[float, V]] = {}
 
-    @staticmethod
-    def key(token: str) -> str:
-        return hashlib.sha256(token.encode()).hexdigest()
-
-    def get(self, token: str, now: float) -> Caller | None:
-        entry = self._entries.get(self.key(token))
+    def get(self, key: K, now: float) -> V | None:
+        entry = self._entries.get(key)
         return entry[1] if entry and entry[0] > now else None
 
-    def put(self, token: str, caller: Caller, now: float) -> None:
+    def put(self, key: K, value: V, now: float) -> None:
         if len(self._entries) >= self.size:
             self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
             if len(self._entries) >= self.size:
                 self._entries.clear()
-        self._entries[self.key(token)] = (now + self.seconds, caller)
+        self._entries[key] = (now + self.seconds, value)
+
+
+def token_digest(token: str) -> str:
+    """What a token's review is kept under: never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# Recent TokenReview answers, by the token's digest, for REVIEW_SECONDS.
+ReviewCache = ExpiringCache[str, Caller]
+# Who may run commands where: only a SubjectAccessReview's "allowed" is reused, for REVIEW_SECONDS (the API
+# server's own webhook authorizer keeps allowed answers 5 minutes). A denial is asked again each time, so a
+# role granted takes effect at once; a role taken away reaches a caller it allowed within REVIEW_SECONDS,
+# as a revoked token does.
+AccessCache = ExpiringCache[tuple[Caller, str, str], bool]
 
 
 # ----- I/O ----------------------------------------------------------------------------------------------
@@ -205,18 +222,25 @@ class KubernetesApi:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
 
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        return obj if isinstance(obj, dict) else self.client.sanitize_for_serialization(obj)
-
     async def review_token(self, token: str) -> dict[str, Any]:
-        return self._plain(await asyncio.to_thread(self.authn.create_token_review, cast(Any, token_review(token))))
+        return await asyncio.to_thread(self._json, self.authn.create_token_review, cast(Any, token_review(token)))
 
     async def review_access(self, review: dict[str, Any]) -> dict[str, Any]:
-        return self._plain(await asyncio.to_thread(self.authz.create_subject_access_review, cast(Any, review)))
+        return await asyncio.to_thread(self._json, self.authz.create_subject_access_review, cast(Any, review))
+
+    @staticmethod
+    def _json(call: Any, *args: Any) -> dict[str, Any]:
+        # The answer as JSON, not as the client's model objects: building a V1Pod and turning it back into a
+        # dict costs about a millisecond per call, the whole of it thrown away.
+        response = call(*args, _preload_content=False)
+        try:
+            return json.loads(response.data)
+        finally:
+            response.release_conn()  # back to the pool for the next request
 
     async def _read(self, call: Any, *args: Any) -> dict[str, Any] | None:
         try:
-            return self._plain(await asyncio.to_thread(call, *args))
+            return await asyncio.to_thread(self._json, call, *args)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return None
@@ -236,6 +260,7 @@ class Gateway:
     def __init__(self, api: KubernetesApi, runtime_key: bytes, runtime_port: int = RUNTIME_PORT):
         self.api, self.runtime_key, self.runtime_port = api, runtime_key, runtime_port
         self.reviews = ReviewCache()
+        self.access = AccessCache()
         self.session: aiohttp.ClientSession | None = None
         # One resume per sandbox at a time: concurrent calls to a suspended sandbox wait on the same one.
         self.resuming: dict[tuple[str, str], asyncio.Task[str]] = {}
@@ -243,11 +268,13 @@ class Gateway:
     async def authorize(self, request: web.Request, namespace: str, name: str) -> Caller:
         token = token_of(request.headers.get("Authorization"))
         now = time.monotonic()
-        caller = self.reviews.get(token, now)
+        caller = self.reviews.get(token_digest(token), now)
         if caller is None:
             caller = caller_of(await self.api.review_token(token))
-            self.reviews.put(token, caller, now)
-        check_allowed(await self.api.review_access(exec_review(caller, namespace, name)), caller, namespace, name)
+            self.reviews.put(token_digest(token), caller, now)
+        if not self.access.get((caller, namespace, name), now):
+            check_allowed(await self.api.review_access(exec_review(caller, namespace, name)), caller, namespace, name)
+            self.access.put((caller, namespace, name), True, now)
         return caller
 
     async def run(self, request: web.Request) -> web.StreamResponse:
@@ -288,6 +315,7 @@ class Gateway:
         is retried for `retry_for` s (nothing was sent, so nothing runs twice)."""
         assert self.session is not None
         deadline = time.monotonic() + retry_for
+        stale = 0
         while True:
             try:
                 return await self.session.post(run_url(address, self.runtime_port), data=run.model_dump_json(),
@@ -296,6 +324,14 @@ class Gateway:
             except aiohttp.ClientConnectorError as error:
                 if time.monotonic() > deadline:
                     raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {error}") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+                # A kept-alive connection the runtime no longer holds (it restarted, or let it go idle): closed
+                # before any answer, so the call was never released (the runtime answers once it is placed,
+                # before it runs). Another connection, a few times at most.
+                stale += 1
+                if stale > STALE_CONNECTION_RETRIES:
+                    raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
+                continue
             except (aiohttp.ClientError, OSError) as error:
                 raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
             await asyncio.sleep(RESUME_POLL_SECONDS)
@@ -348,7 +384,8 @@ class Gateway:
 
         async def session(app: web.Application):
             # No total timeout: a call lasts as long as its own timeout says; connecting is bounded.
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS))
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+                                                 connector=aiohttp.TCPConnector(keepalive_timeout=RUNTIME_KEEPALIVE_SECONDS))
             yield
             await self.session.close()
 

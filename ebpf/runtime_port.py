@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
+RUNTIME_IDLE_SECONDS = 60.0
 
 
 def from_inside_the_pod(peer: str, local: str) -> bool:
@@ -66,6 +67,12 @@ def bearer_token(header: str | None) -> str | None:
 class _Handler(BaseHTTPRequestHandler):
     server: RuntimePortServer
     protocol_version = "HTTP/1.1"
+    # The answer goes out in small writes (headers once placed, then a chunk per event): with Nagle's
+    # algorithm each one after the first would wait for the gateway's (delayed) acknowledgement.
+    disable_nagle_algorithm = True
+    # A kept-alive connection idle this long is let go (the gateway drops its end well before): no thread
+    # waits forever on a gateway that went away. Also bounds each write to a gateway that stopped reading.
+    timeout = RUNTIME_IDLE_SECONDS
 
     def log_message(self, format, *args):  # requests carry tokens in headers: nothing of them is logged
         pass
@@ -138,7 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
             if text:
                 send({"stream": stream, "data": text})
 
-        self.close_connection = True  # one call per connection: a chunked body ends the exchange
+        # The gateway keeps the connection for its next call (a new one per call is a TCP handshake through the
+        # node's bridge and NetworkPolicy rules, and a new thread here): the last chunk ends this exchange.
+        # Every request is checked again (peer, token) whatever came before on the connection.
         try:
             result = run_call(self.server.agent_socket, self.server.sandbox, run, self.server.pool,
                               on_placed=placed, on_output=output)
@@ -161,8 +170,10 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
+                return
             except OSError:
                 pass
+        self.close_connection = True  # the gateway went away mid-answer: nothing more to say on this one
 
 
 class RuntimePortServer(ThreadingHTTPServer):

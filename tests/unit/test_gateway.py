@@ -1,6 +1,8 @@
+
 """The gateway's decisions and the runtime port's checks, without a cluster: who is asking, what RBAC is
 asked, which pod gets a sandbox's token, and what the sandbox's pod and policy carry for the gateway."""
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -89,12 +91,53 @@ def test_only_the_sandboxes_own_running_pod_gets_its_token():
 def test_reviews_are_reused_briefly_and_keyed_by_digest():
     cache = gateway.ReviewCache(seconds=10, size=2)
     caller = gateway.Caller("u", "", (), ())
-    cache.put("secret-token", caller, now=0)
-    assert cache.get("secret-token", now=5) == caller and cache.get("secret-token", now=11) is None
+    cache.put(gateway.token_digest("secret-token"), caller, now=0)
+    assert cache.get(gateway.token_digest("secret-token"), now=5) == caller
+    assert cache.get(gateway.token_digest("secret-token"), now=11) is None
     assert "secret-token" not in json.dumps(list(cache._entries))
     cache.put("a", caller, 0)
     cache.put("b", caller, 0)
     assert len(cache._entries) <= 2
+
+
+class _CountingApi:
+    """The API server's answers to the gateway's reviews, counted: allowed for `allowed` callers only."""
+
+    def __init__(self, allowed: set[str]):
+        self.allowed, self.access_reviews = allowed, 0
+
+    async def review_token(self, token: str) -> dict:
+        return {"status": {"authenticated": True, "user": {"username": token}}}
+
+    async def review_access(self, review: dict) -> dict:
+        self.access_reviews += 1
+        return {"status": {"allowed": review["spec"]["user"] in self.allowed}}
+
+
+def test_an_allowed_call_is_reused_briefly_and_a_denial_is_asked_again_each_time():
+    class Request:
+        def __init__(self, token: str):
+            self.headers = {"Authorization": f"Bearer {token}"}
+
+    api = _CountingApi(allowed={"alice"})
+    gate = gateway.Gateway(api, b"k" * 32)  # type: ignore[arg-type]
+
+    async def calls() -> None:
+        for _ in range(3):
+            assert (await gate.authorize(Request("alice"), "team", "box")).username == "alice"
+        assert api.access_reviews == 1
+        await gate.authorize(Request("alice"), "team", "other")  # another sandbox: its own review
+        assert api.access_reviews == 2
+        for _ in range(2):
+            with pytest.raises(gateway.Refusal) as refused:
+                await gate.authorize(Request("mallory"), "team", "box")
+            assert refused.value.status == 403
+        assert api.access_reviews == 4
+
+    asyncio.run(calls())
+    gate.access._entries = {key: (0.0, allowed) for key, (_, allowed) in gate.access._entries.items()}  # expired
+    asyncio.run(gate.authorize(Request("alice"), "team", "box"))
+    assert api.access_reviews == 5
 
 
 @pytest.mark.parametrize("peer,local,inside", [("127.0.0.1", "10.88.0.7", True), ("::1", "::", True),
