@@ -14,6 +14,8 @@ the gateway out, each on its own:
                    {"stream": "stdout"|"stderr", "data": text} … then {"result": RunResult}
                    (or {"error": message} if the call could not be finished). A refusal before the call
                    runs (a 422 from the node agent, a bad request) is a plain JSON error with its status.
+    /v1/processes…  background processes (ebpf/processes.py; routes in `_processes`)
+    /v1/files?path= workspace files, streamed both ways (ebpf/workspace.py; routes in `_files`)
 
 Why HTTP/1.1 chunked NDJSON: one request per call, readable by any HTTP client line by line, with no
 framing library in the sandbox image (the standard library's server speaks it), and the status code still
@@ -231,7 +233,14 @@ class _Handler(BaseHTTPRequestHandler):
             mode = upload_mode(query.get("mode"))
             length = self._length(workspace.max_file_bytes)
             if length is not None:
-                self._answer(workspace.write(path, length, self._chunks(length), mode), 201)
+                chunks = self._chunks(length)
+                try:
+                    self._answer(workspace.write(path, length, chunks, mode), 201)
+                except ApiError as error:
+                    if error.status != 413:  # clients send the whole body before they read an answer: take it
+                        for _ in chunks:
+                            pass
+                    raise
         elif method == "GET" and query.get("list") in ("1", "true"):
             self._answer(workspace.list(path or "."))
         elif method == "GET":
