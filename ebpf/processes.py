@@ -92,6 +92,9 @@ class Process:
         self.error: str | None = None
         self.refusal: ApiError | None = None  # the node agent refused to place it: it never ran
         self.done = False
+        # Held while stdin's descriptor is written or closed (taken before `changed`): closed under a writer,
+        # its number could be reused by another file of the runtime, which the writer would then write to.
+        self.stdin_lock = threading.Lock()
 
     @property
     def id(self) -> str:
@@ -120,6 +123,7 @@ class Process:
             self.changed.notify_all()
 
     def ended(self, result: RunResult | None, error: BaseException | None) -> None:
+        self._close_stdin()
         with self.changed:
             if isinstance(error, ApiError) and self.started is None:
                 self.refusal = error
@@ -127,13 +131,13 @@ class Process:
                 self.error = f"{type(error).__name__}: {error}"
             self.result = result
             self.done = True
-            if self.started is not None and self.started.stdin is not None:
-                try:
-                    os.close(self.started.stdin)
-                except OSError:
-                    pass
-                self.started.stdin = None
             self.changed.notify_all()
+
+    def _close_stdin(self) -> None:
+        with self.stdin_lock:
+            if self.started is not None and self.started.stdin is not None:
+                os.close(self.started.stdin)
+                self.started.stdin = None
 
     # -- callers --
 
@@ -156,26 +160,33 @@ class Process:
     def write(self, data: bytes, close: bool) -> int:
         """Write to the process's stdin; the bytes written (fewer when it does not read within
         STDIN_WAIT_SECONDS, or has exited or closed its stdin)."""
-        with self.changed:
+        with self.stdin_lock:
             fd = self.started.stdin if self.started else None
-        if fd is None:
-            if data:
-                raise ApiError(409, "the process's stdin is closed")
-            return 0
+            if fd is None:
+                if data:
+                    raise ApiError(409, "the process's stdin is closed")
+                return 0
+            written = self._write(fd, data)
+        if close:
+            self._close_stdin()
+        return written
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> int:
         view, written = memoryview(data), 0
         deadline = time.monotonic() + STDIN_WAIT_SECONDS
         try:
+            os.set_blocking(fd, False)  # a pipe "writable" may take only a page: never block past the deadline
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
             while written < len(view) and time.monotonic() < deadline:
-                _, ready, _ = select.select([], [fd], [], deadline - time.monotonic())
-                if ready:
-                    written += os.write(fd, view[written:written + 65536])
-        except (BrokenPipeError, OSError):
-            pass  # it exited or closed its end: what was written stands
-        if close:
-            with self.changed:
-                if self.started is not None and self.started.stdin == fd:
-                    os.close(fd)
-                    self.started.stdin = None
+                if poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    try:
+                        written += os.write(fd, view[written:written + 65536])
+                    except BlockingIOError:
+                        continue
+        except OSError:
+            pass  # it exited or closed its end (EPIPE): what was written stands
         return written
 
     def signal(self, name: str) -> bool:
