@@ -322,6 +322,9 @@ out["kill"] = proc.kill().id == proc.id
 done = proc.wait(timeout=30)
 out["done"] = {"state": done.state, "signal": done.signal, "exit": done.exit_code, "memory": done.limits.memory,
                "peak": done.usage.peak_memory_bytes if done.usage else None}
+short = box.start("sleep 60", timeout="2s")  # no process outlives its call's timeout
+ended = short.wait(timeout=60)
+out["timed_out"] = [ended.usage.timed_out, ended.signal]
 try:
     proc.write("more\\n")
     out["write_after_exit"] = "accepted"
@@ -429,6 +432,7 @@ def test_background_processes_and_a_200mb_file_go_through_the_gateway_and_plante
     assert out["done"] == {"state": "exited", "signal": 9, "exit": None, "memory": 128 * 2**20,
                            "peak": out["done"]["peak"]} and out["done"]["peak"] > 0
     assert out["write_after_exit"] == 409
+    assert out["timed_out"] == [True, 9]
     # 200 MB there and back, identical, and inside the sandbox too.
     assert out["uploaded"] == [200 * 2**20, "0o600"] and out["downloaded"] == 200 * 2**20
     assert out["sha256"] == out["back_sha256"] == out["inside"]
