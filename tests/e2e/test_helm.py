@@ -477,6 +477,29 @@ def test_a_call_to_a_suspended_sandbox_resumes_it_and_runs(gateway_sandbox, kube
     eventually(lambda: _phase(kubectl, namespace, "sleeper") == "Running", timeout=60, message="sleeper Running")
 
 
+def test_a_background_process_goes_with_its_sandbox(gateway_sandbox, kubectl, eventually):
+    namespace, marker = gateway_sandbox, f"{time.time() % 1000:.6f}"
+    script = ("import json, sys\nfrom agentkube.client import Sandbox\n"
+              "p = Sandbox.connect('sleeper', sys.argv[1]).start(['sleep', '600.' + sys.argv[2].replace('.', '')])\n"
+              "print(json.dumps({'state': p.info.state}))\n")
+    assert _in_pod(kubectl, namespace, "agent-client", script, namespace, marker) == {"state": "running"}
+    argv = f"600.{marker.replace('.', '')}".encode()
+
+    def sleeping() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and (entry / "cmdline").read_bytes() == b"sleep\0" + argv + b"\0":
+                    found.append(entry.name)
+            except OSError:
+                pass
+        return found
+
+    assert sleeping(), "the background process runs on the node"
+    kubectl("patch", "-n", namespace, "agentsandbox/sleeper", "--type=merge", "-p", '{"spec": {"lifecycle": {"suspend": true}}}')
+    eventually(lambda: not sleeping(), timeout=90, message="the background process gone with its suspended sandbox")
+
+
 def test_helm_test_passes(release, helm):
     result = helm("test", RELEASE, "-n", NAMESPACE, "--timeout=5m", "--logs")
     assert "Phase:          Succeeded" in result.stdout or "Succeeded" in result.stdout, result.stdout
