@@ -167,51 +167,73 @@ def _poll_seconds(deadline: float | None) -> float:
     return max(0.0, min(MAX_PROCESS_WAIT_SECONDS, left))
 
 
-class Process:
-    """A background process in a sandbox: a tool call of its own that runs on after `start` returns.
-    `read` continues from where the last read ended (or from the offsets given); the runtime keeps each
-    stream's newest MiB, so a read from further back starts at the oldest byte kept (see the chunk's
-    `offset`)."""
+class _ProcessHandle:
+    """What `Process` and `AsyncProcess` share: where the next read starts, and how answers are read."""
 
-    def __init__(self, sandbox: RemoteSandbox, info: ProcessInfo):
-        self.sandbox, self.info = sandbox, info
+    def __init__(self, info: ProcessInfo):
+        self.info = info
         self.offsets = {"stdout": 0, "stderr": 0}
 
     @property
     def id(self) -> str:
         return self.info.id
 
-    def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
-        return self.sandbox._request(method, "/".join(p for p in ("processes", self.id, action) if p), **kwargs)
+    def _path(self, action: str = "") -> str:
+        return "/".join(p for p in ("processes", self.id, action) if p)
 
-    def read(self, wait: float = 0.0, stdout: int | None = None, stderr: int | None = None) -> ProcessOutput:
-        """Its output since the last read (or from the given byte offsets); held up to `wait` s (at most
-        30) until there is some, or it has exited."""
-        params = {"stdout": self.offsets["stdout"] if stdout is None else stdout,
-                  "stderr": self.offsets["stderr"] if stderr is None else stderr, "wait": wait}
-        out = ProcessOutput.model_validate(self._call("GET", "output", params=params, wait=wait))
+    def _read_params(self, wait: float, stdout: int | None, stderr: int | None) -> dict[str, float]:
+        return {"stdout": self.offsets["stdout"] if stdout is None else stdout,
+                "stderr": self.offsets["stderr"] if stderr is None else stderr, "wait": wait}
+
+    def _advance(self, answer: Any) -> ProcessOutput:
+        out = ProcessOutput.model_validate(answer)
         self.offsets = {"stdout": out.stdout.next, "stderr": out.stderr.next}
         self.info = out.process
         return out
 
+    @staticmethod
+    def _events(out: ProcessOutput) -> list[Output | ProcessInfo]:
+        """One read's Outputs, then the ProcessInfo if it was the last (exited, nothing more to read)."""
+        events: list[Output | ProcessInfo] = [Output(name, chunk.data) for chunk, name in
+                                              ((out.stdout, "stdout"), (out.stderr, "stderr")) if chunk.data]
+        return events if events or out.process.state != "exited" else [out.process]
+
+    @staticmethod
+    def _stdin_bodies(data: str, close: bool) -> list[dict[str, Any]]:
+        pieces = _stdin_pieces(data)
+        return [{"data": piece, "close": close and i == len(pieces) - 1} for i, piece in enumerate(pieces)]
+
+
+class Process(_ProcessHandle):
+    """A background process in a sandbox: a tool call of its own that runs on after `start` returns.
+    `read` continues from where the last read ended (or from the offsets given); the runtime keeps each
+    stream's newest MiB, so a read from further back starts at the oldest byte kept (see the chunk's
+    `offset`)."""
+
+    def __init__(self, sandbox: RemoteSandbox, info: ProcessInfo):
+        super().__init__(info)
+        self.sandbox = sandbox
+
+    def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
+        return self.sandbox._request(method, self._path(action), **kwargs)
+
+    def read(self, wait: float = 0.0, stdout: int | None = None, stderr: int | None = None) -> ProcessOutput:
+        """Its output since the last read (or from the given byte offsets); held up to `wait` s (at most
+        30) until there is some, or it has exited."""
+        return self._advance(self._call("GET", "output", params=self._read_params(wait, stdout, stderr), wait=wait))
+
     def stream(self) -> Iterator[Output | ProcessInfo]:
         """Its output as it comes, from where the last read ended, then its ProcessInfo once it has exited."""
         while True:
-            out = self.read(wait=MAX_PROCESS_WAIT_SECONDS)
-            for chunk, stream in ((out.stdout, "stdout"), (out.stderr, "stderr")):
-                if chunk.data:
-                    yield Output(stream, chunk.data)
-            if out.process.state == "exited" and not out.stdout.data and not out.stderr.data:
-                yield out.process
-                return
+            for event in self._events(self.read(wait=MAX_PROCESS_WAIT_SECONDS)):
+                yield event
+                if isinstance(event, ProcessInfo):
+                    return
 
     def write(self, data: str, close: bool = False) -> int:
         """Write to its stdin; the bytes it took (fewer if it stopped reading). `close`: then close stdin."""
-        written, pieces = 0, _stdin_pieces(data)
-        for i, piece in enumerate(pieces):
-            body = {"data": piece, "close": close and i == len(pieces) - 1}
-            written += StdinWritten.model_validate(self._call("POST", "stdin", json=body)).written
-        return written
+        return sum(StdinWritten.model_validate(self._call("POST", "stdin", json=body)).written
+                   for body in self._stdin_bodies(data, close))
 
     def close_stdin(self) -> None:
         self.write("", close=True)
@@ -335,42 +357,29 @@ class RemoteSandbox:
         self.close()
 
 
-class AsyncProcess:
+class AsyncProcess(_ProcessHandle):
     """`Process` for asyncio (from `AsyncSandbox.start`): the same methods, awaited."""
 
     def __init__(self, sandbox: AsyncSandbox, info: ProcessInfo):
-        self.sandbox, self.info = sandbox, info
-        self.offsets = {"stdout": 0, "stderr": 0}
-
-    @property
-    def id(self) -> str:
-        return self.info.id
+        super().__init__(info)
+        self.sandbox = sandbox
 
     async def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
-        return await self.sandbox._request(method, "/".join(p for p in ("processes", self.id, action) if p), **kwargs)
+        return await self.sandbox._request(method, self._path(action), **kwargs)
 
     async def read(self, wait: float = 0.0, stdout: int | None = None, stderr: int | None = None) -> ProcessOutput:
-        params = {"stdout": self.offsets["stdout"] if stdout is None else stdout,
-                  "stderr": self.offsets["stderr"] if stderr is None else stderr, "wait": wait}
-        out = ProcessOutput.model_validate(await self._call("GET", "output", params=params, wait=wait))
-        self.offsets = {"stdout": out.stdout.next, "stderr": out.stderr.next}
-        self.info = out.process
-        return out
+        return self._advance(await self._call("GET", "output", params=self._read_params(wait, stdout, stderr), wait=wait))
 
     async def stream(self) -> AsyncIterator[Output | ProcessInfo]:
         while True:
-            out = await self.read(wait=MAX_PROCESS_WAIT_SECONDS)
-            for chunk, stream in ((out.stdout, "stdout"), (out.stderr, "stderr")):
-                if chunk.data:
-                    yield Output(stream, chunk.data)
-            if out.process.state == "exited" and not out.stdout.data and not out.stderr.data:
-                yield out.process
-                return
+            for event in self._events(await self.read(wait=MAX_PROCESS_WAIT_SECONDS)):
+                yield event
+                if isinstance(event, ProcessInfo):
+                    return
 
     async def write(self, data: str, close: bool = False) -> int:
-        written, pieces = 0, _stdin_pieces(data)
-        for i, piece in enumerate(pieces):
-            body = {"data": piece, "close": close and i == len(pieces) - 1}
+        written = 0
+        for body in self._stdin_bodies(data, close):
             written += StdinWritten.model_validate(await self._call("POST", "stdin", json=body)).written
         return written
 

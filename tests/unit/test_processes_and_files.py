@@ -89,3 +89,28 @@ def test_file_requests_are_checked_at_the_gateway_before_any_sandbox_is_looked_a
         with pytest.raises(gateway.Refusal) as refused:
             gateway.check_file_request(method, query, length)
         assert refused.value.status == status, (method, query)
+
+
+def test_the_sdk_reads_on_from_where_it_stopped_and_ends_a_stream_only_when_nothing_more_comes():
+    from agentkube.client import Output, _ProcessHandle
+    from agentkube.ebpf.models import ProcessInfo, ProcessOutput
+
+    limits = {"memory": 1 << 20, "cpu": 1, "pids": 8, "timeout": 60}
+    info = {"id": "0123456789abcdef", "argv": ["x"], "state": "running", "started_at": 0, "limits": limits,
+            "sources": {}, "stdout_bytes": 0, "stderr_bytes": 0}
+    handle = _ProcessHandle(ProcessInfo.model_validate(info))
+    assert handle._path("output") == "processes/0123456789abcdef/output" and handle._path() == "processes/0123456789abcdef"
+
+    def answer(state: str, data: str, start: int) -> dict:
+        chunk = {"offset": start, "next": start + len(data), "data": data}
+        return {"process": {**info, "state": state}, "stdout": chunk, "stderr": {"offset": 0, "next": 0, "data": ""}}
+
+    out = handle._advance(answer("running", "ab", 0))
+    assert handle.offsets == {"stdout": 2, "stderr": 0} and handle._read_params(5, None, None)["stdout"] == 2
+    assert handle._events(out) == [Output("stdout", "ab")]
+    last = handle._events(ProcessOutput.model_validate(answer("exited", "c", 2)))
+    assert last == [Output("stdout", "c")]  # exited, but what it printed last comes first: read once more
+    assert isinstance(handle._events(ProcessOutput.model_validate(answer("exited", "", 3)))[0], ProcessInfo)
+    bodies = handle._stdin_bodies("x" * 20000, close=True)
+    assert [len(b["data"]) for b in bodies] == [8192, 8192, 3616] and [b["close"] for b in bodies] == [False, False, True]
+    assert handle._stdin_bodies("", close=True) == [{"data": "", "close": True}]
