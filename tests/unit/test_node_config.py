@@ -211,5 +211,3 @@ def test_the_operator_mirrors_the_totals_into_status_and_ignores_garbage():
     assert sandbox.tool_call_totals({}) is None
     assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: '{"calls": "many"}'}) is None
     assert set(totals) == set(TOTAL_KEYS)
-
-
