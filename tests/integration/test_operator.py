@@ -107,6 +107,10 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
     for verb in ("create", "patch", "delete", "list"):
         assert may("karpenter.sh", "nodepools", verb), verb
     assert not may("karpenter.sh", "nodepools", "update") and not may("karpenter.sh", "nodeclaims", "delete")
+    # Interruptions: read nodes, a budget per revision, and a revision Deployment's scale (not the Deployment).
+    assert may("", "nodes", "watch") and not may("", "nodes", "patch")
+    assert may("policy", "poddisruptionbudgets", "create")
+    assert not may("apps", "deployments", "patch")
     for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
                     ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
                     ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"],
