@@ -71,6 +71,12 @@ FINISHED_KEPT = 512  # finished records answered again to a runtime that retries
 EXECUTED_KEPT = 64  # programs a call executed, kept in its audit record
 HISTORY_SAVE_INTERVAL = 1.0
 POOL_SLOTS_PER_SANDBOX = 4  # warm call cgroups a sandbox's runtime may keep waiting (each holds one process)
+# A tool call's processes are the kernel's first choice when memory runs out, in the sandbox, on the node or
+# under any budget above them: a call is one command the agent can run again, its sandbox's main process
+# (the runtime, the agent's session) is not. Written by root before the call's first instruction, it also
+# becomes the floor an unprivileged process may lower it to, so a call cannot make itself a worse victim;
+# its children inherit it. The largest call goes first (equal adjustments leave the choice to size).
+CALL_OOM_SCORE_ADJ = 1000
 
 
 def sandbox_containing(cgroup_path: str, sandboxes: dict[str, str]) -> str | None:
@@ -116,6 +122,11 @@ def traced_by(status_text: str) -> int:
         if line.startswith("TracerPid:"):
             return int(line.split()[1])
     return 0
+
+
+def prefer_as_oom_victim(pid: int) -> None:
+    """Make a call's first process (and so every process it starts) the kernel's preferred OOM victim."""
+    Path(f"/proc/{pid}/oom_score_adj").write_text(str(CALL_OOM_SCORE_ADJ))
 
 
 def unified_cgroup_of(pid: int) -> str:
@@ -372,6 +383,7 @@ class NodeAgent:
                 self._by_cgroup[record.cgroup_id] = call_id
             self.programs.track(record.cgroup_id, limits.network)
             self.pressure.watch(call_id, cgroup, limits.memory_high)
+            prefer_as_oom_victim(request.pid)
             cgroup.add_process(request.pid)
         except BaseException:
             self._forget(record)
@@ -411,6 +423,7 @@ class NodeAgent:
             # No call yet: nothing may leave. A cgroup the agent knows no call for is removed by its sweep
             # after a restart (its process killed), so a pool needs no record on disk.
             self.programs.track(slot.cgroup_id, ToolNetwork(egress="none"))
+            prefer_as_oom_victim(pid)
             cgroup.add_process(pid)
             if not self._wait_in_pool(sandbox, slot):
                 raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")

@@ -25,6 +25,12 @@ IN_CLOEXEC = os.O_CLOEXEC
 
 # handler(key, monotonic time the agent saw it, number of new high events)
 Handler = Callable[[str, float, int], None]
+# A watch is armed only once its call has run this long. Most tool calls are shorter (`ls`, `cat`, `git
+# status`): for them the peak check at the end (`high_events_seen`) says all there is to say, and a v1
+# usage threshold never registered is one whose removal does not hold the kernel's cgroup lock for
+# milliseconds, in the way of the next call cgroup's mkdir. A crossing in the first ARM_AFTER_SECONDS of a
+# longer call is counted at its end, not pushed.
+ARM_AFTER_SECONDS = 0.010
 
 
 class PressureWatcher:
@@ -39,24 +45,35 @@ class PressureWatcher:
         self._watches: dict[int, tuple[str, Path, int]] = {}  # inotify wd -> (key, memory.events, last high)
         self._eventfds: dict[str, tuple[int, int, int]] = {}  # key -> (eventfd, usage file fd, threshold)
         self._counts: dict[str, int] = {}
-        self._pending: dict[str, tuple[str, Path, int]] = {}
+        self._pending: dict[str, tuple[str, Path, int, float]] = {}  # key -> (layout, memory dir, threshold, due)
+        self._wake_at = 0.0  # when the watcher thread wakes up next at the latest (monotonic)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="memory-high", daemon=True)
         self._thread.start()
 
-    def watch(self, key: str, cgroup: Cgroup, high_bytes: int) -> None:
-        """Start watching. Arming happens in the watcher thread, off the caller's path: registering a v1
-        threshold waits for an RCU grace period (milliseconds). A crossing before the watch is armed is
-        caught by the peak check at the end of the call (`high_events_seen`)."""
+    def watch(self, key: str, cgroup: Cgroup, high_bytes: int, arm_after: float = ARM_AFTER_SECONDS) -> None:
+        """Start watching once `arm_after` s have passed (unless unwatched before). Arming happens in the
+        watcher thread, off the caller's path: registering a v1 threshold waits for an RCU grace period
+        (milliseconds). A crossing before the watch is armed is caught by the peak check at the end of the
+        call (`high_events_seen`)."""
+        due = time.monotonic() + arm_after
         with self._lock:
             self._counts[key] = 0
-            self._pending[key] = (cgroup.layout.kind, cgroup.controller_dir("memory"), high_bytes)
-        os.write(self._wake_w, b"w")
+            self._pending[key] = (cgroup.layout.kind, cgroup.controller_dir("memory"), high_bytes, due)
+            wake = due < self._wake_at  # else the thread wakes in time anyway: no wake-up per call
+        if wake:
+            os.write(self._wake_w, b"w")
 
-    def _arm_pending(self) -> None:
+    def _arm_due(self) -> float:
+        """Arm the watches that are due; returns how long until the next one is (at most 1 s)."""
+        now = time.monotonic()
         with self._lock:
-            pending, self._pending = self._pending, {}
-        for key, (kind, memory_dir, high_bytes) in pending.items():
+            due = {key: entry for key, entry in self._pending.items() if entry[3] <= now}
+            for key in due:
+                del self._pending[key]
+            wait = min([1.0] + [entry[3] - now for entry in self._pending.values()])
+            self._wake_at = now + wait
+        for key, (kind, memory_dir, high_bytes, _) in due.items():
             try:
                 if kind == "v2":
                     self._watch_v2(key, memory_dir)
@@ -64,6 +81,7 @@ class PressureWatcher:
                     self._watch_v1(key, memory_dir, high_bytes)
             except OSError:
                 pass  # the call ended (its cgroup is gone) before the watch was armed
+        return max(0.0, wait)
 
     def _watch_v2(self, key: str, memory_dir: Path) -> None:
         with self._lock:
@@ -122,7 +140,7 @@ class PressureWatcher:
 
     def _run(self) -> None:
         while not self._stop:
-            for selected, _ in self.selector.select(timeout=1.0):
+            for selected, _ in self.selector.select(timeout=self._arm_due()):
                 seen = time.monotonic()
                 data = selected.data
                 if data is None:
@@ -130,7 +148,6 @@ class PressureWatcher:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
-                    self._arm_pending()
                 elif data == "inotify":
                     self._read_inotify(seen)
                 else:

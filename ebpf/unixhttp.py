@@ -250,9 +250,10 @@ class Client:
     """Requests over a kept-alive connection per thread: a tool call makes two requests to the node agent,
     and a new connection (and a new server thread) for each is a measurable part of a short call."""
 
-    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0, check_server: Callable[[Peer], None] | None = None):
         self.socket_path = str(socket_path)
         self.timeout = timeout
+        self.check_server = check_server  # vets the server of each new connection, as request() does
         self._local = threading.local()
 
     def _connection(self) -> _UnixConnection:
@@ -264,11 +265,15 @@ class Client:
             if not readable:
                 return connection
             connection.close()
-        connection = self._local.connection = _UnixConnection(self.socket_path, self.timeout)
+        connection = self._local.connection = _UnixConnection(self.socket_path, self.timeout, self.check_server)
         return connection
 
-    def request(self, method: str, path: str, body: object = None) -> object:
+    def request(self, method: str, path: str, body: object = None, timeout: float | None = None) -> object:
+        """One request on this thread's kept-alive connection (`timeout`: for this request, else the client's)."""
         connection = self._connection()
+        connection.timeout = self.timeout if timeout is None else timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(connection.timeout)
         try:
             return _exchange(connection, method, path, body)
         except (OSError, http.client.HTTPException):

@@ -19,14 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 from agentkube.operator.sandbox import MANAGED_BY
+from agentkube.rl.knative import MAX_SCALE_ANNOTATION as MAX_SCALE
+from agentkube.rl.knative import MIN_SCALE_ANNOTATION as MIN_SCALE
 
 DISRUPTED_TAINT = "karpenter.sh/disrupted"
 SPOT_NOTICE_TAINT = "aws-node-termination-handler/spot-itn"
 INTERRUPTION_TAINTS = (DISRUPTED_TAINT, SPOT_NOTICE_TAINT)
 # A node condition some termination handlers set instead of (or beside) a taint.
 INTERRUPTION_CONDITIONS = ("SpotInterruption", "TerminationScheduled")
-MIN_SCALE = "autoscaling.knative.dev/min-scale"
-MAX_SCALE = "autoscaling.knative.dev/max-scale"
 # On the PodAutoscaler: the floor (and ceiling) before the first interruption, and the nodes that raised it.
 FLOOR_BEFORE = "agentkube.dev/min-scale-before-interruption"
 CEILING_BEFORE = "agentkube.dev/max-scale-before-interruption"

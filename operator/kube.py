@@ -145,6 +145,12 @@ def read_knative_service(namespace: str, name: str) -> dict[str, Any] | None:
     return read(client("custom").get_namespaced_custom_object, *_knative_services(namespace), name)
 
 
+def read_knative(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    """A serving.knative.dev object of another kind (a Route or Revision), or None when there is none."""
+    return read(client("custom").get_namespaced_custom_object, servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION,
+                namespace, plural, name)
+
+
 def create_knative_service(namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Raises ApiException 404 when Knative Serving is not installed."""
     return client("custom").create_namespaced_custom_object(*_knative_services(namespace), manifest)
@@ -169,17 +175,18 @@ def patch_pod_autoscaler(namespace: str, name: str, patch: dict[str, Any]) -> di
         servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace, servedmodel.PA_PLURAL, name, patch)
 
 
-def set_target_in_force(namespace: str, service: str, target: int) -> None:
-    """Put `target` on the PodAutoscalers of the Service's revisions, where the KPA reads it (see
-    `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out new pods. A revision created
-    later starts with the template's target and gets this one at the next reconcile or decision."""
+def set_target_in_force(namespace: str, service: str, target: int, min_scale: int) -> None:
+    """Put `target` and `min_scale` (the warm-pod floor) on the PodAutoscalers of the Service's revisions,
+    where the KPA reads them (see `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out
+    new pods. A revision created later starts with the template's and gets these at the next reconcile or
+    decision."""
     try:
         pod_autoscalers = list_pod_autoscalers(namespace, service)
     except ApiException as error:
         if error.status == 404:
             return  # Knative's autoscaling CRD is not installed: nothing scales this Service yet
         raise
-    for name, patch in servedmodel.pod_autoscaler_target_patches(pod_autoscalers, target):
+    for name, patch in servedmodel.pod_autoscaler_patches(pod_autoscalers, target, min_scale):
         try:
             patch_pod_autoscaler(namespace, name, patch)
         except ApiException as error:

@@ -24,6 +24,18 @@ SYSTEM_NAMESPACE = "agentkube-system"
 OPERATOR_SA = "agentkube-operator"
 
 
+def host_address() -> str:
+    """This machine's own IPv4 address on the interface of its default route: a destination off a call's
+    loopback that never leaves the machine. Not simply the first global address: a running node agent
+    puts the node's DNS address on `lo` with global scope."""
+    route = subprocess.run(["ip", "-4", "-o", "route", "show", "default"], capture_output=True, text=True, check=True)
+    words = route.stdout.split()
+    device = words[words.index("dev") + 1]
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", device, "scope", "global"], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.split()[3].split("/")[0]
+
+
 class Operator:
     """`agentkube operator run` in a child process, as its service account."""
 

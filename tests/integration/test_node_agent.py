@@ -17,10 +17,12 @@ import pytest
 from pydantic import ValidationError
 
 from agentkube.client import ApiError
+from agentkube.ebpf.agent import CALL_OOM_SCORE_ADJ
 from agentkube.ebpf.cgroups import MAIN_LEAF, detect_layout
 from agentkube.ebpf.local import LocalNodeAgent
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallRecord
 from agentkube.ebpf.unixhttp import request
+from harness import host_address
 
 PY = sys.executable
 
@@ -30,13 +32,6 @@ def agent():
     assert os.geteuid() == 0, "the node agent's tests need root (cgroups and BPF)"
     with LocalNodeAgent() as node_agent:
         yield node_agent
-
-
-def host_address() -> str:
-    """This machine's own first non-loopback IPv4 address: a destination off the call's loopback that
-    never leaves the machine."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=True)
-    return out.stdout.split()[3].split("/")[0]
 
 
 HOST = host_address()
@@ -105,6 +100,22 @@ def test_memory_hog_is_oom_killed_in_its_call_while_the_sandbox_lives(sandbox):
     assert not result.usage.timed_out
     assert sandbox.process.poll() is None, "the sandbox's main process died with the call"
     assert sandbox.client.run(["echo", "still here"]).stdout == "still here\n"
+
+
+def test_a_call_not_its_sandbox_is_the_kernels_first_oom_victim(agent, sandbox, eventually):
+    # Pooled (a held process placed ahead) and direct (placed on the call's path): both are marked before
+    # the command's first instruction, and what they start inherits it; the sandbox's runtime is not marked.
+    wait_for_pool(sandbox_status(agent, sandbox)["cgroup"], eventually)
+    pooled = sandbox.client.run(["sh", "-c", "cat /proc/self/oom_score_adj; sh -c 'cat /proc/self/oom_score_adj'"])
+    assert pooled.stdout.split() == [str(CALL_OOM_SCORE_ADJ)] * 2, pooled.stderr
+    direct = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS), pool_size="0")
+    try:
+        assert direct.client.run(["cat", "/proc/self/oom_score_adj"]).stdout.strip() == str(CALL_OOM_SCORE_ADJ)
+    finally:
+        direct.close()
+        agent.sandboxes.remove(direct)
+    runtime = Path(f"/proc/{sandbox.process.pid}/oom_score_adj").read_text()
+    assert runtime == Path("/proc/self/oom_score_adj").read_text()  # as it was started
 
 
 def test_crossing_memory_high_is_seen_without_a_kill(agent, sandbox):

@@ -111,6 +111,11 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
     assert may("", "nodes", "watch") and not may("", "nodes", "patch")
     assert may("policy", "poddisruptionbudgets", "create")
     assert not may("apps", "deployments", "patch")
+    # Its Route and Revisions are read for status, never written.
+    for resource in ("routes", "revisions"):
+        assert may("serving.knative.dev", resource, "get")
+        for verb in ("create", "patch", "delete", "list"):
+            assert not may("serving.knative.dev", resource, verb), (resource, verb)
     for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
                     ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
                     ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"],

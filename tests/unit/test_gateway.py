@@ -1,6 +1,8 @@
+
 """The gateway's decisions and the runtime port's checks, without a cluster: who is asking, what RBAC is
 asked, which pod gets a sandbox's token, and what the sandbox's pod and policy carry for the gateway."""
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -56,7 +58,7 @@ def test_the_caller_is_asked_about_exec_on_that_one_sandbox():
     caller = gateway.caller_of({"status": {"authenticated": True, "user": {
         "username": "system:serviceaccount:team:agent", "uid": "1", "groups": ["system:serviceaccounts"],
         "extra": {"authentication.kubernetes.io/pod-name": ["agent-0"]}}}})
-    review = gateway.exec_review(caller, "team", "box")
+    review = gateway.access_review(caller, "team", "box")
     assert review["spec"]["user"] == "system:serviceaccount:team:agent"
     assert review["spec"]["extra"] == {"authentication.kubernetes.io/pod-name": ["agent-0"]}
     assert review["spec"]["resourceAttributes"] == {"group": "agentkube.dev", "resource": "agentsandboxes",
@@ -83,18 +85,59 @@ def test_only_the_sandboxes_own_running_pod_gets_its_token():
         with pytest.raises(gateway.Refusal) as refused:
             gateway.runtime_address(body, pod, "team", "box")
         assert refused.value.status == status, (body, pod)
-    assert gateway.run_url("fd00::7") == f"http://[fd00::7]:{contract.RUNTIME_PORT}/v1/run"
+    assert gateway.runtime_url("fd00::7") == f"http://[fd00::7]:{contract.RUNTIME_PORT}/v1/run"
 
 
 def test_reviews_are_reused_briefly_and_keyed_by_digest():
     cache = gateway.ReviewCache(seconds=10, size=2)
     caller = gateway.Caller("u", "", (), ())
-    cache.put("secret-token", caller, now=0)
-    assert cache.get("secret-token", now=5) == caller and cache.get("secret-token", now=11) is None
+    cache.put(gateway.token_digest("secret-token"), caller, now=0)
+    assert cache.get(gateway.token_digest("secret-token"), now=5) == caller
+    assert cache.get(gateway.token_digest("secret-token"), now=11) is None
     assert "secret-token" not in json.dumps(list(cache._entries))
     cache.put("a", caller, 0)
     cache.put("b", caller, 0)
     assert len(cache._entries) <= 2
+
+
+class _CountingApi:
+    """The API server's answers to the gateway's reviews, counted: allowed for `allowed` callers only."""
+
+    def __init__(self, allowed: set[str]):
+        self.allowed, self.access_reviews = allowed, 0
+
+    async def review_token(self, token: str) -> dict:
+        return {"status": {"authenticated": True, "user": {"username": token}}}
+
+    async def review_access(self, review: dict) -> dict:
+        self.access_reviews += 1
+        return {"status": {"allowed": review["spec"]["user"] in self.allowed}}
+
+
+def test_an_allowed_call_is_reused_briefly_and_a_denial_is_asked_again_each_time():
+    class Request:
+        def __init__(self, token: str):
+            self.headers = {"Authorization": f"Bearer {token}"}
+
+    api = _CountingApi(allowed={"alice"})
+    gate = gateway.Gateway(api, b"k" * 32)  # type: ignore[arg-type]
+
+    async def calls() -> None:
+        for _ in range(3):
+            assert (await gate.authorize(Request("alice"), "team", "box")).username == "alice"
+        assert api.access_reviews == 1
+        await gate.authorize(Request("alice"), "team", "other")  # another sandbox: its own review
+        assert api.access_reviews == 2
+        for _ in range(2):
+            with pytest.raises(gateway.Refusal) as refused:
+                await gate.authorize(Request("mallory"), "team", "box")
+            assert refused.value.status == 403
+        assert api.access_reviews == 4
+
+    asyncio.run(calls())
+    gate.access._entries = {key: (0.0, allowed) for key, (_, allowed) in gate.access._entries.items()}  # expired
+    asyncio.run(gate.authorize(Request("alice"), "team", "box"))
+    assert api.access_reviews == 5
 
 
 @pytest.mark.parametrize("peer,local,inside", [("127.0.0.1", "10.88.0.7", True), ("::1", "::", True),
@@ -128,6 +171,10 @@ def test_the_charts_gateway_pods_carry_the_labels_sandbox_policies_select():
     assert contract.GATEWAY_LABELS == {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/component": "gateway"}
     rbac = (CHART / "templates" / "gateway-rbac.yaml").read_text()
     assert re.search(r"resources: \[agentsandboxes/exec\]\s+verbs: \[create\]", rbac)
+    # Each file operation's verb (gateway.FILE_ACCESS) is granted to users, and nothing more on files.
+    verbs = sorted({access.verb for access in gateway.FILE_ACCESS.values()})
+    assert re.search(r"resources: \[agentsandboxes/files\]\s+verbs: \[(.*)\]", rbac).group(1).split(", ") == [
+        "create", "get", "list", "delete"] and sorted(["create", "get", "list", "delete"]) == verbs
     assert "secrets" not in rbac
 
 
