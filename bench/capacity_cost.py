@@ -137,7 +137,7 @@ def measure_karpenter(pods: list[int], shares: list[float], settle_s: float) -> 
                 except ApiException as error:
                     if error.status != 409:
                         raise
-                    apps.patch_namespaced_deployment_scale(NAMESPACE, name, {"spec": {"replicas": count}})
+                    apps.patch_namespaced_deployment_scale(name, NAMESPACE, {"spec": {"replicas": count}})
             # Until every strategy's pods are bound (or the step's time is up), then price the NodeClaims.
             while time.monotonic() - started < settle_s:
                 listed = core.list_namespaced_pod(NAMESPACE).items

@@ -3,7 +3,7 @@ spot overflow, and the pod placement that splits a revision across them; or, whe
 spot is off, node affinity on the capacity labels the managed Kubernetes services put on their nodes.
 
 The split follows Karpenter's documented pattern for a ratio of on-demand to spot: two NodePools whose
-nodes carry disjoint values of one custom label (`SPREAD_LABEL`), and a `topologySpreadConstraints` on
+nodes carry disjoint values of one custom label (`spread_label`, one per model), and a `topologySpreadConstraints` on
 that label with maxSkew 1, so that the scheduler (and Karpenter, which simulates it) fills every value
 ("domain") in turn. With k on-demand and m spot domains the revision runs k/(k+m) of its pods on
 on-demand, and once it has k+m pods at least k of them are on-demand (every domain holds one).
@@ -30,8 +30,11 @@ NODECLAIMS = "nodeclaims"
 CAPACITY_TYPE_LABEL = f"{KARPENTER_GROUP}/capacity-type"
 NODEPOOL_LABEL = f"{KARPENTER_GROUP}/nodepool"
 ON_DEMAND, SPOT = "on-demand", "spot"
-# The custom label of Karpenter's ratio-split pattern: each NodePool's nodes take one of its pool's values.
-SPREAD_LABEL = "agentkube.dev/capacity-spread"
+# The custom label of Karpenter's ratio-split pattern (each NodePool's nodes take one of its pool's values),
+# one key per model (`spread_label`): Karpenter counts a spread's domains over every NodePool that offers
+# the key, so with one key for all models another model's empty values hold the global minimum at 0 and a
+# model never gets a second pod into any of its own (found by bench/capacity_cost.py with three models).
+SPREAD_LABEL_PREFIX = "capacity-spread.agentkube.dev"
 # Which ServedModel a NodePool serves (NodePools are cluster-scoped: no owner reference to a namespaced model).
 MODEL_NAME_LABEL = "agentkube.dev/served-model"
 MODEL_NAMESPACE_LABEL = "agentkube.dev/served-model-namespace"
@@ -123,6 +126,11 @@ def domain_values(capacity_type: str, count: int) -> list[str]:
     return [f"{capacity_type}-{index}" for index in range(1, count + 1)]
 
 
+def spread_label(namespace: str, name: str) -> str:
+    """The model's own spread key (a label name is at most 63 characters: a digest of the model)."""
+    return f"{SPREAD_LABEL_PREFIX}/{hashlib.sha256(f'{namespace}/{name}'.encode()).hexdigest()[:16]}"
+
+
 def nodepool_name(namespace: str, name: str, capacity_type: str) -> str:
     """`<namespace>-<name>-<type>`, shortened with a hash of the whole when it would pass 63 characters."""
     full = f"{namespace}-{name}-{capacity_type}"
@@ -154,7 +162,7 @@ def nodepools(namespace: str, name: str, spot: api.SpotCapacity, share: float, n
                     "spec": {
                         "requirements": [
                             {"key": CAPACITY_TYPE_LABEL, "operator": "In", "values": [capacity_type]},
-                            {"key": SPREAD_LABEL, "operator": "In", "values": domain_values(capacity_type, count)},
+                            {"key": spread_label(namespace, name), "operator": "In", "values": domain_values(capacity_type, count)},
                             {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
                         ],
                         "taints": [dict(DEDICATED_TAINT)],
@@ -192,7 +200,7 @@ def karpenter_placement(namespace: str, name: str, model_label: str) -> dict[str
                                    "values": [nodepool_name(namespace, name, ON_DEMAND), nodepool_name(namespace, name, SPOT)]}]},
         ]}}},
         "tolerations": [dict(DEDICATED_TOLERATION)],
-        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": SPREAD_LABEL, "whenUnsatisfiable": "DoNotSchedule",
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": spread_label(namespace, name), "whenUnsatisfiable": "DoNotSchedule",
                                        "labelSelector": {"matchLabels": {model_label: name}}}],
     }
 

@@ -95,6 +95,8 @@ def node_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -
         # The budget first: from then on no drain evicts below the pods running now.
         kube.create_disruption_budget(namespace, interruptions.disruption_budget(namespace, revision, running))
         kube.patch_pod_autoscaler(namespace, revision, patch)
+        kube.raise_deployment_replicas(namespace, interruptions.deployment_name(revision),
+                                       int(patch["metadata"]["annotations"][interruptions.MIN_SCALE]))
         logger.warning("node %s is going (%s): revision %s/%s floor raised by %d for replacements",
                        name, signal, namespace, revision, len(on_node))
 

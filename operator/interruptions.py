@@ -6,7 +6,9 @@ before the drain), the AWS Node Termination Handler's `spot-itn` taint (its inte
 node condition of the same meaning. Reaction, per revision with pods on the node:
 - its floor goes up by the pods there (the PodAutoscaler's `min-scale`, which the KPA reads from the
   annotations; the Revision stays), so replacements start at once, on other nodes (the signals taint the
-  node NoSchedule), and Karpenter launches capacity for them if none is free;
+  node NoSchedule), and Karpenter launches capacity for them if none is free. The revision's Deployment
+  is raised to the new floor at once too: the KPA applies its bounds only while it has metrics (it leaves
+  the Deployment alone until it does), and raising it now saves waiting for the next decision;
 - a PodDisruptionBudget keeps the revision's pod count before the notice available, so that the drain's
   evictions (Karpenter drains through the Eviction API) wait until replacements are Ready;
 - once the node is gone, the floor returns to what it was and the budget goes.
@@ -91,6 +93,11 @@ def restored_floor(pod_autoscaler: dict[str, Any], existing_nodes: set[str]) -> 
     if CEILING_BEFORE in annotations:
         patch |= {MAX_SCALE: annotations[CEILING_BEFORE], CEILING_BEFORE: None}
     return {"metadata": {"annotations": patch}}
+
+
+def deployment_name(revision: str) -> str:
+    """The Deployment Knative makes for a revision."""
+    return f"{revision}-deployment"
 
 
 def budget_name(revision: str) -> str:

@@ -24,7 +24,7 @@ _clients_lock = threading.Lock()
 
 
 def client(kind: str) -> Any:
-    """Kubernetes API clients (`client`, `core`, `networking`, `custom`, `policy`), created once the operator has
+    """Kubernetes API clients (`client`, `core`, `networking`, `custom`, `policy`, `apps`), created once the operator has
     logged in (current kubeconfig or in-cluster)."""
     with _clients_lock:
         if not _clients:
@@ -47,6 +47,7 @@ def _connect() -> None:
         networking=kubernetes.client.NetworkingV1Api(api_client),
         custom=kubernetes.client.CustomObjectsApi(api_client),
         policy=kubernetes.client.PolicyV1Api(api_client),
+        apps=kubernetes.client.AppsV1Api(api_client),
     )
 
 
@@ -275,3 +276,14 @@ def create_disruption_budget(namespace: str, manifest: dict[str, Any]) -> None:
 
 def delete_disruption_budget(namespace: str, name: str) -> None:
     delete(client("policy").delete_namespaced_pod_disruption_budget, name, namespace)
+
+
+def raise_deployment_replicas(namespace: str, name: str, replicas: int) -> None:
+    """At least `replicas` on a Deployment's scale subresource (never lowers it; gone is no error)."""
+    try:
+        scale = client("apps").read_namespaced_deployment_scale(name, namespace)
+        if (scale.spec.replicas or 0) < replicas:
+            client("apps").patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+    except ApiException as error:
+        if error.status != 404:
+            raise

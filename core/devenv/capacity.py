@@ -101,6 +101,10 @@ def chart_values() -> dict[str, Any]:
         },
         "extraVolumes": [{"name": "instance-types", "configMap": {"name": INSTANCE_TYPES_CONFIGMAP}}],
         "serviceMonitor": {"enabled": False},
+        # The KWOK chart's Deployment names four feature gates and its values set two: Karpenter refuses an
+        # empty value at start ("parsing feature gates, invalid value of StaticCapacity"). Karpenter's defaults.
+        "settings": {"featureGates": {"staticCapacity": False, "spotToSpotConsolidation": False, "nodeRepair": False,
+                                      "capacityBuffer": False}},
     }
 
 

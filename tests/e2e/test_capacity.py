@@ -108,12 +108,19 @@ class PodStream:
         self.pods: dict[str, dict] = {}
         self.first_eviction: dict | None = None  # the state when a pod on `node` was first being deleted
         self.node: str | None = None
+        self._stopped = False
         self._watch = Watch()
         self._thread = threading.Thread(target=self._run, args=(api_client, namespace), daemon=True)
         self._thread.start()
 
     def _run(self, api_client, namespace: str) -> None:
-        core = kubernetes.client.CoreV1Api(api_client)
+        try:
+            self._follow(kubernetes.client.CoreV1Api(api_client), namespace)
+        except Exception:  # the stream cut when the test ends and its environment goes: nothing left to see
+            if not self._stopped:
+                raise
+
+    def _follow(self, core, namespace: str) -> None:
         for event in self._watch.stream(core.list_namespaced_pod, namespace, timeout_seconds=600):
             pod = event["object"]
             ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
@@ -127,6 +134,7 @@ class PodStream:
                 self.first_eviction = {name: dict(value) for name, value in self.pods.items()}
 
     def stop(self) -> None:
+        self._stopped = True
         self._watch.stop()
 
 

@@ -107,6 +107,10 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
     for verb in ("create", "patch", "delete", "list"):
         assert may("karpenter.sh", "nodepools", verb), verb
     assert not may("karpenter.sh", "nodepools", "update") and not may("karpenter.sh", "nodeclaims", "delete")
+    # Interruptions: read nodes, a budget per revision, and a revision Deployment's scale (not the Deployment).
+    assert may("", "nodes", "watch") and not may("", "nodes", "patch")
+    assert may("policy", "poddisruptionbudgets", "create")
+    assert not may("apps", "deployments", "patch")
     # Its Route and Revisions are read for status, never written.
     for resource in ("routes", "revisions"):
         assert may("serving.knative.dev", resource, "get")
@@ -418,17 +422,23 @@ def test_without_karpenter_spot_placement_falls_back_to_capacity_labels_with_a_c
         status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", name).get("status") or {}
         return next((c for c in status.get("conditions", []) if c["type"] == "Capacity"), None)
 
+    def knative_service(name: str) -> dict | None:
+        try:
+            return custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", name)
+        except ApiException as error:
+            if error.status == 404:
+                return None  # the Capacity condition is written before the Service is applied
+            raise
+
     fallback = eventually(lambda: capacity_condition("spotty"), timeout=60, message="no Capacity condition")
     assert (fallback["status"], fallback["reason"]) == ("False", "KarpenterNotInstalled")
-    pod_spec = eventually(lambda: custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", "spotty"),
-                          timeout=60)["spec"]["template"]["spec"]
+    pod_spec = eventually(lambda: knative_service("spotty"), timeout=60)["spec"]["template"]["spec"]
     preferred = pod_spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert {"karpenter.sh/capacity-type", "eks.amazonaws.com/capacityType", "cloud.google.com/gke-spot",
             "kubernetes.azure.com/scalesetpriority"} == {p["preference"]["matchExpressions"][0]["key"] for p in preferred}
 
     disabled = eventually(lambda: capacity_condition("steady"), timeout=60, message="no Capacity condition")
     assert (disabled["status"], disabled["reason"]) == ("True", "SpotDisabled")
-    pod_spec = eventually(lambda: custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", "steady"),
-                          timeout=60)["spec"]["template"]["spec"]
+    pod_spec = eventually(lambda: knative_service("steady"), timeout=60)["spec"]["template"]["spec"]
     required = pod_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert {"operator": "NotIn", "key": "karpenter.sh/capacity-type", "values": ["spot"]} in required[0]["matchExpressions"]

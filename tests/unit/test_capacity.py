@@ -51,10 +51,10 @@ def test_nodepools_for_an_on_demand_base_and_spot_overflow():
         assert pool["metadata"]["labels"][capacity.MODEL_NAME_LABEL] == "llm"
         assert pool["metadata"]["labels"][capacity.MODEL_NAMESPACE_LABEL] == "team-a"
         assert pool["spec"]["disruption"]["budgets"]
-    assert {r["key"]: r["values"] for r in by_type["on-demand"]["spec"]["template"]["spec"]["requirements"]}[
-        capacity.SPREAD_LABEL] == ["on-demand-1"]
-    assert {r["key"]: r["values"] for r in by_type["spot"]["spec"]["template"]["spec"]["requirements"]}[
-        capacity.SPREAD_LABEL] == ["spot-1", "spot-2", "spot-3", "spot-4"]
+    key = capacity.spread_label("team-a", "llm")
+    assert {r["key"]: r["values"] for r in by_type["on-demand"]["spec"]["template"]["spec"]["requirements"]}[key] == ["on-demand-1"]
+    assert {r["key"]: r["values"] for r in by_type["spot"]["spec"]["template"]["spec"]["requirements"]}[key] == [
+        "spot-1", "spot-2", "spot-3", "spot-4"]
     # A spot node goes two minutes after its notice: draining it for longer gains nothing.
     assert by_type["spot"]["spec"]["template"]["spec"]["terminationGracePeriod"] == "120s"
     assert by_type["on-demand"]["spec"]["disruption"]["budgets"] == [{"nodes": "1"}]
@@ -80,7 +80,7 @@ def test_karpenter_placement_spreads_over_the_domains_on_the_models_pools_only()
                                             "values": ["ns-m-on-demand", "ns-m-spot"]}]}]
     assert fields["tolerations"] == [capacity.DEDICATED_TOLERATION]
     assert fields["topologySpreadConstraints"] == [{
-        "maxSkew": 1, "topologyKey": capacity.SPREAD_LABEL, "whenUnsatisfiable": "DoNotSchedule",
+        "maxSkew": 1, "topologyKey": capacity.spread_label("ns", "m"), "whenUnsatisfiable": "DoNotSchedule",
         "labelSelector": {"matchLabels": {servedmodel.MODEL_LABEL: "m"}}}]
     # The share lives in the NodePools: the same placement whatever it is, so no new Revision.
     assert fields == capacity.karpenter_placement("ns", "m", servedmodel.MODEL_LABEL)
@@ -177,3 +177,13 @@ def test_kwok_manages_only_karpenters_nodes():
     argv = devcapacity.kwok_command(devcapacity.Path("/bin/kwok"), devcapacity.Path("/k"), devcapacity.Path("/c"))
     assert f"--manage-nodes-with-annotation-selector={devcapacity.KWOK_NODE_ANNOTATION}" in argv
     assert not any(arg.startswith("--manage-all-nodes") or arg.startswith("--server-address") for arg in argv)
+
+
+def test_each_model_spreads_over_a_key_of_its_own():
+    """Karpenter counts a spread's domains over every NodePool with the key: a shared key would let another
+    model's empty values hold this model to one pod per value."""
+    keys = {capacity.spread_label(ns, name) for ns, name in (("a", "m"), ("b", "m"), ("a", "n"), ("ab", "c"), ("a", "bc"))}
+    assert len(keys) == 5
+    for key in keys:
+        prefix, label_name = key.split("/")
+        assert prefix == capacity.SPREAD_LABEL_PREFIX and len(label_name) <= 63 and label_name.isalnum()
