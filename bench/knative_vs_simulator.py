@@ -34,12 +34,13 @@ from pathlib import Path
 import aiohttp
 import kubernetes
 import numpy as np
+import requests
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 
 from agentkube.devenv import DevEnv, images, knative
 from agentkube.devenv.versions import default_state_dir
 from agentkube.operator import api, servedmodel
-from agentkube.rl.calibration import RunRecord, compare, simulated_run, summarize
+from agentkube.rl.calibration import RunRecord, compare, kpa_replay, simulated_run, summarize
 from agentkube.rl.episodes import run_episode
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.policy import load_policy
@@ -115,6 +116,8 @@ class Sampler(threading.Thread):
                 desired = sum(int((pa.get("status") or {}).get("desiredScale") or 0) for pa in pas or [])
                 self.samples.append((time.time(), sum(map(_ready, live)), len(live), desired))
                 for pod in pods:
+                    if (self.pods.get(pod.metadata.name) or (None, None))[1] is not None:
+                        continue  # its first ready time is kept: a pod being deleted turns not ready
                     ready_at = next((c.last_transition_time for c in pod.status.conditions or []
                                      if c.type == "Ready" and c.status == "True"), None)
                     self.pods[pod.metadata.name] = (pod.metadata.creation_timestamp, ready_at)
@@ -206,8 +209,40 @@ def real_run(env: DevEnv, kubectl, policy: str, trace: Trace, args, config: SimC
     record = RunRecord(ready=series[:, 0], pods=series[:, 1], desired=series[:, 2], latency_s=latency,
                        response_tokens=trace.response_tokens, pod_start_s=np.asarray(starts))
     extra = {"initial_ready_pods": initial_ready, "revisions": revisions, "problems": problems,
-             "last_decision": (final.get("status") or {}).get("lastDecision")}
+             "last_decision": (final.get("status") or {}).get("lastDecision"),
+             "latency_s": [None if math.isnan(x) else round(float(x), 3) for x in latency],
+             "kpa": _kpa_series(env.prometheus_url, namespace, start, seconds)}
     return record, extra
+
+
+# The real autoscaler's own account of each decision (OpenTelemetry-era names), for `calibration.kpa_replay`.
+KPA_SERIES = {"ready": "kn_revision_pods_count", "wanted": "kn_revision_pods_desired",
+              "stable": "kn_revision_concurrency_stable", "panic": "kn_revision_concurrency_panic",
+              "effective_target": "kn_revision_concurrency_target"}
+
+
+def _kpa_series(prometheus: str, namespace: str, start: float, seconds: int) -> dict[str, list[float | None]]:
+    series: dict[str, list[float | None]] = {}
+    for key, name in KPA_SERIES.items():
+        answer = requests.get(f"{prometheus}/api/v1/query_range", timeout=30, params={
+            "query": f'max({name}{{k8s_namespace_name="{namespace}"}})', "start": start, "end": start + seconds - 1,
+            "step": "1s"}).json()["data"]["result"]
+        values: list[float | None] = [None] * seconds
+        for at, value in answer[0]["values"] if answer else []:
+            values[min(int(round(float(at) - start)), seconds - 1)] = float(value)
+        series[key] = values
+    return series
+
+
+def kpa_agreement(kpa: dict[str, list[float | None]], config: SimConfig) -> dict[str, float]:
+    """How often the model's decision, fed the real autoscaler's inputs, wants what the real one wanted."""
+    present = [t for t in range(len(kpa["wanted"])) if all(kpa[key][t] is not None for key in KPA_SERIES)]
+    if not present:
+        return {"seconds": 0.0, "agreeing": math.nan}
+    columns = {key: np.asarray([kpa[key][t] for t in present], dtype=float) for key in KPA_SERIES}
+    wanted = kpa_replay(config.knative, columns["ready"], columns["stable"], columns["panic"], columns["effective_target"])
+    return {"seconds": float(len(present)), "agreeing": float(np.mean(wanted == columns["wanted"])),
+            "largest_difference_pods": float(np.abs(wanted - columns["wanted"]).max())}
 
 
 # ---------------------------------------------------------------------------------------------- simulator
@@ -248,6 +283,12 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {key} | {_fmt(comparison['real'][key])} | {_fmt(comparison['simulator'][key])} | "
                          f"{_fmt(comparison['simulator_over_real'][key])} | {spread} |")
         gaps = comparison["gaps"]
+        agreement = runs.get("kpa_model_agreement") or {}
+        if agreement.get("seconds"):
+            lines += ["", f"The KPA model (`rl/knative.py`) fed the real autoscaler's own inputs (ready pods, stable and "
+                          f"panic concurrency, target) wants the real autoscaler's pod count in "
+                          f"{agreement['agreeing']:.1%} of {agreement['seconds']:.0f} seconds (largest difference "
+                          f"{agreement['largest_difference_pods']:.0f} pods)."]
         lines += ["", f"Ready pods, mean |real − simulator|: {gaps['ready_pods_mean_abs_diff']:.2f} per second, "
                       f"{gaps['ready_pods_minute_mean_abs_diff']:.2f} on minute means. Real run: "
                       f"{runs['real_extra']['revisions']} revision(s), problems {runs['real_extra']['problems']}.", ""]
@@ -335,6 +376,7 @@ def main() -> None:
                           for seed in range(SIM_SEEDS)]
                 result["policies"][policy] = {
                     "comparison": compare(real, simulated, config.slo), "real_extra": extra,
+                    "kpa_model_agreement": kpa_agreement(extra["kpa"], config),
                     "simulator_seeds": {key: [run[key] for run in spread] for key in spread[0]},
                     "series": {"real_ready": real.ready.tolist(), "real_pods": real.pods.tolist(),
                                "real_desired": real.desired.tolist(), "sim_ready": simulated.ready.tolist(),

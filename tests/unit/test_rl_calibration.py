@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from agentkube.rl.calibration import RunRecord, compare, scale_up_lags, simulated_run, summarize
+from agentkube.rl import knative
+from agentkube.rl.calibration import RunRecord, compare, kpa_replay, pods_created, scale_up_lags, simulated_run, summarize
 from agentkube.rl.episodes import run_episode
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.simulator import SimConfig, Simulator, SLOConfig
@@ -41,12 +42,12 @@ def test_a_rise_unmet_at_the_end_is_censored_not_counted():
 
 def test_summary_counts_unanswered_requests_as_slo_misses_and_pod_seconds_include_starting_pods():
     slo = SLOConfig(first_token_s=2.0, per_output_token_s=0.1)  # budget 3 s for 10 tokens
-    run = _run(ready=[1, 1, 2], pods=[2, 2, 2], latency=[1.0, 2.5, 4.0, math.nan], starts=[5.0, 7.0])
+    run = _run(ready=[1, 1, 2], pods=[1, 2, 2], latency=[1.0, 2.5, 4.0, math.nan], starts=[5.0, 7.0])
     figures = summarize(run, slo)
     assert figures["slo_attainment"] == 0.5  # 2 of 4 within 3 s; the unanswered one is a miss
     assert figures["answered_share"] == 0.75
-    assert figures["pod_seconds"] == 6 and figures["ready_pod_seconds"] == 4
-    assert figures["cold_starts"] == 2 and figures["pod_start_median_s"] == 6.0
+    assert figures["pod_seconds"] == 5 and figures["ready_pod_seconds"] == 4
+    assert figures["cold_starts"] == 1 and figures["pod_start_median_s"] == 6.0
     assert figures["p95_latency_s"] == pytest.approx(np.quantile([1.0, 2.5, 4.0], 0.95))
 
 
@@ -92,3 +93,23 @@ def test_an_episode_can_start_from_the_real_runs_ready_pods():
 
     _, sim, _ = run_episode(Fixed(), trace, ready_pods=3)
     assert sim.ready_series[0] == 3
+
+
+def test_pods_created_are_the_rises_of_the_pod_count():
+    assert pods_created(np.array([1, 3, 3, 2, 4, 1])) == 4
+
+
+def test_the_kpa_replay_decides_as_the_model_does_from_the_autoscalers_own_inputs():
+    config = knative.KnativeDefaults(max_scale=10)
+    ready = np.array([1, 1, 1, 1, 2, 2])
+    stable = np.array([10.0, 10.0, 80.0, 80.0, 80.0, 80.0])
+    panic = np.array([10.0, 10.0, 150.0, 80.0, 80.0, 80.0])
+    wanted = kpa_replay(config, ready, stable, panic)
+    state, expected = knative.DeciderState(), []
+    for t in range(6):
+        decision = knative.scale(config, state, float(t), int(ready[t]), stable[t], panic[t])
+        state = decision.state
+        expected.append(decision.desired_pods)
+    assert wanted.tolist() == expected and wanted[2] == 3  # 150 / 70 at panic: 3 pods, held while panicking
+    # The per-pod target the autoscaler reports (target x utilisation) is the one decided with.
+    assert kpa_replay(config, ready, stable, panic, effective_target=np.full(6, 7.0))[2] == 10  # max scale
