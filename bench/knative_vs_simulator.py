@@ -44,7 +44,7 @@ from agentkube.rl.calibration import RunRecord, compare, kpa_replay, simulated_r
 from agentkube.rl.episodes import run_episode
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.policy import load_policy
-from agentkube.rl.simulator import SimConfig, Simulator
+from agentkube.rl.simulator import BINDINGS, SimConfig, Simulator
 from agentkube.rl.traces import Trace, evaluation_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -62,12 +62,12 @@ def the_slice(workload: str, index: int, start_minute: float, minutes: float, ke
     return evaluation_trace(workload, index).window(start_minute * 60.0, minutes * 60.0).thinned(keep, seed)
 
 
-def sim_config(max_scale: int) -> SimConfig:
+def sim_config(max_scale: int, binding: str = "pooled") -> SimConfig:
     """The simulator's settings for the real runs: Knative's defaults (the cluster's config-autoscaler is
     left as shipped) with the ServedModel's max scale, the server model's defaults (the model server's
     too), the cold start as the simulator models it (the model server waits `model_load_s` before it
     listens)."""
-    return SimConfig(knative=KnativeDefaults(max_scale=max_scale))
+    return SimConfig(knative=KnativeDefaults(max_scale=max_scale), binding=binding)
 
 
 # ---------------------------------------------------------------------------------------------- real run
@@ -289,6 +289,12 @@ def write_report(result: dict, out: Path) -> None:
                           f"panic concurrency, target) wants the real autoscaler's pod count in "
                           f"{agreement['agreeing']:.1%} of {agreement['seconds']:.0f} seconds (largest difference "
                           f"{agreement['largest_difference_pods']:.0f} pods)."]
+        bound = runs.get("comparison_pod")
+        if bound:
+            lines += ["", "With requests bound to their pod (`SimConfig(binding=\"pod\")`): " + ", ".join(
+                f"{key} {_fmt(bound['simulator'][key])} (× {_fmt(bound['simulator_over_real'][key])} of real)"
+                for key in ("mean_ready_pods", "pod_seconds", "p95_latency_s", "slo_attainment"))
+                + f"; ready pods mean |real − simulator| {bound['gaps']['ready_pods_mean_abs_diff']:.2f}."]
         lines += ["", f"Ready pods, mean |real − simulator|: {gaps['ready_pods_mean_abs_diff']:.2f} per second, "
                       f"{gaps['ready_pods_minute_mean_abs_diff']:.2f} on minute means. Real run: "
                       f"{runs['real_extra']['revisions']} revision(s), problems {runs['real_extra']['problems']}.", ""]
@@ -324,6 +330,8 @@ def _plot(result: dict, out: Path) -> None:
         axis.step(minutes, series["real_desired"], where="post", label="real: KPA wants", lw=0.8, ls="--")
         axis.step(minutes, series["sim_ready"], where="post", label="simulator: ready", lw=1.2)
         axis.step(minutes, series["sim_pods"], where="post", label="simulator: wants", lw=0.8, ls="--")
+        if "sim_ready_pod" in series:
+            axis.step(minutes, series["sim_ready_pod"], where="post", label="simulator, requests bound to pods: ready", lw=1.0)
         axis.set_ylabel(f"{policy}: pods")
         axis.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("minutes into the slice")
@@ -331,6 +339,51 @@ def _plot(result: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "knative_vs_simulator.png", dpi=90)
     plt.close(fig)
+
+
+def simulator_side(policy: str, real: RunRecord, extra: dict, trace: Trace, args,
+                   real_figures: dict[str, float] | None = None) -> dict:
+    """The simulator on the real run's slice and start, under each binding (`SimConfig.binding`), beside
+    the real run's figures; and the KPA model against the real autoscaler's own decisions."""
+    side: dict = {"real_extra": extra, "real_pod_start_s": real.pod_start_s.tolist(),
+                  "series": {"real_ready": real.ready.tolist(), "real_pods": real.pods.tolist(),
+                             "real_desired": real.desired.tolist()}}
+    for binding in BINDINGS:
+        config = sim_config(args.max_scale, binding)
+        simulated = simulate(policy, trace, config, int(extra["initial_ready_pods"]), args.seed)
+        spread = [summarize(simulate(policy, trace, config, int(extra["initial_ready_pods"]), seed), config.slo)
+                  for seed in range(SIM_SEEDS)]
+        key = "" if binding == "pooled" else f"_{binding}"
+        side[f"comparison{key}"] = compare(real, simulated, config.slo, real_figures)
+        side[f"simulator_seeds{key}"] = {name: [run[name] for run in spread] for name in spread[0]}
+        side["series"][f"sim_ready{key}"] = simulated.ready.tolist()
+        side["series"][f"sim_pods{key}"] = simulated.pods.tolist()
+    if extra.get("kpa"):
+        side["kpa_model_agreement"] = kpa_agreement(extra["kpa"], sim_config(args.max_scale))
+    return side
+
+
+def from_saved(path: Path, out: Path) -> None:
+    """The simulator's side again for a saved run (after a change to the simulator): the real side as it
+    was measured (its per-request latencies when saved, else its figures as summarised then)."""
+    result = json.loads(path.read_text())
+    args = argparse.Namespace(**result["slice"])
+    trace = the_slice(args.workload, args.index, args.start_minute, args.minutes, args.keep, args.seed)
+    for policy, saved in result["policies"].items():
+        series, extra = saved["series"], saved["real_extra"]
+        latency = np.asarray([math.nan if x is None else x for x in extra.get("latency_s") or []], dtype=float)
+        real = RunRecord(ready=np.asarray(series["real_ready"]), pods=np.asarray(series["real_pods"]),
+                         desired=np.asarray(series["real_desired"]),
+                         latency_s=latency if latency.size else np.full(len(trace), math.nan),
+                         response_tokens=trace.response_tokens, pod_start_s=np.asarray(saved["real_pod_start_s"]))
+        figures = None if latency.size else saved["comparison"]["real"]
+        if figures is not None:
+            figures = {**figures, **{k: v for k, v in summarize(real, sim_config(args.max_scale).slo).items()
+                                     if k in ("cold_starts", "pod_seconds", "ready_pod_seconds", "mean_ready_pods",
+                                              "max_ready_pods", "scale_ups", "scale_up_lag_median_s",
+                                              "scale_up_lag_max_s", "scale_ups_unmet_at_end")}}
+        result["policies"][policy] = simulator_side(policy, real, extra, trace, args, figures)
+    write_report(result, out)
 
 
 def main() -> None:
@@ -347,7 +400,12 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--policies", default="kpa,ppo")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--from-json", type=Path, help="no real run: the simulator's side again for a saved result")
     args = parser.parse_args()
+    if args.from_json:
+        from_saved(args.from_json, args.out)
+        print((args.out / "knative_vs_simulator.md").read_text())
+        return
     trace = the_slice(args.workload, args.index, args.start_minute, args.minutes, args.keep, args.seed)
     config = sim_config(args.max_scale)
     description = (f"{args.workload}-eval-{args.index}, minutes {args.start_minute:g}–{args.start_minute + args.minutes:g}, "
@@ -371,18 +429,7 @@ def main() -> None:
             for policy in args.policies.split(","):
                 print(f"{policy}: replaying {description}", flush=True)
                 real, extra = real_run(env, kubectl, policy, trace, args, config)
-                simulated = simulate(policy, trace, config, int(extra["initial_ready_pods"]), args.seed)
-                spread = [summarize(simulate(policy, trace, config, int(extra["initial_ready_pods"]), seed), config.slo)
-                          for seed in range(SIM_SEEDS)]
-                result["policies"][policy] = {
-                    "comparison": compare(real, simulated, config.slo), "real_extra": extra,
-                    "kpa_model_agreement": kpa_agreement(extra["kpa"], config),
-                    "simulator_seeds": {key: [run[key] for run in spread] for key in spread[0]},
-                    "series": {"real_ready": real.ready.tolist(), "real_pods": real.pods.tolist(),
-                               "real_desired": real.desired.tolist(), "sim_ready": simulated.ready.tolist(),
-                               "sim_pods": simulated.pods.tolist()},
-                    "real_pod_start_s": real.pod_start_s.tolist(),
-                }
+                result["policies"][policy] = simulator_side(policy, real, extra, trace, args)
                 print(json.dumps(summarize(real, config.slo)), flush=True)
                 write_report(result, args.out)
         finally:

@@ -112,10 +112,12 @@ def summarize(run: RunRecord, slo: SLOConfig) -> dict[str, float]:
     }
 
 
-def compare(real: RunRecord, simulated: RunRecord, slo: SLOConfig) -> dict[str, dict[str, float]]:
+def compare(real: RunRecord, simulated: RunRecord, slo: SLOConfig,
+            real_figures: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Both runs' figures, the simulator's over the real one's for each, and how far apart the ready-pod
-    series are (mean absolute difference over the common seconds, and the same on minute means)."""
-    real_figures, sim_figures = summarize(real, slo), summarize(simulated, slo)
+    series are (mean absolute difference over the common seconds, and the same on minute means).
+    `real_figures`: the real run's, when they were summarised before (from a saved run)."""
+    real_figures, sim_figures = real_figures or summarize(real, slo), summarize(simulated, slo)
     ratios = {key: (sim_figures[key] / real_figures[key] if real_figures[key] not in (0.0,) and
                     not math.isnan(real_figures[key]) else math.nan) for key in real_figures}
     n = min(real.ready.size, simulated.ready.size)

@@ -113,3 +113,33 @@ def test_the_kpa_replay_decides_as_the_model_does_from_the_autoscalers_own_input
     assert wanted.tolist() == expected and wanted[2] == 3  # 150 / 70 at panic: 3 pods, held while panicking
     # The per-pod target the autoscaler reports (target x utilisation) is the one decided with.
     assert kpa_replay(config, ready, stable, panic, effective_target=np.full(6, 7.0))[2] == 10  # max scale
+
+
+def test_requests_bound_to_their_pod_keep_a_backlog_on_the_old_pods_after_a_scale_up():
+    """Under binding "pod" new pods take only new arrivals: after a crowd, the revision holds more requests
+    (the old pods' batch drains at their pace) than when every pod shares every request."""
+    from dataclasses import replace
+
+    trace = evaluation_trace("flash", 0).window(249 * 60, 600).thinned(0.2, seed=7)
+    held = {}
+    for binding in ("pooled", "pod"):
+        sim = Simulator(replace(SimConfig(knative=KnativeDefaults(max_scale=10)), binding=binding))
+        sim.reset(trace, seed=7, ready_pods=1)
+        sim.advance(600)
+        held[binding] = sim.concurrency_series[300:360].mean()  # the minute after the new pods are ready
+        assert sim.summary().requests == len(trace) and sim.summary().served_share == 1.0
+    assert held["pod"] > 1.2 * held["pooled"]
+    with pytest.raises(ValueError):
+        SimConfig(binding="everywhere")
+
+
+def test_pod_binding_without_a_scale_up_is_the_pooled_revision():
+    trace = evaluation_trace("conversation", 0).window(3 * 3600, 300).thinned(0.02, seed=1)
+    runs = []
+    for binding in ("pooled", "pod"):
+        sim = Simulator(SimConfig(knative=KnativeDefaults(min_scale=1, max_scale=1), binding=binding))
+        sim.reset(trace, seed=1, ready_pods=1)
+        sim.advance(300)
+        runs.append(sim.summary())
+    assert runs[0].slo_attainment == pytest.approx(runs[1].slo_attainment)
+    assert runs[0].p95_latency_s == pytest.approx(runs[1].p95_latency_s, rel=1e-6)
