@@ -100,6 +100,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.core, self.custom, self.namespace = CoreV1Api(client), CustomObjectsApi(client), namespace
         self.samples: list[tuple[float, int, int, int]] = []
+        self.load_average: list[float] = []  # the machine's 1-minute load: the emulated server needs spare CPU
         self.pods: dict[str, tuple[datetime, datetime | None]] = {}
         self.stop = threading.Event()
 
@@ -121,6 +122,7 @@ class Sampler(threading.Thread):
                     ready_at = next((c.last_transition_time for c in pod.status.conditions or []
                                      if c.type == "Ready" and c.status == "True"), None)
                     self.pods[pod.metadata.name] = (pod.metadata.creation_timestamp, ready_at)
+            self.load_average.append(float(Path("/proc/loadavg").read_text().split()[0]))
             next_at += 1.0
             self.stop.wait(max(0.0, next_at - time.monotonic()))
 
@@ -210,6 +212,7 @@ def real_run(env: DevEnv, kubectl, policy: str, trace: Trace, args, config: SimC
                        response_tokens=trace.response_tokens, pod_start_s=np.asarray(starts))
     extra = {"initial_ready_pods": initial_ready, "revisions": revisions, "problems": problems,
              "last_decision": (final.get("status") or {}).get("lastDecision"),
+             "load_average": {"mean": float(np.mean(sampler.load_average)), "max": float(np.max(sampler.load_average))},
              "latency_s": [None if math.isnan(x) else round(float(x), 3) for x in latency],
              "kpa": _kpa_series(env.prometheus_url, namespace, start, seconds)}
     return record, extra
