@@ -312,7 +312,16 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {policy} | {real['pod_seconds']:.0f} | {real['slo_attainment']:.2%} | "
                          f"{_fmt(real['p95_latency_s'])} | {real['mean_ready_pods']:.2f} |")
         kpa, ppo = (result["policies"][p]["comparison"]["real"] for p in ("kpa", "ppo"))
-        lines += ["", f"PPO's cost against the default: {ppo['pod_seconds'] / kpa['pod_seconds'] - 1:+.1%}.", ""]
+        sim_kpa, sim_ppo = (result["policies"][p]["comparison"]["simulator"] for p in ("kpa", "ppo"))
+        lines += ["", f"PPO's cost against the default on real Knative: {ppo['pod_seconds'] / kpa['pod_seconds'] - 1:+.1%}; "
+                      f"in the simulator on the same slice: {sim_ppo['pod_seconds'] / sim_kpa['pod_seconds'] - 1:+.1%} "
+                      f"(SLO {sim_ppo['slo_attainment']:.2%} against {sim_kpa['slo_attainment']:.2%})."]
+        loads = {p: result["policies"][p]["real_extra"].get("load_average") for p in ("kpa", "ppo")}
+        if all(loads.values()):
+            lines += ["", "Machine load average during the real runs (the emulated server needs spare CPU; compare "
+                          "only runs at similar load): " + ", ".join(
+                              f"{p} mean {load['mean']:.1f}, max {load['max']:.1f}" for p, load in loads.items())]
+        lines += [""]
     (out / "knative_vs_simulator.md").write_text("\n".join(lines) + "\n")
     _plot(result, out)
 
