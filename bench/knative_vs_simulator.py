@@ -34,16 +34,17 @@ from pathlib import Path
 import aiohttp
 import kubernetes
 import numpy as np
+import requests
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 
 from agentkube.devenv import DevEnv, images, knative
 from agentkube.devenv.versions import default_state_dir
 from agentkube.operator import api, servedmodel
-from agentkube.rl.calibration import RunRecord, compare, simulated_run, summarize
+from agentkube.rl.calibration import RunRecord, compare, kpa_replay, simulated_run, summarize
 from agentkube.rl.episodes import run_episode
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.policy import load_policy
-from agentkube.rl.simulator import SimConfig, Simulator
+from agentkube.rl.simulator import BINDINGS, SimConfig, Simulator
 from agentkube.rl.traces import Trace, evaluation_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -61,12 +62,12 @@ def the_slice(workload: str, index: int, start_minute: float, minutes: float, ke
     return evaluation_trace(workload, index).window(start_minute * 60.0, minutes * 60.0).thinned(keep, seed)
 
 
-def sim_config(max_scale: int) -> SimConfig:
+def sim_config(max_scale: int, binding: str = "pooled") -> SimConfig:
     """The simulator's settings for the real runs: Knative's defaults (the cluster's config-autoscaler is
     left as shipped) with the ServedModel's max scale, the server model's defaults (the model server's
     too), the cold start as the simulator models it (the model server waits `model_load_s` before it
     listens)."""
-    return SimConfig(knative=KnativeDefaults(max_scale=max_scale))
+    return SimConfig(knative=KnativeDefaults(max_scale=max_scale), binding=binding)
 
 
 # ---------------------------------------------------------------------------------------------- real run
@@ -99,6 +100,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.core, self.custom, self.namespace = CoreV1Api(client), CustomObjectsApi(client), namespace
         self.samples: list[tuple[float, int, int, int]] = []
+        self.load_average: list[float] = []  # the machine's 1-minute load: the emulated server needs spare CPU
         self.pods: dict[str, tuple[datetime, datetime | None]] = {}
         self.stop = threading.Event()
 
@@ -115,9 +117,12 @@ class Sampler(threading.Thread):
                 desired = sum(int((pa.get("status") or {}).get("desiredScale") or 0) for pa in pas or [])
                 self.samples.append((time.time(), sum(map(_ready, live)), len(live), desired))
                 for pod in pods:
+                    if (self.pods.get(pod.metadata.name) or (None, None))[1] is not None:
+                        continue  # its first ready time is kept: a pod being deleted turns not ready
                     ready_at = next((c.last_transition_time for c in pod.status.conditions or []
                                      if c.type == "Ready" and c.status == "True"), None)
                     self.pods[pod.metadata.name] = (pod.metadata.creation_timestamp, ready_at)
+            self.load_average.append(float(Path("/proc/loadavg").read_text().split()[0]))
             next_at += 1.0
             self.stop.wait(max(0.0, next_at - time.monotonic()))
 
@@ -206,8 +211,41 @@ def real_run(env: DevEnv, kubectl, policy: str, trace: Trace, args, config: SimC
     record = RunRecord(ready=series[:, 0], pods=series[:, 1], desired=series[:, 2], latency_s=latency,
                        response_tokens=trace.response_tokens, pod_start_s=np.asarray(starts))
     extra = {"initial_ready_pods": initial_ready, "revisions": revisions, "problems": problems,
-             "last_decision": (final.get("status") or {}).get("lastDecision")}
+             "last_decision": (final.get("status") or {}).get("lastDecision"),
+             "load_average": {"mean": float(np.mean(sampler.load_average)), "max": float(np.max(sampler.load_average))},
+             "latency_s": [None if math.isnan(x) else round(float(x), 3) for x in latency],
+             "kpa": _kpa_series(env.prometheus_url, namespace, start, seconds)}
     return record, extra
+
+
+# The real autoscaler's own account of each decision (OpenTelemetry-era names), for `calibration.kpa_replay`.
+KPA_SERIES = {"ready": "kn_revision_pods_count", "wanted": "kn_revision_pods_desired",
+              "stable": "kn_revision_concurrency_stable", "panic": "kn_revision_concurrency_panic",
+              "effective_target": "kn_revision_concurrency_target"}
+
+
+def _kpa_series(prometheus: str, namespace: str, start: float, seconds: int) -> dict[str, list[float | None]]:
+    series: dict[str, list[float | None]] = {}
+    for key, name in KPA_SERIES.items():
+        answer = requests.get(f"{prometheus}/api/v1/query_range", timeout=30, params={
+            "query": f'max({name}{{k8s_namespace_name="{namespace}"}})', "start": start, "end": start + seconds - 1,
+            "step": "1s"}).json()["data"]["result"]
+        values: list[float | None] = [None] * seconds
+        for at, value in answer[0]["values"] if answer else []:
+            values[min(int(round(float(at) - start)), seconds - 1)] = float(value)
+        series[key] = values
+    return series
+
+
+def kpa_agreement(kpa: dict[str, list[float | None]], config: SimConfig) -> dict[str, float]:
+    """How often the model's decision, fed the real autoscaler's inputs, wants what the real one wanted."""
+    present = [t for t in range(len(kpa["wanted"])) if all(kpa[key][t] is not None for key in KPA_SERIES)]
+    if not present:
+        return {"seconds": 0.0, "agreeing": math.nan}
+    columns = {key: np.asarray([kpa[key][t] for t in present], dtype=float) for key in KPA_SERIES}
+    wanted = kpa_replay(config.knative, columns["ready"], columns["stable"], columns["panic"], columns["effective_target"])
+    return {"seconds": float(len(present)), "agreeing": float(np.mean(wanted == columns["wanted"])),
+            "largest_difference_pods": float(np.abs(wanted - columns["wanted"]).max())}
 
 
 # ---------------------------------------------------------------------------------------------- simulator
@@ -248,6 +286,18 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {key} | {_fmt(comparison['real'][key])} | {_fmt(comparison['simulator'][key])} | "
                          f"{_fmt(comparison['simulator_over_real'][key])} | {spread} |")
         gaps = comparison["gaps"]
+        agreement = runs.get("kpa_model_agreement") or {}
+        if agreement.get("seconds"):
+            lines += ["", f"The KPA model (`rl/knative.py`) fed the real autoscaler's own inputs (ready pods, stable and "
+                          f"panic concurrency, target) wants the real autoscaler's pod count in "
+                          f"{agreement['agreeing']:.1%} of {agreement['seconds']:.0f} seconds (largest difference "
+                          f"{agreement['largest_difference_pods']:.0f} pods)."]
+        bound = runs.get("comparison_pod")
+        if bound:
+            lines += ["", "With requests bound to their pod (`SimConfig(binding=\"pod\")`): " + ", ".join(
+                f"{key} {_fmt(bound['simulator'][key])} (× {_fmt(bound['simulator_over_real'][key])} of real)"
+                for key in ("mean_ready_pods", "pod_seconds", "p95_latency_s", "slo_attainment"))
+                + f"; ready pods mean |real − simulator| {bound['gaps']['ready_pods_mean_abs_diff']:.2f}."]
         lines += ["", f"Ready pods, mean |real − simulator|: {gaps['ready_pods_mean_abs_diff']:.2f} per second, "
                       f"{gaps['ready_pods_minute_mean_abs_diff']:.2f} on minute means. Real run: "
                       f"{runs['real_extra']['revisions']} revision(s), problems {runs['real_extra']['problems']}.", ""]
@@ -262,7 +312,16 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {policy} | {real['pod_seconds']:.0f} | {real['slo_attainment']:.2%} | "
                          f"{_fmt(real['p95_latency_s'])} | {real['mean_ready_pods']:.2f} |")
         kpa, ppo = (result["policies"][p]["comparison"]["real"] for p in ("kpa", "ppo"))
-        lines += ["", f"PPO's cost against the default: {ppo['pod_seconds'] / kpa['pod_seconds'] - 1:+.1%}.", ""]
+        sim_kpa, sim_ppo = (result["policies"][p]["comparison"]["simulator"] for p in ("kpa", "ppo"))
+        lines += ["", f"PPO's cost against the default on real Knative: {ppo['pod_seconds'] / kpa['pod_seconds'] - 1:+.1%}; "
+                      f"in the simulator on the same slice: {sim_ppo['pod_seconds'] / sim_kpa['pod_seconds'] - 1:+.1%} "
+                      f"(SLO {sim_ppo['slo_attainment']:.2%} against {sim_kpa['slo_attainment']:.2%})."]
+        loads = {p: result["policies"][p]["real_extra"].get("load_average") for p in ("kpa", "ppo")}
+        if all(loads.values()):
+            lines += ["", "Machine load average during the real runs (the emulated server needs spare CPU; compare "
+                          "only runs at similar load): " + ", ".join(
+                              f"{p} mean {load['mean']:.1f}, max {load['max']:.1f}" for p, load in loads.items())]
+        lines += [""]
     (out / "knative_vs_simulator.md").write_text("\n".join(lines) + "\n")
     _plot(result, out)
 
@@ -283,6 +342,8 @@ def _plot(result: dict, out: Path) -> None:
         axis.step(minutes, series["real_desired"], where="post", label="real: KPA wants", lw=0.8, ls="--")
         axis.step(minutes, series["sim_ready"], where="post", label="simulator: ready", lw=1.2)
         axis.step(minutes, series["sim_pods"], where="post", label="simulator: wants", lw=0.8, ls="--")
+        if "sim_ready_pod" in series:
+            axis.step(minutes, series["sim_ready_pod"], where="post", label="simulator, requests bound to pods: ready", lw=1.0)
         axis.set_ylabel(f"{policy}: pods")
         axis.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("minutes into the slice")
@@ -290,6 +351,51 @@ def _plot(result: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "knative_vs_simulator.png", dpi=90)
     plt.close(fig)
+
+
+def simulator_side(policy: str, real: RunRecord, extra: dict, trace: Trace, args,
+                   real_figures: dict[str, float] | None = None) -> dict:
+    """The simulator on the real run's slice and start, under each binding (`SimConfig.binding`), beside
+    the real run's figures; and the KPA model against the real autoscaler's own decisions."""
+    side: dict = {"real_extra": extra, "real_pod_start_s": real.pod_start_s.tolist(),
+                  "series": {"real_ready": real.ready.tolist(), "real_pods": real.pods.tolist(),
+                             "real_desired": real.desired.tolist()}}
+    for binding in BINDINGS:
+        config = sim_config(args.max_scale, binding)
+        simulated = simulate(policy, trace, config, int(extra["initial_ready_pods"]), args.seed)
+        spread = [summarize(simulate(policy, trace, config, int(extra["initial_ready_pods"]), seed), config.slo)
+                  for seed in range(SIM_SEEDS)]
+        key = "" if binding == "pooled" else f"_{binding}"
+        side[f"comparison{key}"] = compare(real, simulated, config.slo, real_figures)
+        side[f"simulator_seeds{key}"] = {name: [run[name] for run in spread] for name in spread[0]}
+        side["series"][f"sim_ready{key}"] = simulated.ready.tolist()
+        side["series"][f"sim_pods{key}"] = simulated.pods.tolist()
+    if extra.get("kpa"):
+        side["kpa_model_agreement"] = kpa_agreement(extra["kpa"], sim_config(args.max_scale))
+    return side
+
+
+def from_saved(path: Path, out: Path) -> None:
+    """The simulator's side again for a saved run (after a change to the simulator): the real side as it
+    was measured (its per-request latencies when saved, else its figures as summarised then)."""
+    result = json.loads(path.read_text())
+    args = argparse.Namespace(**result["slice"])
+    trace = the_slice(args.workload, args.index, args.start_minute, args.minutes, args.keep, args.seed)
+    for policy, saved in result["policies"].items():
+        series, extra = saved["series"], saved["real_extra"]
+        latency = np.asarray([math.nan if x is None else x for x in extra.get("latency_s") or []], dtype=float)
+        real = RunRecord(ready=np.asarray(series["real_ready"]), pods=np.asarray(series["real_pods"]),
+                         desired=np.asarray(series["real_desired"]),
+                         latency_s=latency if latency.size else np.full(len(trace), math.nan),
+                         response_tokens=trace.response_tokens, pod_start_s=np.asarray(saved["real_pod_start_s"]))
+        figures = None if latency.size else saved["comparison"]["real"]
+        if figures is not None:
+            figures = {**figures, **{k: v for k, v in summarize(real, sim_config(args.max_scale).slo).items()
+                                     if k in ("cold_starts", "pod_seconds", "ready_pod_seconds", "mean_ready_pods",
+                                              "max_ready_pods", "scale_ups", "scale_up_lag_median_s",
+                                              "scale_up_lag_max_s", "scale_ups_unmet_at_end")}}
+        result["policies"][policy] = simulator_side(policy, real, extra, trace, args, figures)
+    write_report(result, out)
 
 
 def main() -> None:
@@ -306,7 +412,12 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--policies", default="kpa,ppo")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--from-json", type=Path, help="no real run: the simulator's side again for a saved result")
     args = parser.parse_args()
+    if args.from_json:
+        from_saved(args.from_json, args.out)
+        print((args.out / "knative_vs_simulator.md").read_text())
+        return
     trace = the_slice(args.workload, args.index, args.start_minute, args.minutes, args.keep, args.seed)
     config = sim_config(args.max_scale)
     description = (f"{args.workload}-eval-{args.index}, minutes {args.start_minute:g}–{args.start_minute + args.minutes:g}, "
@@ -330,17 +441,7 @@ def main() -> None:
             for policy in args.policies.split(","):
                 print(f"{policy}: replaying {description}", flush=True)
                 real, extra = real_run(env, kubectl, policy, trace, args, config)
-                simulated = simulate(policy, trace, config, int(extra["initial_ready_pods"]), args.seed)
-                spread = [summarize(simulate(policy, trace, config, int(extra["initial_ready_pods"]), seed), config.slo)
-                          for seed in range(SIM_SEEDS)]
-                result["policies"][policy] = {
-                    "comparison": compare(real, simulated, config.slo), "real_extra": extra,
-                    "simulator_seeds": {key: [run[key] for run in spread] for key in spread[0]},
-                    "series": {"real_ready": real.ready.tolist(), "real_pods": real.pods.tolist(),
-                               "real_desired": real.desired.tolist(), "sim_ready": simulated.ready.tolist(),
-                               "sim_pods": simulated.pods.tolist()},
-                    "real_pod_start_s": real.pod_start_s.tolist(),
-                }
+                result["policies"][policy] = simulator_side(policy, real, extra, trace, args)
                 print(json.dumps(summarize(real, config.slo)), flush=True)
                 write_report(result, args.out)
         finally:

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agentkube.rl import knative
+from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.simulator import Simulator, SLOConfig
 
-__all__ = ["RunRecord", "scale_up_lags", "summarize", "compare", "simulated_run"]
+__all__ = ["RunRecord", "scale_up_lags", "summarize", "compare", "simulated_run", "kpa_replay", "pods_created"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class RunRecord:
     desired: np.ndarray  # the pod count the autoscaler wants at each second
     latency_s: np.ndarray  # per request, in trace order; NaN = not answered
     response_tokens: np.ndarray  # per request, for its SLO budget
-    pod_start_s: np.ndarray  # per pod created during the run: seconds from creation to ready
+    pod_start_s: np.ndarray  # per pod created during the run that became ready: seconds from creation to ready
 
 
 def scale_up_lags(desired: np.ndarray, ready: np.ndarray) -> tuple[list[float], int]:
@@ -50,6 +52,30 @@ def scale_up_lags(desired: np.ndarray, ready: np.ndarray) -> tuple[list[float], 
         else:
             censored += 1
     return lags, censored
+
+
+def pods_created(pods: np.ndarray) -> int:
+    """Pods started during a run, from the per-second count of pods holding capacity (its rises): the
+    same reading for a real run (sampled from the API) and a simulated one."""
+    return int(np.clip(np.diff(np.asarray(pods, dtype=float)), 0.0, None).sum())
+
+
+def kpa_replay(config: KnativeDefaults, ready: np.ndarray, stable: np.ndarray, panic: np.ndarray,
+               effective_target: np.ndarray | None = None) -> np.ndarray:
+    """The model's (`agentkube.rl.knative`) wanted pod count at each second, fed the real autoscaler's own
+    inputs as it exports them (ready pods, stable and panic concurrency, and the per-pod target it decided
+    with, `target × utilisation`, when that changed during the run). Compared with the real autoscaler's
+    wanted count this tests the decision alone, whatever the load and the server did."""
+    state = knative.DeciderState()
+    wanted = np.zeros(len(ready))
+    for t in range(len(ready)):
+        tick_config = config
+        if effective_target is not None and effective_target[t] > 0:
+            tick_config = config.with_target(float(effective_target[t]) / config.target_utilization)
+        decision = knative.scale(tick_config, state, float(t), int(ready[t]), float(stable[t]), float(panic[t]))
+        state = decision.state
+        wanted[t] = knative.bounded_scale(tick_config, decision.desired_pods)
+    return wanted
 
 
 def _quantile(values: np.ndarray | list[float], q: float) -> float:
@@ -76,7 +102,7 @@ def summarize(run: RunRecord, slo: SLOConfig) -> dict[str, float]:
         "ready_pod_seconds": float(run.ready.sum()),
         "mean_ready_pods": float(run.ready.mean()) if run.ready.size else 0.0,
         "max_ready_pods": float(run.ready.max()) if run.ready.size else 0.0,
-        "cold_starts": float(run.pod_start_s.size),
+        "cold_starts": float(pods_created(run.pods)),
         "pod_start_median_s": _quantile(run.pod_start_s, 0.5),
         "pod_start_max_s": float(run.pod_start_s.max()) if run.pod_start_s.size else math.nan,
         "scale_ups": float(len(lags)),
@@ -86,10 +112,12 @@ def summarize(run: RunRecord, slo: SLOConfig) -> dict[str, float]:
     }
 
 
-def compare(real: RunRecord, simulated: RunRecord, slo: SLOConfig) -> dict[str, dict[str, float]]:
+def compare(real: RunRecord, simulated: RunRecord, slo: SLOConfig,
+            real_figures: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Both runs' figures, the simulator's over the real one's for each, and how far apart the ready-pod
-    series are (mean absolute difference over the common seconds, and the same on minute means)."""
-    real_figures, sim_figures = summarize(real, slo), summarize(simulated, slo)
+    series are (mean absolute difference over the common seconds, and the same on minute means).
+    `real_figures`: the real run's, when they were summarised before (from a saved run)."""
+    real_figures, sim_figures = real_figures or summarize(real, slo), summarize(simulated, slo)
     ratios = {key: (sim_figures[key] / real_figures[key] if real_figures[key] not in (0.0,) and
                     not math.isnan(real_figures[key]) else math.nan) for key in real_figures}
     n = min(real.ready.size, simulated.ready.size)

@@ -49,6 +49,18 @@ class SLOConfig:
         return self.first_token_s + self.per_output_token_s * response_tokens
 
 
+# Where an admitted request is served (`SimConfig.binding`):
+# - "pooled": every ready pod shares all in-flight requests (one batch size for the revision), and requests
+#   beyond the pods' hard limit wait in one revision-wide queue that any pod, a new one too, takes from.
+# - "pod": as Knative routes with containerConcurrency 0 (no limit it knows of, so the activator holds
+#   nothing while pods exist): each request is bound at arrival to a pod that is ready then, spread evenly
+#   (kube-proxy and the activator), and stays there, queued in that pod's server beyond its batch limit. A
+#   backlog built before a scale-up stays on the old pods; new pods take only new arrivals. Measured against
+#   real Knative in bench/knative_vs_simulator.py (rl/README.md, "The simulator against real Knative").
+BINDINGS = ("pooled", "pod")
+MAX_POD_GROUPS = 6  # pods that became ready together are one group; more groups than this are merged
+
+
 @dataclass(frozen=True)
 class SimConfig:
     knative: KnativeDefaults = field(default_factory=KnativeDefaults)
@@ -56,6 +68,11 @@ class SimConfig:
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     spot: SpotConfig = field(default_factory=SpotConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
+    binding: str = "pooled"
+
+    def __post_init__(self) -> None:
+        if self.binding not in BINDINGS:
+            raise ValueError(f"binding must be one of {BINDINGS}, not {self.binding!r}")
 
 
 @dataclass
@@ -151,6 +168,11 @@ class Simulator:
         self.pending: list[tuple[float, int, bool]] = []  # (ready at, pod id, is spot) heap
         self.noticed: list[tuple[float, int]] = []  # undrained spot pods still serving: (terminates at, id)
         self.draining: list[list[float]] = []  # [terminates at, in-flight, work]
+        # binding "pod": groups of pods that became ready together, oldest first: [pods, in service, its
+        # work, queued in their servers, its work].
+        self.pod_groups: list[list[float]] = []
+        self._activator_queue = 0.0
+        self._activator_queue_work = 0.0
         self._next_pod_id = 0
         self._window: list[float] = [0.0] * int(cfg.knative.stable_window_s)
         self._stable_sum = 0.0
@@ -267,6 +289,7 @@ class Simulator:
         window, window_len, panic_len = self._window, len(self._window), self._panic_len
         interrupt_rate = spot_cfg.interruptions_per_node_hour / 3600.0
         tick = int(kn_cfg.tick_interval_s)
+        bound = cfg.binding == "pod"
         start_t, end_t = self.t, min(self.seconds, self.t + int(seconds))
         start_cost, start_failed = self.totals["cost"], self.totals["failed"]
         start_cold, start_int = self.totals["cold_starts"], self.totals["interruptions"]
@@ -300,7 +323,9 @@ class Simulator:
             # Admission, FIFO: the queue first, then this second's arrivals, up to the pods' hard limit.
             arrivals, arrival_work = arrivals_list[t], work_list[t]
             free = ready * hard_limit - self.in_service
-            if free > 0.0 and (self.queue > 0.0 or arrivals > 0.0):
+            if bound:
+                admitted_cum[t + 1] = admitted_cum[t] + self._bound_second(t, ready, arrivals, arrival_work, hard_limit)
+            elif free > 0.0 and (self.queue > 0.0 or arrivals > 0.0):
                 from_queue = min(self.queue, free)
                 if from_queue > 0.0:
                     moved_work = self.queue_work * (from_queue / self.queue)
@@ -324,12 +349,14 @@ class Simulator:
                 admitted = 0.0
                 self.queue += arrivals
                 self.queue_work += arrival_work
-            admitted_cum[t + 1] = admitted_cum[t] + admitted
+            if not bound:
+                admitted_cum[t + 1] = admitted_cum[t] + admitted
             # Service: every in-flight request decodes 1/step tokens this second (processor sharing).
             batch = self.in_service / ready if ready else 0.0
             step = base_step + per_request_step * min(max(batch, 1.0), max_batch)
-            self.step_time_s[t] = step
-            if self.in_service_work > 0.0:
+            if not bound:
+                self.step_time_s[t] = step
+            if self.in_service_work > 0.0 and not bound:
                 done_work = min(self.in_service_work, self.in_service / step)
                 completed = self.in_service * done_work / self.in_service_work
                 self.in_service -= completed
@@ -387,6 +414,85 @@ class Simulator:
         )
         stats.metrics = self.knative_metrics(stats)
         return stats
+
+    def _bound_second(self, t: int, ready: int, arrivals: float, arrival_work: float, hard_limit: float) -> float:
+        """One second under binding "pod": admission and service per group of pods. Returns the requests
+        admitted. The revision-wide fields (`in_service`, `queue`, ...) stay the groups' sums; the queue
+        outside any group is the activator's, which holds requests only while no pod is ready."""
+        server = self.config.server
+        groups = self.pod_groups
+        in_groups = sum(g[1] for g in groups)
+        if in_groups > 0.0 and abs(in_groups - self.in_service) > 1e-9:
+            # Spot interruptions took their pod's share from the revision-wide figures: take it from every group.
+            kept = max(self.in_service, 0.0) / in_groups
+            for g in groups:
+                g[1] *= kept
+                g[2] *= kept
+        # Pods that became ready form a new group; pods removed leave the newest groups first (the
+        # ReplicaSet deletes the youngest), their requests finishing on the next older group (graceful drain).
+        counted = sum(int(g[0]) for g in groups)
+        if ready > counted:
+            groups.append([float(ready - counted), 0.0, 0.0, 0.0, 0.0])
+        while counted > ready and groups:
+            newest = groups[-1]
+            leaving = min(newest[0], float(counted - ready))
+            share = leaving / newest[0]
+            moved = [value * share for value in newest[1:]]
+            newest[0] -= leaving
+            for i, value in enumerate(moved, start=1):
+                newest[i] -= value
+            counted -= int(leaving)
+            if newest[0] <= 0.0:
+                groups.pop()
+            target = groups[-1] if groups else None
+            if target is None:  # no pod left: what they held waits in the activator
+                self._activator_queue += moved[0] + moved[2]
+                self._activator_queue_work += moved[1] + moved[3]
+            else:
+                for i, value in enumerate(moved, start=1):
+                    target[i] += value
+        while len(groups) > MAX_POD_GROUPS:  # merge the two neighbours with the closest load per pod
+            loads = [g[1] / g[0] for g in groups]
+            i = min(range(len(groups) - 1), key=lambda k: abs(loads[k] - loads[k + 1]))
+            merged = [a + b for a, b in zip(groups[i], groups[i + 1], strict=True)]
+            groups[i : i + 2] = [merged]
+        # The activator's held requests and this second's arrivals, spread over the ready pods.
+        incoming, incoming_work = arrivals + self._activator_queue, arrival_work + self._activator_queue_work
+        if ready:
+            self._activator_queue = self._activator_queue_work = 0.0
+            for g in groups:
+                g[3] += incoming * g[0] / ready
+                g[4] += incoming_work * g[0] / ready
+        else:
+            self._activator_queue, self._activator_queue_work = incoming, incoming_work
+        admitted = 0.0
+        weighted_step = 0.0
+        for g in groups:
+            room = g[0] * hard_limit - g[1]
+            if room > 0.0 and g[3] > 0.0:
+                taken = min(g[3], room)
+                work = g[4] * taken / g[3]
+                g[1] += taken
+                g[2] += work
+                g[3] -= taken
+                g[4] -= work
+                admitted += taken
+            step = server.base_step_s + server.per_request_step_s * min(max(g[1] / g[0], 1.0), server.max_batch)
+            weighted_step += g[0] * step
+            if g[2] > 0.0:
+                done_work = min(g[2], g[1] / step)
+                g[1] -= g[1] * done_work / g[2]
+                g[2] -= done_work
+                if g[1] < 1e-9:
+                    g[1] = g[2] = 0.0
+        # A request admitted this second joins a group with that group's step time; scored with the
+        # pod-weighted mean (the spread between groups shows in the revision's concurrency, not per request).
+        self.step_time_s[t] = weighted_step / ready if ready else server.base_step_s
+        self.in_service = sum(g[1] for g in groups)
+        self.in_service_work = sum(g[2] for g in groups)
+        self.queue = self._activator_queue + sum(g[3] for g in groups)
+        self.queue_work = self._activator_queue_work + sum(g[4] for g in groups)
+        return admitted
 
     def _decide(self, t: int, ready: int) -> None:
         cfg = self.knative
