@@ -27,7 +27,7 @@ __all__ = ["TrainConfig", "train_ppo", "export_sb3_policy", "initial_action_mean
 @dataclass(frozen=True)
 class TrainConfig:
     # 2M: with the warm-pod floor as a third action, 1M steps left the policy near its starting point
-    # (mean target ~100, +0.3..+7% against the default); 2M (17.5 min with one thread at load ~5) lands
+    # (mean target ~100, +0.3..+7% against the default); 2M (13-18 min with one thread) lands
     # at the default's attainment on every evaluation trace for -0.9..+3.5% (bench/rl_policy_compare.py).
     total_steps: int = 2_000_000
     n_envs: int = 4

@@ -193,7 +193,7 @@ def test_a_floor_on_the_pod_autoscaler_holds_warm_pods_and_the_revision_stays(
         spec, 4)
     del manifest["metadata"]["ownerReferences"]
     for labels in (manifest["metadata"]["labels"], manifest["spec"]["template"]["metadata"]["labels"]):
-        del labels[servedmodel.MODEL_LABEL]
+        labels.pop(servedmodel.MODEL_LABEL, None)  # (the builder shares one labels dict between the two)
     custom.create_namespaced_custom_object(*SERVING, namespace, "services", manifest)
     pa_group = (servedmodel.PA_GROUP, servedmodel.PA_VERSION)
 
