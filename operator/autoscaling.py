@@ -300,8 +300,10 @@ def decide(
     choice = policy(observation)
     target = bounded_step(current_target, choice.target, autoscaling.ppo.max_change_fraction, bounds)
     spot_share = min(choice.spot_share, spot.max_spot_fraction) if spot.enabled else 0.0
-    # The floor at the target being applied, as training computes it (`rl.episodes.apply_decision`).
-    warm_pods = warm_pod_floor(choice.warm_share, observed.samples["peak_concurrency_10m"].value, float(target), bounds)
+    # The floor at the target being applied, as training computes it (`rl.episodes.apply_decision`), with
+    # the utilisation this model's revisions run at (training's is Knative's default, 70%).
+    utilization = replace(bounds, target_utilization=autoscaling.target_utilization / 100.0)
+    warm_pods = warm_pod_floor(choice.warm_share, observed.samples["peak_concurrency_10m"].value, float(target), utilization)
     min_scale = servedmodel.floor_in_force(autoscaling, warm_pods)
     clipped = "" if target == round(choice.target) else f" (the policy asked for {choice.target:.1f}; bounded step)"
     message = f"target {current_target} -> {target}{clipped}; min-scale {min_scale}; spot share {spot_share:.2f}"

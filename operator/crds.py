@@ -133,6 +133,7 @@ SERVED_MODEL = Kind(
         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
         {"name": "Policy", "type": "string", "jsonPath": ".spec.autoscaling.policy"},
         {"name": "Target", "type": "integer", "jsonPath": ".status.concurrencyTarget"},
+        {"name": "MinScale", "type": "integer", "jsonPath": ".status.minScale", "priority": 1},
         {"name": "Ready", "type": "boolean", "jsonPath": ".status.ready"},
         {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

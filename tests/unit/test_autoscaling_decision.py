@@ -109,6 +109,8 @@ def test_the_warm_pod_floor_is_a_share_of_the_recent_peaks_pods_at_the_target_ap
     whole = _decide(_observed(), _asks(400.0, warm_share=1.0), current=100, ppo={"maxChangeFraction": 0.5})
     assert (whole.target, whole.min_scale, whole.warm_share) == (150, 3, 1.0) and "min-scale 3" in whole.message
     assert _decide(_observed(), _asks(150.0, warm_share=0.5), current=100).min_scale == 2
+    # At the model's own utilisation: at 100% a pod takes 150 of the peak, so the whole of it needs 2.
+    assert _decide(_observed(), _asks(150.0, warm_share=1.0), current=100, targetUtilization=100).min_scale == 2
     # No floor asked: the spec's own min-scale (1 without scale to zero).
     assert _decide(_observed(), _asks(150.0), current=100).min_scale == 0
     assert _decide(_observed(), _asks(150.0), current=100, scaleToZero=False).min_scale == 1
