@@ -9,7 +9,7 @@ from agentkube.dashboard_commands import dashboards_app
 from agentkube.devenv.commands import dev_app
 from agentkube.devenv.versions import default_state_dir
 from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
-from agentkube.operator.commands import crds_app, operator_app
+from agentkube.operator.commands import capacity_app, crds_app, operator_app
 from agentkube.rl.cli import rl_app
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(dev_app, name="dev")
 app.add_typer(operator_app, name="operator")
 app.add_typer(crds_app, name="crds")
+app.add_typer(capacity_app, name="capacity")
 app.add_typer(rl_app, name="rl")
 app.add_typer(node_agent_app, name="node-agent")
 app.add_typer(sandbox_runtime_app, name="sandbox-runtime")

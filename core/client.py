@@ -17,10 +17,19 @@ as the command produces it:
         else: print("exit", event.exit_code, event.usage.peak_memory_bytes)   # the RunResult, last
     sandbox.run("make build").exit_code                   # the blocking form
 
+Background processes and files go through the gateway too:
+
+    server = sandbox.start("python3 -m http.server 8000", timeout="30m")   # a Process: its own tool call
+    server.read(wait=5).stdout.data        # output from where the last read ended (or any offset)
+    server.write("input\n"); server.signal("INT"); server.kill(); server.wait().exit_code
+    sandbox.upload("data.csv", "in/data.csv"); sandbox.download("out/report.pdf", "report.pdf")
+    sandbox.list_files("out"); sandbox.delete_file("out", recursive=True)
+
 Inside a pod it authenticates with the pod's service-account token and finds the gateway at its
 in-cluster address; outside, with the token of the current kubeconfig context and the gateway's address
 given (`gateway=` or AGENTKUBE_GATEWAY, e.g. through `kubectl port-forward`). The identity needs RBAC's
-`create agentsandboxes/exec` on the sandbox (the chart's ClusterRole `agentkube-sandbox-user`).
+`create agentsandboxes/exec` on the sandbox for commands and processes, and `agentsandboxes/files` (create,
+get, list, delete) for files (the chart's ClusterRole `agentkube-sandbox-user` grants both).
 """
 
 from __future__ import annotations
@@ -31,14 +40,26 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from agentkube.contract import CallIntent, ToolNetwork, duration_seconds, runtime_socket, tool_network
-from agentkube.ebpf.models import RunRequest, RunResult, SandboxStatus
+from agentkube.ebpf.models import (
+    MAX_PROCESS_WAIT_SECONDS,
+    FileEntry,
+    FileList,
+    ProcessInfo,
+    ProcessList,
+    ProcessOutput,
+    RunRequest,
+    RunResult,
+    SandboxStatus,
+    StdinWritten,
+)
 from agentkube.ebpf.runtime import REGISTRATION_WAIT_SECONDS, inside_a_call
 from agentkube.ebpf.unixhttp import ApiError, Client, Peer
 
-__all__ = ["Sandbox", "RemoteSandbox", "AsyncSandbox", "Output", "RunResult", "ApiError"]
+__all__ = ["Sandbox", "RemoteSandbox", "AsyncSandbox", "Process", "AsyncProcess", "Output", "RunResult", "ProcessInfo",
+           "ProcessOutput", "FileEntry", "FileList", "ApiError"]
 
 # Inside a pod: the pod's own identity, and the gateway as the chart installs it (release `agentkube` in
 # `agentkube-system`; AGENTKUBE_GATEWAY says otherwise).
@@ -46,6 +67,9 @@ SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 IN_CLUSTER_GATEWAY = "http://agentkube-gateway.agentkube-system.svc:8080"
 GATEWAY_ENV = "AGENTKUBE_GATEWAY"
 CONNECT_SECONDS = 10.0
+FILE_CHUNK_BYTES = 1024 * 1024  # files move in pieces this big: never whole in memory
+JSON_HEADERS = {"Content-Type": "application/json"}
+STDIN_PIECE_CHARS = 8192  # one stdin write's characters: its JSON stays within the runtime's request bound
 
 
 def run_request(argv: Sequence[str] | str, *, profile: str | None = None, memory: int | str | None = None,
@@ -115,6 +139,125 @@ def gateway_credentials(gateway: str | None, token: str | None) -> tuple[str, An
     return address.rstrip("/"), lambda: kube_token
 
 
+def _answer(status: int, body: bytes) -> Any:
+    if status >= 300:
+        raise error_of(status, body)
+    return json.loads(body) if body else None
+
+
+def _stdin_pieces(data: str) -> list[str]:
+    return [data[i:i + STDIN_PIECE_CHARS] for i in range(0, len(data), STDIN_PIECE_CHARS)] or [""]
+
+
+def _file_chunks(source: IO[bytes]) -> Iterator[bytes]:
+    while chunk := source.read(FILE_CHUNK_BYTES):
+        yield chunk
+
+
+def _size_of(source: IO[bytes]) -> int:
+    """Bytes left to read in an open file (from where it stands)."""
+    here = source.tell()
+    size = source.seek(0, os.SEEK_END) - here
+    source.seek(here)
+    return size
+
+
+def _poll_seconds(deadline: float | None) -> float:
+    left = MAX_PROCESS_WAIT_SECONDS if deadline is None else deadline - time.monotonic()
+    return max(0.0, min(MAX_PROCESS_WAIT_SECONDS, left))
+
+
+class _ProcessHandle:
+    """What `Process` and `AsyncProcess` share: where the next read starts, and how answers are read."""
+
+    def __init__(self, info: ProcessInfo):
+        self.info = info
+        self.offsets = {"stdout": 0, "stderr": 0}
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def _path(self, action: str = "") -> str:
+        return "/".join(p for p in ("processes", self.id, action) if p)
+
+    def _read_params(self, wait: float, stdout: int | None, stderr: int | None) -> dict[str, float]:
+        return {"stdout": self.offsets["stdout"] if stdout is None else stdout,
+                "stderr": self.offsets["stderr"] if stderr is None else stderr, "wait": wait}
+
+    def _advance(self, answer: Any) -> ProcessOutput:
+        out = ProcessOutput.model_validate(answer)
+        self.offsets = {"stdout": out.stdout.next, "stderr": out.stderr.next}
+        self.info = out.process
+        return out
+
+    @staticmethod
+    def _events(out: ProcessOutput) -> list[Output | ProcessInfo]:
+        """One read's Outputs, then the ProcessInfo if it was the last (exited, nothing more to read)."""
+        events: list[Output | ProcessInfo] = [Output(name, chunk.data) for chunk, name in
+                                              ((out.stdout, "stdout"), (out.stderr, "stderr")) if chunk.data]
+        return events if events or out.process.state != "exited" else [out.process]
+
+    @staticmethod
+    def _stdin_bodies(data: str, close: bool) -> list[dict[str, Any]]:
+        pieces = _stdin_pieces(data)
+        return [{"data": piece, "close": close and i == len(pieces) - 1} for i, piece in enumerate(pieces)]
+
+
+class Process(_ProcessHandle):
+    """A background process in a sandbox: a tool call of its own that runs on after `start` returns.
+    `read` continues from where the last read ended (or from the offsets given); the runtime keeps each
+    stream's newest MiB, so a read from further back starts at the oldest byte kept (see the chunk's
+    `offset`)."""
+
+    def __init__(self, sandbox: RemoteSandbox, info: ProcessInfo):
+        super().__init__(info)
+        self.sandbox = sandbox
+
+    def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
+        return self.sandbox._request(method, self._path(action), **kwargs)
+
+    def read(self, wait: float = 0.0, stdout: int | None = None, stderr: int | None = None) -> ProcessOutput:
+        """Its output since the last read (or from the given byte offsets); held up to `wait` s (at most
+        30) until there is some, or it has exited."""
+        return self._advance(self._call("GET", "output", params=self._read_params(wait, stdout, stderr), wait=wait))
+
+    def stream(self) -> Iterator[Output | ProcessInfo]:
+        """Its output as it comes, from where the last read ended, then its ProcessInfo once it has exited."""
+        while True:
+            for event in self._events(self.read(wait=MAX_PROCESS_WAIT_SECONDS)):
+                yield event
+                if isinstance(event, ProcessInfo):
+                    return
+
+    def write(self, data: str, close: bool = False) -> int:
+        """Write to its stdin; the bytes it took (fewer if it stopped reading). `close`: then close stdin."""
+        return sum(StdinWritten.model_validate(self._call("POST", "stdin", json=body)).written
+                   for body in self._stdin_bodies(data, close))
+
+    def close_stdin(self) -> None:
+        self.write("", close=True)
+
+    def signal(self, signal: str) -> ProcessInfo:
+        """Send a signal (TERM, INT, KILL, HUP, QUIT, USR1, USR2, STOP, CONT) to its process group."""
+        self.info = ProcessInfo.model_validate(self._call("POST", "signal", json={"signal": signal}))
+        return self.info
+
+    def kill(self) -> ProcessInfo:
+        return self.signal("KILL")
+
+    def wait(self, timeout: float | None = None) -> ProcessInfo:
+        """Until it has exited (its exit code and usage), or TimeoutError after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _poll_seconds(deadline)
+            self.info = ProcessInfo.model_validate(self._call("GET", params={"wait": wait}, wait=wait))
+            if self.info.state == "exited":
+                return self.info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"process {self.id} still runs after {timeout}s")
+
+
 class RemoteSandbox:
     """A sandbox reached through the gateway (see the module's doc); from `Sandbox.connect`."""
 
@@ -123,7 +266,8 @@ class RemoteSandbox:
 
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
         self._http = httpx.Client()
-        self.url = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}/run"
+        self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
+        self.url = f"{self.base}/run"
 
     def stream(self, argv: Sequence[str] | str, **limits: Any) -> Iterator[Output | RunResult]:
         """Run one command as a tool call; yields its output as produced, then its RunResult (exit code,
@@ -145,6 +289,64 @@ class RemoteSandbox:
         """Run one command as a tool call and wait for it (see `Sandbox.run` for the arguments)."""
         return _last(list(self.stream(argv, **limits)))
 
+    def _request(self, method: str, path: str, *, wait: float = 0.0, headers: dict[str, str] | None = None,
+                 **kwargs: Any) -> Any:
+        import httpx
+
+        response = self._http.request(method, f"{self.base}/{path}", timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 60),
+                                      headers={"Authorization": f"Bearer {self._token()}", **(headers or {})}, **kwargs)
+        return _answer(response.status_code, response.content)
+
+    def start(self, argv: Sequence[str] | str, **limits: Any) -> Process:
+        """Start a command as a background process (its own tool call, with the limits of `run`; `stdin` is
+        written first and stays open). Returns once the node agent has placed it."""
+        body, _ = run_request(argv, **limits)
+        return Process(self, ProcessInfo.model_validate(self._request("POST", "processes", content=body.model_dump_json(),
+                                                                      headers=JSON_HEADERS)))
+
+    def processes(self) -> list[ProcessInfo]:
+        """The sandbox's background processes, running and recently finished."""
+        return ProcessList.model_validate(self._request("GET", "processes")).processes
+
+    def process(self, process_id: str) -> Process:
+        """A handle on a background process started earlier (by anyone allowed to run commands here)."""
+        return Process(self, ProcessInfo.model_validate(self._request("GET", f"processes/{process_id}")))
+
+    def upload(self, source: str | Path | IO[bytes], path: str, mode: int | None = None) -> FileEntry:
+        """Write a local file (a path, or a file open for binary reading) to `path` in the workspace, streamed
+        in pieces; `mode`: its permission bits (e.g. 0o755)."""
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as opened:
+                return self.upload(opened, path, mode)
+        params = {"path": path, **({"mode": f"{mode:o}"} if mode is not None else {})}
+        return FileEntry.model_validate(self._request(
+            "PUT", "files", params=params, content=_file_chunks(source),
+            headers={"Content-Length": str(_size_of(source)), "Content-Type": "application/octet-stream"}))
+
+    def download(self, path: str, destination: str | Path | IO[bytes]) -> int:
+        """Copy a workspace file to a local path (or a file open for binary writing), streamed; its bytes."""
+        import httpx
+
+        if isinstance(destination, (str, Path)):
+            with open(destination, "wb") as opened:
+                return self.download(path, opened)
+        with self._http.stream("GET", f"{self.base}/files", params={"path": path},
+                               timeout=httpx.Timeout(CONNECT_SECONDS, read=300),
+                               headers={"Authorization": f"Bearer {self._token()}"}) as response:
+            if response.status_code != 200:
+                raise error_of(response.status_code, response.read())
+            written = 0
+            for chunk in response.iter_bytes(FILE_CHUNK_BYTES):
+                destination.write(chunk)
+                written += len(chunk)
+            return written
+
+    def list_files(self, path: str = ".") -> FileList:
+        return FileList.model_validate(self._request("GET", "files", params={"path": path, "list": "1"}))
+
+    def delete_file(self, path: str, recursive: bool = False) -> None:
+        self._request("DELETE", "files", params={"path": path, **({"recursive": "1"} if recursive else {})})
+
     def close(self) -> None:
         self._http.close()
 
@@ -155,6 +357,60 @@ class RemoteSandbox:
         self.close()
 
 
+class AsyncProcess(_ProcessHandle):
+    """`Process` for asyncio (from `AsyncSandbox.start`): the same methods, awaited."""
+
+    def __init__(self, sandbox: AsyncSandbox, info: ProcessInfo):
+        super().__init__(info)
+        self.sandbox = sandbox
+
+    async def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
+        return await self.sandbox._request(method, self._path(action), **kwargs)
+
+    async def read(self, wait: float = 0.0, stdout: int | None = None, stderr: int | None = None) -> ProcessOutput:
+        return self._advance(await self._call("GET", "output", params=self._read_params(wait, stdout, stderr), wait=wait))
+
+    async def stream(self) -> AsyncIterator[Output | ProcessInfo]:
+        while True:
+            for event in self._events(await self.read(wait=MAX_PROCESS_WAIT_SECONDS)):
+                yield event
+                if isinstance(event, ProcessInfo):
+                    return
+
+    async def write(self, data: str, close: bool = False) -> int:
+        written = 0
+        for body in self._stdin_bodies(data, close):
+            written += StdinWritten.model_validate(await self._call("POST", "stdin", json=body)).written
+        return written
+
+    async def close_stdin(self) -> None:
+        await self.write("", close=True)
+
+    async def signal(self, signal: str) -> ProcessInfo:
+        self.info = ProcessInfo.model_validate(await self._call("POST", "signal", json={"signal": signal}))
+        return self.info
+
+    async def kill(self) -> ProcessInfo:
+        return await self.signal("KILL")
+
+    async def wait(self, timeout: float | None = None) -> ProcessInfo:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _poll_seconds(deadline)
+            self.info = ProcessInfo.model_validate(await self._call("GET", params={"wait": wait}, wait=wait))
+            if self.info.state == "exited":
+                return self.info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"process {self.id} still runs after {timeout}s")
+
+
+async def _async_file_chunks(source: IO[bytes]) -> AsyncIterator[bytes]:
+    import asyncio
+
+    while chunk := await asyncio.to_thread(source.read, FILE_CHUNK_BYTES):
+        yield chunk
+
+
 class AsyncSandbox:
     """`RemoteSandbox` for asyncio: `await AsyncSandbox.connect(...).run(...)`, `async for e in .stream(...)`."""
 
@@ -163,7 +419,8 @@ class AsyncSandbox:
 
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
         self._http = httpx.AsyncClient()
-        self.url = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}/run"
+        self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
+        self.url = f"{self.base}/run"
 
     @classmethod
     def connect(cls, name: str, namespace: str = "default", *, gateway: str | None = None,
@@ -186,6 +443,62 @@ class AsyncSandbox:
 
     async def run(self, argv: Sequence[str] | str, **limits: Any) -> RunResult:
         return _last([event async for event in self.stream(argv, **limits)])
+
+    async def _request(self, method: str, path: str, *, wait: float = 0.0, headers: dict[str, str] | None = None,
+                       **kwargs: Any) -> Any:
+        import httpx
+
+        response = await self._http.request(method, f"{self.base}/{path}",
+                                            timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 60),
+                                            headers={"Authorization": f"Bearer {self._token()}", **(headers or {})},
+                                            **kwargs)
+        return _answer(response.status_code, response.content)
+
+    async def start(self, argv: Sequence[str] | str, **limits: Any) -> AsyncProcess:
+        body, _ = run_request(argv, **limits)
+        return AsyncProcess(self, ProcessInfo.model_validate(
+            await self._request("POST", "processes", content=body.model_dump_json(), headers=JSON_HEADERS)))
+
+    async def processes(self) -> list[ProcessInfo]:
+        return ProcessList.model_validate(await self._request("GET", "processes")).processes
+
+    async def process(self, process_id: str) -> AsyncProcess:
+        return AsyncProcess(self, ProcessInfo.model_validate(await self._request("GET", f"processes/{process_id}")))
+
+    async def upload(self, source: str | Path | IO[bytes], path: str, mode: int | None = None) -> FileEntry:
+        """`RemoteSandbox.upload` for asyncio (the local file is read in a worker thread, piece by piece)."""
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as opened:
+                return await self.upload(opened, path, mode)
+        params = {"path": path, **({"mode": f"{mode:o}"} if mode is not None else {})}
+        return FileEntry.model_validate(await self._request(
+            "PUT", "files", params=params, content=_async_file_chunks(source),
+            headers={"Content-Length": str(_size_of(source)), "Content-Type": "application/octet-stream"}))
+
+    async def download(self, path: str, destination: str | Path | IO[bytes]) -> int:
+        import asyncio
+
+        import httpx
+
+        if isinstance(destination, (str, Path)):
+            with open(destination, "wb") as opened:
+                return await self.download(path, opened)
+        async with self._http.stream("GET", f"{self.base}/files", params={"path": path},
+                                     timeout=httpx.Timeout(CONNECT_SECONDS, read=300),
+                                     headers={"Authorization": f"Bearer {self._token()}"}) as response:
+            if response.status_code != 200:
+                raise error_of(response.status_code, await response.aread())
+            written = 0
+            async for chunk in response.aiter_bytes(FILE_CHUNK_BYTES):
+                await asyncio.to_thread(destination.write, chunk)
+                written += len(chunk)
+            return written
+
+    async def list_files(self, path: str = ".") -> FileList:
+        return FileList.model_validate(await self._request("GET", "files", params={"path": path, "list": "1"}))
+
+    async def delete_file(self, path: str, recursive: bool = False) -> None:
+        await self._request("DELETE", "files", params={"path": path, **({"recursive": "1"} if recursive else {})})
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -65,10 +65,17 @@ RUNTIME_PORT = 7070
 # The SHA-256 (hex) of the sandbox's runtime token, not the token: a tool call runs as the runtime's user
 # and can read its environment and files, and a digest lets it forge nothing.
 RUNTIME_VERIFIER_ENV = "AGENTKUBE_RUNTIME_TOKEN_SHA256"
+# Where the sandbox's workspace is mounted in its container, and its declared size in bytes (the most one
+# upload through the gateway may write): the operator tells the runtime, whose file API serves that directory.
+WORKSPACE_ENV = "AGENTKUBE_WORKSPACE"
+WORKSPACE_BYTES_ENV = "AGENTKUBE_WORKSPACE_BYTES"
 # The gateway's pods, as the sandboxes' NetworkPolicies select them (the chart labels them so).
 GATEWAY_LABELS = {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/component": "gateway"}
-# Who may do what to a sandbox through the gateway, as RBAC sees it: `create agentsandboxes/exec`.
+# Who may do what to a sandbox through the gateway, as RBAC sees it: `create agentsandboxes/exec` to run
+# commands and background processes (start, read, write stdin, signal, list); `agentsandboxes/files` with
+# the verb of the operation (create: upload, get: download, list, delete) for the workspace's files.
 EXEC_SUBRESOURCE = "exec"
+FILES_SUBRESOURCE = "files"
 # The prefix of every call cgroup's name: who is inside a call is decided by it.
 CALL_PREFIX = "call-"
 # The node agent answers sandbox pods' DNS on this node-local link-local address (as NodeLocal DNSCache

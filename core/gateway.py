@@ -11,8 +11,23 @@ sandbox's runtime token, derived from a key only the gateway and the operator ho
 runtime's answer back as it comes. The runtime places every command with the node agent as before: the
 gateway adds a way in, not a way around the tool-call contract.
 
-    POST /v1/namespaces/{namespace}/sandboxes/{name}/run   RunRequest → NDJSON events (ebpf/runtime_port.py)
+    under /v1/namespaces/{namespace}/sandboxes/{name}:                               RBAC on agentsandboxes/…
+    POST   /run                      RunRequest → NDJSON events (ebpf/runtime_port.py)   create exec
+    POST   /processes                RunRequest → ProcessInfo: a background process      create exec
+    GET    /processes                → ProcessList                                       create exec
+    GET    /processes/ID?wait=S      → ProcessInfo                                       create exec
+    GET    /processes/ID/output?stdout=N&stderr=M&wait=S → ProcessOutput                 create exec
+    POST   /processes/ID/stdin       StdinWrite → StdinWritten                           create exec
+    POST   /processes/ID/signal      SignalRequest → ProcessInfo                         create exec
+    PUT    /files?path=P&mode=755    the file's bytes (Content-Length) → FileEntry       create files
+    GET    /files?path=P             the file's bytes                                    get files
+    GET    /files?path=D&list=1      → FileList                                          list files
+    DELETE /files?path=P&recursive=1                                                     delete files
     GET  /healthz
+
+Processes are tool calls, so everything about them is `exec`: reading a process's output is reading what
+a command printed, as sensitive as running one. Files get their own subresource with the operation's verb,
+so that a role can, say, download results without running anything.
 
 Wire protocol: HTTP/1.1 with a chunked NDJSON body, the runtime's own (see runtime_port.py for why); the
 gateway relays the bytes without re-framing them.
@@ -38,10 +53,19 @@ import kubernetes
 from aiohttp import web
 from pydantic import ValidationError
 
-from agentkube.contract import EXEC_SUBRESOURCE, LAST_ACTIVITY_ANNOTATION, RUNTIME_PORT, SANDBOX_LABEL, runtime_token, timestamp
-from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest
-from agentkube.ebpf.runtime_port import NDJSON, RUNTIME_IDLE_SECONDS, bearer_token
-from agentkube.ebpf.unixhttp import validation_message
+from agentkube.contract import (
+    EXEC_SUBRESOURCE,
+    FILES_SUBRESOURCE,
+    LAST_ACTIVITY_ANNOTATION,
+    RUNTIME_PORT,
+    SANDBOX_LABEL,
+    runtime_token,
+    timestamp,
+)
+from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest, SignalRequest, StdinWrite
+from agentkube.ebpf.runtime_port import NDJSON, REFUSAL_HEADER, RUNTIME_IDLE_SECONDS, bearer_token
+from agentkube.ebpf.unixhttp import ApiError, validation_message
+from agentkube.ebpf.workspace import CHUNK_BYTES, upload_mode, workspace_path
 
 logger = logging.getLogger("agentkube.gateway")
 
@@ -70,6 +94,26 @@ class Refusal(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Access:
+    """What RBAC is asked about a sandbox: `VERB agentsandboxes/SUBRESOURCE`."""
+
+    verb: str
+    subresource: str
+
+
+EXEC = Access("create", EXEC_SUBRESOURCE)
+# A file operation's verb, by HTTP method ("LIST": a GET with list=1).
+FILE_ACCESS = {"PUT": Access("create", FILES_SUBRESOURCE), "GET": Access("get", FILES_SUBRESOURCE),
+               "LIST": Access("list", FILES_SUBRESOURCE), "DELETE": Access("delete", FILES_SUBRESOURCE)}
+# Query parameters passed on to the runtime, per kind of route (nothing else reaches it).
+PROCESS_PARAMS = ("wait", "stdout", "stderr", "limit")
+FILE_PARAMS = ("path", "mode", "recursive", "list")
+# What each background-process route's body must be (checked after authorization, as a run's).
+PROCESS_BODIES: dict[tuple[str, str], type[RunRequest] | type[StdinWrite] | type[SignalRequest]] = {
+    ("POST", ""): RunRequest, ("POST", "stdin"): StdinWrite, ("POST", "signal"): SignalRequest}
 
 
 @dataclass(frozen=True)
@@ -106,8 +150,8 @@ def caller_of(review: dict[str, Any]) -> Caller:
                   extra=tuple(sorted((k, tuple(v)) for k, v in (user.get("extra") or {}).items())))
 
 
-def exec_review(caller: Caller, namespace: str, name: str) -> dict[str, Any]:
-    """May this caller run commands in this sandbox: `create agentsandboxes/exec` on it."""
+def access_review(caller: Caller, namespace: str, name: str, access: Access = EXEC) -> dict[str, Any]:
+    """May this caller do this to this sandbox: e.g. `create agentsandboxes/exec` (run commands) on it."""
     return {
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
@@ -116,17 +160,17 @@ def exec_review(caller: Caller, namespace: str, name: str) -> dict[str, Any]:
             "uid": caller.uid,
             "groups": list(caller.groups),
             "extra": {k: list(v) for k, v in caller.extra},
-            "resourceAttributes": {"group": GROUP, "resource": PLURAL, "subresource": EXEC_SUBRESOURCE,
-                                   "verb": "create", "namespace": namespace, "name": name},
+            "resourceAttributes": {"group": GROUP, "resource": PLURAL, "subresource": access.subresource,
+                                   "verb": access.verb, "namespace": namespace, "name": name},
         },
     }
 
 
-def check_allowed(review: dict[str, Any], caller: Caller, namespace: str, name: str) -> None:
+def check_allowed(review: dict[str, Any], caller: Caller, namespace: str, name: str, access: Access = EXEC) -> None:
     status = review.get("status") or {}
     if not status.get("allowed") or status.get("denied"):
         why = f" ({status['reason']})" if status.get("reason") else ""
-        raise Refusal(403, f"{caller.username} may not create {PLURAL}/{EXEC_SUBRESOURCE} on {name!r} in namespace "
+        raise Refusal(403, f"{caller.username} may not {access.verb} {PLURAL}/{access.subresource} on {name!r} in namespace "
                            f"{namespace!r}{why}: bind the ClusterRole agentkube-sandbox-user (or a role granting it)")
 
 
@@ -164,9 +208,32 @@ def resume_patch(sandbox: dict[str, Any], now: str) -> dict[str, Any] | None:
     return None
 
 
-def run_url(address: str, port: int = RUNTIME_PORT) -> str:
+def runtime_url(address: str, path: str = "/v1/run", port: int = RUNTIME_PORT) -> str:
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}/v1/run"
+    return f"http://{host}:{port}{path}"
+
+
+def passed_on(query: Any, names: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters the runtime is given: only the route's own, each once."""
+    return {name: query[name] for name in names if name in query}
+
+
+def file_access(method: str, query: Any) -> Access:
+    if method == "GET" and query.get("list") in ("1", "true"):
+        return FILE_ACCESS["LIST"]
+    return FILE_ACCESS[method]
+
+
+def check_file_request(method: str, query: Any, content_length: int | None) -> None:
+    """A file request's own checks, after authorization (the runtime checks again against the filesystem)."""
+    try:
+        workspace_path(query.get("path", ""), root_allowed=file_access(method, query) == FILE_ACCESS["LIST"])
+        if method == "PUT":
+            upload_mode(query.get("mode"))
+    except ApiError as error:
+        raise Refusal(error.status, error.message) from None
+    if method == "PUT" and content_length is None:
+        raise Refusal(411, "an upload needs its Content-Length (the SDK sends the file's size)")
 
 
 class ExpiringCache(Generic[K, V]):
@@ -199,7 +266,7 @@ ReviewCache = ExpiringCache[str, Caller]
 # server's own webhook authorizer keeps allowed answers 5 minutes). A denial is asked again each time, so a
 # role granted takes effect at once; a role taken away reaches a caller it allowed within REVIEW_SECONDS,
 # as a revoked token does.
-AccessCache = ExpiringCache[tuple[Caller, str, str], bool]
+AccessCache = ExpiringCache[tuple[Caller, str, str, Access], bool]
 
 
 # ----- I/O ----------------------------------------------------------------------------------------------
@@ -265,25 +332,22 @@ class Gateway:
         # One resume per sandbox at a time: concurrent calls to a suspended sandbox wait on the same one.
         self.resuming: dict[tuple[str, str], asyncio.Task[str]] = {}
 
-    async def authorize(self, request: web.Request, namespace: str, name: str) -> Caller:
+    async def authorize(self, request: web.Request, namespace: str, name: str, access: Access = EXEC) -> Caller:
         token = token_of(request.headers.get("Authorization"))
         now = time.monotonic()
         caller = self.reviews.get(token_digest(token), now)
         if caller is None:
             caller = caller_of(await self.api.review_token(token))
             self.reviews.put(token_digest(token), caller, now)
-        if not self.access.get((caller, namespace, name), now):
-            check_allowed(await self.api.review_access(exec_review(caller, namespace, name)), caller, namespace, name)
-            self.access.put((caller, namespace, name), True, now)
+        if not self.access.get((caller, namespace, name, access), now):
+            check_allowed(await self.api.review_access(access_review(caller, namespace, name, access)), caller,
+                          namespace, name, access)
+            self.access.put((caller, namespace, name, access), True, now)
         return caller
 
-    async def run(self, request: web.Request) -> web.StreamResponse:
-        namespace, name = request.match_info["namespace"], request.match_info["name"]
-        caller = await self.authorize(request, namespace, name)
-        try:
-            run = RunRequest.model_validate_json(await request.read())
-        except ValidationError as error:
-            raise Refusal(422, validation_message(error)) from None
+    async def target(self, namespace: str, name: str) -> tuple[str, str, bool]:
+        """The sandbox runtime's address and token, once its pod runs (resuming a suspended sandbox first),
+        and whether it was just resumed."""
         sandbox, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
         resumed = False
         if sandbox is not None and resume_patch(sandbox, "") is not None:
@@ -292,15 +356,22 @@ class Gateway:
         else:
             address = runtime_address(sandbox, pod, namespace, name)
         assert sandbox is not None
-        token = runtime_token(self.runtime_key, namespace, name, sandbox["metadata"]["uid"])
+        return address, runtime_token(self.runtime_key, namespace, name, sandbox["metadata"]["uid"]), resumed
+
+    async def run(self, request: web.Request) -> web.StreamResponse:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        caller = await self.authorize(request, namespace, name)
+        try:
+            run = RunRequest.model_validate_json(await request.read())
+        except ValidationError as error:
+            raise Refusal(422, validation_message(error)) from None
+        address, token, resumed = await self.target(namespace, name)
         logger.info("%s runs %s in %s/%s", caller.username, run.argv[:1], namespace, name)
-        upstream = await self.dial(address, token, run, name, retry_for=RESUME_SECONDS if resumed else 0.0)
+        upstream = await self.dial("POST", runtime_url(address, "/v1/run", self.runtime_port), token, name,
+                                   retry_for=RESUME_SECONDS if resumed else 0.0, data=run.model_dump_json(),
+                                   content_type="application/json")
         async with upstream:
-            if upstream.status in (401, 403):  # the runtime refused the gateway: not the caller's doing
-                text = await upstream.text()
-                logger.error("runtime of %s/%s refused the gateway: %s", namespace, name, text)
-                raise Refusal(502, f"sandbox {name!r}'s runtime refused the gateway ({upstream.status}); "
-                                   "was the sandbox created before the gateway's key?")
+            await self.check_upstream(upstream, namespace, name)
             if upstream.status != 200:  # the node agent's verdict (422: over the envelope, …): pass it on
                 return web.Response(status=upstream.status, body=await upstream.read(), content_type="application/json")
             response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
@@ -310,17 +381,87 @@ class Gateway:
             await response.write_eof()
             return response
 
-    async def dial(self, address: str, token: str, run: RunRequest, name: str, retry_for: float) -> aiohttp.ClientResponse:
-        """The runtime's answer to the call. Just after a resume the runtime may not listen yet: connecting
+    async def check_upstream(self, upstream: aiohttp.ClientResponse, namespace: str, name: str) -> None:
+        if upstream.status in (401, 403) and upstream.headers.get(REFUSAL_HEADER) != "request":
+            # The runtime refused the gateway: not the caller's doing.
+            text = await upstream.text()
+            logger.error("runtime of %s/%s refused the gateway: %s", namespace, name, text)
+            raise Refusal(502, f"sandbox {name!r}'s runtime refused the gateway ({upstream.status}); "
+                               "was the sandbox created before the gateway's key?")
+
+    async def relay_json(self, upstream: aiohttp.ClientResponse, namespace: str, name: str) -> web.Response:
+        async with upstream:
+            await self.check_upstream(upstream, namespace, name)
+            return web.Response(status=upstream.status, body=await upstream.read(), content_type="application/json")
+
+    async def processes(self, request: web.Request) -> web.StreamResponse:
+        """Background processes: authorized as `exec`, relayed to the runtime as they are (small JSON)."""
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        process, action = request.match_info.get("process", ""), request.match_info.get("action", "")
+        caller = await self.authorize(request, namespace, name, EXEC)
+        body = await request.read() if request.method == "POST" else b""
+        model = PROCESS_BODIES.get((request.method, action))
+        if model is not None:
+            try:
+                model.model_validate_json(body or b"{}")
+            except ValidationError as error:
+                raise Refusal(422, validation_message(error)) from None
+        address, token, resumed = await self.target(namespace, name)
+        path = "/".join(part for part in ("/v1/processes", process, action) if part)
+        if request.method == "POST" and not process:
+            logger.info("%s starts a background process in %s/%s", caller.username, namespace, name)
+        upstream = await self.dial(request.method, runtime_url(address, path, self.runtime_port), token, name,
+                                   retry_for=RESUME_SECONDS if resumed else 0.0, data=body or None,
+                                   params=passed_on(request.query, PROCESS_PARAMS), content_type="application/json")
+        return await self.relay_json(upstream, namespace, name)
+
+    async def files(self, request: web.Request) -> web.StreamResponse:
+        """Workspace files: authorized per operation on `agentsandboxes/files`, streamed both ways in
+        CHUNK_BYTES pieces (the gateway holds at most a few of them per transfer, never a whole file)."""
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        access = file_access(request.method, request.query)
+        caller = await self.authorize(request, namespace, name, access)
+        check_file_request(request.method, request.query, request.content_length)
+        address, token, resumed = await self.target(namespace, name)
+        logger.info("%s: %s %s/%s in %s/%s", caller.username, access.verb, FILES_SUBRESOURCE,
+                    request.query.get("path", "")[:200], namespace, name)
+        url, params = runtime_url(address, "/v1/files", self.runtime_port), passed_on(request.query, FILE_PARAMS)
+        retry = RESUME_SECONDS if resumed else 0.0
+        if request.method == "PUT":
+            async def body():
+                async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+                    yield chunk
+
+            upstream = await self.dial("PUT", url, token, name, retry_for=retry, data=body(), params=params,
+                                       content_type="application/octet-stream",
+                                       headers={"Content-Length": str(request.content_length)})
+            return await self.relay_json(upstream, namespace, name)
+        upstream = await self.dial(request.method, url, token, name, retry_for=retry, params=params)
+        if request.method != "GET" or access == FILE_ACCESS["LIST"] or upstream.status != 200:
+            return await self.relay_json(upstream, namespace, name)
+        async with upstream:
+            response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def dial(self, method: str, url: str, token: str, name: str, retry_for: float, data: Any = None,
+                   params: dict[str, str] | None = None, content_type: str | None = None,
+                   headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """The runtime's answer to a request. Just after a resume the runtime may not listen yet: connecting
         is retried for `retry_for` s (nothing was sent, so nothing runs twice)."""
         assert self.session is not None
         deadline = time.monotonic() + retry_for
         stale = 0
+        sent = {"Authorization": f"Bearer {token}", **({"Content-Type": content_type} if content_type else {}),
+                **(headers or {})}
         while True:
             try:
-                return await self.session.post(run_url(address, self.runtime_port), data=run.model_dump_json(),
-                                               headers={"Authorization": f"Bearer {token}",
-                                                        "Content-Type": "application/json"})
+                return await self.session.request(method, url, data=data, params=params, headers=sent)
             except aiohttp.ClientConnectorError as error:
                 if time.monotonic() > deadline:
                     raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {error}") from None
@@ -329,7 +470,8 @@ class Gateway:
                 # before any answer, so the call was never released (the runtime answers once it is placed,
                 # before it runs). Another connection, a few times at most.
                 stale += 1
-                if stale > STALE_CONNECTION_RETRIES:
+                if stale > STALE_CONNECTION_RETRIES or not isinstance(data, (bytes, str, type(None))):
+                    # A streamed body (an upload) is partly consumed by now and cannot be sent again.
                     raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
                 continue
             except (aiohttp.ClientError, OSError) as error:
@@ -379,7 +521,15 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.refusals], client_max_size=MAX_REQUEST_BYTES)
-        app.router.add_post("/v1/namespaces/{namespace}/sandboxes/{name}/run", self.run)
+        sandbox = "/v1/namespaces/{namespace}/sandboxes/{name}"
+        app.router.add_post(f"{sandbox}/run", self.run)
+        for method in ("GET", "POST"):
+            app.router.add_route(method, f"{sandbox}/processes", self.processes)
+        app.router.add_get(f"{sandbox}/processes/{{process:[0-9a-f]{{16}}}}", self.processes)
+        app.router.add_get(f"{sandbox}/processes/{{process:[0-9a-f]{{16}}}}/{{action:output}}", self.processes)
+        app.router.add_post(f"{sandbox}/processes/{{process:[0-9a-f]{{16}}}}/{{action:stdin|signal}}", self.processes)
+        for method in ("GET", "PUT", "DELETE"):
+            app.router.add_route(method, f"{sandbox}/files", self.files)
         app.router.add_get("/healthz", self.healthz)
 
         async def session(app: web.Application):

@@ -7,12 +7,14 @@ reproduces is what Knative's autoscaler and agentkube's policy react to: request
 at the next decode step (continuous batching), every step advances each sequence in the batch by one
 token and takes `base_step_s + per_request_step_s × batch` seconds (the server model of
 `agentkube.rl.server`, the same one the simulator uses), prompt tokens cost a fraction of a decode step
-each, and requests beyond `max_batch` wait for a free slot. Steps take wall-clock time (a sleep), not CPU,
+each, and requests beyond `max_batch` wait for a free slot. Before it listens it waits `MODEL_LOAD_S`
+seconds, as a real server loads its weights before it can answer (the simulator's `ColdStartConfig.model_load_s`),
+so that Knative's readiness probe and scale-up lag see a model's start. Steps take wall-clock time (a sleep), not CPU,
 so that two cores can host several pods and the timing does not depend on who else uses the machine.
 The text it answers with is filler.
 
 Settings (environment): PORT (Knative sets it), MODEL_NAME, BASE_STEP_S, PER_REQUEST_STEP_S,
-PREFILL_TOKEN_COST, MAX_BATCH; the defaults are `ModelServerConfig`'s.
+PREFILL_TOKEN_COST, MAX_BATCH (the defaults are `ModelServerConfig`'s), MODEL_LOAD_S (default 0: no wait).
 """
 
 from __future__ import annotations
@@ -154,8 +156,19 @@ def make_app(config: ModelServerConfig, model: str) -> web.Application:
     return app
 
 
+def model_load_s(environ: dict[str, str]) -> float:
+    """The emulated weight-loading time; refused unless a finite number of seconds in [0, 600]."""
+    value = float(environ.get("MODEL_LOAD_S", "0"))
+    if not 0.0 <= value <= 600.0:  # also refuses NaN
+        raise ValueError(f"MODEL_LOAD_S must be between 0 and 600 seconds, not {value}")
+    return value
+
+
 def main() -> None:
     environ = dict(os.environ)
+    # Not listening while "loading": Knative's default readiness probe (TCP to the container's port, through
+    # queue-proxy) keeps the pod not ready, as it would a server loading its weights.
+    time.sleep(model_load_s(environ))
     web.run_app(make_app(config_from_env(environ), environ.get("MODEL_NAME", "emulated-llm")),
                 port=int(environ.get("PORT", "8080")), access_log=None)
 

@@ -73,8 +73,9 @@ HISTORY_SAVE_INTERVAL = 1.0
 POOL_SLOTS_PER_SANDBOX = 4  # warm call cgroups a sandbox's runtime may keep waiting (each holds one process)
 # A tool call's processes are the kernel's first choice when memory runs out, in the sandbox, on the node or
 # under any budget above them: a call is one command the agent can run again, its sandbox's main process
-# (the runtime, the agent's session) is not. Written by root before the call's first instruction, it also
-# becomes the floor an unprivileged process may lower it to, so a call cannot make itself a worse victim;
+# (the runtime, the agent's session) is not. Written before the call's first instruction by an agent with
+# CAP_SYS_RESOURCE (the chart's DaemonSet), it also becomes the floor an unprivileged process may lower it
+# to, so a call cannot make itself a worse victim (without the capability the kernel keeps the old floor);
 # its children inherit it. The largest call goes first (equal adjustments leave the choice to size).
 CALL_OOM_SCORE_ADJ = 1000
 

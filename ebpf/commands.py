@@ -15,6 +15,8 @@ from agentkube.contract import (
     RUNTIME_PORT,
     RUNTIME_VERIFIER_ENV,
     SANDBOX_AGENT_SOCKET,
+    WORKSPACE_BYTES_ENV,
+    WORKSPACE_ENV,
     runtime_socket,
 )
 
@@ -103,6 +105,10 @@ def run_sandbox_runtime(
     verifier: str | None = typer.Option(None, envvar=RUNTIME_VERIFIER_ENV, help="SHA-256 of the sandbox's runtime "
                                         "token: also serve the gateway on TCP --port (set by the operator)"),
     port: int = typer.Option(RUNTIME_PORT, help="the gateway's TCP port (only with a verifier)"),
+    workspace: Path | None = typer.Option(None, envvar=WORKSPACE_ENV, help="the workspace whose files the "
+                                          "gateway's file API serves (set by the operator: the workspace's mount path)"),
+    workspace_bytes: int = typer.Option(2**30, envvar=WORKSPACE_BYTES_ENV, min=1,
+                                        help="the most one upload may write (set by the operator: spec.workspace.size)"),
 ) -> None:
     """Serve run requests for one sandbox until SIGTERM/SIGINT."""
     from agentkube.contract import Tools
@@ -129,8 +135,10 @@ def run_sandbox_runtime(
     gateway_port = None
     if verifier:
         from agentkube.ebpf.runtime_port import RuntimePortServer
+        from agentkube.ebpf.workspace import Workspace
 
-        gateway_port = RuntimePortServer(ref, agent_socket, verifier, port, pool=runtime.pool)
+        gateway_port = RuntimePortServer(ref, agent_socket, verifier, port, pool=runtime.pool,
+                                         workspace=Workspace(workspace, workspace_bytes) if workspace else None)
         gateway_port.start()
     typer.echo(f"sandbox runtime for {ref.key} on {path}" + (f" and TCP port {port} (gateway only)" if verifier else ""),
                err=True)

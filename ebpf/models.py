@@ -211,3 +211,89 @@ class RunResult(Strict):
 
 class ErrorBody(Strict):
     error: str
+
+
+# ----- background processes: tool calls that outlive the request that started them ----------------------
+
+MAX_PROCESS_OUTPUT_BYTES = 1024 * 1024  # per stream of a background process: its newest bytes are kept
+MAX_PROCESSES = 16  # background processes a sandbox's runtime keeps, running and finished
+MAX_PROCESS_WAIT_SECONDS = 30.0  # the longest one output/wait request is held open (clients ask again)
+# The signals a caller may send to a background process, by name (the process group gets it).
+PROCESS_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "USR1": 10, "USR2": 12, "TERM": 15, "CONT": 18, "STOP": 19}
+
+
+class ProcessInfo(Strict):
+    """A background process: a tool call whose output is kept (bounded) for any caller to read from any offset."""
+
+    id: str = Field(description="the call's id")
+    argv: list[str]
+    state: str = Field(pattern=r"^(running|exited)$")
+    started_at: float
+    limits: Limits
+    sources: dict[str, LimitSource]
+    stdout_bytes: int = Field(description="bytes the process has written to stdout so far (offsets go up to this)")
+    stderr_bytes: int
+    exit_code: int | None = None
+    signal: int | None = None
+    usage: Usage | None = Field(default=None, description="the call's usage, once it has exited")
+    error: str | None = Field(default=None, description="why the call could not be finished with the node agent")
+
+
+class OutputChunk(Strict):
+    """Bytes of one stream from `offset` (at or after the one asked for: older bytes than the kept ones are
+    gone) to `next`, decoded as UTF-8 (a character cut at the end waits for the next read)."""
+
+    offset: int
+    next: int
+    data: str
+
+
+class ProcessOutput(Strict):
+    process: ProcessInfo
+    stdout: OutputChunk
+    stderr: OutputChunk
+
+
+class StdinWrite(Strict):
+    data: str = Field(default="", max_length=MAX_REQUEST_BYTES // 2)
+    close: bool = Field(default=False, description="close the process's stdin after writing (it reads EOF)")
+
+
+class StdinWritten(Strict):
+    written: int = Field(description="bytes written (fewer than sent when the process stopped reading)")
+
+
+class SignalRequest(Strict):
+    signal: str = Field(description=f"one of {', '.join(PROCESS_SIGNALS)}")
+
+    @field_validator("signal")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        name = value.upper().removeprefix("SIG")
+        if name not in PROCESS_SIGNALS:
+            raise ValueError(f"{value!r} is not a signal a process may be sent (one of {', '.join(PROCESS_SIGNALS)})")
+        return name
+
+
+class ProcessList(Strict):
+    processes: list[ProcessInfo]
+
+
+# ----- files in the workspace ---------------------------------------------------------------------------
+
+MAX_PATH_CHARS = 4096  # PATH_MAX
+MAX_LIST_ENTRIES = 10_000  # one listing's entries; `truncated` says when a directory holds more
+
+
+class FileEntry(Strict):
+    name: str
+    type: str = Field(pattern=r"^(file|directory|symlink|other)$")
+    size: int
+    mode: int = Field(description="permission bits")
+    modified: float = Field(description="unix time of the last modification")
+
+
+class FileList(Strict):
+    path: str
+    entries: list[FileEntry]
+    truncated: bool = False

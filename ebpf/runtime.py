@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentkube.contract import CALL_PREFIX
@@ -82,14 +82,15 @@ def refuse_tracing() -> None:
 
 
 class _Output:
-    """One output stream of a call, keeping at most MAX_OUTPUT_BYTES and counting the rest."""
+    """One output stream of a call, keeping at most `limit` bytes and counting the rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_OUTPUT_BYTES) -> None:
         self.kept = bytearray()
         self.dropped = 0
+        self.limit = limit
 
     def add(self, chunk: bytes) -> None:
-        room = MAX_OUTPUT_BYTES - len(self.kept)
+        room = self.limit - len(self.kept)
         self.kept += chunk[:room]
         self.dropped += max(0, len(chunk) - room)
 
@@ -101,14 +102,40 @@ class _Output:
 OutputSink = Callable[[str, bytes], None]
 
 
+@dataclass
+class Started:
+    """A call the node agent has placed, as its watcher sees it before it runs: its first process (the
+    leader of a process group of its own: it was started in a new session) and, for a caller that keeps the
+    call's stdin open (`run_call(keep_stdin=True)`), the write end of that stdin, which the caller closes."""
+
+    call: CallPlaced
+    pid: int
+    stdin: int | None = None
+    reaped: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def signal(self, signum: int) -> bool:
+        """Send `signum` to the call's process group; False once its first process is reaped. Under the lock
+        that reaping takes, so the pid (the group's id) is never another process's by then."""
+        with self.lock:
+            if self.reaped:
+                return False
+            try:
+                os.killpg(self.pid, signum)
+            except ProcessLookupError:
+                return False
+            return True
+
+
 class _Pump:
     """Moves a call's stdin, stdout and stderr, and notices its first process's exit (pidfd), all in the
     calling thread: no thread per stream on the path of every call."""
 
-    def __init__(self, pid: int, stdin_fd: int, stdin: bytes, stdout_fd: int, stderr_fd: int,
-                 on_output: OutputSink | None = None):
+    def __init__(self, pid: int, stdin_fd: int | None, stdin: bytes, stdout_fd: int, stderr_fd: int,
+                 on_output: OutputSink | None = None, output_bytes: int = MAX_OUTPUT_BYTES):
+        """`stdin_fd` None: the call's stdin belongs to someone else (a background process's writer)."""
         self.selector = selectors.DefaultSelector()
-        self.outputs = {stdout_fd: _Output(), stderr_fd: _Output()}
+        self.outputs = {stdout_fd: _Output(output_bytes), stderr_fd: _Output(output_bytes)}
         self.names = {stdout_fd: "stdout", stderr_fd: "stderr"}
         self.on_output = on_output
         for fd in self.outputs:
@@ -117,7 +144,9 @@ class _Pump:
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
         self.stdin = memoryview(stdin)
         self.stdin_fd: int | None = stdin_fd
-        if stdin:
+        if stdin_fd is None:
+            self.stdin = self.stdin[:0]
+        elif stdin:
             os.set_blocking(stdin_fd, False)
             self.selector.register(stdin_fd, selectors.EVENT_WRITE, "input")
         else:
@@ -397,25 +426,32 @@ def _place_direct(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, prog
 
 
 def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: WarmPool | None = None,
-             on_placed: Callable[[CallPlaced], None] | None = None, on_output: OutputSink | None = None) -> RunResult:
+             on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
+             keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
     """Run one command as a tool call. `on_placed` is told once the node agent has placed it (before it
     runs: a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
-    raise: the call is finished with the node agent whatever becomes of whoever watches it."""
+    raise: the call is finished with the node agent whatever becomes of whoever watches it.
+    `keep_stdin`: the call's stdin stays open and goes to `on_placed` (`run.stdin` is not written);
+    `output_bytes`: how much of each stream the RunResult keeps (a background process keeps its own log)."""
     program = pool.program if pool else None
     pooled = _start_pooled(agent_socket, sandbox, run, pool) if pool else None
     try:
         held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
-        return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output)
+        return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output, keep_stdin,
+                         output_bytes)
     finally:
         if pooled and pool:
             pool.done()
 
 
 def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlaced, framed: bool,
-              on_placed: Callable[[CallPlaced], None] | None = None, on_output: OutputSink | None = None) -> RunResult:
+              on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
+              keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
+    started = Started(placed, held.pid, held.stdin if keep_stdin else None)
     if on_placed is not None:
-        on_placed(placed)
-    pump = _Pump(held.pid, held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr, on_output)
+        on_placed(started)
+    pump = _Pump(held.pid, None if keep_stdin else held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr,
+                 on_output, output_bytes)
     # The release: the held program's command (the next thing it does is the command's exec), or the shell
     # holder's release line (its command was given when it started).
     try:
@@ -424,7 +460,9 @@ def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlace
         pass
     os.close(held.command)
     pump.until_exit()
-    _, status = os.waitpid(held.pid, 0)
+    with started.lock:
+        _, status = os.waitpid(held.pid, 0)
+        started.reaped = True
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     record = CallRecord.model_validate(_agent_call(

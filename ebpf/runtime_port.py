@@ -14,6 +14,8 @@ the gateway out, each on its own:
                    {"stream": "stdout"|"stderr", "data": text} … then {"result": RunResult}
                    (or {"error": message} if the call could not be finished). A refusal before the call
                    runs (a 422 from the node agent, a bad request) is a plain JSON error with its status.
+    /v1/processes…  background processes (ebpf/processes.py; routes in `_processes`)
+    /v1/files?path= workspace files, streamed both ways (ebpf/workspace.py; routes in `_files`)
 
 Why HTTP/1.1 chunked NDJSON: one request per call, readable by any HTTP client line by line, with no
 framing library in the sandbox image (the standard library's server speaks it), and the status code still
@@ -26,24 +28,57 @@ import codecs
 import ipaddress
 import json
 import logging
+import os
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agentkube.contract import token_matches
-from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallPlaced, RunRequest, SandboxRef
+from agentkube.ebpf.models import (
+    MAX_PROCESS_OUTPUT_BYTES,
+    MAX_REQUEST_BYTES,
+    ProcessList,
+    RunRequest,
+    SandboxRef,
+    SignalRequest,
+    StdinWrite,
+    StdinWritten,
+)
+from agentkube.ebpf.processes import ProcessTable
 from agentkube.ebpf.unixhttp import ApiError, validation_message
+from agentkube.ebpf.workspace import CHUNK_BYTES, Workspace, upload_mode
 
 if TYPE_CHECKING:
-    from agentkube.ebpf.runtime import WarmPool
+    from agentkube.ebpf.runtime import Started, WarmPool
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def number(query: dict[str, str], name: str, default: float, most: float | None = None) -> float:
+    """A non-negative number from the query string (at most `most`), or a 422."""
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApiError(422, f"{name}: expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ApiError(422, f"{name}: expected a number of at least 0, got {text!r}")
+    return min(value, most) if most is not None else value
 
 logger = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 RUNTIME_IDLE_SECONDS = 60.0
+# Set to "request" on refusals of what a request asks (a path out of the workspace: 403), so that the
+# gateway tells them from the runtime refusing the gateway itself (401, 403 from inside the pod).
+REFUSAL_HEADER = "X-Agentkube-Refusal"
 
 
 def from_inside_the_pod(peer: str, local: str) -> bool:
@@ -77,37 +112,173 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # requests carry tokens in headers: nothing of them is logged
         pass
 
-    def _json(self, status: int, body: dict) -> None:
+    def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(body).encode()
         self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self.close_connection = True
-        self._json(status, {"error": message})
+        self._json(status, {"error": message}, headers)
 
-    def do_GET(self):
-        self._refuse(404, f"no such endpoint: GET {self.path}")
-
-    def do_POST(self):
+    def _allowed(self) -> bool:
+        """Every request, whatever it asks: from outside the pod, with the sandbox's runtime token."""
         if from_inside_the_pod(self.client_address[0], self.connection.getsockname()[0]):
-            return self._refuse(403, "a process inside this sandbox may not run commands through its runtime")
+            self._refuse(403, "a process inside this sandbox may not run commands through its runtime")
+            return False
         token = bearer_token(self.headers.get("Authorization"))
         if token is None or not token_matches(token, self.server.verifier):
-            return self._refuse(401, "this port serves the agentkube gateway only: no valid runtime token")
-        if self.path != "/v1/run":
-            return self._refuse(404, f"no such endpoint: POST {self.path}")
+            self._refuse(401, "this port serves the agentkube gateway only: no valid runtime token")
+            return False
+        return True
+
+    def _length(self, most: int) -> int | None:
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
-            return self._refuse(413, f"send a Content-Length of at most {MAX_REQUEST_BYTES} bytes")
+        if not length.isdigit() or int(length) > most:
+            self._refuse(413 if length.isdigit() else 411, f"send a Content-Length of at most {most} bytes")
+            return None
+        return int(length)
+
+    def _body(self, model: type[Model]) -> Model | None:
+        length = self._length(MAX_REQUEST_BYTES)
+        if length is None:
+            return None
         try:
-            run = RunRequest.model_validate_json(self.rfile.read(int(length)))
+            return model.model_validate_json(self.rfile.read(length) or b"{}")
         except ValidationError as error:
-            return self._refuse(422, validation_message(error))
-        self._run(run)
+            self._refuse(422, validation_message(error))
+            return None
+
+    def _dispatch(self, method: str) -> None:
+        if not self._allowed():
+            return
+        url = urlsplit(self.path)
+        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        try:
+            if method == "POST" and url.path == "/v1/run":
+                run = self._body(RunRequest)
+                if run is not None:
+                    self._run(run)
+            elif url.path == "/v1/processes" or url.path.startswith("/v1/processes/"):
+                self._processes(method, url.path.split("/")[3:], query)
+            elif url.path == "/v1/files":
+                self._files(method, query)
+            else:
+                self._refuse(404, f"no such endpoint: {method} {url.path}")
+        except ApiError as error:
+            self._refuse(error.status, error.message, {REFUSAL_HEADER: "request"})
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def _answer(self, model: Model, status: int = 200) -> None:
+        self._json(status, json.loads(model.model_dump_json()))
+
+    def _processes(self, method: str, parts: list[str], query: dict[str, str]) -> None:
+        """Background processes (ebpf/processes.py):
+            POST /v1/processes                  RunRequest → ProcessInfo (201, once placed)
+            GET  /v1/processes                  → ProcessList
+            GET  /v1/processes/ID?wait=S        → ProcessInfo (held up to S s while it runs)
+            GET  /v1/processes/ID/output?stdout=N&stderr=M&wait=S&limit=B → ProcessOutput
+            POST /v1/processes/ID/stdin         StdinWrite → StdinWritten
+            POST /v1/processes/ID/signal        SignalRequest → ProcessInfo"""
+        table = self.server.processes
+        if not parts:
+            if method == "POST":
+                run = self._body(RunRequest)
+                if run is not None:
+                    self._answer(table.start(run), 201)
+            elif method == "GET":
+                self._answer(ProcessList(processes=table.list()))
+            else:
+                self._refuse(405, f"{method} /v1/processes: use GET or POST")
+            return
+        process, action = table.get(parts[0]), parts[1:]
+        wait = number(query, "wait", 0.0)
+        if method == "GET" and not action:
+            process.wait_until(lambda: process.done, wait)
+            self._answer(process.info())
+        elif method == "GET" and action == ["output"]:
+            self._answer(process.read(int(number(query, "stdout", 0)), int(number(query, "stderr", 0)), wait,
+                                      int(number(query, "limit", MAX_PROCESS_OUTPUT_BYTES, MAX_PROCESS_OUTPUT_BYTES))))
+        elif method == "POST" and action == ["stdin"]:
+            write = self._body(StdinWrite)
+            if write is not None:
+                self._answer(StdinWritten(written=process.write(write.data.encode(), write.close)))
+        elif method == "POST" and action == ["signal"]:
+            sent = self._body(SignalRequest)
+            if sent is not None:
+                process.signal(sent.signal)
+                self._answer(process.info())
+        else:
+            self._refuse(404, f"no such endpoint: {method} {self.path.split('?', 1)[0]}")
+
+    def _files(self, method: str, query: dict[str, str]) -> None:
+        """Files in the workspace (ebpf/workspace.py), the path in the query:
+            PUT    /v1/files?path=P&mode=755    the body, streamed to disk → FileEntry (201)
+            GET    /v1/files?path=P             the file's bytes, streamed (sendfile)
+            GET    /v1/files?path=D&list=1      → FileList
+            DELETE /v1/files?path=P&recursive=1"""
+        workspace, path = self.server.workspace, query.get("path", "")
+        if workspace is None:
+            raise ApiError(501, "this sandbox's runtime has no workspace to serve")
+        if method == "PUT":
+            mode = upload_mode(query.get("mode"))
+            length = self._length(workspace.max_file_bytes)
+            if length is not None:
+                chunks = self._chunks(length)
+                try:
+                    self._answer(workspace.write(path, length, chunks, mode), 201)
+                except ApiError as error:
+                    if error.status != 413:  # clients send the whole body before they read an answer: take it
+                        for _ in chunks:
+                            pass
+                    raise
+        elif method == "GET" and query.get("list") in ("1", "true"):
+            self._answer(workspace.list(path or "."))
+        elif method == "GET":
+            with workspace.read(path) as (fd, size):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                self.wfile.flush()
+                sent = 0
+                while sent < size:  # the kernel copies file to socket: nothing of it passes through here
+                    done = os.sendfile(self.connection.fileno(), fd, sent, min(size - sent, CHUNK_BYTES))
+                    if done == 0:  # the file shrank meanwhile: the answer cannot be completed
+                        self.close_connection = True
+                        break
+                    sent += done
+        elif method == "DELETE":
+            workspace.delete(path, recursive=query.get("recursive") in ("1", "true"))
+            self._json(200, {"deleted": path})
+        else:
+            self._refuse(405, f"{method} /v1/files: use PUT, GET or DELETE")
+
+    def _chunks(self, length: int) -> Iterator[bytes]:
+        left = length
+        while left:
+            chunk = self.rfile.read(min(left, CHUNK_BYTES))
+            if not chunk:
+                self.close_connection = True
+                return
+            left -= len(chunk)
+            yield chunk
 
     def _run(self, run: RunRequest) -> None:
         from agentkube.ebpf.runtime import run_call  # the runtime imports this module
@@ -128,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         started = False
 
-        def placed(_: CallPlaced) -> None:
+        def placed(_: Started) -> None:
             nonlocal started, watching
             started = True
             try:  # never raises: the call is placed and held, and must be released and finished
@@ -180,8 +351,10 @@ class RuntimePortServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, sandbox: SandboxRef, agent_socket: Path, verifier: str, port: int, address: str = "0.0.0.0",
-                 pool: WarmPool | None = None):
+                 pool: WarmPool | None = None, workspace: Workspace | None = None):
         self.sandbox, self.agent_socket, self.verifier, self.pool = sandbox, Path(agent_socket), verifier, pool
+        self.processes = ProcessTable(self.agent_socket, sandbox, pool)
+        self.workspace = workspace
         super().__init__((address, port), _Handler)
         self._thread: threading.Thread | None = None
 
@@ -190,5 +363,6 @@ class RuntimePortServer(ThreadingHTTPServer):
         self._thread.start()
 
     def stop(self) -> None:
+        self.processes.close()
         self.shutdown()
         self.server_close()

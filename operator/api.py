@@ -264,6 +264,10 @@ class AutoscalingDecision(Model):
     previous_value: int | None = None
     policy_target: float | None = None  # what the policy asked for, before the bounded step
     spot_share: float | None = None
+    # The min-scale applied (the policy's warm-pod floor, at least the spec's), and the share of the last
+    # 10 minutes' peak pods the policy asked to keep warm.
+    min_scale: int | None = None
+    warm_share: float | None = None
     # The metric values the decision saw, under Knative's names (request rate, p95 latency in ms, ...).
     inputs: Annotated[dict[Annotated[str, Field(max_length=MAX_NAME)], float], Field(max_length=16)] = defaulted(dict)
 
@@ -274,5 +278,10 @@ class ServedModelStatus(Model):
     ready: bool = False
     conditions: list[Condition] = defaulted(list)
     concurrency_target: int | None = None
+    # Knative's Revisions of the model: the latest it created and the latest that became ready (they differ
+    # while a spec change rolls out, or when the new one cannot start).
+    latest_created_revision: str | None = None
+    latest_ready_revision: str | None = None
+    min_scale: int | None = None  # the min-scale in force (`ppo`: the loop's warm-pod floor)
     last_decision: AutoscalingDecision | None = None
     observed_generation: int | None = None

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from agentkube.operator import api
+from agentkube.operator import api, servedmodel
 from agentkube.operator.sandbox import parse_duration
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.observation import (
@@ -26,6 +26,7 @@ from agentkube.rl.observation import (
     MissingMetricError,
     bounded_target,
     observation_from_metrics,
+    warm_pod_floor,
 )
 from agentkube.rl.simulator import SLOConfig
 
@@ -174,7 +175,9 @@ class Outcome:
     previous_target: int
     reason: str  # one of the reasons above; DECIDED only when the policy chose the target
     message: str
+    min_scale: int  # the min-scale to apply: the policy's warm-pod floor within the spec's bounds, else the spec's
     spot_share: float | None = None
+    warm_share: float | None = None
     policy_target: float | None = None
     inputs: dict[str, float] = field(default_factory=dict)
 
@@ -208,9 +211,11 @@ def bounded_step(current: float, wanted: float, max_change_fraction: float, boun
     return max(1, int(round(bounded)))
 
 
-def _fallback(current: int, reason: str, why: str, inputs: dict[str, float] | None = None) -> Outcome:
+def _fallback(current: int, autoscaling: api.Autoscaling, reason: str, why: str, inputs: dict[str, float] | None = None) -> Outcome:
+    """Knative's default target and the spec's own min-scale: no warm-pod floor without the policy."""
     return Outcome(KNATIVE_DEFAULT_TARGET, current, reason,
-                   f"{why}; running Knative's default target {KNATIVE_DEFAULT_TARGET}", inputs=inputs or {})
+                   f"{why}; running Knative's default target {KNATIVE_DEFAULT_TARGET}",
+                   servedmodel.template_min_scale(autoscaling), inputs=inputs or {})
 
 
 @dataclass(frozen=True)
@@ -265,24 +270,24 @@ def decide(
     default target at once: a known, safe target, rather than a step towards it. So does the SLO guard
     (`slo_guard`; `guard_engaged`: whether it held at the previous decision)."""
     if observed.problem is not None:
-        return _fallback(current_target, observed.problem, observed.detail or observed.problem)
+        return _fallback(current_target, autoscaling, observed.problem, observed.detail or observed.problem)
     interval = decision_interval(autoscaling.ppo)
     limit = stale_after_s(interval)
     inputs = {name: round(sample.value, 3) for name, sample in observed.samples.items() if math.isfinite(sample.value)}
     missing = sorted(name for name in POLICY_METRICS if name not in observed.samples)
     if missing:
-        return _fallback(current_target, METRICS_MISSING, f"no recent samples of {', '.join(missing)} in Prometheus", inputs)
+        return _fallback(current_target, autoscaling, METRICS_MISSING, f"no recent samples of {', '.join(missing)} in Prometheus", inputs)
     stale = sorted(name for name, sample in observed.samples.items() if name in POLICY_METRICS and sample.age_s > limit)
     if stale:
         oldest = max(observed.samples[name].age_s for name in stale)
-        return _fallback(current_target, METRICS_STALE,
+        return _fallback(current_target, autoscaling, METRICS_STALE,
                          f"{', '.join(stale)} last scraped {oldest:.0f}s ago (more than {limit:.0f}s)", inputs)
     if policy is None:
-        return _fallback(current_target, DECISION_FAILED, f"the policy could not be loaded: {policy_error}", inputs)
+        return _fallback(current_target, autoscaling, DECISION_FAILED, f"the policy could not be loaded: {policy_error}", inputs)
     guard_sample = observed.samples.get(GUARD_P95)
     guard = slo_guard(guard_sample.value if guard_sample else None, autoscaling.slo, current_target, guard_engaged)
     if guard.engaged:
-        return _fallback(current_target, SLO_GUARD, guard.message, inputs)
+        return _fallback(current_target, autoscaling, SLO_GUARD, guard.message, inputs)
     reference_s = autoscaling.slo.p95_latency_ms / 1000.0 if autoscaling.slo else SLOConfig().reference_latency_s
     try:
         observation = observation_from_metrics(
@@ -291,10 +296,14 @@ def decide(
             spot_allowed=spot.enabled, bounds=bounds,
         )
     except MissingMetricError as error:
-        return _fallback(current_target, METRICS_MISSING, str(error), inputs)
+        return _fallback(current_target, autoscaling, METRICS_MISSING, str(error), inputs)
     choice = policy(observation)
     target = bounded_step(current_target, choice.target, autoscaling.ppo.max_change_fraction, bounds)
     spot_share = min(choice.spot_share, spot.max_spot_fraction) if spot.enabled else 0.0
+    # The floor at the target being applied, as training computes it (`rl.episodes.apply_decision`).
+    warm_pods = warm_pod_floor(choice.warm_share, observed.samples["peak_concurrency_10m"].value, float(target), bounds)
+    min_scale = servedmodel.floor_in_force(autoscaling, warm_pods)
     clipped = "" if target == round(choice.target) else f" (the policy asked for {choice.target:.1f}; bounded step)"
-    message = f"target {current_target} -> {target}{clipped}; spot share {spot_share:.2f}"
-    return Outcome(target, current_target, DECIDED, message, spot_share, round(choice.target, 2), inputs)
+    message = f"target {current_target} -> {target}{clipped}; min-scale {min_scale}; spot share {spot_share:.2f}"
+    return Outcome(target, current_target, DECIDED, message, min_scale, spot_share, round(choice.warm_share, 3),
+                   round(choice.target, 2), inputs)

@@ -9,7 +9,7 @@ from typing import Any
 
 from kubernetes.client import ApiException
 
-from agentkube.operator import api, autoscaling, kube, metrics, prometheus, servedmodel
+from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, prometheus, servedmodel
 from agentkube.operator.kube import SERVED_MODELS
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import ConditionUpdate, merge_own_conditions
@@ -85,14 +85,19 @@ def _decide_and_apply(model: dict[str, Any], spec: api.ServedModelSpec, logger: 
     decision = api.AutoscalingDecision(
         time=now, value=outcome.target, reason=outcome.reason, message=outcome.message,
         previous_value=outcome.previous_target, policy_target=outcome.policy_target, spot_share=outcome.spot_share,
-        inputs=outcome.inputs,
+        min_scale=outcome.min_scale, warm_share=outcome.warm_share, inputs=outcome.inputs,
     )
     metrics.served_model_decided(namespace, name, reason=outcome.reason, target=outcome.target,
                                  policy_target=outcome.policy_target, spot_share=outcome.spot_share)
     # The status first: it is what every reconcile reads as the target in force (one source of truth),
     # so a reconcile between the two writes already applies the new target.
-    if _write_autoscaling_status(model, outcome.condition, now, concurrency_target=outcome.target, last_decision=decision):
-        _apply_target(namespace, name, outcome.target)
+    if _write_autoscaling_status(model, outcome.condition, now, concurrency_target=outcome.target,
+                                 min_scale=outcome.min_scale, last_decision=decision):
+        kube.set_target_in_force(namespace, name, outcome.target, outcome.min_scale)
+        if spec.capacity.spot.enabled:
+            # The policy's spot share, bounded by the spec, goes into the NodePools' spread domains (the
+            # pod template stays, so no new Revision).
+            capacity_handlers.apply_capacity(namespace, name, spec, api.ServedModelStatus(last_decision=decision))
     previous = next((c for c in status.conditions if c.type == autoscaling.CONDITION), None)
     # A warning (which Kopf also posts as an Event) when it starts falling back, not at every turn.
     log = logger.warning if not outcome.decided and (previous is None or previous.reason != outcome.reason) else logger.info
@@ -128,6 +133,3 @@ def _write_autoscaling_status(model: dict[str, Any], condition: ConditionUpdate,
         model = fresh
     return False
 
-
-def _apply_target(namespace: str, name: str, target: int) -> None:
-    kube.set_target_in_force(namespace, name, target)

@@ -1,13 +1,15 @@
 """`agentkube operator ...` and `agentkube crds ...`."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
 from agentkube.operator import crds, main
 
 operator_app = typer.Typer(help="The Kopf operator for AgentSandbox and ServedModel.", no_args_is_help=True)
+capacity_app = typer.Typer(help="Spot capacity: play what a cloud does to spot nodes (tests, the demo).",
+                            no_args_is_help=True)
 crds_app = typer.Typer(help="The CustomResourceDefinitions, generated from the API models.", no_args_is_help=True)
 
 
@@ -30,11 +32,16 @@ def run(
     gateway_namespace: Annotated[str | None, typer.Option(
         envvar="AGENTKUBE_GATEWAY_NAMESPACE",
         help="The gateway's namespace: only its pods there may reach sandbox runtimes' port.")] = None,
+    node_class: Annotated[str | None, typer.Option(
+        envvar="AGENTKUBE_NODE_CLASS",
+        help="The Karpenter node class the NodePools of spot-enabled ServedModels name, as group/Kind/name "
+             "(e.g. karpenter.k8s.aws/EC2NodeClass/default; unset: karpenter.kwok.sh/KWOKNodeClass/default, "
+             "as `agentkube dev up --with-capacity` makes it).")] = None,
 ) -> None:
     """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
     main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
              peering=peering or None, namespace=namespace, prometheus_url=prometheus_url or None,
-             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace)
+             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace, node_class=node_class)
 
 
 @crds_app.command()
@@ -49,3 +56,47 @@ def generate(
         raise typer.Exit(1 if stale else 0)
     for path in crds.write_all():
         typer.echo(f"wrote {path}")
+
+
+@capacity_app.command("interrupt")
+def interrupt(
+    node: Annotated[str, typer.Argument(help="A spot node that Karpenter launched.")],
+    notice: Annotated[float, typer.Option(min=0, help="Seconds between the notice and the NodeClaim's deletion "
+                                          "(AWS gives 120).")] = 120.0,
+) -> None:
+    """A spot interruption as AWS gives it: the notice (the Node Termination Handler's `spot-itn` taint),
+    then, `notice` seconds later, the node's NodeClaim deleted (Karpenter then drains and removes it)."""
+    import time
+
+    import kubernetes
+    from kubernetes.client import ApiException
+
+    from agentkube.operator import capacity, interruptions
+
+    kubernetes.config.load_kube_config()
+    core, custom = kubernetes.client.CoreV1Api(), kubernetes.client.CustomObjectsApi()
+    try:
+        found: dict[str, Any] = core.api_client.sanitize_for_serialization(core.read_node(node))
+    except ApiException as error:
+        typer.echo(f"node {node}: {error.reason}", err=True)
+        raise typer.Exit(2) from None
+    if (found["metadata"].get("labels") or {}).get(capacity.CAPACITY_TYPE_LABEL) != capacity.SPOT:
+        typer.echo(f"node {node} is not a spot node ({capacity.CAPACITY_TYPE_LABEL} is not {capacity.SPOT})", err=True)
+        raise typer.Exit(2)
+    listed = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS)
+    claim = interruptions.nodeclaim_of(cast(dict[str, Any], listed)["items"], node)
+    if claim is None:
+        typer.echo(f"node {node} has no NodeClaim", err=True)
+        raise typer.Exit(2)
+    taints = interruptions.notice_taints((found.get("spec") or {}).get("taints") or [])
+    if taints is not None:
+        core.patch_node(node, {"spec": {"taints": taints}})
+    typer.echo(f"interruption notice on {node}; NodeClaim {claim['metadata']['name']} goes in {notice:g}s")
+    time.sleep(notice)
+    try:
+        custom.delete_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS,
+                                            claim["metadata"]["name"])
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    typer.echo(f"NodeClaim {claim['metadata']['name']} deleted: Karpenter drains {node} and removes it")

@@ -11,7 +11,7 @@ import kubernetes
 from kubernetes.client import ApiException
 from pydantic import BaseModel
 
-from agentkube.operator import api, crds, servedmodel
+from agentkube.operator import api, capacity, crds, interruptions, servedmodel
 from agentkube.operator.status import changed, status_patch
 
 SANDBOXES = crds.AGENT_SANDBOX.plural
@@ -24,7 +24,7 @@ _clients_lock = threading.Lock()
 
 
 def client(kind: str) -> Any:
-    """Kubernetes API clients (`client`, `core`, `networking`, `custom`), created once the operator has
+    """Kubernetes API clients (`client`, `core`, `networking`, `custom`, `policy`), created once the operator has
     logged in (current kubeconfig or in-cluster)."""
     with _clients_lock:
         if not _clients:
@@ -46,6 +46,7 @@ def _connect() -> None:
         core=kubernetes.client.CoreV1Api(api_client),
         networking=kubernetes.client.NetworkingV1Api(api_client),
         custom=kubernetes.client.CustomObjectsApi(api_client),
+        policy=kubernetes.client.PolicyV1Api(api_client),
     )
 
 
@@ -143,6 +144,12 @@ def read_knative_service(namespace: str, name: str) -> dict[str, Any] | None:
     return read(client("custom").get_namespaced_custom_object, *_knative_services(namespace), name)
 
 
+def read_knative(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    """A serving.knative.dev object of another kind (a Route or Revision), or None when there is none."""
+    return read(client("custom").get_namespaced_custom_object, servedmodel.KNATIVE_GROUP, servedmodel.KNATIVE_VERSION,
+                namespace, plural, name)
+
+
 def create_knative_service(namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Raises ApiException 404 when Knative Serving is not installed."""
     return client("custom").create_namespaced_custom_object(*_knative_services(namespace), manifest)
@@ -167,19 +174,104 @@ def patch_pod_autoscaler(namespace: str, name: str, patch: dict[str, Any]) -> di
         servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace, servedmodel.PA_PLURAL, name, patch)
 
 
-def set_target_in_force(namespace: str, service: str, target: int) -> None:
-    """Put `target` on the PodAutoscalers of the Service's revisions, where the KPA reads it (see
-    `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out new pods. A revision created
-    later starts with the template's target and gets this one at the next reconcile or decision."""
+def set_target_in_force(namespace: str, service: str, target: int, min_scale: int) -> None:
+    """Put `target` and `min_scale` (the warm-pod floor) on the PodAutoscalers of the Service's revisions,
+    where the KPA reads them (see `servedmodel.PA_GROUP`): the Revision stays, so a change never rolls out
+    new pods. A revision created later starts with the template's and gets these at the next reconcile or
+    decision."""
     try:
         pod_autoscalers = list_pod_autoscalers(namespace, service)
     except ApiException as error:
         if error.status == 404:
             return  # Knative's autoscaling CRD is not installed: nothing scales this Service yet
         raise
-    for name, patch in servedmodel.pod_autoscaler_target_patches(pod_autoscalers, target):
+    for name, patch in servedmodel.pod_autoscaler_patches(pod_autoscalers, target, min_scale):
         try:
             patch_pod_autoscaler(namespace, name, patch)
         except ApiException as error:
             if error.status != 404:  # a revision removed meanwhile took its PodAutoscaler along
                 raise
+
+
+# ----- Karpenter NodePools (karpenter.sh/v1, cluster-scoped), which spot-enabled ServedModels run on --------
+
+def _nodepools() -> tuple[str, str, str]:
+    return capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODEPOOLS
+
+
+def list_model_nodepools(namespace: str, name: str) -> list[dict[str, Any]] | None:
+    """The NodePools made for one ServedModel, or None when Karpenter's NodePool CRD is not installed."""
+    selector = f"{capacity.MODEL_NAMESPACE_LABEL}={namespace},{capacity.MODEL_NAME_LABEL}={name}"
+    try:
+        result = client("custom").list_cluster_custom_object(*_nodepools(), label_selector=selector)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return list(result.get("items") or [])
+
+
+def apply_nodepool(manifest: dict[str, Any], current: dict[str, Any] | None) -> None:
+    """Create the NodePool, or bring its labels and spec to the manifest's when they differ."""
+    if current is None:
+        try:
+            client("custom").create_cluster_custom_object(*_nodepools(), manifest)
+            return
+        except ApiException as error:
+            if error.status != 409:
+                raise
+    elif (capacity.holds(current.get("spec") or {}, manifest["spec"])
+          and current["metadata"].get("labels") == manifest["metadata"]["labels"]):
+        return  # the API server's defaults (fields the manifest leaves out) are no difference
+    client("custom").patch_cluster_custom_object(*_nodepools(), manifest["metadata"]["name"],
+                                                 {"metadata": {"labels": manifest["metadata"]["labels"]}, "spec": manifest["spec"]})
+
+
+def delete_nodepool(name: str) -> None:
+    try:
+        client("custom").delete_cluster_custom_object(*_nodepools(), name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+# ----- interruptions: pods on a node, PodAutoscalers' floors, disruption budgets ------------------------------
+
+def list_model_pods_on_node(node: str) -> list[dict[str, Any]]:
+    """Pods of ServedModels' revisions bound to `node`, in every namespace."""
+    result = client("core").list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}",
+                                                        label_selector=servedmodel.MODEL_LABEL)
+    return [as_dict(pod) for pod in result.items]
+
+
+def count_revision_pods(namespace: str, revision: str) -> int:
+    """A revision's pods that are not being deleted."""
+    result = client("core").list_namespaced_pod(namespace, label_selector=f"{interruptions.REVISION_LABEL}={revision}")
+    return sum(1 for pod in result.items if pod.metadata.deletion_timestamp is None)
+
+
+def read_pod_autoscaler(namespace: str, name: str) -> dict[str, Any] | None:
+    return read(client("custom").get_namespaced_custom_object, servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace,
+                servedmodel.PA_PLURAL, name)
+
+
+def list_all_pod_autoscalers() -> list[dict[str, Any]]:
+    try:
+        result = client("custom").list_cluster_custom_object(servedmodel.PA_GROUP, servedmodel.PA_VERSION, servedmodel.PA_PLURAL)
+    except ApiException as error:
+        if error.status == 404:
+            return []
+        raise
+    return list(result.get("items") or [])
+
+
+def node_names() -> set[str]:
+    return {node.metadata.name for node in client("core").list_node().items}
+
+
+def create_disruption_budget(namespace: str, manifest: dict[str, Any]) -> None:
+    create(client("policy").create_namespaced_pod_disruption_budget, namespace, manifest)
+
+
+def delete_disruption_budget(namespace: str, name: str) -> None:
+    delete(client("policy").delete_namespaced_pod_disruption_budget, name, namespace)

@@ -10,11 +10,12 @@ from typing import Any
 import kopf
 import prometheus_client
 
-from agentkube.operator import api, autoscaling_loop, kube, sandbox_handlers
+from agentkube.operator import api, autoscaling_loop, capacity_handlers, kube, sandbox_handlers
 
 # Kopf finds handlers by their decorators, which run when these modules are imported: every module that
 # declares one is listed here, and nowhere else.
 HANDLER_MODULES = (
+    "agentkube.operator.capacity_handlers",
     "agentkube.operator.rechecks",
     "agentkube.operator.sandbox_handlers",
     "agentkube.operator.servedmodel_handlers",
@@ -55,7 +56,7 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
 
 def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, namespace: str | None,
         prometheus_url: str | None = None, runtime_key_file: Path | None = None,
-        gateway_namespace: str | None = None) -> None:
+        gateway_namespace: str | None = None, node_class: str | None = None) -> None:
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -64,6 +65,7 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
     for module in HANDLER_MODULES:
         importlib.import_module(module)
     autoscaling_loop.configure_autoscaling(prometheus_url)
+    capacity_handlers.configure_capacity(node_class)
     sandbox_handlers.configure_gateway(runtime_key_file, gateway_namespace)
     if metrics_port:
         prometheus_client.disable_created_metrics()

@@ -24,9 +24,12 @@ from agentkube.contract import (
     TOOL_CALLS_ANNOTATION,
     TOOLS_ANNOTATION,
     TOOLS_REFUSED_ANNOTATION,
+    WORKSPACE_BYTES_ENV,
+    WORKSPACE_ENV,
     ToolNetwork,
     dns_search_paths,
     duration_seconds,
+    quantity_bytes,
     runtime_token,
     token_verifier,
 )
@@ -109,6 +112,7 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
     serves the gateway on RUNTIME_PORT; without, it serves only its unix socket on the node."""
     name = body["metadata"]["name"]
     template = spec.template
+    workspace_path = (spec.workspace or api.Workspace()).mount_path
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": template.image,
@@ -129,7 +133,7 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [
-            {"name": WORKSPACE_VOLUME, "mountPath": spec.workspace.mount_path if spec.workspace else "/workspace"},
+            {"name": WORKSPACE_VOLUME, "mountPath": workspace_path},
             {"name": RUNTIME_VOLUME, "mountPath": str(POD_RUNTIME_DIR)},
             {"name": AGENT_VOLUME, "mountPath": str(SANDBOX_AGENT_SOCKET.parent), "readOnly": True},
         ],
@@ -138,6 +142,9 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
             {"name": "AGENTKUBE_SANDBOX_NAMESPACE", "value": body["metadata"]["namespace"]},
             *({"name": key, "value": value} for key, value in RUNTIME_ENV.items()),
             *([{"name": RUNTIME_VERIFIER_ENV, "value": runtime_verifier(body, runtime_key)}] if runtime_key else []),
+            # What the gateway's file API serves, and the most one upload may write (ebpf/workspace.py).
+            {"name": WORKSPACE_ENV, "value": workspace_path},
+            {"name": WORKSPACE_BYTES_ENV, "value": str(quantity_bytes((spec.workspace or api.Workspace()).size))},
             # The template's env comes last (the last of a name wins) but never sets the verifier: only the
             # operator says which token the runtime accepts.
             *(e.model_dump() for e in template.env or () if e.name != RUNTIME_VERIFIER_ENV),

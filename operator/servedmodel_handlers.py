@@ -9,11 +9,11 @@ from typing import Any
 import kopf
 from kubernetes.client import ApiException
 
-from agentkube.operator import api, autoscaling, kube, metrics, servedmodel
+from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, servedmodel
 from agentkube.operator.autoscaling_loop import decide_served_model
 from agentkube.operator.kube import SERVED_MODELS
 from agentkube.operator.rechecks import rechecks
-from agentkube.operator.status import merge_conditions, merge_own_conditions
+from agentkube.operator.status import ConditionUpdate, merge_conditions, merge_own_conditions
 
 # How often a model whose Knative Service is not ready re-reads it (beside the watch on Knative Services).
 KNATIVE_READINESS_RECHECK = timedelta(seconds=10)
@@ -37,7 +37,9 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             # so that the status written below does not start from an older copy than the loop's write.
             body["status"] = (kube.read_own(SERVED_MODELS, namespace, name) or body).get("status")
         current = api.ServedModelStatus.model_validate(body.get("status") or {})
-        manifest = servedmodel.knative_service_manifest(body, spec, servedmodel.template_target(spec))
+        in_force = capacity_handlers.apply_capacity(namespace, name, spec, current)
+        _write_capacity_condition(namespace, name, current, in_force.condition)
+        manifest = servedmodel.knative_service_manifest(body, spec, servedmodel.template_target(spec), in_force.placement)
         try:
             service = _apply_knative_service(namespace, name, manifest)
         except ApiException as error:
@@ -68,6 +70,14 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             rechecks.schedule(decide_served_model, namespace, name, timedelta(0), logger)
 
 
+def _write_capacity_condition(namespace: str, name: str, status: api.ServedModelStatus, condition: ConditionUpdate) -> None:
+    """The `Capacity` condition alone (every other writer keeps it: see `served_model_status`)."""
+    conditions = merge_own_conditions(status.conditions, [condition], kube.now(), keep={c.type for c in status.conditions})
+    if conditions != status.conditions:
+        kube.patch_status(SERVED_MODELS, namespace, name, status, api.ServedModelStatus(conditions=conditions))
+        status.conditions = conditions
+
+
 def _apply_knative_service(namespace: str, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
     current = kube.read_knative_service(namespace, name)
     if current is None:
@@ -90,29 +100,41 @@ def refresh_served_model(namespace: str, name: str, logger: logging.Logger, serv
             return  # not applied yet: the ServedModel's own handler is retrying
     old = api.ServedModelStatus.model_validate(model.get("status") or {})
     spec = api.ServedModelSpec.model_validate(model["spec"])
-    new = served_model_status(model, spec, old, service, kube.now())
+    # The Route and the latest Revision say what the Service's own Ready summarises away: why.
+    revision_name = servedmodel.latest_created_revision(service)
+    route = kube.read_knative(namespace, servedmodel.ROUTES, service["metadata"]["name"])
+    revision = kube.read_knative(namespace, servedmodel.REVISIONS, revision_name) if revision_name else None
+    new = served_model_status(model, spec, old, service, kube.now(), route, revision)
     if not new.ready:
         rechecks.schedule(refresh_served_model, namespace, name, KNATIVE_READINESS_RECHECK, logger)
     kube.patch_status(SERVED_MODELS, namespace, name, old, new)
 
 
 def served_model_status(model: dict[str, Any], spec: api.ServedModelSpec, old: api.ServedModelStatus,
-                        service: dict[str, Any], now: datetime) -> api.ServedModelStatus:
-    """What the reconcile writes: the Knative Service's state. Under `ppo` the autoscaling loop's
-    condition and target are the loop's, and kept."""
+                        service: dict[str, Any], now: datetime, route: dict[str, Any] | None = None,
+                        revision: dict[str, Any] | None = None) -> api.ServedModelStatus:
+    """What the reconcile writes: the Knative Service's state, its Route's (URL, readiness) and its latest
+    Revision's. Under `ppo` the autoscaling loop's condition and target are the loop's, and kept."""
     ready, url = servedmodel.knative_readiness(service)
+    route_url = ((route or {}).get("status") or {}).get("url")
+    revision_name = servedmodel.latest_created_revision(service)
     ppo = spec.autoscaling.policy == "ppo"
     conditions = merge_own_conditions(old.conditions, [
         ("KnativeAvailable", True, "KnativeServiceApplied", f"Knative Service {model['metadata']['name']} applied"),
+        *servedmodel.knative_route_and_revision_conditions(route, revision, revision_name),
         ("Ready", ready, "KnativeReady" if ready else "KnativeNotReady",
          "the Knative Service is ready" if ready else "waiting for the Knative Service to become ready"),
-    ], now, keep={autoscaling.CONDITION} if ppo else set())
-    status = api.ServedModelStatus(url=url, ready=ready, conditions=conditions,
+    ], now, keep={capacity_handlers.CONDITION} | ({autoscaling.CONDITION} if ppo else set()))
+    status = api.ServedModelStatus(url=route_url or url, ready=ready, conditions=conditions,
+                                   latest_created_revision=revision_name,
+                                   latest_ready_revision=((service.get("status") or {}).get("latestReadyRevisionName")),
                                    observed_generation=model["metadata"].get("generation"))
     if not ppo or old.concurrency_target is None:
         # Under `ppo` the autoscaling loop owns the target in force; a reconcile that read the status
         # before the loop's last write must not put an older target back.
         status.concurrency_target = servedmodel.concurrency_target(spec, old)
+    if not ppo or old.min_scale is None:
+        status.min_scale = servedmodel.min_scale_in_force(spec, old)
     return status
 
 
@@ -133,7 +155,9 @@ def knative_service_changed(type: str, body: kopf.Body, logger: logging.Logger, 
 
 
 def _put_target_in_force(namespace: str, name: str, spec: api.ServedModelSpec, status: api.ServedModelStatus) -> None:
-    """The target in force (the loop's last decision under `ppo`, the spec's otherwise) onto the revisions'
-    PodAutoscalers: Knative never resets what is set there, so leaving `ppo` must put the spec's back."""
+    """The target and min-scale in force (the loop's last decision under `ppo`, the spec's otherwise) onto
+    the revisions' PodAutoscalers: Knative never resets what is set there, so leaving `ppo` must put the
+    spec's back."""
     if spec.autoscaling.policy != "fixed":
-        kube.set_target_in_force(namespace, name, servedmodel.concurrency_target(spec, status))
+        kube.set_target_in_force(namespace, name, servedmodel.concurrency_target(spec, status),
+                                 servedmodel.min_scale_in_force(spec, status))

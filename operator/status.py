@@ -14,8 +14,9 @@ from pydantic import BaseModel
 from agentkube.contract import timestamp  # noqa: F401  (re-exported: the operator's one spelling of a time)
 from agentkube.operator import api
 
-# (type, status, reason, message): how the pure decisions state a condition.
-ConditionUpdate = tuple[str, bool, str, str]
+# (type, status, reason, message): how the pure decisions state a condition; a status of None is Unknown
+# (what Knative says of a Route or Revision still being set up).
+ConditionUpdate = tuple[str, bool | None, str, str]
 
 
 def merge_conditions(old: Sequence[api.Condition], new: Iterable[ConditionUpdate], now: datetime) -> list[api.Condition]:
@@ -23,7 +24,7 @@ def merge_conditions(old: Sequence[api.Condition], new: Iterable[ConditionUpdate
     previous = {c.type: c for c in old}
     merged = []
     for type_, status, reason, message in new:
-        value: Literal["True", "False"] = "True" if status else "False"
+        value: Literal["True", "False", "Unknown"] = "Unknown" if status is None else "True" if status else "False"
         before = previous.get(type_)
         since = before.last_transition_time if before is not None and before.status == value else now
         merged.append(api.Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=since))

@@ -17,6 +17,9 @@ def train(
     seed: int = typer.Option(0, help="Seed for PPO and the environments."),
     envs: int = typer.Option(None, help="Vectorised environment copies (default: TrainConfig's)."),
     output: Path = typer.Option(None, help="Where to write the exported policy (default: the shipped default policy)."),
+    slo_weight: float = typer.Option(None, min=0.0, help="The reward's SLO weight: % more pods that 1% of requests "
+                                     "missing the SLO is worth (default: RewardWeights')."),
+    warm_floor: bool = typer.Option(True, help="Let the policy set a warm-pod floor (min-scale) as well as the target."),
 ) -> None:
     """Train PPO on the training traces and export the policy for NumPy-only inference."""
     from dataclasses import replace
@@ -31,6 +34,9 @@ def train(
         config = replace(config, total_steps=steps)
     if envs is not None:
         config = replace(config, n_envs=envs)
+    if slo_weight is not None:
+        config = replace(config, env=replace(config.env, weights=replace(config.env.weights, slo_miss=slo_weight)))
+    config = replace(config, env=replace(config.env, warm_floor=warm_floor))
     output = output or default_policy_path()
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 
-from agentkube.rl.episodes import DECISION_INTERVAL_S, RewardWeights, reward, warm_pods
-from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, bounded_target, decision_from_action
-from agentkube.rl.simulator import SimConfig, Simulator
+from agentkube.rl.episodes import DECISION_INTERVAL_S, RewardWeights, apply_decision, reward, warm_pods
+from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, decision_from_action
+from agentkube.rl.simulator import IntervalStats, SimConfig, Simulator
 from agentkube.rl.traces import SECONDS_PER_DAY, Trace, generate_trace
 from agentkube.rl.workloads import TrainingRanges, sample_training_workload
 
-__all__ = ["EnvConfig", "AutoscalingEnv"]
+__all__ = ["EnvConfig", "AutoscalingEnv", "ACTION_SIZE"]
+
+ACTION_SIZE = 3  # target, spot share, warm share (`observation.decision_from_action`)
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,16 @@ class EnvConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     bounds: ActionBounds = field(default_factory=ActionBounds)
     weights: RewardWeights = field(default_factory=RewardWeights)
+    warm_floor: bool = True  # the warm share is an action (False: target and spot share only, no floor)
+
+    @property
+    def action_size(self) -> int:
+        return ACTION_SIZE if self.warm_floor else ACTION_SIZE - 1
 
 
 class AutoscalingEnv(gym.Env):
-    """Observation: `OBSERVATION_FIELDS`; action: [target, spot share] in [-1, 1]^2 (see `observation`).
-    The target a step sets is bounded as the operator bounds it (`observation.bounded_target`)."""
+    """Observation: `OBSERVATION_FIELDS`; action: [target, spot share, warm share] in [-1, 1]^3 (see
+    `observation`). A step puts it in force as the operator does (`episodes.apply_decision`)."""
 
     metadata = {"render_modes": []}
 
@@ -45,9 +52,10 @@ class AutoscalingEnv(gym.Env):
         self.config = config or EnvConfig()
         self.traces = list(traces) if traces is not None else None
         self.observation_space = gym.spaces.Box(-5.0, 5.0, (len(OBSERVATION_FIELDS),), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.config.action_size,), np.float32)
         self.sim = Simulator(self.config.sim)
         self.spot_allowed = False
+        self.stats: IntervalStats | None = None  # the last interval's (the floor is computed from its metrics)
 
     def _episode(self) -> tuple[Trace, SimConfig]:
         cfg, rng = self.config, self.np_random
@@ -71,15 +79,16 @@ class AutoscalingEnv(gym.Env):
         self.sim.reset(trace, seed=int(self.np_random.integers(2**31)), target=target,
                        ready_pods=warm_pods(trace, sim_config, target))
         self.sim.advance(cfg.lead_in_s)
-        stats = self.sim.advance(cfg.interval_s)
-        return self.sim.observation(stats, self.spot_allowed, cfg.bounds), {"trace": trace.name}
+        self.stats = self.sim.advance(cfg.interval_s)
+        return self.sim.observation(self.stats, self.spot_allowed, cfg.bounds), {"trace": trace.name}
 
     def step(self, action):
         cfg = self.config
+        if self.stats is None:
+            raise RuntimeError("step before reset")
         decision = decision_from_action(action, cfg.bounds, self.spot_allowed)
-        self.sim.set_target(bounded_target(self.sim.target, decision.target, cfg.bounds))
-        self.sim.set_spot_share(decision.spot_share)
-        stats = self.sim.advance(cfg.interval_s)
+        apply_decision(self.sim, decision, self.stats, self.spot_allowed, cfg.bounds)
+        stats = self.stats = self.sim.advance(cfg.interval_s)
         observation = self.sim.observation(stats, self.spot_allowed, cfg.bounds)
         info = {"cost": stats.cost, "arrivals": stats.arrivals, "within_slo": stats.within_slo, "failed": stats.failed}
         return observation, reward(stats, self.sim.config, cfg.weights), False, self.sim.done, info

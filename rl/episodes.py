@@ -14,12 +14,12 @@ from typing import Protocol
 import numpy as np
 
 from agentkube.rl import knative
-from agentkube.rl.observation import ActionBounds, Decision, bounded_target
+from agentkube.rl.observation import ActionBounds, Decision, bounded_target, warm_pod_floor
 from agentkube.rl.server import decode_step_s
 from agentkube.rl.simulator import EpisodeSummary, IntervalStats, SimConfig, Simulator
 from agentkube.rl.traces import Trace
 
-__all__ = ["Policy", "RewardWeights", "reward", "warm_pods", "run_episode", "DECISION_INTERVAL_S"]
+__all__ = ["Policy", "RewardWeights", "reward", "warm_pods", "apply_decision", "run_episode", "DECISION_INTERVAL_S"]
 
 # How often the agent (and the operator's live loop) sets the target; Knative itself decides every 2 s.
 DECISION_INTERVAL_S = 30
@@ -78,6 +78,16 @@ def warm_pods(trace: Trace, config: SimConfig, target: float | None, lookahead_s
     return max(1, math.ceil(concurrency / per_pod))
 
 
+def apply_decision(sim: Simulator, decision: Decision, stats: IntervalStats, spot_allowed: bool,
+                   bounds: ActionBounds = ActionBounds()) -> None:
+    """Put a decision in force as the operator does: the target moved at most the bounded step, the spot
+    share (0 when spot is not allowed), and the warm-pod floor from the last interval's 10-minute peak
+    concurrency at the new target (`observation.warm_pod_floor`, the operator's formula)."""
+    sim.set_target(bounded_target(sim.target, decision.target, bounds))
+    sim.set_spot_share(decision.spot_share if spot_allowed else 0.0)
+    sim.set_min_scale(warm_pod_floor(decision.warm_share, stats.metrics["peak_concurrency_10m"], sim.target, bounds))
+
+
 def run_episode(
     policy: Policy,
     trace: Trace,
@@ -89,20 +99,23 @@ def run_episode(
     bounds: ActionBounds = ActionBounds(),
     weights: RewardWeights = RewardWeights(),
     initial_target: float | None = None,
+    ready_pods: int | None = None,
 ) -> tuple[EpisodeSummary, Simulator, float]:
     """Run `policy` over `trace` from a warm revision; returns the summary, the simulator (with its
     per-second series) and the total reward. Each decision's target is bounded as the operator bounds
-    it (`observation.bounded_target`: at most `bounds.max_change_fraction` away from the one in force)."""
+    it (`observation.bounded_target`: at most `bounds.max_change_fraction` away from the one in force).
+    `ready_pods`: the warm pods at the start (default: `warm_pods`, what a revision running under the
+    initial target would have)."""
     sim = Simulator(config)
-    sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm_pods(trace, sim.config, initial_target))
+    warm = warm_pods(trace, sim.config, initial_target) if ready_pods is None else ready_pods
+    sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm)
     if hasattr(policy, "reset"):
         policy.reset()
     total_reward = 0.0
     stats = sim.advance(interval_s)
     while not sim.done:
         decision = policy.decide(sim.observation(stats, spot_allowed, bounds))
-        sim.set_target(bounded_target(sim.target, decision.target, bounds))
-        sim.set_spot_share(decision.spot_share if spot_allowed else 0.0)
+        apply_decision(sim, decision, stats, spot_allowed, bounds)
         stats = sim.advance(interval_s)
         step_reward = reward(stats, sim.config, weights)
         total_reward += step_reward

@@ -13,6 +13,10 @@ import math
 from dataclasses import dataclass, replace
 
 __all__ = [
+    "AUTOSCALING_GROUP",
+    "TARGET_ANNOTATION",
+    "MIN_SCALE_ANNOTATION",
+    "MAX_SCALE_ANNOTATION",
     "KnativeDefaults",
     "DeciderState",
     "ScaleDecision",
@@ -22,6 +26,15 @@ __all__ = [
     "ScaleToZeroState",
     "bounded_scale",
 ]
+
+# The annotations the KPA reads its per-revision settings from (knative/serving `pkg/apis/autoscaling`,
+# register.go), on the revision template and, after the revision reconciler copied them there at
+# creation, on the revision's PodAutoscaler, where the operator's live loop changes the target and the
+# warm-pod floor (`PodAutoscaler.ScaleBounds` and `.Target` read them on every reconcile).
+AUTOSCALING_GROUP = "autoscaling.knative.dev"
+TARGET_ANNOTATION = f"{AUTOSCALING_GROUP}/target"
+MIN_SCALE_ANNOTATION = f"{AUTOSCALING_GROUP}/min-scale"
+MAX_SCALE_ANNOTATION = f"{AUTOSCALING_GROUP}/max-scale"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """A Knative revision, played live by the simulator, for the operator's autoscaling loop.
 
-`agentkube rl serve-revision` runs `Simulator` in real time (or faster) under a trace, reads the target in
-force from the revision's PodAutoscaler in the real API server (its `autoscaling.knative.dev/target`
-annotation, which the operator sets and Knative's KPA reads), and serves what Knative's queue-proxy and autoscaler would export, under their
+`agentkube rl serve-revision` runs `Simulator` in real time (or faster) under a trace, reads the target and
+the warm-pod floor in force from the revision's PodAutoscaler in the real API server (its
+`autoscaling.knative.dev/target` and `min-scale` annotations, which the operator sets and Knative's KPA
+reads), and serves what Knative's queue-proxy and autoscaler would export, under their
 Prometheus names and labels, on 127.0.0.1 for a real Prometheus to scrape. It stands in for Knative's
 data plane where there is none (tests, demos); it exits by itself after `duration_s`.
 """
@@ -21,13 +22,14 @@ from kubernetes.client import ApiException
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from agentkube.rl.knative import MIN_SCALE_ANNOTATION, TARGET_ANNOTATION
 from agentkube.rl.simulator import IntervalStats, Simulator
 from agentkube.rl.traces import WORKLOADS, Trace, evaluation_trace, load_burstgpt
 from agentkube.rl.workloads import HELD_OUT_FAMILIES, held_out_trace
 
-__all__ = ["LATENCY_BUCKETS_MS", "RevisionMetrics", "load_trace", "target_annotation", "serve_revision"]
+__all__ = ["LATENCY_BUCKETS_MS", "RevisionMetrics", "load_trace", "target_annotation", "min_scale_annotation",
+           "serve_revision"]
 
-TARGET_ANNOTATION = "autoscaling.knative.dev/target"
 # Knative's queue-proxy request latency buckets (milliseconds), as it exports them.
 LATENCY_BUCKETS_MS = (5, 10, 20, 40, 60, 80, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 700, 800, 900,
                       1000, 2000, 5000, 10000, 20000, 50000, 100000)
@@ -106,18 +108,30 @@ def load_trace(trace: str, start_s: float, duration_s: float) -> Trace:
     return full.window(start_s, duration_s)
 
 
+def _annotations(obj: dict | None) -> dict:
+    """A PodAutoscaler's annotations, or a Knative Service's template's."""
+    obj = obj or {}
+    if obj.get("kind") == "PodAutoscaler":
+        return (obj.get("metadata") or {}).get("annotations") or {}
+    return ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
+
+
 def target_annotation(obj: dict | None) -> float | None:
     """The target on a PodAutoscaler (its annotations), or on a Knative Service (its template's); None:
     none set, Knative's default applies."""
-    obj = obj or {}
-    if obj.get("kind") == "PodAutoscaler":
-        annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    else:
-        annotations = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations") or {}
     try:
-        return float(annotations[TARGET_ANNOTATION])
+        return float(_annotations(obj)[TARGET_ANNOTATION])
     except (KeyError, ValueError):
         return None
+
+
+def min_scale_annotation(obj: dict | None) -> int:
+    """The min-scale (warm-pod floor) on a PodAutoscaler or a Knative Service's template; 0 (Knative's
+    default) when none is set or it is not a whole number."""
+    try:
+        return max(int(_annotations(obj)[MIN_SCALE_ANNOTATION]), 0)
+    except (KeyError, ValueError):
+        return 0
 
 
 def _service_reader(namespace: str, service: str, kubeconfig: str | None) -> Callable[[], dict | None]:
@@ -158,7 +172,8 @@ def serve_revision(
 
     `speed` simulated seconds pass per wall second; the metrics then count simulated requests, so rates
     read by Prometheus are `speed` times the trace's. `echo` gets `listening 127.0.0.1:<port>` first,
-    then `target <value>` (or `target default`) whenever the target in force changes."""
+    then `target <value>` (or `target default`) whenever the target in force changes, and `min-scale <n>`
+    whenever the warm-pod floor does."""
     read_service = _service_reader(namespace, service, kubeconfig)
     simulator = Simulator()
     metrics = RevisionMetrics(namespace, service)
@@ -167,8 +182,9 @@ def serve_revision(
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
         echo(f"listening 127.0.0.1:{server.server_port}")
-        target = _read_target(read_service, None)
+        target, min_scale = _read_settings(read_service, (None, 0))
         simulator.reset(trace, seed=seed, target=target)
+        simulator.set_min_scale(min_scale)
         echo(f"target {target:g}" if target is not None else "target default")
         started = time.monotonic()
         next_poll = started + TARGET_POLL_S
@@ -177,11 +193,15 @@ def serve_revision(
         while time.monotonic() - started < duration_s and not simulator.done:
             if time.monotonic() >= next_poll:
                 next_poll += TARGET_POLL_S
-                new_target = _read_target(read_service, target)
+                new_target, new_min_scale = _read_settings(read_service, (target, min_scale))
                 if new_target != target:
                     target = new_target
                     simulator.set_target(target)
                     echo(f"target {target:g}" if target is not None else "target default")
+                if new_min_scale != min_scale:
+                    min_scale = new_min_scale
+                    simulator.set_min_scale(min_scale)
+                    echo(f"min-scale {min_scale}")
             metrics.record(simulator.advance(1), target)
             next_tick += tick
             time.sleep(max(0.0, next_tick - time.monotonic()))
@@ -191,9 +211,12 @@ def serve_revision(
         thread.join(timeout=5)
 
 
-def _read_target(read_service: Callable[[], dict | None], last: float | None) -> float | None:
+def _read_settings(read_service: Callable[[], dict | None], last: tuple[float | None, int]) -> tuple[float | None, int]:
+    """(target, min-scale) in force; the last ones while the API server cannot be read."""
     try:
-        return target_annotation(read_service())
-    except Exception as error:  # the API server restarting: keep the target in force, as Knative would
-        print(f"reading the target failed ({type(error).__name__}); keeping target {last}", file=sys.stderr)
+        obj = read_service()
+        return target_annotation(obj), min_scale_annotation(obj)
+    except Exception as error:  # the API server restarting: keep what is in force, as Knative would
+        print(f"reading the target failed ({type(error).__name__}); keeping target {last[0]}, min-scale {last[1]}",
+              file=sys.stderr)
         return last

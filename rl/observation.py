@@ -2,8 +2,10 @@
 
 The observation is built from metrics under Knative's Prometheus names, so the simulator (which reports
 them, `Simulator.knative_metrics`) and the operator's live loop (which queries them) feed policies the
-same vector. The action is two numbers in [-1, 1]: the per-pod concurrency target (log-scaled between
-`ActionBounds.min_target` and `max_target`) and the share of replicas on spot capacity.
+same vector. The action is three numbers in [-1, 1]: the per-pod concurrency target (log-scaled between
+`ActionBounds.min_target` and `max_target`), the share of replicas on spot capacity, and a floor of warm
+pods (Knative's `min-scale`) as a share of the pods the last 10 minutes' peak needed (`warm_pod_floor`).
+A policy exported with two outputs (before the floor) runs with no floor.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "decision_from_action",
     "action_from_decision",
     "bounded_target",
+    "warm_pod_floor",
 ]
 
 SECONDS_PER_DAY = 86_400.0
@@ -105,14 +108,19 @@ class ActionBounds:
     # operator enforces it (the ServedModel's `autoscaling.ppo.maxChangeFraction`, default 0.5), so
     # training and evaluation enforce the same, or the policy would learn jumps it never gets to make.
     max_change_fraction: float = 0.5
+    # The warm-pod floor holds at most the pods the last 10 minutes' peak needed (share 1): more would
+    # be a second, coarser way to lower the target; less lets a burst that comes back find pods warm.
+    max_warm_share: float = 1.0
 
 
 @dataclass(frozen=True)
 class Decision:
-    """A policy's choice: the `autoscaling.knative.dev/target` annotation and the spot share."""
+    """A policy's choice: the `autoscaling.knative.dev/target` annotation, the spot share, and the warm-pod
+    floor as a share of the last 10 minutes' peak pods (0: no floor, Knative's own behaviour)."""
 
     target: float
     spot_share: float
+    warm_share: float = 0.0
 
 
 def _finite(metrics: Mapping[str, float], name: str, allow_nan: bool = False) -> float:
@@ -177,12 +185,14 @@ def observation_from_metrics(
 
 
 def decision_from_action(action: np.ndarray, bounds: ActionBounds = ActionBounds(), spot_allowed: bool = True) -> Decision:
-    """Map an action in [-1, 1]^2 to a target (log scale) and a spot share (0 when spot is not allowed)."""
+    """Map an action in [-1, 1]^3 to a target (log scale), a spot share (0 when spot is not allowed) and
+    a warm share (linear, -1 = no floor; 0 for an action without the third number)."""
     a = np.clip(np.asarray(action, dtype=float).reshape(-1), -1.0, 1.0)
     fraction = (a[0] + 1.0) / 2.0
     target = bounds.min_target * (bounds.max_target / bounds.min_target) ** fraction
     spot_share = (a[1] + 1.0) / 2.0 if spot_allowed and a.size > 1 else 0.0
-    return Decision(float(target), float(spot_share))
+    warm_share = bounds.max_warm_share * (a[2] + 1.0) / 2.0 if a.size > 2 else 0.0
+    return Decision(float(target), float(spot_share), float(warm_share))
 
 
 def bounded_target(current: float, proposed: float, bounds: ActionBounds = ActionBounds()) -> float:
@@ -191,8 +201,22 @@ def bounded_target(current: float, proposed: float, bounds: ActionBounds = Actio
     return min(max(proposed, current - step, bounds.min_target), current + step, bounds.max_target)
 
 
+def warm_pod_floor(warm_share: float, peak_concurrency_10m: float, target: float, bounds: ActionBounds = ActionBounds()) -> int:
+    """The `min-scale` a warm share asks for: that share of the pods the last 10 minutes' peak concurrency
+    (Knative's 6 s panic average, `peak_concurrency_10m`) needed at `target` and Knative's utilisation,
+    rounded up. A floor tied to the recent peak (not to the pods running, which it raises itself) keeps
+    capacity warm for a burst that returns without ratcheting up; 0 when the share is 0 or no traffic."""
+    share = min(max(float(warm_share), 0.0), bounds.max_warm_share)
+    per_pod = max(target * bounds.target_utilization, 0.01)
+    if share <= 0.0 or not math.isfinite(peak_concurrency_10m) or peak_concurrency_10m <= 0.0:
+        return 0
+    # A hair under a whole pod rounds down: float noise must not hold an extra pod.
+    return max(math.ceil(share * peak_concurrency_10m / per_pod - 1e-9), 0)
+
+
 def action_from_decision(decision: Decision, bounds: ActionBounds = ActionBounds()) -> np.ndarray:
-    """The inverse of `decision_from_action` (targets outside the bounds are clipped)."""
+    """The inverse of `decision_from_action` (targets and warm shares outside the bounds are clipped)."""
     target = min(max(decision.target, bounds.min_target), bounds.max_target)
     fraction = math.log(target / bounds.min_target) / math.log(bounds.max_target / bounds.min_target)
-    return np.array([2.0 * fraction - 1.0, 2.0 * decision.spot_share - 1.0], dtype=np.float32)
+    warm = min(max(decision.warm_share, 0.0), bounds.max_warm_share) / bounds.max_warm_share
+    return np.array([2.0 * fraction - 1.0, 2.0 * decision.spot_share - 1.0, 2.0 * warm - 1.0], dtype=np.float32)

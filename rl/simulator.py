@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class Simulator:
         self.target_series = np.zeros(self.seconds)
         self.concurrency_series = np.zeros(self.seconds)
         self.latency_p95_series: list[tuple[float, float]] = []
+        self.pod_start_s: list[float] = []  # each created pod: seconds from its creation until it is ready
         # Random streams drawn ahead in blocks, since per-second scalar draws would dominate the run time.
         self._cold_starts = sample_cold_starts_s(cfg.cold_start, self.rng, 4096).tolist()
         self._uniforms = self.rng.random(self.seconds + 1).tolist()
@@ -171,6 +172,18 @@ class Simulator:
         """The `autoscaling.knative.dev/target` annotation (None: Knative's default)."""
         self.knative = self.knative.with_target(None if target is None else float(target))
 
+    def set_min_scale(self, pods: int) -> None:
+        """The `autoscaling.knative.dev/min-scale` annotation on the revision's PodAutoscaler (the policy's
+        warm-pod floor): never below the configured min-scale, which is the revision's own."""
+        floor = max(int(pods), self.config.knative.min_scale)
+        if self.knative.max_scale > 0:
+            floor = min(floor, self.knative.max_scale)  # Knative refuses min-scale above max-scale
+        self.knative = replace(self.knative, min_scale=floor)
+
+    @property
+    def min_scale(self) -> int:
+        return self.knative.min_scale
+
     def set_spot_share(self, share: float) -> None:
         self.spot_share = min(1.0, max(0.0, float(share)))
 
@@ -193,7 +206,9 @@ class Simulator:
         spot = place_new_pods(count, self.ready_on_demand + len(self.pending) - pending_spot,
                               self.ready_spot + pending_spot, self.spot_share)
         for i in range(count):
-            heapq.heappush(self.pending, (self.t + extra_delay_s + self._cold_start(), self._next_pod_id, i < spot))
+            start_s = extra_delay_s + self._cold_start()
+            self.pod_start_s.append(start_s)
+            heapq.heappush(self.pending, (self.t + start_s, self._next_pod_id, i < spot))
             self._next_pod_id += 1
         self.totals["cold_starts"] += count
 
@@ -405,6 +420,11 @@ class Simulator:
         self._within += within
         self._latencies.append(latency.astype(np.float32))
         return within, hi - lo, p95(latency)
+
+    @property
+    def latencies(self) -> list[np.ndarray]:
+        """Latencies of the requests scored so far, in admission (= trace) order, one array per interval."""
+        return self._latencies
 
     def summary(self) -> EpisodeSummary:
         """Totals for the run so far; requests still queued at the end count as unserved."""

@@ -63,6 +63,17 @@ class Trace:
         )
 
 
+    def thinned(self, keep: float, seed: int | np.random.SeedSequence = 0) -> Trace:
+        """Each request kept with probability `keep` (seeded): the rate scaled by `keep` while every time
+        scale of the trace (bursts, crowds, the daily shape) and the token lengths stay as they were,
+        which compressing time (`load_burstgpt`'s `rate_scale`) would not keep."""
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], not {keep}")
+        kept = np.random.default_rng(seed).random(len(self)) < keep
+        return replace(self, arrival_s=self.arrival_s[kept], request_tokens=self.request_tokens[kept],
+                       response_tokens=self.response_tokens[kept])
+
+
 class TraceFormatError(ValueError):
     """A file that is not a usable BurstGPT CSV; the message names the file, the line and what is wrong."""
 

@@ -15,12 +15,13 @@ from typing import cast
 import numpy as np
 
 from agentkube.rl.env import AutoscalingEnv, EnvConfig
+from agentkube.rl.episodes import RewardWeights
 from agentkube.rl.knative import total_target
 from agentkube.rl.observation import Decision, action_from_decision
 from agentkube.rl.policy import ExportedPolicy, save_policy
 from agentkube.rl.traces import Trace
 
-__all__ = ["TrainConfig", "train_ppo", "export_sb3_policy", "initial_action_mean"]
+__all__ = ["TrainConfig", "train_ppo", "export_sb3_policy", "initial_action_mean", "train_command"]
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,10 @@ class TrainConfig:
 
 def initial_action_mean(config: TrainConfig) -> np.ndarray:
     """Where the policy's action mean starts: Knative's default target (SB3 starts it near 0, a target
-    of 63, which the policy would first have to climb out of), and half the replicas on spot (the
-    middle of the range: 0 is its edge)."""
-    return action_from_decision(Decision(total_target(config.env.sim.knative), 0.5), config.env.bounds)
+    of 63, which the policy would first have to climb out of), half the replicas on spot (the
+    middle of the range: 0 is its edge), and no warm-pod floor (Knative's own behaviour)."""
+    start = action_from_decision(Decision(total_target(config.env.sim.knative), 0.5, 0.0), config.env.bounds)
+    return start[: config.env.action_size]
 
 
 def export_sb3_policy(model, metadata: dict | None = None) -> ExportedPolicy:
@@ -107,10 +109,18 @@ def train_ppo(
         "trained_steps": int(model.num_timesteps),
         "training_seconds": round(time.perf_counter() - started, 1),
         "train_config": _jsonable(asdict(config)),
-        "command": f"agentkube rl train --steps {config.total_steps} --seed {config.seed} --envs {config.n_envs}",
+        "command": train_command(config),
     }
     save_policy(export_sb3_policy(model, metadata), output)
     return model
+
+
+def train_command(config: TrainConfig) -> str:
+    """The `agentkube rl train` command line that reproduces `config` (the CLI's options)."""
+    command = f"agentkube rl train --steps {config.total_steps} --seed {config.seed} --envs {config.n_envs}"
+    if config.env.weights.slo_miss != RewardWeights().slo_miss:
+        command += f" --slo-weight {config.env.weights.slo_miss:g}"
+    return command + ("" if config.env.warm_floor else " --no-warm-floor")
 
 
 def _jsonable(value):

@@ -24,6 +24,18 @@ SYSTEM_NAMESPACE = "agentkube-system"
 OPERATOR_SA = "agentkube-operator"
 
 
+def host_address() -> str:
+    """This machine's own IPv4 address on the interface of its default route: a destination off a call's
+    loopback that never leaves the machine. Not simply the first global address: a running node agent
+    puts the node's DNS address on `lo` with global scope."""
+    route = subprocess.run(["ip", "-4", "-o", "route", "show", "default"], capture_output=True, text=True, check=True)
+    words = route.stdout.split()
+    device = words[words.index("dev") + 1]
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", device, "scope", "global"], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.split()[3].split("/")[0]
+
+
 class Operator:
     """`agentkube operator run` in a child process, as its service account."""
 
@@ -87,12 +99,13 @@ def kubectl_runner(devenv: DevEnv):
 
 @contextmanager
 def node_environment(request: pytest.FixtureRequest, node_agent: str = "host",
-                     with_prometheus: bool = False, with_knative: bool = False) -> Iterator[DevEnv]:
+                     with_prometheus: bool = False, with_knative: bool = False,
+                     with_capacity: bool = False) -> Iterator[DevEnv]:
     """A temporary environment with the node (`node_agent`: see DevEnv; `with_knative`: Knative Serving
     on it), its logs kept if a test failed."""
     failed_before = request.session.testsfailed
     with temporary_env(with_prometheus=with_prometheus, with_node=True, node_agent=node_agent,
-                       with_knative=with_knative) as env:
+                       with_knative=with_knative, with_capacity=with_capacity) as env:
         yield env
         if request.session.testsfailed > failed_before and env.layout.logs.is_dir():
             # The environment goes with the fixture: keep its components' logs for whoever reads the failure.

@@ -24,9 +24,9 @@ import requests
 import yaml
 
 from agentkube.contract import AGENT_SOCKET
-from agentkube.devenv import config, images, knative, localnode, localpath, network, node, pki, process
+from agentkube.devenv import capacity, config, images, knative, localnode, localpath, network, node, pki, process
 from agentkube.devenv.config import Layout, Ports
-from agentkube.devenv.install import InstallError, ensure_knative, ensure_traefik, require_binary
+from agentkube.devenv.install import InstallError, ensure_go_program, ensure_knative, ensure_traefik, require_binary
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
 from agentkube.ebpf import csi
 
@@ -88,6 +88,9 @@ NODE_READY_SECONDS = 120.0
 # Knative's four Deployments pulling nothing (images are imported) and starting on two shared cores.
 KNATIVE_READY_SECONDS = 240.0
 KNATIVE_TARGETS = "knative-targets"
+# Karpenter's Deployment (one small pod) and kwok's first heartbeat.
+CAPACITY_READY_SECONDS = 120.0
+KWOK = "kwok"
 TRAEFIK = "traefik"
 # Where the node agent runs: a host process that `up` starts (the default), or nowhere, for a node agent
 # that the chart's DaemonSet runs (one per node: two would share the sockets and the pins).
@@ -138,7 +141,7 @@ TEMPORARY_PREFIX = "agentkube-"
 
 
 def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node_agent: str = "host",
-                  with_knative: bool = False) -> "DevEnv":
+                  with_knative: bool = False, with_capacity: bool = False) -> "DevEnv":
     """An environment in a fresh temporary directory whose processes die with this Python process.
 
     `down()` removes the directory. A process killed outright (SIGKILL) cannot do that, so every new
@@ -146,7 +149,7 @@ def temporary_env(*, with_prometheus: bool = True, with_node: bool = False, node
     sweep_abandoned()
     root = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-"))
     return DevEnv(root, tie_to_parent=True, with_prometheus=with_prometheus, with_node=with_node, node_agent=node_agent,
-                  with_knative=with_knative)
+                  with_knative=with_knative, with_capacity=with_capacity)
 
 
 def sweep_abandoned() -> list[Path]:
@@ -184,15 +187,19 @@ def _write_private(path: Path, data: bytes) -> None:
 
 class DevEnv:
     def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True,
-                 with_node: bool = False, node_agent: str = "host", with_knative: bool = False):
+                 with_node: bool = False, node_agent: str = "host", with_knative: bool = False,
+                 with_capacity: bool = False):
         """`tie_to_parent`: the processes die with this Python process (tests); otherwise they outlive it
         (`agentkube dev up`). `with_node`: also a node that runs pods (one per machine). `node_agent`:
         `host` starts the node agent as a host process, `none` leaves it to the chart's DaemonSet.
-        `with_knative`: also Knative Serving, as pods on the node (implies `with_node`)."""
+        `with_knative`: also Knative Serving, as pods on the node (implies `with_node`). `with_capacity`:
+        also Karpenter (KWOK provider) and kwok, for simulated spot and on-demand nodes (implies `with_node`:
+        Karpenter runs as a pod, and the scheduler runs with the node)."""
         self.layout = Layout(Path(state_dir))
         self.tie_to_parent = tie_to_parent
         self.with_knative = with_knative
-        self.with_node = with_node or with_knative
+        self.with_capacity = with_capacity
+        self.with_node = with_node or with_knative or with_capacity
         self.node_components = node_components(node_agent)
         self.node_agent = node_agent
         self.with_prometheus = with_prometheus
@@ -222,6 +229,7 @@ class DevEnv:
             self.processes = [process.ProcessRecord.from_json(p) for p in state["processes"]]
             self.with_node = self.with_node or state.get("with_node", False)
             self.with_knative = self.with_knative or state.get("with_knative", False)
+            self.with_capacity = self.with_capacity or state.get("with_capacity", False)
             self.node_agent = state.get("node_agent", "host")
             self.node_components = node_components(self.node_agent)
 
@@ -232,6 +240,7 @@ class DevEnv:
             "ports": asdict(self.ports),
             "with_node": self.with_node,
             "with_knative": self.with_knative,
+            "with_capacity": self.with_capacity,
             "node_agent": self.node_agent,
             "processes": [p.to_json() for p in self.processes],
         }
@@ -281,6 +290,9 @@ class DevEnv:
         if self.with_knative:
             archives += [*knative.image_archives(ensure_knative()), images.model_server_archive()]
             ensure_traefik()  # before the deadline too: the first build takes minutes
+        if self.with_capacity:
+            archives.append(capacity.image_archive(ensure_go_program("karpenter")))
+            ensure_go_program("kwok")
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)
@@ -296,6 +308,8 @@ class DevEnv:
                 self._up_node(binaries, archives, deadline + NODE_READY_SECONDS)
             if self.with_knative:
                 self._up_knative(deadline + NODE_READY_SECONDS + KNATIVE_READY_SECONDS)
+            if self.with_capacity:
+                self._up_capacity(deadline + NODE_READY_SECONDS + KNATIVE_READY_SECONDS + CAPACITY_READY_SECONDS)
         except BaseException:
             self.down()
             raise
@@ -463,6 +477,34 @@ class DevEnv:
         self.start_alongside(KNATIVE_TARGETS, [sys.executable, "-m", "agentkube", "dev", "knative-targets",
                                                "--state-dir", str(self.layout.root)])
         self.startup_seconds["knative"] = time.monotonic() - started
+
+    def _up_capacity(self, deadline: float) -> None:
+        """Karpenter's CRDs and node class, its chart (a pod on the real node) with the simulator's instance
+        types, and kwok as a host process under its own service account."""
+        started = time.monotonic()
+        crds = capacity.crds()
+        self._kubectl_apply(crds)
+        self._kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      *(f"crd/{doc['metadata']['name']}" for doc in crds))
+        self._kubectl_apply([capacity.NODE_CLASS, {"apiVersion": "v1", "kind": "Namespace",
+                                                   "metadata": {"name": capacity.SYSTEM_NAMESPACE}}])
+        self._kubectl_apply([capacity.instance_types_configmap(), *capacity.chart_documents(self.environ()),
+                             *capacity.kwok_rbac()])
+        token = self._kubectl("-n", capacity.KWOK_NAMESPACE, "create", "token", capacity.KWOK_ACCOUNT,
+                              "--duration=48h").strip()
+        kubeconfig = self.write_token_kubeconfig(capacity.KWOK_ACCOUNT, token)
+        config_path = self.layout.root / "kwok.yaml"
+        _write_private(config_path, capacity.kwok_config(capacity.kwok_stages()).encode())
+        self.start_alongside(KWOK, capacity.kwok_command(require_binary("kwok"), kubeconfig, config_path))
+        remaining = max(1, int(deadline - time.monotonic()))
+        try:
+            self._kubectl("-n", capacity.SYSTEM_NAMESPACE, "rollout", "status", f"deployment/{capacity.RELEASE}",
+                          f"--timeout={remaining}s")
+        except DevEnvError as error:
+            pods = subprocess.run([str(require_binary("kubectl")), "-n", capacity.SYSTEM_NAMESPACE, "get", "pods", "-o", "wide"],
+                                  capture_output=True, text=True, env=self.environ()).stdout
+            raise DevEnvError(f"Karpenter not available in time: {error}\n{pods}") from None
+        self.startup_seconds["capacity"] = time.monotonic() - started
 
     def _wait_knative_admits(self, deadline: float) -> None:
         """Until Knative's webhook answers: its Deployment is Available before the webhook has made its

@@ -48,6 +48,9 @@ def up(
                                             "kube-scheduler, the node agent) so that pods run; needs root.")] = False,
     with_knative: Annotated[bool, typer.Option("--with-knative", help="Also run Knative Serving (built here from "
                                                "its Go module) on the node; implies --with-node.")] = False,
+    with_capacity: Annotated[bool, typer.Option("--with-capacity", help="Also run Karpenter (its KWOK provider) and "
+                                                "kwok, built here, for simulated spot and on-demand nodes whose pods "
+                                                "never run; implies --with-node.")] = False,
     node_agent: Annotated[str, typer.Option(
         "--node-agent", help="with --with-node: `host` runs the node agent as a host process; `none` runs none, "
         "for the chart's DaemonSet (one node agent per node)")] = "host",
@@ -56,7 +59,8 @@ def up(
     with --with-node also a node whose pods run for real."""
     if node_agent not in NODE_AGENT_MODES:
         _fail(DevEnvError(f"--node-agent {node_agent}: one of {', '.join(NODE_AGENT_MODES)}"))
-    env = DevEnv(state_dir, with_node=with_node, node_agent=node_agent, with_knative=with_knative)
+    env = DevEnv(state_dir, with_node=with_node, node_agent=node_agent, with_knative=with_knative,
+                 with_capacity=with_capacity)
     if env.is_up():
         console.print(f"already up in {state_dir}")
     else:

@@ -208,19 +208,34 @@ def _run(step: str, argv: list[str], **kwargs) -> None:
         raise ImageError(f"{step}: `{' '.join(argv)}` failed:\n{(result.stderr or result.stdout)[-3000:]}")
 
 
+# Products of one name kept in the cache: the most recently used. More than one, so that checkouts of
+# different sources on one machine (a branch beside main, a CI clone) do not delete each other's archive
+# while it is in use; few, since each sandbox archive is ~180 MB and every source change makes a new one.
+CACHED_PRODUCTS_KEPT = 6
+
+
 def cached_build(name: str, key: str, build: Callable[[Path], None]) -> Path:
-    """A build product in the image cache, rebuilt only when `key` (what it is made from) changes; the
-    products it replaces go (each sandbox archive is ~180 MB, and every source change makes a new one)."""
+    """A build product in the image cache, rebuilt only when `key` (what it is made from) changes; beyond
+    the CACHED_PRODUCTS_KEPT most recently used of its name, older products go."""
     target = images_cache() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.tar"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            build(Path(scratch))
-            (Path(scratch) / "out.tar").replace(target)
-        for older in target.parent.glob(f"{name}-*.tar"):
-            if older != target:
-                older.unlink(missing_ok=True)
+    if target.is_file():
+        target.touch()  # used: the last to go
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        build(Path(scratch))
+        (Path(scratch) / "out.tar").replace(target)
+    products = sorted(target.parent.glob(f"{name}-*.tar"), key=_mtime_or_zero, reverse=True)
+    for older in products[CACHED_PRODUCTS_KEPT:]:
+        older.unlink(missing_ok=True)
     return target
+
+
+def _mtime_or_zero(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile by another checkout's build
+        return 0.0
 
 
 def pause_archive(log=print) -> Path:

@@ -110,6 +110,11 @@ def ensure_controlplane(log=print) -> Path:
     return target
 
 
+def module_source(pin: str) -> Path:
+    """A pinned module's source in the module cache (read-only): the manifests a build ships beside it."""
+    return _module_source(_require_go(), pin)
+
+
 def _module_source(go: str, pin: str) -> Path:
     """The module's source in the read-only module cache, fetched through the Go module proxy (`go mod
     download` checks it against the checksum database)."""

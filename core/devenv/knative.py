@@ -44,6 +44,10 @@ DEPLOYMENTS = ("webhook", "controller", "autoscaler", "activator")
 # What makes the components expose Prometheus' text format: components on :9090 (`metrics`), the
 # queue-proxy's request metrics on :9091 (`http-usermetric`). Knative >= 1.19 defaults both to OTLP push.
 OBSERVABILITY = {"metrics-protocol": "prometheus", "request-metrics-protocol": "prometheus"}
+# The pod-spec fields a ServedModel's placement on spot and on-demand capacity uses
+# (agentkube.operator.capacity): Knative's webhook refuses them in a revision unless these are on.
+PODSPEC_FEATURES = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled",
+                    "kubernetes.podspec-topologyspreadconstraints": "enabled"}
 # Traefik's Knative provider answers for Ingresses of this class (config-network's `ingress-class`).
 TRAEFIK_INGRESS_CLASS = "traefik.ingress.networking.knative.dev"
 TRAEFIK_SERVICE = "traefik"
@@ -94,7 +98,7 @@ def _replace_images(node: Any, replacements: dict[str, str]) -> Any:
 
 def adapt(documents: Iterable[dict[str, Any] | None], replacements: dict[str, str]) -> list[dict[str, Any]]:
     """Knative's documents as installed here: ko placeholders become the local images, Prometheus metrics
-    are on. Everything else stays as Knative ships it."""
+    are on, and so are the pod-spec fields of capacity placement. Everything else stays as Knative ships it."""
     adapted = []
     for document in documents:
         if not document:
@@ -102,6 +106,8 @@ def adapt(documents: Iterable[dict[str, Any] | None], replacements: dict[str, st
         document = _replace_images(copy.deepcopy(document), replacements)
         if document.get("kind") == "ConfigMap" and document["metadata"].get("name") == "config-observability":
             document.setdefault("data", {}).update(OBSERVABILITY)
+        if document.get("kind") == "ConfigMap" and document["metadata"].get("name") == "config-features":
+            document.setdefault("data", {}).update(PODSPEC_FEATURES)
         if document.get("kind") == "ConfigMap" and document["metadata"].get("name") == "config-network":
             document.setdefault("data", {})["ingress-class"] = TRAEFIK_INGRESS_CLASS
         adapted.append(document)

@@ -52,7 +52,14 @@ KUBE_ROUTER = GoProgram("github.com/cloudnativelabs/kube-router/v2", "v2.1.0", "
 # volume's directory through a short helper pod.
 LOCAL_PATH_PROVISIONER = GoProgram("github.com/rancher/local-path-provisioner", "v0.0.30",
                                    version_variables=("main.VERSION=v0.0.30",), drop_vendor=True)
-GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER, "local-path-provisioner": LOCAL_PATH_PROVISIONER}
+# Spot capacity (`dev up --with-capacity`): Karpenter with its KWOK cloud provider, which launches
+# NodeClaims and Nodes with real labels but no machines, and kwok, which gives those Nodes (and the pods
+# bound to them) simulated kubelets. v1.14.1 is the newest Karpenter on Kubernetes 1.35's client libraries
+# (v1.15 needs k8s.io v0.36 and Go >= 1.26.9); kwok v0.8.0 builds with the same toolchain.
+KARPENTER = GoProgram("sigs.k8s.io/karpenter", "v1.14.1", "./kwok")
+KWOK = GoProgram("sigs.k8s.io/kwok", "v0.8.0", "./cmd/kwok")
+GO_PROGRAMS = {"coredns": COREDNS, "kube-router": KUBE_ROUTER, "local-path-provisioner": LOCAL_PATH_PROVISIONER,
+               "karpenter": KARPENTER, "kwok": KWOK}
 
 # Knative Serving 1.20 (module v0.X is Knative 1.(X-27)); it requires Kubernetes >= 1.32
 # (knative.dev/pkg/version), which the pinned control plane satisfies. Its five programs are built

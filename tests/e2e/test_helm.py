@@ -300,6 +300,160 @@ def test_the_gateway_refuses_strangers_missing_forged_and_revoked_tokens_and_nob
     assert allowed["direct"] in ("ConnectTimeout", "ConnectError"), allowed
 
 
+PROCESS_AND_FILES_SCRIPT = """
+import hashlib, json, os, sys
+from agentkube.client import ApiError, Sandbox
+box = Sandbox.connect("agent", sys.argv[1])
+out = {}
+# A background process: stdin in, output read as it comes and again from offset 0, then killed.
+proc = box.start("read line; echo got:$line; cat /proc/self/cgroup >&2; while true; do echo tick; sleep 0.1; done",
+                 timeout="2m")
+out["written"] = proc.write("hello\\n")
+seen = ""
+while "tick" not in seen:
+    seen += proc.read(wait=10).stdout.data
+again = proc.read(stdout=0, stderr=0)
+out["from_zero"] = again.stdout.data.splitlines()[0]
+out["stderr"] = again.stderr.data
+later = proc.read(stdout=again.stdout.next)
+out["later_offset"] = [later.stdout.offset == again.stdout.next, later.stdout.next >= later.stdout.offset]
+out["listed"] = [(p.id, p.state) for p in box.processes() if p.id == proc.id]
+out["kill"] = proc.kill().id == proc.id
+done = proc.wait(timeout=30)
+out["done"] = {"state": done.state, "signal": done.signal, "exit": done.exit_code, "memory": done.limits.memory,
+               "peak": done.usage.peak_memory_bytes if done.usage else None}
+short = box.start("sleep 60", timeout="2s")  # no process outlives its call's timeout
+ended = short.wait(timeout=60)
+out["timed_out"] = [ended.usage.timed_out, ended.signal]
+try:
+    proc.write("more\\n")
+    out["write_after_exit"] = "accepted"
+except ApiError as error:
+    out["write_after_exit"] = error.status
+# A 200 MB file there and back, streamed (the test watches the gateway's memory meanwhile).
+digest = hashlib.sha256()
+with open("/tmp/big.bin", "wb") as f:
+    for _ in range(200):
+        chunk = os.urandom(1 << 20)
+        digest.update(chunk)
+        f.write(chunk)
+out["sha256"] = digest.hexdigest()
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()  # the test reads the gateway's memory before the transfer
+entry = box.upload("/tmp/big.bin", "data/big.bin", mode=0o600)
+out["uploaded"] = [entry.size, oct(entry.mode)]
+out["inside"] = box.run(["sha256sum", "/workspace/data/big.bin"]).stdout.split()[0]
+out["downloaded"] = box.download("data/big.bin", "/tmp/back.bin")
+back = hashlib.sha256()
+with open("/tmp/back.bin", "rb") as f:
+    while chunk := f.read(1 << 20):
+        back.update(chunk)
+out["back_sha256"] = back.hexdigest()
+out["listing"] = [(e.name, e.type, e.size) for e in box.list_files("data").entries]
+box.delete_file("data", recursive=True)
+out["after_delete"] = [e.name for e in box.list_files(".").entries]
+# An attacker inside a tool call plants links out of the workspace; the file API follows none of them.
+box.run("ln -s /etc /workspace/etc-link; ln -s ../../../.. /workspace/up; ln -s /proc/self/root /workspace/root",
+        timeout=10)
+def status(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+        return 200
+    except ApiError as error:
+        return error.status
+out["attacks"] = {
+    "download through a link": status(box.download, "etc-link/passwd", "/tmp/x"),
+    "download through a magic link": status(box.download, "root/etc/passwd", "/tmp/x"),
+    "upload through a link": status(box.upload, "/etc/hostname", "up/tmp/planted"),
+    "list through a link": status(box.list_files, "etc-link"),
+    "dot-dot": status(box.download, "../../etc/passwd", "/tmp/x"),
+    "absolute": status(box.download, "/etc/passwd", "/tmp/x"),
+}
+out["link_itself_deleted"] = status(box.delete_file, "etc-link")
+out["etc_intact"] = box.run(["test", "-f", "/etc/passwd"]).exit_code
+print(json.dumps(out))
+"""
+
+STRANGER_SCRIPT = """
+import json, sys
+from agentkube.client import ApiError, Sandbox
+box = Sandbox.connect("agent", sys.argv[1])
+def status(call, *args):
+    try:
+        call(*args)
+        return 200
+    except ApiError as error:
+        return [error.status, error.message]
+print(json.dumps({"start": status(box.start, "true"), "list": status(box.processes),
+                  "upload": status(box.upload, "/etc/hostname", "x"), "download": status(box.download, "x", "/tmp/x")}))
+"""
+
+
+def _gateway_peak_rss() -> dict[int, int]:
+    """Each gateway process's peak resident memory so far (VmHWM, bytes), read on the node."""
+    peaks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"gateway\0run\0" in (entry / "cmdline").read_bytes():
+                status = (entry / "status").read_text()
+                peaks[int(entry.name)] = int(status.split("VmHWM:")[1].split()[0]) * 1024
+        except (OSError, IndexError):
+            pass
+    return peaks
+
+
+def test_background_processes_and_a_200mb_file_go_through_the_gateway_and_planted_links_lead_nowhere(
+        gateway_sandbox, kubectl, devenv):
+    namespace = gateway_sandbox
+    for verb in ("create", "get", "list", "delete"):
+        can = kubectl("auth", "can-i", verb, "agentsandboxes", "--subresource=files", "-n", namespace,
+                      f"--as=system:serviceaccount:{namespace}:agent", check=False)
+        assert can.stdout.strip() == "yes", (verb, can.stdout)
+    client = subprocess.Popen([str(bin_dir() / "kubectl"), "exec", "-i", "-n", namespace, "agent-client", "--",
+                               "python3", "-c", PROCESS_AND_FILES_SCRIPT, namespace], env=devenv.environ(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert json.loads(client.stdout.readline() or "{}") == {"ready": True}, client.stderr and client.stderr.read()[-3000:]
+        before = _gateway_peak_rss()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        stdout, stderr = client.communicate(timeout=300)
+    finally:
+        client.kill()
+    assert client.returncode == 0, stderr[-3000:]
+    out, after = json.loads(stdout), _gateway_peak_rss()
+    # The background process: its stdin reached it, its output can be read again from offset 0 and from any
+    # later offset, it ran in a call cgroup of its own, and a kill ended it with its usage recorded.
+    assert out["written"] == 6 and out["from_zero"] == "got:hello"
+    memory = next(line.split(":", 2)[2] for line in out["stderr"].splitlines() if line.split(":")[1] == "memory")
+    assert memory.rsplit("/", 1)[1].startswith("call-")
+    assert out["later_offset"] == [True, True] and out["listed"][0][1] == "running" and out["kill"]
+    assert out["done"] == {"state": "exited", "signal": 9, "exit": None, "memory": 128 * 2**20,
+                           "peak": out["done"]["peak"]} and out["done"]["peak"] > 0
+    assert out["write_after_exit"] == 409
+    assert out["timed_out"] == [True, 9]
+    # 200 MB there and back, identical, and inside the sandbox too.
+    assert out["uploaded"] == [200 * 2**20, "0o600"] and out["downloaded"] == 200 * 2**20
+    assert out["sha256"] == out["back_sha256"] == out["inside"]
+    assert out["listing"] == [["big.bin", "file", 200 * 2**20]] and "data" not in out["after_delete"]
+    # Streamed: no gateway process's peak memory grew by anything near the file's size.
+    assert before and set(before) == set(after), (before, after)
+    growth = max(after[pid] - before[pid] for pid in before)
+    assert growth < 64 * 2**20, f"a gateway process's peak memory grew by {growth / 2**20:.0f} MiB"
+    print(f"200 MiB up and down through the gateway: its processes' peak memory grew by at most {growth / 2**20:.1f} MiB")
+    # Every planted link, `..` and absolute path is refused; deleting a link removes the link alone.
+    assert out["attacks"] == {"download through a link": 403, "download through a magic link": 403,
+                              "upload through a link": 403, "list through a link": 403, "dot-dot": 422,
+                              "absolute": 422}, out["attacks"]
+    assert out["link_itself_deleted"] == 200 and out["etc_intact"] == 0
+    # Without the role: 403 for processes and files alike, saying which permission is missing.
+    stranger = _in_pod(kubectl, namespace, "stranger", STRANGER_SCRIPT, namespace)
+    assert stranger["start"][0] == stranger["list"][0] == 403 and "agentsandboxes/exec" in stranger["start"][1]
+    assert stranger["upload"][0] == 403 and "create agentsandboxes/files" in stranger["upload"][1]
+    assert stranger["download"][0] == 403 and "get agentsandboxes/files" in stranger["download"][1]
+
+
 RESUME_SCRIPT = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -321,6 +475,29 @@ def test_a_call_to_a_suspended_sandbox_resumes_it_and_runs(gateway_sandbox, kube
     sleeper = json.loads(kubectl("get", "-n", namespace, "agentsandbox/sleeper", "-o", "json").stdout)
     assert sleeper["spec"]["lifecycle"]["suspend"] is False
     eventually(lambda: _phase(kubectl, namespace, "sleeper") == "Running", timeout=60, message="sleeper Running")
+
+
+def test_a_background_process_goes_with_its_sandbox(gateway_sandbox, kubectl, eventually):
+    namespace, marker = gateway_sandbox, f"{time.time() % 1000:.6f}"
+    script = ("import json, sys\nfrom agentkube.client import Sandbox\n"
+              "p = Sandbox.connect('sleeper', sys.argv[1]).start(['sleep', '600.' + sys.argv[2].replace('.', '')])\n"
+              "print(json.dumps({'state': p.info.state}))\n")
+    assert _in_pod(kubectl, namespace, "agent-client", script, namespace, marker) == {"state": "running"}
+    argv = f"600.{marker.replace('.', '')}".encode()
+
+    def sleeping() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and (entry / "cmdline").read_bytes() == b"sleep\0" + argv + b"\0":
+                    found.append(entry.name)
+            except OSError:
+                pass
+        return found
+
+    assert sleeping(), "the background process runs on the node"
+    kubectl("patch", "-n", namespace, "agentsandbox/sleeper", "--type=merge", "-p", '{"spec": {"lifecycle": {"suspend": true}}}')
+    eventually(lambda: not sleeping(), timeout=90, message="the background process gone with its suspended sandbox")
 
 
 def test_helm_test_passes(release, helm):

@@ -68,7 +68,7 @@ def _list(api_client, plural: str, namespace: str, selector: str, group=SERVING)
                                                                       label_selector=selector)["items"]
 
 
-def _condition(obj: dict | None, kind: str) -> str | None:
+def _condition(obj: dict | None, kind: str) -> str | None:  # of a Knative object or a ServedModel
     for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
         if condition["type"] == kind:
             return condition["status"]
@@ -115,6 +115,9 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
     url = model["status"]["url"]
     assert url == f"http://emu.{namespace}.svc.cluster.local"
     assert _condition(_get(api_client, "routes", namespace, "emu"), "Ready") == "True"
+    # Status names the real Route's and Revision's readiness, and the Revision.
+    assert model["status"]["latestReadyRevision"] == model["status"]["latestCreatedRevision"] == revision
+    assert _condition(model, "RouteReady") == _condition(model, "RevisionReady") == "True"
 
     answer = _complete(api_client, url)
     assert answer.status_code == 200, answer.text
@@ -137,6 +140,28 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
     assert again.status_code == 200, again.text
     assert _revision_pods(api_client, namespace, revision)
     assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=emu")) == 1
+
+
+def test_a_revision_that_cannot_start_is_reported_with_knatives_reason(api_client, operator, namespace, eventually):
+    """The model server refuses a negative model-load time and exits: Knative marks the Revision failed
+    (`ExitCode1`, with the container's message) and the ServedModel's `RevisionReady` says so."""
+    custom = CustomObjectsApi(api_client)
+    model = _served_model("broken", policy="kpa")
+    model["spec"]["env"] = [{"name": "MODEL_LOAD_S", "value": "-1"}]
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", model)
+
+    def revision_condition() -> dict | None:
+        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "broken").get("status") or {}
+        found = next((c for c in status.get("conditions") or [] if c["type"] == "RevisionReady"), None)
+        return found if found and found["status"] == "False" and found["reason"].startswith("ExitCode") else None
+
+    condition = eventually(revision_condition, timeout=180, interval=2,
+                           message="the failing Revision's reason did not reach the ServedModel")
+    assert condition["reason"] == "ExitCode1"
+    assert condition["message"].startswith("Revision broken-00001: Container failed with:")
+    status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "broken")["status"]
+    assert not status["ready"] and status["latestCreatedRevision"] == "broken-00001"
+    assert status.get("latestReadyRevision") is None
 
 
 def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stays(
@@ -178,6 +203,55 @@ def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stay
     eventually(lambda: _kpa_target(operator, namespace, revision) == pytest.approx(70.0), timeout=120, interval=2,
                message="the KPA does not use the PodAutoscaler's target")
     assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=ppo")) == 1
+
+
+def test_a_floor_on_the_pod_autoscaler_holds_warm_pods_and_the_revision_stays(
+        api_client, kubectl, operator, namespace, eventually):
+    """The policy's warm-pod floor goes where the loop puts it (`servedmodel.pod_autoscaler_patches`, the
+    PodAutoscaler's min-scale): Knative's KPA keeps that many pods, its revision reconciler leaves it."""
+    custom = CustomObjectsApi(api_client)
+    # The operator's own Knative Service, owned by no ServedModel (so no turn of the loop puts the spec's
+    # floor back while the test sets one by hand, as a decision would).
+    spec = api.ServedModelSpec.model_validate(_served_model("floor", policy="kpa", target=4)["spec"])
+    manifest = servedmodel.knative_service_manifest(
+        {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": "floor", "namespace": namespace, "uid": "-"}},
+        spec, 4)
+    del manifest["metadata"]["ownerReferences"]
+    for labels in (manifest["metadata"]["labels"], manifest["spec"]["template"]["metadata"]["labels"]):
+        del labels[servedmodel.MODEL_LABEL]
+    custom.create_namespaced_custom_object(*SERVING, namespace, "services", manifest)
+    pa_group = (servedmodel.PA_GROUP, servedmodel.PA_VERSION)
+
+    def pod_autoscalers() -> list[dict]:
+        return _list(api_client, servedmodel.PA_PLURAL, namespace, "serving.knative.dev/service=floor", pa_group)
+
+    found = eventually(pod_autoscalers, timeout=240, interval=1, message="Knative made no PodAutoscaler")
+    revision = found[0]["metadata"]["name"]
+    # Idle from the start: the revision goes to zero (the module's 6 s windows).
+    eventually(lambda: not _revision_pods(api_client, namespace, revision), timeout=240, interval=1,
+               message="the idle revision did not scale to zero")
+
+    def put_floor(pods: int) -> None:
+        for name, patch in servedmodel.pod_autoscaler_patches(pod_autoscalers(), 4, pods):
+            custom.patch_namespaced_custom_object(*pa_group, namespace, servedmodel.PA_PLURAL, name, patch)
+
+    put_floor(2)
+    eventually(lambda: len(_revision_pods(api_client, namespace, revision)) == 2, timeout=120, interval=1,
+               message="the KPA did not hold the floor's two pods")
+    # The revision reconciler runs again (a label on the Revision wakes it) and leaves the floor as set.
+    controller_log = lambda: kubectl("-n", knative.SYSTEM_NAMESPACE, "logs", "deployment/controller", check=False).stdout  # noqa: E731
+    before = controller_log().count(f"Reconciling PA: {revision}")
+    custom.patch_namespaced_custom_object(*SERVING, namespace, "revisions", revision,
+                                          {"metadata": {"labels": {"agentkube.dev/probe": "1"}}})
+    eventually(lambda: controller_log().count(f"Reconciling PA: {revision}") > before, timeout=60, interval=1,
+               message="the revision reconciler did not run again")
+    assert pod_autoscalers()[0]["metadata"]["annotations"][servedmodel.MIN_SCALE_ANNOTATION] == "2"
+    assert len(_revision_pods(api_client, namespace, revision)) == 2
+    assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=floor")) == 1
+    # The floor lifted (the spec's 0 back), the idle revision goes to zero again.
+    put_floor(0)
+    eventually(lambda: not _revision_pods(api_client, namespace, revision), timeout=180, interval=1,
+               message="the revision stayed up after the floor was lifted")
 
 
 def _kpa_target(operator, namespace: str, revision: str) -> float | None:

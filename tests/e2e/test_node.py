@@ -532,7 +532,7 @@ import subprocess
 subprocess.run([sys.argv[1], "apply", "-f", "-"], input=manifest, text=True, env=env.environ(), check=True, capture_output=True)
 subprocess.run([sys.argv[1], "wait", "--for=condition=Ready", "pod/web", "--timeout=120s"], env=env.environ(), check=True,
                capture_output=True)
-print(env.layout.root, flush=True)
+print("root:", env.layout.root, flush=True)  # after whatever the environment logged while it came up
 time.sleep(600)
 """
 
@@ -545,10 +545,12 @@ def test_a_node_whose_owner_was_killed_is_swept_by_the_next_environment():
     try:
         owner.stdin.write(json.dumps(_pod_manifest("web")))
         owner.stdin.close()
-        root = Path(owner.stdout.readline().strip())
+        said = next((line for line in owner.stdout if line.startswith("root: ")), "")
     finally:
         owner.kill()
         owner.wait()
+    assert said, "the environment's owner ended before its node was up"
+    root = Path(said.removeprefix("root: ").strip())
     assert root.is_dir() and node.NODE_LOCK.exists()
     assert root in sweep_abandoned()
     assert not root.exists() and not localnode.mounts_under(root) and not node.NODE_LOCK.exists()

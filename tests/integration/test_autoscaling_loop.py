@@ -16,6 +16,7 @@ from kubernetes.client import ApiException, CustomObjectsApi
 from agentkube.devenv import process
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api, autoscaling, prometheus, servedmodel
+from agentkube.rl.knative import MIN_SCALE_ANNOTATION
 from agentkube.rl.observation import POLICY_METRICS
 from harness import CHART, KNATIVE_CRD, Operator, install_operator
 
@@ -90,10 +91,10 @@ def _pod_autoscaler(api_client, namespace: str) -> dict | None:
         "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{MODEL}-00001-deployment"}}})
 
 
-def _annotation(api_client, namespace: str) -> str | None:
-    """The target in force: on the revision's PodAutoscaler, where the KPA reads it."""
+def _annotation(api_client, namespace: str, key: str = servedmodel.TARGET_ANNOTATION) -> str | None:
+    """The target (or with `key`, another setting) in force: on the revision's PodAutoscaler, where the KPA reads it."""
     pod_autoscaler = _pod_autoscaler(api_client, namespace)
-    return pod_autoscaler["metadata"].get("annotations", {}).get(servedmodel.TARGET_ANNOTATION) if pod_autoscaler else None
+    return pod_autoscaler["metadata"].get("annotations", {}).get(key) if pod_autoscaler else None
 
 
 def _template_target(api_client, namespace: str) -> str | None:
@@ -144,6 +145,16 @@ def test_the_operator_closes_the_loop_and_falls_back_when_metrics_stop(devenv, a
         model = _model(api_client, namespace)
         assert _condition(model)["status"] == "True" and _condition(model)["reason"] == autoscaling.DECIDED
         assert model["status"]["concurrencyTarget"] == first["value"]
+        # The warm-pod floor the decision applied is the PodAutoscaler's min-scale (the spec's 0 when the
+        # policy asks for none) and what the revision runs under.
+        # (Status is written before the PodAutoscaler, and the loop keeps deciding: read until they agree.)
+        floor = eventually(lambda: (f := _annotation(api_client, namespace, MIN_SCALE_ANNOTATION)) is not None
+                           and f == str(_model(api_client, namespace)["status"]["minScale"]) and f,
+                           timeout=30, interval=0.5, message="the floor in status is not on the PodAutoscaler")
+        assert first["minScale"] >= 0
+        if int(floor) > 0:
+            eventually(lambda: re.search(r"^min-scale \d+$", revision.output(), re.MULTILINE), timeout=30,
+                       message="the revision never ran under a floor")
         assert not model["metadata"].get("finalizers")  # the loop lives on the operator's timers, not on the object
         # The loop keeps deciding: a later decision, with a later time.
         eventually(lambda: (d := _model(api_client, namespace)["status"]["lastDecision"])["time"] > first["time"]
@@ -231,6 +242,7 @@ def test_the_loop_stops_when_the_policy_is_no_longer_ppo(devenv, api_client, ope
     custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", MODEL,
                                           {"spec": {"autoscaling": {"policy": "kpa"}}})
     eventually(lambda: _annotation(api_client, namespace) == "40", timeout=60, message="the spec's target was not applied")
+    assert _annotation(api_client, namespace, MIN_SCALE_ANNOTATION) == "0"  # the spec's floor too
     model = eventually(lambda: (m := _model(api_client, namespace))["status"].get("concurrencyTarget") == 40 and m,
                        timeout=60, message="status does not show the spec's target")
     assert _condition(model) is None

@@ -31,17 +31,12 @@ from agentkube.devenv import process
 from agentkube.devenv.cluster import free_port
 from agentkube.ebpf.local import LocalNodeAgent
 from agentkube.operator import api, autoscaling
-from harness import CHART, KNATIVE_CRD, Operator, install_operator
+from harness import CHART, KNATIVE_CRD, Operator, host_address, install_operator
 
 PY = sys.executable
 MODEL = "llm"
 REVISION_JOB = "knative-revision"
 REVISION_LIFETIME_S = 300  # the simulated revision exits by itself after this long
-
-
-def host_address() -> str:
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=True)
-    return out.stdout.split()[3].split("/")[0]
 
 
 def instant(prometheus_url: str, expr: str) -> list[dict]:

@@ -118,3 +118,29 @@ def test_a_call_to_a_suspended_sandbox_asks_the_operator_to_resume_it(gateway, t
     sleeper = json.loads(kubectl("get", "-n", team, "agentsandbox/sleeper", "-o", "json").stdout)
     assert sleeper["spec"]["lifecycle"]["suspend"] is False
 
+
+
+def test_processes_and_files_are_authorized_each_by_its_own_permission_before_anything_else(gateway, team, kubectl):
+    agent, stranger = _token(kubectl, team, "agent"), _token(kubectl, team, "stranger")
+    base = f"{gateway}/v1/namespaces/{team}/sandboxes/box"
+
+    def ask(method: str, path: str, token: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{base}/{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
+
+    refusals = {(method, path): ask(method, path, stranger, **kwargs) for method, path, kwargs in (
+        ("GET", "processes", {}), ("POST", "processes", {"json": {"argv": ["true"]}}),
+        ("GET", "processes/0123456789abcdef/output", {}), ("POST", "processes/0123456789abcdef/signal", {"json": {}}),
+        ("PUT", "files?path=a", {"content": b"x"}), ("GET", "files?path=a", {}), ("GET", "files?path=.&list=1", {}),
+        ("DELETE", "files?path=a", {}), ("GET", "files?path=/etc/passwd", {}))}
+    for (method, path), answer in refusals.items():
+        assert answer.status_code == 403, (method, path, answer.text)
+    assert "create agentsandboxes/exec" in refusals["GET", "processes"].json()["error"]
+    for (method, path), verb in ((("PUT", "files?path=a"), "create"), (("GET", "files?path=a"), "get"),
+                                 (("GET", "files?path=.&list=1"), "list"), (("DELETE", "files?path=a"), "delete")):
+        assert f"may not {verb} agentsandboxes/files" in refusals[method, path].json()["error"]
+    # Allowed: checked (422 for what is never valid), then the sandbox is looked for (none here: 404).
+    assert ask("GET", "files?path=../x", agent).status_code == 422
+    assert ask("PUT", "files?path=/etc/x", agent, content=b"x").status_code == 422
+    assert ask("POST", "processes/0123456789abcdef/signal", agent, json={"signal": "SEGV"}).status_code == 422
+    assert ask("GET", "processes", agent).status_code == 404 and ask("GET", "files?path=a", agent).status_code == 404
+    assert ask("GET", "processes/not-an-id", agent).status_code == 404  # no such route

@@ -22,6 +22,7 @@ from agentkube.ebpf.cgroups import MAIN_LEAF, detect_layout
 from agentkube.ebpf.local import LocalNodeAgent
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallRecord
 from agentkube.ebpf.unixhttp import request
+from harness import host_address
 
 PY = sys.executable
 
@@ -31,13 +32,6 @@ def agent():
     assert os.geteuid() == 0, "the node agent's tests need root (cgroups and BPF)"
     with LocalNodeAgent() as node_agent:
         yield node_agent
-
-
-def host_address() -> str:
-    """This machine's own first non-loopback IPv4 address: a destination off the call's loopback that
-    never leaves the machine."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True, check=True)
-    return out.stdout.split()[3].split("/")[0]
 
 
 HOST = host_address()

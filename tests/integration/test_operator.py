@@ -103,6 +103,15 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
     for verb in ("create", "delete", "update"):
         assert not may("autoscaling.internal.knative.dev", "podautoscalers", verb), verb
     assert not may("serving.knative.dev", "services", "delete")
+    # Spot-enabled models' NodePools (cluster-scoped): made, changed and removed; nothing else of Karpenter's.
+    for verb in ("create", "patch", "delete", "list"):
+        assert may("karpenter.sh", "nodepools", verb), verb
+    assert not may("karpenter.sh", "nodepools", "update") and not may("karpenter.sh", "nodeclaims", "delete")
+    # Its Route and Revisions are read for status, never written.
+    for resource in ("routes", "revisions"):
+        assert may("serving.knative.dev", resource, "get")
+        for verb in ("create", "patch", "delete", "list"):
+            assert not may("serving.knative.dev", resource, verb), (resource, verb)
     for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
                     ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
                     ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"],
@@ -392,3 +401,34 @@ def test_a_refusal_by_the_node_agent_becomes_the_tools_enforced_condition(api_cl
     assert condition["reason"] == "ToolIntentRefused" and "default.memory: lots" in condition["message"]
     _patch_sandbox(api_client, namespace, "refused", {"metadata": {"annotations": {sandbox.TOOLS_REFUSED_ANNOTATION: None}}})
     eventually(lambda: (tools_enforced() or {}).get("status") == "True", message="refusal never cleared")
+
+
+def test_without_karpenter_spot_placement_falls_back_to_capacity_labels_with_a_condition(api_client, operator, kubectl, namespace,
+                                                                                          eventually):
+    """No Karpenter CRDs here: a spot-enabled model prefers spot nodes by the managed services' labels and
+    says that it has no on-demand base or split; spot off keeps its pods off spot nodes."""
+    custom = CustomObjectsApi(api_client)
+    kubectl("apply", "-f", str(KNATIVE_CRD))
+    for name, spot in (("spotty", {"enabled": True}), ("steady", {"enabled": False})):
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", {
+            "apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": name},
+            "spec": {"model": {"name": "llama"}, "image": "vllm", "capacity": {"spot": spot}}})
+
+    def capacity_condition(name: str) -> dict | None:
+        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", name).get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == "Capacity"), None)
+
+    fallback = eventually(lambda: capacity_condition("spotty"), timeout=60, message="no Capacity condition")
+    assert (fallback["status"], fallback["reason"]) == ("False", "KarpenterNotInstalled")
+    pod_spec = eventually(lambda: custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", "spotty"),
+                          timeout=60)["spec"]["template"]["spec"]
+    preferred = pod_spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert {"karpenter.sh/capacity-type", "eks.amazonaws.com/capacityType", "cloud.google.com/gke-spot",
+            "kubernetes.azure.com/scalesetpriority"} == {p["preference"]["matchExpressions"][0]["key"] for p in preferred}
+
+    disabled = eventually(lambda: capacity_condition("steady"), timeout=60, message="no Capacity condition")
+    assert (disabled["status"], disabled["reason"]) == ("True", "SpotDisabled")
+    pod_spec = eventually(lambda: custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", "steady"),
+                          timeout=60)["spec"]["template"]["spec"]
+    required = pod_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"operator": "NotIn", "key": "karpenter.sh/capacity-type", "values": ["spot"]} in required[0]["matchExpressions"]

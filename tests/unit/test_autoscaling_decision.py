@@ -23,12 +23,12 @@ def _observed(values=FRESH, age_s: float = 1.0) -> autoscaling.Observed:
     return autoscaling.Observed({name: autoscaling.MetricSample(value, age_s) for name, value in values.items()})
 
 
-def _asks(target: float, spot_share: float = 0.5):
+def _asks(target: float, spot_share: float = 0.5, warm_share: float = 0.0):
     seen = []
 
     def policy(observation: np.ndarray) -> Decision:
         seen.append(observation)
-        return Decision(target, spot_share)
+        return Decision(target, spot_share, warm_share)
 
     policy.seen = seen
     return policy
@@ -101,6 +101,29 @@ def test_no_policy_falls_back():
     outcome = autoscaling.decide(_observed(), current_target=50, autoscaling=api.Autoscaling(policy="ppo"),
                                  spot=api.SpotCapacity(), policy=None, bounds=BOUNDS, now=NOON, policy_error="bad file")
     assert (outcome.target, outcome.reason) == (100, autoscaling.DECISION_FAILED) and "bad file" in outcome.message
+
+
+def test_the_warm_pod_floor_is_a_share_of_the_recent_peaks_pods_at_the_target_applied():
+    # Peak 220 in flight over 10 minutes; at target 150 (bounded from the asked 400) a pod takes 105:
+    # the whole peak needs 3 pods, half of it 2 (rounded up).
+    whole = _decide(_observed(), _asks(400.0, warm_share=1.0), current=100, ppo={"maxChangeFraction": 0.5})
+    assert (whole.target, whole.min_scale, whole.warm_share) == (150, 3, 1.0) and "min-scale 3" in whole.message
+    assert _decide(_observed(), _asks(150.0, warm_share=0.5), current=100).min_scale == 2
+    # No floor asked: the spec's own min-scale (1 without scale to zero).
+    assert _decide(_observed(), _asks(150.0), current=100).min_scale == 0
+    assert _decide(_observed(), _asks(150.0), current=100, scaleToZero=False).min_scale == 1
+    # Within the spec's bounds: never over a set max-scale, never under its min-scale.
+    assert _decide(_observed(), _asks(20.0, warm_share=1.0), current=20, maxScale=4).min_scale == 4
+    assert _decide(_observed(), _asks(150.0, warm_share=0.1), current=100, minScale=2).min_scale == 2
+
+
+def test_a_fallback_takes_the_floor_away():
+    # Knative's default target with the spec's own min-scale: the floor was the policy's choice.
+    outcome = _decide(_observed(FRESH | {autoscaling.GUARD_P95: 14_000.0}), _asks(300, warm_share=1.0), current=180,
+                      slo=SLO, minScale=1)
+    assert (outcome.reason, outcome.target, outcome.min_scale) == (autoscaling.SLO_GUARD, 100, 1)
+    missing = {k: v for k, v in FRESH.items() if k != "peak_concurrency_10m"}
+    assert _decide(_observed(missing), _asks(300, warm_share=1.0)).min_scale == 0
 
 
 def test_the_shipped_policy_decides_from_metrics():

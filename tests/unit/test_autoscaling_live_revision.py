@@ -6,7 +6,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentkube.operator import autoscaling
-from agentkube.rl.live import LATENCY_BUCKETS_MS, RevisionMetrics, load_trace, target_annotation
+from agentkube.rl.knative import MIN_SCALE_ANNOTATION, TARGET_ANNOTATION
+from agentkube.rl.live import LATENCY_BUCKETS_MS, RevisionMetrics, load_trace, min_scale_annotation, target_annotation
 from agentkube.rl.simulator import Simulator
 
 
@@ -46,3 +47,10 @@ def test_the_target_comes_from_the_knative_service_annotation():
     assert target_annotation(service) == 37.0
     assert target_annotation({"spec": {"template": {"metadata": {}}}}) is None
     assert target_annotation(None) is None
+
+
+def test_the_floor_comes_from_the_pod_autoscalers_min_scale():
+    pa = {"kind": "PodAutoscaler", "metadata": {"annotations": {MIN_SCALE_ANNOTATION: "3", TARGET_ANNOTATION: "80"}}}
+    assert (min_scale_annotation(pa), target_annotation(pa)) == (3, 80.0)
+    assert min_scale_annotation({"kind": "PodAutoscaler", "metadata": {}}) == 0  # Knative's default
+    assert min_scale_annotation({"kind": "PodAutoscaler", "metadata": {"annotations": {MIN_SCALE_ANNOTATION: "x"}}}) == 0

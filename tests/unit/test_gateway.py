@@ -58,7 +58,7 @@ def test_the_caller_is_asked_about_exec_on_that_one_sandbox():
     caller = gateway.caller_of({"status": {"authenticated": True, "user": {
         "username": "system:serviceaccount:team:agent", "uid": "1", "groups": ["system:serviceaccounts"],
         "extra": {"authentication.kubernetes.io/pod-name": ["agent-0"]}}}})
-    review = gateway.exec_review(caller, "team", "box")
+    review = gateway.access_review(caller, "team", "box")
     assert review["spec"]["user"] == "system:serviceaccount:team:agent"
     assert review["spec"]["extra"] == {"authentication.kubernetes.io/pod-name": ["agent-0"]}
     assert review["spec"]["resourceAttributes"] == {"group": "agentkube.dev", "resource": "agentsandboxes",
@@ -85,7 +85,7 @@ def test_only_the_sandboxes_own_running_pod_gets_its_token():
         with pytest.raises(gateway.Refusal) as refused:
             gateway.runtime_address(body, pod, "team", "box")
         assert refused.value.status == status, (body, pod)
-    assert gateway.run_url("fd00::7") == f"http://[fd00::7]:{contract.RUNTIME_PORT}/v1/run"
+    assert gateway.runtime_url("fd00::7") == f"http://[fd00::7]:{contract.RUNTIME_PORT}/v1/run"
 
 
 def test_reviews_are_reused_briefly_and_keyed_by_digest():
@@ -171,6 +171,10 @@ def test_the_charts_gateway_pods_carry_the_labels_sandbox_policies_select():
     assert contract.GATEWAY_LABELS == {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/component": "gateway"}
     rbac = (CHART / "templates" / "gateway-rbac.yaml").read_text()
     assert re.search(r"resources: \[agentsandboxes/exec\]\s+verbs: \[create\]", rbac)
+    # Each file operation's verb (gateway.FILE_ACCESS) is granted to users, and nothing more on files.
+    verbs = sorted({access.verb for access in gateway.FILE_ACCESS.values()})
+    assert re.search(r"resources: \[agentsandboxes/files\]\s+verbs: \[(.*)\]", rbac).group(1).split(", ") == [
+        "create", "get", "list", "delete"] and sorted(["create", "get", "list", "delete"]) == verbs
     assert "secrets" not in rbac
 
 

@@ -67,3 +67,22 @@ def test_the_nonroot_user_is_added_to_the_bases_accounts():
     assert passwd.splitlines() == ["root:x:0:0:root:/root:/bin/bash",
                                    "nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin"]
     assert group.splitlines() == ["root:x:0:", "nonroot:x:65532:"]
+
+
+def test_the_image_cache_keeps_the_most_recently_used_products_of_each_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "images_cache", lambda: tmp_path)
+    built = []
+
+    def build(key):
+        def make(scratch: Path) -> None:
+            built.append(key)
+            (scratch / "out.tar").write_text(key)
+        return make
+
+    first = images.cached_build("sandbox", "k0", build("k0"))
+    for i in range(1, images.CACHED_PRODUCTS_KEPT + 2):
+        images.cached_build("sandbox", f"k{i}", build(f"k{i}"))
+        images.cached_build("sandbox", "k0", build("k0"))  # another checkout keeps using its own product
+    assert built.count("k0") == 1 and first.is_file()  # in use: never rebuilt, never removed
+    assert len(list(tmp_path.glob("sandbox-*.tar"))) == images.CACHED_PRODUCTS_KEPT
+    assert images.cached_build("pause", "p", build("p")).read_text() == "p"  # other names are counted apart

@@ -4,6 +4,8 @@ grows with the batch as the simulator's server model says, and the batch never e
 import asyncio
 from collections import deque
 
+import pytest
+
 from agentkube.modelserver import Engine, Sequence, admit, completion_body, config_from_env, step, work_steps
 from agentkube.rl.server import ModelServerConfig, decode_step_s
 
@@ -52,3 +54,12 @@ def test_the_answer_is_an_openai_completion():
     body = completion_body("m", 7, prompt_tokens=3, completion_tokens=5)
     assert body["object"] == "text_completion" and len(body["choices"][0]["text"].split()) == 5
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+def test_the_emulated_model_load_is_a_bounded_number_of_seconds():
+    from agentkube.modelserver import model_load_s
+
+    assert model_load_s({}) == 0.0 and model_load_s({"MODEL_LOAD_S": "20"}) == 20.0
+    for refused in ("-1", "601", "nan", "soon"):
+        with pytest.raises(ValueError):
+            model_load_s({"MODEL_LOAD_S": refused})

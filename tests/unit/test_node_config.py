@@ -211,15 +211,3 @@ def test_the_operator_mirrors_the_totals_into_status_and_ignores_garbage():
     assert sandbox.tool_call_totals({}) is None
     assert sandbox.tool_call_totals({sandbox.TOOL_CALLS_ANNOTATION: '{"calls": "many"}'}) is None
     assert set(totals) == set(TOTAL_KEYS)
-
-
-def test_a_rebuilt_image_product_replaces_the_one_before(tmp_path, monkeypatch):
-    monkeypatch.setenv("AGENTKUBE_CACHE", str(tmp_path))
-
-    def build(scratch):
-        (scratch / "out.tar").write_bytes(b"x")
-
-    first = images.cached_build("thing", "one", build)
-    second = images.cached_build("thing", "two", build)
-    assert second.is_file() and not first.exists()
-    assert images.cached_build("thing", "two", lambda scratch: pytest.fail("rebuilt an unchanged product")) == second

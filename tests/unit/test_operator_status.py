@@ -72,7 +72,7 @@ def test_the_reconcile_writes_the_spec_target_unless_the_autoscaling_loop_owns_i
     new = served_model_status(body, spec, loop_wrote, READY_SERVICE, NOW)
     patch = status_patch(new)["status"]
     assert "concurrencyTarget" not in patch and "lastDecision" not in patch  # the loop's fields, left alone
-    assert [c["type"] for c in patch["conditions"]] == ["Autoscaling", "KnativeAvailable", "Ready"]
+    assert [c["type"] for c in patch["conditions"]] == ["Autoscaling", "KnativeAvailable", "RouteReady", "RevisionReady", "Ready"]
 
 
 def test_a_decision_without_a_policy_target_removes_the_previous_one():
@@ -81,3 +81,30 @@ def test_a_decision_without_a_policy_target_removes_the_previous_one():
     decision = api.AutoscalingDecision(time=NOW, value=100, reason="MetricsMissing")
     patch = status_patch(api.ServedModelStatus(last_decision=decision, concurrency_target=100))["status"]
     assert patch["lastDecision"]["policyTarget"] is None and patch["lastDecision"]["previousValue"] is None
+
+
+def test_status_takes_the_url_from_the_route_and_says_why_the_latest_revision_is_not_ready():
+    body, spec = _model("kpa")
+    service = {"metadata": {"name": "m"}, "status": {
+        "url": "http://m.ns", "latestCreatedRevisionName": "m-00002", "latestReadyRevisionName": "m-00001",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "RevisionMissing"}]}}
+    route = {"status": {"url": "http://m.ns.svc.cluster.local", "conditions": [{"type": "Ready", "status": "True"}]}}
+    revision = {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "ExitCode1",
+                                           "message": "Container failed with: ValueError"}]}}
+    new = served_model_status(body, spec, api.ServedModelStatus(), service, NOW, route, revision)
+    assert new.url == "http://m.ns.svc.cluster.local" and not new.ready
+    assert (new.latest_created_revision, new.latest_ready_revision) == ("m-00002", "m-00001")
+    by_type = {c.type: c for c in new.conditions}
+    assert by_type["RouteReady"].status == "True"
+    assert by_type["RevisionReady"].status == "False" and by_type["RevisionReady"].reason == "ExitCode1"
+    assert by_type["RevisionReady"].message == "Revision m-00002: Container failed with: ValueError"
+    patch = status_patch(new)["status"]
+    assert patch["latestCreatedRevision"] == "m-00002" and patch["latestReadyRevision"] == "m-00001"
+
+
+def test_route_and_revision_are_unknown_until_knative_says():
+    body, spec = _model("kpa")
+    new = served_model_status(body, spec, api.ServedModelStatus(), {"metadata": {"name": "m"}, "status": {}}, NOW)
+    by_type = {c.type: c for c in new.conditions}
+    assert by_type["RouteReady"].status == by_type["RevisionReady"].status == "Unknown"
+    assert by_type["RevisionReady"].message == "no Revision yet: not ready yet" and new.url is None

@@ -16,6 +16,7 @@ from agentkube.rl.observation import (
     bounded_target,
     decision_from_action,
     observation_from_metrics,
+    warm_pod_floor,
 )
 from agentkube.rl.policy import ExportedPolicy, default_policy_path, load_policy, save_policy
 from agentkube.rl.simulator import Simulator
@@ -79,9 +80,25 @@ def test_actions_map_to_bounded_decisions_and_back():
     assert decision_from_action(np.array([-1.0, -1.0])) == Decision(bounds.min_target, 0.0)
     assert decision_from_action(np.array([5.0, 5.0])) == Decision(pytest.approx(bounds.max_target), 1.0)
     assert decision_from_action(np.array([1.0, 1.0]), spot_allowed=False).spot_share == 0.0
-    decision = Decision(70.0, 0.3)
+    decision = Decision(70.0, 0.3, 0.4)
     again = decision_from_action(action_from_decision(decision))
     assert again.target == pytest.approx(70.0, rel=1e-5) and again.spot_share == pytest.approx(0.3, abs=1e-6)
+    assert again.warm_share == pytest.approx(0.4, abs=1e-6)
+    # The third number is the warm share, -1 for no floor; a two-output policy (before the floor) has none.
+    assert decision_from_action(np.array([0.0, 0.0, -1.0])).warm_share == 0.0
+    assert decision_from_action(np.array([0.0, 0.0, 3.0])).warm_share == bounds.max_warm_share
+    assert decision_from_action(np.array([0.0, 0.0])).warm_share == 0.0
+
+
+def test_the_warm_pod_floor_is_a_share_of_the_recent_peaks_pods():
+    # 140 in flight at the 10-minute peak, target 100 × 0.7 per pod: the whole peak needs 2 pods.
+    assert warm_pod_floor(1.0, 140.0, 100.0) == 2
+    assert warm_pod_floor(0.5, 140.0, 100.0) == 1
+    assert warm_pod_floor(0.51, 140.0, 100.0) == 2  # rounded up: a share of a pod is a pod
+    assert warm_pod_floor(1.0, 140.0, 50.0) == 4  # at a lower target the peak took more pods
+    assert warm_pod_floor(0.0, 140.0, 100.0) == 0  # no floor asked
+    assert warm_pod_floor(1.0, 0.0, 100.0) == 0  # no traffic in 10 minutes: nothing to keep warm
+    assert warm_pod_floor(5.0, 140.0, 100.0) == 2  # the share is capped at max_warm_share
 
 
 def test_a_decision_moves_the_target_at_most_the_operators_max_change():

@@ -1,5 +1,7 @@
 """The training pipeline on a tiny budget: the gymnasium env, PPO, and the NumPy export matching SB3."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -8,10 +10,11 @@ pytest.importorskip("stable_baselines3", reason="needs the train extra")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 from agentkube.rl.env import AutoscalingEnv, EnvConfig  # noqa: E402
-from agentkube.rl.observation import decision_from_action  # noqa: E402
+from agentkube.rl.episodes import RewardWeights  # noqa: E402
+from agentkube.rl.observation import decision_from_action, warm_pod_floor  # noqa: E402
 from agentkube.rl.policy import load_policy  # noqa: E402
 from agentkube.rl.traces import WORKLOADS, generate_trace  # noqa: E402
-from agentkube.rl.training import TrainConfig, initial_action_mean, train_ppo  # noqa: E402
+from agentkube.rl.training import TrainConfig, initial_action_mean, train_command, train_ppo  # noqa: E402
 
 SMALL = EnvConfig(episode_s=1800)
 
@@ -62,6 +65,26 @@ def test_tiny_ppo_run_exports_a_policy_that_matches_sb3(tmp_path, small_traces):
 def test_training_starts_from_knatives_default_target():
     start = decision_from_action(initial_action_mean(TrainConfig()))
     assert start.target == pytest.approx(100.0, rel=1e-5) and start.spot_share == pytest.approx(0.5)
+    assert start.warm_share == 0.0  # and no warm-pod floor: Knative's own behaviour
+
+
+def test_the_warm_floor_is_an_action_unless_turned_off(small_traces):
+    assert AutoscalingEnv(SMALL, small_traces).action_space.shape == (3,)
+    without = replace(SMALL, warm_floor=False)
+    assert AutoscalingEnv(without, small_traces).action_space.shape == (2,)
+    assert initial_action_mean(TrainConfig(env=without)).shape == (2,)
+    assert "--no-warm-floor" in train_command(TrainConfig(env=without))
+    assert "--slo-weight 30" in train_command(TrainConfig(env=replace(SMALL, weights=RewardWeights(slo_miss=30.0))))
+
+
+def test_a_step_puts_the_floor_in_force_from_the_last_intervals_peak(small_traces):
+    env = AutoscalingEnv(SMALL, small_traces)
+    env.reset(seed=2)
+    peak = env.stats.metrics["peak_concurrency_10m"]
+    env.step(np.array([0.0, -1.0, 1.0], dtype=np.float32))  # the whole recent peak kept warm
+    assert peak > 0 and env.sim.min_scale == warm_pod_floor(1.0, peak, env.sim.target)
+    env.step(np.array([0.0, -1.0, -1.0], dtype=np.float32))
+    assert env.sim.min_scale == 0
 
 
 def test_randomised_episodes_draw_other_workloads_with_history_behind_them():
