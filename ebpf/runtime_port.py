@@ -257,13 +257,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
                 self.wfile.flush()
-                sent = 0
-                while sent < size:  # the kernel copies file to socket: nothing of it passes through here
-                    done = os.sendfile(self.connection.fileno(), fd, sent, min(size - sent, CHUNK_BYTES))
-                    if done == 0:  # the file shrank meanwhile: the answer cannot be completed
-                        self.close_connection = True
-                        break
-                    sent += done
+                # The kernel copies file to socket: nothing of it passes through here. socket.sendfile, not
+                # os.sendfile: the connection has a timeout (RUNTIME_IDLE_SECONDS), which makes it non-blocking
+                # underneath, and socket.sendfile waits for room where os.sendfile would fail with EAGAIN.
+                with os.fdopen(fd, "rb", closefd=False) as source:
+                    sent = self.connection.sendfile(source, 0, size)
+                if sent < size:  # the file shrank meanwhile: the answer cannot be completed
+                    self.close_connection = True
         elif method == "DELETE":
             workspace.delete(path, recursive=query.get("recursive") in ("1", "true"))
             self._json(200, {"deleted": path})

@@ -97,3 +97,35 @@ def test_uploads_are_bounded_and_a_failed_one_leaves_nothing(tree):
     assert sorted(p.name for p in root.iterdir()) == before
     assert _status(workspace.delete, "nothing-here") == 404
     assert _status(workspace.delete, "src") == 409  # not empty, and not recursive
+
+
+def test_the_runtime_port_streams_a_large_download_whole_over_its_timed_connection(tree, monkeypatch):
+    """The runtime port's connections carry an idle timeout (non-blocking sockets underneath): a download far
+    larger than the socket's buffers still arrives whole. The port is served here on loopback, which it
+    refuses from inside a pod: that one check is set aside for this process."""
+    import hashlib
+
+    import httpx
+
+    from agentkube.contract import token_verifier
+    from agentkube.ebpf import runtime_port
+    from agentkube.ebpf.models import SandboxRef
+
+    workspace, root, _ = tree
+    data = os.urandom(1 << 20) * 48
+    (root / "big.bin").write_bytes(data)
+    monkeypatch.setattr(runtime_port, "from_inside_the_pod", lambda peer, local: False)
+    server = runtime_port.RuntimePortServer(SandboxRef(name="box"), root / "no-agent.sock", token_verifier("t"), 0,
+                                            "127.0.0.1", workspace=Workspace(root, 1 << 30))
+    server.start()
+    try:
+        digest, size = hashlib.sha256(), 0
+        with httpx.stream("GET", f"http://127.0.0.1:{server.server_address[1]}/v1/files", params={"path": "big.bin"},
+                          headers={"Authorization": "Bearer t"}, timeout=60) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                digest.update(chunk)
+                size += len(chunk)
+        assert size == len(data) and digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        server.stop()
