@@ -142,28 +142,6 @@ def test_a_served_model_is_admitted_answers_and_scales_to_zero_and_back(api_clie
     assert len(_list(api_client, "revisions", namespace, "serving.knative.dev/service=emu")) == 1
 
 
-def test_a_revision_that_cannot_start_is_reported_with_knatives_reason(api_client, operator, namespace, eventually):
-    """The model server refuses a negative model-load time and exits: Knative marks the Revision failed
-    (`ExitCode1`, with the container's message) and the ServedModel's `RevisionReady` says so."""
-    custom = CustomObjectsApi(api_client)
-    model = _served_model("broken", policy="kpa")
-    model["spec"]["env"] = [{"name": "MODEL_LOAD_S", "value": "-1"}]
-    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", model)
-
-    def revision_condition() -> dict | None:
-        status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "broken").get("status") or {}
-        found = next((c for c in status.get("conditions") or [] if c["type"] == "RevisionReady"), None)
-        return found if found and found["status"] == "False" and found["reason"].startswith("ExitCode") else None
-
-    condition = eventually(revision_condition, timeout=180, interval=2,
-                           message="the failing Revision's reason did not reach the ServedModel")
-    assert condition["reason"] == "ExitCode1"
-    assert condition["message"].startswith("Revision broken-00001: Container failed with:")
-    status = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "broken")["status"]
-    assert not status["ready"] and status["latestCreatedRevision"] == "broken-00001"
-    assert status.get("latestReadyRevision") is None
-
-
 def test_the_target_in_force_changes_on_the_pod_autoscaler_and_the_revision_stays(
         api_client, kubectl, operator, namespace, eventually):
     custom = CustomObjectsApi(api_client)
