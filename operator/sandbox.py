@@ -69,6 +69,12 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def is_owned_by(child: dict[str, Any], body: dict[str, Any]) -> bool:
+    """Whether `child` (a pod, say) is the one this sandbox made: a user's own object that only shares the
+    sandbox's name must never be reported, replaced or deleted as the sandbox's."""
+    return any(ref.get("uid") == body["metadata"]["uid"] for ref in child["metadata"].get("ownerReferences") or [])
+
+
 def _metadata(name: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
@@ -351,6 +357,7 @@ class Plan:
     delete_pod: bool = False  # the existing pod must go (suspended, expired, or failed and to be replaced)
     delete_sandbox: bool = False
     recheck_after: timedelta | None = None
+    warning: bool = False  # posted as a Warning event: the user has to act
 
 
 def expiry_time(created: datetime, lifecycle: api.Lifecycle) -> datetime | None:
@@ -361,7 +368,14 @@ def expiry_time(created: datetime, lifecycle: api.Lifecycle) -> datetime | None:
     return None
 
 
-def plan(spec: api.AgentSandboxSpec, created: datetime, last_activity: datetime | None, pod: PodView | None, now: datetime) -> Plan:
+# How soon a sandbox whose pod name is taken looks again: nothing of ours is told when a foreign pod goes.
+NAME_TAKEN_RECHECK = timedelta(seconds=30)
+
+
+def plan(spec: api.AgentSandboxSpec, created: datetime, last_activity: datetime | None, pod: PodView | None, now: datetime,
+         *, pod_name_taken: bool = False) -> Plan:
+    """`pod`: the sandbox's own pod, if any. `pod_name_taken`: a pod that is not the sandbox's has its name
+    (see is_owned_by); it is left alone, and the sandbox waits for the name."""
     lifecycle = spec.lifecycle
     # A pod already being deleted needs no second delete; it is waited for.
     pod_to_delete = pod is not None and not pod.terminating
@@ -384,6 +398,10 @@ def plan(spec: api.AgentSandboxSpec, created: datetime, last_activity: datetime 
                         False, pod_to_delete, recheck_after=_soonest(recheck))
         recheck.append(idle_until - now)
     recheck_after = _soonest(recheck)
+    if pod_name_taken:
+        return Plan("Pending", "PodNameTaken", "a pod with this sandbox's name exists and is not the sandbox's; "
+                    "it is left alone: delete or rename it", False, recheck_after=_soonest([*recheck, NAME_TAKEN_RECHECK]),
+                    warning=True)
     if pod is None or pod.terminating:
         return Plan("Pending", "PodCreating", "creating the sandbox pod", True, recheck_after=recheck_after)
     if pod.phase in ("Failed", "Succeeded"):

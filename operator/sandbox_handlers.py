@@ -50,12 +50,15 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
         core = kube.client("core")
         pod = kube.read(core.read_namespaced_pod, name, namespace)
+        pod_name_taken = pod is not None and not sandbox.is_owned_by(pod, body)
+        if pod_name_taken:
+            pod = None  # someone else's pod: never reported, replaced or deleted as ours
         _pod_views.acted_on(pod)
         now = kube.now()
         created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
         annotations = body["metadata"].get("annotations") or {}
         last_activity = parse_timestamp(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
-        decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
+        decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now, pod_name_taken=pod_name_taken)
 
         if decision.delete_sandbox:
             kube.delete_own(SANDBOXES, namespace, name, body["metadata"]["uid"])
@@ -85,7 +88,8 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
         old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
         new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now)
         if old.phase != decision.phase:
-            kopf.event(body, type="Warning" if decision.phase == "Failed" else "Normal", reason=decision.reason, message=decision.message)
+            kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
+            kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
         kube.patch_status(SANDBOXES, namespace, name, old, new)
         metrics.SANDBOXES.set(namespace, name, decision.phase)
         if decision.recheck_after is not None:

@@ -160,6 +160,29 @@ def test_a_pod_deleted_by_someone_else_is_recreated(api_client, operator, namesp
     assert len(CoreV1Api(api_client).list_namespaced_pod(namespace).items) == 1
 
 
+def test_a_pod_of_someone_else_with_the_sandboxs_name_is_never_taken_for_its_own(api_client, operator, namespace, eventually):
+    """The sandbox's pod is found by name: a user's pod that only shares it must not be reported as the
+    sandbox's, replaced, or deleted on suspend (as `helm test`'s own pod once was, named like its sandbox)."""
+    core = CoreV1Api(api_client)
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "box"},
+                                           "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
+    _create_sandbox(api_client, namespace, _sandbox("box"))
+    status = eventually(lambda: (_get_sandbox(api_client, namespace, "box").get("status") or {}).get("phase") and
+                        _get_sandbox(api_client, namespace, "box")["status"], message="no status")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (status["phase"], ready["reason"], status.get("podName")) == ("Pending", "PodNameTaken", None)
+    _patch_sandbox(api_client, namespace, "box", {"spec": {"lifecycle": {"suspend": True}}})
+    eventually(lambda: _phase(api_client, namespace, "box") == "Suspended", message="not suspended")
+    assert not _pod(api_client, namespace, "box").metadata.owner_references, "the user's pod is untouched"
+    # Once the name is free, the sandbox gets its own pod (the recheck finds it: no event says a foreign pod went).
+    _patch_sandbox(api_client, namespace, "box", {"spec": {"lifecycle": {"suspend": False}}})
+    core.delete_namespaced_pod("box", namespace, grace_period_seconds=0)
+    own = eventually(lambda: (p := _pod(api_client, namespace, "box")) and p.metadata.owner_references and p, timeout=90,
+                     message="the sandbox never got its own pod once the name was free")
+    assert own.metadata.owner_references[0].name == "box"
+
+
 def test_a_failed_pod_is_replaced_and_the_workspace_kept(api_client, operator, namespace, eventually):
     _create_sandbox(api_client, namespace, _sandbox("box", workspace={"size": "1Gi"}))
     first = eventually(lambda: _pod(api_client, namespace, "box"), message="no pod")

@@ -3,7 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 from agentkube.operator import api
-from agentkube.operator.sandbox import PodView, PodViews, plan
+from agentkube.operator.sandbox import NAME_TAKEN_RECHECK, PodView, PodViews, is_owned_by, plan
 from agentkube.operator.status import merge_conditions
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -21,6 +21,22 @@ def test_a_new_sandbox_wants_its_pod():
 
 def test_a_ready_pod_means_running():
     assert plan(_spec(), T0, None, RUNNING, T0).phase == "Running"
+
+
+def test_a_pod_name_taken_by_someone_else_is_waited_out_never_used_or_deleted():
+    for spec in (_spec(), _spec(suspend=True), _spec(expireAfter="1s", shutdownPolicy="Delete")):
+        decision = plan(spec, T0, None, None, T0 + timedelta(seconds=5), pod_name_taken=True)
+        assert not decision.want_pod and not decision.delete_pod
+    waiting = plan(_spec(), T0, None, None, T0, pod_name_taken=True)
+    assert (waiting.phase, waiting.reason, waiting.warning) == ("Pending", "PodNameTaken", True)
+    assert waiting.recheck_after == NAME_TAKEN_RECHECK
+
+
+def test_only_a_pod_with_the_sandboxs_uid_as_owner_is_its_own():
+    body = {"metadata": {"uid": "u1"}}
+    assert is_owned_by({"metadata": {"ownerReferences": [{"uid": "u1"}]}}, body)
+    assert not is_owned_by({"metadata": {"ownerReferences": [{"uid": "u2"}]}}, body)
+    assert not is_owned_by({"metadata": {}}, body)
 
 
 def test_a_failed_pod_is_replaced():
