@@ -8,17 +8,16 @@ bench/results/devenv_startup.{json,md}.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
+
+import report
 
 from agentkube.devenv import DevEnv, temporary_env
 from agentkube.devenv.versions import KUBERNETES_VERSION
 
-RESULTS = Path(__file__).parent / "results"
 TARGET_SECONDS = 20.0  # the issue's target for a warm `dev up`
 
 
@@ -67,10 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     result = measure(parser.parse_args().runs)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "devenv_startup.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "devenv_startup.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save("devenv_startup", result, markdown(result))
 
 
 if __name__ == "__main__":

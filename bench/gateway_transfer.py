@@ -26,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import report
+
 from agentkube.client import Output, RunResult, Sandbox
 from agentkube.demo import chart_values
 from agentkube.devenv import images, temporary_env
 from agentkube.devenv.versions import bin_dir
 
-RESULTS = Path(__file__).parent / "results"
 CHART = Path(__file__).resolve().parents[1] / "charts" / "agentkube"
 RELEASE, SYSTEM, NAMESPACE, SANDBOX = "agentkube", "agentkube-system", "bench-gateway", "bench"
 SPEC = {"template": {"image": images.SANDBOX_IMAGE,
@@ -181,10 +182,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     args = parser.parse_args()
     result = measure(args.mib, args.runs, args.calls)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gateway_transfer.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "gateway_transfer.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save("gateway_transfer", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import aiohttp
 import kubernetes
 import numpy as np
+import report
 import requests
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 
@@ -50,7 +51,6 @@ from agentkube.rl.traces import Trace, evaluation_trace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import Operator, install_operator, kubectl_runner  # noqa: E402  (the operator as the tests run it)
 
-RESULTS = Path(__file__).parent / "results"
 SIM_SEEDS = 10  # the simulator's own spread (its cold starts are random) beside the one real run
 NAME = "llm"
 MODEL_PORT = 8080
@@ -270,8 +270,6 @@ FIGURES = ("mean_ready_pods", "max_ready_pods", "pod_seconds", "p50_latency_s", 
 
 
 def write_report(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "knative_vs_simulator.json").write_text(json.dumps(result, indent=1, default=float))
     lines = [f"# Simulator against real Knative ({result['slice']['description']})", "",
              f"`{result['command']}`", ""]
     for policy, runs in result["policies"].items():
@@ -322,7 +320,7 @@ def write_report(result: dict, out: Path) -> None:
                           "only runs at similar load): " + ", ".join(
                               f"{p} mean {load['mean']:.1f}, max {load['max']:.1f}" for p, load in loads.items())]
         lines += [""]
-    (out / "knative_vs_simulator.md").write_text("\n".join(lines) + "\n")
+    report.save("knative_vs_simulator", result, "\n".join(lines) + "\n", out)
     _plot(result, out)
 
 
@@ -411,7 +409,7 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=180.0)
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--policies", default="kpa,ppo")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
     parser.add_argument("--from-json", type=Path, help="no real run: the simulator's side again for a saved result")
     args = parser.parse_args()
     if args.from_json:

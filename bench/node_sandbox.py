@@ -21,14 +21,14 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+import report
 
 from agentkube.client import Sandbox
 from agentkube.devenv import images, localnode, node, temporary_env
 from agentkube.devenv.versions import KUBERNETES_VERSION, bin_dir
 from agentkube.operator import crds
 
-RESULTS = Path(__file__).parent / "results"
 NAMESPACE = "default"
 WAIT_SECONDS = 180.0
 
@@ -215,10 +215,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     result = measure(args.runs, args.sandboxes, args.calls)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "node_sandbox.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "node_sandbox.md").write_text(markdown(result))
-    print(markdown(result))
+    report.save("node_sandbox", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import report
+
 from agentkube.contract import Tools
 from agentkube.ebpf.models import EnvelopeSpec, SandboxCreate
 from agentkube.ebpf.unixhttp import request
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
@@ -76,10 +76,7 @@ def write_results(name: str, result: dict, title: str, header: list[str], rows: 
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     markdown = f"# {title}\n\n" + "\n".join(lines) + f"\n\n{notes}\n"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
-    print(markdown)
+    report.save(name, result, markdown)
 
 
 def main_or_worker(main, worker) -> None:

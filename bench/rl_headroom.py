@@ -16,11 +16,10 @@ Writes bench/results/rl_headroom.{json,md}.
     .venv/bin/python bench/rl_headroom.py
 """
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
+import report
 
 from agentkube.rl.baselines import SLO_GOAL, STATIC_TARGET_GRID, KnativeDefault, StaticTarget
 from agentkube.rl.episodes import run_episode
@@ -28,7 +27,6 @@ from agentkube.rl.evaluation import GOALS
 from agentkube.rl.simulator import SimConfig
 from agentkube.rl.traces import WORKLOADS, evaluation_trace
 
-RESULTS = Path(__file__).parent / "results"
 # The frontier's interesting part: below 66 every target costs more than the default, above 264 the
 # SLO attainment is far below the goal on every trace (the full grid takes 3x as long to run).
 FRONTIER = tuple(t for t in STATIC_TARGET_GRID if 66.0 <= t <= 264.0)
@@ -87,11 +85,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     rows = measure()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rl_headroom.json").write_text(json.dumps(rows, indent=1) + "\n")
-    table = markdown(rows)
-    (RESULTS / "rl_headroom.md").write_text("# RL autoscaling: how much room the target leaves\n\n" + table)
-    print(table)
+    report.save("rl_headroom", rows, "# RL autoscaling: how much room the target leaves\n\n" + markdown(rows))
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ Writes bench/results/rl_policy_compare.{json,md}.
 """
 
 import argparse
-import json
-from pathlib import Path
+
+import report as report_io
 
 from agentkube.rl.episodes import run_episode
 from agentkube.rl.evaluation import GOALS, HINDSIGHT, EvaluationConfig, default_suite, evaluate
 from agentkube.rl.policy import load_policy
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _baseline(rows: list[dict], trace: str, prefix: str) -> dict:
@@ -63,8 +61,6 @@ def main() -> None:
         report[name] = {"command": metadata.get("command", "unknown"), "training_seconds": metadata.get("training_seconds"),
                         "outputs": int(policy.weights[-1].shape[0]), "verdicts": verdicts}
         print(f"{name}: goal met on {sum(v['met'] for v in verdicts)}/{len(verdicts)}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rl_policy_compare.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     lines = ["# PPO policies side by side on the evaluation suite", "",
              f"Made by `.venv/bin/python bench/rl_policy_compare.py {' '.join('--policy ' + p for p in args.policy)}`; "
              "baselines as in `agentkube rl evaluate` (on-demand capacity). Per cell: cost against Knative's default, "
@@ -89,8 +85,7 @@ def main() -> None:
         for v in entry["verdicts"]:
             lines.append(f"| {name} | {v['trace']} | {v['cost_vs_static_tuned']:+.1%} | {v['cost_vs_rule_tuned']:+.1%} "
                          f"| {v['gap_to_hindsight']:+.1%} | {'met' if v['met'] else 'missed'} |")
-    (RESULTS / "rl_policy_compare.md").write_text("\n".join(lines) + "\n")
-    print((RESULTS / "rl_policy_compare.md").read_text())
+    report_io.save("rl_policy_compare", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

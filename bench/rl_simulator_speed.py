@@ -9,19 +9,18 @@ under 2 s of wall time on one core. Writes bench/results/rl_simulator_speed.{jso
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
+
+import report
 
 from agentkube.rl.baselines import KnativeDefault
 from agentkube.rl.episodes import run_episode
 from agentkube.rl.policy import default_policy_path, load_policy
 from agentkube.rl.traces import WORKLOADS, evaluation_trace
 
-RESULTS = Path(__file__).parent / "results"
 GOAL_SECONDS_PER_DAY = 2.0
 
 
@@ -69,11 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     result = measure(args.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rl_simulator_speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    (RESULTS / "rl_simulator_speed.md").write_text("# Simulator speed\n\n" + table)
-    print(table)
+    report.save("rl_simulator_speed", result, "# Simulator speed\n\n" + markdown(result))
 
 
 if __name__ == "__main__":
