@@ -4,6 +4,7 @@ through that node agent; upgrades keep sandboxes; uninstall keeps the CRDs and r
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -498,6 +499,109 @@ def test_a_background_process_goes_with_its_sandbox(gateway_sandbox, kubectl, ev
     assert sleeping(), "the background process runs on the node"
     kubectl("patch", "-n", namespace, "agentsandbox/sleeper", "--type=merge", "-p", '{"spec": {"lifecycle": {"suspend": true}}}')
     eventually(lambda: not sleeping(), timeout=90, message="the background process gone with its suspended sandbox")
+
+
+GATEWAY_KILLED_SCRIPT = """
+import json, sys
+from agentkube.client import Output, Sandbox
+namespace, seconds = sys.argv[1:3]
+box = Sandbox.connect("agent", namespace)
+proc = box.start("i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done", timeout="3m")
+print(json.dumps({"process": proc.id}), flush=True)
+try:
+    for event in box.stream(f"echo first; sleep {seconds}; echo finished > /workspace/after-the-gateway", timeout=60):
+        if isinstance(event, Output) and event.data.startswith("first"):
+            print(json.dumps({"streaming": True}), flush=True)
+    print(json.dumps({"stream": "ended"}))
+except Exception as error:  # the gateway went away under the stream
+    print(json.dumps({"stream": type(error).__name__}))
+"""
+
+AFTER_THE_GATEWAY_SCRIPT = """
+import json, sys, time
+from agentkube.client import Sandbox
+namespace, process_id = sys.argv[1:3]
+box = Sandbox.connect("agent", namespace)
+proc = box.process(process_id)
+first = proc.read(stdout=0).stdout.data.splitlines()
+time.sleep(1)
+later = proc.read(stdout=0).stdout.data.splitlines()
+proc.kill()
+done = proc.wait(timeout=30)
+print(json.dumps({"ticks": [first[-1], later[-1]], "state": done.state, "memory": done.limits.memory,
+                  "finished": box.run(["cat", "/workspace/after-the-gateway"]).stdout}))
+"""
+
+
+def _gateway_pids() -> list[int]:
+    return list(_gateway_peak_rss())
+
+
+def _memory_cgroup(pid: int) -> Path:
+    """The process's memory cgroup directory on the node (cgroup v1 here)."""
+    line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if line.split(":")[1] == "memory")
+    return Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+
+
+def test_the_gateway_killed_mid_call_loses_no_call_and_no_process(gateway_sandbox, kubectl, devenv, eventually):
+    """Every gateway process is SIGKILLed while a streamed call runs and a background process ticks: the call
+    runs on in its own cgroup under its limits and is finished and recorded by the node agent; once the
+    gateway is back, the background process is still there, its output readable from offset 0."""
+    namespace, seconds = gateway_sandbox, f"8.{time.time_ns() % 10**6:06d}"  # a sleep of its own, to find it
+    client = subprocess.Popen([str(bin_dir() / "kubectl"), "exec", "-n", namespace, "agent-client", "--",
+                               "python3", "-c", GATEWAY_KILLED_SCRIPT, namespace, seconds], env=devenv.environ(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        started = json.loads(client.stdout.readline() or "{}")
+        assert json.loads(client.stdout.readline() or "{}") == {"streaming": True}, client.stderr and client.stderr.read()[-3000:]
+        sleeping = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                    if _cmdline(pid) == b"sleep\0" + seconds.encode() + b"\0"]
+        assert len(sleeping) == 1, sleeping
+        call_cgroup = _memory_cgroup(sleeping[0])
+        assert call_cgroup.name.startswith("call-")
+        gateways = _gateway_pids()
+        assert gateways
+        for pid in gateways:
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = client.communicate(timeout=60)
+    finally:
+        client.kill()
+    assert json.loads(stdout.strip().splitlines()[-1])["stream"] != "ended", "the stream outlived every gateway"
+    # The call runs on, where it was placed, under its limits.
+    assert Path(f"/proc/{sleeping[0]}").exists() and _memory_cgroup(sleeping[0]) == call_cgroup
+    assert int((call_cgroup / "memory.limit_in_bytes").read_text()) == 128 * 2**20
+    # ... and is finished and recorded by the node agent, exit code and all, with nobody watching it.
+    audit = devenv.layout.node.root / "node-agent-state" / "audit.jsonl"
+    call_id = call_cgroup.name.removeprefix("call-")
+
+    def recorded() -> dict | None:  # the log is made with the first call that finishes
+        lines = audit.read_text().splitlines() if audit.exists() else []
+        return next((r for r in map(json.loads, lines) if r["call_id"] == call_id), None)
+
+    record = eventually(recorded, timeout=60, message="the call's record")
+    assert record["usage"]["exit_code"] == 0 and not call_cgroup.exists()
+    kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{RELEASE}-gateway", "--timeout=120s")
+    eventually(lambda: _gateway_pids() and not set(_gateway_pids()) & set(gateways), timeout=60,
+               message="the gateway restarted")
+    after = eventually(lambda: _try_in_pod(kubectl, namespace, AFTER_THE_GATEWAY_SCRIPT, started["process"]),
+                       timeout=60, message="the background process through the restarted gateway")
+    # Still ticking after the gateway came back: it never stopped, and its output from offset 0 is all there.
+    first, later = (int(tick.split()[1]) for tick in after["ticks"])
+    assert later > first and after["state"] == "exited" and after["memory"] == 128 * 2**20
+    assert after["finished"] == "finished\n"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _try_in_pod(kubectl, namespace: str, script: str, *args: str) -> dict | None:
+    done = kubectl("exec", "-n", namespace, "agent-client", "--", "python3", "-c", script, namespace, *args, check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else None
 
 
 def test_helm_test_passes(release, helm):
