@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import ssl
 import statistics
 import subprocess
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import report
 
-from agentkube.client import Output, RunResult, Sandbox
+from agentkube.client import Output, RemoteSandbox, RunResult, Sandbox
 from agentkube.demo import chart_values
 from agentkube.devenv import images, temporary_env
 from agentkube.devenv.versions import bin_dir
@@ -87,7 +88,12 @@ def measure(mib: int, runs: int, calls: int) -> dict:
                 "--timeout=180s")
         token = kubectl("create", "token", "agent", "-n", NAMESPACE, "--duration=1h").strip()
         address = kubectl("get", "service", "-n", SYSTEM, f"{RELEASE}-gateway", "-o", "jsonpath={.spec.clusterIP}")
-        box = Sandbox.connect(SANDBOX, NAMESPACE, gateway=f"http://{address}:8080", token=token)
+        # The node reaches the Service by its cluster IP, which the certificate does not name: TLS with the
+        # chart's CA, the host name left unchecked (the agents' pods check it: they use the Service's name).
+        ca = kubectl("get", "configmap", "-n", SYSTEM, f"{RELEASE}-gateway-ca", "-o", "jsonpath={.data.ca\\.crt}")
+        tls = ssl.create_default_context(cadata=ca)
+        tls.check_hostname = False
+        box = RemoteSandbox(SANDBOX, NAMESPACE, f"https://{address}:8080", lambda: token, tls)
         local = Sandbox(SANDBOX, NAMESPACE)
         box.run(["true"])  # the first call resolves and connects everything once
 

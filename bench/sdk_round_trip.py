@@ -48,10 +48,10 @@ SANDBOX = {"template": {"image": images.SANDBOX_IMAGE,
 # kept-alive client, in alternation; prints the samples (ms).
 IN_POD = """
 import json, sys, time, httpx
-from agentkube.client import IN_CLUSTER_GATEWAY, Sandbox
+from agentkube.client import IN_CLUSTER_GATEWAY, Sandbox, gateway_credentials
 namespace, name, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 box = Sandbox.connect(name, namespace)
-health = httpx.Client()
+health = httpx.Client(verify=gateway_credentials(None, None)[2])  # TLS like the SDK's
 box.run(["true"]); health.get(IN_CLUSTER_GATEWAY + "/healthz")
 out = {"gateway_run": [], "gateway_healthz": []}
 def timed(name, run):

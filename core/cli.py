@@ -38,11 +38,14 @@ def run_gateway(
     address: str = typer.Option("0.0.0.0", help="where it listens"),
     port: int = typer.Option(8080, help="its HTTP port"),
     kubeconfig: str | None = typer.Option(None, help="credentials (default: in-cluster)"),
+    tls_cert_file: Path | None = typer.Option(None, help="serve HTTPS with this certificate (PEM; with --tls-key-file)"),
+    tls_key_file: Path | None = typer.Option(None, help="the certificate's private key (PEM)"),
 ) -> None:
     """Serve sandbox calls: TokenReview + SubjectAccessReview on each, then the sandbox's runtime."""
     from agentkube.gateway import serve
 
-    serve(address=address, port=port, runtime_key_file=runtime_key_file, kubeconfig=kubeconfig)
+    serve(address=address, port=port, runtime_key_file=runtime_key_file, kubeconfig=kubeconfig,
+          tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
 
 
 @app.command()

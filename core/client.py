@@ -27,7 +27,10 @@ Background processes and files go through the gateway too:
 
 Inside a pod it authenticates with the pod's service-account token and finds the gateway at its
 in-cluster address; outside, with the token of the current kubeconfig context and the gateway's address
-given (`gateway=` or AGENTKUBE_GATEWAY, e.g. through `kubectl port-forward`). The identity needs RBAC's
+given (`gateway=` or AGENTKUBE_GATEWAY, e.g. through `kubectl port-forward`). The gateway speaks HTTPS
+with a certificate of the chart's own CA, which the SDK reads from the API server (the ConfigMap
+`agentkube-gateway-ca` in the gateway's namespace, public to every authenticated identity) unless given a
+CA file (`ca=` or AGENTKUBE_GATEWAY_CA). The identity needs RBAC's
 `create agentsandboxes/exec` on the sandbox for commands and processes, and `agentsandboxes/files` (create,
 get, list, delete) for files (the chart's ClusterRole `agentkube-sandbox-user` grants both).
 """
@@ -36,11 +39,13 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from agentkube.contract import CallIntent, ToolNetwork, duration_seconds, runtime_socket, tool_network
 from agentkube.ebpf.models import (
@@ -64,8 +69,14 @@ __all__ = ["Sandbox", "RemoteSandbox", "AsyncSandbox", "Process", "AsyncProcess"
 # Inside a pod: the pod's own identity, and the gateway as the chart installs it (release `agentkube` in
 # `agentkube-system`; AGENTKUBE_GATEWAY says otherwise).
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-IN_CLUSTER_GATEWAY = "http://agentkube-gateway.agentkube-system.svc:8080"
+IN_CLUSTER_GATEWAY = "https://agentkube-gateway.agentkube-system.svc:8080"
 GATEWAY_ENV = "AGENTKUBE_GATEWAY"
+# The gateway serves TLS with a certificate of the chart's own CA. That CA is public: the chart publishes it
+# in the ConfigMap `<gateway Service>-ca` (key ca.crt) of the gateway's namespace, readable by every
+# authenticated identity, and the SDK fetches it from the API server unless given a CA file.
+GATEWAY_CA_ENV = "AGENTKUBE_GATEWAY_CA"
+GATEWAY_CA_KEY = "ca.crt"
+DEFAULT_GATEWAY_CA = ("agentkube-system", "agentkube-gateway-ca")  # for addresses that do not name the Service
 CONNECT_SECONDS = 10.0
 FILE_CHUNK_BYTES = 1024 * 1024  # files move in pieces this big: never whole in memory
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -114,29 +125,73 @@ def error_of(status: int, body: bytes) -> ApiError:
     return ApiError(status, message)
 
 
-def gateway_credentials(gateway: str | None, token: str | None) -> tuple[str, Any]:
-    """The gateway's address and how to get a token for each request: the pod's service-account token
-    (read each time: the kubelet rotates it), or the current kubeconfig context's token."""
+def gateway_ca_configmap(address: str) -> tuple[str, str]:
+    """Where the CA of the gateway at `address` is published: (namespace, ConfigMap). A Service's DNS name
+    (`NAME.NAMESPACE.svc…`) says it; any other address (a port-forward, a load balancer) means the chart's
+    default release."""
+    host = urlsplit(address).hostname or ""
+    parts = host.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return parts[1], f"{parts[0]}-ca"
+    return DEFAULT_GATEWAY_CA
+
+
+def gateway_credentials(gateway: str | None, token: str | None,
+                        ca: str | Path | None = None) -> tuple[str, Callable[[], str], ssl.SSLContext | bool]:
+    """The gateway's address, how to get a token for each request (the pod's service-account token, read
+    each time: the kubelet rotates it; or the current kubeconfig context's token), and how to verify the
+    gateway's certificate (`ca`, AGENTKUBE_GATEWAY_CA, or the CA the chart publishes)."""
     inside = SERVICE_ACCOUNT_TOKEN.exists()
-    address = gateway or os.environ.get(GATEWAY_ENV) or (IN_CLUSTER_GATEWAY if inside else None)
-    if address is None:
-        raise ValueError(f"outside the cluster, give the gateway's address: gateway= or {GATEWAY_ENV} "
-                         "(e.g. http://127.0.0.1:8080 with `kubectl port-forward -n agentkube-system svc/agentkube-gateway 8080`)")
-    if token is not None:
-        fixed = token
-        return address.rstrip("/"), lambda: fixed
-    if inside:
-        return address.rstrip("/"), lambda: SERVICE_ACCOUNT_TOKEN.read_text().strip()
+    address = (gateway or os.environ.get(GATEWAY_ENV) or (IN_CLUSTER_GATEWAY if inside else None) or "").rstrip("/")
+    if not address:
+        raise ValueError(f"outside the cluster, give the gateway's address: gateway= or {GATEWAY_ENV} (e.g. "
+                         "https://127.0.0.1:8080 with `kubectl port-forward -n agentkube-system svc/agentkube-gateway 8080`)")
+    configuration = None
+    if token is None and not inside:
+        configuration = _kubernetes_configuration(inside)
+        header = (configuration.api_key or {}).get("authorization", "")
+        token = header.removeprefix("Bearer ").strip()
+        if not token:
+            raise ValueError("the current kubeconfig context has no bearer token (client certificates cannot be "
+                             "passed on to the gateway): give token=, e.g. from `kubectl create token`")
+
+    def tokens() -> str:
+        return token if token is not None else SERVICE_ACCOUNT_TOKEN.read_text().strip()
+
+    if not address.startswith("https://"):
+        return address, tokens, True
+    ca = ca or os.environ.get(GATEWAY_CA_ENV)
+    if ca:
+        return address, tokens, ssl.create_default_context(cafile=str(ca))
+    configuration = configuration or _kubernetes_configuration(inside)
+    return address, tokens, ssl.create_default_context(cadata=_published_ca(address, configuration))
+
+
+def _kubernetes_configuration(inside: bool) -> Any:
     import kubernetes
 
     configuration = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(client_configuration=configuration)
-    header = (configuration.api_key or {}).get("authorization", "")
-    kube_token = header.removeprefix("Bearer ").strip()
-    if not kube_token:
-        raise ValueError("the current kubeconfig context has no bearer token (client certificates cannot be "
-                         "passed on to the gateway): give token=, e.g. from `kubectl create token`")
-    return address.rstrip("/"), lambda: kube_token
+    if inside:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    else:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return configuration
+
+
+def _published_ca(address: str, configuration: Any) -> str:
+    import kubernetes
+
+    namespace, name = gateway_ca_configmap(address)
+    try:
+        with kubernetes.client.ApiClient(configuration) as client:
+            published = kubernetes.client.CoreV1Api(client).read_namespaced_config_map(name, namespace)
+    except kubernetes.client.ApiException as error:
+        raise ApiError(error.status or 502, f"cannot read the gateway's CA from ConfigMap {namespace}/{name} "
+                                            f"({error.reason}); give ca= or {GATEWAY_CA_ENV}") from None
+    pem = (published.data or {}).get(GATEWAY_CA_KEY)
+    if not pem:
+        raise ApiError(502, f"ConfigMap {namespace}/{name} has no {GATEWAY_CA_KEY}")
+    return pem
 
 
 def _answer(status: int, body: bytes) -> Any:
@@ -261,11 +316,12 @@ class Process(_ProcessHandle):
 class RemoteSandbox:
     """A sandbox reached through the gateway (see the module's doc); from `Sandbox.connect`."""
 
-    def __init__(self, name: str, namespace: str, gateway: str, token: Any):
+    def __init__(self, name: str, namespace: str, gateway: str, token: Callable[[], str],
+                 verify: ssl.SSLContext | bool = True):
         import httpx
 
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
-        self._http = httpx.Client()
+        self._http = httpx.Client(verify=verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
         self.url = f"{self.base}/run"
 
@@ -414,18 +470,19 @@ async def _async_file_chunks(source: IO[bytes]) -> AsyncIterator[bytes]:
 class AsyncSandbox:
     """`RemoteSandbox` for asyncio: `await AsyncSandbox.connect(...).run(...)`, `async for e in .stream(...)`."""
 
-    def __init__(self, name: str, namespace: str, gateway: str, token: Any):
+    def __init__(self, name: str, namespace: str, gateway: str, token: Callable[[], str],
+                 verify: ssl.SSLContext | bool = True):
         import httpx
 
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
-        self._http = httpx.AsyncClient()
+        self._http = httpx.AsyncClient(verify=verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
         self.url = f"{self.base}/run"
 
     @classmethod
     def connect(cls, name: str, namespace: str = "default", *, gateway: str | None = None,
-                token: str | None = None) -> AsyncSandbox:
-        return cls(name, namespace, *gateway_credentials(gateway, token))
+                token: str | None = None, ca: str | Path | None = None) -> AsyncSandbox:
+        return cls(name, namespace, *gateway_credentials(gateway, token, ca))
 
     async def stream(self, argv: Sequence[str] | str, **limits: Any) -> AsyncIterator[Output | RunResult]:
         import httpx
@@ -527,9 +584,11 @@ class Sandbox:
 
     @staticmethod
     def connect(name: str, namespace: str = "default", *, gateway: str | None = None,
-                token: str | None = None) -> RemoteSandbox:
-        """The sandbox through the gateway, from a pod of the cluster or from outside (module doc)."""
-        return RemoteSandbox(name, namespace, *gateway_credentials(gateway, token))
+                token: str | None = None, ca: str | Path | None = None) -> RemoteSandbox:
+        """The sandbox through the gateway, from a pod of the cluster or from outside (module doc). `ca`:
+        the PEM file that signed the gateway's certificate (default: AGENTKUBE_GATEWAY_CA, else the CA the
+        chart publishes, read from the API server)."""
+        return RemoteSandbox(name, namespace, *gateway_credentials(gateway, token, ca))
 
     def run(
         self,

@@ -42,6 +42,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -543,11 +544,27 @@ class Gateway:
         return app
 
 
-def serve(*, address: str, port: int, runtime_key_file: Path, kubeconfig: str | None = None) -> None:
+def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext | None:
+    """HTTPS with the given certificate, TLS 1.2 at least; None (plain HTTP) when neither file is given."""
+    if (cert_file is None) != (key_file is None):
+        raise SystemExit("give both --tls-cert-file and --tls-key-file, or neither")
+    if cert_file is None or key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def serve(*, address: str, port: int, runtime_key_file: Path, kubeconfig: str | None = None,
+          tls_cert_file: Path | None = None, tls_key_file: Path | None = None) -> None:
+    """Serve until stopped. Bearer tokens cross the network to it: the chart always gives it a certificate;
+    plain HTTP is for a gateway on loopback (tests, a port-forward's far end)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = Path(runtime_key_file).read_bytes().strip()
     if len(key) < 32:
         raise SystemExit(f"the runtime key in {runtime_key_file} is shorter than 32 bytes")
+    tls = tls_context(tls_cert_file, tls_key_file)
     gateway = Gateway(KubernetesApi(kubeconfig), key)
     # access_log off: it would log nothing secret, but the gateway's own line per call says who ran what.
-    web.run_app(gateway.app(), host=address, port=port, access_log=None, print=None)
+    web.run_app(gateway.app(), host=address, port=port, access_log=None, print=None, ssl_context=tls)

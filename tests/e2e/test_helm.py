@@ -193,8 +193,9 @@ print(json.dumps(out))
 
 REFUSALS_SCRIPT = """
 import json, sys, httpx
-from agentkube.client import IN_CLUSTER_GATEWAY, SERVICE_ACCOUNT_TOKEN, ApiError, Sandbox
+from agentkube.client import IN_CLUSTER_GATEWAY, SERVICE_ACCOUNT_TOKEN, ApiError, Sandbox, gateway_credentials
 namespace, revoked, runtime_ip = sys.argv[1:4]
+verify = gateway_credentials(None, None)[2]  # the chart's CA, as the SDK reads it
 def attempt(**credentials):
     try:
         Sandbox.connect("agent", namespace, **credentials).run(["true"])
@@ -202,7 +203,18 @@ def attempt(**credentials):
     except ApiError as error:
         return [error.status, error.message]
 out = {"own": attempt(), "forged": attempt(token="eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtZSJ9.Zm9yZ2Vk"), "revoked": attempt(token=revoked)}
-none = httpx.post(f"{IN_CLUSTER_GATEWAY}/v1/namespaces/{namespace}/sandboxes/agent/run", json={"argv": ["true"]})
+none = httpx.post(f"{IN_CLUSTER_GATEWAY}/v1/namespaces/{namespace}/sandboxes/agent/run", json={"argv": ["true"]},
+                  verify=verify)
+try:  # the gateway speaks TLS only, with a certificate that the system's CAs do not vouch for
+    httpx.get(IN_CLUSTER_GATEWAY.replace("https://", "http://") + "/healthz", timeout=5)
+    out["plain_http"] = "answered"
+except httpx.HTTPError as error:
+    out["plain_http"] = type(error).__name__
+try:
+    httpx.get(IN_CLUSTER_GATEWAY + "/healthz", timeout=5)
+    out["unverified"] = "answered"
+except httpx.HTTPError as error:
+    out["unverified"] = type(error).__name__
 out["none"] = [none.status_code, none.json()["error"]]
 try:  # past the gateway, straight to the runtime's port, with this pod's own token
     direct = httpx.post(f"http://{runtime_ip}:7070/v1/run", json={"argv": ["true"]}, timeout=5,
@@ -294,6 +306,8 @@ def test_the_gateway_refuses_strangers_missing_forged_and_revoked_tokens_and_nob
     assert stranger["forged"][0] == 401 and "token not accepted" in stranger["forged"][1]
     assert stranger["revoked"][0] == 401
     assert stranger["none"][0] == 401 and "no bearer token" in stranger["none"][1]
+    # HTTPS only, verified against the chart's CA: neither plain HTTP nor the system's CAs get an answer.
+    assert stranger["plain_http"] == "RemoteProtocolError" and stranger["unverified"] == "ConnectError", stranger
     # The sandbox's NetworkPolicy admits the gateway's pods alone: even an allowed agent cannot dial it.
     assert stranger["direct"] in ("ConnectTimeout", "ConnectError"), stranger
     allowed = _in_pod(kubectl, namespace, "agent-client", REFUSALS_SCRIPT, namespace, revoked, runtime_ip)

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from agentkube import contract, gateway
-from agentkube.client import Output, error_of, parse_event
+from agentkube.client import (
+    DEFAULT_GATEWAY_CA,
+    GATEWAY_CA_KEY,
+    IN_CLUSTER_GATEWAY,
+    Output,
+    error_of,
+    gateway_ca_configmap,
+    parse_event,
+)
 from agentkube.ebpf.runtime_port import bearer_token, from_inside_the_pod
 from agentkube.operator import api, sandbox
 
@@ -198,3 +206,26 @@ def test_a_suspended_sandbox_is_resumed_through_the_operators_own_fields():
     with pytest.raises(gateway.Refusal) as refused:
         gateway.resume_patch(box("Expired"), "now")
     assert refused.value.status == 409
+
+
+@pytest.mark.parametrize("address, published", [
+    ("https://agentkube-gateway.agentkube-system.svc:8080", ("agentkube-system", "agentkube-gateway-ca")),
+    ("https://edge-gateway.platform.svc.cluster.local:8443", ("platform", "edge-gateway-ca")),
+    ("https://127.0.0.1:8080", DEFAULT_GATEWAY_CA),  # a port-forward: the chart's default release
+    ("https://gateway.example.com", DEFAULT_GATEWAY_CA),
+])
+def test_the_sdk_finds_the_gateways_ca_where_the_chart_publishes_it(address, published):
+    assert gateway_ca_configmap(address) == published
+
+
+def test_the_chart_publishes_its_ca_under_the_name_the_sdk_looks_for_and_serves_https():
+    gateway_yaml = (CHART / "templates" / "gateway.yaml").read_text()
+    tls_yaml = (CHART / "templates" / "gateway-tls.yaml").read_text()
+    assert "name: {{ $gateway }}-ca" in tls_yaml and f"{GATEWAY_CA_KEY}: {{{{ $cert.ca | quote }}}}" in tls_yaml
+    assert "--tls-cert-file=" in gateway_yaml and IN_CLUSTER_GATEWAY.startswith("https://")
+
+
+def test_the_gateway_serves_tls_with_both_files_or_plain_http_with_neither(tmp_path):
+    assert gateway.tls_context(None, None) is None
+    with pytest.raises(SystemExit, match="both"):
+        gateway.tls_context(tmp_path / "tls.crt", None)
