@@ -3,23 +3,26 @@
 It brings up the local cluster with its node (the node agent left to the chart), `helm install`s agentkube
 with the images built here, applies the example AgentSandbox in a namespace that enforces the Pod Security
 `baseline` standard, and runs a scripted coding agent against it (agentkube.demo_agent). Then a ServedModel
-with `autoscaling.policy: ppo` is tuned by the installed operator against the simulated Knative revision,
-the dashboards are rendered from the real Prometheus, and a summary says what happened and where to look.
+with `autoscaling.policy: ppo` becomes a real Knative Service (Knative Serving runs on the node; the model
+server is the emulated one, agentkube.modelserver), a bounded load goes through Knative's ingress, and the
+installed operator's PPO policy sets the concurrency target from Knative's own metrics in Prometheus. The
+dashboards are rendered from that Prometheus, and a summary says what happened and where to look.
 Running it twice is harmless (every step is an apply or an upgrade); `agentkube dev down` removes it all.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -27,7 +30,7 @@ from rich.table import Table
 from agentkube import dashboards
 from agentkube.client import Sandbox
 from agentkube.demo_agent import USAGE_COLUMNS, Outcome, run_agent, steps, usage_rows
-from agentkube.devenv import node
+from agentkube.devenv import images, knative, node
 from agentkube.devenv.cluster import DevEnv
 from agentkube.devenv.versions import bin_dir
 
@@ -37,13 +40,12 @@ EXAMPLES = REPOSITORY / "examples"
 RELEASE, SYSTEM_NAMESPACE, DEMO_NAMESPACE = "agentkube", "agentkube-system", "agentkube-demo"
 SANDBOX_NAME = "coder"  # examples/sandbox.yaml
 RUNNING_TIMEOUT = 180.0
-# Stand-ins for Knative's Service and PodAutoscaler CRDs: the ServedModel's Knative Service is played by the
-# simulated revision (`agentkube rl serve-revision`). Real Knative runs with `agentkube dev up --with-knative`
-# (tests/e2e/test_knative.py); the demo does not use it yet.
+# Stand-ins for Knative's Service and PodAutoscaler CRDs, for the integration tests that run no Knative.
 KNATIVE_CRD = REPOSITORY / "tests" / "manifests" / "knative-service-crd.yaml"
-MODEL_NAME, REVISION_JOB = "llm", "knative-revision"
-REVISION_SECONDS = 600  # the simulated revision stops by itself after this long
-DECISION_TIMEOUT = 120.0
+MODEL_NAME = "llm"
+MODEL_READY_TIMEOUT = 240.0  # the first revision: Knative's reconcilers, the pod, the model's load
+DECISION_TIMEOUT = 180.0
+LOAD_CLIENTS = 8  # the demo's bounded load: this many clients, one request in flight each, until the decision
 
 
 def chart_values(env: DevEnv) -> list[str]:
@@ -60,10 +62,42 @@ def demo_namespace() -> dict[str, Any]:
 
 
 def served_model() -> dict[str, Any]:
-    """A ServedModel whose concurrency target the PPO policy tunes, every 10 s for the demo to see it."""
+    """A ServedModel on the emulated model server whose concurrency target the PPO policy tunes, every 10 s
+    for the demo to see it; one pod kept warm so the first decision needs no cold start."""
     return {"apiVersion": "agentkube.dev/v1alpha1", "kind": "ServedModel", "metadata": {"name": MODEL_NAME},
-            "spec": {"model": {"name": "llama-3-8b"}, "image": "vllm/vllm-openai:latest", "autoscaling": {
-                "policy": "ppo", "slo": {"p95LatencyMs": 2000}, "ppo": {"decisionInterval": "10s"}}}}
+            "spec": {"model": {"name": "emulated"}, "image": images.MODEL_SERVER_IMAGE, "port": 8080, "autoscaling": {
+                "policy": "ppo", "minScale": 1, "maxScale": 3, "slo": {"p95LatencyMs": 2000},
+                "ppo": {"decisionInterval": "10s"}}}}
+
+
+class BoundedLoad:
+    """`clients` threads, each with one completion in flight through Knative's ingress (`Host:` the
+    Service's), from `with` until its end: a load that stops by itself and counts the answers."""
+
+    def __init__(self, ingress: str, host: str, clients: int):
+        self.ingress, self.host, self.clients = ingress, host, clients
+        self.answered: dict[int, int] = {}  # HTTP status (0: no answer) → count
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.ingress, headers={"Host": self.host}, timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    status = client.post("/v1/completions", json={"prompt": "the demo", "max_tokens": 32}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.answered[status] = self.answered.get(status, 0) + 1
+
+    def __enter__(self) -> BoundedLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=65)
 
 
 def example_sandbox() -> dict[str, Any]:
@@ -80,6 +114,7 @@ class Demo:
     quick: bool = False
     outcomes: list[Outcome] = field(default_factory=list)
     decision: dict[str, Any] | None = None
+    answered: dict[int, int] = field(default_factory=dict)  # the load's answers by HTTP status
     timings: dict[str, float] = field(default_factory=dict)
 
     def tool(self, name: str, *args: str, input: str | None = None, check: bool = True,
@@ -135,25 +170,29 @@ class Demo:
         self.env.add_scrape_target(dashboards.NODE_AGENT_JOB, [f"{node.NODE_IP}:{values['nodeAgent']['metricsPort']}"])
 
     def model_decided(self) -> dict[str, Any]:
-        """The ServedModel applied, its revision played by the simulator (scraped by Prometheus), and the
-        installed operator's first policy decision."""
-        self.tool("kubectl", "apply", "-f", str(KNATIVE_CRD))
-        self.tool("kubectl", "wait", "--for=condition=Established", "crd/services.serving.knative.dev", "--timeout=60s")
+        """The ServedModel becomes a real Knative Service; a bounded load goes through Knative's ingress until
+        the installed operator's PPO policy has decided from Knative's metrics in Prometheus."""
         self.apply(served_model(), namespace=DEMO_NAMESPACE)
-        log = self.env.start_alongside("demo-revision", [
-            "env", f"KUBECONFIG={self.env.kubeconfig}", sys.executable, "-m", "agentkube", "rl", "serve-revision",
-            "--namespace", DEMO_NAMESPACE, "--service", MODEL_NAME, "--trace", "conversation", "--port", "0",
-            "--duration", str(REVISION_SECONDS)])
-        address = self._wait(lambda: re.search(r"^listening (127\.0\.0\.1:\d+)$", log.read_text(), re.MULTILINE),
-                             60, "the simulated revision did not start").group(1)
-        self.env.add_scrape_target(REVISION_JOB, [address])
+
+        def ready() -> str | None:
+            got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"servedmodel/{MODEL_NAME}", "-o", "json", check=False)
+            status = json.loads(got.stdout or "{}").get("status") or {}
+            return status.get("url") if status.get("ready") else None
+
+        url = self._wait(ready, MODEL_READY_TIMEOUT, f"ServedModel {MODEL_NAME} not Ready "
+                                                     f"(see `kubectl describe servedmodel -n {DEMO_NAMESPACE} {MODEL_NAME}`)")
 
         def decided() -> dict[str, Any] | None:
             got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"servedmodel/{MODEL_NAME}", "-o", "json", check=False)
             decision = (json.loads(got.stdout or "{}").get("status") or {}).get("lastDecision") or {}
             return decision if decision.get("reason") == "PolicyDecided" else None
 
-        return self._wait(decided, DECISION_TIMEOUT, "no autoscaling decision by the PPO policy")
+        ingress = self.tool("kubectl", "get", "service", "-n", knative.SYSTEM_NAMESPACE, knative.TRAEFIK_SERVICE,
+                            "-o", "jsonpath={.spec.clusterIP}").stdout
+        with BoundedLoad(f"http://{ingress}:{knative.TRAEFIK_HTTP_PORT}", url.removeprefix("http://"), LOAD_CLIENTS) as load:
+            decision = self._wait(decided, DECISION_TIMEOUT, "no autoscaling decision by the PPO policy")
+        self.answered = load.answered
+        return decision
 
     def _wait(self, condition: Callable[[], Any], timeout: float, failure: str) -> Any:
         deadline = time.monotonic() + timeout
@@ -178,14 +217,15 @@ class Demo:
     def run(self) -> bool:
         """The demo from a possibly fresh machine to its summary; True when every call went as expected."""
         if not self.env.is_up():
-            self.step("local cluster with its node (first run: builds images)", lambda: self.env.up(timeout=300))
+            self.step("local cluster with its node and Knative Serving (first run: builds images)",
+                      lambda: self.env.up(timeout=600))
         self.step("helm install agentkube", self.install)
         self.step("Prometheus scrapes the operator and the node agent", self.scrape)
         sandbox = self.step(f"AgentSandbox {SANDBOX_NAME} Running in {DEMO_NAMESPACE} (Pod Security baseline)",
                             self.sandbox_running)
         self.console.print("the scripted agent's tool calls:")
         self.step("agent done", lambda: self.agent(sandbox))
-        self.decision = self.step(f"ServedModel {MODEL_NAME}: a concurrency target chosen by the PPO policy",
+        self.decision = self.step(f"ServedModel {MODEL_NAME} on Knative: a concurrency target chosen by the PPO policy",
                                   self.model_decided)
         # Two scrapes of the counters the calls raised (the local Prometheus scrapes every second).
         time.sleep(3)
@@ -202,8 +242,10 @@ class Demo:
             table.add_row(*row)
         self.console.print(table)
         if self.decision:
-            self.console.print(f"ServedModel {MODEL_NAME}: concurrency target {self.decision.get('previousValue')} → "
-                               f"{self.decision['value']} ({self.decision['reason']}: {self.decision.get('message', '')})")
+            self.console.print(f"ServedModel {MODEL_NAME} (a Knative Service): concurrency target "
+                               f"{self.decision.get('previousValue')} → {self.decision['value']} "
+                               f"({self.decision['reason']}: {self.decision.get('message', '')}); the demo's load: "
+                               f"{self.answered.get(200, 0)} of {sum(self.answered.values())} requests answered")
         self.console.print(f"prometheus: {self.env.prometheus_url}")
         for picture in pictures:
             self.console.print(f"dashboard:  {picture}")
@@ -217,11 +259,12 @@ class DemoError(RuntimeError):
 
 def main(state_dir: Path, quick: bool = False) -> int:
     console = Console(stderr=True)
-    env = DevEnv(state_dir, with_node=True, node_agent="none")
-    if env.is_up() and env.node_agent != "none":
-        console.print(f"[red]the environment in {state_dir} runs the node agent on the host; the demo installs it "
-                      "with the chart: run `make down` first[/]")
+    running = DevEnv(state_dir)  # what is up already, if anything
+    if running.is_up() and (running.node_agent != "none" or not running.with_knative):
+        console.print(f"[red]the environment in {state_dir} was brought up without Knative or with the node agent on "
+                      "the host; the demo needs Knative and installs the node agent with the chart: run `make down` first[/]")
         return 1
+    env = DevEnv(state_dir, with_node=True, node_agent="none", with_knative=True)
     try:
         return 0 if Demo(env, console, quick).run() else 1
     except DemoError as error:

@@ -32,7 +32,8 @@ SANDBOX = {
 
 @pytest.fixture(scope="module")
 def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
-    with node_environment(request, node_agent="none", with_prometheus=True) as env:  # Prometheus: for the demo
+    # Prometheus and Knative: for the demo, whose ServedModel is a real Knative Service.
+    with node_environment(request, node_agent="none", with_prometheus=True, with_knative=True) as env:
         yield env
 
 
@@ -625,8 +626,8 @@ def test_helm_test_passes(release, helm):
 
 def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
     """`make demo`'s own code path, with one call of each kind: on this installed agentkube, the example
-    sandbox in a baseline namespace runs the scripted agent's calls as expected, and the dashboards it
-    renders come from the real Prometheus."""
+    sandbox in a baseline namespace runs the scripted agent's calls as expected, the ServedModel is a real
+    Knative Service tuned by the PPO policy, and the dashboards it renders come from the real Prometheus."""
     from rich.console import Console
 
     from agentkube.demo import Demo
@@ -634,7 +635,10 @@ def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
 
     demo = Demo(devenv, Console(stderr=True), quick=True)
     assert demo.run(), usage_rows(demo.outcomes)
+    # The PPO policy decided from Knative's own metrics, under a load every request of which was answered.
     assert demo.decision is not None and demo.decision["reason"] == "PolicyDecided"
+    assert demo.decision["inputs"]["revision_app_request_count"] > 0, demo.decision
+    assert set(demo.answered) == {200}, demo.answered
     assert sorted(p.name for p in (devenv.layout.root / "dashboards").glob("*.png")) == [
         "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png", "agentkube-served-models.png"]
 
