@@ -89,14 +89,17 @@ def node_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -
         if pod_autoscaler is None:
             continue
         running = kube.count_revision_pods(namespace, revision)
-        patch = interruptions.raised_floor(pod_autoscaler, name, running, len(on_node))
+        deployment = interruptions.deployment_name(revision)
+        replicas = kube.deployment_replicas(namespace, deployment)
+        patch = interruptions.raised_floor(pod_autoscaler, name, running, len(on_node), replicas)
         if patch is None:
             continue  # this node's notice was handled already
         # The budget first: from then on no drain evicts below the pods running now.
         kube.create_disruption_budget(namespace, interruptions.disruption_budget(namespace, revision, running))
         kube.patch_pod_autoscaler(namespace, revision, patch)
-        kube.raise_deployment_replicas(namespace, interruptions.deployment_name(revision),
-                                       int(patch["metadata"]["annotations"][interruptions.MIN_SCALE]))
+        raised = interruptions.replicas_raised_to(patch)
+        if raised is not None and replicas is not None and raised > replicas:
+            kube.scale_deployment(namespace, deployment, raised)
         logger.warning("node %s is going (%s): revision %s/%s floor raised by %d for replacements",
                        name, signal, namespace, revision, len(on_node))
 
@@ -109,7 +112,11 @@ def restore_floors(logger: logging.Logger) -> None:
         if patch is None:
             continue
         namespace, revision = pod_autoscaler["metadata"]["namespace"], pod_autoscaler["metadata"]["name"]
+        deployment = interruptions.deployment_name(revision)
+        replicas = interruptions.restored_replicas(pod_autoscaler, kube.deployment_replicas(namespace, deployment))
         kube.patch_pod_autoscaler(namespace, revision, patch)
+        if replicas is not None:
+            kube.scale_deployment(namespace, deployment, replicas)
         kube.delete_disruption_budget(namespace, interruptions.budget_name(revision))
         logger.info("revision %s/%s: interrupted nodes gone, floor back to %s", namespace, revision,
                     patch["metadata"]["annotations"][interruptions.MIN_SCALE])

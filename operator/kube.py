@@ -278,12 +278,20 @@ def delete_disruption_budget(namespace: str, name: str) -> None:
     delete(client("policy").delete_namespaced_pod_disruption_budget, name, namespace)
 
 
-def raise_deployment_replicas(namespace: str, name: str, replicas: int) -> None:
-    """At least `replicas` on a Deployment's scale subresource (never lowers it; gone is no error)."""
+def deployment_replicas(namespace: str, name: str) -> int | None:
+    """A Deployment's count on its scale subresource, or None when it does not exist."""
     try:
-        scale = client("apps").read_namespaced_deployment_scale(name, namespace)
-        if (scale.spec.replicas or 0) < replicas:
-            client("apps").patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+        return int(client("apps").read_namespaced_deployment_scale(name, namespace).spec.replicas or 0)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def scale_deployment(namespace: str, name: str, replicas: int) -> None:
+    """Set a Deployment's count through its scale subresource (gone is no error)."""
+    try:
+        client("apps").patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
     except ApiException as error:
         if error.status != 404:
             raise
