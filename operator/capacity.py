@@ -180,6 +180,25 @@ def nodepools(namespace: str, name: str, spot: api.SpotCapacity, share: float, n
     return pools
 
 
+def orphaned_nodepools(pools: list[dict[str, Any]], models: set[tuple[str, str]], namespace: str | None) -> list[str]:
+    """The NodePools made for a ServedModel that no longer exists (deleted while no operator ran, so no
+    DELETED event removed them): those labelled with a model's namespace and name that `models` (namespace,
+    name) lacks. Only within `namespace` when the operator watches one; pools without both labels are not
+    ours to judge. `models` must be listed after `pools`: a pool is only made for a model that exists, so
+    every pool listed first has its model in the later list unless the model is gone."""
+    orphans = []
+    for pool in pools:
+        labels = (pool.get("metadata") or {}).get("labels") or {}
+        owner = (labels.get(MODEL_NAMESPACE_LABEL), labels.get(MODEL_NAME_LABEL))
+        if None in owner or any(labels.get(key) != value for key, value in MANAGED_BY.items()):
+            continue
+        if namespace is not None and owner[0] != namespace:
+            continue
+        if owner not in models:
+            orphans.append(pool["metadata"]["name"])
+    return sorted(orphans)
+
+
 def holds(current: Any, wanted: Any) -> bool:
     """Whether `current` (as read back) has every field `wanted` sets, with the same value: what the API
     server added (defaults) is no difference."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from kubernetes.client import ApiException
 
 from agentkube.operator import api, capacity, interruptions, kube
 from agentkube.operator.kube import SERVED_MODELS
@@ -16,13 +17,32 @@ from agentkube.operator.status import ConditionUpdate
 CONDITION = "Capacity"
 
 _node_class = capacity.NodeClassRef()
+_namespace: str | None = None  # the one namespace the operator watches, or None for all
 
 
-def configure_capacity(node_class: str | None) -> None:
+def configure_capacity(node_class: str | None, namespace: str | None = None) -> None:
     """The node class every NodePool names (`group/Kind/name`; unset: KWOK's `default`, as `dev up
-    --with-capacity` makes it)."""
-    global _node_class
+    --with-capacity` makes it), and the namespace the operator watches (None: all)."""
+    global _node_class, _namespace
     _node_class = capacity.NodeClassRef.parse(node_class) if node_class else capacity.NodeClassRef()
+    _namespace = namespace
+
+
+@kopf.on.startup()
+def sweep_orphaned_nodepools(logger: logging.Logger, **_: Any) -> None:
+    """At start, remove the NodePools of models deleted while no operator ran (the DELETED event that
+    removes them otherwise was never seen). A failed sweep is logged, not retried: it must not keep the
+    operator from starting, and the next start sweeps again."""
+    try:
+        pools = kube.list_managed_nodepools()  # before the models: see `capacity.orphaned_nodepools`
+        if pools is None:
+            return  # no Karpenter
+        for name in capacity.orphaned_nodepools(pools, kube.served_model_names(_namespace), _namespace):
+            kube.delete_nodepool(name)
+            logger.info("deleted NodePool %s: its ServedModel no longer exists", name)
+    except ApiException as error:
+        logger.warning("the sweep of orphaned NodePools failed (%s %s); the next start tries again",
+                       error.status, error.reason)
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,29 @@ def list_model_nodepools(namespace: str, name: str) -> list[dict[str, Any]] | No
     return list(result.get("items") or [])
 
 
+def list_managed_nodepools() -> list[dict[str, Any]] | None:
+    """Every NodePool the operator made for a ServedModel, or None when Karpenter's NodePool CRD is not
+    installed."""
+    selector = f"{capacity.MODEL_NAMESPACE_LABEL},{capacity.MODEL_NAME_LABEL}"
+    try:
+        result = client("custom").list_cluster_custom_object(*_nodepools(), label_selector=selector)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return list(result.get("items") or [])
+
+
+def served_model_names(namespace: str | None) -> set[tuple[str, str]]:
+    """(namespace, name) of every ServedModel, in one namespace or all."""
+    custom = client("custom")
+    if namespace is None:
+        result = custom.list_cluster_custom_object(api.GROUP, api.VERSION, SERVED_MODELS)
+    else:
+        result = custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, SERVED_MODELS)
+    return {(item["metadata"]["namespace"], item["metadata"]["name"]) for item in result.get("items") or []}
+
+
 def apply_nodepool(manifest: dict[str, Any], current: dict[str, Any] | None) -> None:
     """Create the NodePool, or bring its labels and spec to the manifest's when they differ."""
     if current is None:

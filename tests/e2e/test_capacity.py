@@ -25,9 +25,15 @@ def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
         yield env
 
 
+# A NodePool the operator made for a model deleted while no operator ran: the start's sweep removes it.
+ORPHAN = capacity.nodepools("capacity", "deleted-while-down", api.SpotCapacity(enabled=True), 0.0, capacity.NodeClassRef())[0]
+
+
 @pytest.fixture(scope="module")
-def operator(devenv, kubectl, tmp_path_factory) -> Iterator[Operator]:
-    running = Operator(install_operator(devenv, kubectl), tmp_path_factory.mktemp("operator"), "--peering=")
+def operator(devenv, kubectl, api_client, tmp_path_factory) -> Iterator[Operator]:
+    kubeconfig = install_operator(devenv, kubectl)
+    CustomObjectsApi(api_client).create_cluster_custom_object(*KARPENTER, capacity.NODEPOOLS, ORPHAN)
+    running = Operator(kubeconfig, tmp_path_factory.mktemp("operator"), "--peering=")
     running.start()
     yield running
     running.stop()
@@ -94,6 +100,10 @@ def test_spot_enabled_model_gets_spot_and_on_demand_nodeclaims_and_pods_on_both(
     model = custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", "llm")
     condition = next(c for c in model["status"]["conditions"] if c["type"] == "Capacity")
     assert (condition["status"], condition["reason"]) == ("True", "NodePoolsApplied")
+
+    # The pool of the model deleted while no operator ran went at the operator's start; the model's stayed.
+    remaining = {p["metadata"]["name"] for p in custom.list_cluster_custom_object(*KARPENTER, capacity.NODEPOOLS)["items"]}
+    assert ORPHAN["metadata"]["name"] not in remaining and pools <= remaining
 
 
 

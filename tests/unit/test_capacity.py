@@ -187,3 +187,19 @@ def test_each_model_spreads_over_a_key_of_its_own():
     for key in keys:
         prefix, label_name = key.split("/")
         assert prefix == capacity.SPREAD_LABEL_PREFIX and len(label_name) <= 63 and label_name.isalnum()
+
+
+def test_the_startup_sweep_finds_the_pools_of_models_that_are_gone_and_nothing_else():
+    spot = api.SpotCapacity(enabled=True, on_demand_base=1, max_spot_fraction=0.5)
+    kept = capacity.nodepools("ns", "kept", spot, 0.5, capacity.NodeClassRef())
+    gone = capacity.nodepools("ns", "gone", spot, 0.5, capacity.NodeClassRef())
+    elsewhere = capacity.nodepools("other", "gone", spot, 0.5, capacity.NodeClassRef())
+    someone_elses = {"metadata": {"name": "team-pool", "labels": {capacity.MODEL_NAME_LABEL: "gone",
+                                                                  capacity.MODEL_NAMESPACE_LABEL: "ns"}}}
+    pools = [*kept, *gone, *elsewhere, someone_elses]
+    models = {("ns", "kept")}
+    assert capacity.orphaned_nodepools(pools, models, None) == sorted(
+        p["metadata"]["name"] for p in [*gone, *elsewhere])
+    # An operator that watches one namespace judges only that namespace's pools.
+    assert capacity.orphaned_nodepools(pools, models, "ns") == sorted(p["metadata"]["name"] for p in gone)
+    assert capacity.orphaned_nodepools(pools, {("ns", "kept"), ("ns", "gone"), ("other", "gone")}, None) == []
