@@ -8,6 +8,16 @@ that label with maxSkew 1, so that the scheduler (and Karpenter, which simulates
 ("domain") in turn. With k on-demand and m spot domains the revision runs k/(k+m) of its pods on
 on-demand, and once it has k+m pods at least k of them are on-demand (every domain holds one).
 
+Below k+m pods the spread alone does not say which of several equally full domains a pod takes: every pod
+of a revision has the same template, so no constraint can single out "the first k". The pods therefore
+also prefer on-demand nodes. Karpenter treats a preference as a requirement until the pod cannot be
+placed with it (then it drops it), and its spread picks among the domains the pod's requirements allow,
+so the capacity it launches fills the on-demand domains first; the kube-scheduler, placing a pod on
+nodes that exist already, weighs the preference in its score, which decides among the nodes the spread
+allows but is a score, not a rule. And a ReplicaSet scaling down picks its victims without regard to
+capacity type. So at fewer than k+m pods the base is what Karpenter launches and what the scheduler
+prefers, not a guarantee (docs/architecture.md, "Capacity").
+
 The split is changed in the NodePools only (the domain values), never in the pod template: a change to
 the Knative Service's template would stamp a new Revision.
 """
@@ -173,8 +183,9 @@ def nodepools(namespace: str, name: str, spot: api.SpotCapacity, share: float, n
                 },
                 "disruption": {"consolidationPolicy": "WhenEmpty", "consolidateAfter": CONSOLIDATE_AFTER,
                                "budgets": DISRUPTION_BUDGETS[capacity_type]},
-                # Spot first when a pod could go either way (both pools' domains are open to it).
-                "weight": 10 if capacity_type == SPOT else 1,
+                # On-demand first when a pod could go either way (both pools' domains are open to it), as
+                # the pods' preference asks: the base fills before the spot overflow.
+                "weight": 10 if capacity_type == ON_DEMAND else 1,
             },
         })
     return pools
@@ -211,13 +222,20 @@ def holds(current: Any, wanted: Any) -> bool:
 
 def karpenter_placement(namespace: str, name: str, model_label: str) -> dict[str, Any]:
     """The revision's pod-spec fields for the NodePools above: only their nodes (required affinity on
-    Karpenter's nodepool label), the toleration of their taint, and the spread over the domains. The same
-    whatever the split, so that a new share never stamps a new Revision."""
+    Karpenter's nodepool label), on-demand nodes preferred (the base first, see the module's note), the
+    toleration of their taint, and the spread over the domains. The same whatever the split, so that a new
+    share never stamps a new Revision."""
     return {
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": NODEPOOL_LABEL, "operator": "In",
-                                   "values": [nodepool_name(namespace, name, ON_DEMAND), nodepool_name(namespace, name, SPOT)]}]},
-        ]}}},
+        "affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": NODEPOOL_LABEL, "operator": "In",
+                                       "values": [nodepool_name(namespace, name, ON_DEMAND), nodepool_name(namespace, name, SPOT)]}]},
+            ]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchExpressions": [
+                    {"key": CAPACITY_TYPE_LABEL, "operator": "In", "values": [ON_DEMAND]}]}},
+            ],
+        }},
         "tolerations": [dict(DEDICATED_TOLERATION)],
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": spread_label(namespace, name), "whenUnsatisfiable": "DoNotSchedule",
                                        "labelSelector": {"matchLabels": {model_label: name}}}],

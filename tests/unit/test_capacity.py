@@ -78,6 +78,10 @@ def test_karpenter_placement_spreads_over_the_domains_on_the_models_pools_only()
     terms = fields["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms == [{"matchExpressions": [{"key": capacity.NODEPOOL_LABEL, "operator": "In",
                                             "values": ["ns-m-on-demand", "ns-m-spot"]}]}]
+    # On-demand preferred: Karpenter takes a preference as a requirement until it cannot, so the base fills first.
+    assert fields["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == [
+        {"weight": 100, "preference": {"matchExpressions": [{"key": capacity.CAPACITY_TYPE_LABEL, "operator": "In",
+                                                             "values": [capacity.ON_DEMAND]}]}}]
     assert fields["tolerations"] == [capacity.DEDICATED_TOLERATION]
     assert fields["topologySpreadConstraints"] == [{
         "maxSkew": 1, "topologyKey": capacity.spread_label("ns", "m"), "whenUnsatisfiable": "DoNotSchedule",
