@@ -78,6 +78,9 @@ WELL_KNOWN_SPOT_LABELS: tuple[tuple[str, str, dict[str, str] | None], ...] = (
 )
 
 Mode = Literal["karpenter", "labels"]
+# The node label that carries an instance's price per hour: eks-node-viewer's convention, which Karpenter's
+# KWOK provider follows (from the instance types' offerings). Nodes without it are counted, not priced.
+PRICE_LABEL = "eks-node-viewer/instance-price"
 
 
 @dataclass(frozen=True)
@@ -282,3 +285,35 @@ def capacity_condition(spot: api.SpotCapacity, mode: Mode, domains: Split | None
     return ("Capacity", True, "NodePoolsApplied",
             f"NodePools for {domains.on_demand} on-demand and {domains.spot} spot spread domains "
             f"(spot fraction {domains.spot_fraction:.2f})")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a model runs on now: its pods by capacity type, and what its NodePools' nodes cost."""
+
+    on_demand_pods: int
+    spot_pods: int
+    cost_per_hour: float  # the priced nodes of the model's NodePools
+    unpriced_nodes: int  # nodes of its NodePools without a price label
+
+
+def capacity_type_of(node_labels: dict[str, str]) -> str:
+    """Spot if any of the managed services' capacity labels says so, else on-demand."""
+    return SPOT if any(node_labels.get(key) == value for key, value, _ in WELL_KNOWN_SPOT_LABELS) else ON_DEMAND
+
+
+def usage(pods: list[dict[str, Any]], nodes: dict[str, dict[str, str]], pools: set[str]) -> Usage:
+    """`pods`: the model's; `nodes`: every node's labels by name; `pools`: the model's NodePools. Pods
+    not bound yet or being deleted run nowhere and count for nothing."""
+    kinds = [capacity_type_of(nodes[node]) for pod in pods
+             if not (pod.get("metadata") or {}).get("deletionTimestamp")
+             and (node := (pod.get("spec") or {}).get("nodeName")) in nodes]
+    cost, unpriced = 0.0, 0
+    for labels in nodes.values():
+        if labels.get(NODEPOOL_LABEL) not in pools:
+            continue
+        try:
+            cost += float(labels[PRICE_LABEL])
+        except (KeyError, ValueError):
+            unpriced += 1
+    return Usage(kinds.count(ON_DEMAND), kinds.count(SPOT), round(cost, 6), unpriced)

@@ -4,17 +4,21 @@ say which placement is in force (the `Capacity` condition)."""
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import kopf
 from kubernetes.client import ApiException
 
-from agentkube.operator import api, capacity, interruptions, kube
+from agentkube.operator import api, capacity, interruptions, kube, metrics
 from agentkube.operator.kube import SERVED_MODELS
+from agentkube.operator.rechecks import rechecks
 from agentkube.operator.servedmodel import MODEL_LABEL
 from agentkube.operator.status import ConditionUpdate
 
 CONDITION = "Capacity"
+# How often a model's replicas by capacity type and its nodes' cost are measured for the metrics.
+CAPACITY_MEASURE_INTERVAL = timedelta(seconds=30)
 
 _node_class = capacity.NodeClassRef()
 _namespace: str | None = None  # the one namespace the operator watches, or None for all
@@ -86,6 +90,7 @@ def served_model_event(type: str, namespace: str, name: str, logger: logging.Log
     `kubectl delete nodepools -l agentkube.dev/served-model=NAME` removes)."""
     if type != "DELETED":
         return
+    metrics.forget_served_model_capacity(namespace, name)
     for pool in kube.list_model_nodepools(namespace, name) or []:
         kube.delete_nodepool(pool["metadata"]["name"])
         logger.info("deleted NodePool %s of %s/%s", pool["metadata"]["name"], namespace, name)
@@ -122,6 +127,9 @@ def node_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -
             kube.scale_deployment(namespace, deployment, raised)
         logger.warning("node %s is going (%s): revision %s/%s floor raised by %d for replacements",
                        name, signal, namespace, revision, len(on_node))
+        model = (on_node[0]["metadata"].get("labels") or {}).get(MODEL_LABEL)
+        if model:
+            metrics.served_model_interrupted(namespace, model)
 
 
 def restore_floors(logger: logging.Logger) -> None:
@@ -140,3 +148,18 @@ def restore_floors(logger: logging.Logger) -> None:
         kube.delete_disruption_budget(namespace, interruptions.budget_name(revision))
         logger.info("revision %s/%s: interrupted nodes gone, floor back to %s", namespace, revision,
                     patch["metadata"]["annotations"][interruptions.MIN_SCALE])
+
+
+def measure_capacity(namespace: str, name: str, logger: logging.Logger) -> None:
+    """Export what a model runs on (its pods by capacity type, its NodePools' nodes' cost per hour), then
+    look again after `CAPACITY_MEASURE_INTERVAL`; ends by itself when the model is gone."""
+    model = kube.read_own(SERVED_MODELS, namespace, name)
+    if model is None or model["metadata"].get("deletionTimestamp"):
+        metrics.forget_served_model_capacity(namespace, name)
+        return
+    try:
+        pools = {capacity.nodepool_name(namespace, name, kind) for kind in (capacity.ON_DEMAND, capacity.SPOT)}
+        metrics.served_model_capacity(namespace, name, capacity.usage(kube.list_model_pods(namespace, name),
+                                                                      kube.node_labels(), pools))
+    finally:
+        rechecks.schedule(measure_capacity, namespace, name, CAPACITY_MEASURE_INTERVAL, logger)

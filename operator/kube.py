@@ -289,6 +289,17 @@ def list_all_pod_autoscalers() -> list[dict[str, Any]]:
     return list(result.get("items") or [])
 
 
+def list_model_pods(namespace: str, name: str) -> list[dict[str, Any]]:
+    """A ServedModel's pods (every revision's)."""
+    result = client("core").list_namespaced_pod(namespace, label_selector=f"{servedmodel.MODEL_LABEL}={name}")
+    return [as_dict(pod) for pod in result.items]
+
+
+def node_labels() -> dict[str, dict[str, str]]:
+    """Every node's labels, by node name."""
+    return {node.metadata.name: dict(node.metadata.labels or {}) for node in client("core").list_node().items}
+
+
 def node_names() -> set[str]:
     return {node.metadata.name for node in client("core").list_node().items}
 

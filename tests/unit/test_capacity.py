@@ -207,3 +207,21 @@ def test_the_startup_sweep_finds_the_pools_of_models_that_are_gone_and_nothing_e
     # An operator that watches one namespace judges only that namespace's pools.
     assert capacity.orphaned_nodepools(pools, models, "ns") == sorted(p["metadata"]["name"] for p in gone)
     assert capacity.orphaned_nodepools(pools, {("ns", "kept"), ("ns", "gone"), ("other", "gone")}, None) == []
+
+
+def test_usage_counts_bound_pods_by_their_nodes_capacity_type_and_prices_the_models_nodes():
+    nodes = {
+        "od": {capacity.CAPACITY_TYPE_LABEL: "on-demand", capacity.NODEPOOL_LABEL: "ns-m-on-demand", capacity.PRICE_LABEL: "1.006"},
+        "sp": {capacity.CAPACITY_TYPE_LABEL: "spot", capacity.NODEPOOL_LABEL: "ns-m-spot", capacity.PRICE_LABEL: "0.350000"},
+        "gke-spot": {"cloud.google.com/gke-spot": "true"},  # another provider's spot node, not the model's pools
+        "unpriced": {capacity.CAPACITY_TYPE_LABEL: "spot", capacity.NODEPOOL_LABEL: "ns-m-spot"},
+        "other-model": {capacity.NODEPOOL_LABEL: "ns-x-spot", capacity.PRICE_LABEL: "9"},
+    }
+
+    def pod(node=None, deleting=False):
+        return {"metadata": {"deletionTimestamp": "2026-11-30T00:00:00Z"} if deleting else {}, "spec": {"nodeName": node}}
+
+    pods = [pod("od"), pod("od"), pod("sp"), pod("gke-spot"), pod(), pod("sp", deleting=True), pod("gone")]
+    found = capacity.usage(pods, nodes, {"ns-m-on-demand", "ns-m-spot"})
+    assert found == capacity.Usage(on_demand_pods=2, spot_pods=2, cost_per_hour=1.356, unpriced_nodes=1)
+    assert capacity.capacity_type_of({}) == "on-demand"
