@@ -116,7 +116,7 @@ def test_interrupted_spot_nodes_pods_are_replaced_before_any_is_evicted_and_all_
     custom = CustomObjectsApi(api_client)
     assert len(interruption_watch.live_pods(api_client, namespace, "llm")) == 4, "the previous test's model is not in place"
     for _ in range(INTERRUPTIONS):
-        outcome = interruption_watch.play(api_client, devenv.environ(), namespace, "llm", replicas=4, notice_s=10)
+        outcome = interruption_watch.play(api_client, devenv.environ(), namespace, "llm", replicas=4, notice_s=5)
         # At the first eviction from the node, the revision already had its four pods Ready off it: the
         # replacements were Ready first (the drain goes through the Eviction API, which the operator's budget holds).
         assert outcome.on_node >= 1
