@@ -21,6 +21,7 @@ Writes bench/results/capacity_cost.{json,md}. Needs the node (hold the lock):
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,7 @@ def _apply_pools(custom, name: str, share: float) -> None:
                     raise
 
 
-def measure_karpenter(pods: list[int], shares: list[float], settle_s: float) -> list[dict]:
+def measure_karpenter(pods: list[int], shares: list[float], settle_s: float, hold_s: float) -> list[dict]:
     strategies = {"on-demand-only": lambda h: 0.0, "fixed-share": lambda h: FIXED_SHARE, "policy-share": lambda h: shares[h]}
     prices = _prices()
     rows = []
@@ -146,20 +147,31 @@ def measure_karpenter(pods: list[int], shares: list[float], settle_s: float) -> 
                     break
                 time.sleep(2)
             bound_s = time.monotonic() - started
+            # Then the step lasts `hold_s` in all, so that Karpenter can consolidate what a scale-down emptied
+            # (after the pools' consolidateAfter): without it a compressed day pays for its peak to the end.
+            time.sleep(max(0.0, hold_s - (time.monotonic() - started)))
             claims = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS)["items"]
             nodes = {n.metadata.name: n.metadata.labels or {} for n in core.list_node().items}
-            placed = {}
+            placed: dict[tuple[str, str], int] = {}
+            in_use: set[str] = set()  # nodes with a pod bound (NodeClaims emptied wait a minute to be consolidated)
             for p in core.list_namespaced_pod(NAMESPACE).items:
                 if p.spec.node_name and not p.metadata.deletion_timestamp:
                     key = (p.metadata.labels[MODEL_LABEL], nodes.get(p.spec.node_name, {}).get(capacity.CAPACITY_TYPE_LABEL, "?"))
                     placed[key] = placed.get(key, 0) + 1
+                    in_use.add(p.spec.node_name)
             for name in strategies:
                 pools = {capacity.nodepool_name(NAMESPACE, name, kind) for kind in (capacity.ON_DEMAND, capacity.SPOT)}
                 mine = [c for c in claims if c["metadata"].get("labels", {}).get(capacity.NODEPOOL_LABEL) in pools]
-                cost = sum(prices.get((c["metadata"]["labels"].get("node.kubernetes.io/instance-type", ""),
-                                       c["metadata"]["labels"].get(capacity.CAPACITY_TYPE_LABEL, "")), 0.0) for c in mine)
+                def price(claim: dict) -> float:
+                    labels = claim["metadata"]["labels"]
+                    return prices.get((labels.get("node.kubernetes.io/instance-type", ""),
+                                       labels.get(capacity.CAPACITY_TYPE_LABEL, "")), 0.0)
+
+                cost = sum(price(c) for c in mine)
+                cost_in_use = sum(price(c) for c in mine if (c.get("status") or {}).get("nodeName") in in_use)
                 rows.append({"step": step, "strategy": name, "pods": count, "share": round(strategies[name](step), 3),
-                             "nodeclaims": len(mine), "cost_per_hour": round(cost, 4), "bound_s": round(bound_s, 1),
+                             "nodeclaims": len(mine), "cost_per_hour": round(cost, 4),
+                             "cost_in_use_per_hour": round(cost_in_use, 4), "bound_s": round(bound_s, 1),
                              "on_demand_pods": placed.get((name, "on-demand"), 0), "spot_pods": placed.get((name, "spot"), 0)})
             print(rows[-3:], flush=True)
     return rows
@@ -170,28 +182,43 @@ def main() -> None:
     parser.add_argument("--workload", default="conversation")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--settle", type=float, default=60.0, help="seconds per step at most, for the pods to be bound")
+    parser.add_argument("--hold", type=float, default=0.0,
+                        help="seconds each step lasts before its NodeClaims are priced (0: as soon as the pods are bound); "
+                             f"longer than the pools' consolidateAfter ({capacity.CONSOLIDATE_AFTER}) lets Karpenter remove emptied nodes")
+    parser.add_argument("--name", default="capacity_cost", help="results/NAME.{json,md}")
     args = parser.parse_args()
     sim_costs, pods, shares = simulate(args.workload, args.steps)
-    rows = measure_karpenter(pods, shares, args.settle)
+    rows = measure_karpenter(pods, shares, args.settle, args.hold)
     karpenter = {name: float(np.mean([r["cost_per_hour"] for r in rows if r["strategy"] == name]))
                  for name in ("on-demand-only", "fixed-share", "policy-share")}
+    in_use = {name: float(np.mean([r["cost_in_use_per_hour"] for r in rows if r["strategy"] == name]))
+              for name in ("on-demand-only", "fixed-share", "policy-share")}
     below_base = sum(1 for r in rows if r["strategy"] != "on-demand-only" and r["pods"] >= ON_DEMAND_BASE
                      and r["on_demand_pods"] < ON_DEMAND_BASE)
-    result = {"workload": args.workload, "steps": args.steps, "pods": pods, "policy_shares": shares,
+    result = {"workload": args.workload, "steps": args.steps, "hold_s": args.hold, "pods": pods, "policy_shares": shares,
+              "command": "flock /tmp/agentkube-node.lock .venv/bin/python bench/capacity_cost.py " + " ".join(sys.argv[1:]),
               "simulator_cost_per_hour": sim_costs, "karpenter_cost_per_hour": karpenter,
+              "karpenter_cost_in_use_per_hour": in_use,
               "steps_below_on_demand_base": below_base, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "capacity_cost.json").write_text(json.dumps(result, indent=1))
-    base_k, base_s = karpenter["on-demand-only"], sim_costs["on-demand only"]
-    lines = [f"# Capacity cost per hour: {args.workload} day in {args.steps} steps", "",
-             "| strategy | Karpenter $/h | vs on-demand only | simulator $/h | vs on-demand only |", "|---|--:|--:|--:|--:|"]
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    base_k, base_u, base_s = karpenter["on-demand-only"], in_use["on-demand-only"], sim_costs["on-demand only"]
+    held = f", each held {args.hold:g} s" if args.hold else ", each priced once its pods were bound"
+    lines = [f"# Capacity cost per hour: {args.workload} day in {args.steps} steps{held}", "",
+             "| strategy | Karpenter $/h (all NodeClaims) | vs on-demand only | Karpenter $/h (nodes with pods) | "
+             "vs on-demand only | simulator $/h | vs on-demand only |", "|---|--:|--:|--:|--:|--:|--:|"]
     for (k_name, s_name) in (("on-demand-only", "on-demand only"), ("fixed-share", f"fixed share {FIXED_SHARE}"),
                              ("policy-share", "policy share")):
         lines.append(f"| {k_name} | {karpenter[k_name]:.3f} | {karpenter[k_name] / base_k - 1:+.1%} | "
+                     f"{in_use[k_name]:.3f} | {in_use[k_name] / base_u - 1:+.1%} | "
                      f"{sim_costs[s_name]:.3f} | {sim_costs[s_name] / base_s - 1:+.1%} |")
     lines += ["", f"Steps where a spot strategy ran fewer on-demand pods than the base ({ON_DEMAND_BASE}): {below_base}.",
-              f"Policy share per step: {', '.join(f'{s:.2f}' for s in shares)}; pods per step: {pods}."]
-    (RESULTS / "capacity_cost.md").write_text("\n".join(lines) + "\n")
+              f"Policy share per step: {', '.join(f'{s:.2f}' for s in shares)}; pods per step: {pods}.",
+              "All NodeClaims: what Karpenter had launched once the step's pods were bound (emptied nodes are "
+              "consolidated after a minute, so a step after a scale-down still pays for some); nodes with pods: "
+              "only the NodeClaims whose node had one of the strategy's pods bound.",
+              "", f"Command: `{result['command']}`"]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

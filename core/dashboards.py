@@ -150,6 +150,17 @@ SERVED_MODELS = Dashboard(
               (q("sum by (reason) (increase(agentkube_autoscaling_decisions_total[5m]))", "{{reason}}"),)),
         Panel("Spot share", "Share of replicas the policy places on spot capacity.", "percentunit",
               (q("max by (namespace, servedmodel) (agentkube_servedmodel_spot_share)", "{{namespace}}/{{servedmodel}}"),)),
+        Panel("Replicas on spot and on-demand", "Each model's pods by the capacity type of the node they are bound to.",
+              "short",
+              (q("max by (namespace, servedmodel, capacity_type) (agentkube_servedmodel_replicas)",
+                 "{{capacity_type}} {{namespace}}/{{servedmodel}}"),)),
+        Panel("Interruptions (1h)", "Nodes announced as going (a spot interruption notice, Karpenter's disruption taint) "
+              "that held a model's pods; the operator brings replacements up before they are evicted.", "short",
+              (q("sum by (namespace, servedmodel) (increase(agentkube_servedmodel_interruptions_total[1h]))",
+                 "{{namespace}}/{{servedmodel}}"),)),
+        Panel("Capacity cost per hour", "What the nodes of each model's NodePools cost per hour, from their price labels.",
+              "currencyUSD",
+              (q("max by (namespace, servedmodel) (agentkube_servedmodel_capacity_cost_per_hour)", "{{namespace}}/{{servedmodel}}"),)),
     ),
 )
 

@@ -8,6 +8,16 @@ that label with maxSkew 1, so that the scheduler (and Karpenter, which simulates
 ("domain") in turn. With k on-demand and m spot domains the revision runs k/(k+m) of its pods on
 on-demand, and once it has k+m pods at least k of them are on-demand (every domain holds one).
 
+Below k+m pods the spread alone does not say which of several equally full domains a pod takes: every pod
+of a revision has the same template, so no constraint can single out "the first k". The pods therefore
+also prefer on-demand nodes. Karpenter treats a preference as a requirement until the pod cannot be
+placed with it (then it drops it), and its spread picks among the domains the pod's requirements allow,
+so the capacity it launches fills the on-demand domains first; the kube-scheduler, placing a pod on
+nodes that exist already, weighs the preference in its score, which decides among the nodes the spread
+allows but is a score, not a rule. And a ReplicaSet scaling down picks its victims without regard to
+capacity type. So at fewer than k+m pods the base is what Karpenter launches and what the scheduler
+prefers, not a guarantee (docs/architecture.md, "Capacity").
+
 The split is changed in the NodePools only (the domain values), never in the pod template: a change to
 the Knative Service's template would stamp a new Revision.
 """
@@ -68,6 +78,9 @@ WELL_KNOWN_SPOT_LABELS: tuple[tuple[str, str, dict[str, str] | None], ...] = (
 )
 
 Mode = Literal["karpenter", "labels"]
+# The node label that carries an instance's price per hour: eks-node-viewer's convention, which Karpenter's
+# KWOK provider follows (from the instance types' offerings). Nodes without it are counted, not priced.
+PRICE_LABEL = "eks-node-viewer/instance-price"
 
 
 @dataclass(frozen=True)
@@ -173,11 +186,31 @@ def nodepools(namespace: str, name: str, spot: api.SpotCapacity, share: float, n
                 },
                 "disruption": {"consolidationPolicy": "WhenEmpty", "consolidateAfter": CONSOLIDATE_AFTER,
                                "budgets": DISRUPTION_BUDGETS[capacity_type]},
-                # Spot first when a pod could go either way (both pools' domains are open to it).
-                "weight": 10 if capacity_type == SPOT else 1,
+                # On-demand first when a pod could go either way (both pools' domains are open to it), as
+                # the pods' preference asks: the base fills before the spot overflow.
+                "weight": 10 if capacity_type == ON_DEMAND else 1,
             },
         })
     return pools
+
+
+def orphaned_nodepools(pools: list[dict[str, Any]], models: set[tuple[str, str]], namespace: str | None) -> list[str]:
+    """The NodePools made for a ServedModel that no longer exists (deleted while no operator ran, so no
+    DELETED event removed them): those labelled with a model's namespace and name that `models` (namespace,
+    name) lacks. Only within `namespace` when the operator watches one; pools without both labels are not
+    ours to judge. `models` must be listed after `pools`: a pool is only made for a model that exists, so
+    every pool listed first has its model in the later list unless the model is gone."""
+    orphans = []
+    for pool in pools:
+        labels = (pool.get("metadata") or {}).get("labels") or {}
+        owner = (labels.get(MODEL_NAMESPACE_LABEL), labels.get(MODEL_NAME_LABEL))
+        if None in owner or any(labels.get(key) != value for key, value in MANAGED_BY.items()):
+            continue
+        if namespace is not None and owner[0] != namespace:
+            continue
+        if owner not in models:
+            orphans.append(pool["metadata"]["name"])
+    return sorted(orphans)
 
 
 def holds(current: Any, wanted: Any) -> bool:
@@ -192,13 +225,20 @@ def holds(current: Any, wanted: Any) -> bool:
 
 def karpenter_placement(namespace: str, name: str, model_label: str) -> dict[str, Any]:
     """The revision's pod-spec fields for the NodePools above: only their nodes (required affinity on
-    Karpenter's nodepool label), the toleration of their taint, and the spread over the domains. The same
-    whatever the split, so that a new share never stamps a new Revision."""
+    Karpenter's nodepool label), on-demand nodes preferred (the base first, see the module's note), the
+    toleration of their taint, and the spread over the domains. The same whatever the split, so that a new
+    share never stamps a new Revision."""
     return {
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": NODEPOOL_LABEL, "operator": "In",
-                                   "values": [nodepool_name(namespace, name, ON_DEMAND), nodepool_name(namespace, name, SPOT)]}]},
-        ]}}},
+        "affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": NODEPOOL_LABEL, "operator": "In",
+                                       "values": [nodepool_name(namespace, name, ON_DEMAND), nodepool_name(namespace, name, SPOT)]}]},
+            ]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchExpressions": [
+                    {"key": CAPACITY_TYPE_LABEL, "operator": "In", "values": [ON_DEMAND]}]}},
+            ],
+        }},
         "tolerations": [dict(DEDICATED_TOLERATION)],
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": spread_label(namespace, name), "whenUnsatisfiable": "DoNotSchedule",
                                        "labelSelector": {"matchLabels": {model_label: name}}}],
@@ -245,3 +285,35 @@ def capacity_condition(spot: api.SpotCapacity, mode: Mode, domains: Split | None
     return ("Capacity", True, "NodePoolsApplied",
             f"NodePools for {domains.on_demand} on-demand and {domains.spot} spot spread domains "
             f"(spot fraction {domains.spot_fraction:.2f})")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a model runs on now: its pods by capacity type, and what its NodePools' nodes cost."""
+
+    on_demand_pods: int
+    spot_pods: int
+    cost_per_hour: float  # the priced nodes of the model's NodePools
+    unpriced_nodes: int  # nodes of its NodePools without a price label
+
+
+def capacity_type_of(node_labels: dict[str, str]) -> str:
+    """Spot if any of the managed services' capacity labels says so, else on-demand."""
+    return SPOT if any(node_labels.get(key) == value for key, value, _ in WELL_KNOWN_SPOT_LABELS) else ON_DEMAND
+
+
+def usage(pods: list[dict[str, Any]], nodes: dict[str, dict[str, str]], pools: set[str]) -> Usage:
+    """`pods`: the model's; `nodes`: every node's labels by name; `pools`: the model's NodePools. Pods
+    not bound yet or being deleted run nowhere and count for nothing."""
+    kinds = [capacity_type_of(nodes[node]) for pod in pods
+             if not (pod.get("metadata") or {}).get("deletionTimestamp")
+             and (node := (pod.get("spec") or {}).get("nodeName")) in nodes]
+    cost, unpriced = 0.0, 0
+    for labels in nodes.values():
+        if labels.get(NODEPOOL_LABEL) not in pools:
+            continue
+        try:
+            cost += float(labels[PRICE_LABEL])
+        except (KeyError, ValueError):
+            unpriced += 1
+    return Usage(kinds.count(ON_DEMAND), kinds.count(SPOT), round(cost, 6), unpriced)

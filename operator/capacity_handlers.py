@@ -4,25 +4,49 @@ say which placement is in force (the `Capacity` condition)."""
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import kopf
+from kubernetes.client import ApiException
 
-from agentkube.operator import api, capacity, interruptions, kube
+from agentkube.operator import api, capacity, interruptions, kube, metrics
 from agentkube.operator.kube import SERVED_MODELS
+from agentkube.operator.rechecks import rechecks
 from agentkube.operator.servedmodel import MODEL_LABEL
 from agentkube.operator.status import ConditionUpdate
 
 CONDITION = "Capacity"
+# How often a model's replicas by capacity type and its nodes' cost are measured for the metrics.
+CAPACITY_MEASURE_INTERVAL = timedelta(seconds=30)
 
 _node_class = capacity.NodeClassRef()
+_namespace: str | None = None  # the one namespace the operator watches, or None for all
 
 
-def configure_capacity(node_class: str | None) -> None:
+def configure_capacity(node_class: str | None, namespace: str | None = None) -> None:
     """The node class every NodePool names (`group/Kind/name`; unset: KWOK's `default`, as `dev up
-    --with-capacity` makes it)."""
-    global _node_class
+    --with-capacity` makes it), and the namespace the operator watches (None: all)."""
+    global _node_class, _namespace
     _node_class = capacity.NodeClassRef.parse(node_class) if node_class else capacity.NodeClassRef()
+    _namespace = namespace
+
+
+@kopf.on.startup()
+def sweep_orphaned_nodepools(logger: logging.Logger, **_: Any) -> None:
+    """At start, remove the NodePools of models deleted while no operator ran (the DELETED event that
+    removes them otherwise was never seen). A failed sweep is logged, not retried: it must not keep the
+    operator from starting, and the next start sweeps again."""
+    try:
+        pools = kube.list_managed_nodepools()  # before the models: see `capacity.orphaned_nodepools`
+        if pools is None:
+            return  # no Karpenter
+        for name in capacity.orphaned_nodepools(pools, kube.served_model_names(_namespace), _namespace):
+            kube.delete_nodepool(name)
+            logger.info("deleted NodePool %s: its ServedModel no longer exists", name)
+    except ApiException as error:
+        logger.warning("the sweep of orphaned NodePools failed (%s %s); the next start tries again",
+                       error.status, error.reason)
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,7 @@ def served_model_event(type: str, namespace: str, name: str, logger: logging.Log
     `kubectl delete nodepools -l agentkube.dev/served-model=NAME` removes)."""
     if type != "DELETED":
         return
+    metrics.forget_served_model_capacity(namespace, name)
     for pool in kube.list_model_nodepools(namespace, name) or []:
         kube.delete_nodepool(pool["metadata"]["name"])
         logger.info("deleted NodePool %s of %s/%s", pool["metadata"]["name"], namespace, name)
@@ -89,16 +114,22 @@ def node_changed(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -
         if pod_autoscaler is None:
             continue
         running = kube.count_revision_pods(namespace, revision)
-        patch = interruptions.raised_floor(pod_autoscaler, name, running, len(on_node))
+        deployment = interruptions.deployment_name(revision)
+        replicas = kube.deployment_replicas(namespace, deployment)
+        patch = interruptions.raised_floor(pod_autoscaler, name, running, len(on_node), replicas)
         if patch is None:
             continue  # this node's notice was handled already
         # The budget first: from then on no drain evicts below the pods running now.
         kube.create_disruption_budget(namespace, interruptions.disruption_budget(namespace, revision, running))
         kube.patch_pod_autoscaler(namespace, revision, patch)
-        kube.raise_deployment_replicas(namespace, interruptions.deployment_name(revision),
-                                       int(patch["metadata"]["annotations"][interruptions.MIN_SCALE]))
+        raised = interruptions.replicas_raised_to(patch)
+        if raised is not None and replicas is not None and raised > replicas:
+            kube.scale_deployment(namespace, deployment, raised)
         logger.warning("node %s is going (%s): revision %s/%s floor raised by %d for replacements",
                        name, signal, namespace, revision, len(on_node))
+        model = (on_node[0]["metadata"].get("labels") or {}).get(MODEL_LABEL)
+        if model:
+            metrics.served_model_interrupted(namespace, model)
 
 
 def restore_floors(logger: logging.Logger) -> None:
@@ -109,7 +140,26 @@ def restore_floors(logger: logging.Logger) -> None:
         if patch is None:
             continue
         namespace, revision = pod_autoscaler["metadata"]["namespace"], pod_autoscaler["metadata"]["name"]
+        deployment = interruptions.deployment_name(revision)
+        replicas = interruptions.restored_replicas(pod_autoscaler, kube.deployment_replicas(namespace, deployment))
         kube.patch_pod_autoscaler(namespace, revision, patch)
+        if replicas is not None:
+            kube.scale_deployment(namespace, deployment, replicas)
         kube.delete_disruption_budget(namespace, interruptions.budget_name(revision))
         logger.info("revision %s/%s: interrupted nodes gone, floor back to %s", namespace, revision,
                     patch["metadata"]["annotations"][interruptions.MIN_SCALE])
+
+
+def measure_capacity(namespace: str, name: str, logger: logging.Logger) -> None:
+    """Export what a model runs on (its pods by capacity type, its NodePools' nodes' cost per hour), then
+    look again after `CAPACITY_MEASURE_INTERVAL`; ends by itself when the model is gone."""
+    model = kube.read_own(SERVED_MODELS, namespace, name)
+    if model is None or model["metadata"].get("deletionTimestamp"):
+        metrics.forget_served_model_capacity(namespace, name)
+        return
+    try:
+        pools = {capacity.nodepool_name(namespace, name, kind) for kind in (capacity.ON_DEMAND, capacity.SPOT)}
+        metrics.served_model_capacity(namespace, name, capacity.usage(kube.list_model_pods(namespace, name),
+                                                                      kube.node_labels(), pools))
+    finally:
+        rechecks.schedule(measure_capacity, namespace, name, CAPACITY_MEASURE_INTERVAL, logger)

@@ -11,7 +11,10 @@ node condition of the same meaning. Reaction, per revision with pods on the node
   the Deployment alone until it does), and raising it now saves waiting for the next decision;
 - a PodDisruptionBudget keeps the revision's pod count before the notice available, so that the drain's
   evictions (Karpenter drains through the Eviction API) wait until replacements are Ready;
-- once the node is gone, the floor returns to what it was and the budget goes.
+- once the node is gone, the floor returns to what it was and the budget goes, and the Deployment returns
+  to its count before the notice if it still has the count the operator gave it (had the KPA set one
+  since, it is the KPA's; without metrics the KPA never would, and each interruption would otherwise
+  leave the revision with more pods than it had before: bench/capacity_interruptions.py counts them).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ INTERRUPTION_CONDITIONS = ("SpotInterruption", "TerminationScheduled")
 FLOOR_BEFORE = "agentkube.dev/min-scale-before-interruption"
 CEILING_BEFORE = "agentkube.dev/max-scale-before-interruption"
 INTERRUPTED_NODES = "agentkube.dev/interrupted-nodes"
+# On the PodAutoscaler too: the revision Deployment's replicas before the first notice, and what the
+# operator raised them to.
+REPLICAS_BEFORE = "agentkube.dev/replicas-before-interruption"
+REPLICAS_RAISED = "agentkube.dev/replicas-raised-to"
 REVISION_LABEL = "serving.knative.dev/revision"
 
 
@@ -63,10 +70,12 @@ def _nodes(annotations: dict[str, str]) -> set[str]:
     return {name for name in annotations.get(INTERRUPTED_NODES, "").split(",") if name}
 
 
-def raised_floor(pod_autoscaler: dict[str, Any], node: str, revision_pods: int, on_node: int) -> dict[str, Any] | None:
+def raised_floor(pod_autoscaler: dict[str, Any], node: str, revision_pods: int, on_node: int,
+                 replicas: int | None = None) -> dict[str, Any] | None:
     """The PodAutoscaler's annotation patch that raises its floor by the pods on `node`, over the pods the
     revision runs (so replacements come on top of them), and a bounded ceiling with it (the KPA clamps the
-    floor to the ceiling); None when this node already raised it."""
+    floor to the ceiling); None when this node already raised it. `replicas`, the revision Deployment's
+    count now (None: no Deployment), is recorded with what it is raised to (`REPLICAS_RAISED`)."""
     annotations = (pod_autoscaler.get("metadata") or {}).get("annotations") or {}
     nodes = _nodes(annotations)
     if node in nodes:
@@ -79,7 +88,16 @@ def raised_floor(pod_autoscaler: dict[str, Any], node: str, revision_pods: int, 
     if ceiling:  # 0 is unbounded
         patch[MAX_SCALE] = str(max(ceiling, floor))
         patch[CEILING_BEFORE] = annotations.get(CEILING_BEFORE, str(ceiling))
+    if replicas is not None:
+        patch[REPLICAS_BEFORE] = annotations.get(REPLICAS_BEFORE, str(replicas))
+        patch[REPLICAS_RAISED] = str(max(replicas, floor))
     return {"metadata": {"annotations": patch}}
+
+
+def replicas_raised_to(patch: dict[str, Any]) -> int | None:
+    """The Deployment's count a `raised_floor` patch asks for (None: it had no Deployment)."""
+    raised = patch["metadata"]["annotations"].get(REPLICAS_RAISED)
+    return None if raised is None else int(raised)
 
 
 def restored_floor(pod_autoscaler: dict[str, Any], existing_nodes: set[str]) -> dict[str, Any] | None:
@@ -89,10 +107,22 @@ def restored_floor(pod_autoscaler: dict[str, Any], existing_nodes: set[str]) -> 
     nodes = _nodes(annotations)
     if not nodes or nodes & existing_nodes:
         return None
-    patch = {MIN_SCALE: annotations.get(FLOOR_BEFORE, "0"), FLOOR_BEFORE: None, INTERRUPTED_NODES: None}
+    patch = {MIN_SCALE: annotations.get(FLOOR_BEFORE, "0"), FLOOR_BEFORE: None, INTERRUPTED_NODES: None,
+             REPLICAS_BEFORE: None, REPLICAS_RAISED: None}
     if CEILING_BEFORE in annotations:
         patch |= {MAX_SCALE: annotations[CEILING_BEFORE], CEILING_BEFORE: None}
     return {"metadata": {"annotations": patch}}
+
+
+def restored_replicas(pod_autoscaler: dict[str, Any], replicas: int | None) -> int | None:
+    """What the revision's Deployment goes back to once the floor is restored: its count before the first
+    notice, only while it still has the count the operator raised it to (None: leave it, the KPA has set
+    its own since, or nothing was raised)."""
+    annotations = (pod_autoscaler.get("metadata") or {}).get("annotations") or {}
+    before, raised = annotations.get(REPLICAS_BEFORE), annotations.get(REPLICAS_RAISED)
+    if before is None or raised is None or replicas != int(raised):
+        return None
+    return int(before)
 
 
 def deployment_name(revision: str) -> str:

@@ -212,6 +212,29 @@ def list_model_nodepools(namespace: str, name: str) -> list[dict[str, Any]] | No
     return list(result.get("items") or [])
 
 
+def list_managed_nodepools() -> list[dict[str, Any]] | None:
+    """Every NodePool the operator made for a ServedModel, or None when Karpenter's NodePool CRD is not
+    installed."""
+    selector = f"{capacity.MODEL_NAMESPACE_LABEL},{capacity.MODEL_NAME_LABEL}"
+    try:
+        result = client("custom").list_cluster_custom_object(*_nodepools(), label_selector=selector)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return list(result.get("items") or [])
+
+
+def served_model_names(namespace: str | None) -> set[tuple[str, str]]:
+    """(namespace, name) of every ServedModel, in one namespace or all."""
+    custom = client("custom")
+    if namespace is None:
+        result = custom.list_cluster_custom_object(api.GROUP, api.VERSION, SERVED_MODELS)
+    else:
+        result = custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, SERVED_MODELS)
+    return {(item["metadata"]["namespace"], item["metadata"]["name"]) for item in result.get("items") or []}
+
+
 def apply_nodepool(manifest: dict[str, Any], current: dict[str, Any] | None) -> None:
     """Create the NodePool, or bring its labels and spec to the manifest's when they differ."""
     if current is None:
@@ -266,6 +289,17 @@ def list_all_pod_autoscalers() -> list[dict[str, Any]]:
     return list(result.get("items") or [])
 
 
+def list_model_pods(namespace: str, name: str) -> list[dict[str, Any]]:
+    """A ServedModel's pods (every revision's)."""
+    result = client("core").list_namespaced_pod(namespace, label_selector=f"{servedmodel.MODEL_LABEL}={name}")
+    return [as_dict(pod) for pod in result.items]
+
+
+def node_labels() -> dict[str, dict[str, str]]:
+    """Every node's labels, by node name."""
+    return {node.metadata.name: dict(node.metadata.labels or {}) for node in client("core").list_node().items}
+
+
 def node_names() -> set[str]:
     return {node.metadata.name for node in client("core").list_node().items}
 
@@ -278,12 +312,20 @@ def delete_disruption_budget(namespace: str, name: str) -> None:
     delete(client("policy").delete_namespaced_pod_disruption_budget, name, namespace)
 
 
-def raise_deployment_replicas(namespace: str, name: str, replicas: int) -> None:
-    """At least `replicas` on a Deployment's scale subresource (never lowers it; gone is no error)."""
+def deployment_replicas(namespace: str, name: str) -> int | None:
+    """A Deployment's count on its scale subresource, or None when it does not exist."""
     try:
-        scale = client("apps").read_namespaced_deployment_scale(name, namespace)
-        if (scale.spec.replicas or 0) < replicas:
-            client("apps").patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+        return int(client("apps").read_namespaced_deployment_scale(name, namespace).spec.replicas or 0)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def scale_deployment(namespace: str, name: str, replicas: int) -> None:
+    """Set a Deployment's count through its scale subresource (gone is no error)."""
+    try:
+        client("apps").patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
     except ApiException as error:
         if error.status != 404:
             raise

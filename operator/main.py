@@ -65,7 +65,7 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
     for module in HANDLER_MODULES:
         importlib.import_module(module)
     autoscaling_loop.configure_autoscaling(prometheus_url)
-    capacity_handlers.configure_capacity(node_class)
+    capacity_handlers.configure_capacity(node_class, namespace)
     sandbox_handlers.configure_gateway(runtime_key_file, gateway_namespace)
     if metrics_port:
         prometheus_client.disable_created_metrics()

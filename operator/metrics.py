@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agentkube.operator import autoscaling
+from agentkube.operator import autoscaling, capacity
 from agentkube.operator.api import SandboxPhase
 
 RECONCILES = Counter(
@@ -36,6 +36,14 @@ POLICY_TARGET = Gauge(
 )
 SPOT_SHARE = Gauge("agentkube_servedmodel_spot_share", "The share of replicas the policy places on spot capacity.",
                    MODEL_LABELS)
+REPLICAS = Gauge("agentkube_servedmodel_replicas", "A ServedModel's pods bound to nodes, by the nodes' capacity type "
+                 "(spot or on-demand, from the capacity labels of Karpenter, EKS, GKE and AKS).", [*MODEL_LABELS, "capacity_type"])
+CAPACITY_COST = Gauge("agentkube_servedmodel_capacity_cost_per_hour",
+                      "What the nodes of a ServedModel's NodePools cost per hour (their instance-price labels).", MODEL_LABELS)
+INTERRUPTIONS = Counter("agentkube_servedmodel_interruptions",
+                        "Nodes announced as going (spot interruptions and other disruptions) that held pods of a ServedModel.",
+                        MODEL_LABELS)
+CAPACITY_TYPES = (capacity.ON_DEMAND, capacity.SPOT)
 
 SANDBOX_PHASES: tuple[str, ...] = get_args(SandboxPhase)
 KINDS = ("AgentSandbox", "ServedModel")
@@ -118,5 +126,31 @@ def forget_served_model(namespace: str, name: str) -> None:
     for gauge in (CONCURRENCY_TARGET, POLICY_TARGET, SPOT_SHARE):
         try:
             gauge.remove(namespace, name)
+        except KeyError:
+            pass
+
+
+def served_model_capacity(namespace: str, name: str, usage: capacity.Usage) -> None:
+    """Record what a model runs on now (both capacity types, zero included, and its interruptions counter
+    at zero from the first look: a panel then shows 0, not "no data")."""
+    REPLICAS.labels(namespace, name, capacity.ON_DEMAND).set(usage.on_demand_pods)
+    REPLICAS.labels(namespace, name, capacity.SPOT).set(usage.spot_pods)
+    CAPACITY_COST.labels(namespace, name).set(usage.cost_per_hour)
+    INTERRUPTIONS.labels(namespace, name)
+
+
+def served_model_interrupted(namespace: str, name: str) -> None:
+    INTERRUPTIONS.labels(namespace, name).inc()
+
+
+def forget_served_model_capacity(namespace: str, name: str) -> None:
+    for labels in ((namespace, name, kind) for kind in CAPACITY_TYPES):
+        try:
+            REPLICAS.remove(*labels)
+        except KeyError:
+            pass
+    for metric in (CAPACITY_COST, INTERRUPTIONS):
+        try:
+            metric.remove(namespace, name)
         except KeyError:
             pass

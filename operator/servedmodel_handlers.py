@@ -38,6 +38,8 @@ def served_model_changed(body: dict[str, Any], namespace: str, name: str, retry:
             body["status"] = (kube.read_own(SERVED_MODELS, namespace, name) or body).get("status")
         current = api.ServedModelStatus.model_validate(body.get("status") or {})
         in_force = capacity_handlers.apply_capacity(namespace, name, spec, current)
+        # The capacity metrics' measurements (the latest timer wins: one per model).
+        rechecks.schedule(capacity_handlers.measure_capacity, namespace, name, timedelta(0), logger)
         _write_capacity_condition(namespace, name, current, in_force.condition)
         manifest = servedmodel.knative_service_manifest(body, spec, servedmodel.template_target(spec), in_force.placement)
         try:

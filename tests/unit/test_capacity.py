@@ -78,6 +78,10 @@ def test_karpenter_placement_spreads_over_the_domains_on_the_models_pools_only()
     terms = fields["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms == [{"matchExpressions": [{"key": capacity.NODEPOOL_LABEL, "operator": "In",
                                             "values": ["ns-m-on-demand", "ns-m-spot"]}]}]
+    # On-demand preferred: Karpenter takes a preference as a requirement until it cannot, so the base fills first.
+    assert fields["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == [
+        {"weight": 100, "preference": {"matchExpressions": [{"key": capacity.CAPACITY_TYPE_LABEL, "operator": "In",
+                                                             "values": [capacity.ON_DEMAND]}]}}]
     assert fields["tolerations"] == [capacity.DEDICATED_TOLERATION]
     assert fields["topologySpreadConstraints"] == [{
         "maxSkew": 1, "topologyKey": capacity.spread_label("ns", "m"), "whenUnsatisfiable": "DoNotSchedule",
@@ -187,3 +191,37 @@ def test_each_model_spreads_over_a_key_of_its_own():
     for key in keys:
         prefix, label_name = key.split("/")
         assert prefix == capacity.SPREAD_LABEL_PREFIX and len(label_name) <= 63 and label_name.isalnum()
+
+
+def test_the_startup_sweep_finds_the_pools_of_models_that_are_gone_and_nothing_else():
+    spot = api.SpotCapacity(enabled=True, on_demand_base=1, max_spot_fraction=0.5)
+    kept = capacity.nodepools("ns", "kept", spot, 0.5, capacity.NodeClassRef())
+    gone = capacity.nodepools("ns", "gone", spot, 0.5, capacity.NodeClassRef())
+    elsewhere = capacity.nodepools("other", "gone", spot, 0.5, capacity.NodeClassRef())
+    someone_elses = {"metadata": {"name": "team-pool", "labels": {capacity.MODEL_NAME_LABEL: "gone",
+                                                                  capacity.MODEL_NAMESPACE_LABEL: "ns"}}}
+    pools = [*kept, *gone, *elsewhere, someone_elses]
+    models = {("ns", "kept")}
+    assert capacity.orphaned_nodepools(pools, models, None) == sorted(
+        p["metadata"]["name"] for p in [*gone, *elsewhere])
+    # An operator that watches one namespace judges only that namespace's pools.
+    assert capacity.orphaned_nodepools(pools, models, "ns") == sorted(p["metadata"]["name"] for p in gone)
+    assert capacity.orphaned_nodepools(pools, {("ns", "kept"), ("ns", "gone"), ("other", "gone")}, None) == []
+
+
+def test_usage_counts_bound_pods_by_their_nodes_capacity_type_and_prices_the_models_nodes():
+    nodes = {
+        "od": {capacity.CAPACITY_TYPE_LABEL: "on-demand", capacity.NODEPOOL_LABEL: "ns-m-on-demand", capacity.PRICE_LABEL: "1.006"},
+        "sp": {capacity.CAPACITY_TYPE_LABEL: "spot", capacity.NODEPOOL_LABEL: "ns-m-spot", capacity.PRICE_LABEL: "0.350000"},
+        "gke-spot": {"cloud.google.com/gke-spot": "true"},  # another provider's spot node, not the model's pools
+        "unpriced": {capacity.CAPACITY_TYPE_LABEL: "spot", capacity.NODEPOOL_LABEL: "ns-m-spot"},
+        "other-model": {capacity.NODEPOOL_LABEL: "ns-x-spot", capacity.PRICE_LABEL: "9"},
+    }
+
+    def pod(node=None, deleting=False):
+        return {"metadata": {"deletionTimestamp": "2026-11-30T00:00:00Z"} if deleting else {}, "spec": {"nodeName": node}}
+
+    pods = [pod("od"), pod("od"), pod("sp"), pod("gke-spot"), pod(), pod("sp", deleting=True), pod("gone")]
+    found = capacity.usage(pods, nodes, {"ns-m-on-demand", "ns-m-spot"})
+    assert found == capacity.Usage(on_demand_pods=2, spot_pods=2, cost_per_hour=1.356, unpriced_nodes=1)
+    assert capacity.capacity_type_of({}) == "on-demand"

@@ -42,7 +42,8 @@ def test_the_floor_rises_by_the_pods_on_the_node_once_per_node_and_returns_when_
     both = pa(**second)
     assert interruptions.restored_floor(both, existing_nodes={"n2", "other"}) is None  # n2 still there
     restored = interruptions.restored_floor(both, existing_nodes={"other"})["metadata"]["annotations"]
-    assert restored == {interruptions.MIN_SCALE: "2", interruptions.FLOOR_BEFORE: None, interruptions.INTERRUPTED_NODES: None}
+    assert restored == {interruptions.MIN_SCALE: "2", interruptions.FLOOR_BEFORE: None, interruptions.INTERRUPTED_NODES: None,
+                        interruptions.REPLICAS_BEFORE: None, interruptions.REPLICAS_RAISED: None}
     assert interruptions.restored_floor(pa(**{interruptions.MIN_SCALE: "2"}), set()) is None  # nothing raised
 
 
@@ -84,3 +85,26 @@ def test_a_bounded_ceiling_rises_with_the_floor_and_returns_with_it():
     assert restored["metadata"]["annotations"][interruptions.MIN_SCALE] == "4"
     unbounded = interruptions.raised_floor(pa(**{interruptions.MAX_SCALE: "0"}), "n1", 1, 1)["metadata"]["annotations"]
     assert interruptions.MAX_SCALE not in unbounded
+
+
+def test_the_deployment_goes_back_to_its_count_only_while_it_keeps_the_count_it_was_raised_to():
+    first = interruptions.raised_floor(pa(**{interruptions.MIN_SCALE: "4"}), "n1", revision_pods=4, on_node=2,
+                                       replicas=4)
+    assert interruptions.replicas_raised_to(first) == 6
+    raised = first["metadata"]["annotations"]
+    assert raised[interruptions.REPLICAS_BEFORE] == "4"
+    # A second node before the first is gone: the count before the first notice is kept.
+    second = interruptions.raised_floor(pa(**raised), "n2", revision_pods=6, on_node=1, replicas=6)["metadata"]["annotations"]
+    assert (second[interruptions.REPLICAS_BEFORE], second[interruptions.REPLICAS_RAISED]) == ("4", "7")
+    both = pa(**second)
+    assert interruptions.restored_replicas(both, replicas=7) == 4
+    assert interruptions.restored_replicas(both, replicas=9) is None  # the KPA set its own count since
+    assert interruptions.restored_replicas(both, replicas=None) is None  # the Deployment is gone
+    restored = interruptions.restored_floor(both, existing_nodes=set())["metadata"]["annotations"]
+    assert restored[interruptions.REPLICAS_BEFORE] is None and restored[interruptions.REPLICAS_RAISED] is None
+
+
+def test_without_a_deployment_nothing_is_recorded_to_scale():
+    patch = interruptions.raised_floor(pa(), "n1", revision_pods=1, on_node=1)
+    assert interruptions.replicas_raised_to(patch) is None
+    assert interruptions.restored_replicas(pa(**patch["metadata"]["annotations"]), replicas=2) is None

@@ -46,6 +46,25 @@ def test_a_decision_is_counted_by_reason_and_sets_the_model_gauges():
     metrics.forget_served_model("ns", "llm")
 
 
+def test_a_models_capacity_is_exported_by_type_with_its_cost_and_interruptions():
+    from prometheus_client import REGISTRY
+
+    from agentkube.operator.capacity import Usage
+
+    labels = {"namespace": "ns", "servedmodel": "cap"}
+    metrics.served_model_capacity("ns", "cap", Usage(on_demand_pods=1, spot_pods=3, cost_per_hour=2.056, unpriced_nodes=0))
+    assert _value(REGISTRY, "agentkube_servedmodel_replicas", labels | {"capacity_type": "on-demand"}) == 1
+    assert _value(REGISTRY, "agentkube_servedmodel_replicas", labels | {"capacity_type": "spot"}) == 3
+    assert _value(REGISTRY, "agentkube_servedmodel_capacity_cost_per_hour", labels) == 2.056
+    assert _value(REGISTRY, "agentkube_servedmodel_interruptions_total", labels) == 0  # there from the first look
+    metrics.served_model_interrupted("ns", "cap")
+    assert _value(REGISTRY, "agentkube_servedmodel_interruptions_total", labels) == 1
+    metrics.forget_served_model_capacity("ns", "cap")
+    assert _value(REGISTRY, "agentkube_servedmodel_replicas", labels | {"capacity_type": "spot"}) is None
+    assert _value(REGISTRY, "agentkube_servedmodel_interruptions_total", labels) is None
+    metrics.forget_served_model_capacity("ns", "cap")  # forgetting twice is harmless
+
+
 def test_the_node_agent_exports_placement_latency_and_its_own_health():
     node = Metrics()
     with node.placement.time():
