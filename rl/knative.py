@@ -17,6 +17,7 @@ __all__ = [
     "TARGET_ANNOTATION",
     "MIN_SCALE_ANNOTATION",
     "MAX_SCALE_ANNOTATION",
+    "LATENCY_HISTOGRAM_MAX_S",
     "KnativeDefaults",
     "DeciderState",
     "ScaleDecision",
@@ -35,6 +36,10 @@ AUTOSCALING_GROUP = "autoscaling.knative.dev"
 TARGET_ANNOTATION = f"{AUTOSCALING_GROUP}/target"
 MIN_SCALE_ANNOTATION = f"{AUTOSCALING_GROUP}/min-scale"
 MAX_SCALE_ANNOTATION = f"{AUTOSCALING_GROUP}/max-scale"
+# queue-proxy's request-latency histogram (`kn_serving_invocation_duration_seconds`) has no bucket above 10 s
+# (knative/serving `pkg/queue/request_metric.go`, `latencyBounds`): a p95 that Prometheus computes from it
+# is at most this. The simulator reports its p95 the same way, so that the policy learns from what it reads live.
+LATENCY_HISTOGRAM_MAX_S = 10.0
 
 
 @dataclass(frozen=True)

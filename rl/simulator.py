@@ -590,7 +590,8 @@ class Simulator:
     def _revision_metrics(self, stats: IntervalStats) -> dict[str, float]:
         return {
             "revision_app_request_count": stats.arrivals / max(stats.seconds, 1),
-            "revision_app_request_latencies": stats.p95_latency_s * 1000.0,
+            # As Prometheus answers it from queue-proxy's histogram: capped at its largest bucket.
+            "revision_app_request_latencies": min(stats.p95_latency_s, knative.LATENCY_HISTOGRAM_MAX_S) * 1000.0,
             # The running sums drift by rounding (-1e-16 once the window empties): a gauge is never below 0.
             "autoscaler_stable_request_concurrency": max(self._stable_sum, 0.0) / max(min(self._buckets_seen, len(self._window)), 1),
             "autoscaler_panic_request_concurrency": max(self._panic_sum, 0.0) / max(min(self._buckets_seen, self._panic_len), 1),
