@@ -202,20 +202,16 @@ def _nodepools() -> tuple[str, str, str]:
 
 def list_model_nodepools(namespace: str, name: str) -> list[dict[str, Any]] | None:
     """The NodePools made for one ServedModel, or None when Karpenter's NodePool CRD is not installed."""
-    selector = f"{capacity.MODEL_NAMESPACE_LABEL}={namespace},{capacity.MODEL_NAME_LABEL}={name}"
-    try:
-        result = client("custom").list_cluster_custom_object(*_nodepools(), label_selector=selector)
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-    return list(result.get("items") or [])
+    return _list_nodepools(f"{capacity.MODEL_NAMESPACE_LABEL}={namespace},{capacity.MODEL_NAME_LABEL}={name}")
 
 
 def list_managed_nodepools() -> list[dict[str, Any]] | None:
     """Every NodePool the operator made for a ServedModel, or None when Karpenter's NodePool CRD is not
     installed."""
-    selector = f"{capacity.MODEL_NAMESPACE_LABEL},{capacity.MODEL_NAME_LABEL}"
+    return _list_nodepools(f"{capacity.MODEL_NAMESPACE_LABEL},{capacity.MODEL_NAME_LABEL}")
+
+
+def _list_nodepools(selector: str) -> list[dict[str, Any]] | None:
     try:
         result = client("custom").list_cluster_custom_object(*_nodepools(), label_selector=selector)
     except ApiException as error:
