@@ -2,10 +2,12 @@
 status writes that treat the races of a level-triggered controller as outcomes, not errors (an object
 already there, already gone, or replaced meanwhile). Blocking: call from Kopf's worker threads."""
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import kubernetes
 from kubernetes.client import ApiException
@@ -91,19 +93,80 @@ def delete(delete_call: Callable[..., Any], name: str, namespace: str, uid: str 
             raise
 
 
+# ----- raw JSON requests, for the paths every sandbox takes --------------------------------------------------
+# The generated API methods validate their arguments with pydantic and build a model object of every reply
+# (only for `as_dict` to turn it back into a dict); the per-sandbox path sends and reads the API's JSON as it
+# is, through the same pooled, authenticated client.
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def object_path(group_version: str, namespace: str, plural: str, name: str = "", subresource: str = "") -> str:
+    """The API path of a namespaced collection, one object in it, or one object's subresource."""
+    root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    path = f"{root}/namespaces/{quote(namespace, safe='')}/{plural}"
+    for part in (name, subresource):
+        if part:
+            path += f"/{quote(part, safe='')}"
+    return path
+
+
+def request(method: str, path: str, body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
+    """One request; the reply's JSON. Raises ApiException, as the generated methods do, for any non-2xx."""
+    api_client = client("client")
+    headers = {**api_client.default_headers, "Accept": "application/json", "Content-Type": content_type}
+    api_client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
+    response = api_client.call_api(method, api_client.configuration.host + path, header_params=headers, body=body)
+    data = response.read()
+    if not 200 <= response.status <= 299:
+        raise ApiException(status=response.status, reason=response.reason, body=data.decode("utf-8", "replace"))
+    return json.loads(data)
+
+
+def get(path: str) -> dict[str, Any] | None:
+    """The object at `path`, or None when it does not exist."""
+    try:
+        return request("GET", path)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def post(path: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The created object, or None when it exists already (another run, or a racing handler, made it)."""
+    try:
+        return request("POST", path, manifest)
+    except ApiException as error:
+        if error.status == 409 or (error.status == 403 and "being terminated" in str(error.body)):
+            return None  # or its namespace is going away, and everything in it with it
+        raise
+
+
+def delete_at(path: str, uid: str | None = None) -> None:
+    """Delete, if it is still the object with `uid` (when given); gone already, or replaced by a newer
+    object we must keep (409), is no error."""
+    options = {"apiVersion": "v1", "kind": "DeleteOptions", **({"preconditions": {"uid": uid}} if uid else {})}
+    try:
+        request("DELETE", path, options)
+    except ApiException as error:
+        if error.status not in (404, 409):
+            raise
+
+
 # ----- agentkube's own objects ---------------------------------------------------------------------------
+
+
+OWN_GROUP_VERSION = f"{api.GROUP}/{api.VERSION}"
 
 
 def read_own(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
     """An AgentSandbox or ServedModel (by plural), or None when it does not exist."""
-    return read(client("custom").get_namespaced_custom_object, api.GROUP, api.VERSION, namespace, plural, name)
+    return get(object_path(OWN_GROUP_VERSION, namespace, plural, name))
 
 
 def delete_own(plural: str, namespace: str, name: str, uid: str) -> None:
-    def delete_call(name_: str, namespace_: str, body: Any) -> None:
-        client("custom").delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace_, plural, name_, body=body)
-
-    delete(delete_call, name, namespace, uid)
+    delete_at(object_path(OWN_GROUP_VERSION, namespace, plural, name), uid)
 
 
 def patch_status(plural: str, namespace: str, name: str, old: BaseModel, new: BaseModel) -> bool:
@@ -112,8 +175,7 @@ def patch_status(plural: str, namespace: str, name: str, old: BaseModel, new: Ba
     if not changed(old, new):
         return False
     try:
-        client("custom").patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, plural, name,
-                                                              status_patch(new))
+        request("PATCH", object_path(OWN_GROUP_VERSION, namespace, plural, name, "status"), status_patch(new), MERGE_PATCH)
     except ApiException as error:
         if error.status != 404:
             raise
@@ -125,7 +187,7 @@ def patch_status_if_unchanged(plural: str, namespace: str, name: str, resource_v
     one would drop another writer's work). False when the object is gone; a 409 is the caller's to handle."""
     body = {"metadata": {"resourceVersion": resource_version}, **status_patch(new)}
     try:
-        client("custom").patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, plural, name, body)
+        request("PATCH", object_path(OWN_GROUP_VERSION, namespace, plural, name, "status"), body, MERGE_PATCH)
     except ApiException as error:
         if error.status == 404:
             return False
