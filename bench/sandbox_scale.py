@@ -77,13 +77,20 @@ class PodWatch:
     def _run(self) -> None:
         watch = kubernetes.watch.Watch()
         while not self.stop.is_set():
-            for event in watch.stream(self.core.list_namespaced_pod, self.namespace, timeout_seconds=5):
-                owners = event["object"].metadata.owner_references or []
-                name = owners[0].name if owners else event["object"].metadata.name
-                with self.lock:
-                    self.seen.setdefault(name, time.monotonic())
-                if self.stop.is_set():
-                    break
+            try:
+                for event in watch.stream(self.core.list_namespaced_pod, self.namespace, timeout_seconds=5):
+                    owners = event["object"].metadata.owner_references or []
+                    name = owners[0].name if owners else event["object"].metadata.name
+                    with self.lock:
+                        self.seen.setdefault(name, time.monotonic())
+                    if self.stop.is_set():
+                        break
+            except kubernetes.client.ApiException as error:
+                # A busy API server can refuse to resume at a resourceVersion its cache has not reached
+                # (504 "Too large resource version") or no longer has (410): list afresh. Pods seen before
+                # keep their first time; the others are timed by the new list.
+                print(f"pod watch restarted after {error.status} {error.reason}")
+                watch = kubernetes.watch.Watch()
 
     def count(self) -> int:
         with self.lock:
@@ -225,7 +232,7 @@ def build_agent_sandbox(source: Path) -> Path:
     if not target.exists():
         print(f"building agent-sandbox's controller from {source} into {target}")
         partial = target.with_name(target.name + ".partial")
-        subprocess.run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(partial), "./cmd/agent-sandbox-controller"],
+        subprocess.run(["go", "build", "-ldflags", "-s -w", "-o", str(partial), "./cmd/agent-sandbox-controller"],
                        cwd=source, env={**os.environ, "CGO_ENABLED": "0"}, check=True)
         partial.replace(target)
     return target
