@@ -42,7 +42,7 @@ import kubernetes
 import psutil
 import yaml
 
-from agentkube.devenv import capacity, temporary_env
+from agentkube.devenv import capacity, process, temporary_env
 from agentkube.devenv.install import ensure_go_program
 from agentkube.devenv.versions import bin_dir
 
@@ -112,7 +112,9 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
     peak_rss = 0
     if controller_command:
         log = open(Path(tempfile.gettempdir()) / f"sandbox_scale-{name}.log", "w")
-        controller = subprocess.Popen(controller_command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # It dies with the harness, even a harness killed outright (its control plane does too).
+        controller = subprocess.Popen(controller_command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      preexec_fn=process.die_with_parent)
         time.sleep(3)  # let it log in and start watching before the clock starts
     watch = PodWatch(api_client, namespace)
     watch.thread.start()
