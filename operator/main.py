@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kopf
 import prometheus_client
 
@@ -31,6 +32,21 @@ KOPF_PREFIX = f"kopf.{api.GROUP}"
 # between tries and ~5 minutes in all rides those out; past that the process exits and its Deployment
 # (liveness) restarts it.
 API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30, 30, 30)
+# Kopf's own connections (its watches, Event posts, ServedModel patches). Kopf opens them without a bound,
+# and each TLS connection holds a 256 KiB buffer: a thousand sandboxes' Events posted at once opened ~70
+# (~19 MiB at the peak, bench/sandbox_scale.py under memray). Watches hold one each for as long as they run
+# (one per watched kind: under ten), so the rest queue for the others.
+KOPF_CONNECTIONS = 24
+
+
+def bounded_session(info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
+    """Kopf's session for the credentials Kopf found (`kopf.login_via_client`), as Kopf builds it but with
+    at most KOPF_CONNECTIONS connections. Called on Kopf's loop; Kopf logs in again on a 401."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)
+    return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace,
+                               priority=info.priority, expiration=info.expiration)
 
 
 def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
@@ -61,6 +77,11 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, peering=peering)
+
+    @kopf.on.login()
+    async def _login(**kwargs: Any) -> kopf.AiohttpSession | None:
+        info = kopf.login_via_client(**kwargs)
+        return bounded_session(info) if info is not None else None
 
     for module in HANDLER_MODULES:
         importlib.import_module(module)

@@ -34,6 +34,7 @@ from agentkube.contract import (
     token_verifier,
 )
 from agentkube.operator import api
+from agentkube.operator.status import parse_timestamp
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "agentkube"}
 SANDBOX_RUNTIME_PORT = RUNTIME_PORT
@@ -418,12 +419,42 @@ def _soonest(durations: list[timedelta]) -> timedelta | None:
     return min(durations) if durations else None
 
 
+def tools_enforced(tools_refused: str | None) -> tuple[str, bool, str, str]:
+    """The ToolsEnforced condition for the node agent's refusal (TOOLS_REFUSED_ANNOTATION), if any."""
+    if tools_refused:
+        return ("ToolsEnforced", False, "ToolIntentRefused", f"no tool call runs: {tools_refused}")
+    return ("ToolsEnforced", True, "NotRefused", "the node agent has not refused this sandbox's tool intent")
+
+
+def status_is_current(body: dict[str, Any]) -> bool:
+    """Whether the sandbox's status already reflects its spec (observedGeneration, written only by a full
+    reconciliation) and the annotations others write (the gateway's last activity, the node agent's call
+    totals and refusal). Then a watch event of it asks for no work: most such events are our own status
+    writes coming back. A pure function of the object, so it holds across restarts and replicas."""
+    metadata = body["metadata"]
+    try:
+        status = api.AgentSandboxStatus.model_validate(body.get("status") or {})
+    except ValueError:
+        return False  # a status we cannot read is one to rewrite
+    if status.observed_generation is None or status.observed_generation != metadata.get("generation"):
+        return False
+    annotations = metadata.get("annotations") or {}
+    activity = parse_timestamp(annotations.get(LAST_ACTIVITY_ANNOTATION))
+    if activity is not None and activity != status.last_activity_time:
+        return False
+    totals = tool_call_totals(annotations)
+    if totals is not None and totals != status.tool_calls:
+        return False
+    type_, ok, reason, message = tools_enforced(annotations.get(TOOLS_REFUSED_ANNOTATION))
+    reported = next((c for c in status.conditions if c.type == type_), None)
+    return reported is not None and reported.status == ("True" if ok else "False") and reported.message == message
+
+
 def conditions(plan_: Plan, pod: PodView | None, tools_refused: str | None = None) -> list[tuple[str, bool, str, str]]:
     """(type, status, reason, message) for Ready, Suspended, PodScheduled and ToolsEnforced. `tools_refused`
     is the node agent's word (TOOLS_REFUSED_ANNOTATION) that it cannot honour the sandbox's tool intent."""
     suspended = plan_.phase in ("Suspended", "Expired")
-    enforced = ("ToolsEnforced", False, "ToolIntentRefused", f"no tool call runs: {tools_refused}") if tools_refused \
-        else ("ToolsEnforced", True, "NotRefused", "the node agent has not refused this sandbox's tool intent")
+    enforced = tools_enforced(tools_refused)
     return [
         ("Ready", plan_.phase == "Running", plan_.reason, plan_.message),
         ("Suspended", suspended, plan_.reason if suspended else "Active", plan_.message if suspended else ""),

@@ -12,7 +12,7 @@ import kopf
 
 from agentkube.operator import api, kube, metrics, sandbox
 from agentkube.operator.kube import SANDBOXES
-from agentkube.operator.rechecks import rechecks
+from agentkube.operator.rechecks import RETRY_AFTER_FAILURE, rechecks
 from agentkube.operator.status import merge_conditions, parse_timestamp
 
 
@@ -26,6 +26,7 @@ class GatewaySettings:
 
 
 gateway = GatewaySettings()
+NETWORKING = "networking.k8s.io/v1"
 
 
 def configure_gateway(runtime_key_file: Path | None, namespace: str | None) -> None:
@@ -37,10 +38,11 @@ def configure_gateway(runtime_key_file: Path | None, namespace: str | None) -> N
 
 
 def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
-                      *, pod_only: bool = False) -> sandbox.Plan | None:
+                      *, pod_only: bool = False, pod: dict[str, Any] | None = None) -> sandbox.Plan | None:
     """Bring one sandbox's children and status in line with its spec. `body`: the object, when the caller
-    has it fresh from a watch event (saves a read). `pod_only`: a pod event; the service, claim and policy
-    were ensured when the sandbox itself last changed, so only the pod and status are looked at."""
+    has it fresh from a watch event (saves a read). `pod_only`: a pod event, whose pod is `pod` (None: read
+    it); the service, claim and policy were ensured when the sandbox itself last changed, so only the pod
+    and status are looked at, and observedGeneration stays where the last full reconciliation put it."""
     if body is None:
         body = kube.read_own(SANDBOXES, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -48,16 +50,29 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
         return None  # the owned children go with it, through their owner references
     with metrics.reconciling("AgentSandbox"):
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
-        core = kube.client("core")
-        pod = kube.read(core.read_namespaced_pod, name, namespace)
-        pod_name_taken = pod is not None and not sandbox.is_owned_by(pod, body)
-        if pod_name_taken:
-            pod = None  # someone else's pod: never reported, replaced or deleted as ours
-        _pod_views.acted_on(pod)
         now = kube.now()
         created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
         annotations = body["metadata"].get("annotations") or {}
         last_activity = parse_timestamp(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
+        old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
+        pod_path = kube.object_path("v1", namespace, "pods", name)
+        # A sandbox never reconciled before has no pod unless a run that made it died before writing status:
+        # its pod is created without a read first, and a 409 says to read after all.
+        fresh = not pod_only and old.observed_generation is None
+        if fresh and sandbox.plan(spec, created, last_activity, None, now).want_pod:
+            _ensure_children(body, spec, namespace, name)
+            pod = kube.post(kube.object_path("v1", namespace, "pods"), sandbox.pod_manifest(body, spec, gateway.runtime_key))
+            if pod is not None:
+                logger.info("created pod %s/%s", namespace, name)
+            else:
+                pod = kube.get(pod_path)
+            pod_only = True  # the children are ensured; what follows only looks at the pod
+        elif pod is None:
+            pod = kube.get(pod_path)
+        pod_name_taken = pod is not None and not sandbox.is_owned_by(pod, body)
+        if pod_name_taken:
+            pod = None  # someone else's pod: never reported, replaced or deleted as ours
+        _pod_views.acted_on(pod)
         decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now, pod_name_taken=pod_name_taken)
 
         if decision.delete_sandbox:
@@ -67,26 +82,22 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
             return decision
 
         if not pod_only:
-            kube.create(core.create_namespaced_service, namespace, sandbox.service_manifest(body))
-            if spec.workspace is not None:
-                kube.create(core.create_namespaced_persistent_volume_claim, namespace,
-                            sandbox.workspace_claim_manifest(body, spec.workspace))
-            _apply_network_policy(body, spec, namespace, name)
+            _ensure_children(body, spec, namespace, name)
 
         if decision.delete_pod:
             assert pod is not None  # the plan deletes only a pod that exists
-            kube.delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
+            kube.delete_at(pod_path, pod["metadata"]["uid"])
             logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
-        elif decision.want_pod and pod is None:
-            pod = kube.create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec, gateway.runtime_key))
+        elif decision.want_pod and pod is None and not pod_name_taken:
+            pod = kube.post(kube.object_path("v1", namespace, "pods"), sandbox.pod_manifest(body, spec, gateway.runtime_key))
             _pod_views.acted_on(pod)
             if pod is not None:
                 logger.info("created pod %s/%s", namespace, name)
                 # Report the pod as it now is, not as it was before it existed.
                 decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
 
-        old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
-        new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now)
+        generation = body["metadata"].get("generation") if fresh or not pod_only else old.observed_generation
+        new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now, generation)
         if old.phase != decision.phase:
             kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
             kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
@@ -97,8 +108,16 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
     return decision
 
 
+def _ensure_children(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> None:
+    """The service, workspace claim and network policy: created when missing (a 409 is no error)."""
+    kube.post(kube.object_path("v1", namespace, "services"), sandbox.service_manifest(body))
+    if spec.workspace is not None:
+        kube.post(kube.object_path("v1", namespace, "persistentvolumeclaims"), sandbox.workspace_claim_manifest(body, spec.workspace))
+    _apply_network_policy(body, spec, namespace, name)
+
+
 def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.PodView | None, old: api.AgentSandboxStatus,
-                   last_activity: datetime | None, now: datetime) -> api.AgentSandboxStatus:
+                   last_activity: datetime | None, now: datetime, observed_generation: int | None) -> api.AgentSandboxStatus:
     """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
     last reported (activity, call totals) is kept until it reports again."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
@@ -112,29 +131,38 @@ def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.Po
         service_fqdn=sandbox.service_fqdn(name, namespace),
         last_activity_time=last_activity or old.last_activity_time,
         tool_calls=sandbox.tool_call_totals(annotations) or old.tool_calls,
-        observed_generation=body["metadata"].get("generation"),
+        observed_generation=observed_generation,
     )
 
 
 def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> None:
-    networking = kube.client("networking")
+    path = kube.object_path(NETWORKING, namespace, "networkpolicies", name)
     if not spec.network.managed_policy:
-        current = kube.read(networking.read_namespaced_network_policy, name, namespace)
+        current = kube.get(path)
         if current and current["metadata"].get("labels", {}).get(sandbox.SANDBOX_LABEL) == name:
-            kube.delete(networking.delete_namespaced_network_policy, name, namespace)
+            kube.delete_at(path)
         return
     manifest = sandbox.network_policy_manifest(body, spec, gateway.namespace)
-    if kube.create(networking.create_namespaced_network_policy, namespace, manifest) is None:
-        current = kube.read(networking.read_namespaced_network_policy, name, namespace)
+    if kube.post(kube.object_path(NETWORKING, namespace, "networkpolicies"), manifest) is None:
+        current = kube.get(path)
         if current is not None and current["spec"] != manifest["spec"]:
-            networking.patch_namespaced_network_policy(name, namespace, {"spec": manifest["spec"]})
+            kube.request("PATCH", path, {"spec": manifest["spec"]}, kube.MERGE_PATCH)
 
 
-@kopf.on.resume(api.GROUP, api.VERSION, SANDBOXES)
-@kopf.on.create(api.GROUP, api.VERSION, SANDBOXES)
-@kopf.on.update(api.GROUP, api.VERSION, SANDBOXES)
-def sandbox_changed(body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
-    reconcile_sandbox(namespace, name, logger, kube.as_dict(dict(body)))
+# Sandboxes are level-triggered: every event of one is looked at, and only one whose status does not yet
+# reflect it (sandbox.status_is_current) is reconciled. Kopf's change handlers would store a diff base and
+# progress in annotations on every sandbox: one more write per sandbox, and one more event coming back.
+@kopf.on.event(api.GROUP, api.VERSION, SANDBOXES)
+def sandbox_changed(type: str | None, body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    """`type` is None for the objects Kopf lists when a watch (re)starts (a start, a resume): those are
+    reconciled whatever their status says, which also arms their lifecycle timers again."""
+    if type == "DELETED":
+        metrics.SANDBOXES.forget(namespace, name)
+        return
+    sandbox_ = kube.as_dict(dict(body))
+    if type is not None and sandbox.status_is_current(sandbox_):
+        return
+    _reconcile_or_retry(namespace, name, logger, body=sandbox_)
 
 
 _pod_views = sandbox.PodViews()
@@ -144,8 +172,19 @@ _pod_views = sandbox.PodViews()
 def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod.
     `type` is None for the objects Kopf lists when a watch (re)starts: those count, as the state the
-    pod was in while nobody was watching."""
+    pod was in while nobody was watching. The event's pod is the one reported (no read of it again),
+    except a deleted one's: then whatever pod has the name now is read."""
     pod = kube.as_dict(dict(body))
     owner = (pod["metadata"].get("labels") or {}).get(sandbox.SANDBOX_LABEL)
     if owner and _pod_views.is_news(type, pod):
-        reconcile_sandbox(pod["metadata"]["namespace"], owner, logger, pod_only=True)
+        _reconcile_or_retry(pod["metadata"]["namespace"], owner, logger, pod_only=True,
+                            pod=None if type == "DELETED" else pod)
+
+
+def _reconcile_or_retry(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> None:
+    """Event handlers are not retried by Kopf: a failed reconciliation is tried again by a timer."""
+    try:
+        reconcile_sandbox(namespace, name, logger, **kwargs)
+    except Exception:
+        logger.exception("reconciling %s/%s failed; retrying in %s", namespace, name, RETRY_AFTER_FAILURE)
+        rechecks.schedule(reconcile_sandbox, namespace, name, RETRY_AFTER_FAILURE, logger)

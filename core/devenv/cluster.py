@@ -488,14 +488,8 @@ class DevEnv:
                       *(f"crd/{doc['metadata']['name']}" for doc in crds))
         self._kubectl_apply([capacity.NODE_CLASS, {"apiVersion": "v1", "kind": "Namespace",
                                                    "metadata": {"name": capacity.SYSTEM_NAMESPACE}}])
-        self._kubectl_apply([capacity.instance_types_configmap(), *capacity.chart_documents(self.environ()),
-                             *capacity.kwok_rbac()])
-        token = self._kubectl("-n", capacity.KWOK_NAMESPACE, "create", "token", capacity.KWOK_ACCOUNT,
-                              "--duration=48h").strip()
-        kubeconfig = self.write_token_kubeconfig(capacity.KWOK_ACCOUNT, token)
-        config_path = self.layout.root / "kwok.yaml"
-        _write_private(config_path, capacity.kwok_config(capacity.kwok_stages()).encode())
-        self.start_alongside(KWOK, capacity.kwok_command(require_binary("kwok"), kubeconfig, config_path))
+        self._kubectl_apply([capacity.instance_types_configmap(), *capacity.chart_documents(self.environ())])
+        self.start_kwok()
         remaining = max(1, int(deadline - time.monotonic()))
         try:
             self._kubectl("-n", capacity.SYSTEM_NAMESPACE, "rollout", "status", f"deployment/{capacity.RELEASE}",
@@ -505,6 +499,23 @@ class DevEnv:
                                   capture_output=True, text=True, env=self.environ()).stdout
             raise DevEnvError(f"Karpenter not available in time: {error}\n{pods}") from None
         self.startup_seconds["capacity"] = time.monotonic() - started
+
+    def start_kwok(self) -> None:
+        """kwok as a host process under its own service account (kwok's RBAC from its module), the kubelet of
+        every Node annotated `capacity.KWOK_NODE_ANNOTATION`: Karpenter's, or a benchmark's own."""
+        self._kubectl_apply(capacity.kwok_rbac())
+        token = self._kubectl("-n", capacity.KWOK_NAMESPACE, "create", "token", capacity.KWOK_ACCOUNT,
+                              "--duration=48h").strip()
+        kubeconfig = self.write_token_kubeconfig(capacity.KWOK_ACCOUNT, token)
+        config_path = self.layout.root / "kwok.yaml"
+        _write_private(config_path, capacity.kwok_config(capacity.kwok_stages()).encode())
+        self.start_alongside(KWOK, capacity.kwok_command(require_binary("kwok"), kubeconfig, config_path))
+
+    def start_scheduler(self) -> None:
+        """kube-scheduler for an environment without a node (with one, `up` starts it): simulated nodes
+        (kwok's) then get pods bound to them."""
+        scheduler = next(c for c in NODE if c.name == "kube-scheduler")
+        self.start_alongside(scheduler.name, scheduler.command(require_binary(scheduler.name), self.layout, self._require_ports()))
 
     def _wait_knative_admits(self, deadline: float) -> None:
         """Until Knative's webhook answers: its Deployment is Available before the webhook has made its

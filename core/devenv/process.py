@@ -28,7 +28,7 @@ class ProcessRecord:
         return cls(**data)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # The kernel kills the child when the process that started it dies, even by SIGKILL: a test run that
     # is killed outright leaves no control plane behind.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -43,7 +43,7 @@ def start(name: str, argv: list[str], log_path: Path, *, tie_to_parent: bool) ->
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if tie_to_parent else None,
+            preexec_fn=die_with_parent if tie_to_parent else None,
         )
     return ProcessRecord(name, child.pid, psutil.Process(child.pid).create_time())
 

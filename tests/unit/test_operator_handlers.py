@@ -24,6 +24,8 @@ def test_the_handlers_register_with_kopf():
     changing = {h.id for h in registry._changing.get_all_handlers()}
     watching = {h.id for h in registry._watching.get_all_handlers()}
     activities = {h.id for h in registry._activities.get_all_handlers()}
-    assert {"sandbox_changed", "served_model_changed"} <= changing
-    assert {"sandbox_pod_changed", "knative_service_changed"} <= watching
+    assert "served_model_changed" in changing
+    # Sandboxes are level-triggered from their events: no change handler, so Kopf writes no diff base on them.
+    assert {"sandbox_changed", "sandbox_pod_changed", "knative_service_changed"} <= watching
+    assert "sandbox_changed" not in changing
     assert "start_rechecks" in activities

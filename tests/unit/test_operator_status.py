@@ -31,14 +31,14 @@ def test_a_sandbox_status_written_reads_back_unchanged():
     plan = sandbox.plan(api.AgentSandboxSpec.model_validate({"template": {"image": "x"}}), NOW, None, RUNNING, NOW)
     totals = '{"calls": 4, "failed": 1, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}'
     body = _sandbox(**{sandbox.TOOL_CALLS_ANNOTATION: totals})
-    new = sandbox_status(body, plan, RUNNING, api.AgentSandboxStatus(), NOW, NOW)
+    new = sandbox_status(body, plan, RUNNING, api.AgentSandboxStatus(), NOW, NOW, 3)
     stored = _read_back(new)
     assert stored["phase"] == "Running" and stored["podName"] == "coder" and stored["nodeName"] == "n1"
     assert stored["toolCalls"] == {"calls": 4, "failed": 1, "oomKilled": 1, "blockedConnections": 0, "dnsRefused": 0}
     assert stored["lastActivityTime"] == "2026-11-21T12:00:00.123456Z" and stored["observedGeneration"] == 3
     assert stored["conditions"][0]["lastTransitionTime"] == "2026-11-21T12:00:00.123456Z"
     old = api.AgentSandboxStatus.model_validate(stored)
-    later = sandbox_status(body, plan, RUNNING, old, None, NOW + timedelta(minutes=1))
+    later = sandbox_status(body, plan, RUNNING, old, None, NOW + timedelta(minutes=1), 3)
     assert not changed(old, later)  # a reconcile with nothing new writes nothing
 
 
@@ -47,7 +47,7 @@ def test_a_suspended_sandbox_loses_its_pod_fields_and_keeps_what_the_node_agent_
         {"phase": "Running", "podName": "coder", "nodeName": "n1", "toolCalls": {"calls": 2}, "lastActivityTime": "2026-11-21T11:00:00Z"})
     spec = api.AgentSandboxSpec.model_validate({"template": {"image": "x"}, "lifecycle": {"suspend": True}})
     plan = sandbox.plan(spec, NOW, None, RUNNING, NOW)
-    new = sandbox_status(_sandbox(), plan, RUNNING, running, None, NOW)
+    new = sandbox_status(_sandbox(), plan, RUNNING, running, None, NOW, 3)
     patch = status_patch(new)["status"]
     assert patch["podName"] is None and patch["nodeName"] is None  # null in a merge patch: removed
     assert patch["toolCalls"]["calls"] == 2 and patch["lastActivityTime"] == "2026-11-21T11:00:00Z"

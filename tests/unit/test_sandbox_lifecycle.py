@@ -1,9 +1,20 @@
 """The lifecycle decision: run, replace, suspend on request or when idle, expire."""
 
+import json
 from datetime import UTC, datetime, timedelta
 
 from agentkube.operator import api
-from agentkube.operator.sandbox import NAME_TAKEN_RECHECK, PodView, PodViews, is_owned_by, plan
+from agentkube.operator.sandbox import (
+    LAST_ACTIVITY_ANNOTATION,
+    NAME_TAKEN_RECHECK,
+    TOOL_CALLS_ANNOTATION,
+    TOOLS_REFUSED_ANNOTATION,
+    PodView,
+    PodViews,
+    is_owned_by,
+    plan,
+    status_is_current,
+)
 from agentkube.operator.status import merge_conditions
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -124,3 +135,34 @@ def test_an_api_server_outage_never_hides_the_pod_ready_again():
         else:
             views.acted_on(_pod(ready=False))
         assert views.is_news("MODIFIED", _pod()), seen_not_ready
+
+
+def _reconciled(annotations: dict[str, str], generation: int = 2) -> dict:
+    """A sandbox whose status is what a full reconciliation of it writes, read back in the API's spelling."""
+    from agentkube.operator.sandbox_handlers import sandbox_status
+    from agentkube.operator.status import parse_timestamp, status_patch
+
+    body = {"metadata": {"name": "s", "namespace": "ns", "generation": generation, "annotations": annotations}}
+    activity = parse_timestamp(annotations.get(LAST_ACTIVITY_ANNOTATION))
+    decision = plan(_spec(), T0, activity, RUNNING, T0)
+    new = sandbox_status(body, decision, RUNNING, api.AgentSandboxStatus(), activity, T0, generation)
+    return {**body, "status": json.loads(json.dumps(status_patch(new)["status"]))}
+
+
+def test_a_status_written_by_the_reconciliation_makes_its_own_event_ask_for_nothing():
+    for annotations in ({}, {LAST_ACTIVITY_ANNOTATION: "2026-01-01T00:00:05.5Z"},
+                        {TOOL_CALLS_ANNOTATION: '{"calls": 3, "failed": 1}'}, {TOOLS_REFUSED_ANNOTATION: "no BPF"}):
+        assert status_is_current(_reconciled(annotations)), annotations
+
+
+def test_a_new_generation_or_a_new_report_by_the_gateway_or_node_agent_asks_for_a_reconciliation():
+    body = _reconciled({LAST_ACTIVITY_ANNOTATION: "2026-01-01T00:00:05Z"})
+    assert not status_is_current({**body, "metadata": {**body["metadata"], "generation": 3}})
+    for changed in ({LAST_ACTIVITY_ANNOTATION: "2026-01-01T00:00:09Z"}, {TOOL_CALLS_ANNOTATION: '{"calls": 1}'},
+                    {TOOLS_REFUSED_ANNOTATION: "no BPF"}):
+        annotations = {**body["metadata"]["annotations"], **changed}
+        assert not status_is_current({**body, "metadata": {**body["metadata"], "annotations": annotations}}), changed
+    assert not status_is_current({"metadata": {"generation": 1}})  # never reconciled
+    # A malformed report changes nothing the status would show: nothing to do for it.
+    malformed = {**body["metadata"]["annotations"], TOOL_CALLS_ANNOTATION: "{not json"}
+    assert status_is_current({**body, "metadata": {**body["metadata"], "annotations": malformed}})
