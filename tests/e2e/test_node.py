@@ -429,9 +429,9 @@ def test_a_call_reaches_a_service_by_name_exactly_when_its_network_allows(operat
     client = _running(api_client, kubectl, namespace, eventually, "resolver", spec)
     fetch = f"import urllib.request as u; print(u.urlopen('http://{name}/', timeout=5).status)"
     by_cluster = client.run(["python3", "-c", fetch], profile="cluster", timeout=60)
-    assert by_cluster.stdout == "200\n", by_cluster
+    assert by_cluster.stdout == "200\n", (by_cluster.stderr[-2000:], by_cluster.usage)
     by_name = client.run(["python3", "-c", fetch], profile="svc", timeout=60)
-    assert by_name.stdout == "200\n" and by_name.usage.dns_refused == 0, by_name
+    assert by_name.stdout == "200\n" and by_name.usage.dns_refused == 0, (by_name.stderr[-2000:], by_name.usage)
     other = client.run(["python3", "-c", fetch.replace("web.", "kubernetes.").replace(namespace, "default")],
                        profile="svc", timeout=60)
     assert other.exit_code != 0 and other.usage.dns_refused >= 1, other

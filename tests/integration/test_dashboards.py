@@ -202,7 +202,8 @@ def test_the_chart_ships_each_dashboard_as_a_labelled_configmap_by_default():
     maps = [d for d in _helm_template() if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
     shipped = {name: json.loads(text) for m in maps for name, text in m["data"].items()}
     assert shipped == {d.filename: dashboards.build(d) for d in dashboards.DASHBOARDS}
-    assert not [d for d in _helm_template("--set", "dashboards.enabled=false") if d["kind"] == "ConfigMap"]
+    assert not [d for d in _helm_template("--set", "dashboards.enabled=false")
+                if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"].get("labels", {})]
 
 
 def test_the_prometheus_rule_carries_the_rules_file_and_is_off_by_default():
