@@ -271,7 +271,7 @@ def _call_cgroups_left(container_cgroup: Path) -> list[Path]:
         try:
             if not waiting(call_dir):
                 left.append(call_dir)
-        except FileNotFoundError:  # removed (or its process gone) while we looked
+        except OSError:  # removed (or its process gone) while we looked: ENOENT, or ENODEV mid-removal
             continue
     return left
 

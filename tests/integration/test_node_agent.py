@@ -287,7 +287,7 @@ def waiting_cgroups(sandbox_cgroup: str) -> dict[str, int]:
         if child.is_dir() and child.name != MAIN_LEAF:
             try:
                 pid = held_in(child)
-            except FileNotFoundError:
+            except OSError:  # removed while we looked: ENOENT, or ENODEV mid-removal
                 continue
             if pid is not None:
                 waiting[child.name] = pid
