@@ -175,16 +175,14 @@ class Demo:
         self.apply(served_model(), namespace=DEMO_NAMESPACE)
 
         def ready() -> str | None:
-            got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"servedmodel/{MODEL_NAME}", "-o", "json", check=False)
-            status = json.loads(got.stdout or "{}").get("status") or {}
+            status = self._model_status()
             return status.get("url") if status.get("ready") else None
 
         url = self._wait(ready, MODEL_READY_TIMEOUT, f"ServedModel {MODEL_NAME} not Ready "
                                                      f"(see `kubectl describe servedmodel -n {DEMO_NAMESPACE} {MODEL_NAME}`)")
 
         def decided() -> dict[str, Any] | None:
-            got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"servedmodel/{MODEL_NAME}", "-o", "json", check=False)
-            decision = (json.loads(got.stdout or "{}").get("status") or {}).get("lastDecision") or {}
+            decision = self._model_status().get("lastDecision") or {}
             return decision if decision.get("reason") == "PolicyDecided" else None
 
         ingress = self.tool("kubectl", "get", "service", "-n", knative.SYSTEM_NAMESPACE, knative.TRAEFIK_SERVICE,
@@ -193,6 +191,10 @@ class Demo:
             decision = self._wait(decided, DECISION_TIMEOUT, "no autoscaling decision by the PPO policy")
         self.answered = load.answered
         return decision
+
+    def _model_status(self) -> dict[str, Any]:
+        got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"servedmodel/{MODEL_NAME}", "-o", "json", check=False)
+        return json.loads(got.stdout or "{}").get("status") or {}
 
     def _wait(self, condition: Callable[[], Any], timeout: float, failure: str) -> Any:
         deadline = time.monotonic() + timeout
