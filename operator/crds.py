@@ -97,6 +97,9 @@ class Kind:
     spec: type[BaseModel]
     status: type[BaseModel]
     printer_columns: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # The scale subresource (`kubectl scale`, autoscalers): where the wanted and the actual count and the
+    # pods' selector are.
+    scale: dict[str, str] | None = None
 
     @property
     def singular(self) -> str:
@@ -139,7 +142,23 @@ SERVED_MODEL = Kind(
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ),
 )
-KINDS = (AGENT_SANDBOX, SERVED_MODEL)
+AGENT_SANDBOX_POOL = Kind(
+    kind="AgentSandboxPool",
+    plural="agentsandboxpools",
+    short_names=("asbpool",),
+    spec=api.AgentSandboxPoolSpec,
+    status=api.AgentSandboxPoolStatus,
+    printer_columns=(
+        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+        {"name": "Warm", "type": "integer", "jsonPath": ".status.replicas"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Template", "type": "string", "jsonPath": ".status.templateHash", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ),
+    scale={"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+           "labelSelectorPath": ".status.selector"},
+)
+KINDS = (AGENT_SANDBOX, SERVED_MODEL, AGENT_SANDBOX_POOL)
 
 # Kopf keeps its peering state (which replica is active) in a ClusterKopfPeering object; its schema is
 # Kopf's business, so it is preserved as written.
@@ -195,7 +214,7 @@ def custom_resource_definition(kind: Kind) -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, **({"scale": dict(kind.scale)} if kind.scale else {})},
                     "additionalPrinterColumns": list(kind.printer_columns),
                     "schema": {
                         "openAPIV3Schema": {

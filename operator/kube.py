@@ -2,6 +2,7 @@
 status writes that treat the races of a level-triggered controller as outcomes, not errors (an object
 already there, already gone, or replaced meanwhile). Blocking: call from Kopf's worker threads."""
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from agentkube.operator.status import changed, status_patch
 
 SANDBOXES = crds.AGENT_SANDBOX.plural
 SERVED_MODELS = crds.SERVED_MODEL.plural
+POOLS = crds.AGENT_SANDBOX_POOL.plural
+MERGE_PATCH = "application/merge-patch+json"  # lists (ownerReferences) replaced whole, not merged
 # Threads that run the (synchronous) handlers; Kopf's executor and the client's connection pool match it.
 WORKERS = 16
 
@@ -131,6 +134,25 @@ def patch_status_if_unchanged(plural: str, namespace: str, name: str, resource_v
             return False
         raise
     return True
+
+
+# ----- pods by label (warm pools) -----------------------------------------------------------------------
+
+
+def list_pods(namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    """A consistent read (from storage, not a cache): a pod created a moment ago is in it."""
+    result = client("core").list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+    return list(json.loads(result.data).get("items") or [])
+
+
+def merge_patch_pod(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """The patched pod; None when it is gone or was changed meanwhile (the patch's resourceVersion)."""
+    try:
+        return as_dict(client("core").patch_namespaced_pod(name, namespace, patch, _content_type=MERGE_PATCH))
+    except ApiException as error:
+        if error.status in (404, 409):
+            return None
+        raise
 
 
 # ----- Knative Services (serving.knative.dev/v1), which ServedModels become ---------------------------------

@@ -38,7 +38,7 @@ SPOT_SHARE = Gauge("agentkube_servedmodel_spot_share", "The share of replicas th
                    MODEL_LABELS)
 
 SANDBOX_PHASES: tuple[str, ...] = get_args(SandboxPhase)
-KINDS = ("AgentSandbox", "ServedModel")
+KINDS = ("AgentSandbox", "AgentSandboxPool", "ServedModel")
 DECISION_REASONS = (autoscaling.DECIDED, autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE,
                     autoscaling.PROMETHEUS_UNREACHABLE, autoscaling.PROMETHEUS_NOT_CONFIGURED, autoscaling.DECISION_FAILED)
 # Every bounded label value exists from the start (at zero): an error rate or a fallback count is then 0,

@@ -3,37 +3,17 @@ that, write status. Every step is idempotent, so a handler killed half-way (or t
 the next run."""
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
 
-from agentkube.operator import api, kube, metrics, sandbox
-from agentkube.operator.kube import SANDBOXES
+from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL
+from agentkube.operator import api, kube, metrics, pool, pool_handlers, sandbox
+from agentkube.operator.gateway_settings import gateway
+from agentkube.operator.kube import POOLS, SANDBOXES
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import merge_conditions, parse_timestamp
-
-
-@dataclass
-class GatewaySettings:
-    """What the operator knows of the gateway: the key it shares with it (sandbox runtimes then serve the
-    gateway, each with its own token derived from it) and the namespace its pods run in."""
-
-    runtime_key: bytes | None = None
-    namespace: str = sandbox.DEFAULT_GATEWAY_NAMESPACE
-
-
-gateway = GatewaySettings()
-
-
-def configure_gateway(runtime_key_file: Path | None, namespace: str | None) -> None:
-    """Read the shared key once at start. Its bytes are never logged."""
-    gateway.runtime_key = Path(runtime_key_file).read_bytes().strip() if runtime_key_file else None
-    if gateway.runtime_key is not None and len(gateway.runtime_key) < 32:
-        raise ValueError(f"the runtime key in {runtime_key_file} is shorter than 32 bytes")
-    gateway.namespace = namespace or sandbox.DEFAULT_GATEWAY_NAMESPACE
 
 
 def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
@@ -49,13 +29,21 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
     with metrics.reconciling("AgentSandbox"):
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
         core = kube.client("core")
-        pod = kube.read(core.read_namespaced_pod, name, namespace)
+        # A sandbox from a pool runs its pool's template (read now: a cold start needs it, and the policy's
+        # egress follows its tools); its lifecycle and env are its own.
+        pool_body = kube.read_own(POOLS, namespace, spec.pool) if spec.pool else None
+        pool_spec = api.AgentSandboxPoolSpec.model_validate(pool_body["spec"]) if pool_body else None
+        effective = spec if not spec.pool else pool.sandbox_spec(pool_spec.template, spec.lifecycle, spec.env) if pool_spec else None
+        pod = _own_pod(body, spec, namespace, name)
         _pod_views.acted_on(pod)
         now = kube.now()
         created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
         annotations = body["metadata"].get("annotations") or {}
         last_activity = parse_timestamp(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
         decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
+        if effective is None and decision.want_pod and pod is None:
+            decision = sandbox.Plan("Pending", "PoolNotFound", f"no AgentSandboxPool {spec.pool} in {namespace}",
+                                    False, recheck_after=POOL_RECHECK)
 
         if decision.delete_sandbox:
             kube.delete_own(SANDBOXES, namespace, name, body["metadata"]["uid"])
@@ -68,33 +56,79 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
             if spec.workspace is not None:
                 kube.create(core.create_namespaced_persistent_volume_claim, namespace,
                             sandbox.workspace_claim_manifest(body, spec.workspace))
-            _apply_network_policy(body, spec, namespace, name)
+            if effective is not None:
+                _apply_network_policy(body, effective, namespace, name)
 
+        adopted = False
         if decision.delete_pod:
             assert pod is not None  # the plan deletes only a pod that exists
-            kube.delete(core.delete_namespaced_pod, name, namespace, pod["metadata"]["uid"])
-            logger.info("deleted pod %s/%s: %s", namespace, name, decision.message)
-        elif decision.want_pod and pod is None:
-            pod = kube.create(core.create_namespaced_pod, namespace, sandbox.pod_manifest(body, spec, gateway.runtime_key))
+            kube.delete(core.delete_namespaced_pod, pod["metadata"]["name"], namespace, pod["metadata"]["uid"])
+            logger.info("deleted pod %s/%s: %s", namespace, pod["metadata"]["name"], decision.message)
+        elif decision.want_pod and pod is None and effective is not None:
+            if pool_body is not None:
+                pod = _adopt(body, pool_body, pool.template_hash(pool_spec.template) if pool_spec else "", namespace)
+                adopted = pod is not None
+            if pod is None:
+                pod = kube.create(core.create_namespaced_pod, namespace, _pod_manifest(body, effective))
             _pod_views.acted_on(pod)
             if pod is not None:
-                logger.info("created pod %s/%s", namespace, name)
+                logger.info("%s pod %s/%s", "adopted warm" if adopted else "created", namespace, pod["metadata"]["name"])
                 # Report the pod as it now is, not as it was before it existed.
                 decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
 
         old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
-        new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now)
+        new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now,
+                             pod["metadata"]["name"] if pod else None)
         if old.phase != decision.phase:
             kopf.event(body, type="Warning" if decision.phase == "Failed" else "Normal", reason=decision.reason, message=decision.message)
+        if adopted and pod is not None:
+            kopf.event(body, type="Normal", reason="Adopted",
+                       message=f"adopted the warm pod {pod['metadata']['name']} of pool {spec.pool}")
         kube.patch_status(SANDBOXES, namespace, name, old, new)
         metrics.SANDBOXES.set(namespace, name, decision.phase)
         if decision.recheck_after is not None:
             rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
+    if adopted and spec.pool:
+        pool_handlers.reconcile_pool(namespace, spec.pool, logger)  # refill, after the sandbox is reported
     return decision
 
 
+# How soon a sandbox whose pool does not exist (yet) looks again.
+POOL_RECHECK = timedelta(seconds=5)
+
+
+def _own_pod(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> dict[str, Any] | None:
+    """The sandbox's pod: by its name, or for a sandbox from a pool the pod it adopted (or cold-started),
+    found by CLAIMED_BY_LABEL and its owner reference (a label alone anyone who may label pods could copy)."""
+    if not spec.pool:
+        return kube.read(kube.client("core").read_namespaced_pod, name, namespace)
+    uid = body["metadata"]["uid"]
+    pods = [p for p in kube.list_pods(namespace, f"{CLAIMED_BY_LABEL}={name}") if pool.owned_by(p, uid)]
+    pods.sort(key=lambda p: bool(p["metadata"].get("deletionTimestamp")))  # a live one before one going
+    return pods[0] if pods else None
+
+
+def _pod_manifest(body: dict[str, Any], effective: api.AgentSandboxSpec) -> dict[str, Any]:
+    manifest = sandbox.pod_manifest(body, effective, gateway.runtime_key)
+    if body["spec"].get("pool"):  # a cold start of a pooled sandbox (its pool had no warm pod ready)
+        manifest["metadata"]["labels"][CLAIMED_BY_LABEL] = body["metadata"]["name"]
+    return manifest
+
+
+def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, namespace: str) -> dict[str, Any] | None:
+    """Adopt one ready warm pod of the pool; None when none is left (the caller starts a pod cold). A pod
+    another sandbox took meanwhile fails its conditional patch, and the next is tried."""
+    warm = [p for p in kube.list_pods(namespace, pool.selector(pool_body["metadata"]["name"]))
+            if pool.owned_by(p, pool_body["metadata"]["uid"])]
+    for candidate in pool.adoptable(warm, current_hash):
+        adopted = kube.merge_patch_pod(namespace, candidate["metadata"]["name"], pool.adoption_patch(candidate, body))
+        if adopted is not None:
+            return adopted
+    return None
+
+
 def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.PodView | None, old: api.AgentSandboxStatus,
-                   last_activity: datetime | None, now: datetime) -> api.AgentSandboxStatus:
+                   last_activity: datetime | None, now: datetime, pod_name: str | None = None) -> api.AgentSandboxStatus:
     """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
     last reported (activity, call totals) is kept until it reports again."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
@@ -103,7 +137,7 @@ def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.Po
     return api.AgentSandboxStatus(
         phase=decision.phase,
         conditions=merge_conditions(old.conditions, sandbox.conditions(decision, pod, refused), now),
-        pod_name=name if decision.want_pod else None,
+        pod_name=(pod_name or name) if decision.want_pod else None,
         node_name=pod.node_name if pod and decision.want_pod else None,
         service_fqdn=sandbox.service_fqdn(name, namespace),
         last_activity_time=last_activity or old.last_activity_time,
@@ -142,6 +176,12 @@ def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logge
     `type` is None for the objects Kopf lists when a watch (re)starts: those count, as the state the
     pod was in while nobody was watching."""
     pod = kube.as_dict(dict(body))
-    owner = (pod["metadata"].get("labels") or {}).get(sandbox.SANDBOX_LABEL)
-    if owner and _pod_views.is_news(type, pod):
-        reconcile_sandbox(pod["metadata"]["namespace"], owner, logger, pod_only=True)
+    labels = pod["metadata"].get("labels") or {}
+    if not _pod_views.is_news(type, pod):
+        return
+    if labels.get(CLAIMED_BY_LABEL):  # adopted (or cold-started) by a sandbox from a pool
+        reconcile_sandbox(pod["metadata"]["namespace"], labels[CLAIMED_BY_LABEL], logger, pod_only=True)
+    elif labels.get(POOL_LABEL):  # a warm pod: ready, failed or gone, the pool's count changes
+        pool_handlers.reconcile_pool(pod["metadata"]["namespace"], labels[POOL_LABEL], logger)
+    elif labels.get(sandbox.SANDBOX_LABEL):
+        reconcile_sandbox(pod["metadata"]["namespace"], labels[sandbox.SANDBOX_LABEL], logger, pod_only=True)
