@@ -54,9 +54,11 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from agentkube.contract import (
+    CLAIMED_BY_LABEL,
     EXEC_SUBRESOURCE,
     FILES_SUBRESOURCE,
     LAST_ACTIVITY_ANNOTATION,
+    RUNTIME_IDENTITY_ANNOTATION,
     RUNTIME_PORT,
     SANDBOX_LABEL,
     runtime_token,
@@ -185,12 +187,45 @@ def runtime_address(sandbox: dict[str, Any] | None, pod: dict[str, Any] | None, 
                            "and call again once it is Running")
     owners = [o for o in pod["metadata"].get("ownerReferences") or () if o.get("controller")]
     labels = pod["metadata"].get("labels") or {}
-    if [o.get("uid") for o in owners] != [sandbox["metadata"]["uid"]] or labels.get(SANDBOX_LABEL) != name:
+    # A sandbox from a pool finds its pod by CLAIMED_BY_LABEL (an adopted warm pod keeps its own SANDBOX_LABEL).
+    label = CLAIMED_BY_LABEL if _pooled(sandbox) else SANDBOX_LABEL
+    if [o.get("uid") for o in owners] != [sandbox["metadata"]["uid"]] or labels.get(label) != name:
         raise Refusal(502, f"the pod {name!r} in {namespace!r} is not this sandbox's: refusing to send it anything")
     status = pod.get("status") or {}
     if status.get("phase") != "Running" or not status.get("podIP") or pod["metadata"].get("deletionTimestamp"):
         raise Refusal(503, f"sandbox {name!r} is not running yet (phase {phase}): call again once it is Running")
     return str(status["podIP"])
+
+
+def _pooled(sandbox: dict[str, Any]) -> bool:
+    return bool((sandbox.get("spec") or {}).get("pool"))
+
+
+def pod_name(sandbox: dict[str, Any] | None, name: str) -> str:
+    """The name of a sandbox's pod: its own, or for a sandbox from a pool the warm pod it adopted (its status
+    says which; `runtime_address` then checks that the sandbox controls that pod)."""
+    if sandbox is not None and _pooled(sandbox):
+        return str((sandbox.get("status") or {}).get("podName") or name)
+    return name
+
+
+def runtime_identity(sandbox: dict[str, Any], pod: dict[str, Any]) -> tuple[str, str]:
+    """The (name, uid) a pod's runtime token is derived from: the sandbox's, or for a warm pod a sandbox of
+    a pool adopted, the name the pod's runtime knows itself by and the random identity the pool gave it."""
+    metadata = pod["metadata"]
+    identity = (metadata.get("annotations") or {}).get(RUNTIME_IDENTITY_ANNOTATION)
+    if _pooled(sandbox) and identity:
+        return str((metadata.get("labels") or {}).get(SANDBOX_LABEL)), str(identity)
+    return sandbox["metadata"]["name"], sandbox["metadata"]["uid"]
+
+
+def with_sandbox_env(run: RunRequest, sandbox: dict[str, Any]) -> RunRequest:
+    """A call of a sandbox from a pool gets the sandbox's spec.env (its warm pod's container was started
+    before the sandbox existed); the call's own variables win, as a shell's `NAME=value command` would."""
+    env = {e["name"]: e.get("value", "") for e in (sandbox.get("spec") or {}).get("env") or ()} if _pooled(sandbox) else {}
+    if not env:
+        return run
+    return run.model_copy(update={"env": {**env, **(run.env or {})}})
 
 
 def resume_patch(sandbox: dict[str, Any], now: str) -> dict[str, Any] | None:
@@ -330,7 +365,7 @@ class Gateway:
         self.access = AccessCache()
         self.session: aiohttp.ClientSession | None = None
         # One resume per sandbox at a time: concurrent calls to a suspended sandbox wait on the same one.
-        self.resuming: dict[tuple[str, str], asyncio.Task[str]] = {}
+        self.resuming: dict[tuple[str, str], asyncio.Task[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
 
     async def authorize(self, request: web.Request, namespace: str, name: str, access: Access = EXEC) -> Caller:
         token = token_of(request.headers.get("Authorization"))
@@ -345,18 +380,25 @@ class Gateway:
             self.access.put((caller, namespace, name, access), True, now)
         return caller
 
-    async def target(self, namespace: str, name: str) -> tuple[str, str, bool]:
-        """The sandbox runtime's address and token, once its pod runs (resuming a suspended sandbox first),
-        and whether it was just resumed."""
+    async def sandbox_and_pod(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Both read at once; a sandbox from a pool whose pod is named otherwise costs a second read."""
         sandbox, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
+        if (other := pod_name(sandbox, name)) != name:
+            pod = await self.api.pod(namespace, other)
+        return sandbox, pod
+
+    async def target(self, namespace: str, name: str) -> tuple[str, str, bool, dict[str, Any]]:
+        """The sandbox runtime's address and token, once its pod runs (resuming a suspended sandbox first),
+        whether it was just resumed, and the sandbox."""
+        sandbox, pod = await self.sandbox_and_pod(namespace, name)
         resumed = False
         if sandbox is not None and resume_patch(sandbox, "") is not None:
-            address = await self.resume(namespace, name, sandbox)
+            address, sandbox, pod = await self.resume(namespace, name, sandbox)
             resumed = True
         else:
             address = runtime_address(sandbox, pod, namespace, name)
-        assert sandbox is not None
-        return address, runtime_token(self.runtime_key, namespace, name, sandbox["metadata"]["uid"]), resumed
+        assert sandbox is not None and pod is not None
+        return address, runtime_token(self.runtime_key, namespace, *runtime_identity(sandbox, pod)), resumed, sandbox
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
@@ -365,7 +407,8 @@ class Gateway:
             run = RunRequest.model_validate_json(await request.read())
         except ValidationError as error:
             raise Refusal(422, validation_message(error)) from None
-        address, token, resumed = await self.target(namespace, name)
+        address, token, resumed, sandbox = await self.target(namespace, name)
+        run = with_sandbox_env(run, sandbox)
         logger.info("%s runs %s in %s/%s", caller.username, run.argv[:1], namespace, name)
         upstream = await self.dial("POST", runtime_url(address, "/v1/run", self.runtime_port), token, name,
                                    retry_for=RESUME_SECONDS if resumed else 0.0, data=run.model_dump_json(),
@@ -401,12 +444,15 @@ class Gateway:
         caller = await self.authorize(request, namespace, name, EXEC)
         body = await request.read() if request.method == "POST" else b""
         model = PROCESS_BODIES.get((request.method, action))
+        parsed = None
         if model is not None:
             try:
-                model.model_validate_json(body or b"{}")
+                parsed = model.model_validate_json(body or b"{}")
             except ValidationError as error:
                 raise Refusal(422, validation_message(error)) from None
-        address, token, resumed = await self.target(namespace, name)
+        address, token, resumed, sandbox = await self.target(namespace, name)
+        if isinstance(parsed, RunRequest):  # a process is a call: it gets the sandbox's env as a run does
+            body = with_sandbox_env(parsed, sandbox).model_dump_json(exclude_none=True).encode()
         path = "/".join(part for part in ("/v1/processes", process, action) if part)
         if request.method == "POST" and not process:
             logger.info("%s starts a background process in %s/%s", caller.username, namespace, name)
@@ -422,7 +468,7 @@ class Gateway:
         access = file_access(request.method, request.query)
         caller = await self.authorize(request, namespace, name, access)
         check_file_request(request.method, request.query, request.content_length)
-        address, token, resumed = await self.target(namespace, name)
+        address, token, resumed, _ = await self.target(namespace, name)
         logger.info("%s: %s %s/%s in %s/%s", caller.username, access.verb, FILES_SUBRESOURCE,
                     request.query.get("path", "")[:200], namespace, name)
         url, params = runtime_url(address, "/v1/files", self.runtime_port), passed_on(request.query, FILE_PARAMS)
@@ -478,8 +524,9 @@ class Gateway:
                 raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
             await asyncio.sleep(RESUME_POLL_SECONDS)
 
-    async def resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> str:
-        """Resume a suspended sandbox (once, whoever else calls meanwhile) and wait until its pod runs."""
+    async def resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """Resume a suspended sandbox (once, whoever else calls meanwhile) and wait until its pod runs: its
+        address, and the sandbox and pod as they are then."""
         key = (namespace, name)
         task = self.resuming.get(key)
         if task is None:
@@ -487,16 +534,18 @@ class Gateway:
             task.add_done_callback(lambda _: self.resuming.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> str:
+    async def _resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
         patch = resume_patch(sandbox, timestamp(datetime.now(UTC)))
         if patch is not None:
             logger.info("resuming %s/%s for a call", namespace, name)
             await self.api.patch_sandbox(namespace, name, patch)
         deadline = time.monotonic() + RESUME_SECONDS
         while True:
-            current, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
+            current, pod = await self.sandbox_and_pod(namespace, name)
             try:
-                return runtime_address(current, pod, namespace, name)
+                address = runtime_address(current, pod, namespace, name)
+                assert current is not None and pod is not None
+                return address, current, pod
             except Refusal as refusal:
                 if refusal.status not in (409, 503):
                     raise
