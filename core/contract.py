@@ -85,6 +85,12 @@ GATEWAY_LABELS = {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/comp
 # the verb of the operation (create: upload, get: download, list, delete) for the workspace's files.
 EXEC_SUBRESOURCE = "exec"
 FILES_SUBRESOURCE = "files"
+# `create agentsandboxpools/claim` on a pool: take a sandbox from it through the gateway, and release one
+# taken so (the gateway creates and deletes the AgentSandbox; the caller needs no right on AgentSandboxes).
+CLAIM_SUBRESOURCE = "claim"
+POOL_PLURAL = "agentsandboxpools"
+# Set by the gateway on the AgentSandboxes it creates for claims: only those can be released through it.
+CLAIMED_THROUGH_GATEWAY_LABEL = "agentkube.dev/claimed-through-gateway"
 # The prefix of every call cgroup's name: who is inside a call is decided by it.
 CALL_PREFIX = "call-"
 # The node agent answers sandbox pods' DNS on this node-local link-local address (as NodeLocal DNSCache

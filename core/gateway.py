@@ -23,6 +23,10 @@ gateway adds a way in, not a way around the tool-call contract.
     GET    /files?path=P             the file's bytes                                    get files
     GET    /files?path=D&list=1      → FileList                                          list files
     DELETE /files?path=P&recursive=1                                                     delete files
+
+    under /v1/namespaces/{namespace}/pools/{pool}:                                   RBAC on agentsandboxpools/…
+    POST   /claims                   ClaimRequest → Claimed (201, once the new sandbox runs) create claim
+    DELETE /claims/NAME              release: delete a sandbox claimed so                create claim
     GET  /healthz
 
 Processes are tool calls, so everything about them is `exec`: reading a process's output is reading what
@@ -54,17 +58,20 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from agentkube.contract import (
+    CLAIM_SUBRESOURCE,
     CLAIMED_BY_LABEL,
+    CLAIMED_THROUGH_GATEWAY_LABEL,
     EXEC_SUBRESOURCE,
     FILES_SUBRESOURCE,
     LAST_ACTIVITY_ANNOTATION,
+    POOL_PLURAL,
     RUNTIME_IDENTITY_ANNOTATION,
     RUNTIME_PORT,
     SANDBOX_LABEL,
     runtime_token,
     timestamp,
 )
-from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest, SignalRequest, StdinWrite
+from agentkube.ebpf.models import MAX_REQUEST_BYTES, Claimed, ClaimRequest, RunRequest, SignalRequest, StdinWrite
 from agentkube.ebpf.runtime_port import NDJSON, REFUSAL_HEADER, RUNTIME_IDLE_SECONDS, bearer_token
 from agentkube.ebpf.unixhttp import ApiError, validation_message
 from agentkube.ebpf.workspace import CHUNK_BYTES, upload_mode, workspace_path
@@ -100,13 +107,19 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Access:
-    """What RBAC is asked about a sandbox: `VERB agentsandboxes/SUBRESOURCE`."""
+    """What RBAC is asked about a sandbox (or a pool): `VERB RESOURCE/SUBRESOURCE`."""
 
     verb: str
     subresource: str
+    resource: str = PLURAL
 
 
 EXEC = Access("create", EXEC_SUBRESOURCE)
+CLAIM = Access("create", CLAIM_SUBRESOURCE, POOL_PLURAL)
+# How often a claim looks whether its sandbox runs yet (a read of one object; a claim from a warm pool
+# takes tens of milliseconds, so a coarser step would be most of it).
+CLAIM_POLL_SECONDS = 0.005
+CLAIMANT_ANNOTATION = "agentkube.dev/claimant"  # who claimed it through the gateway (for `kubectl describe`)
 # A file operation's verb, by HTTP method ("LIST": a GET with list=1).
 FILE_ACCESS = {"PUT": Access("create", FILES_SUBRESOURCE), "GET": Access("get", FILES_SUBRESOURCE),
                "LIST": Access("list", FILES_SUBRESOURCE), "DELETE": Access("delete", FILES_SUBRESOURCE)}
@@ -162,7 +175,7 @@ def access_review(caller: Caller, namespace: str, name: str, access: Access = EX
             "uid": caller.uid,
             "groups": list(caller.groups),
             "extra": {k: list(v) for k, v in caller.extra},
-            "resourceAttributes": {"group": GROUP, "resource": PLURAL, "subresource": access.subresource,
+            "resourceAttributes": {"group": GROUP, "resource": access.resource, "subresource": access.subresource,
                                    "verb": access.verb, "namespace": namespace, "name": name},
         },
     }
@@ -172,7 +185,7 @@ def check_allowed(review: dict[str, Any], caller: Caller, namespace: str, name: 
     status = review.get("status") or {}
     if not status.get("allowed") or status.get("denied"):
         why = f" ({status['reason']})" if status.get("reason") else ""
-        raise Refusal(403, f"{caller.username} may not {access.verb} {PLURAL}/{access.subresource} on {name!r} in namespace "
+        raise Refusal(403, f"{caller.username} may not {access.verb} {access.resource}/{access.subresource} on {name!r} in namespace "
                            f"{namespace!r}{why}: bind the ClusterRole agentkube-sandbox-user (or a role granting it)")
 
 
@@ -226,6 +239,42 @@ def with_sandbox_env(run: RunRequest, sandbox: dict[str, Any]) -> RunRequest:
     if not env:
         return run
     return run.model_copy(update={"env": {**env, **(run.env or {})}})
+
+
+def claim_manifest(pool: str, claim: ClaimRequest, caller: Caller) -> dict[str, Any]:
+    """The AgentSandbox a claim creates: named after the pool by the API server, its env and TTL the
+    caller's, marked as made by the gateway (only those can be released through it)."""
+    spec: dict[str, Any] = {"pool": pool}
+    if claim.env:
+        spec["env"] = [{"name": k, "value": v} for k, v in claim.env.items()]
+    if claim.ttl_seconds:
+        spec["lifecycle"] = {"expireAfter": f"{claim.ttl_seconds}s", "shutdownPolicy": "Delete"}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AgentSandbox",
+            "metadata": {"generateName": f"{pool[:40]}-", "labels": {CLAIMED_THROUGH_GATEWAY_LABEL: "true"},
+                         "annotations": {CLAIMANT_ANNOTATION: caller.username}},
+            "spec": spec}
+
+
+def claimed_of(sandbox: dict[str, Any] | None, namespace: str, name: str) -> Claimed | None:
+    """The claim's answer once its sandbox runs; None while it does not yet."""
+    if sandbox is None:
+        raise Refusal(410, f"the claimed sandbox {name!r} in {namespace!r} was deleted before it ran")
+    status = sandbox.get("status") or {}
+    if status.get("phase") != "Running" or not status.get("podName"):
+        return None
+    return Claimed(name=name, namespace=namespace, pool=sandbox["spec"]["pool"], pod_name=status["podName"],
+                   warm=status["podName"] != name)
+
+
+def check_releasable(sandbox: dict[str, Any] | None, namespace: str, pool: str, name: str) -> str:
+    """The uid of a sandbox the gateway may release for a caller allowed to claim from `pool`."""
+    if sandbox is None:
+        raise Refusal(404, f"no AgentSandbox {name!r} in namespace {namespace!r}")
+    if (sandbox.get("spec") or {}).get("pool") != pool \
+            or (sandbox["metadata"].get("labels") or {}).get(CLAIMED_THROUGH_GATEWAY_LABEL) != "true":
+        raise Refusal(403, f"{name!r} is not a sandbox claimed from pool {pool!r} through the gateway: "
+                           "delete it with kubectl if you may")
+    return str(sandbox["metadata"]["uid"])
 
 
 def resume_patch(sandbox: dict[str, Any], now: str) -> dict[str, Any] | None:
@@ -353,6 +402,18 @@ class KubernetesApi:
 
     async def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read(self.core.read_namespaced_pod, name, namespace)
+
+    async def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, POOL_PLURAL, name)
+
+    async def create_sandbox(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._json, self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
+                                       PLURAL, body)
+
+    async def delete_sandbox(self, namespace: str, name: str, uid: str) -> None:
+        options = cast(Any, {"preconditions": {"uid": uid}})  # the client serializes a plain dict as it does its models
+        await asyncio.to_thread(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                                body=options)
 
     async def patch_sandbox(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await asyncio.to_thread(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch)
@@ -524,6 +585,36 @@ class Gateway:
                 raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
             await asyncio.sleep(RESUME_POLL_SECONDS)
 
+    async def claim(self, request: web.Request) -> web.Response:
+        """A new sandbox from a pool, answered once it runs (from a warm pod: tens of milliseconds)."""
+        namespace, pool = request.match_info["namespace"], request.match_info["pool"]
+        caller = await self.authorize(request, namespace, pool, CLAIM)
+        try:
+            claim = ClaimRequest.model_validate_json(await request.read() or b"{}")
+        except ValidationError as error:
+            raise Refusal(422, validation_message(error)) from None
+        if await self.api.pool(namespace, pool) is None:
+            raise Refusal(404, f"no AgentSandboxPool {pool!r} in namespace {namespace!r}")
+        created = await self.api.create_sandbox(namespace, claim_manifest(pool, claim, caller))
+        name = created["metadata"]["name"]
+        logger.info("%s claims %s/%s from pool %s", caller.username, namespace, name, pool)
+        deadline = time.monotonic() + claim.wait_seconds
+        while (claimed := claimed_of(await self.api.sandbox(namespace, name), namespace, name)) is None:
+            if time.monotonic() > deadline:
+                raise Refusal(504, f"sandbox {name!r} from pool {pool!r} did not run within {claim.wait_seconds:.0f}s; "
+                                   "it is still there: use it once it runs, or release it")
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+        return web.json_response(claimed.model_dump(mode="json"), status=201)
+
+    async def release(self, request: web.Request) -> web.Response:
+        """Delete a sandbox claimed through the gateway (its adopted pod goes with it; the pool is untouched)."""
+        namespace, pool, name = request.match_info["namespace"], request.match_info["pool"], request.match_info["name"]
+        caller = await self.authorize(request, namespace, pool, CLAIM)
+        uid = check_releasable(await self.api.sandbox(namespace, name), namespace, pool, name)
+        await self.api.delete_sandbox(namespace, name, uid)
+        logger.info("%s releases %s/%s of pool %s", caller.username, namespace, name, pool)
+        return web.json_response({"released": name})
+
     async def resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """Resume a suspended sandbox (once, whoever else calls meanwhile) and wait until its pod runs: its
         address, and the sandbox and pod as they are then."""
@@ -579,6 +670,9 @@ class Gateway:
         app.router.add_post(f"{sandbox}/processes/{{process:[0-9a-f]{{16}}}}/{{action:stdin|signal}}", self.processes)
         for method in ("GET", "PUT", "DELETE"):
             app.router.add_route(method, f"{sandbox}/files", self.files)
+        pool = "/v1/namespaces/{namespace}/pools/{pool}"
+        app.router.add_post(f"{pool}/claims", self.claim)
+        app.router.add_delete(f"{pool}/claims/{{name}}", self.release)
         app.router.add_get("/healthz", self.healthz)
 
         async def session(app: web.Application):

@@ -307,3 +307,26 @@ class FileList(Strict):
     path: str
     entries: list[FileEntry]
     truncated: bool = False
+
+
+# ----- warm-pool claims through the gateway ---------------------------------------------------------------
+
+MAX_CLAIM_TTL_SECONDS = 7 * 24 * 3600
+MAX_CLAIM_WAIT_SECONDS = 300.0
+
+
+class ClaimRequest(Strict):
+    """SDK → gateway: a new AgentSandbox from a pool (`Sandbox.create(pool=...)`), answered once it runs."""
+
+    env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_ITEMS)
+    # The sandbox is deleted this long after its creation (spec.lifecycle.expireAfter, shutdownPolicy Delete).
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_CLAIM_TTL_SECONDS)
+    wait_seconds: float = Field(default=60.0, gt=0, le=MAX_CLAIM_WAIT_SECONDS)
+
+
+class Claimed(Strict):
+    name: str
+    namespace: str
+    pool: str
+    pod_name: str
+    warm: bool  # it adopted a warm pod (false: the pool had none ready, and it started cold)

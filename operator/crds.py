@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from agentkube.contract import POOL_PLURAL
 from agentkube.operator import api
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ SERVED_MODEL = Kind(
 )
 AGENT_SANDBOX_POOL = Kind(
     kind="AgentSandboxPool",
-    plural="agentsandboxpools",
+    plural=POOL_PLURAL,  # the gateway's claims are authorized on it
     short_names=("asbpool",),
     spec=api.AgentSandboxPoolSpec,
     status=api.AgentSandboxPoolStatus,
