@@ -251,7 +251,7 @@ def test_kubectl_apply_rejects_an_invalid_served_model_with_a_specific_message(i
 
 
 def test_the_examples_are_valid(installed, kubectl):
-    for example in ("sandbox.yaml", "servedmodel.yaml"):
+    for example in ("sandbox.yaml", "servedmodel.yaml", "pool.yaml"):
         kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples" / example))
 
 
