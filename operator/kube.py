@@ -84,9 +84,12 @@ def create(create_call: Callable[..., Any], namespace: str, manifest: dict[str, 
         raise
 
 
-def delete(delete_call: Callable[..., Any], name: str, namespace: str, uid: str | None = None) -> None:
-    """Delete, if it is still the object with `uid` (when given)."""
-    options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
+def delete(delete_call: Callable[..., Any], name: str, namespace: str, uid: str | None = None,
+           resource_version: str | None = None) -> None:
+    """Delete, if it is still the object with `uid` (when given), unchanged since `resource_version` (when given)."""
+    preconditions = kubernetes.client.V1Preconditions(uid=uid, resource_version=resource_version) \
+        if uid or resource_version else None
+    options = kubernetes.client.V1DeleteOptions(preconditions=preconditions)
     try:
         delete_call(name, namespace, body=options)
     except ApiException as error:

@@ -37,8 +37,11 @@ def _reconcile(namespace: str, name: str, body: dict[str, Any], logger: logging.
     if spec.template.network.managed_policy:
         kube.create(kube.client("networking").create_namespaced_network_policy, namespace,
                     pool.pool_network_policy_manifest(body))
+    listed = {p["metadata"]["name"]: p["metadata"] for p in pods}
     for pod_name in decision.delete:
-        kube.delete(core.delete_namespaced_pod, pod_name, namespace)
+        # Only the pod as listed: one a sandbox adopted meanwhile (a newer resourceVersion) is no longer ours.
+        kube.delete(core.delete_namespaced_pod, pod_name, namespace, listed[pod_name]["uid"],
+                    listed[pod_name]["resourceVersion"])
     for _ in range(decision.create):
         manifest = pool.warm_pod_manifest(body, spec.template, pool.warm_pod_name(name), gateway.runtime_key)
         kube.create(core.create_namespaced_pod, namespace, manifest)
