@@ -600,7 +600,8 @@ def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, ku
     rendered = helm("get", "manifest", RELEASE, "-n", NAMESPACE).stdout
     objects = [doc for doc in yaml.safe_load_all(rendered) if doc]
     helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=2m")
-    for crd in ("agentsandboxes.agentkube.dev", "servedmodels.agentkube.dev", "clusterkopfpeerings.kopf.dev"):
+    for crd in ("agentsandboxes.agentkube.dev", "agentsandboxpools.agentkube.dev", "servedmodels.agentkube.dev",
+                "clusterkopfpeerings.kopf.dev"):
         kubectl("get", "crd", crd)
     left = []
     for document in objects:
