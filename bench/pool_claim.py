@@ -58,19 +58,25 @@ custom = client.CustomObjectsApi()
 def ready():
     pool_object = custom.get_namespaced_custom_object("agentkube.dev", "v1alpha1", namespace, "agentsandboxpools", pool)
     return (pool_object.get("status") or {}).get("readyReplicas", 0)
-out = {"claim": [], "first_command": [], "warm": []}
+out = {"claim": [], "first_command": [], "warm": [], "errors": []}
 for _ in range(claims):
     deadline = time.monotonic() + 120
     while replicas and ready() < replicas and time.monotonic() < deadline:
         time.sleep(0.05)
     started = time.perf_counter()
-    box = Sandbox.create(pool, namespace, wait=120)
+    try:
+        box = Sandbox.create(pool, namespace, wait=120)
+    except Exception as error:  # a failed claim is a finding, recorded; the run goes on
+        out["errors"].append(f"claim: {type(error).__name__}: {error}")
+        continue
     claimed = time.perf_counter()
-    box.run(["true"])
-    first = time.perf_counter()
     out["claim"].append((claimed - started) * 1000)
-    out["first_command"].append((first - started) * 1000)
     out["warm"].append(box.claimed.warm)
+    try:
+        box.run(["true"])
+        out["first_command"].append((time.perf_counter() - started) * 1000)
+    except Exception as error:
+        out["errors"].append(f"first command: {type(error).__name__}: {error}")
     box.release()
 print(json.dumps(out))
 """
@@ -147,7 +153,8 @@ def main() -> None:
     per_round = max(1, args.claims // args.rounds)
     samples: dict[str, list[float]] = {k: [] for k in ("warm_claim", "warm_first_command", "cold_claim", "cold_first_command",
                                                           "agentkube_controller_claim", "agent_sandbox_claim")}
-    adopted = {"warm": [], "cold": []}  # whether each claim adopted a warm pod
+    adopted: dict[str, list[bool]] = {"warm": [], "cold": []}  # whether each claim adopted a warm pod
+    errors: dict[str, list[str]] = {"warm": [], "cold": []}  # claims or first commands that failed (findings)
     load_before = os.getloadavg()
     env = temporary_env(with_prometheus=False, with_node=True, node_agent="none")
     try:
@@ -174,7 +181,7 @@ def main() -> None:
         # One claim of each kind first, untimed: the gateway's and the SDK's first connections.
         for kind in ("warm", "cold"):
             tool("kubectl", "exec", "-n", NAMESPACE, "client", "--", "python3", "-c", IN_POD, NAMESPACE, kind, "1",
-                 str(WARM_REPLICAS if kind == "warm" else 0))
+                 str(WARM_REPLICAS if kind == "warm" else 0), check=False)
         custom = None
         if args.agent_sandbox_controller and args.agent_sandbox_crds:
             try:  # the peer is optional: its failure is recorded, and our own figures still count
@@ -201,11 +208,15 @@ def main() -> None:
         for _ in range(args.rounds):
             for kind in ("warm", "cold"):
                 done = tool("kubectl", "exec", "-n", NAMESPACE, "client", "--", "python3", "-c", IN_POD, NAMESPACE, kind,
-                            str(per_round), str(WARM_REPLICAS if kind == "warm" else 0))
+                            str(per_round), str(WARM_REPLICAS if kind == "warm" else 0), check=False)
+                if done.returncode != 0:
+                    errors[kind].append(f"the round failed: {done.stderr[-500:]}")
+                    continue
                 out = json.loads(done.stdout)
                 samples[f"{kind}_claim"] += out["claim"]
                 samples[f"{kind}_first_command"] += out["first_command"]
                 adopted[kind] += out["warm"]
+                errors[kind] += out["errors"]
             if custom is not None:
                 try:
                     for name, values in controller_claims(custom, NAMESPACE, per_round).items():
@@ -223,7 +234,7 @@ def main() -> None:
     warm, cold = stats["warm_claim"], stats["cold_claim"]
     result = {"machine": machine(), "claims_per_kind": len(samples["warm_claim"]), "rounds": args.rounds,
               "warm_replicas": WARM_REPLICAS, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "milliseconds": stats, "adopted_a_warm_pod": {k: sum(v) for k, v in adopted.items()},
+              "milliseconds": stats, "adopted_a_warm_pod": {k: sum(v) for k, v in adopted.items()}, "errors": errors,
               "ratio_cold_to_warm_p50": cold["p50"] / warm["p50"],
               "goal": f"a claim from a warm pool at most {GOAL_MS:.0f} ms at p50", "goal_met": warm["p50"] <= GOAL_MS,
               "agent_sandbox": {"controller": str(args.agent_sandbox_controller) if args.agent_sandbox_controller else None,
@@ -243,7 +254,8 @@ def main() -> None:
                   f"Goal: {result['goal']} — {'met' if result['goal_met'] else 'not met'}. Cold/warm at p50: "
                   f"×{result['ratio_cold_to_warm_p50']:.1f}. Claims that adopted a warm pod: warm "
                   f"{result['adopted_a_warm_pod']['warm']}/{len(adopted['warm'])}, cold {result['adopted_a_warm_pod']['cold']}/"
-                  f"{len(adopted['cold'])}. agent-sandbox beside ours at the controller level (p50): "
+                  f"{len(adopted['cold'])}. Failed claims or first commands: warm {len(errors['warm'])}, cold "
+                  f"{len(errors['cold'])} (in the JSON). agent-sandbox beside ours at the controller level (p50): "
                   + (f"×{result['ratio_agent_sandbox_to_agentkube_controller_p50']:.2f} of ours"
                      if "ratio_agent_sandbox_to_agentkube_controller_p50" in result else f"not measured ({peer_error})")
                   + f". Load average "
