@@ -25,6 +25,16 @@ Background processes and files go through the gateway too:
     sandbox.upload("data.csv", "in/data.csv"); sandbox.download("out/report.pdf", "report.pdf")
     sandbox.list_files("out"); sandbox.delete_file("out", recursive=True)
 
+A sandbox can also be taken from a warm pool (an AgentSandboxPool) through the gateway: it runs at once
+(an already started pod is adopted; its `env` reaches each of its calls), and is released (deleted) at the
+end of the `with`, or by the operator after `ttl`:
+
+    with Sandbox.create(pool="python", namespace="team-a", ttl="1h", env={"TASK": "42"}) as sandbox:
+        sandbox.run("python3 -c 'import os; print(os.environ[\"TASK\"])'")
+    # or: sandbox = await AsyncSandbox.create(pool="python", ...); ...; await sandbox.release()
+
+Claiming and releasing need `create agentsandboxpools/claim` on the pool (also in `agentkube-sandbox-user`).
+
 Inside a pod it authenticates with the pod's service-account token and finds the gateway at its
 in-cluster address; outside, with the token of the current kubeconfig context and the gateway's address
 given (`gateway=` or AGENTKUBE_GATEWAY, e.g. through `kubectl port-forward`). The gateway speaks HTTPS
@@ -50,6 +60,8 @@ from urllib.parse import urlsplit
 from agentkube.contract import CallIntent, ToolNetwork, duration_seconds, runtime_socket, tool_network
 from agentkube.ebpf.models import (
     MAX_PROCESS_WAIT_SECONDS,
+    Claimed,
+    ClaimRequest,
     FileEntry,
     FileList,
     ProcessInfo,
@@ -194,6 +206,16 @@ def _published_ca(address: str, configuration: Any) -> str:
     return pem
 
 
+def claim_request(ttl: float | str | None, env: dict[str, str] | None, wait: float) -> ClaimRequest:
+    """A claim's body: `ttl` in seconds or as a Go duration ("1h30m"), rounded up to a whole second."""
+    seconds = None if ttl is None else max(1, -(-duration_seconds(ttl) // 1))
+    return ClaimRequest(env=env or None, ttl_seconds=None if seconds is None else int(seconds), wait_seconds=wait)
+
+
+def claims_url(gateway: str, namespace: str, pool: str) -> str:
+    return f"{gateway}/v1/namespaces/{namespace}/pools/{pool}/claims"
+
+
 def _answer(status: int, body: bytes) -> Any:
     if status >= 300:
         raise error_of(status, body)
@@ -324,6 +346,33 @@ class RemoteSandbox:
         self._http = httpx.Client(verify=verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
         self.url = f"{self.base}/run"
+        self.claimed: Claimed | None = None  # set when it was taken from a pool (`Sandbox.create`)
+
+    @classmethod
+    def create(cls, pool: str, namespace: str = "default", *, ttl: float | str | None = None,
+               env: dict[str, str] | None = None, wait: float = 60.0, gateway: str | None = None,
+               token: str | None = None, ca: str | Path | None = None) -> RemoteSandbox:
+        """A new sandbox from the warm pool `pool`, once it runs (see the module doc)."""
+        import httpx
+
+        address, token_of, verify = gateway_credentials(gateway, token, ca)
+        body = claim_request(ttl, env, wait)
+        response = httpx.post(claims_url(address, namespace, pool), content=body.model_dump_json(), verify=verify,
+                              timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
+                              headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        claimed = Claimed.model_validate(_answer(response.status_code, response.content))
+        sandbox = cls(claimed.name, namespace, address, token_of, verify)
+        sandbox.claimed = claimed
+        return sandbox
+
+    def release(self) -> None:
+        """Delete a sandbox taken from a pool (its pod goes with it; the pool's others stay)."""
+        if self.claimed is None:
+            raise ValueError(f"{self.name} was not taken from a pool with Sandbox.create: nothing to release")
+        response = self._http.delete(f"{claims_url(self.gateway, self.namespace, self.claimed.pool)}/{self.name}",
+                                     headers={"Authorization": f"Bearer {self._token()}"})
+        _answer(response.status_code, response.content)
+        self.claimed = None
 
     def stream(self, argv: Sequence[str] | str, **limits: Any) -> Iterator[Output | RunResult]:
         """Run one command as a tool call; yields its output as produced, then its RunResult (exit code,
@@ -410,7 +459,11 @@ class RemoteSandbox:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.close()
+        try:
+            if self.claimed is not None:
+                self.release()
+        finally:
+            self.close()
 
 
 class AsyncProcess(_ProcessHandle):
@@ -478,6 +531,35 @@ class AsyncSandbox:
         self._http = httpx.AsyncClient(verify=verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
         self.url = f"{self.base}/run"
+        self.claimed: Claimed | None = None
+
+    @classmethod
+    async def create(cls, pool: str, namespace: str = "default", *, ttl: float | str | None = None,
+                     env: dict[str, str] | None = None, wait: float = 60.0, gateway: str | None = None,
+                     token: str | None = None, ca: str | Path | None = None) -> AsyncSandbox:
+        sandbox = cls("", namespace, *gateway_credentials(gateway, token, ca))
+        address, token_of = sandbox.gateway, sandbox._token
+        body = claim_request(ttl, env, wait)
+        response = await sandbox._http.post(claims_url(address, namespace, pool), content=body.model_dump_json(),
+                                            timeout=httpx_timeout(wait + 10),
+                                            headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        try:
+            claimed = Claimed.model_validate(_answer(response.status_code, response.content))
+        except BaseException:
+            await sandbox.aclose()
+            raise
+        sandbox.name, sandbox.claimed = claimed.name, claimed
+        sandbox.base = f"{address}/v1/namespaces/{namespace}/sandboxes/{claimed.name}"
+        sandbox.url = f"{sandbox.base}/run"
+        return sandbox
+
+    async def release(self) -> None:
+        if self.claimed is None:
+            raise ValueError(f"{self.name} was not taken from a pool with AsyncSandbox.create: nothing to release")
+        response = await self._http.delete(f"{claims_url(self.gateway, self.namespace, self.claimed.pool)}/{self.name}",
+                                           headers={"Authorization": f"Bearer {self._token()}"})
+        _answer(response.status_code, response.content)
+        self.claimed = None
 
     @classmethod
     def connect(cls, name: str, namespace: str = "default", *, gateway: str | None = None,
@@ -564,7 +646,17 @@ class AsyncSandbox:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        await self.aclose()
+        try:
+            if self.claimed is not None:
+                await self.release()
+        finally:
+            await self.aclose()
+
+
+def httpx_timeout(read: float) -> Any:
+    import httpx
+
+    return httpx.Timeout(CONNECT_SECONDS, read=read)
 
 
 def _last(events: list[Output | RunResult]) -> RunResult:
@@ -589,6 +681,14 @@ class Sandbox:
         the PEM file that signed the gateway's certificate (default: AGENTKUBE_GATEWAY_CA, else the CA the
         chart publishes, read from the API server)."""
         return RemoteSandbox(name, namespace, *gateway_credentials(gateway, token, ca))
+
+    @staticmethod
+    def create(pool: str, namespace: str = "default", *, ttl: float | str | None = None, env: dict[str, str] | None = None,
+               wait: float = 60.0, gateway: str | None = None, token: str | None = None,
+               ca: str | Path | None = None) -> RemoteSandbox:
+        """A new sandbox from the warm pool `pool`, through the gateway, once it runs; `release()` (or the end
+        of a `with`) deletes it, and the operator does after `ttl` (module doc)."""
+        return RemoteSandbox.create(pool, namespace, ttl=ttl, env=env, wait=wait, gateway=gateway, token=token, ca=ca)
 
     def run(
         self,

@@ -38,6 +38,15 @@ LAST_ACTIVITY_ANNOTATION = "agentkube.dev/last-activity"
 # turns it into the condition ToolsEnforced=False. Absent while the agent enforces the sandbox's intent.
 TOOLS_REFUSED_ANNOTATION = "agentkube.dev/tools-refused"
 CONTAINER_NAME = "sandbox"  # the sandbox pod's container whose cgroup holds the sandbox's calls
+# Warm pools (AgentSandboxPool). A warm pod keeps its SANDBOX_LABEL (its own name: what its runtime and the
+# node agent know it by, for its whole life) and carries POOL_LABEL while it waits. A sandbox that adopts it
+# adds CLAIMED_BY_LABEL (its own name: its Service and NetworkPolicy select on it) and becomes its owner.
+POOL_LABEL = "agentkube.dev/pool"
+POOL_TEMPLATE_LABEL = "agentkube.dev/pool-template"  # the hash of the pool template a warm pod was made from
+CLAIMED_BY_LABEL = "agentkube.dev/claimed-by"
+# A warm pod's runtime token is derived from its own name and this random value (an AgentSandbox's from its
+# name and uid): the gateway reads both from the pod it is sent to.
+RUNTIME_IDENTITY_ANNOTATION = "agentkube.dev/runtime-identity"
 
 # One node agent per node serves two sockets: the admin socket (0600, root outside every sandbox) and the
 # sandbox socket (0666, mounted read-only into sandbox pods; each request is authorized by the caller's cgroup).
@@ -76,6 +85,12 @@ GATEWAY_LABELS = {"app.kubernetes.io/name": "agentkube", "app.kubernetes.io/comp
 # the verb of the operation (create: upload, get: download, list, delete) for the workspace's files.
 EXEC_SUBRESOURCE = "exec"
 FILES_SUBRESOURCE = "files"
+# `create agentsandboxpools/claim` on a pool: take a sandbox from it through the gateway, and release one
+# taken so (the gateway creates and deletes the AgentSandbox; the caller needs no right on AgentSandboxes).
+CLAIM_SUBRESOURCE = "claim"
+POOL_PLURAL = "agentsandboxpools"
+# Set by the gateway on the AgentSandboxes it creates for claims: only those can be released through it.
+CLAIMED_THROUGH_GATEWAY_LABEL = "agentkube.dev/claimed-through-gateway"
 # The prefix of every call cgroup's name: who is inside a call is decided by it.
 CALL_PREFIX = "call-"
 # The node agent answers sandbox pods' DNS on this node-local link-local address (as NodeLocal DNSCache

@@ -23,6 +23,10 @@ gateway adds a way in, not a way around the tool-call contract.
     GET    /files?path=P             the file's bytes                                    get files
     GET    /files?path=D&list=1      → FileList                                          list files
     DELETE /files?path=P&recursive=1                                                     delete files
+
+    under /v1/namespaces/{namespace}/pools/{pool}:                                   RBAC on agentsandboxpools/…
+    POST   /claims                   ClaimRequest → Claimed (201, once the new sandbox runs) create claim
+    DELETE /claims/NAME              release: delete a sandbox claimed so                create claim
     GET  /healthz
 
 Processes are tool calls, so everything about them is `exec`: reading a process's output is reading what
@@ -55,15 +59,20 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from agentkube.contract import (
+    CLAIM_SUBRESOURCE,
+    CLAIMED_BY_LABEL,
+    CLAIMED_THROUGH_GATEWAY_LABEL,
     EXEC_SUBRESOURCE,
     FILES_SUBRESOURCE,
     LAST_ACTIVITY_ANNOTATION,
+    POOL_PLURAL,
+    RUNTIME_IDENTITY_ANNOTATION,
     RUNTIME_PORT,
     SANDBOX_LABEL,
     runtime_token,
     timestamp,
 )
-from agentkube.ebpf.models import MAX_REQUEST_BYTES, RunRequest, SignalRequest, StdinWrite
+from agentkube.ebpf.models import MAX_REQUEST_BYTES, Claimed, ClaimRequest, RunRequest, SignalRequest, StdinWrite
 from agentkube.ebpf.runtime_port import NDJSON, REFUSAL_HEADER, RUNTIME_IDLE_SECONDS, bearer_token
 from agentkube.ebpf.unixhttp import ApiError, validation_message
 from agentkube.ebpf.workspace import CHUNK_BYTES, upload_mode, workspace_path
@@ -99,13 +108,19 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Access:
-    """What RBAC is asked about a sandbox: `VERB agentsandboxes/SUBRESOURCE`."""
+    """What RBAC is asked about a sandbox (or a pool): `VERB RESOURCE/SUBRESOURCE`."""
 
     verb: str
     subresource: str
+    resource: str = PLURAL
 
 
 EXEC = Access("create", EXEC_SUBRESOURCE)
+CLAIM = Access("create", CLAIM_SUBRESOURCE, POOL_PLURAL)
+# How often a claim looks whether its sandbox runs yet (a read of one object; a claim from a warm pool
+# takes tens of milliseconds, so a coarser step would be most of it).
+CLAIM_POLL_SECONDS = 0.005
+CLAIMANT_ANNOTATION = "agentkube.dev/claimant"  # who claimed it through the gateway (for `kubectl describe`)
 # A file operation's verb, by HTTP method ("LIST": a GET with list=1).
 FILE_ACCESS = {"PUT": Access("create", FILES_SUBRESOURCE), "GET": Access("get", FILES_SUBRESOURCE),
                "LIST": Access("list", FILES_SUBRESOURCE), "DELETE": Access("delete", FILES_SUBRESOURCE)}
@@ -161,7 +176,7 @@ def access_review(caller: Caller, namespace: str, name: str, access: Access = EX
             "uid": caller.uid,
             "groups": list(caller.groups),
             "extra": {k: list(v) for k, v in caller.extra},
-            "resourceAttributes": {"group": GROUP, "resource": PLURAL, "subresource": access.subresource,
+            "resourceAttributes": {"group": GROUP, "resource": access.resource, "subresource": access.subresource,
                                    "verb": access.verb, "namespace": namespace, "name": name},
         },
     }
@@ -171,7 +186,7 @@ def check_allowed(review: dict[str, Any], caller: Caller, namespace: str, name: 
     status = review.get("status") or {}
     if not status.get("allowed") or status.get("denied"):
         why = f" ({status['reason']})" if status.get("reason") else ""
-        raise Refusal(403, f"{caller.username} may not {access.verb} {PLURAL}/{access.subresource} on {name!r} in namespace "
+        raise Refusal(403, f"{caller.username} may not {access.verb} {access.resource}/{access.subresource} on {name!r} in namespace "
                            f"{namespace!r}{why}: bind the ClusterRole agentkube-sandbox-user (or a role granting it)")
 
 
@@ -186,12 +201,81 @@ def runtime_address(sandbox: dict[str, Any] | None, pod: dict[str, Any] | None, 
                            "and call again once it is Running")
     owners = [o for o in pod["metadata"].get("ownerReferences") or () if o.get("controller")]
     labels = pod["metadata"].get("labels") or {}
-    if [o.get("uid") for o in owners] != [sandbox["metadata"]["uid"]] or labels.get(SANDBOX_LABEL) != name:
+    # A sandbox from a pool finds its pod by CLAIMED_BY_LABEL (an adopted warm pod keeps its own SANDBOX_LABEL).
+    label = CLAIMED_BY_LABEL if _pooled(sandbox) else SANDBOX_LABEL
+    if [o.get("uid") for o in owners] != [sandbox["metadata"]["uid"]] or labels.get(label) != name:
         raise Refusal(502, f"the pod {name!r} in {namespace!r} is not this sandbox's: refusing to send it anything")
     status = pod.get("status") or {}
     if status.get("phase") != "Running" or not status.get("podIP") or pod["metadata"].get("deletionTimestamp"):
         raise Refusal(503, f"sandbox {name!r} is not running yet (phase {phase}): call again once it is Running")
     return str(status["podIP"])
+
+
+def _pooled(sandbox: dict[str, Any]) -> bool:
+    return bool((sandbox.get("spec") or {}).get("pool"))
+
+
+def pod_name(sandbox: dict[str, Any] | None, name: str) -> str:
+    """The name of a sandbox's pod: its own, or for a sandbox from a pool the warm pod it adopted (its status
+    says which; `runtime_address` then checks that the sandbox controls that pod)."""
+    if sandbox is not None and _pooled(sandbox):
+        return str((sandbox.get("status") or {}).get("podName") or name)
+    return name
+
+
+def runtime_identity(sandbox: dict[str, Any], pod: dict[str, Any]) -> tuple[str, str]:
+    """The (name, uid) a pod's runtime token is derived from: the sandbox's, or for a warm pod a sandbox of
+    a pool adopted, the name the pod's runtime knows itself by and the random identity the pool gave it."""
+    metadata = pod["metadata"]
+    identity = (metadata.get("annotations") or {}).get(RUNTIME_IDENTITY_ANNOTATION)
+    if _pooled(sandbox) and identity:
+        return str((metadata.get("labels") or {}).get(SANDBOX_LABEL)), str(identity)
+    return sandbox["metadata"]["name"], sandbox["metadata"]["uid"]
+
+
+def with_sandbox_env(run: RunRequest, sandbox: dict[str, Any]) -> RunRequest:
+    """A call of a sandbox from a pool gets the sandbox's spec.env (its warm pod's container was started
+    before the sandbox existed); the call's own variables win, as a shell's `NAME=value command` would."""
+    env = {e["name"]: e.get("value", "") for e in (sandbox.get("spec") or {}).get("env") or ()} if _pooled(sandbox) else {}
+    if not env:
+        return run
+    return run.model_copy(update={"env": {**env, **(run.env or {})}})
+
+
+def claim_manifest(pool: str, claim: ClaimRequest, caller: Caller) -> dict[str, Any]:
+    """The AgentSandbox a claim creates: named after the pool by the API server, its env and TTL the
+    caller's, marked as made by the gateway (only those can be released through it)."""
+    spec: dict[str, Any] = {"pool": pool}
+    if claim.env:
+        spec["env"] = [{"name": k, "value": v} for k, v in claim.env.items()]
+    if claim.ttl_seconds:
+        spec["lifecycle"] = {"expireAfter": f"{claim.ttl_seconds}s", "shutdownPolicy": "Delete"}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AgentSandbox",
+            "metadata": {"generateName": f"{pool[:40]}-", "labels": {CLAIMED_THROUGH_GATEWAY_LABEL: "true"},
+                         "annotations": {CLAIMANT_ANNOTATION: caller.username}},
+            "spec": spec}
+
+
+def claimed_of(sandbox: dict[str, Any] | None, namespace: str, name: str) -> Claimed | None:
+    """The claim's answer once its sandbox runs; None while it does not yet."""
+    if sandbox is None:
+        raise Refusal(410, f"the claimed sandbox {name!r} in {namespace!r} was deleted before it ran")
+    status = sandbox.get("status") or {}
+    if status.get("phase") != "Running" or not status.get("podName"):
+        return None
+    return Claimed(name=name, namespace=namespace, pool=sandbox["spec"]["pool"], pod_name=status["podName"],
+                   warm=status["podName"] != name)
+
+
+def check_releasable(sandbox: dict[str, Any] | None, namespace: str, pool: str, name: str) -> str:
+    """The uid of a sandbox the gateway may release for a caller allowed to claim from `pool`."""
+    if sandbox is None:
+        raise Refusal(404, f"no AgentSandbox {name!r} in namespace {namespace!r}")
+    if (sandbox.get("spec") or {}).get("pool") != pool \
+            or (sandbox["metadata"].get("labels") or {}).get(CLAIMED_THROUGH_GATEWAY_LABEL) != "true":
+        raise Refusal(403, f"{name!r} is not a sandbox claimed from pool {pool!r} through the gateway: "
+                           "delete it with kubectl if you may")
+    return str(sandbox["metadata"]["uid"])
 
 
 def resume_patch(sandbox: dict[str, Any], now: str) -> dict[str, Any] | None:
@@ -320,6 +404,18 @@ class KubernetesApi:
     async def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read(self.core.read_namespaced_pod, name, namespace)
 
+    async def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, POOL_PLURAL, name)
+
+    async def create_sandbox(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._json, self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
+                                       PLURAL, body)
+
+    async def delete_sandbox(self, namespace: str, name: str, uid: str) -> None:
+        options = cast(Any, {"preconditions": {"uid": uid}})  # the client serializes a plain dict as it does its models
+        await asyncio.to_thread(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
+                                body=options)
+
     async def patch_sandbox(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await asyncio.to_thread(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch)
 
@@ -331,7 +427,7 @@ class Gateway:
         self.access = AccessCache()
         self.session: aiohttp.ClientSession | None = None
         # One resume per sandbox at a time: concurrent calls to a suspended sandbox wait on the same one.
-        self.resuming: dict[tuple[str, str], asyncio.Task[str]] = {}
+        self.resuming: dict[tuple[str, str], asyncio.Task[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
 
     async def authorize(self, request: web.Request, namespace: str, name: str, access: Access = EXEC) -> Caller:
         token = token_of(request.headers.get("Authorization"))
@@ -346,18 +442,25 @@ class Gateway:
             self.access.put((caller, namespace, name, access), True, now)
         return caller
 
-    async def target(self, namespace: str, name: str) -> tuple[str, str, bool]:
-        """The sandbox runtime's address and token, once its pod runs (resuming a suspended sandbox first),
-        and whether it was just resumed."""
+    async def sandbox_and_pod(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Both read at once; a sandbox from a pool whose pod is named otherwise costs a second read."""
         sandbox, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
+        if (other := pod_name(sandbox, name)) != name:
+            pod = await self.api.pod(namespace, other)
+        return sandbox, pod
+
+    async def target(self, namespace: str, name: str) -> tuple[str, str, bool, dict[str, Any]]:
+        """The sandbox runtime's address and token, once its pod runs (resuming a suspended sandbox first),
+        whether it was just resumed, and the sandbox."""
+        sandbox, pod = await self.sandbox_and_pod(namespace, name)
         resumed = False
         if sandbox is not None and resume_patch(sandbox, "") is not None:
-            address = await self.resume(namespace, name, sandbox)
+            address, sandbox, pod = await self.resume(namespace, name, sandbox)
             resumed = True
         else:
             address = runtime_address(sandbox, pod, namespace, name)
-        assert sandbox is not None
-        return address, runtime_token(self.runtime_key, namespace, name, sandbox["metadata"]["uid"]), resumed
+        assert sandbox is not None and pod is not None
+        return address, runtime_token(self.runtime_key, namespace, *runtime_identity(sandbox, pod)), resumed, sandbox
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
@@ -366,7 +469,8 @@ class Gateway:
             run = RunRequest.model_validate_json(await request.read())
         except ValidationError as error:
             raise Refusal(422, validation_message(error)) from None
-        address, token, resumed = await self.target(namespace, name)
+        address, token, resumed, sandbox = await self.target(namespace, name)
+        run = with_sandbox_env(run, sandbox)
         logger.info("%s runs %s in %s/%s", caller.username, run.argv[:1], namespace, name)
         upstream = await self.dial("POST", runtime_url(address, "/v1/run", self.runtime_port), token, name,
                                    retry_for=RESUME_SECONDS if resumed else 0.0, data=run.model_dump_json(),
@@ -402,12 +506,15 @@ class Gateway:
         caller = await self.authorize(request, namespace, name, EXEC)
         body = await request.read() if request.method == "POST" else b""
         model = PROCESS_BODIES.get((request.method, action))
+        parsed = None
         if model is not None:
             try:
-                model.model_validate_json(body or b"{}")
+                parsed = model.model_validate_json(body or b"{}")
             except ValidationError as error:
                 raise Refusal(422, validation_message(error)) from None
-        address, token, resumed = await self.target(namespace, name)
+        address, token, resumed, sandbox = await self.target(namespace, name)
+        if isinstance(parsed, RunRequest):  # a process is a call: it gets the sandbox's env as a run does
+            body = with_sandbox_env(parsed, sandbox).model_dump_json(exclude_none=True).encode()
         path = "/".join(part for part in ("/v1/processes", process, action) if part)
         if request.method == "POST" and not process:
             logger.info("%s starts a background process in %s/%s", caller.username, namespace, name)
@@ -423,7 +530,7 @@ class Gateway:
         access = file_access(request.method, request.query)
         caller = await self.authorize(request, namespace, name, access)
         check_file_request(request.method, request.query, request.content_length)
-        address, token, resumed = await self.target(namespace, name)
+        address, token, resumed, _ = await self.target(namespace, name)
         logger.info("%s: %s %s/%s in %s/%s", caller.username, access.verb, FILES_SUBRESOURCE,
                     request.query.get("path", "")[:200], namespace, name)
         url, params = runtime_url(address, "/v1/files", self.runtime_port), passed_on(request.query, FILE_PARAMS)
@@ -479,8 +586,39 @@ class Gateway:
                 raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
             await asyncio.sleep(RESUME_POLL_SECONDS)
 
-    async def resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> str:
-        """Resume a suspended sandbox (once, whoever else calls meanwhile) and wait until its pod runs."""
+    async def claim(self, request: web.Request) -> web.Response:
+        """A new sandbox from a pool, answered once it runs (from a warm pod: tens of milliseconds)."""
+        namespace, pool = request.match_info["namespace"], request.match_info["pool"]
+        caller = await self.authorize(request, namespace, pool, CLAIM)
+        try:
+            claim = ClaimRequest.model_validate_json(await request.read() or b"{}")
+        except ValidationError as error:
+            raise Refusal(422, validation_message(error)) from None
+        if await self.api.pool(namespace, pool) is None:
+            raise Refusal(404, f"no AgentSandboxPool {pool!r} in namespace {namespace!r}")
+        created = await self.api.create_sandbox(namespace, claim_manifest(pool, claim, caller))
+        name = created["metadata"]["name"]
+        logger.info("%s claims %s/%s from pool %s", caller.username, namespace, name, pool)
+        deadline = time.monotonic() + claim.wait_seconds
+        while (claimed := claimed_of(await self.api.sandbox(namespace, name), namespace, name)) is None:
+            if time.monotonic() > deadline:
+                raise Refusal(504, f"sandbox {name!r} from pool {pool!r} did not run within {claim.wait_seconds:.0f}s; "
+                                   "it is still there: use it once it runs, or release it")
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+        return web.json_response(claimed.model_dump(mode="json"), status=201)
+
+    async def release(self, request: web.Request) -> web.Response:
+        """Delete a sandbox claimed through the gateway (its adopted pod goes with it; the pool is untouched)."""
+        namespace, pool, name = request.match_info["namespace"], request.match_info["pool"], request.match_info["name"]
+        caller = await self.authorize(request, namespace, pool, CLAIM)
+        uid = check_releasable(await self.api.sandbox(namespace, name), namespace, pool, name)
+        await self.api.delete_sandbox(namespace, name, uid)
+        logger.info("%s releases %s/%s of pool %s", caller.username, namespace, name, pool)
+        return web.json_response({"released": name})
+
+    async def resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """Resume a suspended sandbox (once, whoever else calls meanwhile) and wait until its pod runs: its
+        address, and the sandbox and pod as they are then."""
         key = (namespace, name)
         task = self.resuming.get(key)
         if task is None:
@@ -488,16 +626,18 @@ class Gateway:
             task.add_done_callback(lambda _: self.resuming.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> str:
+    async def _resume(self, namespace: str, name: str, sandbox: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
         patch = resume_patch(sandbox, timestamp(datetime.now(UTC)))
         if patch is not None:
             logger.info("resuming %s/%s for a call", namespace, name)
             await self.api.patch_sandbox(namespace, name, patch)
         deadline = time.monotonic() + RESUME_SECONDS
         while True:
-            current, pod = await asyncio.gather(self.api.sandbox(namespace, name), self.api.pod(namespace, name))
+            current, pod = await self.sandbox_and_pod(namespace, name)
             try:
-                return runtime_address(current, pod, namespace, name)
+                address = runtime_address(current, pod, namespace, name)
+                assert current is not None and pod is not None
+                return address, current, pod
             except Refusal as refusal:
                 if refusal.status not in (409, 503):
                     raise
@@ -531,6 +671,9 @@ class Gateway:
         app.router.add_post(f"{sandbox}/processes/{{process:[0-9a-f]{{16}}}}/{{action:stdin|signal}}", self.processes)
         for method in ("GET", "PUT", "DELETE"):
             app.router.add_route(method, f"{sandbox}/files", self.files)
+        pool = "/v1/namespaces/{namespace}/pools/{pool}"
+        app.router.add_post(f"{pool}/claims", self.claim)
+        app.router.add_delete(f"{pool}/claims/{{name}}", self.release)
         app.router.add_get("/healthz", self.healthz)
 
         async def session(app: web.Application):

@@ -14,8 +14,8 @@ plugin, is the security boundary. Still, the plugin refuses (PERMISSION_DENIED, 
 ContainerCreating with a FailedMount event) every pod that is not an agentkube sandbox on this node. The
 kubelet passes only the pod's name, namespace, UID and service account (CSIDriver `podInfoOnMount: true`), not
 its labels, so the plugin reads the pod from the API server and checks its UID, node, sandbox label and that an
-AgentSandbox controls it. Whoever may create pods can write both of the last two, so this keeps mistakes and
-curious pods away from the socket; it does not stand in for the socket's own authorization.
+AgentSandbox (or, for a warm pod, an AgentSandboxPool) controls it. Whoever may create pods can write both of
+the last two, so this keeps mistakes and curious pods away from the socket; it does not stand in for the socket's own authorization.
 
 Decisions (is this request acceptable, is this pod a sandbox) are pure functions; mounting and reading the
 pod are the edges.
@@ -178,6 +178,11 @@ def unpublish_target(request: csi_pb2.NodeUnpublishVolumeRequest, kubelet_root: 
     return _target(request.target_path, kubelet_root)[0]
 
 
+# Who may control a sandbox pod: an AgentSandbox, or an AgentSandboxPool while the pod waits warm (the
+# sandbox that adopts it takes over as controller, without remounting anything).
+CONTROLLER_KINDS = ("AgentSandbox", "AgentSandboxPool")
+
+
 def admit_pod(pod: dict[str, Any] | None, ref: PodRef, node_name: str) -> None:
     """Raise Refusal (PERMISSION_DENIED) unless `pod` (as read from the API server) is the pod the kubelet
     named, bound to this node, an agentkube sandbox pod controlled by an AgentSandbox."""
@@ -193,9 +198,10 @@ def admit_pod(pod: dict[str, Any] | None, ref: PodRef, node_name: str) -> None:
                       f"pod {ref.key} is not an agentkube sandbox (no {SANDBOX_LABEL} label): the node agent's socket "
                       "is only for sandbox pods")
     controller = next((o for o in metadata_.get("ownerReferences") or [] if o.get("controller")), None)
-    if controller is None or controller.get("kind") != "AgentSandbox" \
+    if controller is None or controller.get("kind") not in CONTROLLER_KINDS \
             or str(controller.get("apiVersion", "")).split("/")[0] != AGENTSANDBOX_API_GROUP:
-        raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"pod {ref.key} is not controlled by an AgentSandbox")
+        raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"pod {ref.key} is not controlled by an AgentSandbox"
+                      " (or an AgentSandboxPool: its warm pods)")
 
 
 def is_mount_point(mountinfo: str, path: Path) -> bool:

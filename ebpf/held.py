@@ -28,9 +28,11 @@ def cached_path(source: bytes) -> Path:
     return cache_dir() / f"agentkube-held-{hashlib.sha256(source).hexdigest()[:16]}"
 
 
-def command_frame(cwd: str | None, argv: list[str]) -> bytes:
-    """What the held process reads on its command fd: the working directory, then the argv, NUL-ended."""
-    return b"".join(part.encode() + b"\0" for part in [cwd or "", *argv])
+def command_frame(cwd: str | None, argv: list[str], env: dict[str, str] | None = None) -> bytes:
+    """What the held process reads on its command fd, NUL-ended strings: the working directory, how many
+    variables follow, each as NAME=VALUE (set before the exec), then the argv."""
+    variables = [f"{name}={value}" for name, value in (env or {}).items()]
+    return b"".join(part.encode() + b"\0" for part in [cwd or "", str(len(variables)), *variables, *argv])
 
 
 def build(target: Path, source: Path = SOURCE) -> Path:

@@ -21,8 +21,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from agentkube.contract import (
+    CLAIMED_BY_LABEL,
     CONTAINER_NAME,
     LAST_ACTIVITY_ANNOTATION,
+    POOL_LABEL,
     RUNTIME_SOCKET_NAME,
     RUNTIME_VOLUME,
     SANDBOX_LABEL,
@@ -106,6 +108,14 @@ def added_totals(current: str | None, delta: Counter) -> dict[str, int]:
     return {key: int(totals.get(key, 0) or 0) + delta.get(key, 0) for key in TOTAL_KEYS}
 
 
+def report_target(labels: dict[str, str], name: str) -> str | None:
+    """The AgentSandbox a sandbox pod's activity and refusals are reported to: the adopter of a warm pod
+    (CLAIMED_BY_LABEL), none for a warm pod still waiting (POOL_LABEL), else the pod's sandbox."""
+    if labels.get(CLAIMED_BY_LABEL):
+        return labels[CLAIMED_BY_LABEL]
+    return None if labels.get(POOL_LABEL) else name
+
+
 def pod_runtime_socket(kubelet_root: Path, pod_uid: str) -> Path:
     """Where the runtime's socket of a pod is on the node: in its emptyDir runtime volume."""
     return kubelet_root / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir" / RUNTIME_VOLUME / RUNTIME_SOCKET_NAME
@@ -125,6 +135,9 @@ class PodWatcher:
         self.custom = client.CustomObjectsApi()
         self.agent = agent
         self.reported: dict[tuple[str, str], Report] = {}  # (sandbox key, container id) -> what was reported
+        # sandbox key -> the AgentSandbox its reports go to: its own name, or for an adopted warm pod the
+        # adopter's (CLAIMED_BY_LABEL); None for a warm pod nobody adopted yet (no AgentSandbox to tell).
+        self.report_to: dict[str, str | None] = {}
         self.node_name = node_name
         self.kubelet_root = Path(kubelet_root)
         self.stop = threading.Event()
@@ -145,22 +158,23 @@ class PodWatcher:
         """Mirror a sandbox's last tool-call activity and its call totals into its AgentSandbox's
         annotations. Totals are added as deltas to what the object holds, so they survive new pods
         and agent restarts; the write is conditional on the object's version (a conflict retries)."""
+        owner = self.report_to.get(sandbox.key, sandbox.spec.name)
+        if owner is None:
+            return
         seen = self.reported.setdefault((sandbox.key, sandbox.spec.kubernetes.container_id), Report())
         totals = Counter(sandbox.totals)
         delta = totals - seen.totals
         if seen.activity == sandbox.last_activity and not delta:
             return
         try:
-            body: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
-                                                                 sandbox.spec.name)
+            body: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL, owner)
             annotations = body["metadata"].get("annotations") or {}
             moment = datetime.fromtimestamp(sandbox.last_activity, UTC).replace(microsecond=0)
             patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"], "annotations": {
                 LAST_ACTIVITY_ANNOTATION: timestamp(moment),
                 TOOL_CALLS_ANNOTATION: json.dumps(added_totals(annotations.get(TOOL_CALLS_ANNOTATION), delta), sort_keys=True),
             }}}
-            self.custom.patch_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL,
-                                                       sandbox.spec.name, patch)
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, sandbox.spec.namespace, PLURAL, owner, patch)
             seen.activity, seen.totals = sandbox.last_activity, totals
         except Exception as error:  # a conflict, the API server away: the next round tries again
             log.warning("sandbox %s: reporting activity: %s", sandbox.key, _brief(error))
@@ -204,6 +218,7 @@ class PodWatcher:
         labels = pod["metadata"].get("labels") or {}
         namespace, name = pod["metadata"]["namespace"], str(labels.get(SANDBOX_LABEL))  # the watch selects on it
         key = f"{namespace}/{name}"
+        self.report_to[key] = report_target(labels, name)
         try:
             spec = None if deleted else sandbox_spec(pod)
             if self.agent.refused.pop(key, None) is not None:
@@ -234,6 +249,9 @@ class PodWatcher:
 
     def _say_refused(self, namespace: str, name: str, why: str | None) -> None:
         """Tell the AgentSandbox why its calls are refused (None: they are not, any more)."""
+        name = self.report_to.get(f"{namespace}/{name}", name) or ""
+        if not name:
+            return
         try:
             self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
                                                        {"metadata": {"annotations": {TOOLS_REFUSED_ANNOTATION: why}}})
@@ -246,6 +264,7 @@ class PodWatcher:
         if current is not None and current.spec.kubernetes is not None:
             self._report(current)  # the last calls' totals, before they go with the sandbox
             self.reported.pop((spec.key, current.spec.kubernetes.container_id), None)
+        self.report_to.pop(spec.key, None)
         try:
             self.agent.unregister(SandboxRef(name=spec.name, namespace=spec.namespace))
             log.info("sandbox %s removed", spec.key)

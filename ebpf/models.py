@@ -41,6 +41,13 @@ def _check_argv(argv: list[str]) -> list[str]:
 Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_ARGV_ITEMS), AfterValidator(_check_argv)]
 
 
+# Environment variables of a call: names as Kubernetes allows them in a container's env, values without NUL
+# (the held program's frame is NUL-separated).
+MAX_ENV_ITEMS = 256
+EnvName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+EnvValue = Annotated[str, Field(max_length=32768, pattern=r"^[^\x00]*$")]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -194,6 +201,9 @@ class RunRequest(Strict):
     intent: dict[str, Any] = Field(default_factory=dict)
     stdin: str | None = Field(default=None, max_length=MAX_REQUEST_BYTES // 2)
     cwd: str | None = None
+    # Variables set for this call on top of the runtime's environment. The gateway puts a pooled sandbox's
+    # spec.env here on every call: its warm pod was started before the sandbox existed.
+    env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_ITEMS)
 
 
 class RunResult(Strict):
@@ -297,3 +307,26 @@ class FileList(Strict):
     path: str
     entries: list[FileEntry]
     truncated: bool = False
+
+
+# ----- warm-pool claims through the gateway ---------------------------------------------------------------
+
+MAX_CLAIM_TTL_SECONDS = 7 * 24 * 3600
+MAX_CLAIM_WAIT_SECONDS = 300.0
+
+
+class ClaimRequest(Strict):
+    """SDK → gateway: a new AgentSandbox from a pool (`Sandbox.create(pool=...)`), answered once it runs."""
+
+    env: dict[EnvName, EnvValue] | None = Field(default=None, max_length=MAX_ENV_ITEMS)
+    # The sandbox is deleted this long after its creation (spec.lifecycle.expireAfter, shutdownPolicy Delete).
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_CLAIM_TTL_SECONDS)
+    wait_seconds: float = Field(default=60.0, gt=0, le=MAX_CLAIM_WAIT_SECONDS)
+
+
+class Claimed(Strict):
+    name: str
+    namespace: str
+    pool: str
+    pod_name: str
+    warm: bool  # it adopted a warm pod (false: the pool had none ready, and it started cold)

@@ -254,7 +254,7 @@ class Held:
                 pass
 
 
-def _spawn(program: list[str], extra_fd: int | None = None) -> Held:
+def _spawn(program: list[str], extra_fd: int | None = None, env: dict[str, str] | None = None) -> Held:
     """posix_spawn (vfork-like) rather than fork: no copy of this process's page tables, and no forked copy
     of a threaded interpreter. The child's fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
     command_read, command_write = os.pipe()
@@ -267,7 +267,7 @@ def _spawn(program: list[str], extra_fd: int | None = None) -> Held:
     if extra_fd is not None:
         actions.append((os.POSIX_SPAWN_DUP2, extra_fd, 4))
     try:
-        pid = os.posix_spawn(program[0], program, os.environ, setsid=True, file_actions=actions)
+        pid = os.posix_spawn(program[0], program, {**os.environ, **(env or {})}, setsid=True, file_actions=actions)
     except BaseException:
         for fd in (command_read, command_write, out_read, out_write, err_read, err_write, in_read, in_write):
             os.close(fd)
@@ -414,7 +414,7 @@ def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool
 
 def _place_direct(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, program: Path | None) -> tuple[Held, CallPlaced]:
     """No pool: start a held process now and have the agent make its cgroup and move it there."""
-    held = spawn_held(program) if program else _spawn([*HOLDER, run.cwd or "", *run.argv])
+    held = spawn_held(program) if program else _spawn([*HOLDER, run.cwd or "", *run.argv], env=run.env)
     try:
         placed = CallPlaced.model_validate(_agent_call(
             agent_socket, "place", unregistered_for=REGISTRATION_WAIT_SECONDS, name=sandbox.name,
@@ -455,7 +455,7 @@ def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlace
     # The release: the held program's command (the next thing it does is the command's exec), or the shell
     # holder's release line (its command was given when it started).
     try:
-        _write_all(held.command, command_frame(run.cwd, run.argv) if framed else b"g\n")
+        _write_all(held.command, command_frame(run.cwd, run.argv, run.env) if framed else b"g\n")
     except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
         pass
     os.close(held.command)

@@ -133,16 +133,40 @@ def _profiles_over(resource: str) -> str:
     )
 
 
+def _envelope_rules(guard: str = "") -> tuple[dict, ...]:
+    """The tool intents must fit the template's envelope (an AgentSandbox's, or a pool's). `guard`: a CEL
+    condition under which the rules hold trivially (a sandbox that takes its template from a pool)."""
+    return tuple(
+        cel(guard + rule, message, message_expression=expression, field_path=path)
+        for rule, message, expression, path in (
+            (_profile_fits("memory"), None, _profiles_over("memory"), ".tools.profiles"),
+            (_profile_fits("cpu"), None, _profiles_over("cpu"), ".tools.profiles"),
+            (_default_fits("memory"), "spec.tools.default.memory may not exceed spec.template.resources.limits.memory",
+             None, ".tools.default.memory"),
+            (_default_fits("cpu"), "spec.tools.default.cpu may not exceed spec.template.resources.limits.cpu",
+             None, ".tools.default.cpu"),
+        )
+    )
+
+
 class AgentSandboxSpec(Model):
     model_config = validations(
-        cel(_profile_fits("memory"), message_expression=_profiles_over("memory"), field_path=".tools.profiles"),
-        cel(_profile_fits("cpu"), message_expression=_profiles_over("cpu"), field_path=".tools.profiles"),
-        cel(_default_fits("memory"), "spec.tools.default.memory may not exceed spec.template.resources.limits.memory",
-            field_path=".tools.default.memory"),
-        cel(_default_fits("cpu"), "spec.tools.default.cpu may not exceed spec.template.resources.limits.cpu",
-            field_path=".tools.default.cpu"),
+        *_envelope_rules("!has(self.template) || "),
+        cel("has(self.template) != has(self.pool)", "set spec.template, or spec.pool to take a warm sandbox of that"
+            " pool, not both"),
+        cel("!has(self.pool) || !has(self.workspace)", "a sandbox from a pool has the warm sandbox's own workspace"
+            " (an emptyDir nobody else used); spec.workspace is for sandboxes with their own template",
+            field_path=".workspace"),
+        cel("has(self.pool) || !has(self.env)", "spec.env is for sandboxes from a pool; set spec.template.env",
+            field_path=".env"),
     )
-    template: SandboxTemplate
+    template: SandboxTemplate | None = None
+    # The AgentSandboxPool (same namespace) whose warm sandbox this one adopts; its template, tools and
+    # network are then the pool's (spec.tools and spec.network here are not used).
+    pool: Name | None = None
+    # A pooled sandbox's own environment: given to each of its tool calls (the warm pod started before it
+    # was known), on top of the pool template's env.
+    env: Annotated[list[EnvVar], Field(max_length=MAX_LIST)] | None = None
     tools: Tools = defaulted(Tools)
     lifecycle: Lifecycle = defaulted(Lifecycle)
     workspace: Workspace | None = None
@@ -170,6 +194,34 @@ class AgentSandboxStatus(Model):
     service_fqdn: str | None = None
     last_activity_time: datetime | None = None
     tool_calls: ToolCallTotals = defaulted(ToolCallTotals)
+    observed_generation: int | None = None
+
+
+# ----- AgentSandboxPool ---------------------------------------------------------------------------------
+
+
+class PoolTemplate(Model):
+    """What every warm sandbox of a pool is: an AgentSandbox's template, tools and network. Its workspace
+    is the pod's own emptyDir (a persistent claim cannot be made before its owner is known)."""
+
+    model_config = validations(*_envelope_rules())
+    template: SandboxTemplate
+    tools: Tools = defaulted(Tools)
+    network: SandboxNetwork = defaulted(SandboxNetwork)
+
+
+class AgentSandboxPoolSpec(Model):
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1  # warm sandboxes kept started (the scale subresource's)
+    template: PoolTemplate
+
+
+class AgentSandboxPoolStatus(Model):
+    model_config = AgentSandboxStatus.model_config
+    replicas: int = 0  # warm pods of the current template, started or starting
+    ready_replicas: int = 0  # of those, ready to be adopted
+    selector: str | None = None  # the label selector of the pool's warm pods (for the scale subresource)
+    template_hash: str | None = None
+    conditions: list[Condition] = defaulted(list)
     observed_generation: int | None = None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from agentkube.contract import POOL_PLURAL
 from agentkube.operator import api
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -97,6 +98,9 @@ class Kind:
     spec: type[BaseModel]
     status: type[BaseModel]
     printer_columns: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # The scale subresource (`kubectl scale`, autoscalers): where the wanted and the actual count and the
+    # pods' selector are.
+    scale: dict[str, str] | None = None
 
     @property
     def singular(self) -> str:
@@ -139,7 +143,23 @@ SERVED_MODEL = Kind(
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ),
 )
-KINDS = (AGENT_SANDBOX, SERVED_MODEL)
+AGENT_SANDBOX_POOL = Kind(
+    kind="AgentSandboxPool",
+    plural=POOL_PLURAL,  # the gateway's claims are authorized on it
+    short_names=("asbpool",),
+    spec=api.AgentSandboxPoolSpec,
+    status=api.AgentSandboxPoolStatus,
+    printer_columns=(
+        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+        {"name": "Warm", "type": "integer", "jsonPath": ".status.replicas"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Template", "type": "string", "jsonPath": ".status.templateHash", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ),
+    scale={"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+           "labelSelectorPath": ".status.selector"},
+)
+KINDS = (AGENT_SANDBOX, SERVED_MODEL, AGENT_SANDBOX_POOL)
 
 # Kopf keeps its peering state (which replica is active) in a ClusterKopfPeering object; its schema is
 # Kopf's business, so it is preserved as written.
@@ -195,7 +215,7 @@ def custom_resource_definition(kind: Kind) -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, **({"scale": dict(kind.scale)} if kind.scale else {})},
                     "additionalPrinterColumns": list(kind.printer_columns),
                     "schema": {
                         "openAPIV3Schema": {

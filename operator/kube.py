@@ -18,6 +18,8 @@ from agentkube.operator.status import changed, status_patch
 
 SANDBOXES = crds.AGENT_SANDBOX.plural
 SERVED_MODELS = crds.SERVED_MODEL.plural
+POOLS = crds.AGENT_SANDBOX_POOL.plural
+NETWORKING = "networking.k8s.io/v1"  # NetworkPolicies' group/version
 # Threads that run the (synchronous) handlers; Kopf's executor and the client's connection pool match it.
 # A handler spends nearly all its time waiting for the API server: 16 gave 44 sandboxes/s, 64 gave 82 on the
 # same control plane (bench/sandbox_scale.py), for a few MiB of thread stacks and connections.
@@ -105,7 +107,7 @@ def delete(delete_call: Callable[..., Any], name: str, namespace: str, uid: str 
 # (only for `as_dict` to turn it back into a dict); the per-sandbox path sends and reads the API's JSON as it
 # is, through the same pooled, authenticated client.
 
-MERGE_PATCH = "application/merge-patch+json"
+MERGE_PATCH = "application/merge-patch+json"  # lists (ownerReferences) are replaced whole, not merged
 
 
 def object_path(group_version: str, namespace: str, plural: str, name: str = "", subresource: str = "") -> str:
@@ -150,15 +152,33 @@ def post(path: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
         raise
 
 
-def delete_at(path: str, uid: str | None = None) -> None:
-    """Delete, if it is still the object with `uid` (when given); gone already, or replaced by a newer
-    object we must keep (409), is no error."""
-    options = {"apiVersion": "v1", "kind": "DeleteOptions", **({"preconditions": {"uid": uid}} if uid else {})}
+def delete_at(path: str, uid: str | None = None, resource_version: str | None = None) -> None:
+    """Delete, if it is still the object with `uid` (when given), unchanged since `resource_version` (when
+    given); gone already, or replaced or changed meanwhile (409), is no error."""
+    preconditions = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v}
+    options = {"apiVersion": "v1", "kind": "DeleteOptions", **({"preconditions": preconditions} if preconditions else {})}
     try:
         request("DELETE", path, options)
     except ApiException as error:
         if error.status not in (404, 409):
             raise
+
+
+def list_at(path: str, label_selector: str) -> list[dict[str, Any]]:
+    """The objects at the collection `path` that match `label_selector`, read from storage (no
+    resourceVersion: a consistent read, so an object created a moment ago is in it)."""
+    return list(request("GET", f"{path}?labelSelector={quote(label_selector, safe='')}").get("items") or [])
+
+
+def patch_if_unchanged(path: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch (whose metadata.resourceVersion makes it conditional): the object as patched;
+    None when it is gone or changed meanwhile (404, 409)."""
+    try:
+        return request("PATCH", path, patch, MERGE_PATCH)
+    except ApiException as error:
+        if error.status in (404, 409):
+            return None
+        raise
 
 
 # ----- agentkube's own objects ---------------------------------------------------------------------------
@@ -168,7 +188,7 @@ OWN_GROUP_VERSION = f"{api.GROUP}/{api.VERSION}"
 
 
 def read_own(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-    """An AgentSandbox or ServedModel (by plural), or None when it does not exist."""
+    """An AgentSandbox, AgentSandboxPool or ServedModel (by plural), or None when it does not exist."""
     return get(object_path(OWN_GROUP_VERSION, namespace, plural, name))
 
 

@@ -11,12 +11,13 @@ import aiohttp
 import kopf
 import prometheus_client
 
-from agentkube.operator import api, autoscaling_loop, capacity_handlers, kube, sandbox_handlers
+from agentkube.operator import api, autoscaling_loop, capacity_handlers, gateway_settings, kube
 
 # Kopf finds handlers by their decorators, which run when these modules are imported: every module that
 # declares one is listed here, and nowhere else.
 HANDLER_MODULES = (
     "agentkube.operator.capacity_handlers",
+    "agentkube.operator.pool_handlers",
     "agentkube.operator.rechecks",
     "agentkube.operator.sandbox_handlers",
     "agentkube.operator.servedmodel_handlers",
@@ -87,7 +88,7 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
         importlib.import_module(module)
     autoscaling_loop.configure_autoscaling(prometheus_url)
     capacity_handlers.configure_capacity(node_class, namespace)
-    sandbox_handlers.configure_gateway(runtime_key_file, gateway_namespace)
+    gateway_settings.configure_gateway(runtime_key_file, gateway_namespace)
     if metrics_port:
         prometheus_client.disable_created_metrics()
         prometheus_client.start_http_server(metrics_port, addr=metrics_address)

@@ -46,7 +46,7 @@ INTERRUPTIONS = Counter("agentkube_servedmodel_interruptions",
 CAPACITY_TYPES = (capacity.ON_DEMAND, capacity.SPOT)
 
 SANDBOX_PHASES: tuple[str, ...] = get_args(SandboxPhase)
-KINDS = ("AgentSandbox", "ServedModel")
+KINDS = ("AgentSandbox", "AgentSandboxPool", "ServedModel")
 DECISION_REASONS = (autoscaling.DECIDED, autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE,
                     autoscaling.PROMETHEUS_UNREACHABLE, autoscaling.PROMETHEUS_NOT_CONFIGURED, autoscaling.DECISION_FAILED)
 # Every bounded label value exists from the start (at zero): an error rate or a fallback count is then 0,

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agentkube.contract import (
+    CLAIMED_BY_LABEL,
     CLUSTER_DOMAIN,
     CONTAINER_NAME,
     CSI_DRIVER,
@@ -119,6 +120,8 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
     serves the gateway on RUNTIME_PORT; without, it serves only its unix socket on the node."""
     name = body["metadata"]["name"]
     template = spec.template
+    if template is None:  # a sandbox from a pool: its pod is built from pool.sandbox_spec(...)
+        raise ValueError("a pod is built from a spec with a template")
     workspace_path = (spec.workspace or api.Workspace()).mount_path
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -206,6 +209,13 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
     }
 
 
+def pod_selector(body: dict[str, Any]) -> dict[str, str]:
+    """How a sandbox's Service and NetworkPolicy find its pod: by its name, or for a sandbox from a pool by
+    CLAIMED_BY_LABEL (an adopted warm pod keeps its own SANDBOX_LABEL, what its runtime knows it by)."""
+    name = body["metadata"]["name"]
+    return {CLAIMED_BY_LABEL: name} if (body.get("spec") or {}).get("pool") else {SANDBOX_LABEL: name}
+
+
 def service_manifest(body: dict[str, Any]) -> dict[str, Any]:
     name = body["metadata"]["name"]
     return {
@@ -214,7 +224,7 @@ def service_manifest(body: dict[str, Any]) -> dict[str, Any]:
         "metadata": _metadata(name, body),
         "spec": {
             "clusterIP": "None",
-            "selector": {SANDBOX_LABEL: name},
+            "selector": pod_selector(body),
             "ports": [{"name": "runtime", "port": SANDBOX_RUNTIME_PORT, "targetPort": SANDBOX_RUNTIME_PORT}],
             # The name resolves while the pod starts, so a client can wait on DNS rather than poll.
             "publishNotReadyAddresses": True,
@@ -272,7 +282,7 @@ def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec,
         "kind": "NetworkPolicy",
         "metadata": _metadata(name, body),
         "spec": {
-            "podSelector": {"matchLabels": {SANDBOX_LABEL: name}},
+            "podSelector": {"matchLabels": pod_selector(body)},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {

@@ -3,38 +3,20 @@ that, write status. Every step is idempotent, so a handler killed half-way (or t
 the next run."""
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
 
-from agentkube.operator import api, kube, metrics, sandbox
-from agentkube.operator.kube import SANDBOXES
+from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL
+from agentkube.operator import api, kube, metrics, pool, pool_handlers, sandbox
+from agentkube.operator.gateway_settings import gateway
+from agentkube.operator.kube import NETWORKING, POOLS, SANDBOXES
 from agentkube.operator.rechecks import RETRY_AFTER_FAILURE, rechecks
 from agentkube.operator.status import merge_conditions, parse_timestamp
 
-
-@dataclass
-class GatewaySettings:
-    """What the operator knows of the gateway: the key it shares with it (sandbox runtimes then serve the
-    gateway, each with its own token derived from it) and the namespace its pods run in."""
-
-    runtime_key: bytes | None = None
-    namespace: str = sandbox.DEFAULT_GATEWAY_NAMESPACE
-
-
-gateway = GatewaySettings()
-NETWORKING = "networking.k8s.io/v1"
-
-
-def configure_gateway(runtime_key_file: Path | None, namespace: str | None) -> None:
-    """Read the shared key once at start. Its bytes are never logged."""
-    gateway.runtime_key = Path(runtime_key_file).read_bytes().strip() if runtime_key_file else None
-    if gateway.runtime_key is not None and len(gateway.runtime_key) < 32:
-        raise ValueError(f"the runtime key in {runtime_key_file} is shorter than 32 bytes")
-    gateway.namespace = namespace or sandbox.DEFAULT_GATEWAY_NAMESPACE
+# How soon a sandbox whose pool does not exist (yet) looks again.
+POOL_RECHECK = timedelta(seconds=5)
 
 
 def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
@@ -50,6 +32,8 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
         return None  # the owned children go with it, through their owner references
     with metrics.reconciling("AgentSandbox"):
         spec = api.AgentSandboxSpec.model_validate(body["spec"])
+        if spec.pool:
+            return _reconcile_pooled(namespace, name, logger, body, spec, pod_only=pod_only, pod=pod)
         now = kube.now()
         created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
         annotations = body["metadata"].get("annotations") or {}
@@ -97,15 +81,111 @@ def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: d
                 decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
 
         generation = body["metadata"].get("generation") if fresh or not pod_only else old.observed_generation
-        new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now, generation)
-        if old.phase != decision.phase:
-            kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
-            kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
-        kube.patch_status(SANDBOXES, namespace, name, old, new)
-        metrics.SANDBOXES.set(namespace, name, decision.phase)
-        if decision.recheck_after is not None:
-            rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
+        _report(body, decision, pod, old, last_activity, now, generation, logger)
     return decision
+
+
+def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any], spec: api.AgentSandboxSpec,
+                      *, pod_only: bool, pod: dict[str, Any] | None) -> sandbox.Plan:
+    """A sandbox that names a pool: its pod is the warm pod it adopted (or, with none ready, one started
+    from the pool's template), found by CLAIMED_BY_LABEL and its owner reference; it runs the pool's
+    template, tools and network with its own lifecycle and env (`pool.sandbox_spec`)."""
+    now = kube.now()
+    created = parse_timestamp(body["metadata"]["creationTimestamp"]) or now
+    annotations = body["metadata"].get("annotations") or {}
+    last_activity = parse_timestamp(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
+    old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
+    pods_path = kube.object_path("v1", namespace, "pods")
+    if pod is None or not sandbox.is_owned_by(pod, body):
+        pod = _claimed_pod(body, pods_path)
+    _pod_views.acted_on(pod)
+    decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
+    if decision.delete_sandbox:
+        kube.delete_own(SANDBOXES, namespace, name, body["metadata"]["uid"])
+        metrics.SANDBOXES.forget(namespace, name)
+        kopf.event(body, type="Normal", reason="Expired", message="deleted at its shutdown time (shutdownPolicy: Delete)")
+        return decision
+
+    # The pool is read only when its template is needed: for the children, or to adopt or start a pod.
+    needs_pod = decision.want_pod and pod is None
+    pool_body = kube.read_own(POOLS, namespace, str(spec.pool)) if needs_pod or not pod_only else None
+    pool_spec = api.AgentSandboxPoolSpec.model_validate(pool_body["spec"]) if pool_body else None
+    effective = pool.sandbox_spec(pool_spec.template, spec.lifecycle, spec.env) if pool_spec else None
+    if not pod_only and effective is not None:
+        _ensure_children(body, effective, namespace, name)
+
+    adopted = False
+    if decision.delete_pod:
+        assert pod is not None  # the plan deletes only a pod that exists
+        kube.delete_at(kube.object_path("v1", namespace, "pods", pod["metadata"]["name"]), pod["metadata"]["uid"])
+        logger.info("deleted pod %s/%s: %s", namespace, pod["metadata"]["name"], decision.message)
+    elif needs_pod and (pool_body is None or pool_spec is None or effective is None):
+        decision = sandbox.Plan("Pending", "PoolNotFound", f"no AgentSandboxPool {spec.pool} in {namespace}", True,
+                                recheck_after=POOL_RECHECK, warning=True)
+    elif needs_pod and pool_body is not None and pool_spec is not None and effective is not None:
+        pod = _adopt(body, pool_body, pool.template_hash(pool_spec.template), pods_path)
+        adopted = pod is not None
+        pod_name_taken = False
+        if pod is None:  # no warm pod ready: a cold start from the pool's template, named like the sandbox
+            pod = kube.post(pods_path, _cold_pod_manifest(body, effective))
+            if pod is None:  # a pod has the name: ours from a run that died before its status, or someone else's
+                pod = kube.get(kube.object_path("v1", namespace, "pods", name))
+                pod_name_taken = pod is not None and not sandbox.is_owned_by(pod, body)
+                pod = None if pod_name_taken else pod
+        _pod_views.acted_on(pod)
+        if pod is not None:
+            logger.info("%s pod %s/%s", "adopted the warm" if adopted else "created", namespace, pod["metadata"]["name"])
+        # Report the pod as it now is, not as it was before it existed.
+        decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now, pod_name_taken=pod_name_taken)
+
+    generation = body["metadata"].get("generation") if not pod_only else old.observed_generation
+    if adopted and pod is not None:
+        kopf.event(body, type="Normal", reason="Adopted", message=f"adopted the warm pod {pod['metadata']['name']} of pool {spec.pool}")
+    _report(body, decision, pod, old, last_activity, now, generation, logger)
+    if adopted:
+        pool_handlers.reconcile_pool(namespace, str(spec.pool), logger)  # refill, after the sandbox is reported
+    return decision
+
+
+def _claimed_pod(body: dict[str, Any], pods_path: str) -> dict[str, Any] | None:
+    """A pooled sandbox's pod: labelled CLAIMED_BY_LABEL with its name and owned by it (a label alone anyone
+    who may label pods could copy); a live one before one going away."""
+    claimed = kube.list_at(pods_path, f"{CLAIMED_BY_LABEL}={body['metadata']['name']}")
+    pods = [p for p in claimed if sandbox.is_owned_by(p, body)]
+    pods.sort(key=lambda p: bool(p["metadata"].get("deletionTimestamp")))
+    return pods[0] if pods else None
+
+
+def _cold_pod_manifest(body: dict[str, Any], effective: api.AgentSandboxSpec) -> dict[str, Any]:
+    manifest = sandbox.pod_manifest(body, effective, gateway.runtime_key)
+    manifest["metadata"]["labels"][CLAIMED_BY_LABEL] = body["metadata"]["name"]
+    return manifest
+
+
+def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, pods_path: str) -> dict[str, Any] | None:
+    """Adopt one ready warm pod of the pool; None when none is left (the caller starts a pod cold). A pod
+    another sandbox took meanwhile fails its conditional patch, and the next is tried."""
+    warm = [p for p in kube.list_at(pods_path, pool.selector(pool_body["metadata"]["name"])) if sandbox.is_owned_by(p, pool_body)]
+    for candidate in pool.adoptable(warm, current_hash):
+        adopted = kube.patch_if_unchanged(f"{pods_path}/{candidate['metadata']['name']}", pool.adoption_patch(candidate, body))
+        if adopted is not None:
+            return adopted
+    return None
+
+
+def _report(body: dict[str, Any], decision: sandbox.Plan, pod: dict[str, Any] | None, old: api.AgentSandboxStatus,
+            last_activity: datetime | None, now: datetime, generation: int | None, logger: logging.Logger) -> None:
+    """Write the status, post an event on a new phase, and arm the timer of the plan's next change."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now, generation,
+                         pod["metadata"]["name"] if pod else None)
+    if old.phase != decision.phase:
+        kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
+        kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
+    kube.patch_status(SANDBOXES, namespace, name, old, new)
+    metrics.SANDBOXES.set(namespace, name, decision.phase)
+    if decision.recheck_after is not None:
+        rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
 
 
 def _ensure_children(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> None:
@@ -117,16 +197,18 @@ def _ensure_children(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace
 
 
 def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.PodView | None, old: api.AgentSandboxStatus,
-                   last_activity: datetime | None, now: datetime, observed_generation: int | None) -> api.AgentSandboxStatus:
+                   last_activity: datetime | None, now: datetime, observed_generation: int | None,
+                   pod_name: str | None = None) -> api.AgentSandboxStatus:
     """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
-    last reported (activity, call totals) is kept until it reports again."""
+    last reported (activity, call totals) is kept until it reports again. `pod_name`: the pod's, when it is
+    not named like the sandbox (a warm pod adopted from a pool)."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     annotations = body["metadata"].get("annotations") or {}
     refused = annotations.get(sandbox.TOOLS_REFUSED_ANNOTATION)
     return api.AgentSandboxStatus(
         phase=decision.phase,
         conditions=merge_conditions(old.conditions, sandbox.conditions(decision, pod, refused), now),
-        pod_name=name if decision.want_pod else None,
+        pod_name=(pod_name or name) if decision.want_pod else None,
         node_name=pod.node_name if pod and decision.want_pod else None,
         service_fqdn=sandbox.service_fqdn(name, namespace),
         last_activity_time=last_activity or old.last_activity_time,
@@ -175,9 +257,16 @@ def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logge
     pod was in while nobody was watching. The event's pod is the one reported (no read of it again),
     except a deleted one's: then whatever pod has the name now is read."""
     pod = kube.as_dict(dict(body))
-    owner = (pod["metadata"].get("labels") or {}).get(sandbox.SANDBOX_LABEL)
-    if owner and _pod_views.is_news(type, pod):
-        _reconcile_or_retry(pod["metadata"]["namespace"], owner, logger, pod_only=True,
+    labels = pod["metadata"].get("labels") or {}
+    if not _pod_views.is_news(type, pod):
+        return
+    namespace = pod["metadata"]["namespace"]
+    if labels.get(CLAIMED_BY_LABEL):  # adopted (or cold-started) by a sandbox from a pool
+        _reconcile_or_retry(namespace, labels[CLAIMED_BY_LABEL], logger, pod_only=True, pod=None if type == "DELETED" else pod)
+    elif labels.get(POOL_LABEL):  # a waiting warm pod: ready, failed or gone, the pool's count changes
+        pool_handlers.reconcile_pool(namespace, labels[POOL_LABEL], logger)
+    elif labels.get(sandbox.SANDBOX_LABEL):
+        _reconcile_or_retry(namespace, labels[sandbox.SANDBOX_LABEL], logger, pod_only=True,
                             pod=None if type == "DELETED" else pod)
 
 

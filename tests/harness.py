@@ -78,7 +78,7 @@ def helm_template(*show_only: str) -> str:
 def install_operator(devenv: DevEnv, kubectl) -> Path:
     """CRDs, the chart's service account, RBAC and peering object; returns the operator's kubeconfig."""
     kubectl("apply", "-f", str(crds.CRD_DIRECTORY))
-    for name in (crds.AGENT_SANDBOX.crd_name, crds.SERVED_MODEL.crd_name, "clusterkopfpeerings.kopf.dev"):
+    for name in (*(kind.crd_name for kind in crds.KINDS), "clusterkopfpeerings.kopf.dev"):
         kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     kubectl("create", "namespace", SYSTEM_NAMESPACE, check=False)
     rendered = helm_template("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml", "peering.yaml")

@@ -4,14 +4,17 @@
  * It becomes non-dumpable at once: it may wait in its cgroup for a long time, and a tool call running as
  * the same user must not ptrace it (or write its memory through /proc) to run code in a cgroup that a
  * later call will be given. Then it tells the runtime it is ready (one byte on fd 4, closed after) and
- * waits on fd 3 for its command: "cwd\0argv0\0argv1\0...", up to EOF. EOF with nothing means it is not
- * needed (exit 125). It enters cwd (if not empty) and execs argv[0], searched in PATH as a shell would.
+ * waits on fd 3 for its command: "cwd\0N\0NAME=VALUE\0 (N of them) argv0\0argv1\0...", up to EOF. EOF with
+ * nothing means it is not needed (exit 125). It sets the N variables (the sandbox's own env, for a sandbox
+ * that adopted a warm pod started before it existed), enters cwd (if not empty) and execs argv[0], searched
+ * in PATH as a shell would.
  * Exit codes as a shell's: 126 cannot enter cwd or exec, 127 command not found.
  *
  * Compiled statically (no dynamic loader runs before the prctl) at host or image setup time. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -55,14 +58,22 @@ int main(void) {
     cursor += strlen(cursor) + 1;
   }
   args[count] = NULL;
-  if (count < 2) /* cwd and at least argv[0] */
+  if (count < 3) /* cwd, the variables' count and at least argv[0] */
     return NOT_RELEASED;
+  char *after = NULL;
+  long variables = strtol(args[1], &after, 10);
+  if (*args[1] == '\0' || *after != '\0' || variables < 0 || variables > count - 3)
+    return NOT_RELEASED;
+  for (long i = 0; i < variables; i++)
+    if (strchr(args[2 + i], '=') == NULL || putenv(args[2 + i]) != 0)
+      return NOT_RELEASED;
+  char **argv = args + 2 + variables;
   if (args[0][0] && chdir(args[0]) != 0) {
     dprintf(2, "agentkube: cannot enter %s: %s\n", args[0], strerror(errno));
     return 126;
   }
-  execvp(args[1], args + 1);
+  execvp(argv[0], argv);
   int error = errno;
-  dprintf(2, "agentkube: %s: %s\n", args[1], strerror(error));
+  dprintf(2, "agentkube: %s: %s\n", argv[0], strerror(error));
   return error == ENOENT ? 127 : 126;
 }

@@ -619,6 +619,81 @@ def _try_in_pod(kubectl, namespace: str, script: str, *args: str) -> dict | None
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
+# ----- warm pools: claims adopt running pods; the pool refills and rolls; claims leave each other alone ------
+
+POOL_SCRIPT = """
+import io, json, sys
+from agentkube.client import Sandbox
+namespace = sys.argv[1]
+one = Sandbox.create("warm", namespace, env={"TASK": "42"}, ttl="10m")
+two = Sandbox.create("warm", namespace)
+out = {"one": one.claimed.model_dump(), "two": two.claimed.model_dump(), "two_name": two.name}
+ran = one.run(["sh", "-c", 'printf "%s\\n" "$TASK"; cat /proc/self/cgroup'])
+out["env"], out["cgroup"] = ran.stdout.split("\\n", 1)
+out["two_env"] = two.run(["sh", "-c", 'printf %s "${TASK-unset}"']).stdout
+one.upload(io.BytesIO(b"mine"), "note.txt")
+out["one_files"] = [e.name for e in one.list_files(".").entries]
+out["two_files"] = [e.name for e in two.list_files(".").entries]
+one.release()
+out["two_after_release"] = two.run(["true"]).exit_code
+print(json.dumps(out))
+"""
+
+
+def _warm_pods(kubectl, namespace: str) -> dict[str, dict]:
+    listed = kubectl("get", "pods", "-n", namespace, "-l", "agentkube.dev/pool=warm,!agentkube.dev/claimed-by", "-o", "json")
+    return {p["metadata"]["name"]: p for p in json.loads(listed.stdout)["items"] if not p["metadata"].get("deletionTimestamp")}
+
+
+def _pool_ready(kubectl, namespace: str) -> int:
+    got = kubectl("get", "-n", namespace, "agentsandboxpool/warm", "-o", "jsonpath={.status.readyReplicas}", check=False)
+    return int(got.stdout or 0)
+
+
+def test_claims_adopt_warm_pods_that_refill_roll_on_a_template_change_and_never_disturb_each_other(
+        gateway_sandbox, kubectl, eventually):
+    namespace = gateway_sandbox
+    pool = {"apiVersion": api.API_VERSION, "kind": "AgentSandboxPool", "metadata": {"name": "warm"},
+            "spec": {"replicas": 2, "template": SANDBOX}}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool))
+    eventually(lambda: _pool_ready(kubectl, namespace) == 2, timeout=120, message="2 warm pods ready")
+    warm_before = _warm_pods(kubectl, namespace)
+
+    out = _in_pod(kubectl, namespace, "agent-client", POOL_SCRIPT, namespace)
+    # Both claims adopted pods that were already running: no pod was started for them.
+    assert out["one"]["warm"] and out["two"]["warm"] and {out["one"]["pod_name"], out["two"]["pod_name"]} == set(warm_before), out
+    # The claimant's own env reached its tool call (the container started before it existed), and only its calls.
+    assert out["env"] == "42" and out["two_env"] == "unset"
+    memory = next(line.split(":", 2)[2] for line in out["cgroup"].splitlines() if line.split(":")[1] == "memory")
+    assert memory.rsplit("/", 1)[1].startswith("call-")  # still a tool call under the node agent's placement
+    assert "note.txt" in out["one_files"] and "note.txt" not in out["two_files"]  # workspaces of their own
+    # Releasing one claim deleted its pod and nothing else: the other claim still runs.
+    assert out["two_after_release"] == 0
+    eventually(lambda: kubectl("get", "-n", namespace, f"pod/{out['one']['pod_name']}", "--ignore-not-found", "-o", "name")
+               .stdout == "", timeout=60, message="the released claim's pod is gone")
+    two = json.loads(kubectl("get", "-n", namespace, f"pod/{out['two']['pod_name']}", "-o", "json").stdout)
+    assert two["metadata"]["uid"] == warm_before[out["two"]["pod_name"]]["metadata"]["uid"]
+    assert not two["metadata"].get("deletionTimestamp")
+    # The node agent reports the adopted pod's calls to the claimant's AgentSandbox.
+    eventually(lambda: int(kubectl("get", "-n", namespace, f"agentsandbox/{out['two_name']}", "-o",
+                                   "jsonpath={.status.toolCalls.calls}", check=False).stdout or 0) >= 2,
+               timeout=60, message="the claimant's status never counted its calls")
+
+    # The pool refilled with new pods.
+    eventually(lambda: _pool_ready(kubectl, namespace) == 2, timeout=120, message="the pool refilled")
+    refilled = _warm_pods(kubectl, namespace)
+    assert not set(refilled) & set(warm_before)
+    # A template change replaces every waiting warm pod, and leaves the adopted one alone.
+    kubectl("patch", "-n", namespace, "agentsandboxpool/warm", "--type=merge", "-p",
+            json.dumps({"spec": {"template": {"template": {**SANDBOX["template"], "env": [{"name": "ROLLED", "value": "1"}]}}}}))
+    eventually(lambda: (w := _warm_pods(kubectl, namespace)) and len(w) == 2 and not set(w) & set(refilled)
+               and _pool_ready(kubectl, namespace) == 2, timeout=120, message="the warm pods were not rolled")
+    rolled = _warm_pods(kubectl, namespace)
+    assert all({"name": "ROLLED", "value": "1"} in p["spec"]["containers"][0]["env"] for p in rolled.values())
+    assert json.loads(kubectl("get", "-n", namespace, f"pod/{out['two']['pod_name']}", "-o", "json").stdout)["metadata"]["uid"] \
+        == two["metadata"]["uid"]
+
+
 def test_helm_test_passes(release, helm):
     result = helm("test", RELEASE, "-n", NAMESPACE, "--timeout=5m", "--logs")
     assert "Phase:          Succeeded" in result.stdout or "Succeeded" in result.stdout, result.stdout
@@ -647,7 +722,8 @@ def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, ku
     rendered = helm("get", "manifest", RELEASE, "-n", NAMESPACE).stdout
     objects = [doc for doc in yaml.safe_load_all(rendered) if doc]
     helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=2m")
-    for crd in ("agentsandboxes.agentkube.dev", "servedmodels.agentkube.dev", "clusterkopfpeerings.kopf.dev"):
+    for crd in ("agentsandboxes.agentkube.dev", "agentsandboxpools.agentkube.dev", "servedmodels.agentkube.dev",
+                "clusterkopfpeerings.kopf.dev"):
         kubectl("get", "crd", crd)
     left = []
     for document in objects:

@@ -144,3 +144,69 @@ def test_processes_and_files_are_authorized_each_by_its_own_permission_before_an
     assert ask("POST", "processes/0123456789abcdef/signal", agent, json={"signal": "SEGV"}).status_code == 422
     assert ask("GET", "processes", agent).status_code == 404 and ask("GET", "files?path=a", agent).status_code == 404
     assert ask("GET", "processes/not-an-id", agent).status_code == 404  # no such route
+
+
+def test_a_claim_from_a_warm_pool_is_authorized_on_the_pool_adopts_a_warm_pod_and_is_released(
+        gateway, team, kubectl, devenv, tmp_path, eventually):
+    from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
+
+    from agentkube.client import Sandbox
+    from agentkube.contract import CLAIMED_THROUGH_GATEWAY_LABEL, POOL_LABEL
+    from harness import Operator
+
+    api_client = kubernetes_client(devenv)
+    operator = Operator(install_operator(devenv, kubectl), tmp_path)
+    operator.start()
+    try:
+        pool = {"apiVersion": api.API_VERSION, "kind": "AgentSandboxPool", "metadata": {"name": "py", "namespace": team},
+                "spec": {"replicas": 1, "template": SANDBOX}}
+        kubectl("apply", "-f", "-", input=json.dumps(pool))
+        core = CoreV1Api(api_client)
+        warm = eventually(lambda: core.list_namespaced_pod(team, label_selector=f"{POOL_LABEL}=py").items,
+                          message="no warm pod")[0]
+        core.patch_namespaced_pod_status(warm.metadata.name, team, {"status": {  # no node here: play the kubelet
+            "phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}})
+
+        claims = f"{gateway}/v1/namespaces/{team}/pools/py/claims"
+        stranger = httpx.post(claims, json={}, headers={"Authorization": f"Bearer {_token(kubectl, team, 'stranger')}"})
+        assert stranger.status_code == 403 and "agentsandboxpools/claim" in stranger.json()["error"]
+        agent = _token(kubectl, team, "agent")
+        missing = httpx.post(f"{gateway}/v1/namespaces/{team}/pools/nope/claims", json={},
+                             headers={"Authorization": f"Bearer {agent}"})
+        assert missing.status_code == 404
+
+        sandbox = Sandbox.create("py", team, ttl="10m", env={"TASK": "42"}, gateway=gateway, token=agent)
+        assert sandbox.claimed is not None and sandbox.claimed.warm and sandbox.claimed.pod_name == warm.metadata.name
+        body = CustomObjectsApi(api_client).get_namespaced_custom_object(api.GROUP, api.VERSION, team, "agentsandboxes",
+                                                                         sandbox.name)
+        assert body["spec"]["env"] == [{"name": "TASK", "value": "42"}]
+        assert body["spec"]["lifecycle"]["expireAfter"] == "600s" and body["spec"]["lifecycle"]["shutdownPolicy"] == "Delete"
+        assert body["metadata"]["labels"][CLAIMED_THROUGH_GATEWAY_LABEL] == "true"
+
+        # Only sandboxes the gateway made for claims are released through it, only for those allowed to claim.
+        forbidden = httpx.delete(f"{claims}/{sandbox.name}", headers={"Authorization": f"Bearer {_token(kubectl, team, 'stranger')}"})
+        assert forbidden.status_code == 403
+        kubectl("apply", "-n", team, "-f", "-", input=json.dumps({"apiVersion": api.API_VERSION, "kind": "AgentSandbox",
+                                                                   "metadata": {"name": "by-hand"}, "spec": {"pool": "py"}}))
+        by_hand = httpx.delete(f"{claims}/by-hand", headers={"Authorization": f"Bearer {agent}"})
+        assert by_hand.status_code == 403 and "through the gateway" in by_hand.json()["error"]
+
+        sandbox.release()
+
+        def gone() -> bool:
+            try:
+                CustomObjectsApi(api_client).get_namespaced_custom_object(api.GROUP, api.VERSION, team, "agentsandboxes",
+                                                                          sandbox.name)
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        eventually(gone, message="the released sandbox is still there")
+    finally:
+        operator.stop()
+
+
+def kubernetes_client(devenv):
+    import kubernetes
+
+    return kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))

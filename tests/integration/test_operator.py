@@ -87,7 +87,10 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
 
     for allowed in (["watch", "agentsandboxes.agentkube.dev", "-A"], ["patch", "agentsandboxes.agentkube.dev/status", "-n", "x"],
                     ["create", "pods", "-n", "x"], ["delete", "pods", "-n", "x"], ["create", "networkpolicies", "-n", "x"],
-                    ["create", "events", "-n", "x"], ["watch", "customresourcedefinitions"]):
+                    ["create", "events", "-n", "x"], ["watch", "customresourcedefinitions"],
+                    # Warm pools: watched, their status written, and a warm pod adopted by patching it.
+                    ["watch", "agentsandboxpools.agentkube.dev", "-A"], ["patch", "agentsandboxpools.agentkube.dev/status", "-n", "x"],
+                    ["patch", "pods", "-n", "x"]):
         assert can(*allowed), allowed
     # kubectl resolves resource names through discovery, and Knative is not installed here: ask directly.
     def may(group: str, resource: str, verb: str) -> bool:
@@ -119,7 +122,8 @@ def test_rbac_allows_what_the_operator_needs_and_nothing_else(installed, api_cli
     for refused in (["get", "secrets", "-n", SYSTEM_NAMESPACE], ["list", "secrets", "-A"], ["create", "rolebindings", "-n", "x"],
                     ["create", "clusterroles"], ["delete", "services", "-n", "x"], ["create", "deployments", "-n", "x"],
                     ["update", "nodes"], ["create", "pods", "--subresource=exec", "-n", "x"],
-                    ["delete", "persistentvolumeclaims", "-n", "x"],
+                    ["delete", "persistentvolumeclaims", "-n", "x"], ["update", "pods", "-n", "x"],
+                    ["create", "agentsandboxpools.agentkube.dev", "-n", "x"], ["delete", "agentsandboxpools.agentkube.dev", "-n", "x"],
                     ["create", "serviceaccounts", "--subresource=token", "-n", SYSTEM_NAMESPACE]):
         assert not can(*refused), refused
 
@@ -242,6 +246,8 @@ INVALID = {
     "bad profile name": ({"tools": {"profiles": {"Not_A_Label": {}}}}, "keys must be DNS labels"),
     "bad duration": ({"lifecycle": {"idleTimeout": "10 minutes"}}, "spec.lifecycle.idleTimeout"),
     "unknown field": ({"tools": {"default": {"memroy": "1Gi"}}}, 'unknown field "spec.tools.default.memroy"'),
+    "template and pool": ({"pool": "py"}, "set spec.template, or spec.pool to take a warm sandbox of that pool, not both"),
+    "env without a pool": ({"env": [{"name": "A", "value": "1"}]}, "spec.env is for sandboxes from a pool"),
 }
 INVALID_MODELS = {
     "unknown policy": ({"policy": "magic"}, 'Unsupported value: "magic"'),
@@ -268,7 +274,7 @@ def test_kubectl_apply_rejects_an_invalid_served_model_with_a_specific_message(i
 
 
 def test_the_examples_are_valid(installed, kubectl):
-    for example in ("sandbox.yaml", "servedmodel.yaml"):
+    for example in ("sandbox.yaml", "servedmodel.yaml", "pool.yaml"):
         kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(REPO / "examples" / example))
 
 

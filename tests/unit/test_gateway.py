@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from agentkube import contract, gateway
 from agentkube.client import (
@@ -19,6 +20,7 @@ from agentkube.client import (
     gateway_ca_configmap,
     parse_event,
 )
+from agentkube.ebpf.models import RunRequest
 from agentkube.ebpf.runtime_port import bearer_token, from_inside_the_pod
 from agentkube.operator import api, sandbox
 
@@ -229,3 +231,40 @@ def test_the_gateway_serves_tls_with_both_files_or_plain_http_with_neither(tmp_p
     assert gateway.tls_context(None, None) is None
     with pytest.raises(SystemExit, match="both"):
         gateway.tls_context(tmp_path / "tls.crt", None)
+
+
+POOLED = {"metadata": {"name": "box", "namespace": "team", "uid": "s-1"},
+          "spec": {"pool": "py", "env": [{"name": "TASK", "value": "42"}, {"name": "MODE", "value": "pool"}]},
+          "status": {"phase": "Running", "podName": "py-warm-b2c4d"}}
+
+
+def _adopted(owner="s-1", claimed_by="box", identity="nonce"):
+    return {"metadata": {"name": "py-warm-b2c4d",
+                         "labels": {contract.SANDBOX_LABEL: "py-warm-b2c4d", contract.CLAIMED_BY_LABEL: claimed_by},
+                         "annotations": {contract.RUNTIME_IDENTITY_ANNOTATION: identity},
+                         "ownerReferences": [{"uid": owner, "controller": True}]},
+            "status": {"phase": "Running", "podIP": "10.88.0.9"}}
+
+
+def test_a_sandbox_from_a_pool_is_served_by_the_warm_pod_it_adopted_with_that_pods_token():
+    assert gateway.pod_name(POOLED, "box") == "py-warm-b2c4d" and gateway.pod_name(BODY, "box") == "box"
+    assert gateway.runtime_address(POOLED, _adopted(), "team", "box") == "10.88.0.9"
+    for pod in (_adopted(owner="p-1"), _adopted(claimed_by="other")):  # still the pool's, or another sandbox's
+        with pytest.raises(gateway.Refusal) as refused:
+            gateway.runtime_address(POOLED, pod, "team", "box")
+        assert refused.value.status == 502
+    # The token is the one the warm pod's runtime was started with: its own name and random identity.
+    assert gateway.runtime_identity(POOLED, _adopted()) == ("py-warm-b2c4d", "nonce")
+    # A sandbox of its own never takes its token's identity from a pod annotation.
+    plain_pod = _pod()
+    plain_pod["metadata"]["annotations"] = {contract.RUNTIME_IDENTITY_ANNOTATION: "planted"}
+    assert gateway.runtime_identity(BODY, plain_pod) == ("box", BODY["metadata"]["uid"])
+
+
+def test_every_call_of_a_pooled_sandbox_carries_its_env_and_the_calls_own_variables_win():
+    run = gateway.with_sandbox_env(RunRequest(argv=["env"], env={"MODE": "call"}), POOLED)
+    assert run.env == {"TASK": "42", "MODE": "call"}
+    assert gateway.with_sandbox_env(RunRequest(argv=["env"]), BODY).env is None
+    for bad in ({"A\0": "1"}, {"A": "x\0y"}, {"": "1"}, {"1A B": "1"}):
+        with pytest.raises(ValidationError):
+            RunRequest(argv=["env"], env=bad)

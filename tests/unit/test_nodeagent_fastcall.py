@@ -34,9 +34,9 @@ def test_raising_memory_on_v1_writes_the_memory_and_swap_limit_first():
     assert lowered.index("memory.limit_in_bytes") < lowered.index("memory.memsw.limit_in_bytes")
 
 
-def test_the_held_process_reads_its_working_directory_then_its_argv():
-    assert command_frame(None, ["echo", "a b", ""]) == b"\0echo\0a b\0\0"
-    assert command_frame("/tmp", ["true"]) == b"/tmp\0true\0"
+def test_the_held_process_reads_its_working_directory_its_variables_then_its_argv():
+    assert command_frame(None, ["echo", "a b", ""]) == b"\0000\0echo\0a b\0\0"
+    assert command_frame("/tmp", ["true"], {"A": "1", "B": "x=y"}) == b"/tmp\0002\0A=1\0B=x=y\0true\0"
 
 
 def test_a_traced_process_is_seen():
@@ -87,6 +87,12 @@ def test_the_held_program_runs_its_command_only_once_given_and_exits_125_without
     assert run(b"")[0] == 125
     assert run(command_frame(None, ["/nonexistent/x"]))[0] == 127
     assert run(command_frame("/nonexistent", ["true"]))[0] == 126
+    # A sandbox's own variables reach the command (over the held process's environment), and only its command.
+    assert run(command_frame(None, ["sh", "-c", 'printf "%s|%s" "$TASK" "$PATH"'], {"TASK": "t 1", "PATH": "/usr/bin:/bin"})) \
+        == (0, b"t 1|/usr/bin:/bin")
+    assert run(command_frame(None, ["sh", "-c", 'printf "%s" "${TASK-unset}"']))[1] == b"unset"
+    for malformed in (b"\0x\0true\0", b"\0-1\0true\0", b"\0005\0A=1\0true\0", b"\0001\0NOEQUALS\0true\0"):
+        assert run(malformed)[0] == 125, malformed  # a frame it cannot read runs nothing
 
 
 def test_frames_share_connections_across_threads_speak_beside_http_and_survive_a_restarted_server(tmp_path):
