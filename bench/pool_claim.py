@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -106,22 +107,84 @@ def wait_until(condition, timeout: float = 180.0) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def controller_claims(custom, namespace: str, claims: int) -> dict[str, list[float]]:
+class FirstSeen:
+    """When a watch first saw each object reach a state (perf_counter seconds, as the claims are timed): where
+    a claim's time goes, stage by stage, seen from outside the operator. A watch of its own per kind, bounded
+    by `stop` (each watch call ends within WATCH_SECONDS and is started again until then)."""
+
+    WATCH_SECONDS = 5
+
+    def __init__(self, list_call, namespace: str, key, **options) -> None:
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+        self._args = (list_call, namespace, key, options)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "FirstSeen":
+        self._thread.start()
+        time.sleep(0.5)  # the watch is open before the first claim
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop.set()
+        self._thread.join(timeout=self.WATCH_SECONDS + 5)
+
+    def _run(self) -> None:
+        import kubernetes
+
+        list_call, namespace, key, options = self._args
+        while not self.stop.is_set():
+            for event in kubernetes.watch.Watch().stream(list_call, namespace, timeout_seconds=self.WATCH_SECONDS, **options):
+                now = time.perf_counter()
+                name = key(event["object"])
+                if name and name not in self.seen:
+                    self.seen[name] = now
+                if self.stop.is_set():
+                    break
+
+
+def controller_claims(custom, namespace: str, claims: int, core=None,
+                      stages: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """The controller-level pair, from the node: ours (an AgentSandbox naming the pool → Running) and
-    agent-sandbox's (a SandboxClaim of its warm pool → Ready), taking turns, each pool full before a claim."""
+    agent-sandbox's (a SandboxClaim of its warm pool → Ready), taking turns, each pool full before a claim.
+    With `core` and `stages`, our claims' stages as watches see them are appended to `stages`: the create
+    answered, the warm pod adopted (its claimed-by label), the sandbox Running."""
     ours = ("agentkube.dev", "v1alpha1", namespace)
     theirs = ("extensions.agents.x-k8s.io", "v1beta1", namespace)
     out: dict[str, list[float]] = {"agentkube_controller_claim": [], "agent_sandbox_claim": []}
+    if core is not None and stages is not None:
+        adopted = FirstSeen(core.list_namespaced_pod, namespace,
+                            lambda pod: (pod.metadata.labels or {}).get("agentkube.dev/claimed-by"),
+                            label_selector="agentkube.dev/claimed-by")
+        running = FirstSeen(custom.list_namespaced_custom_object, namespace,
+                            lambda box: box["metadata"]["name"] if (box.get("status") or {}).get("phase") == "Running" else None,
+                            group=ours[0], version=ours[1], plural="agentsandboxes")
+        with adopted, running:
+            timed = _controller_claims(custom, ours, theirs, claims, out)
+        for name, (started, answered) in timed.items():
+            if name in adopted.seen and name in running.seen:
+                stages["create answered"].append((answered - started) * 1000)
+                stages["answered → pod adopted"].append((adopted.seen[name] - answered) * 1000)
+                stages["pod adopted → Running"].append((running.seen[name] - adopted.seen[name]) * 1000)
+        return out
+    _controller_claims(custom, ours, theirs, claims, out)
+    return out
+
+
+def _controller_claims(custom, ours: tuple, theirs: tuple, claims: int, out: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """The claims, taking turns; for ours, when each was started and its create answered."""
+    timed: dict[str, tuple[float, float]] = {}
 
     def ready(group: tuple, plural: str) -> int:
         return (custom.get_namespaced_custom_object(*group, plural, "warm").get("status") or {}).get("readyReplicas", 0)
 
     for i in range(claims):
         wait_until(lambda: ready(ours, "agentsandboxpools") >= WARM_REPLICAS)
-        name = f"ours-{i}"
+        name = f"ours-{time.time_ns() % 10**9}-{i}"
         started = time.perf_counter()
         custom.create_namespaced_custom_object(*ours, "agentsandboxes", {
             "apiVersion": "agentkube.dev/v1alpha1", "kind": "AgentSandbox", "metadata": {"name": name}, "spec": {"pool": "warm"}})
+        timed[name] = (started, time.perf_counter())
         wait_until(lambda name=name: (custom.get_namespaced_custom_object(*ours, "agentsandboxes", name).get("status") or {})
                    .get("phase") == "Running")
         out["agentkube_controller_claim"].append((time.perf_counter() - started) * 1000)
@@ -138,7 +201,7 @@ def controller_claims(custom, namespace: str, claims: int) -> dict[str, list[flo
                                .get("conditions") or ()))
         out["agent_sandbox_claim"].append((time.perf_counter() - started) * 1000)
         custom.delete_namespaced_custom_object(*theirs, "sandboxclaims", name)
-    return out
+    return timed
 
 
 def main() -> None:
@@ -153,6 +216,7 @@ def main() -> None:
     per_round = max(1, args.claims // args.rounds)
     samples: dict[str, list[float]] = {k: [] for k in ("warm_claim", "warm_first_command", "cold_claim", "cold_first_command",
                                                           "agentkube_controller_claim", "agent_sandbox_claim")}
+    stages: dict[str, list[float]] = {k: [] for k in ("create answered", "answered → pod adopted", "pod adopted → Running")}
     adopted: dict[str, list[bool]] = {"warm": [], "cold": []}  # whether each claim adopted a warm pod
     errors: dict[str, list[str]] = {"warm": [], "cold": []}  # claims or first commands that failed (findings)
     load_before = os.getloadavg()
@@ -182,7 +246,7 @@ def main() -> None:
         for kind in ("warm", "cold"):
             tool("kubectl", "exec", "-n", NAMESPACE, "client", "--", "python3", "-c", IN_POD, NAMESPACE, kind, "1",
                  str(WARM_REPLICAS if kind == "warm" else 0), check=False)
-        custom = None
+        custom = core = None
         if args.agent_sandbox_controller and args.agent_sandbox_crds:
             try:  # the peer is optional: its failure is recorded, and our own figures still count
                 import kubernetes
@@ -199,7 +263,8 @@ def main() -> None:
                                                 stdout=peer_log, stderr=subprocess.STDOUT)
                 for manifest in peer_manifests(images.SANDBOX_IMAGE):
                     tool("kubectl", "apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
-                custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig)))
+                api_client = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))
+                custom, core = kubernetes.client.CustomObjectsApi(api_client), kubernetes.client.CoreV1Api(api_client)
                 controller_claims(custom, NAMESPACE, 1)  # untimed: both controllers' first claim
             except Exception as error:  # noqa: BLE001 — recorded in the results as why the peer row is missing
                 peer_error = f"{type(error).__name__}: {error}"
@@ -219,7 +284,7 @@ def main() -> None:
                 errors[kind] += out["errors"]
             if custom is not None:
                 try:
-                    for name, values in controller_claims(custom, NAMESPACE, per_round).items():
+                    for name, values in controller_claims(custom, NAMESPACE, per_round, core, stages).items():
                         samples[name] += values
                 except Exception as error:  # noqa: BLE001
                     peer_error = f"{type(error).__name__}: {error}"
@@ -239,6 +304,7 @@ def main() -> None:
               "goal": f"a claim from a warm pool at most {GOAL_MS:.0f} ms at p50", "goal_met": warm["p50"] <= GOAL_MS,
               "agent_sandbox": {"controller": str(args.agent_sandbox_controller) if args.agent_sandbox_controller else None,
                                 "error": peer_error}}
+    result["agentkube_controller_stages_milliseconds"] = {name: summary(values) for name, values in stages.items() if values}
     if "agent_sandbox_claim" in stats and "agentkube_controller_claim" in stats:
         result["ratio_agent_sandbox_to_agentkube_controller_p50"] = \
             stats["agent_sandbox_claim"]["p50"] / stats["agentkube_controller_claim"]["p50"]
@@ -249,6 +315,8 @@ def main() -> None:
               "agentkube_controller_claim": "node: AgentSandbox naming the pool → Running",
               "agent_sandbox_claim": "node: agent-sandbox SandboxClaim of its SandboxWarmPool → Ready"}
     rows = [[labels[name], f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['p99']:.1f}", str(s["n"])] for name, s in stats.items()]
+    rows += [[f"node: stage of ours (watched): {name}", f"{s['p50']:.1f}", f"{s['p90']:.1f}", f"{s['p99']:.1f}", str(s["n"])]
+             for name, s in result["agentkube_controller_stages_milliseconds"].items()]
     write_results("pool_claim", result, f"Claims through the gateway from a warm pool and without one ({machine()['cpus']} CPUs)",
                   ["path", "p50 ms", "p90 ms", "p99 ms", "n"], rows,
                   f"Goal: {result['goal']} — {'met' if result['goal_met'] else 'not met'}. Cold/warm at p50: "
