@@ -1,7 +1,7 @@
 """Warm pools against the real API server, with the operator installed from the chart's RBAC: a pool keeps
 its warm pods, a sandbox adopts one (never a new pod), the pool refills, a template change replaces the warm
 ones, and deleting an adopter leaves the pool alone. There is no node here: the tests play the kubelet where a
-pod must become Ready (tests/e2e/test_pools.py runs the same on the real node)."""
+pod must become Ready (tests/e2e/test_helm.py runs claims on the real node, through the gateway)."""
 
 import json
 from collections.abc import Iterator
