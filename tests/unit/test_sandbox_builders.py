@@ -28,6 +28,20 @@ def test_pod_is_hardened_owned_and_carries_the_tool_intents():
     assert tools["envelope"] == {"memory": "4Gi", "cpu": "2"} and tools["profiles"]["test"]["memory"] == "2Gi"
 
 
+def test_the_pod_is_ready_only_once_its_runtime_accepts():
+    """With a gateway the kubelet connects to the runtime's port; without one it connects to the runtime's
+    unix socket from inside the container, at start only. Until then the container (so the pod, the
+    sandbox) is not Ready."""
+    served = sandbox.pod_manifest(BODY, _spec(), b"k" * 32)["spec"]["containers"][0]
+    for probe in (served["startupProbe"], served["readinessProbe"]):
+        assert probe["tcpSocket"] == {"port": sandbox.SANDBOX_RUNTIME_PORT}
+    assert served["startupProbe"]["periodSeconds"] == 1  # Ready within about a second of the runtime listening
+    local = sandbox.pod_manifest(BODY, _spec())["spec"]["containers"][0]
+    command = local["startupProbe"]["exec"]["command"]
+    assert command[:3] == ["python3", "-S", "-c"] and sandbox.RUNTIME_ENV["AGENTKUBE_SANDBOX_SOCKET"] in command[3]
+    assert "readinessProbe" not in local  # no process started in the sandbox every 10 s
+
+
 def test_workspace_is_a_claim_when_asked_and_an_empty_dir_otherwise():
     with_claim = sandbox.pod_manifest(BODY, _spec(workspace={"size": "5Gi"}))
     assert with_claim["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "box-workspace"
