@@ -175,8 +175,17 @@ def gateway_credentials(gateway: str | None, token: str | None,
     ca = ca or os.environ.get(GATEWAY_CA_ENV)
     if ca:
         return address, tokens, ssl.create_default_context(cafile=str(ca))
-    configuration = configuration or _kubernetes_configuration(inside)
-    return address, tokens, ssl.create_default_context(cadata=_published_ca(address, configuration))
+    context = _published_ca_contexts.get(address)
+    if context is None:
+        pem = _published_ca(address, configuration or _kubernetes_configuration(inside))
+        context = _published_ca_contexts.setdefault(address, ssl.create_default_context(cadata=pem))
+    return address, tokens, context
+
+
+# The CA the chart published for a gateway, as an SSL context, by the gateway's address: read from the API
+# server once per process (a claim that reads it again pays a connection to the API server each time). The
+# chart keeps its CA across upgrades; a process that outlives a reinstall is started again.
+_published_ca_contexts: dict[str, ssl.SSLContext] = {}
 
 
 def _kubernetes_configuration(inside: bool) -> Any:

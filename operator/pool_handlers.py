@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 
+from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL
 from agentkube.operator import api, kube, metrics, pool, sandbox
 from agentkube.operator.gateway_settings import gateway
 from agentkube.operator.kube import POOLS
@@ -18,9 +19,65 @@ from agentkube.operator.status import merge_conditions
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
+class Known:
+    """The pools and waiting warm pods this process last saw (from their events and its own reads), so that
+    a claim reads neither before it adopts. Only a hint: adoption is a patch conditional on the pod's
+    resourceVersion, so a pod changed or taken meanwhile fails it, and the claim lists the pool's pods after
+    all; a pool read here may lag a template change by one event, which at worst adopts a pod of the old
+    template that the roll was about to replace."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[tuple[str, str], dict[str, Any]] = {}
+        self._warm: defaultdict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+
+    def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pool, as last seen or else read now."""
+        with self._lock:
+            body = self._pools.get((namespace, name))
+        if body is None:
+            body = kube.read_own(POOLS, namespace, name)
+            self.saw_pool(namespace, name, body)
+        return body
+
+    def saw_pool(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
+        with self._lock:
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                self._pools.pop((namespace, name), None)
+                self._warm.pop((namespace, name), None)
+            else:
+                self._pools[(namespace, name)] = body
+
+    def saw_warm_pod(self, event_type: str | None, pod: dict[str, Any]) -> None:
+        metadata = pod["metadata"]
+        pool_name = (metadata.get("labels") or {}).get(POOL_LABEL)
+        if not pool_name:
+            return
+        waiting = event_type != "DELETED" and not metadata.get("deletionTimestamp") \
+            and not (metadata.get("labels") or {}).get(CLAIMED_BY_LABEL)
+        with self._lock:
+            pods = self._warm[(metadata["namespace"], pool_name)]
+            if waiting:
+                pods[metadata["name"]] = pod
+            else:
+                pods.pop(metadata["name"], None)
+
+    def warm_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._warm.get((namespace, name), {}).values())
+
+    def taken(self, namespace: str, name: str, pod_name: str) -> None:
+        with self._lock:
+            self._warm.get((namespace, name), {}).pop(pod_name, None)
+
+
+known = Known()
+
+
 def reconcile_pool(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None) -> pool.PoolPlan | None:
     with _locks[(namespace, name)]:
         body = kube.read_own(POOLS, namespace, name) if body is None else body
+        known.saw_pool(namespace, name, body)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # its warm pods go with it (owner references); adopted ones are their sandboxes'
         with metrics.reconciling("AgentSandboxPool"):
@@ -67,3 +124,10 @@ def _reconcile(namespace: str, name: str, body: dict[str, Any], logger: logging.
 @kopf.on.update(api.GROUP, api.VERSION, POOLS)
 def pool_changed(body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
     reconcile_pool(namespace, name, logger, kube.as_dict(dict(body)))
+
+
+@kopf.on.event(api.GROUP, api.VERSION, POOLS)
+def pool_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+    """A pool deleted is forgotten at once (the change handlers above are not told of a deletion)."""
+    if type == "DELETED":
+        known.saw_pool(namespace, name, None)

@@ -11,7 +11,7 @@ import kopf
 from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL
 from agentkube.operator import api, kube, metrics, pool, pool_handlers, sandbox
 from agentkube.operator.gateway_settings import gateway
-from agentkube.operator.kube import NETWORKING, POOLS, SANDBOXES
+from agentkube.operator.kube import NETWORKING, SANDBOXES
 from agentkube.operator.rechecks import RETRY_AFTER_FAILURE, rechecks
 from agentkube.operator.status import merge_conditions, parse_timestamp
 
@@ -96,8 +96,12 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     last_activity = parse_timestamp(annotations.get(sandbox.LAST_ACTIVITY_ANNOTATION))
     old = api.AgentSandboxStatus.model_validate(body.get("status") or {})
     pods_path = kube.object_path("v1", namespace, "pods")
-    if pod is None or not sandbox.is_owned_by(pod, body):
-        pod = _claimed_pod(body, pods_path)
+    # A sandbox never reconciled before has no pod, unless a run that adopted or made one died before writing
+    # status: it adopts without a read first, and its next reconcile finds the pods it holds (and lets go of
+    # all but one).
+    fresh = not pod_only and old.observed_generation is None
+    if not fresh and (pod is None or not sandbox.is_owned_by(pod, body)):
+        pod = _claimed_pod(body, pods_path, logger)
     _pod_views.acted_on(pod)
     decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now)
     if decision.delete_sandbox:
@@ -106,13 +110,15 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
         kopf.event(body, type="Normal", reason="Expired", message="deleted at its shutdown time (shutdownPolicy: Delete)")
         return decision
 
-    # The pool is read only when its template is needed: for the children, or to adopt or start a pod.
+    # The pool is needed only for its template: for the children, or to adopt or start a pod.
     needs_pod = decision.want_pod and pod is None
-    pool_body = kube.read_own(POOLS, namespace, str(spec.pool)) if needs_pod or not pod_only else None
+    pool_body = pool_handlers.known.pool(namespace, str(spec.pool)) if needs_pod or not pod_only else None
     pool_spec = api.AgentSandboxPoolSpec.model_validate(pool_body["spec"]) if pool_body else None
     effective = pool.sandbox_spec(pool_spec.template, spec.lifecycle, spec.env) if pool_spec else None
     if not pod_only and effective is not None:
-        _ensure_children(body, effective, namespace, name)
+        # Its NetworkPolicy before it adopts: an adopted pod leaves the pool's deny-all policy at once. Its
+        # Service (a DNS name; the gateway dials the pod) after its status, off the claim's path.
+        _apply_network_policy(body, effective, namespace, name)
 
     adopted = False
     if decision.delete_pod:
@@ -142,18 +148,24 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     if adopted and pod is not None:
         kopf.event(body, type="Normal", reason="Adopted", message=f"adopted the warm pod {pod['metadata']['name']} of pool {spec.pool}")
     _report(body, decision, pod, old, last_activity, now, generation, logger)
+    if not pod_only:
+        kube.post(pods_path.removesuffix("/pods") + "/services", sandbox.service_manifest(body))
     if adopted:
         pool_handlers.reconcile_pool(namespace, str(spec.pool), logger)  # refill, after the sandbox is reported
     return decision
 
 
-def _claimed_pod(body: dict[str, Any], pods_path: str) -> dict[str, Any] | None:
+def _claimed_pod(body: dict[str, Any], pods_path: str, logger: logging.Logger) -> dict[str, Any] | None:
     """A pooled sandbox's pod: labelled CLAIMED_BY_LABEL with its name and owned by it (a label alone anyone
-    who may label pods could copy); a live one before one going away."""
+    who may label pods could copy); a live one before one going away. Two live ones (a run adopted one and
+    died before its status, and the next adopted another) are one too many: the newer is deleted."""
     claimed = kube.list_at(pods_path, f"{CLAIMED_BY_LABEL}={body['metadata']['name']}")
-    pods = [p for p in claimed if sandbox.is_owned_by(p, body)]
-    pods.sort(key=lambda p: bool(p["metadata"].get("deletionTimestamp")))
-    return pods[0] if pods else None
+    pods = sorted((p for p in claimed if sandbox.is_owned_by(p, body)), key=lambda p: p["metadata"].get("creationTimestamp") or "")
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    for extra in live[1:]:
+        kube.delete_at(f"{pods_path}/{extra['metadata']['name']}", extra["metadata"]["uid"])
+        logger.info("deleted pod %s: sandbox %s holds another", extra["metadata"]["name"], body["metadata"]["name"])
+    return live[0] if live else (pods[0] if pods else None)
 
 
 def _cold_pod_manifest(body: dict[str, Any], effective: api.AgentSandboxSpec) -> dict[str, Any]:
@@ -163,13 +175,17 @@ def _cold_pod_manifest(body: dict[str, Any], effective: api.AgentSandboxSpec) ->
 
 
 def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, pods_path: str) -> dict[str, Any] | None:
-    """Adopt one ready warm pod of the pool; None when none is left (the caller starts a pod cold). A pod
-    another sandbox took meanwhile fails its conditional patch, and the next is tried."""
-    warm = [p for p in kube.list_at(pods_path, pool.selector(pool_body["metadata"]["name"])) if sandbox.is_owned_by(p, pool_body)]
-    for candidate in pool.adoptable(warm, current_hash):
-        adopted = kube.patch_if_unchanged(f"{pods_path}/{candidate['metadata']['name']}", pool.adoption_patch(candidate, body))
-        if adopted is not None:
-            return adopted
+    """Adopt one ready warm pod of the pool; None when none is left (the caller starts a pod cold). The pods
+    this process last saw are tried first, then those listed now: a pod changed or taken meanwhile fails its
+    conditional patch, and the next is tried."""
+    namespace, pool_name = pool_body["metadata"]["namespace"], pool_body["metadata"]["name"]
+    for warm in (lambda: pool_handlers.known.warm_pods(namespace, pool_name),
+                 lambda: kube.list_at(pods_path, pool.selector(pool_name))):
+        for candidate in pool.adoptable([p for p in warm() if sandbox.is_owned_by(p, pool_body)], current_hash):
+            pool_handlers.known.taken(namespace, pool_name, candidate["metadata"]["name"])
+            adopted = kube.patch_if_unchanged(f"{pods_path}/{candidate['metadata']['name']}", pool.adoption_patch(candidate, body))
+            if adopted is not None:
+                return adopted
     return None
 
 
@@ -258,6 +274,7 @@ def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logge
     except a deleted one's: then whatever pod has the name now is read."""
     pod = kube.as_dict(dict(body))
     labels = pod["metadata"].get("labels") or {}
+    pool_handlers.known.saw_warm_pod(type, pod)  # every event: its resourceVersion is what adoption is conditional on
     if not _pod_views.is_news(type, pod):
         return
     namespace = pod["metadata"]["namespace"]

@@ -15,7 +15,7 @@ from agentkube.contract import (
 )
 from agentkube.ebpf.csi import PodRef, admit_pod
 from agentkube.ebpf.kubernetes import report_target
-from agentkube.operator import api, crds, pool, sandbox
+from agentkube.operator import api, crds, pool, pool_handlers, sandbox
 
 KEY = b"k" * 32
 POOL = {"apiVersion": api.API_VERSION, "kind": "AgentSandboxPool", "metadata": {"name": "py", "namespace": "team", "uid": "p-1"}}
@@ -163,3 +163,30 @@ def test_the_node_agents_socket_reaches_warm_pods_and_reports_go_to_the_adopter(
     assert report_target(labels, "py-warm-b2c4d") is None  # nobody to tell while it waits
     assert report_target({**labels, CLAIMED_BY_LABEL: "box"}, "py-warm-b2c4d") == "box"
     assert report_target({SANDBOX_LABEL: "plain"}, "plain") == "plain"
+
+
+def test_the_operator_knows_the_waiting_warm_pods_from_their_events_until_one_is_taken():
+    known = pool_handlers.Known()
+    one, two = (dict(_pod(name), metadata={**_pod(name)["metadata"], "namespace": "team"}) for name in ("one", "two"))
+    for pod in (one, two):
+        known.saw_warm_pod("ADDED", pod)
+    assert {p["metadata"]["name"] for p in known.warm_pods("team", "py")} == {"one", "two"}
+    claimed = {**one, "metadata": {**one["metadata"], "labels": {**one["metadata"]["labels"], CLAIMED_BY_LABEL: "box"}}}
+    known.saw_warm_pod("MODIFIED", claimed)  # adopted: no longer waiting
+    known.saw_warm_pod("DELETED", two)
+    assert known.warm_pods("team", "py") == []
+    known.saw_warm_pod("ADDED", two)
+    known.taken("team", "py", "two")  # being adopted: not offered to the next claim
+    assert known.warm_pods("team", "py") == []
+    known.saw_warm_pod("ADDED", {"metadata": {"name": "plain", "namespace": "team", "labels": {SANDBOX_LABEL: "plain"}}})
+    assert known.warm_pods("team", "plain") == []  # a pod of no pool is none of its business
+
+
+def test_the_operator_keeps_the_pool_it_saw_and_forgets_a_deleted_one():
+    known = pool_handlers.Known()
+    body = {**POOL, "spec": {"replicas": 1}}
+    known.saw_pool("team", "py", body)
+    assert known.pool("team", "py") is body  # no read
+    known.saw_warm_pod("ADDED", dict(_pod("one"), metadata={**_pod("one")["metadata"], "namespace": "team"}))
+    known.saw_pool("team", "py", {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-11-30T12:00:00Z"}})
+    assert known.warm_pods("team", "py") == [] and ("team", "py") not in known._pools
