@@ -73,9 +73,12 @@ def warm_pod_manifest(pool_body: dict[str, Any], template: api.PoolTemplate, nam
     return manifest
 
 
-def pool_network_policy_manifest(pool_body: dict[str, Any]) -> dict[str, Any]:
-    """Waiting warm pods run no call and serve nobody: no ingress, no egress. Adopted, a pod leaves this
-    policy's selector for its sandbox's."""
+def pool_network_policy_manifest(pool_body: dict[str, Any], gateway_namespace: str = sandbox.DEFAULT_GATEWAY_NAMESPACE) -> dict[str, Any]:
+    """Waiting warm pods run no call: no egress. Their ingress is the gateway's alone, as their sandbox's will
+    be: adopted, a pod leaves this policy's selector for its sandbox's, and a NetworkPolicy enforcer applies
+    that a moment later (kube-router here took long enough that the first command of a claim was refused
+    when this policy denied all ingress). The gateway sends a pod nothing until a sandbox controls it, and
+    the runtime takes only the token derived from the pod's random identity."""
     name = pool_body["metadata"]["name"]
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -87,7 +90,7 @@ def pool_network_policy_manifest(pool_body: dict[str, Any]) -> dict[str, Any]:
             "podSelector": {"matchLabels": {POOL_LABEL: name},
                             "matchExpressions": [{"key": CLAIMED_BY_LABEL, "operator": "DoesNotExist"}]},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [],
+            "ingress": [sandbox.gateway_ingress(gateway_namespace)],
             "egress": [],
         },
     }

@@ -288,6 +288,15 @@ def _egress_rules(network: ToolNetwork) -> list[dict[str, Any]]:
     return []
 
 
+def gateway_ingress(gateway_namespace: str) -> dict[str, Any]:
+    """The one ingress a sandbox pod admits: the gateway's pods to the runtime port. The namespace by its name
+    label (the API server sets it; nobody can forge it), the pods by the gateway's labels: a pod labelled so
+    elsewhere is not the gateway."""
+    return {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
+                      "podSelector": {"matchLabels": dict(GATEWAY_LABELS)}}],
+            "ports": [{"protocol": "TCP", "port": SANDBOX_RUNTIME_PORT}]}
+
+
 def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec,
                             gateway_namespace: str = DEFAULT_GATEWAY_NAMESPACE) -> dict[str, Any]:
     """Ingress only to the runtime port, only from the gateway's pods in its namespace; egress only DNS plus the union of what the
@@ -312,15 +321,7 @@ def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec,
         "spec": {
             "podSelector": {"matchLabels": pod_selector(body)},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [
-                {
-                    # The namespace by its name label (the API server sets it; nobody can forge it), the pods by
-                    # the gateway's labels: a pod labelled so elsewhere is not the gateway.
-                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}},
-                              "podSelector": {"matchLabels": dict(GATEWAY_LABELS)}}],
-                    "ports": [{"protocol": "TCP", "port": SANDBOX_RUNTIME_PORT}],
-                }
-            ],
+            "ingress": [gateway_ingress(gateway_namespace)],
             "egress": egress,
         },
     }
