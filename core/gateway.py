@@ -92,6 +92,12 @@ CONNECT_SECONDS = 10.0
 # a cold image pull, much longer) before it is answered 504.
 RESUME_SECONDS = 120.0
 RESUME_POLL_SECONDS = 0.25
+# A refused connection is retried this long even to a sandbox that was not just resumed, in small steps:
+# a NetworkPolicy enforcer applies a pod's new policies a moment after its labels change (an adopted warm
+# pod's change at once; kube-router here rejected the gateway for a few tens of milliseconds while it
+# rewrote its rules, so 3 of 16 warm claims' first commands were refused). Nothing was sent yet.
+REFUSED_RETRY_SECONDS = 2.0
+REFUSED_RETRY_STEP_SECONDS = 0.02
 # Connections to runtimes are kept for the next call, idle at most this long: well under the runtime's own
 # RUNTIME_IDLE_SECONDS, so that it is the gateway that closes an idle one, not both at once.
 RUNTIME_KEEPALIVE_SECONDS = RUNTIME_IDLE_SECONDS / 4
@@ -561,9 +567,11 @@ class Gateway:
                    params: dict[str, str] | None = None, content_type: str | None = None,
                    headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
         """The runtime's answer to a request. Just after a resume the runtime may not listen yet: connecting
-        is retried for `retry_for` s (nothing was sent, so nothing runs twice)."""
+        is retried for `retry_for` s, and at least REFUSED_RETRY_SECONDS (nothing was sent, so nothing runs
+        twice)."""
         assert self.session is not None
-        deadline = time.monotonic() + retry_for
+        started = time.monotonic()
+        deadline = started + max(retry_for, REFUSED_RETRY_SECONDS)
         stale = 0
         sent = {"Authorization": f"Bearer {token}", **({"Content-Type": content_type} if content_type else {}),
                 **(headers or {})}
@@ -584,7 +592,8 @@ class Gateway:
                 continue
             except (aiohttp.ClientError, OSError) as error:
                 raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
-            await asyncio.sleep(RESUME_POLL_SECONDS)
+            quick = time.monotonic() - started < REFUSED_RETRY_SECONDS
+            await asyncio.sleep(REFUSED_RETRY_STEP_SECONDS if quick else RESUME_POLL_SECONDS)
 
     async def claim(self, request: web.Request) -> web.Response:
         """A new sandbox from a pool, answered once it runs (from a warm pod: tens of milliseconds)."""
