@@ -114,10 +114,11 @@ class FirstSeen:
 
     WATCH_SECONDS = 5
 
-    def __init__(self, list_call, namespace: str, key, **options) -> None:
+    def __init__(self, list_call, args: tuple, key, **options) -> None:
         self.seen: dict[str, float] = {}
+        self.error: str | None = None  # why the watch ended early, if it did
         self.stop = threading.Event()
-        self._args = (list_call, namespace, key, options)
+        self._args = (list_call, args, key, options)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "FirstSeen":
@@ -132,15 +133,18 @@ class FirstSeen:
     def _run(self) -> None:
         import kubernetes
 
-        list_call, namespace, key, options = self._args
-        while not self.stop.is_set():
-            for event in kubernetes.watch.Watch().stream(list_call, namespace, timeout_seconds=self.WATCH_SECONDS, **options):
-                now = time.perf_counter()
-                name = key(event["object"])
-                if name and name not in self.seen:
-                    self.seen[name] = now
-                if self.stop.is_set():
-                    break
+        list_call, args, key, options = self._args
+        try:
+            while not self.stop.is_set():
+                for event in kubernetes.watch.Watch().stream(list_call, *args, timeout_seconds=self.WATCH_SECONDS, **options):
+                    now = time.perf_counter()
+                    name = key(event["object"])
+                    if name and name not in self.seen:
+                        self.seen[name] = now
+                    if self.stop.is_set():
+                        break
+        except Exception as error:  # noqa: BLE001 — recorded: the stages are then missing, and say why
+            self.error = f"{type(error).__name__}: {error}"
 
 
 def controller_claims(custom, namespace: str, claims: int, core=None,
@@ -153,14 +157,16 @@ def controller_claims(custom, namespace: str, claims: int, core=None,
     theirs = ("extensions.agents.x-k8s.io", "v1beta1", namespace)
     out: dict[str, list[float]] = {"agentkube_controller_claim": [], "agent_sandbox_claim": []}
     if core is not None and stages is not None:
-        adopted = FirstSeen(core.list_namespaced_pod, namespace,
+        adopted = FirstSeen(core.list_namespaced_pod, (namespace,),
                             lambda pod: (pod.metadata.labels or {}).get("agentkube.dev/claimed-by"),
                             label_selector="agentkube.dev/claimed-by")
-        running = FirstSeen(custom.list_namespaced_custom_object, namespace,
-                            lambda box: box["metadata"]["name"] if (box.get("status") or {}).get("phase") == "Running" else None,
-                            group=ours[0], version=ours[1], plural="agentsandboxes")
+        running = FirstSeen(custom.list_namespaced_custom_object, (ours[0], ours[1], namespace, "agentsandboxes"),
+                            lambda box: box["metadata"]["name"] if (box.get("status") or {}).get("phase") == "Running" else None)
         with adopted, running:
             timed = _controller_claims(custom, ours, theirs, claims, out)
+        for watch in (adopted, running):
+            if watch.error:
+                print(f"a stage watch ended early: {watch.error}", file=sys.stderr)
         for name, (started, answered) in timed.items():
             if name in adopted.seen and name in running.seen:
                 stages["create answered"].append((answered - started) * 1000)
