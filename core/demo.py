@@ -45,8 +45,6 @@ EXAMPLES = REPOSITORY / "examples"
 RELEASE, SYSTEM_NAMESPACE, DEMO_NAMESPACE = "agentkube", "agentkube-system", "agentkube-demo"
 SANDBOX_NAME = "coder"  # examples/sandbox.yaml
 RUNNING_TIMEOUT = 180.0
-# Stand-ins for Knative's Service and PodAutoscaler CRDs, for the integration tests that run no Knative.
-KNATIVE_CRD = REPOSITORY / "tests" / "manifests" / "knative-service-crd.yaml"
 MODEL_NAME = "llm"
 MODEL_READY_TIMEOUT = 240.0  # the first revision: Knative's reconcilers, the pod, the model's load
 DECISION_TIMEOUT = 180.0

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkube.demo import CHART as CHART  # one definition of where the chart and the CRD stand-in are
-from agentkube.demo import KNATIVE_CRD as KNATIVE_CRD
+from agentkube.demo import CHART as CHART  # one definition of where the chart is
 from agentkube.devenv import DevEnv, process, temporary_env
 from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
