@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentkube.demo import CHART as CHART  # one definition of where the chart is
-from agentkube.devenv import DevEnv, process, temporary_env
+from agentkube.devenv import DevEnv, knative, process, temporary_env
 from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import crds
@@ -90,10 +91,25 @@ def kubectl_runner(devenv: DevEnv):
     """The real kubectl against `devenv`: run(*args, check=True, input=None) -> CompletedProcess."""
 
     def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(bin_dir() / "kubectl"), *args], env=devenv.environ(), capture_output=True,
-                              text=True, check=check, input=input, timeout=60)
+        done = subprocess.run([str(bin_dir() / "kubectl"), *args], env=devenv.environ(), capture_output=True,
+                              text=True, input=input, timeout=60)
+        if check and done.returncode != 0:  # what kubectl said, in the failure's message
+            raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr or done.stdout}")
+        return done
 
     return run
+
+
+def install_knative_crds(kubectl) -> None:
+    """Knative Serving's own CRDs (no Knative controller), Established on return. `kubectl wait` fails
+    rather than waits on a CRD whose first status the API server has not written yet: retried."""
+    kubectl("apply", "-f", str(knative.crds_file()))
+    deadline = time.monotonic() + 60
+    while kubectl("wait", "--for=condition=Established", "crd", "-l", "knative.dev/crd-install=true", "--timeout=30s",
+                  check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("Knative's CRDs were not Established within 60 s")
+        time.sleep(0.5)
 
 
 @contextmanager

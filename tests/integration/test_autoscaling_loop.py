@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from kubernetes.client import ApiException, CustomObjectsApi
 
-from agentkube.devenv import knative, process
+from agentkube.devenv import process
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api, autoscaling, prometheus, servedmodel
 from agentkube.rl.knative import MIN_SCALE_ANNOTATION
 from agentkube.rl.observation import POLICY_METRICS
-from harness import CHART, Operator, install_operator
+from harness import CHART, Operator, install_knative_crds, install_operator
 
 MODEL = "llm"
 SCRAPE_JOB = "knative-revision"
@@ -30,9 +30,7 @@ SIMULATOR_LIFETIME_S = 240
 def operator(devenv, kubectl, tmp_path_factory) -> Iterator[Path]:
     """`agentkube operator run --prometheus-url ...` as its service account, standalone; yields its log."""
     kubeconfig = install_operator(devenv, kubectl)
-    kubectl("apply", "-f", str(knative.crds_file()))
-    kubectl("wait", "--for=condition=Established", "crd/services.serving.knative.dev",
-            "crd/podautoscalers.autoscaling.internal.knative.dev", "--timeout=60s")
+    install_knative_crds(kubectl)
     running = Operator(kubeconfig, tmp_path_factory.mktemp("operator"), "--peering=",
                        f"--prometheus-url={devenv.prometheus_url}")
     running.start()
