@@ -132,7 +132,6 @@ class Demo:
     outcomes: list[Outcome] = field(default_factory=list)
     decision: dict[str, Any] | None = None
     answered: dict[int, int] = field(default_factory=dict)  # the load's answers by HTTP status
-    placement: dict[str, int] = field(default_factory=dict)  # the spot model's pods by capacity type
     interruption: interruption_watch.Interruption | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -230,7 +229,6 @@ class Demo:
         try:
             outcome = interruption_watch.play(api_client, self.env.environ(), DEMO_NAMESPACE, SPOT_MODEL_NAME,
                                               SPOT_REPLICAS, INTERRUPTION_NOTICE_S)
-            self.placement = interruption_watch.pods_by_capacity_type(api_client, DEMO_NAMESPACE, SPOT_MODEL_NAME)
         except interruption_watch.InterruptionNotPlayed as error:
             raise DemoError(f"spot interruption of ServedModel {SPOT_MODEL_NAME}: {error} (see `kubectl get "
                             f"nodeclaims,nodes` and `kubectl describe servedmodel -n {DEMO_NAMESPACE} {SPOT_MODEL_NAME}`)") from error
@@ -290,13 +288,17 @@ class Demo:
                                f"({self.decision['reason']}: {self.decision.get('message', '')}); the demo's load: "
                                f"{self.answered.get(200, 0)} of {sum(self.answered.values())} requests answered")
         if self.interruption:
-            placed = ", ".join(f"{count} on {kind}" for kind, count in sorted(self.placement.items()))
             moment = self.interruption
-            self.console.print(f"ServedModel {SPOT_MODEL_NAME} (spot: on-demand base 1, at most half on spot): {placed}; "
-                               f"spot node {moment.node} interrupted ({INTERRUPTION_NOTICE_S:g} s notice) with "
-                               f"{moment.on_node} of its pods: {moment.ready_elsewhere_at_first_eviction} of "
-                               f"{moment.pods_before} Ready elsewhere before the first eviction, back to "
-                               f"{moment.pods_after} pods in {moment.restored_s} s")
+
+            def placed(placement: dict[str, int]) -> str:
+                return ", ".join(f"{count} on {kind}" for kind, count in sorted(placement.items()))
+
+            self.console.print(f"ServedModel {SPOT_MODEL_NAME} (spot: on-demand base 1, at most half on spot): "
+                               f"{placed(moment.placement_before)}; spot node {moment.node} interrupted "
+                               f"({INTERRUPTION_NOTICE_S:g} s notice) with {moment.on_node} of its pods: "
+                               f"{moment.ready_elsewhere_at_first_eviction} of {moment.pods_before} Ready elsewhere before "
+                               f"the first eviction; back to {moment.pods_after} pods in {moment.restored_s} s, "
+                               f"{placed(moment.placement_after)}")
         self.console.print(f"prometheus: {self.env.prometheus_url}")
         for picture in pictures:
             self.console.print(f"dashboard:  {picture}")

@@ -70,6 +70,8 @@ class Interruption:
     node_gone_s: float  # notice to node removed
     restored_s: float | None  # notice to floor, budget and pod count back to before (None: not within the wait)
     pods_after: int
+    placement_before: dict[str, int]  # capacity type → the revision's pods there, before the notice
+    placement_after: dict[str, int]  # the same once all is back: replacements go where capacity was at the time
 
     @property
     def replaced_before_eviction(self) -> bool:
@@ -138,6 +140,7 @@ def play(api_client: Any, environ: dict[str, str], namespace: str, model: str, r
     if node is None:
         raise InterruptionNotPlayed(f"{model} has no pod on a spot node")
     before = live_pods(api_client, namespace, model)
+    placement_before = pods_by_capacity_type(api_client, namespace, model)
     on_node = sum(1 for p in before if p.spec.node_name == node)
     core = _core(api_client)
     stream = PodStream(api_client, namespace, node)
@@ -160,4 +163,5 @@ def play(api_client: Any, environ: dict[str, str], namespace: str, model: str, r
         ready_elsewhere = sum(1 for state in stream.first_eviction.values()
                               if state["ready"] and state["node"] != node and not state["deleting"])
     return Interruption(node, len(before), on_node, ready_elsewhere, round(node_gone_s, 1),
-                        None if restored_s is None else round(restored_s, 1), len(live_pods(api_client, namespace, model)))
+                        None if restored_s is None else round(restored_s, 1), len(live_pods(api_client, namespace, model)),
+                        placement_before, pods_by_capacity_type(api_client, namespace, model))

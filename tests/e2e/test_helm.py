@@ -642,10 +642,12 @@ def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
     assert demo.decision["inputs"]["revision_app_request_count"] > 0, demo.decision
     assert set(demo.answered) == {200}, demo.answered
     # Half the spot model's four pods on spot, the rest on on-demand; the interrupted node's pods were
-    # replaced before the first was evicted (the demo fails otherwise), and all four are back.
-    assert demo.placement == {"on-demand": 2, "spot": 2}, demo.placement
-    assert demo.interruption is not None and demo.interruption.replaced_before_eviction and demo.interruption.on_node >= 1
-    assert demo.interruption.pods_after == 4, demo.interruption
+    # replaced before the first was evicted (the demo fails otherwise), and all four are back, never fewer
+    # than the base on on-demand (the replacements go where capacity was while spot was short).
+    moment = demo.interruption
+    assert moment is not None and moment.placement_before == {"on-demand": 2, "spot": 2}, moment
+    assert moment.replaced_before_eviction and moment.on_node >= 1, moment
+    assert moment.pods_after == 4 and moment.placement_after.get("on-demand", 0) >= 1, moment
     assert sorted(p.name for p in (devenv.layout.root / "dashboards").glob("*.png")) == [
         "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png", "agentkube-served-models.png"]
 
