@@ -296,8 +296,9 @@ class Demo:
             self.console.print(f"ServedModel {SPOT_MODEL_NAME} (spot: on-demand base 1, at most half on spot): "
                                f"{placed(moment.placement_before)}; spot node {moment.node} interrupted "
                                f"({INTERRUPTION_NOTICE_S:g} s notice) with {moment.on_node} of its pods: "
-                               f"{moment.ready_elsewhere_at_first_eviction} of {moment.pods_before} Ready elsewhere before "
-                               f"the first eviction; back to {moment.pods_after} pods in {moment.restored_s} s, "
+                               f"{moment.ready_elsewhere_at_first_eviction} pods Ready off the node before the first "
+                               f"eviction (the revision had {moment.pods_before}); back to {moment.pods_after} pods in "
+                               f"{moment.restored_s} s, "
                                f"{placed(moment.placement_after)}")
         self.console.print(f"prometheus: {self.env.prometheus_url}")
         for picture in pictures:
