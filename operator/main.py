@@ -28,10 +28,6 @@ MODEL_HANDLER_MODULES = (
 )
 HANDLER_MODULES = SANDBOX_HANDLER_MODULES + MODEL_HANDLER_MODULES
 
-
-def handler_modules(shard: shards.Shard) -> tuple[str, ...]:
-    return HANDLER_MODULES if shard.serves_models else SANDBOX_HANDLER_MODULES
-
 PEERING_NAME = "agentkube"
 # Kopf's bookkeeping annotations. Kopf ignores every annotation under its prefix when it looks for
 # changes, so it must not be our API group: `agentkube.dev/last-activity` has to wake the handlers.
@@ -47,6 +43,10 @@ API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30, 30, 
 # (~19 MiB at the peak, bench/sandbox_scale.py under memray). Watches hold one each for as long as they run
 # (one per watched kind: under ten), so the rest queue for the others.
 KOPF_CONNECTIONS = 24
+
+
+def handler_modules(shard: shards.Shard) -> tuple[str, ...]:
+    return HANDLER_MODULES if shard.serves_models else SANDBOX_HANDLER_MODULES
 
 
 def bounded_session(info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
