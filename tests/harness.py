@@ -68,10 +68,13 @@ class Operator:
             process.stop([self.record])
 
 
-def helm_template(*show_only: str) -> str:
+def helm_template(*show_only: str, values: tuple[str, ...] = ()) -> str:
+    """`values`: `--set` assignments, e.g. ("operator.shards=2",)."""
     args = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE]
     for template in show_only:
         args += ["--show-only", f"templates/{template}"]
+    for value in values:
+        args += ["--set", value]
     return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
 
