@@ -22,6 +22,7 @@ from pathlib import Path
 
 import kubernetes
 
+from agentkube import interruption_watch
 from agentkube.devenv import DevEnv, images
 from agentkube.devenv.versions import default_state_dir
 from agentkube.operator import api
@@ -29,7 +30,6 @@ from agentkube.operator import api
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from nodeagent_common import write_results  # noqa: E402
 
-import interruption_watch  # noqa: E402  (the interruption as the e2e test plays it)
 from harness import Operator, install_operator, kubectl_runner  # noqa: E402  (the operator as the tests run it)
 
 NAMESPACE = "capacity-interruptions"
@@ -68,7 +68,7 @@ def run(interruptions: int, notice_s: float) -> tuple[list[interruption_watch.In
             for index in range(interruptions):
                 try:
                     outcome = interruption_watch.play(api_client, env.environ(), NAMESPACE, MODEL, REPLICAS, notice_s)
-                except AssertionError as error:  # the model never got back to steady: what ran so far is the result
+                except interruption_watch.InterruptionNotPlayed as error:  # not back to steady: what ran so far is the result
                     stopped = f"interruption {index + 1}: {error}"
                     print(stopped, flush=True)
                     break

@@ -11,7 +11,13 @@ Side by side in one run:
   * `agentkube`: AgentSandbox objects reconciled by `agentkube operator run`;
   * `agent-sandbox` (with `--agent-sandbox-source DIR`, a checkout of kubernetes-sigs/agent-sandbox): its Go
     controller, built here from that source as its Dockerfile builds it (cached by the source's digest; nothing
-    of it is committed), with its CRDs.
+    of it is committed), with its CRDs;
+  * `agentkube-N-shards` (with `--shards N`): N operator processes, `--shard I/N` each (one replica per shard:
+    a standby does no work until it takes over), reconciling the namespaces that hash to them.
+
+The objects are spread round-robin over `--namespaces K` namespaces (the same ones in every scenario), so
+that a sharded operator has namespaces to divide; with `--shards N` they are chosen so that each shard owns
+K/N of them (`shard_of` decides, and with a few namespaces chance could give one shard most of them).
 
 Without nodes the pods stay Pending (nothing schedules them): the run measures the controllers alone. With
 `--kwok-nodes N`, kube-scheduler and kwok (the devenv's, as `agentkube dev up --with-capacity` runs it) bind
@@ -20,8 +26,10 @@ events of a real one.
 
     .venv/bin/python bench/sandbox_scale.py --count 1000 --agent-sandbox-source DIR
     .venv/bin/python bench/sandbox_scale.py --count 10000 --kwok-nodes 200 --agent-sandbox-source DIR
+    .venv/bin/python bench/sandbox_scale.py --count 1000 --shards 2 --agent-sandbox-source DIR
 
-Writes bench/results/sandbox_scale.{json,md} (with `--kwok-nodes`: sandbox_scale_kwok.{json,md}).
+Writes bench/results/sandbox_scale.{json,md} (with `--kwok-nodes`: sandbox_scale_kwok.{json,md}; with
+`--shards`: sandbox_scale_shards[_kwok].{json,md}).
 """
 
 import argparse
@@ -45,6 +53,7 @@ import yaml
 from agentkube.devenv import capacity, process, temporary_env
 from agentkube.devenv.install import ensure_go_program
 from agentkube.devenv.versions import bin_dir
+from agentkube.operator.shards import shard_of
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -63,12 +72,25 @@ def _load_manifests(directory: Path) -> list[dict]:
     return documents
 
 
-class PodWatch:
-    """Records when the pod owned by each named object first appears."""
+def bench_namespaces(count: int, shards: int) -> list[str]:
+    """`count` namespace names, `count / shards` of them owned by each shard."""
+    per_shard = -(-count // shards)
+    owned: dict[int, list[str]] = {shard: [] for shard in range(shards)}
+    index = 0
+    while sum(map(len, owned.values())) < count:
+        name = f"bench-{index}"
+        if len(owned[shard_of(name, shards)]) < per_shard:
+            owned[shard_of(name, shards)].append(name)
+        index += 1
+    return sorted((name for names in owned.values() for name in names), key=lambda n: int(n.split("-")[1]))[:count]
 
-    def __init__(self, api_client, namespace: str):
+
+class PodWatch:
+    """Records when the pod owned by each named object first appears (names are unique across namespaces)."""
+
+    def __init__(self, api_client, namespaces: list[str]):
         self.core = kubernetes.client.CoreV1Api(api_client)
-        self.namespace = namespace
+        self.namespaces = set(namespaces)
         self.seen: dict[str, float] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -78,7 +100,9 @@ class PodWatch:
         watch = kubernetes.watch.Watch()
         while not self.stop.is_set():
             try:
-                for event in watch.stream(self.core.list_namespaced_pod, self.namespace, timeout_seconds=5):
+                for event in watch.stream(self.core.list_pod_for_all_namespaces, timeout_seconds=5):
+                    if event["object"].metadata.namespace not in self.namespaces:
+                        continue
                     owners = event["object"].metadata.owner_references or []
                     name = owners[0].name if owners else event["object"].metadata.name
                     with self.lock:
@@ -97,26 +121,41 @@ class PodWatch:
             return len(self.seen)
 
 
-def run_scenario(name: str, api_client, manifests: list[dict], count: int, namespace: str,
-                 controller_command: list[str] | None, env: dict[str, str], timeout: float,
+def run_scenario(name: str, api_client, manifests: list[dict], count: int, namespaces: list[str],
+                 controller_commands: list[list[str]], env: dict[str, str], timeout: float,
                  control_plane: list[int] = ()) -> dict:
-    """`control_plane`: the pids of kube-apiserver and etcd, whose CPU time during the scenario is recorded
+    """`controller_commands`: the controller's processes (none: the harness alone; several: shards).
+    `control_plane`: the pids of kube-apiserver and etcd, whose CPU time during the scenario is recorded
     (the work a controller's requests cost the API server)."""
     core = kubernetes.client.CoreV1Api(api_client)
-    core.create_namespace({"metadata": {"name": namespace}})
+    for namespace in namespaces:
+        core.create_namespace({"metadata": {"name": namespace}})
     # Pods are refused until the controller manager has made the namespace's default service account.
-    while not core.list_namespaced_service_account(namespace, field_selector="metadata.name=default").items:
-        time.sleep(0.1)
+    for namespace in namespaces:
+        while not core.list_namespaced_service_account(namespace, field_selector="metadata.name=default").items:
+            time.sleep(0.1)
     dynamic = kubernetes.dynamic.DynamicClient(api_client)
-    controller = None
-    peak_rss = 0
-    if controller_command:
-        log = open(Path(tempfile.gettempdir()) / f"sandbox_scale-{name}.log", "w")
+    controllers = []
+    for i, command in enumerate(controller_commands):
+        log = open(Path(tempfile.gettempdir()) / f"sandbox_scale-{name}-{i}.log", "w")
         # It dies with the harness, even a harness killed outright (its control plane does too).
-        controller = subprocess.Popen(controller_command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      preexec_fn=process.die_with_parent)
-        time.sleep(3)  # let it log in and start watching before the clock starts
-    watch = PodWatch(api_client, namespace)
+        controllers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=process.die_with_parent))
+    if controllers:
+        time.sleep(3)  # let them log in and start watching before the clock starts
+    peak_rss = [0] * len(controllers)
+    cpu_seconds = [0.0] * len(controllers)
+    sampling = threading.Event()
+
+    def sample() -> None:  # from the first create on: a controller's peak can come while the harness creates
+        while not sampling.wait(0.2):
+            for i, controller in enumerate(controllers):
+                peak_rss[i] = max(peak_rss[i], _rss(controller.pid))
+                cpu_seconds[i] = max(cpu_seconds[i], _cpu_seconds(controller.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    load_before = os.getloadavg()
+    watch = PodWatch(api_client, namespaces)
     watch.thread.start()
     created: dict[str, float] = {}
 
@@ -125,24 +164,24 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
             body = json.loads(json.dumps(manifest))
             body["metadata"]["name"] = f"{body['metadata']['name']}-{index}"
             resource = dynamic.resources.get(api_version=body["apiVersion"], kind=body["kind"])
-            resource.create(body=body, namespace=namespace)
+            resource.create(body=body, namespace=namespaces[index % len(namespaces)])
             created[body["metadata"]["name"]] = time.monotonic()
 
     plane_cpu_before = sum(_cpu_seconds(pid) for pid in control_plane)
     started = time.monotonic()
+    sampler.start()
     with concurrent.futures.ThreadPoolExecutor(CREATE_THREADS) as pool:
         list(pool.map(create, range(count)))
     created_all = time.monotonic()
-    cpu_seconds = 0.0
     while watch.count() < count * len(manifests) and time.monotonic() - started < timeout:
-        if controller is not None:
-            peak_rss = max(peak_rss, _rss(controller.pid))
-            cpu_seconds = max(cpu_seconds, _cpu_seconds(controller.pid))
         time.sleep(0.2)
     finished = time.monotonic()
+    sampling.set()
+    sampler.join()
+    load_after = os.getloadavg()
     plane_cpu = sum(_cpu_seconds(pid) for pid in control_plane) - plane_cpu_before
     watch.stop.set()
-    if controller is not None:
+    for controller in controllers:
         controller.terminate()
         try:
             controller.wait(30)
@@ -163,9 +202,16 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
         "p50_create_to_pod_seconds": latencies[len(latencies) // 2] if latencies else None,
         "p99_create_to_pod_seconds": latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
         "mean_create_to_pod_seconds": statistics.fmean(latencies) if latencies else None,
-        "controller_peak_rss_mib": peak_rss / 2**20 if controller_command else None,
-        "controller_cpu_seconds": cpu_seconds if controller_command else None,
+        "namespaces": len(namespaces),
+        "controller_processes": len(controllers),
+        # Summed over the processes (an upper bound of their peak together), and each process's own peak.
+        "controller_peak_rss_mib": sum(peak_rss) / 2**20 if controllers else None,
+        "controller_peak_rss_mib_per_process": [rss / 2**20 for rss in peak_rss],
+        "controller_cpu_seconds": sum(cpu_seconds) if controllers else None,
+        "controller_cpu_seconds_per_process": cpu_seconds,
         "control_plane_cpu_seconds": plane_cpu,
+        # The machine is shared: the 1-minute load average as the scenario started and as it ended.
+        "load_average_1m": [load_before[0], load_after[0]],
     }
 
 
@@ -185,28 +231,33 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: float) -> str:
+def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: float, namespaces: int = 1) -> str:
     direct = next((r for r in results if r["scenario"] == "direct"), None)
     peer = next((r for r in results if r["scenario"] == "agent-sandbox"), None)
     where = f"{kwok_nodes} kwok-simulated nodes (pods bound, Running and Ready)" if kwok_nodes else "no node (pods stay Pending)"
     rows = [
-        f"# Sandbox controller scale: {count} objects on one local control plane, {where}",
+        f"# Sandbox controller scale: {count} objects in {namespaces} namespace{'s' if namespaces > 1 else ''} "
+        f"on one local control plane, {where}",
         "",
-        f"Wall time of the whole run (environment, {'nodes, ' if kwok_nodes else ''}every scenario): {wall_seconds / 60:.1f} min.",
+        f"Wall time of the whole run (environment, {'nodes, ' if kwok_nodes else ''}every scenario): {wall_seconds / 60:.1f} min. "
+        f"Machine: {os.cpu_count()} CPUs, shared; load average (1 min) at each scenario's start → end in the last column.",
         "",
         "| scenario | pods | objects/s | × direct | × agent-sandbox | p50 create→pod s | p99 create→pod s "
-        "| controller peak RSS MiB | controller CPU s | API server + etcd CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| controller peak RSS MiB (per process) | controller CPU s | API server + etcd CPU s | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = f"{r['objects_per_second'] / direct['objects_per_second']:.2f}" if direct else "-"
         versus = f"{r['objects_per_second'] / peer['objects_per_second']:.2f}" if peer else "-"
         rss = f"{r['controller_peak_rss_mib']:.0f}" if r["controller_peak_rss_mib"] else "-"
+        if len(r.get("controller_peak_rss_mib_per_process") or []) > 1:
+            rss += " (" + " + ".join(f"{m:.0f}" for m in r["controller_peak_rss_mib_per_process"]) + ")"
+        load = " → ".join(f"{x:.1f}" for x in r["load_average_1m"]) if r.get("load_average_1m") else "-"
         cpu = f"{r['controller_cpu_seconds']:.0f}" if r.get("controller_cpu_seconds") else "-"
         p50 = f"{r['p50_create_to_pod_seconds']:.2f}" if r["p50_create_to_pod_seconds"] is not None else "-"
         p99 = f"{r['p99_create_to_pod_seconds']:.2f}" if r["p99_create_to_pod_seconds"] is not None else "-"
         rows.append(f"| {r['scenario']} | {r['pods']}/{r['objects']} | {r['objects_per_second']:.1f} | {ratio} | {versus} | "
-                    f"{p50} | {p99} | {rss} | {cpu} | {r['control_plane_cpu_seconds']:.0f} |")
+                    f"{p50} | {p99} | {rss} | {cpu} | {r['control_plane_cpu_seconds']:.0f} | {load} |")
     return "\n".join(rows) + "\n"
 
 
@@ -265,21 +316,30 @@ def main() -> None:
                         help="an extra controller to measure: its manifests and the command that runs it "
                              "(KUBECONFIG is set for it); may repeat")
     parser.add_argument("--crds", action="append", default=[], metavar="DIR", help="extra CRDs to install first; may repeat")
+    parser.add_argument("--shards", type=int, default=0, help="also run agentkube as this many shards (scenario "
+                        "agentkube-N-shards), beside one")
+    parser.add_argument("--namespaces", type=int, help="namespaces the objects are spread over (default: 1; "
+                        "with --shards N, 4 per shard)")
     args = parser.parse_args()
     wall_started = time.monotonic()
+    namespace_count = args.namespaces or (4 * args.shards if args.shards > 1 else 1)
+    namespaces = bench_namespaces(namespace_count, max(args.shards, 1))
+    operator = [sys.executable, "-m", "agentkube", "operator", "run", "--metrics-port=0", "--liveness-port=0", "--peering="]
     scenarios = [
-        ("direct", HERE / "manifests" / "direct", None),
-        ("agentkube", HERE / "manifests" / "agentkube",
-         [sys.executable, "-m", "agentkube", "operator", "run", "--metrics-port=0", "--liveness-port=0", "--peering="]),
+        ("direct", HERE / "manifests" / "direct", []),
+        ("agentkube", HERE / "manifests" / "agentkube", [operator]),
     ]
+    if args.shards > 1:
+        scenarios.append((f"agentkube-{args.shards}-shards", HERE / "manifests" / "agentkube",
+                          [[*operator, f"--shard={i}/{args.shards}"] for i in range(args.shards)]))
     crds = [REPO / "crds", *args.crds]
     if args.agent_sandbox_source:
         binary = build_agent_sandbox(args.agent_sandbox_source.resolve())
         crds.append(args.agent_sandbox_source / "helm" / "crds")
-        scenarios.append(("agent-sandbox", HERE / "manifests" / "agent-sandbox", [str(binary), *AGENT_SANDBOX_FLAGS]))
+        scenarios.append(("agent-sandbox", HERE / "manifests" / "agent-sandbox", [[str(binary), *AGENT_SANDBOX_FLAGS]]))
     for extra in args.scenario or []:
         name, directory, command = extra.split("=", 2)
-        scenarios.append((name, Path(directory), shlex.split(command)))
+        scenarios.append((name, Path(directory), [shlex.split(command)]))
     if args.only:
         scenarios = [s for s in scenarios if s[0] in args.only]
 
@@ -287,7 +347,7 @@ def main() -> None:
     # Each scenario on a control plane (and simulated nodes) of its own: every controller starts from an
     # equally empty store, and nothing has to be deleted between them (10,000 pods' namespace took longer
     # to delete than to fill on this machine).
-    for name, directory, command in scenarios:
+    for name, directory, commands in scenarios:
         with temporary_env(with_prometheus=False) as devenv:
             env = devenv.environ()
             for crd_directory in crds:
@@ -297,17 +357,19 @@ def main() -> None:
             if args.kwok_nodes:
                 print(f"{args.kwok_nodes} kwok nodes Ready in {start_kwok_nodes(devenv, api_client, args.kwok_nodes):.0f} s")
             plane = [r.pid for r in devenv.processes if r.name in ("kube-apiserver", "etcd")]
-            result = run_scenario(name, api_client, _load_manifests(directory), args.count, f"bench-{name}", command, env,
+            result = run_scenario(name, api_client, _load_manifests(directory), args.count, namespaces, commands, env,
                                   args.timeout, plane)
         print(json.dumps(result), flush=True)
         results.append(result)
     wall_seconds = time.monotonic() - wall_started
-    stem = "sandbox_scale_kwok" if args.kwok_nodes else "sandbox_scale"
-    summary = {"count": args.count, "kwok_nodes": args.kwok_nodes, "wall_seconds": wall_seconds, "results": results}
+    stem = "sandbox_scale" + ("_shards" if args.shards > 1 else "") + ("_kwok" if args.kwok_nodes else "")
+    summary = {"count": args.count, "kwok_nodes": args.kwok_nodes, "shards": args.shards, "namespaces": namespaces,
+               "cpus": os.cpu_count(), "wall_seconds": wall_seconds, "results": results}
+    table = markdown(results, args.count, args.kwok_nodes, wall_seconds, len(namespaces))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(results, args.count, args.kwok_nodes, wall_seconds))
-    print(markdown(results, args.count, args.kwok_nodes, wall_seconds))
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ with the images built here, applies the example AgentSandbox in a namespace that
 `baseline` standard, and runs a scripted coding agent against it (agentkube.demo_agent). Then a ServedModel
 with `autoscaling.policy: ppo` becomes a real Knative Service (Knative Serving runs on the node; the model
 server is the emulated one, agentkube.modelserver), a bounded load goes through Knative's ingress, and the
-installed operator's PPO policy sets the concurrency target from Knative's own metrics in Prometheus. The
-dashboards are rendered from that Prometheus, and a summary says what happened and where to look.
+installed operator's PPO policy sets the concurrency target from Knative's own metrics in Prometheus. A
+second, spot-enabled ServedModel gets Karpenter NodePools from the operator (real Karpenter with its KWOK
+provider: real NodeClaims and Nodes whose kubelets kwok simulates, so that model's pods never run), its
+replicas land on spot and on-demand nodes, and one spot node is interrupted the way AWS does it (a notice,
+then the NodeClaim deleted): its pods' replacements are Ready before the first is evicted. The dashboards
+are rendered from that Prometheus, and a summary says what happened and where to look.
 Running it twice is harmless (every step is an apply or an upgrade); `agentkube dev down` removes it all.
 """
 
@@ -23,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kubernetes
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from agentkube import dashboards
+from agentkube import dashboards, interruption_watch
 from agentkube.client import Sandbox
 from agentkube.demo_agent import USAGE_COLUMNS, Outcome, run_agent, steps, usage_rows
 from agentkube.devenv import images, knative, node
@@ -40,12 +45,12 @@ EXAMPLES = REPOSITORY / "examples"
 RELEASE, SYSTEM_NAMESPACE, DEMO_NAMESPACE = "agentkube", "agentkube-system", "agentkube-demo"
 SANDBOX_NAME = "coder"  # examples/sandbox.yaml
 RUNNING_TIMEOUT = 180.0
-# Stand-ins for Knative's Service and PodAutoscaler CRDs, for the integration tests that run no Knative.
-KNATIVE_CRD = REPOSITORY / "tests" / "manifests" / "knative-service-crd.yaml"
 MODEL_NAME = "llm"
 MODEL_READY_TIMEOUT = 240.0  # the first revision: Knative's reconcilers, the pod, the model's load
 DECISION_TIMEOUT = 180.0
 LOAD_CLIENTS = 8  # the demo's bounded load: this many clients, one request in flight each, until the decision
+SPOT_MODEL_NAME, SPOT_REPLICAS = "llm-spot", 4
+INTERRUPTION_NOTICE_S = 10.0  # AWS gives two minutes' notice; the demo plays it in ten seconds
 
 
 def chart_values(env: DevEnv) -> list[str]:
@@ -68,6 +73,18 @@ def served_model() -> dict[str, Any]:
             "spec": {"model": {"name": "emulated"}, "image": images.MODEL_SERVER_IMAGE, "port": 8080, "autoscaling": {
                 "policy": "ppo", "minScale": 1, "maxScale": 3, "slo": {"p95LatencyMs": 2000},
                 "ppo": {"decisionInterval": "10s"}}}}
+
+
+def spot_model() -> dict[str, Any]:
+    """A ServedModel on spot capacity: four replicas, at most half on spot, over an on-demand base of one. The
+    operator makes Karpenter NodePools for it; its pods go to Karpenter's simulated nodes (kwok), where they
+    never run, so the demo sends no requests to it."""
+    return {"apiVersion": "agentkube.dev/v1alpha1", "kind": "ServedModel", "metadata": {"name": SPOT_MODEL_NAME},
+            "spec": {"model": {"name": "emulated"}, "image": images.MODEL_SERVER_IMAGE, "port": 8080,
+                     "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                     "autoscaling": {"policy": "fixed", "minScale": SPOT_REPLICAS, "maxScale": SPOT_REPLICAS,
+                                     "initialScale": SPOT_REPLICAS},
+                     "capacity": {"spot": {"enabled": True, "onDemandBase": 1, "maxSpotFraction": 0.5}}}}
 
 
 class BoundedLoad:
@@ -115,6 +132,7 @@ class Demo:
     outcomes: list[Outcome] = field(default_factory=list)
     decision: dict[str, Any] | None = None
     answered: dict[int, int] = field(default_factory=dict)  # the load's answers by HTTP status
+    interruption: interruption_watch.Interruption | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def tool(self, name: str, *args: str, input: str | None = None, check: bool = True,
@@ -204,6 +222,22 @@ class Demo:
             time.sleep(0.5)
         return value
 
+    def spot_interrupted(self) -> interruption_watch.Interruption:
+        """The spot model steady on Karpenter's nodes (the model was applied early: Karpenter launches its
+        nodes meanwhile), then one of its spot nodes interrupted and followed until all is back."""
+        api_client = kubernetes.config.new_client_from_config(config_file=str(self.env.kubeconfig))
+        try:
+            outcome = interruption_watch.play(api_client, self.env.environ(), DEMO_NAMESPACE, SPOT_MODEL_NAME,
+                                              SPOT_REPLICAS, INTERRUPTION_NOTICE_S)
+        except interruption_watch.InterruptionNotPlayed as error:
+            raise DemoError(f"spot interruption of ServedModel {SPOT_MODEL_NAME}: {error} (see `kubectl get "
+                            f"nodeclaims,nodes` and `kubectl describe servedmodel -n {DEMO_NAMESPACE} {SPOT_MODEL_NAME}`)") from error
+        finally:
+            api_client.close()
+        if not outcome.replaced_before_eviction:
+            raise DemoError(f"a pod on the interrupted node {outcome.node} went before its replacement was Ready: {outcome}")
+        return outcome
+
     def render(self) -> list[Path]:
         out = self.env.layout.root / "dashboards"
         return [dashboards.render_png(board, self.env.prometheus_url, out, minutes=5) for board in dashboards.DASHBOARDS]
@@ -219,16 +253,21 @@ class Demo:
     def run(self) -> bool:
         """The demo from a possibly fresh machine to its summary; True when every call went as expected."""
         if not self.env.is_up():
-            self.step("local cluster with its node and Knative Serving (first run: builds images)",
+            self.step("local cluster with its node, Knative Serving and Karpenter (first run: builds images)",
                       lambda: self.env.up(timeout=600))
         self.step("helm install agentkube", self.install)
         self.step("Prometheus scrapes the operator and the node agent", self.scrape)
+        # Applied now so that Karpenter launches its nodes while the agent runs.
+        self.step(f"ServedModel {SPOT_MODEL_NAME} with spot capacity applied",
+                  lambda: self.apply(demo_namespace(), spot_model(), namespace=DEMO_NAMESPACE))
         sandbox = self.step(f"AgentSandbox {SANDBOX_NAME} Running in {DEMO_NAMESPACE} (Pod Security baseline)",
                             self.sandbox_running)
         self.console.print("the scripted agent's tool calls:")
         self.step("agent done", lambda: self.agent(sandbox))
         self.decision = self.step(f"ServedModel {MODEL_NAME} on Knative: a concurrency target chosen by the PPO policy",
                                   self.model_decided)
+        self.interruption = self.step(f"ServedModel {SPOT_MODEL_NAME} on spot and on-demand Karpenter nodes; a spot "
+                                      "node interrupted, its pods replaced before any was evicted", self.spot_interrupted)
         # Two scrapes of the counters the calls raised (the local Prometheus scrapes every second).
         time.sleep(3)
         pictures = self.step("dashboards rendered from Prometheus", self.render)
@@ -248,6 +287,19 @@ class Demo:
                                f"{self.decision.get('previousValue')} → {self.decision['value']} "
                                f"({self.decision['reason']}: {self.decision.get('message', '')}); the demo's load: "
                                f"{self.answered.get(200, 0)} of {sum(self.answered.values())} requests answered")
+        if self.interruption:
+            moment = self.interruption
+
+            def placed(placement: dict[str, int]) -> str:
+                return ", ".join(f"{count} on {kind}" for kind, count in sorted(placement.items()))
+
+            self.console.print(f"ServedModel {SPOT_MODEL_NAME} (spot: on-demand base 1, at most half on spot): "
+                               f"{placed(moment.placement_before)}; spot node {moment.node} interrupted "
+                               f"({INTERRUPTION_NOTICE_S:g} s notice) with {moment.on_node} of its pods: "
+                               f"{moment.ready_elsewhere_at_first_eviction} pods Ready off the node before the first "
+                               f"eviction (the revision had {moment.pods_before}); back to {moment.pods_after} pods in "
+                               f"{moment.restored_s} s, "
+                               f"{placed(moment.placement_after)}")
         self.console.print(f"prometheus: {self.env.prometheus_url}")
         for picture in pictures:
             self.console.print(f"dashboard:  {picture}")
@@ -262,11 +314,12 @@ class DemoError(RuntimeError):
 def main(state_dir: Path, quick: bool = False) -> int:
     console = Console(stderr=True)
     running = DevEnv(state_dir)  # what is up already, if anything
-    if running.is_up() and (running.node_agent != "none" or not running.with_knative):
-        console.print(f"[red]the environment in {state_dir} was brought up without Knative or with the node agent on "
-                      "the host; the demo needs Knative and installs the node agent with the chart: run `make down` first[/]")
+    if running.is_up() and (running.node_agent != "none" or not running.with_knative or not running.with_capacity):
+        console.print(f"[red]the environment in {state_dir} was brought up without Knative or Karpenter, or with the node "
+                      "agent on the host; the demo needs both and installs the node agent with the chart: run `make down` "
+                      "first[/]")
         return 1
-    env = DevEnv(state_dir, with_node=True, node_agent="none", with_knative=True)
+    env = DevEnv(state_dir, with_node=True, node_agent="none", with_knative=True, with_capacity=True)
     try:
         return 0 if Demo(env, console, quick).run() else 1
     except DemoError as error:

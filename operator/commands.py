@@ -5,7 +5,7 @@ from typing import Annotated, Any, cast
 
 import typer
 
-from agentkube.operator import crds, main
+from agentkube.operator import crds, main, shards
 
 operator_app = typer.Typer(help="The Kopf operator for AgentSandbox and ServedModel.", no_args_is_help=True)
 capacity_app = typer.Typer(help="Spot capacity: play what a cloud does to spot nodes (tests, the demo).",
@@ -37,11 +37,19 @@ def run(
         help="The Karpenter node class the NodePools of spot-enabled ServedModels name, as group/Kind/name "
              "(e.g. karpenter.k8s.aws/EC2NodeClass/default; unset: karpenter.kwok.sh/KWOKNodeClass/default, "
              "as `agentkube dev up --with-capacity` makes it).")] = None,
+    shard: Annotated[str, typer.Option(
+        envvar="AGENTKUBE_SHARD",
+        help="I/N: reconcile only the sandboxes of the namespaces that hash to shard I of N, peering under "
+             "PEERING-shard-I; ServedModels only on shard 0. 0/1: everything, one peering group.")] = "0/1",
 ) -> None:
     """Run the operator against the current kubeconfig (an existing cluster or `agentkube dev`)."""
+    try:
+        part = shards.Shard.parse(shard)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--shard") from None
     main.run(metrics_address=metrics_address, metrics_port=metrics_port, liveness_port=liveness_port,
              peering=peering or None, namespace=namespace, prometheus_url=prometheus_url or None,
-             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace, node_class=node_class)
+             runtime_key_file=runtime_key_file, gateway_namespace=gateway_namespace, node_class=node_class, shard=part)
 
 
 @crds_app.command()

@@ -11,17 +11,24 @@ import aiohttp
 import kopf
 import prometheus_client
 
-from agentkube.operator import api, autoscaling_loop, capacity_handlers, gateway_settings, kube
+from agentkube.operator import api, gateway_settings, kube, shards
 
 # Kopf finds handlers by their decorators, which run when these modules are imported: every module that
-# declares one is listed here, and nowhere else.
-HANDLER_MODULES = (
-    "agentkube.operator.capacity_handlers",
+# declares one is listed here, and nowhere else. The models' modules (ServedModels, their Knative Services,
+# capacity, the autoscaling loop) are loaded only on the shard that serves models: a shard that merely
+# filtered their events out would still write Kopf's diff base on every ServedModel (Kopf stores it once no
+# handler is left for a change), and could mark a new model handled before the serving shard saw it.
+# Pools are sharded like sandboxes (by namespace: a pooled sandbox adopts its pool's pods in its namespace).
+SANDBOX_HANDLER_MODULES = (
     "agentkube.operator.pool_handlers",
     "agentkube.operator.rechecks",
     "agentkube.operator.sandbox_handlers",
+)
+MODEL_HANDLER_MODULES = (
+    "agentkube.operator.capacity_handlers",
     "agentkube.operator.servedmodel_handlers",
 )
+HANDLER_MODULES = SANDBOX_HANDLER_MODULES + MODEL_HANDLER_MODULES
 
 PEERING_NAME = "agentkube"
 # Kopf's bookkeeping annotations. Kopf ignores every annotation under its prefix when it looks for
@@ -38,6 +45,10 @@ API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30, 30, 
 # (~19 MiB at the peak, bench/sandbox_scale.py under memray). Watches hold one each for as long as they run
 # (one per watched kind: under ten), so the rest queue for the others.
 KOPF_CONNECTIONS = 24
+
+
+def handler_modules(shard: shards.Shard) -> tuple[str, ...]:
+    return HANDLER_MODULES if shard.serves_models else SANDBOX_HANDLER_MODULES
 
 
 def bounded_session(info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
@@ -73,7 +84,10 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
 
 def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering: str | None, namespace: str | None,
         prometheus_url: str | None = None, runtime_key_file: Path | None = None,
-        gateway_namespace: str | None = None, node_class: str | None = None) -> None:
+        gateway_namespace: str | None = None, node_class: str | None = None, shard: shards.Shard = shards.Shard()) -> None:
+    """`peering`: the base name; shard I of N > 1 peers under `shard.peering_name(peering)`."""
+    shards.configure(shard)
+    peering = shard.peering_name(peering) if peering else None
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -84,10 +98,11 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
         info = kopf.login_via_client(**kwargs)
         return bounded_session(info) if info is not None else None
 
-    for module in HANDLER_MODULES:
+    for module in handler_modules(shard):
         importlib.import_module(module)
-    autoscaling_loop.configure_autoscaling(prometheus_url)
-    capacity_handlers.configure_capacity(node_class, namespace)
+    if shard.serves_models:
+        importlib.import_module("agentkube.operator.autoscaling_loop").configure_autoscaling(prometheus_url)
+        importlib.import_module("agentkube.operator.capacity_handlers").configure_capacity(node_class, namespace)
     gateway_settings.configure_gateway(runtime_key_file, gateway_namespace)
     if metrics_port:
         prometheus_client.disable_created_metrics()

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 
 from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL
-from agentkube.operator import api, kube, metrics, pool, pool_handlers, sandbox
+from agentkube.operator import api, kube, metrics, pool, pool_handlers, sandbox, shards
 from agentkube.operator.gateway_settings import gateway
 from agentkube.operator.kube import NETWORKING, SANDBOXES
 from agentkube.operator.rechecks import RETRY_AFTER_FAILURE, rechecks
@@ -250,7 +250,9 @@ def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, name
 # Sandboxes are level-triggered: every event of one is looked at, and only one whose status does not yet
 # reflect it (sandbox.status_is_current) is reconciled. Kopf's change handlers would store a diff base and
 # progress in annotations on every sandbox: one more write per sandbox, and one more event coming back.
-@kopf.on.event(api.GROUP, api.VERSION, SANDBOXES)
+# Each shard handles only the sandboxes of its namespaces (`shards`); Kopf drops the others' events at the
+# filter, and event handlers write nothing of Kopf's on the objects they skip.
+@kopf.on.event(api.GROUP, api.VERSION, SANDBOXES, when=shards.in_this_shard)
 def sandbox_changed(type: str | None, body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
     """`type` is None for the objects Kopf lists when a watch (re)starts (a start, a resume): those are
     reconciled whatever their status says, which also arms their lifecycle timers again."""
@@ -266,7 +268,7 @@ def sandbox_changed(type: str | None, body: kopf.Body, namespace: str, name: str
 _pod_views = sandbox.PodViews()
 
 
-@kopf.on.event("", "v1", "pods", labels={sandbox.SANDBOX_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels={sandbox.SANDBOX_LABEL: kopf.PRESENT}, when=shards.in_this_shard)
 def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     """A pod deleted by someone else is recreated, a failed one replaced, and status follows the pod.
     `type` is None for the objects Kopf lists when a watch (re)starts: those count, as the state the

@@ -6,15 +6,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from agentkube.demo import CHART as CHART  # one definition of where the chart and the CRD stand-in are
-from agentkube.demo import KNATIVE_CRD as KNATIVE_CRD
-from agentkube.devenv import DevEnv, process, temporary_env
+from agentkube.demo import CHART as CHART  # one definition of where the chart is
+from agentkube.devenv import DevEnv, knative, process, temporary_env
 from agentkube.devenv.cluster import free_port
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import crds
@@ -68,10 +68,13 @@ class Operator:
             process.stop([self.record])
 
 
-def helm_template(*show_only: str) -> str:
+def helm_template(*show_only: str, values: tuple[str, ...] = ()) -> str:
+    """`values`: `--set` assignments, e.g. ("operator.shards=2",)."""
     args = [str(bin_dir() / "helm"), "template", "agentkube", str(CHART), "--namespace", SYSTEM_NAMESPACE]
     for template in show_only:
         args += ["--show-only", f"templates/{template}"]
+    for value in values:
+        args += ["--set", value]
     return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
 
@@ -91,10 +94,25 @@ def kubectl_runner(devenv: DevEnv):
     """The real kubectl against `devenv`: run(*args, check=True, input=None) -> CompletedProcess."""
 
     def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(bin_dir() / "kubectl"), *args], env=devenv.environ(), capture_output=True,
-                              text=True, check=check, input=input, timeout=60)
+        done = subprocess.run([str(bin_dir() / "kubectl"), *args], env=devenv.environ(), capture_output=True,
+                              text=True, input=input, timeout=60)
+        if check and done.returncode != 0:  # what kubectl said, in the failure's message
+            raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr or done.stdout}")
+        return done
 
     return run
+
+
+def install_knative_crds(kubectl) -> None:
+    """Knative Serving's own CRDs (no Knative controller), Established on return. `kubectl wait` fails
+    rather than waits on a CRD whose first status the API server has not written yet: retried."""
+    kubectl("apply", "-f", str(knative.crds_file()))
+    deadline = time.monotonic() + 60
+    while kubectl("wait", "--for=condition=Established", "crd", "-l", "knative.dev/crd-install=true", "--timeout=30s",
+                  check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("Knative's CRDs were not Established within 60 s")
+        time.sleep(0.5)
 
 
 @contextmanager

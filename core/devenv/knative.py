@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ from typing import Any
 import yaml
 
 from agentkube.devenv import images
-from agentkube.devenv.versions import KNATIVE_COMMANDS, KNATIVE_SERVING
+from agentkube.devenv.versions import KNATIVE_COMMANDS, KNATIVE_SERVING, cache_root
 
 SYSTEM_NAMESPACE = "knative-serving"
 IMAGE_REPOSITORY = "dev.local/knative"
@@ -228,6 +229,20 @@ def load_documents() -> list[dict[str, Any]]:
     for path in manifest_files(serving, linked["knative.dev/networking"], linked["knative.dev/caching"]):
         documents.extend(yaml.safe_load_all(path.read_text()))
     return adapt(documents, images_by_ko_path())
+
+
+def crds_file() -> Path:
+    """Knative Serving's own CustomResourceDefinitions, for the tests that run no Knative controller: the API
+    server stores and prunes what the operator writes exactly as under a real Knative (only the admission
+    webhook's validation is missing there). Written once per serving version into the cache."""
+    path = cache_root() / f"knative-serving-crds-{KNATIVE_SERVING.version}.yaml"
+    if not path.exists():
+        crds = [document for document in load_documents() if document["kind"] == "CustomResourceDefinition"]
+        partial = path.with_suffix(f".{os.getpid()}")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(yaml.safe_dump_all(crds))
+        partial.replace(path)  # atomic: a concurrent test run reads the whole file or writes its own
+    return path
 
 
 def image_archive(command: str, binary: Path) -> Path:

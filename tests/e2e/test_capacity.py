@@ -10,7 +10,7 @@ import kubernetes
 import pytest
 from kubernetes.client import CustomObjectsApi
 
-import interruption_watch
+from agentkube import interruption_watch
 from agentkube.devenv import DevEnv, images
 from agentkube.operator import api, capacity, interruptions, servedmodel
 from harness import Operator, install_operator, node_environment
@@ -57,15 +57,6 @@ def _ready(obj: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions") or [])
 
 
-def _placed_pods(api_client, namespace: str, name: str) -> Counter:
-    """Capacity type → the model's scheduled, undeleted pods on nodes of that type."""
-    core = kubernetes.client.CoreV1Api(api_client)
-    node_types = {node.metadata.name: (node.metadata.labels or {}).get(capacity.CAPACITY_TYPE_LABEL, "none")
-                  for node in core.list_node().items}
-    pods = core.list_namespaced_pod(namespace, label_selector=f"agentkube.dev/served-model={name}").items
-    return Counter(node_types.get(pod.spec.node_name, "unscheduled") for pod in pods if not pod.metadata.deletion_timestamp)
-
-
 def test_spot_enabled_model_gets_spot_and_on_demand_nodeclaims_and_pods_on_both(api_client, operator, namespace, eventually):
     custom = CustomObjectsApi(api_client)
     # Four replicas at a spot share of at most 0.5 over an on-demand base of 1: one on-demand and one spot
@@ -91,7 +82,7 @@ def test_spot_enabled_model_gets_spot_and_on_demand_nodeclaims_and_pods_on_both(
     assert set(launched) == {"spot", "on-demand"}
 
     # The revision's pods land on both, in the split asked for; never fewer than the base on on-demand.
-    placed = eventually(lambda: (found := _placed_pods(api_client, namespace, "llm")) and sum(
+    placed = eventually(lambda: (found := Counter(interruption_watch.pods_by_capacity_type(api_client, namespace, "llm"))) and sum(
         found[kind] for kind in ("spot", "on-demand")) == replicas and found,
         timeout=240, interval=2, message="the revision's pods were not all placed on Karpenter's nodes")
     assert placed["on-demand"] >= 1

@@ -32,8 +32,9 @@ SANDBOX = {
 
 @pytest.fixture(scope="module")
 def devenv(request: pytest.FixtureRequest) -> Iterator[DevEnv]:
-    # Prometheus and Knative: for the demo, whose ServedModel is a real Knative Service.
-    with node_environment(request, node_agent="none", with_prometheus=True, with_knative=True) as env:
+    # Prometheus, Knative and Karpenter: for the demo, whose ServedModels are real Knative Services, one of
+    # them on Karpenter's spot and on-demand nodes.
+    with node_environment(request, node_agent="none", with_prometheus=True, with_knative=True, with_capacity=True) as env:
         yield env
 
 
@@ -735,7 +736,8 @@ def test_helm_test_passes(release, helm):
 def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
     """`make demo`'s own code path, with one call of each kind: on this installed agentkube, the example
     sandbox in a baseline namespace runs the scripted agent's calls as expected, the ServedModel is a real
-    Knative Service tuned by the PPO policy, and the dashboards it renders come from the real Prometheus."""
+    Knative Service tuned by the PPO policy, the spot-enabled one is placed on Karpenter's spot and on-demand
+    nodes and survives a spot interruption, and the dashboards it renders come from the real Prometheus."""
     from rich.console import Console
 
     from agentkube.demo import Demo
@@ -747,6 +749,13 @@ def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
     assert demo.decision is not None and demo.decision["reason"] == "PolicyDecided"
     assert demo.decision["inputs"]["revision_app_request_count"] > 0, demo.decision
     assert set(demo.answered) == {200}, demo.answered
+    # Half the spot model's four pods on spot, the rest on on-demand; the interrupted node's pods were
+    # replaced before the first was evicted (the demo fails otherwise), and all four are back, never fewer
+    # than the base on on-demand (the replacements go where capacity was while spot was short).
+    moment = demo.interruption
+    assert moment is not None and moment.placement_before == {"on-demand": 2, "spot": 2}, moment
+    assert moment.replaced_before_eviction and moment.on_node >= 1, moment
+    assert moment.pods_after == 4 and moment.placement_after.get("on-demand", 0) >= 1, moment
     assert sorted(p.name for p in (devenv.layout.root / "dashboards").glob("*.png")) == [
         "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png", "agentkube-served-models.png"]
 

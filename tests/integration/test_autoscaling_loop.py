@@ -18,7 +18,7 @@ from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api, autoscaling, prometheus, servedmodel
 from agentkube.rl.knative import MIN_SCALE_ANNOTATION
 from agentkube.rl.observation import POLICY_METRICS
-from harness import CHART, KNATIVE_CRD, Operator, install_operator
+from harness import CHART, Operator, install_knative_crds, install_operator
 
 MODEL = "llm"
 SCRAPE_JOB = "knative-revision"
@@ -30,9 +30,7 @@ SIMULATOR_LIFETIME_S = 240
 def operator(devenv, kubectl, tmp_path_factory) -> Iterator[Path]:
     """`agentkube operator run --prometheus-url ...` as its service account, standalone; yields its log."""
     kubeconfig = install_operator(devenv, kubectl)
-    kubectl("apply", "-f", str(KNATIVE_CRD))
-    kubectl("wait", "--for=condition=Established", "crd/services.serving.knative.dev",
-            "crd/podautoscalers.autoscaling.internal.knative.dev", "--timeout=60s")
+    install_knative_crds(kubectl)
     running = Operator(kubeconfig, tmp_path_factory.mktemp("operator"), "--peering=",
                        f"--prometheus-url={devenv.prometheus_url}")
     running.start()
@@ -68,7 +66,7 @@ def _model(api_client, namespace: str) -> dict:
 
 
 def _pod_autoscaler(api_client, namespace: str) -> dict | None:
-    """The revision's PodAutoscaler. No Knative controller runs in this tier (the CRDs are stand-ins), so
+    """The revision's PodAutoscaler. No Knative controller runs in this tier (only its CRDs are installed), so
     the first read creates it as Knative's revision reconciler does: named after the revision, labelled
     with the Service, its annotations copied from the Service's template once, at creation."""
     custom = CustomObjectsApi(api_client)
@@ -88,7 +86,8 @@ def _pod_autoscaler(api_client, namespace: str) -> dict | None:
         "apiVersion": f"{servedmodel.PA_GROUP}/{servedmodel.PA_VERSION}", "kind": "PodAutoscaler",
         "metadata": {"name": f"{MODEL}-00001", "labels": {servedmodel.SERVICE_LABEL: MODEL},
                      "annotations": service["spec"]["template"]["metadata"]["annotations"]},
-        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{MODEL}-00001-deployment"}}})
+        "spec": {"protocolType": "http1",  # required by Knative's schema; the revision reconciler sets it so
+                 "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{MODEL}-00001-deployment"}}})
 
 
 def _annotation(api_client, namespace: str, key: str = servedmodel.TARGET_ANNOTATION) -> str | None:

@@ -31,7 +31,7 @@ from agentkube.devenv import process
 from agentkube.devenv.cluster import free_port
 from agentkube.ebpf.local import LocalNodeAgent
 from agentkube.operator import api, autoscaling
-from harness import CHART, KNATIVE_CRD, Operator, host_address, install_operator
+from harness import CHART, Operator, host_address, install_knative_crds, install_operator
 
 PY = sys.executable
 MODEL = "llm"
@@ -62,8 +62,7 @@ def workload(devenv, kubectl, api_client, eventually, tmp_path_factory) -> Itera
     try:
         # The operator, as the chart's service account, with the autoscaling loop reading Prometheus.
         kubeconfig = install_operator(devenv, kubectl)
-        kubectl("apply", "-f", str(KNATIVE_CRD))
-        kubectl("wait", "--for=condition=Established", "crd/services.serving.knative.dev", "--timeout=60s")
+        install_knative_crds(kubectl)
         operator = Operator(kubeconfig, logs, "--peering=", f"--prometheus-url={devenv.prometheus_url}")
         operator.start()
         started.append(operator)

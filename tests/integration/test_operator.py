@@ -15,9 +15,10 @@ import requests
 import yaml
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
+from agentkube.devenv import knative
 from agentkube.devenv.versions import bin_dir
 from agentkube.operator import api, sandbox
-from harness import CHART, KNATIVE_CRD, OPERATOR_SA, REPO, SYSTEM_NAMESPACE, Operator, helm_template, install_operator
+from harness import CHART, OPERATOR_SA, REPO, SYSTEM_NAMESPACE, Operator, helm_template, install_knative_crds, install_operator
 
 SANDBOXES = "agentsandboxes"
 
@@ -280,7 +281,7 @@ def test_the_examples_are_valid(installed, kubectl):
 
 def test_served_model_waits_for_knative_then_becomes_a_knative_service(api_client, operator, kubectl, namespace, eventually):
     custom = CustomObjectsApi(api_client)
-    kubectl("delete", "-f", str(KNATIVE_CRD), "--ignore-not-found", "--wait=true")
+    kubectl("delete", "-f", str(knative.crds_file()), "--ignore-not-found", "--wait=true")
     body = {"apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": "llm"},
             "spec": {"model": {"name": "llama"}, "image": "vllm", "autoscaling": {"target": 8, "maxScale": 4}}}
     custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", body)
@@ -292,7 +293,7 @@ def test_served_model_waits_for_knative_then_becomes_a_knative_service(api_clien
     missing = eventually(lambda: condition("KnativeAvailable"), message="no condition about Knative")
     assert missing["status"] == "False" and missing["reason"] == "KnativeNotInstalled"
 
-    kubectl("apply", "-f", str(KNATIVE_CRD))
+    install_knative_crds(kubectl)
     eventually(lambda: (c := condition("KnativeAvailable")) and c["status"] == "True", timeout=120,
                message="the ServedModel was not retried once Knative appeared")
     service = custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", "llm")
@@ -441,7 +442,7 @@ def test_without_karpenter_spot_placement_falls_back_to_capacity_labels_with_a_c
     """No Karpenter CRDs here: a spot-enabled model prefers spot nodes by the managed services' labels and
     says that it has no on-demand base or split; spot off keeps its pods off spot nodes."""
     custom = CustomObjectsApi(api_client)
-    kubectl("apply", "-f", str(KNATIVE_CRD))
+    install_knative_crds(kubectl)
     for name, spot in (("spotty", {"enabled": True}), ("steady", {"enabled": False})):
         custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, "servedmodels", {
             "apiVersion": api.API_VERSION, "kind": "ServedModel", "metadata": {"name": name},

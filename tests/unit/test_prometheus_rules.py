@@ -13,7 +13,7 @@ from agentkube import dashboards
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "charts" / "agentkube" / "rules" / "agentkube.rules.yaml"
 RULE_TESTS = Path(__file__).with_name("prometheus-rules-test.yaml")
-ALERTS = {"AgentkubeOperatorDown", "AgentkubeOperatorNotReconciling", "AgentkubeOperatorReconcileErrors",
+ALERTS = {"AgentkubeOperatorDown", "AgentkubeOperatorShardDown", "AgentkubeOperatorNotReconciling", "AgentkubeOperatorReconcileErrors",
           "AgentkubeNodeAgentDown", "AgentkubeToolCallOOMKillsSpiking", "AgentkubeEgressBlockedSpiking",
           "AgentkubeAutoscalingFallingBack"}
 

@@ -31,3 +31,12 @@ csi.agentkube.dev
 {{- define "agentkube.runtimeKeyName" -}}
 {{ .Release.Name }}-runtime-key
 {{- end -}}
+
+{{/* The operator's Deployment of one shard: the unsharded name when there is one shard. */}}
+{{- define "agentkube.operatorDeploymentName" -}}
+{{- if gt (int .context.Values.operator.shards) 1 -}}
+{{ include "agentkube.operatorName" .context }}-shard-{{ .shard }}
+{{- else -}}
+{{ include "agentkube.operatorName" .context }}
+{{- end -}}
+{{- end -}}

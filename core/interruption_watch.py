@@ -1,11 +1,12 @@
 """One spot interruption played on real Karpenter, and what the API server showed while it ran: whether a
 revision's pods were all Ready elsewhere before the first pod on the interrupted node went. Shared by
-tests/e2e/test_capacity.py (a few in a row) and bench/capacity_interruptions.py (twenty)."""
+`make demo` (one), tests/e2e/test_capacity.py (a few in a row) and bench/capacity_interruptions.py (twenty)."""
 
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ class PodStream:
 
     def _run(self, api_client: Any, namespace: str) -> None:
         try:
-            self._follow(kubernetes.client.CoreV1Api(api_client), namespace)
+            self._follow(_core(api_client), namespace)
         except Exception:  # the stream cut when the caller stops it or its environment goes: nothing left to see
             if not self._stopped:
                 raise
@@ -54,6 +55,10 @@ class PodStream:
         self._watch.stop()
 
 
+class InterruptionNotPlayed(RuntimeError):
+    """The model was not steady before the notice, or the interruption did not run its course."""
+
+
 @dataclass
 class Interruption:
     """One interruption's outcome."""
@@ -65,16 +70,32 @@ class Interruption:
     node_gone_s: float  # notice to node removed
     restored_s: float | None  # notice to floor, budget and pod count back to before (None: not within the wait)
     pods_after: int
+    placement_before: dict[str, int]  # capacity type → the revision's pods there, before the notice
+    placement_after: dict[str, int]  # the same once all is back: replacements go where capacity was at the time
 
     @property
     def replaced_before_eviction(self) -> bool:
         return self.ready_elsewhere_at_first_eviction is not None and self.ready_elsewhere_at_first_eviction >= self.pods_before
 
 
+def _core(api_client: Any) -> Any:
+    """The client's typed models, read loosely: a test-and-demo observer, not the operator's data path."""
+    return kubernetes.client.CoreV1Api(api_client)
+
+
 def live_pods(api_client: Any, namespace: str, model: str) -> list[Any]:
-    core = kubernetes.client.CoreV1Api(api_client)
+    core = _core(api_client)
     return [p for p in core.list_namespaced_pod(namespace, label_selector=f"{servedmodel.MODEL_LABEL}={model}").items
             if not p.metadata.deletion_timestamp]
+
+
+def pods_by_capacity_type(api_client: Any, namespace: str, model: str) -> dict[str, int]:
+    """Capacity type (`spot`, `on-demand`; `none` for a node without the label, `unscheduled`) → the model's
+    undeleted pods there."""
+    core = _core(api_client)
+    node_types = {node.metadata.name: (node.metadata.labels or {}).get(capacity.CAPACITY_TYPE_LABEL, "none")
+                  for node in core.list_node().items}
+    return dict(Counter(node_types.get(pod.spec.node_name, "unscheduled") for pod in live_pods(api_client, namespace, model)))
 
 
 def _wait(condition: Any, timeout: float, interval: float = 1.0) -> Any:
@@ -94,7 +115,8 @@ def steady(api_client: Any, namespace: str, model: str, replicas: int) -> bool:
                                                                  for c in p.status.conditions or []) for p in pods):
         return False
     revision = pods[0].metadata.labels[interruptions.REVISION_LABEL]
-    pod_autoscaler = CustomObjectsApi(api_client).get_namespaced_custom_object(
+    custom: Any = CustomObjectsApi(api_client)
+    pod_autoscaler = custom.get_namespaced_custom_object(
         servedmodel.PA_GROUP, servedmodel.PA_VERSION, namespace, servedmodel.PA_PLURAL, revision)
     if interruptions.INTERRUPTED_NODES in (pod_autoscaler["metadata"].get("annotations") or {}):
         return False
@@ -103,7 +125,7 @@ def steady(api_client: Any, namespace: str, model: str, replicas: int) -> bool:
 
 def spot_node_of(api_client: Any, namespace: str, model: str) -> str | None:
     """A spot node with one of the model's pods."""
-    core = kubernetes.client.CoreV1Api(api_client)
+    core = _core(api_client)
     spot_nodes = {n.metadata.name for n in core.list_node(label_selector=f"{capacity.CAPACITY_TYPE_LABEL}={capacity.SPOT}").items}
     return next((p.spec.node_name for p in live_pods(api_client, namespace, model) if p.spec.node_name in spot_nodes), None)
 
@@ -113,23 +135,24 @@ def play(api_client: Any, environ: dict[str, str], namespace: str, model: str, r
     """Wait until the model is steady at `replicas`, interrupt one of its spot nodes with
     `agentkube capacity interrupt`, and follow it until everything is back to before."""
     if not _wait(lambda: steady(api_client, namespace, model, replicas), timeout_s):
-        raise AssertionError(f"{model} was not steady at {replicas} Ready pods before the interruption")
+        raise InterruptionNotPlayed(f"{model} was not steady at {replicas} Ready pods before the interruption")
     node = spot_node_of(api_client, namespace, model)
     if node is None:
-        raise AssertionError(f"{model} has no pod on a spot node")
+        raise InterruptionNotPlayed(f"{model} has no pod on a spot node")
     before = live_pods(api_client, namespace, model)
+    placement_before = pods_by_capacity_type(api_client, namespace, model)
     on_node = sum(1 for p in before if p.spec.node_name == node)
-    core = kubernetes.client.CoreV1Api(api_client)
+    core = _core(api_client)
     stream = PodStream(api_client, namespace, node)
     try:
         started = time.monotonic()
         played = subprocess.run([sys.executable, "-m", "agentkube", "capacity", "interrupt", node, "--notice", f"{notice_s:g}"],
                                 env=environ, capture_output=True, text=True, timeout=notice_s + 60)
         if played.returncode != 0:
-            raise AssertionError(played.stderr)
+            raise InterruptionNotPlayed(played.stderr)
         gone = _wait(lambda: node not in {n.metadata.name for n in core.list_node().items}, timeout_s)
         if not gone:
-            raise AssertionError(f"node {node} was not removed after its NodeClaim was deleted")
+            raise InterruptionNotPlayed(f"node {node} was not removed after its NodeClaim was deleted")
         node_gone_s = time.monotonic() - started
         restored = _wait(lambda: steady(api_client, namespace, model, replicas), timeout_s)
         restored_s = time.monotonic() - started if restored else None
@@ -140,4 +163,5 @@ def play(api_client: Any, environ: dict[str, str], namespace: str, model: str, r
         ready_elsewhere = sum(1 for state in stream.first_eviction.values()
                               if state["ready"] and state["node"] != node and not state["deleting"])
     return Interruption(node, len(before), on_node, ready_elsewhere, round(node_gone_s, 1),
-                        None if restored_s is None else round(restored_s, 1), len(live_pods(api_client, namespace, model)))
+                        None if restored_s is None else round(restored_s, 1), len(live_pods(api_client, namespace, model)),
+                        placement_before, pods_by_capacity_type(api_client, namespace, model))
