@@ -168,9 +168,15 @@ class Demo:
         while self._phase() != "Running":
             if time.monotonic() > deadline:
                 raise DemoError(f"AgentSandbox {SANDBOX_NAME} not Running after {RUNNING_TIMEOUT:.0f}s "
-                                f"(phase {self._phase()}); see `kubectl describe agentsandbox -n {DEMO_NAMESPACE}`")
+                                f"(phase {self._phase()}: {self._why()}); see `kubectl describe agentsandbox -n {DEMO_NAMESPACE}`")
             time.sleep(0.5)
         return Sandbox(SANDBOX_NAME, DEMO_NAMESPACE)
+
+    def _why(self) -> str:
+        """The sandbox's own account of its phase (its Ready condition's message), e.g. why its pod is unschedulable."""
+        got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"agentsandbox/{SANDBOX_NAME}", "-o",
+                        'jsonpath={.status.conditions[?(@.type=="Ready")].message}', check=False)
+        return got.stdout or "no status"
 
     def _phase(self) -> str | None:
         got = self.tool("kubectl", "get", "-n", DEMO_NAMESPACE, f"agentsandbox/{SANDBOX_NAME}", "-o",

@@ -330,6 +330,9 @@ def network_policy_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec,
 # ----- lifecycle ---------------------------------------------------------------------------------------
 
 
+MAX_SCHEDULER_MESSAGE = 1024  # of the scheduler's word on an unschedulable pod, as much as a condition shows
+
+
 @dataclass(frozen=True)
 class PodView:
     """What the lifecycle needs to know about the sandbox's pod."""
@@ -339,19 +342,25 @@ class PodView:
     scheduled: bool
     node_name: str | None
     terminating: bool
+    # The scheduler's message when it found no node for the pod (e.g. "0/1 nodes are available: 1 Insufficient
+    # cpu"): the sandbox reports it, or a sandbox Pending behind a full node says only that it waits.
+    unschedulable: str | None = None
 
     @classmethod
     def of(cls, pod: dict[str, Any] | None) -> "PodView | None":
         if pod is None:
             return None
         status = pod.get("status") or {}
-        conditions = {c["type"]: c["status"] == "True" for c in status.get("conditions") or []}
+        conditions = {c["type"]: c for c in status.get("conditions") or []}
+        scheduling = conditions.get("PodScheduled") or {}
+        unschedulable = scheduling.get("status") == "False" and scheduling.get("reason") == "Unschedulable"
         return cls(
             phase=status.get("phase", "Pending"),
-            ready=conditions.get("Ready", False),
-            scheduled=conditions.get("PodScheduled", False),
+            ready=(conditions.get("Ready") or {}).get("status") == "True",
+            scheduled=scheduling.get("status") == "True",
             node_name=(pod.get("spec") or {}).get("nodeName"),
             terminating=bool(pod["metadata"].get("deletionTimestamp")),
+            unschedulable=(scheduling.get("message") or "no node fits the pod")[:MAX_SCHEDULER_MESSAGE] if unschedulable else None,
         )
 
 
@@ -449,6 +458,9 @@ def plan(spec: api.AgentSandboxSpec, created: datetime, last_activity: datetime 
                     True, delete_pod=True, recheck_after=recheck_after)
     if pod.phase == "Running" and pod.ready:
         return Plan("Running", "PodReady", "the sandbox is ready", True, recheck_after=recheck_after)
+    if not pod.scheduled and pod.unschedulable:
+        return Plan("Pending", "Unschedulable", f"the pod cannot be scheduled: {pod.unschedulable}", True,
+                    recheck_after=recheck_after, warning=True)
     if not pod.scheduled:
         return Plan("Pending", "PodScheduling", "waiting for the pod to be scheduled to a node", True, recheck_after=recheck_after)
     return Plan("Pending", "PodStarting", f"the pod is {pod.phase.lower()} and not ready yet", True, recheck_after=recheck_after)
@@ -497,7 +509,8 @@ def conditions(plan_: Plan, pod: PodView | None, tools_refused: str | None = Non
     return [
         ("Ready", plan_.phase == "Running", plan_.reason, plan_.message),
         ("Suspended", suspended, plan_.reason if suspended else "Active", plan_.message if suspended else ""),
-        ("PodScheduled", bool(pod and pod.scheduled), "Scheduled" if pod and pod.scheduled else "NotScheduled",
-         f"on {pod.node_name}" if pod and pod.node_name else ""),
+        ("PodScheduled", bool(pod and pod.scheduled),
+         "Scheduled" if pod and pod.scheduled else "Unschedulable" if pod and pod.unschedulable else "NotScheduled",
+         f"on {pod.node_name}" if pod and pod.node_name else pod.unschedulable or "" if pod else ""),
         enforced,
     ]

@@ -11,6 +11,7 @@ from agentkube.operator.sandbox import (
     TOOLS_REFUSED_ANNOTATION,
     PodView,
     PodViews,
+    conditions,
     is_owned_by,
     plan,
     status_is_current,
@@ -120,6 +121,28 @@ def test_pod_events_that_change_nothing_reported_cost_no_reconciliation():
 def test_a_just_created_pod_was_reported_by_the_reconciliation_that_made_it():
     assert not PodViews().is_news("ADDED", _pod(phase="Pending", ready=False, node=None))
     assert PodViews().is_news("ADDED", _pod()), "a pod the operator never saw, already running"
+
+
+def test_a_pod_no_node_fits_is_reported_with_the_schedulers_reason():
+    # A node without room: the scheduler marks the pod Unschedulable. The sandbox says why it is Pending (its
+    # Ready and PodScheduled conditions), where it said only that it waited: that event is news.
+    created = _pod(phase="Pending", ready=False, node=None)
+    views = PodViews()
+    views.acted_on(created)
+    full = json.loads(json.dumps(created))
+    message = "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found."
+    full["status"]["conditions"][0].update(reason="Unschedulable", message=message)
+    assert views.is_news("MODIFIED", full)
+    view = PodView.of(full)
+    decision = plan(_spec(), T0, None, view, T0)
+    assert (decision.phase, decision.reason, decision.want_pod) == ("Pending", "Unschedulable", True)
+    assert "Insufficient cpu" in decision.message
+    scheduled = {c[0]: c for c in conditions(decision, view)}["PodScheduled"]
+    assert scheduled == ("PodScheduled", False, "Unschedulable", message)
+    # Merely not scheduled yet: waiting, nothing to report.
+    waiting = PodView.of(created)
+    assert plan(_spec(), T0, None, waiting, T0).reason == "PodScheduling"
+    assert {c[0]: c for c in conditions(plan(_spec(), T0, None, waiting, T0), waiting)}["PodScheduled"][2:] == ("NotScheduled", "")
 
 
 def test_an_api_server_outage_never_hides_the_pod_ready_again():
