@@ -651,9 +651,26 @@ def _pool_ready(kubectl, namespace: str, pool: str = "warm") -> int:
     return int(got.stdout or 0)
 
 
-def test_claims_adopt_warm_pods_that_refill_roll_on_a_template_change_and_never_disturb_each_other(
-        gateway_sandbox, kubectl, eventually):
+@pytest.fixture
+def pools(gateway_sandbox, kubectl, eventually) -> Iterator[str]:
+    """The gateway's namespace for a test of pools, given back as it was: its pools and the sandboxes that
+    claimed from them are deleted, and their pods waited for. Warm pods hold their requests on the one node
+    (the tests' pools left five, 500m CPU, until the module's end), and the module's later tests need that
+    room: the demo's sandbox (500m) stayed unschedulable behind them."""
+    yield gateway_sandbox
     namespace = gateway_sandbox
+    kubectl("delete", "-n", namespace, "agentsandboxpools", "--all", "--wait=false")
+    listed = json.loads(kubectl("get", "-n", namespace, "agentsandboxes", "-o", "json").stdout)["items"]
+    if claims := [s["metadata"]["name"] for s in listed if s["spec"].get("pool")]:
+        kubectl("delete", "-n", namespace, "agentsandboxes", *claims, "--wait=false")
+    eventually(lambda: not [line for selector in ("agentkube.dev/pool", "agentkube.dev/claimed-by") for line in
+                            kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "name").stdout.split()],
+               timeout=120, message="the pools' pods are not gone")
+
+
+def test_claims_adopt_warm_pods_that_refill_roll_on_a_template_change_and_never_disturb_each_other(
+        pools, kubectl, eventually):
+    namespace = pools
     pool = {"apiVersion": api.API_VERSION, "kind": "AgentSandboxPool", "metadata": {"name": "warm"},
             "spec": {"replicas": 2, "template": SANDBOX}}
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool))
@@ -711,12 +728,12 @@ print(json.dumps(out))
 """
 
 
-def test_the_first_command_once_a_sandbox_runs_is_never_refused(gateway_sandbox, kubectl, eventually):
+def test_the_first_command_once_a_sandbox_runs_is_never_refused(pools, kubectl, eventually):
     """A sandbox is Running only once its pod is Ready, and its pod only once the runtime accepts (the probes
     the operator gives it): a claim answered on Running takes its first command at once, cold-started (a pool
     with no warm pod) as well as warm. Before the probes, 5 of 16 cold and 1 of 16 warm first commands were
     refused (bench/results/pool_claim.json of 2026-11-30)."""
-    namespace = gateway_sandbox
+    namespace = pools
     pool = {"apiVersion": api.API_VERSION, "kind": "AgentSandboxPool", "metadata": {"name": "cold"},
             "spec": {"replicas": 0, "template": SANDBOX}}
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool))
