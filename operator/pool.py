@@ -146,6 +146,20 @@ def adoptable(pods: list[dict[str, Any]], current_hash: str) -> list[dict[str, A
     return [p for _, p in sorted(usable, key=lambda vp: (vp[0].created, vp[0].name))]
 
 
+def why_none_adoptable(pods: list[dict[str, Any]], current_hash: str) -> str:
+    """Why a claim found no warm pod to adopt, pod by pod (for the log line of the cold start it falls back to)."""
+    def why(pod: dict[str, Any]) -> str:
+        view = WarmPod.of(pod)
+        if (pod["metadata"].get("labels") or {}).get(CLAIMED_BY_LABEL):
+            return "claimed"
+        if view.terminating or view.ended:
+            return "going away"
+        if view.template_hash != current_hash:
+            return "old template"
+        return "ready but taken meanwhile" if view.ready else "not ready"
+    return ", ".join(f"{p['metadata']['name']}: {why(p)}" for p in pods) or "the pool has no pods"
+
+
 def adoption_patch(pod: dict[str, Any], sandbox_body: dict[str, Any]) -> dict[str, Any]:
     """The JSON merge patch by which a sandbox adopts a warm pod: it becomes the controller owner (the pool
     no longer is: deleting one never takes the other's pods) and its name the pod's CLAIMED_BY_LABEL. The

@@ -129,7 +129,7 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
         decision = sandbox.Plan("Pending", "PoolNotFound", f"no AgentSandboxPool {spec.pool} in {namespace}", True,
                                 recheck_after=POOL_RECHECK, warning=True)
     elif needs_pod and pool_body is not None and pool_spec is not None and effective is not None:
-        pod = _adopt(body, pool_body, pool.template_hash(pool_spec.template), pods_path)
+        pod = _adopt(body, pool_body, pool.template_hash(pool_spec.template), pods_path, logger)
         adopted = pod is not None
         pod_name_taken = False
         if pod is None:  # no warm pod ready: a cold start from the pool's template, named like the sandbox
@@ -174,18 +174,23 @@ def _cold_pod_manifest(body: dict[str, Any], effective: api.AgentSandboxSpec) ->
     return manifest
 
 
-def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, pods_path: str) -> dict[str, Any] | None:
+def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, pods_path: str,
+           logger: logging.Logger) -> dict[str, Any] | None:
     """Adopt one ready warm pod of the pool; None when none is left (the caller starts a pod cold). The pods
     this process last saw are tried first, then those listed now: a pod changed or taken meanwhile fails its
     conditional patch, and the next is tried."""
     namespace, pool_name = pool_body["metadata"]["namespace"], pool_body["metadata"]["name"]
+    pods: list[dict[str, Any]] = []
     for warm in (lambda: pool_handlers.known.warm_pods(namespace, pool_name),
                  lambda: kube.list_at(pods_path, pool.selector(pool_name))):
-        for candidate in pool.adoptable([p for p in warm() if sandbox.is_owned_by(p, pool_body)], current_hash):
+        pods = [p for p in warm() if sandbox.is_owned_by(p, pool_body)]
+        for candidate in pool.adoptable(pods, current_hash):
             pool_handlers.known.taken(namespace, pool_name, candidate["metadata"]["name"])
             adopted = kube.patch_if_unchanged(f"{pods_path}/{candidate['metadata']['name']}", pool.adoption_patch(candidate, body))
             if adopted is not None:
                 return adopted
+    logger.info("no warm pod of pool %s/%s to adopt (%s): a cold start", namespace, pool_name,
+              pool.why_none_adoptable(pods, current_hash))
     return None
 
 

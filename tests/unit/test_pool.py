@@ -102,6 +102,14 @@ def test_a_sandbox_adopts_only_ready_unclaimed_pods_of_the_current_template_olde
     assert [p["metadata"]["name"] for p in pool.adoptable(pods, "h1")] == ["old", "young"]
 
 
+def test_a_claim_that_falls_back_to_a_cold_start_says_why_no_warm_pod_was_adopted():
+    pods = [_pod("starting", ready=False), _pod("stale", template_hash="h0"), _pod("taken", **{CLAIMED_BY_LABEL: "x"}),
+            _pod("raced")]
+    assert pool.why_none_adoptable(pods, "h1") == (
+        "starting: not ready, stale: old template, taken: claimed, raced: ready but taken meanwhile")
+    assert pool.why_none_adoptable([], "h1") == "the pool has no pods"
+
+
 def test_adoption_makes_the_sandbox_the_only_controller_conditionally_on_the_pod_it_read():
     pod = _pod("old")
     patch = pool.adoption_patch(pod, SANDBOX)["metadata"]
