@@ -125,6 +125,43 @@ def token_matches(token: str, verifier: str) -> bool:
     return hmac.compare_digest(token_verifier(token), verifier)
 
 
+# ----- the runtime proves itself to the gateway ---------------------------------------------------------
+# A pod's address can be another pod's once it is gone, and the hop is plain HTTP carrying the token, the
+# command and its env. So on each new connection, before anything that matters, the gateway asks
+# `GET RUNTIME_PROOF_PATH?nonce=N` (N: PROOF_NONCE_BYTES random bytes, hex) and the runtime answers
+# {"proof": runtime_proof(verifier, N, namespace, name)}: an HMAC keyed by its verifier (the SHA-256 of the
+# sandbox's token, which the gateway derives and a listener elsewhere does not hold) over the nonce and the
+# name the runtime knows itself by. The token then goes only to a listener that knows the verifier.
+# Why the token still crosses (to a runtime that proved itself) rather than an HMAC of the gateway's: a tool
+# call runs as the runtime's user and can read whatever the runtime holds, so the runtime holds no key that
+# could verify such an HMAC without also forging it. Knowing the verifier lets nobody pass as the gateway;
+# only the token (its preimage) does.
+RUNTIME_PROOF_PATH = "/v1/proof"
+PROOF_NONCE_BYTES = 32
+_NONCE = re.compile(rf"[0-9a-f]{{{2 * PROOF_NONCE_BYTES}}}")
+
+
+def proof_nonce() -> str:
+    return os.urandom(PROOF_NONCE_BYTES).hex()
+
+
+def is_proof_nonce(nonce: str) -> bool:
+    return _NONCE.fullmatch(nonce) is not None
+
+
+def runtime_proof(verifier: str, nonce: str, namespace: str, name: str) -> str:
+    """What only a runtime given `verifier` answers to `nonce`, bound to the sandbox it serves."""
+    message = f"agentkube-runtime-proof/v1\n{nonce}\n{namespace}/{name}".encode()
+    return hmac.new(verifier.encode(), message, hashlib.sha256).hexdigest()
+
+
+def proof_matches(proof: object, token: str, nonce: str, namespace: str, name: str) -> bool:
+    """Whether `proof` is the answer of the runtime of sandbox `namespace/name` whose token is `token`
+    (compared in constant time; anything but a string is no proof)."""
+    expected = runtime_proof(token_verifier(token), nonce, namespace, name)
+    return isinstance(proof, str) and hmac.compare_digest(proof.encode(), expected.encode())
+
+
 def timestamp(moment: datetime) -> str:
     """A Kubernetes (RFC 3339, UTC) timestamp, as annotations and status carry them."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -14,6 +14,8 @@ the gateway out, each on its own:
                    {"stream": "stdout"|"stderr", "data": text} … then {"result": RunResult}
                    (or {"error": message} if the call could not be finished). A refusal before the call
                    runs (a 422 from the node agent, a bad request) is a plain JSON error with its status.
+    GET /v1/proof?nonce=N  → {"proof": …}: the runtime proves itself to the gateway before it is sent a
+                   token or a command (contract.runtime_proof); asked without a token
     /v1/processes…  background processes (ebpf/processes.py; routes in `_processes`)
     /v1/files?path= workspace files, streamed both ways (ebpf/workspace.py; routes in `_files`)
 
@@ -38,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from agentkube.contract import token_matches
+from agentkube.contract import RUNTIME_PROOF_PATH, is_proof_nonce, runtime_proof, token_matches
 from agentkube.ebpf.models import (
     MAX_PROCESS_OUTPUT_BYTES,
     MAX_REQUEST_BYTES,
@@ -154,10 +156,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(422, validation_message(error))
             return None
 
+    def _prove(self, method: str, query: str) -> None:
+        """The runtime proves itself before the gateway sends it anything (contract.runtime_proof): asked
+        without a token, since the gateway sends none to a listener that has not proved itself yet."""
+        if from_inside_the_pod(self.client_address[0], self.connection.getsockname()[0]):
+            return self._refuse(403, "a process inside this sandbox may not run commands through its runtime")
+        nonce = (parse_qs(query).get("nonce") or [""])[-1]
+        if method != "GET" or not is_proof_nonce(nonce):
+            return self._refuse(400, f"GET {RUNTIME_PROOF_PATH}?nonce=<64 hex digits>")
+        sandbox = self.server.sandbox
+        self._json(200, {"proof": runtime_proof(self.server.verifier, nonce, sandbox.namespace, sandbox.name)})
+
     def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        if url.path == RUNTIME_PROOF_PATH:
+            return self._prove(method, url.query)
         if not self._allowed():
             return
-        url = urlsplit(self.path)
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         try:
             if method == "POST" and url.path == "/v1/run":

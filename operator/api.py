@@ -184,12 +184,27 @@ class Condition(Model):
 SandboxPhase = Literal["Pending", "Running", "Suspended", "Failed", "Expired"]
 
 
+class RuntimeEndpoint(Model):
+    """Where the gateway reaches a running sandbox's runtime, and what its token is derived from, as the
+    operator last saw its pod: the gateway's watch of sandboxes spares each call reading the pod (the gateway
+    may not list pods). A hint, never a credential: the runtime at that address proves itself before the
+    gateway sends it anything (contract.runtime_proof)."""
+
+    model_config = ConfigDict(**Model.model_config | {"extra": "ignore"})
+    pod_ip: Annotated[str, Field(max_length=45, alias="podIP")]  # an IPv4 or IPv6 address
+    # The name the pod's runtime knows itself by (the pod's agentkube.dev/sandbox label: the sandbox's name,
+    # or an adopted warm pod's own), and a warm pod's random runtime identity (absent: the sandbox's uid).
+    name: Name
+    identity: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+
+
 class AgentSandboxStatus(Model):
     # Written by the operator only; read leniently, so that a newer operator's fields do not break an older one.
     model_config = ConfigDict(**Model.model_config | {"extra": "ignore"})
     phase: SandboxPhase | None = None
     conditions: list[Condition] = defaulted(list)
     pod_name: str | None = None
+    runtime: RuntimeEndpoint | None = None  # while Running
     node_name: str | None = None
     service_fqdn: str | None = None
     last_activity_time: datetime | None = None

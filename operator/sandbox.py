@@ -21,6 +21,7 @@ from agentkube.contract import (
     RUNTIME_VERIFIER_ENV,
     RUNTIME_VOLUME,
     SANDBOX_AGENT_SOCKET,
+    RUNTIME_IDENTITY_ANNOTATION,
     SANDBOX_LABEL,
     TOOL_CALLS_ANNOTATION,
     TOOLS_ANNOTATION,
@@ -75,6 +76,17 @@ def is_owned_by(child: dict[str, Any], body: dict[str, Any]) -> bool:
     """Whether `child` (a pod, say) is the one this sandbox made: a user's own object that only shares the
     sandbox's name must never be reported, replaced or deleted as the sandbox's."""
     return any(ref.get("uid") == body["metadata"]["uid"] for ref in child["metadata"].get("ownerReferences") or [])
+
+
+def runtime_endpoint(pod: dict[str, Any] | None) -> api.RuntimeEndpoint | None:
+    """What the gateway needs to reach the pod's runtime and derive its token (status.runtime), or None
+    while the pod has no address."""
+    if pod is None or not (pod.get("status") or {}).get("podIP"):
+        return None
+    metadata = pod["metadata"]
+    name = (metadata.get("labels") or {}).get(SANDBOX_LABEL) or metadata["name"]
+    return api.RuntimeEndpoint(pod_ip=pod["status"]["podIP"], name=name,
+                               identity=(metadata.get("annotations") or {}).get(RUNTIME_IDENTITY_ANNOTATION))
 
 
 def _metadata(name: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def _report(body: dict[str, Any], decision: sandbox.Plan, pod: dict[str, Any] | 
     """Write the status, post an event on a new phase, and arm the timer of the plan's next change."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now, generation,
-                         pod["metadata"]["name"] if pod else None)
+                         pod["metadata"]["name"] if pod else None, sandbox.runtime_endpoint(pod))
     if old.phase != decision.phase:
         kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
         kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
@@ -219,10 +219,12 @@ def _ensure_children(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace
 
 def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.PodView | None, old: api.AgentSandboxStatus,
                    last_activity: datetime | None, now: datetime, observed_generation: int | None,
-                   pod_name: str | None = None) -> api.AgentSandboxStatus:
+                   pod_name: str | None = None, runtime: api.RuntimeEndpoint | None = None) -> api.AgentSandboxStatus:
     """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
     last reported (activity, call totals) is kept until it reports again. `pod_name`: the pod's, when it is
-    not named like the sandbox (a warm pod adopted from a pool)."""
+    not named like the sandbox (a warm pod adopted from a pool). `runtime`: where its pod's runtime is
+    (sandbox.runtime_endpoint), reported only while the sandbox runs: the gateway's watch takes a call
+    there without reading the pod."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     annotations = body["metadata"].get("annotations") or {}
     refused = annotations.get(sandbox.TOOLS_REFUSED_ANNOTATION)
@@ -230,6 +232,7 @@ def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.Po
         phase=decision.phase,
         conditions=merge_conditions(old.conditions, sandbox.conditions(decision, pod, refused), now),
         pod_name=(pod_name or name) if decision.want_pod else None,
+        runtime=runtime if decision.phase == "Running" else None,
         node_name=pod.node_name if pod and decision.want_pod else None,
         service_fqdn=sandbox.service_fqdn(name, namespace),
         last_activity_time=last_activity or old.last_activity_time,

@@ -44,6 +44,26 @@ def test_a_token_is_bound_to_its_sandbox_object_and_its_verifier_forges_nothing(
     assert not contract.token_matches(verifier, verifier)  # the digest itself is no token
 
 
+def test_a_runtime_proves_itself_only_with_its_own_verifier_for_its_own_sandbox_and_that_nonce():
+    token = contract.runtime_token(KEY, "team", "box", "u-1")
+    nonce = contract.proof_nonce()
+    assert contract.is_proof_nonce(nonce) and nonce != contract.proof_nonce()
+    for bad in ("", "ab", nonce.upper(), nonce + "0", nonce[:-1] + "g"):
+        assert not contract.is_proof_nonce(bad)
+    proof = contract.runtime_proof(contract.token_verifier(token), nonce, "team", "box")
+    assert contract.proof_matches(proof, token, nonce, "team", "box")
+    other_token = contract.runtime_token(KEY, "team", "box", "u-2")  # the same name, another sandbox object
+    wrong = [contract.runtime_proof(contract.token_verifier(other_token), nonce, "team", "box"),
+             contract.runtime_proof(contract.token_verifier(token), contract.proof_nonce(), "team", "box"),  # replayed
+             contract.runtime_proof(contract.token_verifier(token), nonce, "team", "box2"),
+             contract.runtime_proof(contract.token_verifier(token), nonce, "team2", "box"),
+             contract.runtime_proof(token, nonce, "team", "box"),  # keyed by the token: not what a runtime holds
+             proof.upper(), "", None, 7]
+    for answer in wrong:
+        assert not contract.proof_matches(answer, token, nonce, "team", "box"), answer
+    assert token not in proof and contract.token_verifier(token) not in proof
+
+
 @pytest.mark.parametrize("header,token", [(None, None), ("", None), ("Bearer", None), ("Bearer  ", None),
                                           ("Basic abc", None), ("Bearer abc", "abc"), ("bearer abc ", "abc")])
 def test_bearer_tokens(header, token):

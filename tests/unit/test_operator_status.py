@@ -108,3 +108,26 @@ def test_route_and_revision_are_unknown_until_knative_says():
     by_type = {c.type: c for c in new.conditions}
     assert by_type["RouteReady"].status == by_type["RevisionReady"].status == "Unknown"
     assert by_type["RevisionReady"].message == "no Revision yet: not ready yet" and new.url is None
+
+
+def test_a_running_sandbox_reports_where_its_runtime_is_and_a_suspended_one_no_longer_does():
+    """status.runtime is what the gateway's watch takes a call to: the pod's address, and the name and
+    identity its runtime's token is derived from (a warm pod's own, once adopted)."""
+    warm = {"metadata": {"name": "py-warm-b2c4d", "labels": {sandbox.SANDBOX_LABEL: "py-warm-b2c4d"},
+                         "annotations": {"agentkube.dev/runtime-identity": "r4nd0m"}},
+            "status": {"podIP": "10.88.0.9"}}
+    endpoint = sandbox.runtime_endpoint(warm)
+    assert endpoint == api.RuntimeEndpoint(pod_ip="10.88.0.9", name="py-warm-b2c4d", identity="r4nd0m")
+    assert sandbox.runtime_endpoint({"metadata": {"name": "coder", "labels": {sandbox.SANDBOX_LABEL: "coder"}},
+                                     "status": {}}) is None  # no address yet
+    assert sandbox.runtime_endpoint(None) is None
+    running = sandbox.plan(api.AgentSandboxSpec.model_validate({"template": {"image": "x"}}), NOW, None, RUNNING, NOW)
+    stored = _read_back(sandbox_status(_sandbox(), running, RUNNING, api.AgentSandboxStatus(), None, NOW, 3,
+                                       "py-warm-b2c4d", endpoint))
+    assert stored["runtime"] == {"podIP": "10.88.0.9", "name": "py-warm-b2c4d", "identity": "r4nd0m"}
+    assert api.AgentSandboxStatus.model_validate(stored).runtime == endpoint
+    suspended = sandbox.plan(api.AgentSandboxSpec.model_validate({"template": {"image": "x"}, "lifecycle": {"suspend": True}}),
+                             NOW, None, RUNNING, NOW)
+    patch = status_patch(sandbox_status(_sandbox(), suspended, RUNNING, api.AgentSandboxStatus.model_validate(stored),
+                                        None, NOW, 3, None, endpoint))["status"]
+    assert patch["runtime"] is None  # removed: the gateway's watch sends no call there any more
