@@ -40,12 +40,17 @@ def run_gateway(
     kubeconfig: str | None = typer.Option(None, help="credentials (default: in-cluster)"),
     tls_cert_file: Path | None = typer.Option(None, help="serve HTTPS with this certificate (PEM; with --tls-key-file)"),
     tls_key_file: Path | None = typer.Option(None, help="the certificate's private key (PEM)"),
+    runtime_port: int = typer.Option(7070, help="the sandbox runtimes' TCP port (what the operator gives their pods)"),
+    watch_sandboxes: bool = typer.Option(True, envvar="AGENTKUBE_GATEWAY_WATCH_SANDBOXES",
+                                         help="keep a watch of every AgentSandbox, so that a call to a running one "
+                                         "reads nothing from the API server (list and watch on agentsandboxes)"),
 ) -> None:
     """Serve sandbox calls: TokenReview + SubjectAccessReview on each, then the sandbox's runtime."""
     from agentkube.gateway import serve
 
     serve(address=address, port=port, runtime_key_file=runtime_key_file, kubeconfig=kubeconfig,
-          tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
+          tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, runtime_port=runtime_port,
+          watch_sandboxes=watch_sandboxes)
 
 
 @app.command()

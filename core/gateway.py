@@ -53,7 +53,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast  # the client serializes plain dicts as it does its models
 
-import aiohttp
 import kubernetes
 from aiohttp import web
 from pydantic import ValidationError
@@ -76,6 +75,8 @@ from agentkube.ebpf.models import MAX_REQUEST_BYTES, Claimed, ClaimRequest, RunR
 from agentkube.ebpf.runtime_port import NDJSON, REFUSAL_HEADER, RUNTIME_IDLE_SECONDS, bearer_token
 from agentkube.ebpf.unixhttp import ApiError, validation_message
 from agentkube.ebpf.workspace import CHUNK_BYTES, upload_mode, workspace_path
+from agentkube.runtime_client import NotTheRuntime, Runtime, RuntimeConnections, StaleConnection, Unreachable, Upstream
+from agentkube.sandboxwatch import SandboxWatch
 
 logger = logging.getLogger("agentkube.gateway")
 
@@ -233,10 +234,32 @@ def runtime_identity(sandbox: dict[str, Any], pod: dict[str, Any]) -> tuple[str,
     """The (name, uid) a pod's runtime token is derived from: the sandbox's, or for a warm pod a sandbox of
     a pool adopted, the name the pod's runtime knows itself by and the random identity the pool gave it."""
     metadata = pod["metadata"]
-    identity = (metadata.get("annotations") or {}).get(RUNTIME_IDENTITY_ANNOTATION)
+    return _identity(sandbox, (metadata.get("labels") or {}).get(SANDBOX_LABEL),
+                     (metadata.get("annotations") or {}).get(RUNTIME_IDENTITY_ANNOTATION))
+
+
+def _identity(sandbox: dict[str, Any], runtime_name: Any, identity: Any) -> tuple[str, str]:
     if _pooled(sandbox) and identity:
-        return str((metadata.get("labels") or {}).get(SANDBOX_LABEL)), str(identity)
+        return str(runtime_name), str(identity)
     return sandbox["metadata"]["name"], sandbox["metadata"]["uid"]
+
+
+def cached_target(sandbox: dict[str, Any] | None) -> tuple[str, str, str] | None:
+    """From the watch's copy of a sandbox (sandboxwatch.slim): its runtime's address and the (name, uid) its
+    token is derived from, only while the operator reports it Running with a runtime and it needs no resume;
+    None: the direct reads decide (and say why a call cannot go)."""
+    if sandbox is None or sandbox["metadata"].get("deletionTimestamp"):
+        return None
+    status = sandbox.get("status") or {}
+    runtime = status.get("runtime") or {}
+    if status.get("phase") != "Running" or not runtime.get("podIP") or not runtime.get("name"):
+        return None
+    try:
+        if resume_patch(sandbox, "") is not None:
+            return None
+    except Refusal:
+        return None
+    return str(runtime["podIP"]), *_identity(sandbox, runtime["name"], runtime.get("identity"))
 
 
 def with_sandbox_env(run: RunRequest, sandbox: dict[str, Any]) -> RunRequest:
@@ -299,9 +322,8 @@ def resume_patch(sandbox: dict[str, Any], now: str) -> dict[str, Any] | None:
     return None
 
 
-def runtime_url(address: str, path: str = "/v1/run", port: int = RUNTIME_PORT) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}{path}"
+def name_of(target: Target) -> str:
+    return str(target.sandbox["metadata"]["name"])
 
 
 def passed_on(query: Any, names: tuple[str, ...]) -> dict[str, str]:
@@ -380,6 +402,10 @@ class KubernetesApi:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
 
+    def watch_sandboxes(self) -> SandboxWatch:
+        """Every AgentSandbox, watched (list and watch on agentsandboxes: see the chart's gateway-rbac.yaml)."""
+        return SandboxWatch(lambda **kwargs: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)).start()
+
     async def review_token(self, token: str) -> dict[str, Any]:
         return await asyncio.to_thread(self._json, self.authn.create_token_review, cast(Any, token_review(token)))
 
@@ -426,12 +452,29 @@ class KubernetesApi:
         await asyncio.to_thread(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name, patch)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a call goes: the runtime (address, identity, token), whether the sandbox was just resumed, the
+    sandbox as it was read (or as the watch has it), and the watch entry's resourceVersion when it came from
+    the watch (None: from the direct reads)."""
+
+    runtime: Runtime
+    resumed: bool
+    sandbox: dict[str, Any]
+    cached_version: str | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.cached_version is not None
+
+
 class Gateway:
-    def __init__(self, api: KubernetesApi, runtime_key: bytes, runtime_port: int = RUNTIME_PORT):
-        self.api, self.runtime_key, self.runtime_port = api, runtime_key, runtime_port
+    def __init__(self, api: KubernetesApi, runtime_key: bytes, runtime_port: int = RUNTIME_PORT,
+                 sandboxes: SandboxWatch | None = None):
+        self.api, self.runtime_key, self.runtime_port, self.sandboxes = api, runtime_key, runtime_port, sandboxes
         self.reviews = ReviewCache()
         self.access = AccessCache()
-        self.session: aiohttp.ClientSession | None = None
+        self.connections: RuntimeConnections | None = None
         # One resume per sandbox at a time: concurrent calls to a suspended sandbox wait on the same one.
         self.resuming: dict[tuple[str, str], asyncio.Task[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
 
@@ -455,9 +498,20 @@ class Gateway:
             pod = await self.api.pod(namespace, other)
         return sandbox, pod
 
-    async def target(self, namespace: str, name: str) -> tuple[str, str, bool, dict[str, Any]]:
-        """The sandbox runtime's address and token, once its pod runs (resuming a suspended sandbox first),
-        whether it was just resumed, and the sandbox."""
+    def _runtime(self, namespace: str, address: str, runtime_name: str, uid: str) -> Runtime:
+        return Runtime(address, self.runtime_port, namespace, runtime_name,
+                       runtime_token(self.runtime_key, namespace, runtime_name, uid))
+
+    async def target(self, namespace: str, name: str, use_watch: bool = True) -> Target:
+        """Where the call goes: from the watch of sandboxes when it is current and says the sandbox runs
+        (no API request), else from the sandbox and its pod read now, once its pod runs (resuming a
+        suspended sandbox first)."""
+        if use_watch and self.sandboxes is not None:
+            cached = self.sandboxes.get(namespace, name)
+            found = cached_target(cached)
+            if cached is not None and found is not None:
+                return Target(self._runtime(namespace, *found), False, cached,
+                              str(cached["metadata"].get("resourceVersion")))
         sandbox, pod = await self.sandbox_and_pod(namespace, name)
         resumed = False
         if sandbox is not None and resume_patch(sandbox, "") is not None:
@@ -466,7 +520,40 @@ class Gateway:
         else:
             address = runtime_address(sandbox, pod, namespace, name)
         assert sandbox is not None and pod is not None
-        return address, runtime_token(self.runtime_key, namespace, *runtime_identity(sandbox, pod)), resumed, sandbox
+        return Target(self._runtime(namespace, address, *runtime_identity(sandbox, pod)), resumed, sandbox)
+
+    async def send(self, namespace: str, name: str, method: str, path: str, body: Any = None, *,
+                   params: dict[str, str] | None = None, content_type: str | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[Target, Upstream]:
+        """One request to the sandbox's runtime. `body`: the bytes, a stream, or a function of the sandbox
+        giving them (a call's env comes from its sandbox). A target from the watch that leads nowhere (nobody
+        at its address, or not the sandbox's runtime) is distrusted and the direct reads decide again."""
+        target = await self.target(namespace, name)
+        try:
+            return target, await self.dial(method, target, path, body, params=params, content_type=content_type,
+                                           headers=headers)
+        except (Unreachable, NotTheRuntime) as error:
+            if not target.cached:
+                raise self._refusal(target, name, error) from None
+            assert self.sandboxes is not None
+            self.sandboxes.distrust(namespace, name, target.cached_version)
+            logger.warning("%s/%s: the watch's address %s led nowhere (%s); reading the sandbox and its pod",
+                           namespace, name, target.runtime.address, error)
+        target = await self.target(namespace, name, use_watch=False)
+        try:
+            return target, await self.dial(method, target, path, body, params=params, content_type=content_type,
+                                           headers=headers)
+        except (Unreachable, NotTheRuntime) as error:
+            raise self._refusal(target, name, error) from None
+
+    @staticmethod
+    def _refusal(target: Target, name: str, error: Exception) -> Refusal:
+        if isinstance(error, NotTheRuntime):
+            logger.error("the listener at %s is not %s/%s's runtime: %s; it was sent nothing", target.runtime.address,
+                         target.runtime.namespace, target.runtime.name, error)
+            return Refusal(502, f"the listener at sandbox {name!r}'s address is not its runtime ({error}): it was "
+                                "sent nothing")
+        return Refusal(502, f"could not reach sandbox {name!r}'s runtime: {error}")
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
@@ -475,32 +562,30 @@ class Gateway:
             run = RunRequest.model_validate_json(await request.read())
         except ValidationError as error:
             raise Refusal(422, validation_message(error)) from None
-        address, token, resumed, sandbox = await self.target(namespace, name)
-        run = with_sandbox_env(run, sandbox)
         logger.info("%s runs %s in %s/%s", caller.username, run.argv[:1], namespace, name)
-        upstream = await self.dial("POST", runtime_url(address, "/v1/run", self.runtime_port), token, name,
-                                   retry_for=RESUME_SECONDS if resumed else 0.0, data=run.model_dump_json(),
-                                   content_type="application/json")
+        _, upstream = await self.send(namespace, name, "POST", "/v1/run",
+                                      lambda sandbox: with_sandbox_env(run, sandbox).model_dump_json().encode(),
+                                      content_type="application/json")
         async with upstream:
             await self.check_upstream(upstream, namespace, name)
             if upstream.status != 200:  # the node agent's verdict (422: over the envelope, …): pass it on
                 return web.Response(status=upstream.status, body=await upstream.read(), content_type="application/json")
             response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
             await response.write_eof()
             return response
 
-    async def check_upstream(self, upstream: aiohttp.ClientResponse, namespace: str, name: str) -> None:
-        if upstream.status in (401, 403) and upstream.headers.get(REFUSAL_HEADER) != "request":
+    async def check_upstream(self, upstream: Upstream, namespace: str, name: str) -> None:
+        if upstream.status in (401, 403) and upstream.headers.get(REFUSAL_HEADER.lower()) != "request":
             # The runtime refused the gateway: not the caller's doing.
-            text = await upstream.text()
+            text = (await upstream.read()).decode(errors="replace")
             logger.error("runtime of %s/%s refused the gateway: %s", namespace, name, text)
             raise Refusal(502, f"sandbox {name!r}'s runtime refused the gateway ({upstream.status}); "
                                "was the sandbox created before the gateway's key?")
 
-    async def relay_json(self, upstream: aiohttp.ClientResponse, namespace: str, name: str) -> web.Response:
+    async def relay_json(self, upstream: Upstream, namespace: str, name: str) -> web.Response:
         async with upstream:
             await self.check_upstream(upstream, namespace, name)
             return web.Response(status=upstream.status, body=await upstream.read(), content_type="application/json")
@@ -518,15 +603,17 @@ class Gateway:
                 parsed = model.model_validate_json(body or b"{}")
             except ValidationError as error:
                 raise Refusal(422, validation_message(error)) from None
-        address, token, resumed, sandbox = await self.target(namespace, name)
-        if isinstance(parsed, RunRequest):  # a process is a call: it gets the sandbox's env as a run does
-            body = with_sandbox_env(parsed, sandbox).model_dump_json(exclude_none=True).encode()
+
+        def content(sandbox: dict[str, Any]) -> bytes | None:
+            if isinstance(parsed, RunRequest):  # a process is a call: it gets the sandbox's env as a run does
+                return with_sandbox_env(parsed, sandbox).model_dump_json(exclude_none=True).encode()
+            return body or None
+
         path = "/".join(part for part in ("/v1/processes", process, action) if part)
         if request.method == "POST" and not process:
             logger.info("%s starts a background process in %s/%s", caller.username, namespace, name)
-        upstream = await self.dial(request.method, runtime_url(address, path, self.runtime_port), token, name,
-                                   retry_for=RESUME_SECONDS if resumed else 0.0, data=body or None,
-                                   params=passed_on(request.query, PROCESS_PARAMS), content_type="application/json")
+        _, upstream = await self.send(namespace, name, request.method, path, content,
+                                      params=passed_on(request.query, PROCESS_PARAMS), content_type="application/json")
         return await self.relay_json(upstream, namespace, name)
 
     async def files(self, request: web.Request) -> web.StreamResponse:
@@ -536,62 +623,62 @@ class Gateway:
         access = file_access(request.method, request.query)
         caller = await self.authorize(request, namespace, name, access)
         check_file_request(request.method, request.query, request.content_length)
-        address, token, resumed, _ = await self.target(namespace, name)
         logger.info("%s: %s %s/%s in %s/%s", caller.username, access.verb, FILES_SUBRESOURCE,
                     request.query.get("path", "")[:200], namespace, name)
-        url, params = runtime_url(address, "/v1/files", self.runtime_port), passed_on(request.query, FILE_PARAMS)
-        retry = RESUME_SECONDS if resumed else 0.0
+        params = passed_on(request.query, FILE_PARAMS)
         if request.method == "PUT":
             async def body():
                 async for chunk in request.content.iter_chunked(CHUNK_BYTES):
                     yield chunk
 
-            upstream = await self.dial("PUT", url, token, name, retry_for=retry, data=body(), params=params,
-                                       content_type="application/octet-stream",
-                                       headers={"Content-Length": str(request.content_length)})
+            _, upstream = await self.send(namespace, name, "PUT", "/v1/files", body(), params=params,
+                                          content_type="application/octet-stream",
+                                          headers={"Content-Length": str(request.content_length)})
             return await self.relay_json(upstream, namespace, name)
-        upstream = await self.dial(request.method, url, token, name, retry_for=retry, params=params)
+        _, upstream = await self.send(namespace, name, request.method, "/v1/files", params=params)
         if request.method != "GET" or access == FILE_ACCESS["LIST"] or upstream.status != 200:
             return await self.relay_json(upstream, namespace, name)
         async with upstream:
             response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
+            if "content-length" in upstream.headers:
+                response.content_length = int(upstream.headers["content-length"])
             await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK_BYTES):
+            async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
             await response.write_eof()
             return response
 
-    async def dial(self, method: str, url: str, token: str, name: str, retry_for: float, data: Any = None,
+    async def dial(self, method: str, target: Target, path: str, body: Any = None, *,
                    params: dict[str, str] | None = None, content_type: str | None = None,
-                   headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
-        """The runtime's answer to a request. Just after a resume the runtime may not listen yet: connecting
-        is retried for `retry_for` s, and at least REFUSED_RETRY_SECONDS (nothing was sent, so nothing runs
-        twice)."""
-        assert self.session is not None
+                   headers: dict[str, str] | None = None) -> Upstream:
+        """The runtime's answer to a request, on a connection the runtime proved itself on. Just after a
+        resume the runtime may not listen yet, and a NetworkPolicy enforcer may refuse for a moment: from the
+        direct reads, connecting is retried for RESUME_SECONDS after a resume and REFUSED_RETRY_SECONDS
+        otherwise (nothing was sent, so nothing runs twice); a target from the watch is not retried (the
+        direct reads decide instead)."""
+        assert self.connections is not None
+        content = body(target.sandbox) if callable(body) else body
         started = time.monotonic()
-        deadline = started + max(retry_for, REFUSED_RETRY_SECONDS)
+        deadline = started + (0.0 if target.cached else max(RESUME_SECONDS if target.resumed else 0.0,
+                                                             REFUSED_RETRY_SECONDS))
         stale = 0
-        sent = {"Authorization": f"Bearer {token}", **({"Content-Type": content_type} if content_type else {}),
-                **(headers or {})}
+        sent = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
         while True:
             try:
-                return await self.session.request(method, url, data=data, params=params, headers=sent)
-            except aiohttp.ClientConnectorError as error:
-                if time.monotonic() > deadline:
-                    raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {error}") from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+                return await self.connections.request(target.runtime, method, path, params=params, headers=sent,
+                                                      content=content)
+            except Unreachable:
+                if time.monotonic() >= deadline:
+                    raise
+            except StaleConnection as error:
                 # A kept-alive connection the runtime no longer holds (it restarted, or let it go idle): closed
                 # before any answer, so the call was never released (the runtime answers once it is placed,
                 # before it runs). Another connection, a few times at most.
                 stale += 1
-                if stale > STALE_CONNECTION_RETRIES or not isinstance(data, (bytes, str, type(None))):
+                if stale > STALE_CONNECTION_RETRIES or not isinstance(content, (bytes, type(None))):
                     # A streamed body (an upload) is partly consumed by now and cannot be sent again.
-                    raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
+                    raise Refusal(502, f"could not reach sandbox {name_of(target)!r}'s runtime: {error}") from None
                 continue
-            except (aiohttp.ClientError, OSError) as error:
-                raise Refusal(502, f"could not reach sandbox {name!r}'s runtime: {type(error).__name__}: {error}") from None
             quick = time.monotonic() - started < REFUSED_RETRY_SECONDS
             await asyncio.sleep(REFUSED_RETRY_STEP_SECONDS if quick else RESUME_POLL_SECONDS)
 
@@ -686,11 +773,10 @@ class Gateway:
         app.router.add_get("/healthz", self.healthz)
 
         async def session(app: web.Application):
-            # No total timeout: a call lasts as long as its own timeout says; connecting is bounded.
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
-                                                 connector=aiohttp.TCPConnector(keepalive_timeout=RUNTIME_KEEPALIVE_SECONDS))
+            # No read timeout: a call lasts as long as its own timeout says; connecting is bounded.
+            self.connections = RuntimeConnections(RUNTIME_KEEPALIVE_SECONDS, CONNECT_SECONDS)
             yield
-            await self.session.close()
+            await self.connections.close()
 
         app.cleanup_ctx.append(session)
         return app
@@ -709,7 +795,8 @@ def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext
 
 
 def serve(*, address: str, port: int, runtime_key_file: Path, kubeconfig: str | None = None,
-          tls_cert_file: Path | None = None, tls_key_file: Path | None = None) -> None:
+          tls_cert_file: Path | None = None, tls_key_file: Path | None = None, runtime_port: int = RUNTIME_PORT,
+          watch_sandboxes: bool = True) -> None:
     """Serve until stopped. Bearer tokens cross the network to it: the chart always gives it a certificate;
     plain HTTP is for a gateway on loopback (tests, a port-forward's far end)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -717,6 +804,7 @@ def serve(*, address: str, port: int, runtime_key_file: Path, kubeconfig: str | 
     if len(key) < 32:
         raise SystemExit(f"the runtime key in {runtime_key_file} is shorter than 32 bytes")
     tls = tls_context(tls_cert_file, tls_key_file)
-    gateway = Gateway(KubernetesApi(kubeconfig), key)
+    api = KubernetesApi(kubeconfig)
+    gateway = Gateway(api, key, runtime_port, sandboxes=api.watch_sandboxes() if watch_sandboxes else None)
     # access_log off: it would log nothing secret, but the gateway's own line per call says who ran what.
     web.run_app(gateway.app(), host=address, port=port, access_log=None, print=None, ssl_context=tls)

@@ -23,6 +23,7 @@ from agentkube.client import (
 from agentkube.ebpf.models import RunRequest
 from agentkube.ebpf.runtime_port import bearer_token, from_inside_the_pod
 from agentkube.operator import api, sandbox
+from agentkube.runtime_client import Runtime
 
 KEY = b"k" * 32
 BODY = {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "box", "namespace": "team", "uid": "u-1"}}
@@ -115,7 +116,7 @@ def test_only_the_sandboxes_own_running_pod_gets_its_token():
         with pytest.raises(gateway.Refusal) as refused:
             gateway.runtime_address(body, pod, "team", "box")
         assert refused.value.status == status, (body, pod)
-    assert gateway.runtime_url("fd00::7") == f"http://[fd00::7]:{contract.RUNTIME_PORT}/v1/run"
+    assert Runtime("fd00::7", contract.RUNTIME_PORT, "team", "box", "t").host == "[fd00::7]"
 
 
 def test_reviews_are_reused_briefly_and_keyed_by_digest():
@@ -206,6 +207,10 @@ def test_the_charts_gateway_pods_carry_the_labels_sandbox_policies_select():
     assert re.search(r"resources: \[agentsandboxes/files\]\s+verbs: \[(.*)\]", rbac).group(1).split(", ") == [
         "create", "get", "list", "delete"] and sorted(["create", "get", "list", "delete"]) == verbs
     assert "secrets" not in rbac
+    # It watches sandboxes (their status says where a running one's runtime is) and only reads pods one by
+    # one: a list or watch of pods cannot be narrowed to sandbox pods.
+    assert re.search(r"resources: \[agentsandboxes\]\s+verbs: \[get, list, watch, patch\]", rbac)
+    assert re.search(r"resources: \[pods\]\s+verbs: \[get\]", rbac)
 
 
 def test_the_sdk_reads_the_stream_and_errors():
