@@ -5,8 +5,10 @@ tested on the node (tests/e2e/test_helm.py)."""
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from agentkube.operator import api
 from harness import SYSTEM_NAMESPACE, helm_template, install_operator
 
 GATEWAY_SA = "agentkube-gateway"
+RUNTIME_PORT = free_port()  # where this module's gateway dials runtimes (on loopback addresses here)
 SANDBOX = {"template": {"image": "sandbox", "resources": {"limits": {"memory": "512Mi", "cpu": "1"}}}}
 
 
@@ -32,7 +35,8 @@ def gateway(devenv, kubectl, tmp_path_factory) -> Iterator[str]:
     key.write_text("k" * 64)
     port = free_port()
     record = process.start("gateway", [sys.executable, "-m", "agentkube", "gateway", "run", "--address=127.0.0.1",
-                                       f"--port={port}", f"--runtime-key-file={key}", f"--kubeconfig={kubeconfig}"],
+                                       f"--port={port}", f"--runtime-key-file={key}", f"--kubeconfig={kubeconfig}",
+                                       f"--runtime-port={RUNTIME_PORT}"],
                            directory / "gateway.log", tie_to_parent=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -210,3 +214,81 @@ def kubernetes_client(devenv):
     import kubernetes
 
     return kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))
+
+
+class _Impostor(ThreadingHTTPServer):
+    """A listener on the address the gateway dials that is not the sandbox's runtime: it records every byte
+    of every request and answers the proof with something else."""
+
+    daemon_threads = True
+
+    def __init__(self, address: str):
+        self.seen: list[bytes] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_):
+                pass
+
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                server.seen.append(self.requestline.encode() + b"\n" + bytes(self.headers) + self.rfile.read(length))
+                body = json.dumps({"proof": "0" * 64}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _record
+
+        server = self
+        super().__init__((address, RUNTIME_PORT), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_listener_on_the_sandboxs_address_that_is_not_its_runtime_gets_neither_the_token_nor_the_command(
+        gateway, team, kubectl, devenv, eventually):
+    """The watch's address (status.runtime) is tried first, then the pod's (the direct reads); each is a
+    listener that cannot prove itself the sandbox's runtime: each is sent a nonce and nothing else, and the
+    caller is told."""
+    from kubernetes.client import CoreV1Api
+
+    from agentkube.contract import SANDBOX_LABEL, runtime_token
+
+    kubectl("apply", "-n", team, "-f", "-", input=json.dumps(
+        {"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "metadata": {"name": "impostor"}, "spec": SANDBOX}))
+    uid = kubectl("get", "-n", team, "agentsandbox/impostor", "-o", "jsonpath={.metadata.uid}").stdout
+    # No operator or node here: play both, the operator's status on 127.0.0.2 and the pod's kubelet on 127.0.0.3.
+    kubectl("patch", "-n", team, "agentsandbox/impostor", "--subresource=status", "--type=merge", "-p", json.dumps(
+        {"status": {"phase": "Running", "podName": "impostor", "runtime": {"podIP": "127.0.0.2", "name": "impostor"}}}))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "impostor", "labels": {SANDBOX_LABEL: "impostor"},
+        "ownerReferences": [{"apiVersion": api.API_VERSION, "kind": "AgentSandbox", "name": "impostor", "uid": uid,
+                             "controller": True}]}, "spec": {"containers": [{"name": "sandbox", "image": "sandbox"}]}}
+    kubectl("apply", "-n", team, "-f", "-", input=json.dumps(pod))
+    CoreV1Api(kubernetes_client(devenv)).patch_namespaced_pod_status("impostor", team, {"status": {
+        "phase": "Running", "podIP": "127.0.0.3", "podIPs": [{"ip": "127.0.0.3"}],
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}})
+    watched, direct = _Impostor("127.0.0.2"), _Impostor("127.0.0.3")
+    agent = _token(kubectl, team, "agent")
+    command = "echo the-command-itself"
+    try:
+        def both_asked() -> bool:
+            answer = httpx.post(f"{gateway}/v1/namespaces/{team}/sandboxes/impostor/run", timeout=30,
+                                json={"argv": ["sh", "-c", command]}, headers={"Authorization": f"Bearer {agent}"})
+            assert answer.status_code == 502 and "is not its runtime" in answer.json()["error"], answer.text
+            return bool(watched.seen and direct.seen)
+
+        eventually(both_asked, timeout=30, message="the gateway's watch never sent it to status.runtime's address")
+    finally:
+        for listener in (watched, direct):
+            listener.shutdown()
+            listener.server_close()
+    token = runtime_token(b"k" * 64, team, "impostor", uid)
+    for listener in (watched, direct):
+        assert listener.seen and all(request.startswith(b"GET /v1/proof?nonce=") for request in listener.seen)
+        received = b"".join(listener.seen)
+        assert token.encode() not in received and b"Authorization" not in received
+        assert b"the-command-itself" not in received and b"argv" not in received
