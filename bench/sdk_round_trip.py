@@ -4,11 +4,15 @@
   node      the SDK on the node, through the sandbox runtime's socket (`Sandbox(name, ns).run(["true"])`),
             and the same socket's status request (SDK → runtime → node agent → back: the path without a call)
   port      the runtime's TCP port straight from the node with the sandbox's runtime token (what the
-            gateway sends, minus the gateway)
-  api       the API requests the gateway makes for a call (SubjectAccessReview, the sandbox, its pod),
-            as it makes them, from the node
+            gateway sends, minus the gateway), and the runtime's proof on a new connection (what the gateway
+            asks once per connection before it sends anything)
+  api       the API requests the gateway made for a call without its watch (SubjectAccessReview, the
+            sandbox, its pod), as it made them, from the node
   gateway   the SDK in an agent's pod through the gateway (`Sandbox.connect(...).run(["true"])`), timed in
-            the pod, and the gateway's /healthz from the same pod (the network and HTTP floor)
+            the pod, with the gateway's watch of sandboxes on (no API request per call) and off (the sandbox
+            and its pod read per call: the gateway before), the two alternating by round (a rollout of the
+            gateway's Deployment with AGENTKUBE_GATEWAY_WATCH_SANDBOXES between them); and the gateway's
+            /healthz from the same pod (the network and HTTP floor)
 
 Everything is real: `agentkube dev up --with-node` in a temporary directory, `helm install` of the chart
 (the DaemonSet's node agent, the gateway's two replicas, the operator), an AgentSandbox, a client pod whose
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from nodeagent_common import machine, summary, write_results  # noqa: E402
 
 from agentkube.client import Sandbox  # noqa: E402
-from agentkube.contract import runtime_token  # noqa: E402
+from agentkube.contract import RUNTIME_PROOF_PATH, proof_nonce, runtime_token  # noqa: E402
 from agentkube.demo import CHART, chart_values  # noqa: E402
 from agentkube.devenv import images, temporary_env  # noqa: E402
 from agentkube.devenv.versions import bin_dir  # noqa: E402
@@ -92,8 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     per_round = args.calls // args.rounds
     samples: dict[str, list[float]] = {k: [] for k in (
-        "host_posix_spawn", "host_subprocess", "node_run", "node_status", "port_run", "api_requests", "api_requests_models",
-        "gateway_run", "gateway_healthz")}
+        "host_posix_spawn", "host_subprocess", "node_run", "node_status", "port_run", "port_proof", "api_requests",
+        "api_requests_models", "gateway_run", "gateway_run_direct", "gateway_healthz")}
     load_before = os.getloadavg()
     env = temporary_env(with_prometheus=False, with_node=True, node_agent="none")
     try:
@@ -126,10 +130,10 @@ def main() -> None:
         local = Sandbox(NAME, NAMESPACE)
         port = httpx.Client(base_url=f"http://{pod['status']['podIP']}:7070",
                             headers={"Authorization": f"Bearer {token}"})
-        from agentkube.gateway import Caller, KubernetesApi, exec_review
+        from agentkube.gateway import Caller, KubernetesApi, access_review
 
         api = KubernetesApi(str(env.kubeconfig))
-        review = exec_review(Caller(username=f"system:serviceaccount:{NAMESPACE}:agent", uid="",
+        review = access_review(Caller(username=f"system:serviceaccount:{NAMESPACE}:agent", uid="",
                                     groups=("system:serviceaccounts",), extra=()), NAMESPACE, NAME)
 
         async def gateway_requests() -> None:  # as Gateway.run makes them for one call (its review cache aside)
@@ -148,6 +152,15 @@ def main() -> None:
         def port_run() -> None:
             port.post("/v1/run", json={"argv": ["true"]}).raise_for_status()
 
+        def port_proof() -> None:  # a new connection each time, as the gateway's first call to a runtime makes
+            with httpx.Client(base_url=f"http://{pod['status']['podIP']}:7070") as fresh:
+                fresh.get(RUNTIME_PROOF_PATH, params={"nonce": proof_nonce()}).raise_for_status()
+
+        def gateway_watch(on: bool) -> None:
+            deployment = f"deployment/{RELEASE}-gateway"
+            tool("kubectl", "set", "env", "-n", SYSTEM, deployment, f"AGENTKUBE_GATEWAY_WATCH_SANDBOXES={str(on).lower()}")
+            tool("kubectl", "rollout", "status", "-n", SYSTEM, deployment, "--timeout=300s")
+
         loop = asyncio.new_event_loop()
         local.run(["true"])
         loop.run_until_complete(gateway_requests())
@@ -164,12 +177,15 @@ def main() -> None:
             samples["node_status"] += timed(local.status, per_round)
             if port_run is not None:
                 samples["port_run"] += timed(port_run, per_round)
+                samples["port_proof"] += timed(port_proof, per_round)
             samples["api_requests"] += timed(lambda: loop.run_until_complete(gateway_requests()), per_round)
             samples["api_requests_models"] += timed(lambda: loop.run_until_complete(gateway_requests_as_models()), per_round)
-            done = tool("kubectl", "exec", "-n", NAMESPACE, "client", "--", "python3", "-c", IN_POD, NAMESPACE, NAME,
-                        str(per_round))
-            for name, values in json.loads(done.stdout).items():
-                samples[name] += values
+            for watching in (True, False):
+                gateway_watch(watching)
+                done = tool("kubectl", "exec", "-n", NAMESPACE, "client", "--", "python3", "-c", IN_POD, NAMESPACE, NAME,
+                            str(per_round))
+                for name, values in json.loads(done.stdout).items():
+                    samples[name if watching or name != "gateway_run" else "gateway_run_direct"] += values
         loop.close()
     finally:
         env.down()
@@ -185,9 +201,11 @@ def main() -> None:
         "node_run": "node: SDK → runtime socket → tool call (`true`)",
         "node_status": "node: SDK → runtime socket → node agent status (no call)",
         "port_run": "node → runtime's TCP port → tool call (the gateway's leg)",
-        "api_requests": "node: the gateway's API requests for one call (SAR, sandbox, pod), read as JSON",
-        "api_requests_models": "node: the same, read into the client's models and back (the gateway before)",
-        "gateway_run": "pod: SDK → gateway → runtime → tool call (`true`)",
+        "port_proof": "node → runtime's TCP port: a new connection and the runtime's proof (once per gateway connection)",
+        "api_requests": "node: the gateway's API requests for one call without its watch (SAR, sandbox, pod), as JSON",
+        "api_requests_models": "node: the same, read into the client's models and back (the gateway before that)",
+        "gateway_run": "pod: SDK → gateway (watch of sandboxes: no API request) → runtime → tool call (`true`)",
+        "gateway_run_direct": "pod: the same with the gateway's watch off (the sandbox and its pod read per call)",
         "gateway_healthz": "pod: gateway /healthz (network + HTTP floor)",
     }
     rows = [[labels[name], f"{s['p50']:.2f}", f"{s['p90']:.2f}", f"{s['p99']:.2f}", str(s["n"])] for name, s in stats.items()]
