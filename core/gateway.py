@@ -8,7 +8,10 @@ on that one sandbox (SubjectAccessReview), so RBAC alone says who may run comman
 
 It then forwards the call to the sandbox runtime on the pod network (contract.RUNTIME_PORT) with that
 sandbox's runtime token, derived from a key only the gateway and the operator hold, and streams the
-runtime's answer back as it comes. The runtime places every command with the node agent as before: the
+runtime's answer back as it comes. Where the runtime is comes from its watch of sandboxes (sandboxwatch.py:
+the operator's status.runtime; no API request per call) when that is current and says the sandbox runs,
+else from reading the sandbox and its pod; and the runtime proves itself on each new connection before it
+is sent the token or anything else (runtime_client.py). The runtime places every command with the node agent as before: the
 gateway adds a way in, not a way around the tool-call contract.
 
     under /v1/namespaces/{namespace}/sandboxes/{name}:                               RBAC on agentsandboxes/…

@@ -72,6 +72,7 @@ class Upstream:
     def __init__(self, pool: RuntimeConnections, runtime: Runtime, connection: httpcore.AsyncHTTP11Connection,
                  response: httpcore.Response):
         self._pool, self._runtime, self._connection, self._response = pool, runtime, connection, response
+        self._closed = False
         self.status = response.status
         self.headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
 
@@ -85,6 +86,9 @@ class Upstream:
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self._response.aclose()
         self._pool.release(self._runtime, self._connection)
 
@@ -150,22 +154,22 @@ class RuntimeConnections:
         return await self._open(runtime)
 
     async def _sweep(self) -> None:
-        """Close the idle connections past their keep-alive (those of runtimes no longer called, too)."""
+        """Close the idle connections past their keep-alive (those of runtimes no longer called, too). The
+        lists are rebuilt before the first await, so no other task sees them half done."""
         now = time.monotonic()
         if now - self._swept < self.keepalive_seconds:
             return
         self._swept = now
+        expired = []
         for runtime, connections in list(self._idle.items()):
-            keep = []
-            for connection in connections:
-                if connection.has_expired() or not connection.is_idle():
-                    await connection.aclose()
-                else:
-                    keep.append(connection)
+            keep = [connection for connection in connections if connection.is_idle() and not connection.has_expired()]
+            expired += [connection for connection in connections if connection not in keep]
             if keep:
                 self._idle[runtime] = keep
             else:
                 self._idle.pop(runtime, None)
+        for connection in expired:
+            await connection.aclose()
 
     async def _open(self, runtime: Runtime) -> httpcore.AsyncHTTP11Connection:
         try:
