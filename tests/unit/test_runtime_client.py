@@ -112,3 +112,43 @@ def test_a_listener_that_hangs_up_and_an_address_nobody_listens_on():
         await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_the_runtimes_own_port_proves_itself_to_the_gateways_client_and_not_as_another_sandbox(monkeypatch, tmp_path):
+    """The real runtime port (ebpf/runtime_port.py) on loopback, its refusal of its own pod set aside for
+    this process as for the workspace's test: it proves itself as its own sandbox only, and asked from
+    inside its pod it proves nothing."""
+    from agentkube.ebpf import runtime_port
+    from agentkube.ebpf.models import SandboxRef
+
+    server = runtime_port.RuntimePortServer(SandboxRef(name="box", namespace="team"), tmp_path / "no-agent.sock",
+                                            contract.token_verifier(TOKEN), 0, "127.0.0.1")
+    server.start()
+    port = server.server_address[1]
+
+    async def scenario():
+        pool = RuntimeConnections(keepalive_seconds=15)
+        try:
+            async with await pool.request(_runtime(port), "GET", "/v1/processes") as upstream:
+                assert upstream.status == 200 and b"processes" in await upstream.read()
+            for other in (Runtime("127.0.0.1", port, "team", "box2", TOKEN),  # another name, same token
+                          Runtime("127.0.0.1", port, "team", "box", contract.runtime_token(KEY, "team", "box", "u-2"))):
+                with pytest.raises(NotTheRuntime):
+                    await pool.request(other, "GET", "/v1/processes")
+        finally:
+            await pool.close()
+
+    try:
+        monkeypatch.setattr(runtime_port, "from_inside_the_pod", lambda peer, local: False)
+        asyncio.run(scenario())
+        monkeypatch.undo()  # loopback is the pod itself again: no proof for a process inside it
+
+        async def from_inside():
+            pool = RuntimeConnections(keepalive_seconds=15)
+            with pytest.raises(NotTheRuntime, match="403"):
+                await pool.request(_runtime(port), "GET", "/v1/processes")
+            await pool.close()
+
+        asyncio.run(from_inside())
+    finally:
+        server.stop()
