@@ -209,7 +209,9 @@ def test_the_charts_gateway_pods_carry_the_labels_sandbox_policies_select():
     assert "secrets" not in rbac
     # It watches sandboxes (their status says where a running one's runtime is) and only reads pods one by
     # one: a list or watch of pods cannot be narrowed to sandbox pods.
-    assert re.search(r"resources: \[agentsandboxes\]\s+verbs: \[get, list, watch, patch\]", rbac)
+    assert re.search(r"resources: \[agentsandboxes\]\s+verbs: \[get, patch\]", rbac)
+    assert re.search(r"if .Values.gateway.watchSandboxes }}\s+- apiGroups: \[agentkube.dev\]\s+"
+                     r"resources: \[agentsandboxes\]\s+verbs: \[list, watch\]", rbac)
     assert re.search(r"resources: \[pods\]\s+verbs: \[get\]", rbac)
 
 
