@@ -105,6 +105,10 @@ REFUSED_RETRY_STEP_SECONDS = 0.02
 # Connections to runtimes are kept for the next call, idle at most this long: well under the runtime's own
 # RUNTIME_IDLE_SECONDS, so that it is the gateway that closes an idle one, not both at once.
 RUNTIME_KEEPALIVE_SECONDS = RUNTIME_IDLE_SECONDS / 4
+# Connecting to an address from the watch of sandboxes is given this long: a pod on the pod network accepts
+# within a millisecond, and an address whose pod is gone (the watch a moment late) would otherwise hold the
+# call for the whole CONNECT_SECONDS before the direct reads say what became of the sandbox.
+WATCHED_CONNECT_SECONDS = 1.0
 STALE_CONNECTION_RETRIES = 3
 
 
@@ -669,7 +673,8 @@ class Gateway:
         while True:
             try:
                 return await self.connections.request(target.runtime, method, path, params=params, headers=sent,
-                                                      content=content)
+                                                      content=content,
+                                                      connect_seconds=WATCHED_CONNECT_SECONDS if target.cached else None)
             except Unreachable:
                 if time.monotonic() >= deadline:
                     raise

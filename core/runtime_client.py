@@ -111,11 +111,12 @@ class RuntimeConnections:
         self._swept = time.monotonic()
 
     async def request(self, runtime: Runtime, method: str, path: str, *, params: dict[str, str] | None = None,
-                      headers: dict[str, str] | None = None, content: bytes | AsyncIterable[bytes] | None = None
-                      ) -> Upstream:
+                      headers: dict[str, str] | None = None, content: bytes | AsyncIterable[bytes] | None = None,
+                      connect_seconds: float | None = None) -> Upstream:
         """Send one request with the runtime's token on a proven connection (an idle one, else a new one
-        proven first). Raises Unreachable, NotTheRuntime or StaleConnection, each before anything ran."""
-        connection = await self._take(runtime)
+        proven first, connecting for at most `connect_seconds`). Raises Unreachable, NotTheRuntime or
+        StaleConnection, each before anything ran."""
+        connection = await self._take(runtime, connect_seconds or self.connect_seconds)
         sent = {"Authorization": f"Bearer {runtime.token}", **(headers or {})}
         if isinstance(content, bytes):
             sent["Content-Length"] = str(len(content))
@@ -142,7 +143,7 @@ class RuntimeConnections:
             for connection in connections:
                 await connection.aclose()
 
-    async def _take(self, runtime: Runtime) -> httpcore.AsyncHTTP11Connection:
+    async def _take(self, runtime: Runtime, connect_seconds: float) -> httpcore.AsyncHTTP11Connection:
         await self._sweep()
         idle = self._idle.get(runtime) or []
         while idle:
@@ -151,7 +152,7 @@ class RuntimeConnections:
                 return connection
             await connection.aclose()
         self._idle.pop(runtime, None)
-        return await self._open(runtime)
+        return await self._open(runtime, connect_seconds)
 
     async def _sweep(self) -> None:
         """Close the idle connections past their keep-alive (those of runtimes no longer called, too). The
@@ -171,9 +172,9 @@ class RuntimeConnections:
         for connection in expired:
             await connection.aclose()
 
-    async def _open(self, runtime: Runtime) -> httpcore.AsyncHTTP11Connection:
+    async def _open(self, runtime: Runtime, connect_seconds: float) -> httpcore.AsyncHTTP11Connection:
         try:
-            stream = await self._backend.connect_tcp(runtime.address, runtime.port, timeout=self.connect_seconds)
+            stream = await self._backend.connect_tcp(runtime.address, runtime.port, timeout=connect_seconds)
         except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
             raise Unreachable(str(error) or type(error).__name__) from None
         connection = httpcore.AsyncHTTP11Connection(httpcore.Origin(b"http", runtime.address.encode(), runtime.port),
