@@ -90,13 +90,15 @@ def _reconcile(namespace: str, name: str, body: dict[str, Any], logger: logging.
     pods_path = kube.object_path("v1", namespace, "pods")
     pods = [p for p in kube.list_at(pods_path, pool.selector(name)) if sandbox.is_owned_by(p, body)]
     decision = pool.plan(spec.replicas, current_hash, [pool.WarmPod.of(p) for p in pods])
+    policy = pool.pool_network_policy_manifest(body, gateway.namespace)
+    path = kube.object_path(kube.NETWORKING, namespace, "networkpolicies", policy["metadata"]["name"])
     if spec.template.network.managed_policy:
-        policy = pool.pool_network_policy_manifest(body, gateway.namespace)
         if kube.post(kube.object_path(kube.NETWORKING, namespace, "networkpolicies"), policy) is None:
-            path = kube.object_path(kube.NETWORKING, namespace, "networkpolicies", policy["metadata"]["name"])
             current = kube.get(path)
             if current is not None and current["spec"] != policy["spec"]:
                 kube.request("PATCH", path, {"spec": policy["spec"]}, kube.MERGE_PATCH)
+    else:  # the template's network is its user's (perhaps since a change of it): no policy of ours on its pods
+        kube.delete_at(path)
     listed = {p["metadata"]["name"]: p["metadata"] for p in pods}
     for pod_name in decision.delete:
         # Only the pod as listed: one a sandbox adopted meanwhile (a newer resourceVersion) is no longer ours.

@@ -115,9 +115,12 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     pool_body = pool_handlers.known.pool(namespace, str(spec.pool)) if needs_pod or not pod_only else None
     pool_spec = api.AgentSandboxPoolSpec.model_validate(pool_body["spec"]) if pool_body else None
     effective = pool.sandbox_spec(pool_spec.template, spec.lifecycle, spec.env) if pool_spec else None
-    if not pod_only and effective is not None:
-        # Its NetworkPolicy before it adopts: an adopted pod leaves the pool's deny-all policy at once. Its
-        # Service (a DNS name; the gateway dials the pod) after its status, off the claim's path.
+    # Its NetworkPolicy: a fresh claim's after its status, off the claim's path, when the pool's own policy
+    # covers the pod it adopts meanwhile (`pool.pool_network_policy_manifest`: gateway ingress, no egress,
+    # which its own only widens); any other time before it acts on a pod. Its Service (a DNS name; the
+    # gateway dials the pod) after its status, off the claim's path.
+    policy_after_status = fresh and effective is not None and effective.network.managed_policy
+    if not pod_only and effective is not None and not policy_after_status:
         _apply_network_policy(body, effective, namespace, name)
 
     adopted = False
@@ -148,6 +151,9 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     if adopted and pod is not None:
         kopf.event(body, type="Normal", reason="Adopted", message=f"adopted the warm pod {pod['metadata']['name']} of pool {spec.pool}")
     _report(body, decision, pod, old, last_activity, now, generation, logger)
+    if policy_after_status:
+        assert effective is not None
+        _apply_network_policy(body, effective, namespace, name)
     if not pod_only:
         kube.post(pods_path.removesuffix("/pods") + "/services", sandbox.service_manifest(body))
     if adopted:

@@ -140,14 +140,16 @@ def test_a_pooled_sandboxs_service_and_policy_select_the_pod_it_claimed():
     assert sandbox.service_manifest(plain)["spec"]["selector"] == {SANDBOX_LABEL: "box"}
 
 
-def test_waiting_warm_pods_reach_nothing_and_only_the_gateway_reaches_them_as_it_will_once_adopted():
+def test_warm_pods_reach_nothing_and_only_the_gateway_reaches_them_as_it_will_once_adopted():
     policy = pool.pool_network_policy_manifest(POOL, "gw")["spec"]
     assert policy["egress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
     # The same ingress as the adopter's policy: no moment after adoption where the enforcer, still applying
     # this policy, refuses the gateway.
     adopter = sandbox.network_policy_manifest(SANDBOX, pool.sandbox_spec(_template()), "gw")["spec"]
     assert policy["ingress"] == adopter["ingress"] == [sandbox.gateway_ingress("gw")]
-    assert policy["podSelector"]["matchExpressions"] == [{"key": CLAIMED_BY_LABEL, "operator": "DoesNotExist"}]
+    # Adopted pods stay selected: until their sandbox's own policy is written they are held to this one, never
+    # to none; afterwards it adds nothing to theirs (no egress, the same ingress).
+    assert policy["podSelector"] == {"matchLabels": {POOL_LABEL: "py"}}
 
 
 def test_a_sandbox_names_either_a_template_or_a_pool_and_the_crd_says_so():
