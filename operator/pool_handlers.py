@@ -3,6 +3,7 @@ apply, write status. Adoption itself is the sandbox handlers' (`adopt`), which t
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -19,6 +20,10 @@ from agentkube.operator.status import merge_conditions
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
+# Long past any event of a sandbox from before its first status (they come within milliseconds of it).
+GIVEN_MEMORY_SECONDS = 600
+
+
 class Known:
     """The pools and waiting warm pods this process last saw (from their events and its own reads), so that
     a claim reads neither before it adopts. Only a hint: adoption is a patch conditional on the pod's
@@ -30,6 +35,7 @@ class Known:
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str], dict[str, Any]] = {}
         self._warm: defaultdict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+        self._given: dict[str, float] = {}  # sandbox uid -> when this process gave it a pod (monotonic)
 
     def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The pool, as last seen or else read now."""
@@ -69,6 +75,19 @@ class Known:
     def taken(self, namespace: str, name: str, pod_name: str) -> None:
         with self._lock:
             self._warm.get((namespace, name), {}).pop(pod_name, None)
+
+
+    def gave_pod(self, sandbox_uid: str) -> None:
+        """A sandbox got its pod (adopted or started) from this process: until its status says so, an event
+        of it from before must not look like a sandbox with no pod yet (it would adopt a second one)."""
+        now = time.monotonic()
+        with self._lock:
+            self._given = {uid: at for uid, at in self._given.items() if now - at < GIVEN_MEMORY_SECONDS}
+            self._given[sandbox_uid] = now
+
+    def has_given_pod(self, sandbox_uid: str) -> bool:
+        with self._lock:
+            return sandbox_uid in self._given
 
 
 known = Known()

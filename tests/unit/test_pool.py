@@ -204,3 +204,10 @@ def test_the_operator_keeps_the_pool_it_saw_and_forgets_a_deleted_one():
     known.saw_warm_pod("ADDED", dict(_pod("one"), metadata={**_pod("one")["metadata"], "namespace": "team"}))
     known.saw_pool("team", "py", {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-11-30T12:00:00Z"}})
     assert known.warm_pods("team", "py") == [] and ("team", "py") not in known._pools
+
+
+def test_the_operator_remembers_the_sandboxes_it_gave_a_pod_until_their_status_says_so():
+    known = pool_handlers.Known()
+    assert not known.has_given_pod("u1")
+    known.gave_pod("u1")
+    assert known.has_given_pod("u1") and not known.has_given_pod("u2")
