@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -174,7 +175,10 @@ def gateway_credentials(gateway: str | None, token: str | None,
         return address, tokens, True
     ca = ca or os.environ.get(GATEWAY_CA_ENV)
     if ca:
-        return address, tokens, ssl.create_default_context(cafile=str(ca))
+        context = _ca_file_contexts.get(str(ca))
+        if context is None:
+            context = _ca_file_contexts.setdefault(str(ca), ssl.create_default_context(cafile=str(ca)))
+        return address, tokens, context
     context = _published_ca_contexts.get(address)
     if context is None:
         pem = _published_ca(address, configuration or _kubernetes_configuration(inside))
@@ -186,6 +190,25 @@ def gateway_credentials(gateway: str | None, token: str | None,
 # server once per process (a claim that reads it again pays a connection to the API server each time). The
 # chart keeps its CA across upgrades; a process that outlives a reinstall is started again.
 _published_ca_contexts: dict[str, ssl.SSLContext] = {}
+_ca_file_contexts: dict[str, ssl.SSLContext] = {}  # by the CA file's path: one context, so one shared client
+
+# One HTTP client per gateway and CA for every RemoteSandbox of the process, so its kept-alive TLS
+# connections are shared: a claim and its sandbox's first command each opened one of their own (a TLS
+# handshake apiece), and an agent that takes many sandboxes paid that for every one. httpx's Client is safe
+# to use from several threads.
+_shared_clients: dict[tuple[str, int], Any] = {}
+_shared_clients_lock = threading.Lock()
+
+
+def _shared_client(gateway: str, verify: ssl.SSLContext | bool) -> Any:
+    import httpx
+
+    key = (gateway, id(verify))  # contexts are kept for the process (above), so their ids are stable
+    with _shared_clients_lock:
+        client = _shared_clients.get(key)
+        if client is None or client.is_closed:
+            client = _shared_clients[key] = httpx.Client(verify=verify)
+        return client
 
 
 def _kubernetes_configuration(inside: bool) -> Any:
@@ -349,10 +372,9 @@ class RemoteSandbox:
 
     def __init__(self, name: str, namespace: str, gateway: str, token: Callable[[], str],
                  verify: ssl.SSLContext | bool = True):
-        import httpx
 
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
-        self._http = httpx.Client(verify=verify)
+        self._http = _shared_client(gateway, verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
         self.url = f"{self.base}/run"
         self.claimed: Claimed | None = None  # set when it was taken from a pool (`Sandbox.create`)
@@ -366,9 +388,10 @@ class RemoteSandbox:
 
         address, token_of, verify = gateway_credentials(gateway, token, ca)
         body = claim_request(ttl, env, wait)
-        response = httpx.post(claims_url(address, namespace, pool), content=body.model_dump_json(), verify=verify,
-                              timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
-                              headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        response = _shared_client(address, verify).post(
+            claims_url(address, namespace, pool), content=body.model_dump_json(),
+            timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
+            headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
         claimed = Claimed.model_validate(_answer(response.status_code, response.content))
         sandbox = cls(claimed.name, namespace, address, token_of, verify)
         sandbox.claimed = claimed
@@ -462,7 +485,8 @@ class RemoteSandbox:
         self._request("DELETE", "files", params={"path": path, **({"recursive": "1"} if recursive else {})})
 
     def close(self) -> None:
-        self._http.close()
+        """Nothing to free: the process's sandboxes share their connections to the gateway (kept alive,
+        closed at exit). Kept so that `with` and existing callers work unchanged."""
 
     def __enter__(self) -> RemoteSandbox:
         return self
