@@ -603,10 +603,14 @@ class Gateway:
             claim = ClaimRequest.model_validate_json(await request.read() or b"{}")
         except ValidationError as error:
             raise Refusal(422, validation_message(error)) from None
-        if await self.api.pool(namespace, pool) is None:
-            raise Refusal(404, f"no AgentSandboxPool {pool!r} in namespace {namespace!r}")
-        created = await self.api.create_sandbox(namespace, claim_manifest(pool, claim, caller))
+        # The pool is read while the sandbox is created, not before it (one request less on the claim's path);
+        # a sandbox made for a pool that is not there is deleted again.
+        found, created = await asyncio.gather(self.api.pool(namespace, pool),
+                                              self.api.create_sandbox(namespace, claim_manifest(pool, claim, caller)))
         name = created["metadata"]["name"]
+        if found is None:
+            await self.api.delete_sandbox(namespace, name, created["metadata"]["uid"])
+            raise Refusal(404, f"no AgentSandboxPool {pool!r} in namespace {namespace!r}")
         logger.info("%s claims %s/%s from pool %s", caller.username, namespace, name, pool)
         deadline = time.monotonic() + claim.wait_seconds
         while (claimed := claimed_of(await self.api.sandbox(namespace, name), namespace, name)) is None:

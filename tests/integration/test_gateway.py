@@ -174,6 +174,9 @@ def test_a_claim_from_a_warm_pool_is_authorized_on_the_pool_adopts_a_warm_pod_an
         missing = httpx.post(f"{gateway}/v1/namespaces/{team}/pools/nope/claims", json={},
                              headers={"Authorization": f"Bearer {agent}"})
         assert missing.status_code == 404
+        # The sandbox made while the pool was looked for is gone again.
+        left = CustomObjectsApi(api_client).list_namespaced_custom_object(api.GROUP, api.VERSION, team, "agentsandboxes")
+        assert not [s for s in left["items"] if s["spec"].get("pool") == "nope"], left
 
         sandbox = Sandbox.create("py", team, ttl="10m", env={"TASK": "42"}, gateway=gateway, token=agent)
         assert sandbox.claimed is not None and sandbox.claimed.warm and sandbox.claimed.pod_name == warm.metadata.name
