@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import ssl
 import threading
 import time
@@ -238,10 +240,26 @@ def _published_ca(address: str, configuration: Any) -> str:
     return pem
 
 
-def claim_request(ttl: float | str | None, env: dict[str, str] | None, wait: float) -> ClaimRequest:
-    """A claim's body: `ttl` in seconds or as a Go duration ("1h30m"), rounded up to a whole second."""
+def claim_request(pool: str, ttl: float | str | None, env: dict[str, str] | None, wait: float) -> ClaimRequest:
+    """A claim's body: `ttl` in seconds or as a Go duration ("1h30m"), rounded up to a whole second; the
+    sandbox's name chosen here (the pool's, a random suffix), so that asking again finds the same sandbox."""
     seconds = None if ttl is None else max(1, -(-duration_seconds(ttl) // 1))
-    return ClaimRequest(env=env or None, ttl_seconds=None if seconds is None else int(seconds), wait_seconds=wait)
+    prefix = re.sub(r"[^a-z0-9-]", "-", pool.lower())[:40].strip("-") or "claim"
+    return ClaimRequest(env=env or None, ttl_seconds=None if seconds is None else int(seconds), wait_seconds=wait,
+                        name=f"{prefix}-{secrets.token_hex(4)}")
+
+
+# A claim whose answer was lost to the transport (the gateway restarted, a connection dropped) is asked
+# again under the same name until its wait is over: the gateway answers with the sandbox the first asking
+# made (never a second one). A gateway that answered at all is not asked again.
+CLAIM_RETRY_SECONDS = 0.5
+CLAIM_RETRIED_STATUSES = (502, 503)  # a proxy or load balancer in front of a gateway that is restarting
+
+
+def _claim_again(status: int | None, deadline: float) -> bool:
+    """Whether to ask a claim again: its answer was lost (`status` None) or came from whatever stands in
+    for a gateway that is restarting, and its wait is not over."""
+    return (status is None or status in CLAIM_RETRIED_STATUSES) and time.monotonic() + CLAIM_RETRY_SECONDS < deadline
 
 
 def claims_url(gateway: str, namespace: str, pool: str) -> str:
@@ -387,11 +405,20 @@ class RemoteSandbox:
         import httpx
 
         address, token_of, verify = gateway_credentials(gateway, token, ca)
-        body = claim_request(ttl, env, wait)
-        response = _shared_client(address, verify).post(
-            claims_url(address, namespace, pool), content=body.model_dump_json(),
-            timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
-            headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        body = claim_request(pool, ttl, env, wait).model_dump_json()
+        deadline = time.monotonic() + wait + 10
+        while True:
+            try:
+                response = _shared_client(address, verify).post(
+                    claims_url(address, namespace, pool), content=body, timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
+                    headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+            except httpx.TransportError:
+                if not _claim_again(None, deadline):
+                    raise
+            else:
+                if not _claim_again(response.status_code, deadline):
+                    break
+            time.sleep(CLAIM_RETRY_SECONDS)
         claimed = Claimed.model_validate(_answer(response.status_code, response.content))
         sandbox = cls(claimed.name, namespace, address, token_of, verify)
         sandbox.claimed = claimed
@@ -570,13 +597,27 @@ class AsyncSandbox:
     async def create(cls, pool: str, namespace: str = "default", *, ttl: float | str | None = None,
                      env: dict[str, str] | None = None, wait: float = 60.0, gateway: str | None = None,
                      token: str | None = None, ca: str | Path | None = None) -> AsyncSandbox:
+        import asyncio
+
+        import httpx
+
         sandbox = cls("", namespace, *gateway_credentials(gateway, token, ca))
         address, token_of = sandbox.gateway, sandbox._token
-        body = claim_request(ttl, env, wait)
-        response = await sandbox._http.post(claims_url(address, namespace, pool), content=body.model_dump_json(),
-                                            timeout=httpx_timeout(wait + 10),
-                                            headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        body = claim_request(pool, ttl, env, wait).model_dump_json()
+        deadline = time.monotonic() + wait + 10
         try:
+            while True:
+                try:
+                    response = await sandbox._http.post(claims_url(address, namespace, pool), content=body,
+                                                        timeout=httpx_timeout(wait + 10),
+                                                        headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+                except httpx.TransportError:
+                    if not _claim_again(None, deadline):
+                        raise
+                else:
+                    if not _claim_again(response.status_code, deadline):
+                        break
+                await asyncio.sleep(CLAIM_RETRY_SECONDS)
             claimed = Claimed.model_validate(_answer(response.status_code, response.content))
         except BaseException:
             await sandbox.aclose()
