@@ -390,7 +390,6 @@ class RemoteSandbox:
 
     def __init__(self, name: str, namespace: str, gateway: str, token: Callable[[], str],
                  verify: ssl.SSLContext | bool = True):
-
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
         self._http = _shared_client(gateway, verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
