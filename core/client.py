@@ -49,7 +49,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -174,7 +177,10 @@ def gateway_credentials(gateway: str | None, token: str | None,
         return address, tokens, True
     ca = ca or os.environ.get(GATEWAY_CA_ENV)
     if ca:
-        return address, tokens, ssl.create_default_context(cafile=str(ca))
+        context = _ca_file_contexts.get(str(ca))
+        if context is None:
+            context = _ca_file_contexts.setdefault(str(ca), ssl.create_default_context(cafile=str(ca)))
+        return address, tokens, context
     context = _published_ca_contexts.get(address)
     if context is None:
         pem = _published_ca(address, configuration or _kubernetes_configuration(inside))
@@ -186,6 +192,25 @@ def gateway_credentials(gateway: str | None, token: str | None,
 # server once per process (a claim that reads it again pays a connection to the API server each time). The
 # chart keeps its CA across upgrades; a process that outlives a reinstall is started again.
 _published_ca_contexts: dict[str, ssl.SSLContext] = {}
+_ca_file_contexts: dict[str, ssl.SSLContext] = {}  # by the CA file's path: one context, so one shared client
+
+# One HTTP client per gateway and CA for every RemoteSandbox of the process, so its kept-alive TLS
+# connections are shared: a claim and its sandbox's first command each opened one of their own (a TLS
+# handshake apiece), and an agent that takes many sandboxes paid that for every one. httpx's Client is safe
+# to use from several threads.
+_shared_clients: dict[tuple[str, int], Any] = {}
+_shared_clients_lock = threading.Lock()
+
+
+def _shared_client(gateway: str, verify: ssl.SSLContext | bool) -> Any:
+    import httpx
+
+    key = (gateway, id(verify))  # contexts are kept for the process (above), so their ids are stable
+    with _shared_clients_lock:
+        client = _shared_clients.get(key)
+        if client is None or client.is_closed:
+            client = _shared_clients[key] = httpx.Client(verify=verify)
+        return client
 
 
 def _kubernetes_configuration(inside: bool) -> Any:
@@ -215,10 +240,26 @@ def _published_ca(address: str, configuration: Any) -> str:
     return pem
 
 
-def claim_request(ttl: float | str | None, env: dict[str, str] | None, wait: float) -> ClaimRequest:
-    """A claim's body: `ttl` in seconds or as a Go duration ("1h30m"), rounded up to a whole second."""
+def claim_request(pool: str, ttl: float | str | None, env: dict[str, str] | None, wait: float) -> ClaimRequest:
+    """A claim's body: `ttl` in seconds or as a Go duration ("1h30m"), rounded up to a whole second; the
+    sandbox's name chosen here (the pool's, a random suffix), so that asking again finds the same sandbox."""
     seconds = None if ttl is None else max(1, -(-duration_seconds(ttl) // 1))
-    return ClaimRequest(env=env or None, ttl_seconds=None if seconds is None else int(seconds), wait_seconds=wait)
+    prefix = re.sub(r"[^a-z0-9-]", "-", pool.lower())[:40].strip("-") or "claim"
+    return ClaimRequest(env=env or None, ttl_seconds=None if seconds is None else int(seconds), wait_seconds=wait,
+                        name=f"{prefix}-{secrets.token_hex(4)}")
+
+
+# A claim whose answer was lost to the transport (the gateway restarted, a connection dropped) is asked
+# again under the same name until its wait is over: the gateway answers with the sandbox the first asking
+# made (never a second one). A gateway that answered at all is not asked again.
+CLAIM_RETRY_SECONDS = 0.5
+CLAIM_RETRIED_STATUSES = (502, 503)  # a proxy or load balancer in front of a gateway that is restarting
+
+
+def _claim_again(status: int | None, deadline: float) -> bool:
+    """Whether to ask a claim again: its answer was lost (`status` None) or came from whatever stands in
+    for a gateway that is restarting, and its wait is not over."""
+    return (status is None or status in CLAIM_RETRIED_STATUSES) and time.monotonic() + CLAIM_RETRY_SECONDS < deadline
 
 
 def claims_url(gateway: str, namespace: str, pool: str) -> str:
@@ -349,10 +390,8 @@ class RemoteSandbox:
 
     def __init__(self, name: str, namespace: str, gateway: str, token: Callable[[], str],
                  verify: ssl.SSLContext | bool = True):
-        import httpx
-
         self.name, self.namespace, self.gateway, self._token = name, namespace, gateway, token
-        self._http = httpx.Client(verify=verify)
+        self._http = _shared_client(gateway, verify)
         self.base = f"{gateway}/v1/namespaces/{namespace}/sandboxes/{name}"
         self.url = f"{self.base}/run"
         self.claimed: Claimed | None = None  # set when it was taken from a pool (`Sandbox.create`)
@@ -365,10 +404,20 @@ class RemoteSandbox:
         import httpx
 
         address, token_of, verify = gateway_credentials(gateway, token, ca)
-        body = claim_request(ttl, env, wait)
-        response = httpx.post(claims_url(address, namespace, pool), content=body.model_dump_json(), verify=verify,
-                              timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
-                              headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        body = claim_request(pool, ttl, env, wait).model_dump_json()
+        deadline = time.monotonic() + wait + 10
+        while True:
+            try:
+                response = _shared_client(address, verify).post(
+                    claims_url(address, namespace, pool), content=body, timeout=httpx.Timeout(CONNECT_SECONDS, read=wait + 10),
+                    headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+            except httpx.TransportError:
+                if not _claim_again(None, deadline):
+                    raise
+            else:
+                if not _claim_again(response.status_code, deadline):
+                    break
+            time.sleep(CLAIM_RETRY_SECONDS)
         claimed = Claimed.model_validate(_answer(response.status_code, response.content))
         sandbox = cls(claimed.name, namespace, address, token_of, verify)
         sandbox.claimed = claimed
@@ -462,7 +511,8 @@ class RemoteSandbox:
         self._request("DELETE", "files", params={"path": path, **({"recursive": "1"} if recursive else {})})
 
     def close(self) -> None:
-        self._http.close()
+        """Nothing to free: the process's sandboxes share their connections to the gateway (kept alive,
+        closed at exit). Kept so that `with` and existing callers work unchanged."""
 
     def __enter__(self) -> RemoteSandbox:
         return self
@@ -546,13 +596,27 @@ class AsyncSandbox:
     async def create(cls, pool: str, namespace: str = "default", *, ttl: float | str | None = None,
                      env: dict[str, str] | None = None, wait: float = 60.0, gateway: str | None = None,
                      token: str | None = None, ca: str | Path | None = None) -> AsyncSandbox:
+        import asyncio
+
+        import httpx
+
         sandbox = cls("", namespace, *gateway_credentials(gateway, token, ca))
         address, token_of = sandbox.gateway, sandbox._token
-        body = claim_request(ttl, env, wait)
-        response = await sandbox._http.post(claims_url(address, namespace, pool), content=body.model_dump_json(),
-                                            timeout=httpx_timeout(wait + 10),
-                                            headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+        body = claim_request(pool, ttl, env, wait).model_dump_json()
+        deadline = time.monotonic() + wait + 10
         try:
+            while True:
+                try:
+                    response = await sandbox._http.post(claims_url(address, namespace, pool), content=body,
+                                                        timeout=httpx_timeout(wait + 10),
+                                                        headers={"Authorization": f"Bearer {token_of()}", **JSON_HEADERS})
+                except httpx.TransportError:
+                    if not _claim_again(None, deadline):
+                        raise
+                else:
+                    if not _claim_again(response.status_code, deadline):
+                        break
+                await asyncio.sleep(CLAIM_RETRY_SECONDS)
             claimed = Claimed.model_validate(_answer(response.status_code, response.content))
         except BaseException:
             await sandbox.aclose()

@@ -286,10 +286,24 @@ def claim_manifest(pool: str, claim: ClaimRequest, caller: Caller) -> dict[str, 
         spec["env"] = [{"name": k, "value": v} for k, v in claim.env.items()]
     if claim.ttl_seconds:
         spec["lifecycle"] = {"expireAfter": f"{claim.ttl_seconds}s", "shutdownPolicy": "Delete"}
+    naming = {"name": claim.name} if claim.name else {"generateName": f"{pool[:40]}-"}
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "AgentSandbox",
-            "metadata": {"generateName": f"{pool[:40]}-", "labels": {CLAIMED_THROUGH_GATEWAY_LABEL: "true"},
+            "metadata": {**naming, "labels": {CLAIMED_THROUGH_GATEWAY_LABEL: "true"},
                          "annotations": {CLAIMANT_ANNOTATION: caller.username}},
             "spec": spec}
+
+
+def check_same_claim(sandbox: dict[str, Any] | None, namespace: str, pool: str, name: str, caller: Caller) -> None:
+    """A claim asked again under its name (its first answer was lost) may only find the sandbox that claim
+    made: through the gateway, from this pool, for this caller. Anything else with the name is someone else's."""
+    if sandbox is None:
+        raise Refusal(409, f"the sandbox {name!r} of this claim was deleted meanwhile: claim again under a new name")
+    metadata = sandbox["metadata"]
+    if (sandbox.get("spec") or {}).get("pool") != pool \
+            or (metadata.get("labels") or {}).get(CLAIMED_THROUGH_GATEWAY_LABEL) != "true" \
+            or (metadata.get("annotations") or {}).get(CLAIMANT_ANNOTATION) != caller.username:
+        raise Refusal(409, f"an AgentSandbox named {name!r} already exists in {namespace!r} and is not this caller's "
+                           f"claim from pool {pool!r}: claim under another name")
 
 
 def claimed_of(sandbox: dict[str, Any] | None, namespace: str, name: str) -> Claimed | None:
@@ -446,9 +460,15 @@ class KubernetesApi:
     async def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, POOL_PLURAL, name)
 
-    async def create_sandbox(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self._json, self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace,
-                                       PLURAL, body)
+    async def create_sandbox(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The sandbox created, or None when one has its name already."""
+        try:
+            return await asyncio.to_thread(self._json, self.custom.create_namespaced_custom_object, GROUP, VERSION,
+                                           namespace, PLURAL, body)
+        except kubernetes.client.ApiException as error:
+            if error.status == 409:
+                return None
+            raise
 
     async def delete_sandbox(self, namespace: str, name: str, uid: str) -> None:
         options = cast(Any, {"preconditions": {"uid": uid}})  # the client serializes a plain dict as it does its models
@@ -698,10 +718,19 @@ class Gateway:
             claim = ClaimRequest.model_validate_json(await request.read() or b"{}")
         except ValidationError as error:
             raise Refusal(422, validation_message(error)) from None
-        if await self.api.pool(namespace, pool) is None:
-            raise Refusal(404, f"no AgentSandboxPool {pool!r} in namespace {namespace!r}")
-        created = await self.api.create_sandbox(namespace, claim_manifest(pool, claim, caller))
+        # The pool is read while the sandbox is created, not before it (one request less on the claim's path);
+        # a sandbox made for a pool that is not there is deleted again.
+        found, created = await asyncio.gather(self.api.pool(namespace, pool),
+                                              self.api.create_sandbox(namespace, claim_manifest(pool, claim, caller)))
+        if created is None:  # the claim's name exists: this claim asked again, or someone else's sandbox
+            assert claim.name is not None
+            created = await self.api.sandbox(namespace, claim.name)
+            check_same_claim(created, namespace, pool, claim.name, caller)
+            assert created is not None
         name = created["metadata"]["name"]
+        if found is None:
+            await self.api.delete_sandbox(namespace, name, created["metadata"]["uid"])
+            raise Refusal(404, f"no AgentSandboxPool {pool!r} in namespace {namespace!r}")
         logger.info("%s claims %s/%s from pool %s", caller.username, namespace, name, pool)
         deadline = time.monotonic() + claim.wait_seconds
         while (claimed := claimed_of(await self.api.sandbox(namespace, name), namespace, name)) is None:

@@ -322,6 +322,9 @@ class ClaimRequest(Strict):
     # The sandbox is deleted this long after its creation (spec.lifecycle.expireAfter, shutdownPolicy Delete).
     ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_CLAIM_TTL_SECONDS)
     wait_seconds: float = Field(default=60.0, gt=0, le=MAX_CLAIM_WAIT_SECONDS)
+    # The sandbox's name, chosen by the client so that the claim can be asked again after a lost answer
+    # (a gateway restarted mid-claim) and get the same sandbox, not a second one. A DNS-1123 label.
+    name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class Claimed(Strict):

@@ -4,7 +4,7 @@ deletes, which one a sandbox adopts, and how adoption rewrites it. The handlers 
 A warm pod is an ordinary sandbox pod whose runtime already runs (its node agent registration, held
 processes and call cgroups included) under the pod's own name. Adoption never restarts anything: the
 claiming AgentSandbox becomes the pod's controller owner and adds its CLAIMED_BY_LABEL, which its Service
-and NetworkPolicy select on; the pod leaves the pool's selector and the pool makes a new one. The sandbox's
+and NetworkPolicy select on; the pool no longer counts the pod and makes a new one. The sandbox's
 own env reaches each of its tool calls through the gateway (RunRequest.env), since the container's
 environment was fixed before the sandbox existed.
 """
@@ -75,10 +75,13 @@ def warm_pod_manifest(pool_body: dict[str, Any], template: api.PoolTemplate, nam
 
 def pool_network_policy_manifest(pool_body: dict[str, Any], gateway_namespace: str = sandbox.DEFAULT_GATEWAY_NAMESPACE) -> dict[str, Any]:
     """Waiting warm pods run no call: no egress. Their ingress is the gateway's alone, as their sandbox's will
-    be: adopted, a pod leaves this policy's selector for its sandbox's, and a NetworkPolicy enforcer applies
-    that a moment later (kube-router here took long enough that the first command of a claim was refused
-    when this policy denied all ingress). The gateway sends a pod nothing until a sandbox controls it, and
-    the runtime takes only the token derived from the pod's random identity."""
+    be (kube-router here applies a claimed pod's policies a moment after its labels change, long enough that
+    the first command of a claim was refused when this policy denied all ingress). The gateway sends a pod
+    nothing until a sandbox controls it, and the runtime takes only the token derived from the pod's random
+    identity. It selects adopted pods too: a claim then never leaves its pod under no policy (which in
+    Kubernetes means no limit) while its sandbox's own is written, after the claim is answered; policies add
+    up, and this one allows nothing the sandbox's does not. It exists only for a template whose policy
+    agentkube manages (`managedPolicy`), so it never narrows a sandbox whose network its user manages."""
     name = pool_body["metadata"]["name"]
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -87,8 +90,7 @@ def pool_network_policy_manifest(pool_body: dict[str, Any], gateway_namespace: s
                      "labels": {POOL_LABEL: name, **sandbox.MANAGED_BY},
                      "ownerReferences": [sandbox.owner_reference(pool_body)]},
         "spec": {
-            "podSelector": {"matchLabels": {POOL_LABEL: name},
-                            "matchExpressions": [{"key": CLAIMED_BY_LABEL, "operator": "DoesNotExist"}]},
+            "podSelector": {"matchLabels": {POOL_LABEL: name}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [sandbox.gateway_ingress(gateway_namespace)],
             "egress": [],

@@ -3,6 +3,7 @@ apply, write status. Adoption itself is the sandbox handlers' (`adopt`), which t
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -19,6 +20,10 @@ from agentkube.operator.status import merge_conditions
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
+# Long past any event of a sandbox from before its first status (they come within milliseconds of it).
+GIVEN_MEMORY_SECONDS = 600
+
+
 class Known:
     """The pools and waiting warm pods this process last saw (from their events and its own reads), so that
     a claim reads neither before it adopts. Only a hint: adoption is a patch conditional on the pod's
@@ -30,6 +35,7 @@ class Known:
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str], dict[str, Any]] = {}
         self._warm: defaultdict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+        self._given: dict[str, float] = {}  # sandbox uid -> when this process gave it a pod (monotonic)
 
     def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The pool, as last seen or else read now."""
@@ -71,6 +77,19 @@ class Known:
             self._warm.get((namespace, name), {}).pop(pod_name, None)
 
 
+    def gave_pod(self, sandbox_uid: str) -> None:
+        """A sandbox got its pod (adopted or started) from this process: until its status says so, an event
+        of it from before must not look like a sandbox with no pod yet (it would adopt a second one)."""
+        now = time.monotonic()
+        with self._lock:
+            self._given = {uid: at for uid, at in self._given.items() if now - at < GIVEN_MEMORY_SECONDS}
+            self._given[sandbox_uid] = now
+
+    def has_given_pod(self, sandbox_uid: str) -> bool:
+        with self._lock:
+            return sandbox_uid in self._given
+
+
 known = Known()
 
 
@@ -90,13 +109,15 @@ def _reconcile(namespace: str, name: str, body: dict[str, Any], logger: logging.
     pods_path = kube.object_path("v1", namespace, "pods")
     pods = [p for p in kube.list_at(pods_path, pool.selector(name)) if sandbox.is_owned_by(p, body)]
     decision = pool.plan(spec.replicas, current_hash, [pool.WarmPod.of(p) for p in pods])
+    policy = pool.pool_network_policy_manifest(body, gateway.namespace)
+    path = kube.object_path(kube.NETWORKING, namespace, "networkpolicies", policy["metadata"]["name"])
     if spec.template.network.managed_policy:
-        policy = pool.pool_network_policy_manifest(body, gateway.namespace)
         if kube.post(kube.object_path(kube.NETWORKING, namespace, "networkpolicies"), policy) is None:
-            path = kube.object_path(kube.NETWORKING, namespace, "networkpolicies", policy["metadata"]["name"])
             current = kube.get(path)
             if current is not None and current["spec"] != policy["spec"]:
                 kube.request("PATCH", path, {"spec": policy["spec"]}, kube.MERGE_PATCH)
+    else:  # the template's network is its user's (perhaps since a change of it): no policy of ours on its pods
+        kube.delete_at(path)
     listed = {p["metadata"]["name"]: p["metadata"] for p in pods}
     for pod_name in decision.delete:
         # Only the pod as listed: one a sandbox adopted meanwhile (a newer resourceVersion) is no longer ours.

@@ -98,8 +98,11 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     pods_path = kube.object_path("v1", namespace, "pods")
     # A sandbox never reconciled before has no pod, unless a run that adopted or made one died before writing
     # status: it adopts without a read first, and its next reconcile finds the pods it holds (and lets go of
-    # all but one).
-    fresh = not pod_only and old.observed_generation is None
+    # all but one). Not fresh: one whose status names a pod (written from its pod's event, which does not
+    # set observedGeneration) or that this process gave a pod already (an event from before its status).
+    uid = body["metadata"]["uid"]
+    fresh = not pod_only and old.observed_generation is None and old.pod_name is None \
+        and not pool_handlers.known.has_given_pod(uid)
     if not fresh and (pod is None or not sandbox.is_owned_by(pod, body)):
         pod = _claimed_pod(body, pods_path, logger)
     _pod_views.acted_on(pod)
@@ -115,9 +118,12 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     pool_body = pool_handlers.known.pool(namespace, str(spec.pool)) if needs_pod or not pod_only else None
     pool_spec = api.AgentSandboxPoolSpec.model_validate(pool_body["spec"]) if pool_body else None
     effective = pool.sandbox_spec(pool_spec.template, spec.lifecycle, spec.env) if pool_spec else None
-    if not pod_only and effective is not None:
-        # Its NetworkPolicy before it adopts: an adopted pod leaves the pool's deny-all policy at once. Its
-        # Service (a DNS name; the gateway dials the pod) after its status, off the claim's path.
+    # Its NetworkPolicy: a fresh claim's after its status, off the claim's path, when the pool's own policy
+    # covers the pod it adopts meanwhile (`pool.pool_network_policy_manifest`: gateway ingress, no egress,
+    # which its own only widens); any other time before it acts on a pod. Its Service (a DNS name; the
+    # gateway dials the pod) after its status, off the claim's path.
+    policy_after_status = fresh and effective is not None and effective.network.managed_policy
+    if not pod_only and effective is not None and not policy_after_status:
         _apply_network_policy(body, effective, namespace, name)
 
     adopted = False
@@ -140,6 +146,7 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
                 pod = None if pod_name_taken else pod
         _pod_views.acted_on(pod)
         if pod is not None:
+            pool_handlers.known.gave_pod(uid)
             logger.info("%s pod %s/%s", "adopted the warm" if adopted else "created", namespace, pod["metadata"]["name"])
         # Report the pod as it now is, not as it was before it existed.
         decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now, pod_name_taken=pod_name_taken)
@@ -148,6 +155,9 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     if adopted and pod is not None:
         kopf.event(body, type="Normal", reason="Adopted", message=f"adopted the warm pod {pod['metadata']['name']} of pool {spec.pool}")
     _report(body, decision, pod, old, last_activity, now, generation, logger)
+    if policy_after_status:
+        assert effective is not None
+        _apply_network_policy(body, effective, namespace, name)
     if not pod_only:
         kube.post(pods_path.removesuffix("/pods") + "/services", sandbox.service_manifest(body))
     if adopted:

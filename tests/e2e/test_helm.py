@@ -740,13 +740,51 @@ def test_the_first_command_once_a_sandbox_runs_is_never_refused(pools, kubectl, 
     out = _in_pod(kubectl, namespace, "agent-client", FIRST_COMMANDS_SCRIPT, namespace, "cold", "4")
     assert out == {"exits": [0] * 4, "warm": [False] * 4}, out
     kubectl("patch", "-n", namespace, "agentsandboxpool/cold", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
-    # Each warm claim once the pool is full again: under a CI run's load the second of two back-to-back claims
-    # once started cold (cause not seen; the operator now logs why a claim adopted no warm pod). What this test
-    # checks is the first command, not the refill.
-    for _ in range(2):
-        eventually(lambda: _pool_ready(kubectl, namespace, "cold") == 2, timeout=120, message="2 warm pods ready")
-        out = _in_pod(kubectl, namespace, "agent-client", FIRST_COMMANDS_SCRIPT, namespace, "cold", "1")
-        assert out == {"exits": [0], "warm": [True]}, out
+    eventually(lambda: _pool_ready(kubectl, namespace, "cold") == 2, timeout=120, message="2 warm pods ready")
+    out = _in_pod(kubectl, namespace, "agent-client", FIRST_COMMANDS_SCRIPT, namespace, "cold", "2")
+    assert out == {"exits": [0] * 2, "warm": [True] * 2}, out
+
+
+CLAIM_ACROSS_A_RESTART_SCRIPT = """
+import json, sys
+from agentkube.client import Sandbox
+namespace, pool = sys.argv[1], sys.argv[2]
+print(json.dumps({"claiming": True}), flush=True)
+box = Sandbox.create(pool, namespace, wait=120)
+print(json.dumps({"name": box.name, "warm": box.claimed.warm, "exit": box.run(["true"]).exit_code}), flush=True)
+"""
+
+
+def test_a_claim_outlives_a_gateway_killed_while_it_waits_and_makes_one_sandbox(pools, kubectl, devenv, eventually):
+    """Every gateway process is SIGKILLed while a claim waits for its sandbox (a cold start, so it waits
+    long enough): the SDK asks again under the claim's name once a gateway answers, and gets the sandbox the
+    first asking made. One sandbox, not two."""
+    namespace = pools
+    pool = {"apiVersion": api.API_VERSION, "kind": "AgentSandboxPool", "metadata": {"name": "restart"},
+            "spec": {"replicas": 0, "template": SANDBOX}}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool))
+
+    def claims() -> list[dict]:
+        listed = json.loads(kubectl("get", "-n", namespace, "agentsandboxes", "-o", "json").stdout)["items"]
+        return [s for s in listed if s["spec"].get("pool") == "restart"]
+
+    client = subprocess.Popen([str(bin_dir() / "kubectl"), "exec", "-n", namespace, "agent-client", "--", "python3",
+                               "-c", CLAIM_ACROSS_A_RESTART_SCRIPT, namespace, "restart"], env=devenv.environ(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and json.loads(client.stdout.readline() or "{}") == {"claiming": True}
+        made = eventually(lambda: claims() or None, timeout=60, message="the gateway made no sandbox")
+        assert (made[0].get("status") or {}).get("phase") != "Running"  # the claim still waits: the kill counts
+        for pid in _gateway_pids():
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = client.communicate(timeout=180)
+    finally:
+        client.kill()
+    assert client.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert out["name"] == made[0]["metadata"]["name"] and out["exit"] == 0 and not out["warm"], out
+    assert [s["metadata"]["name"] for s in claims()] == [out["name"]]
+    kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{RELEASE}-gateway", "--timeout=120s")
 
 
 def test_helm_test_passes(release, helm):

@@ -178,6 +178,9 @@ def test_a_claim_from_a_warm_pool_is_authorized_on_the_pool_adopts_a_warm_pod_an
         missing = httpx.post(f"{gateway}/v1/namespaces/{team}/pools/nope/claims", json={},
                              headers={"Authorization": f"Bearer {agent}"})
         assert missing.status_code == 404
+        # The sandbox made while the pool was looked for is gone again.
+        left = CustomObjectsApi(api_client).list_namespaced_custom_object(api.GROUP, api.VERSION, team, "agentsandboxes")
+        assert not [s for s in left["items"] if s["spec"].get("pool") == "nope"], left
 
         sandbox = Sandbox.create("py", team, ttl="10m", env={"TASK": "42"}, gateway=gateway, token=agent)
         assert sandbox.claimed is not None and sandbox.claimed.warm and sandbox.claimed.pod_name == warm.metadata.name
@@ -194,6 +197,14 @@ def test_a_claim_from_a_warm_pool_is_authorized_on_the_pool_adopts_a_warm_pod_an
                                                                    "metadata": {"name": "by-hand"}, "spec": {"pool": "py"}}))
         by_hand = httpx.delete(f"{claims}/by-hand", headers={"Authorization": f"Bearer {agent}"})
         assert by_hand.status_code == 403 and "through the gateway" in by_hand.json()["error"]
+        # A claim asked again under its name (its answer lost to a gateway restart) gets the sandbox it made,
+        # not a second one; a name that someone else's sandbox has is refused.
+        again = httpx.post(claims, json={"name": sandbox.name}, headers={"Authorization": f"Bearer {agent}"})
+        assert again.status_code == 201 and again.json()["pod_name"] == sandbox.claimed.pod_name, again.text
+        taken = httpx.post(claims, json={"name": "by-hand"}, headers={"Authorization": f"Bearer {agent}"})
+        assert taken.status_code == 409 and "not this caller's claim" in taken.json()["error"], taken.text
+        assert len([s for s in CustomObjectsApi(api_client).list_namespaced_custom_object(
+            api.GROUP, api.VERSION, team, "agentsandboxes")["items"] if s["spec"].get("pool") == "py"]) == 2
 
         sandbox.release()
 

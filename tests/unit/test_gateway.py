@@ -295,3 +295,24 @@ def test_every_call_of_a_pooled_sandbox_carries_its_env_and_the_calls_own_variab
     for bad in ({"A\0": "1"}, {"A": "x\0y"}, {"": "1"}, {"1A B": "1"}):
         with pytest.raises(ValidationError):
             RunRequest(argv=["env"], env=bad)
+
+
+def test_a_claim_names_its_sandbox_so_that_asking_again_finds_the_same_one():
+    from agentkube.client import claim_request
+
+    first, second = claim_request("Py.Tools", None, None, 60), claim_request("py", None, None, 60)
+    assert first.name is not None and re.fullmatch(r"py-tools-[0-9a-f]{8}", first.name)
+    assert second.name != claim_request("py", None, None, 60).name  # a new claim, a new name
+    caller = gateway.Caller(username="system:serviceaccount:team:agent", groups=("system:authenticated",), uid="", extra=())
+    manifest = gateway.claim_manifest("py", first, caller)
+    assert manifest["metadata"]["name"] == first.name and "generateName" not in manifest["metadata"]
+    made = {**manifest, "metadata": {**manifest["metadata"], "uid": "u-9"}}
+    gateway.check_same_claim(made, "team", "py", first.name, caller)  # the same claim: its sandbox
+    stranger = gateway.Caller(username="system:serviceaccount:team:other", groups=(), uid="", extra=())
+    plain = {**BODY, "spec": {"pool": "py"}}
+    for found, asking, pool in ((made, stranger, "py"), (made, caller, "other-pool"), (plain, caller, "py"), (None, caller, "py")):
+        with pytest.raises(gateway.Refusal) as refused:
+            gateway.check_same_claim(found, "team", pool, first.name, asking)
+        assert refused.value.status == 409
+    with pytest.raises(ValidationError):
+        gateway.ClaimRequest(name="Not_A-Name")

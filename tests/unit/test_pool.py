@@ -140,14 +140,16 @@ def test_a_pooled_sandboxs_service_and_policy_select_the_pod_it_claimed():
     assert sandbox.service_manifest(plain)["spec"]["selector"] == {SANDBOX_LABEL: "box"}
 
 
-def test_waiting_warm_pods_reach_nothing_and_only_the_gateway_reaches_them_as_it_will_once_adopted():
+def test_warm_pods_reach_nothing_and_only_the_gateway_reaches_them_as_it_will_once_adopted():
     policy = pool.pool_network_policy_manifest(POOL, "gw")["spec"]
     assert policy["egress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
     # The same ingress as the adopter's policy: no moment after adoption where the enforcer, still applying
     # this policy, refuses the gateway.
     adopter = sandbox.network_policy_manifest(SANDBOX, pool.sandbox_spec(_template()), "gw")["spec"]
     assert policy["ingress"] == adopter["ingress"] == [sandbox.gateway_ingress("gw")]
-    assert policy["podSelector"]["matchExpressions"] == [{"key": CLAIMED_BY_LABEL, "operator": "DoesNotExist"}]
+    # Adopted pods stay selected: until their sandbox's own policy is written they are held to this one, never
+    # to none; afterwards it adds nothing to theirs (no egress, the same ingress).
+    assert policy["podSelector"] == {"matchLabels": {POOL_LABEL: "py"}}
 
 
 def test_a_sandbox_names_either_a_template_or_a_pool_and_the_crd_says_so():
@@ -202,3 +204,10 @@ def test_the_operator_keeps_the_pool_it_saw_and_forgets_a_deleted_one():
     known.saw_warm_pod("ADDED", dict(_pod("one"), metadata={**_pod("one")["metadata"], "namespace": "team"}))
     known.saw_pool("team", "py", {**body, "metadata": {**body["metadata"], "deletionTimestamp": "2026-11-30T12:00:00Z"}})
     assert known.warm_pods("team", "py") == [] and ("team", "py") not in known._pools
+
+
+def test_the_operator_remembers_the_sandboxes_it_gave_a_pod_until_their_status_says_so():
+    known = pool_handlers.Known()
+    assert not known.has_given_pod("u1")
+    known.gave_pod("u1")
+    assert known.has_given_pod("u1") and not known.has_given_pod("u2")
