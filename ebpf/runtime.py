@@ -38,6 +38,7 @@ from agentkube.ebpf.models import (
     SandboxStatus,
     Usage,
 )
+from agentkube.ebpf.spawn import spawn
 from agentkube.ebpf.unixhttp import ApiError, HttpError, UnixHttpServer, request
 
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
@@ -256,18 +257,18 @@ class Held:
 
 def _spawn(program: list[str], extra_fd: int | None = None, env: dict[str, str] | None = None) -> Held:
     """posix_spawn (vfork-like) rather than fork: no copy of this process's page tables, and no forked copy
-    of a threaded interpreter. The child's fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
+    of a threaded interpreter; through `spawn.spawn`, so that the other threads run meanwhile. The child's
+    fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
     command_read, command_write = os.pipe()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     in_read, in_write = os.pipe()
     child_ends = [command_read, out_write, err_write, in_read]
-    actions = [(os.POSIX_SPAWN_DUP2, in_read, 0), (os.POSIX_SPAWN_DUP2, out_write, 1),
-               (os.POSIX_SPAWN_DUP2, err_write, 2), (os.POSIX_SPAWN_DUP2, command_read, 3)]
+    dup2s = [(in_read, 0), (out_write, 1), (err_write, 2), (command_read, 3)]
     if extra_fd is not None:
-        actions.append((os.POSIX_SPAWN_DUP2, extra_fd, 4))
+        dup2s.append((extra_fd, 4))
     try:
-        pid = os.posix_spawn(program[0], program, {**os.environ, **(env or {})}, setsid=True, file_actions=actions)
+        pid = spawn(program, {**os.environ, **(env or {})}, dup2s, setsid=True)
     except BaseException:
         for fd in (command_read, command_write, out_read, out_write, err_read, err_write, in_read, in_write):
             os.close(fd)
