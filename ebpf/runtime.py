@@ -303,8 +303,10 @@ def _write_all(fd: int, data: bytes) -> None:
 class WarmPool:
     """Held processes already waiting in call cgroups of this sandbox (the agent's warm pool), so that a
     call starts with one request to the agent and a write to a pipe: no process start, no cgroup made, no
-    process moved on its path. Refilled in a thread once the calls that took them are over (or at once when
-    none is left), so that a refill's work does not compete with a running call's."""
+    process moved on its path. Refilled in a thread as soon as one is taken, while its call runs: a fill
+    mostly waits on the kernel (the cgroup's mkdir, the move's RCU grace period) and on the agent, and its
+    spawn no longer holds the interpreter's lock (spawn.py), so it takes little from the call; refilled only
+    between calls, the pool drained when calls came back to back and the next call waited for a fill."""
 
     def __init__(self, agent_socket: Path, sandbox: SandboxRef, program: Path, size: int = 2):
         self.agent = FrameClient(agent_socket)  # its own connection: fills never queue behind a call's requests
@@ -312,7 +314,6 @@ class WarmPool:
         self.program = program
         self.size = size
         self._ready: deque[Held] = deque()
-        self._active = 0  # calls under way that took a held process from here
         self._changed = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._refill, name="warm-pool", daemon=True)
@@ -325,28 +326,19 @@ class WarmPool:
             while not self._ready and not self._closed and time.monotonic() < deadline:
                 self._changed.wait(max(0.0, deadline - time.monotonic()))
             held = self._ready.popleft() if self._ready else None
-            if held is not None:
-                self._active += 1
-            self._changed.notify_all()
+            self._changed.notify_all()  # the refill thread: one fewer waits
         return held
-
-    def done(self) -> None:
-        """A call that took a held process is over (refills may go on)."""
-        with self._changed:
-            self._active -= 1
-            self._changed.notify_all()
 
     def give_back(self, held: Held) -> None:
         """A held process whose call the agent refused before anything changed (its cgroup is still waiting)."""
         with self._changed:
             self._ready.appendleft(held)
-            self._active -= 1
 
     def _refill(self) -> None:
         failures = 0
         while True:
             with self._changed:
-                while not self._closed and (len(self._ready) >= self.size or (self._ready and self._active)):
+                while not self._closed and len(self._ready) >= self.size:
                     self._changed.wait()
                 if self._closed:
                     return
@@ -390,7 +382,6 @@ def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool
             if os.waitpid(held.pid, os.WNOHANG)[0]:  # reaped here: it died while it waited
                 held.pid = 0
                 held.close()
-                pool.done()
                 continue
             placed = CallPlaced.model_validate(_agent_call(
                 agent_socket, "start", name=sandbox.name, namespace=sandbox.namespace, call_id=held.call_id,
@@ -401,12 +392,10 @@ def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool
                 pool.give_back(held)
                 raise
             held.close()
-            pool.done()
             if error.status not in (404, 409):  # its cgroup unknown to the agent (restarted), or tampered with
                 raise
         except BaseException:
             held.close()
-            pool.done()
             if isinstance(sys.exc_info()[1], ConnectionError):
                 return None
             raise
@@ -436,13 +425,9 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: War
     `output_bytes`: how much of each stream the RunResult keeps (a background process keeps its own log)."""
     program = pool.program if pool else None
     pooled = _start_pooled(agent_socket, sandbox, run, pool) if pool else None
-    try:
-        held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
-        return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output, keep_stdin,
-                         output_bytes)
-    finally:
-        if pooled and pool:
-            pool.done()
+    held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
+    return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output, keep_stdin,
+                     output_bytes)
 
 
 def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlaced, framed: bool,
