@@ -64,6 +64,12 @@ class _Handler(BaseHTTPRequestHandler):
     # the caller twice.
     wbufsize = 64 * 1024
 
+    def handle_expect_100(self) -> bool:
+        # A "100 Continue" must reach the client before it sends the body it is holding back.
+        answer = super().handle_expect_100()
+        self.wfile.flush()
+        return answer
+
     def log_message(self, format, *args):  # the agent keeps its own audit log
         pass
 

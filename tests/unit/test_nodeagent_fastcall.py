@@ -186,3 +186,22 @@ print(os.waitstatus_to_exitcode(os.waitpid(held.pid, 0)[1]))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "7", done.stderr  # it said it was ready and ran its command
+
+
+def test_the_unix_http_server_answers_in_one_buffered_write_and_still_says_100_continue_at_once(tmp_path):
+    from agentkube.ebpf.unixhttp import UnixHttpServer, request
+
+    server = UnixHttpServer(tmp_path / "s.sock", {("POST", "/x"): lambda peer, params, body: (200, {"got": body})})
+    server.start()
+    try:
+        assert request(tmp_path / "s.sock", "POST", "/x", {"a": 1}) == {"got": {"a": 1}}
+        with socket.socket(socket.AF_UNIX) as client:  # a client (curl) that holds its body back until told
+            client.settimeout(10)
+            client.connect(str(tmp_path / "s.sock"))
+            client.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nContent-Type: application/json\r\n"
+                           b"Expect: 100-continue\r\n\r\n")
+            assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            client.sendall(b'{"b":2}')
+            assert client.recv(1000).endswith(b'{"got": {"b": 2}}')
+    finally:
+        server.stop()
