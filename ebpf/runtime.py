@@ -105,7 +105,7 @@ OutputSink = Callable[[str, bytes], None]
 
 @dataclass
 class Started:
-    """A call the node agent has placed, as its watcher sees it before it runs: its first process (the
+    """A call the node agent has placed, as its watcher sees it once released: its first process (the
     leader of a process group of its own: it was started in a new session) and, for a caller that keeps the
     call's stdin open (`run_call(keep_stdin=True)`), the write end of that stdin, which the caller closes."""
 
@@ -418,8 +418,8 @@ def _place_direct(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, prog
 def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: WarmPool | None = None,
              on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
              keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
-    """Run one command as a tool call. `on_placed` is told once the node agent has placed it (before it
-    runs: a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
+    """Run one command as a tool call. `on_placed` is told once the node agent has placed it and it has
+    been released (a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
     raise: the call is finished with the node agent whatever becomes of whoever watches it.
     `keep_stdin`: the call's stdin stays open and goes to `on_placed` (`run.stdin` is not written);
     `output_bytes`: how much of each stream the RunResult keeps (a background process keeps its own log)."""
@@ -433,18 +433,20 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: War
 def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlaced, framed: bool,
               on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
               keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
-    started = Started(placed, held.pid, held.stdin if keep_stdin else None)
-    if on_placed is not None:
-        on_placed(started)
-    pump = _Pump(held.pid, None if keep_stdin else held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr,
-                 on_output, output_bytes)
-    # The release: the held program's command (the next thing it does is the command's exec), or the shell
-    # holder's release line (its command was given when it started).
+    # The release, first: the held program's command (the next thing it does is the command's exec), or the
+    # shell holder's release line (its command was given when it started). Whoever watches is told, and the
+    # pump set up, while the command starts: its output waits in the pipes meanwhile, and its exit in the
+    # pidfd (a child not yet reaped).
     try:
         _write_all(held.command, command_frame(run.cwd, run.argv, run.env) if framed else b"g\n")
     except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
         pass
     os.close(held.command)
+    started = Started(placed, held.pid, held.stdin if keep_stdin else None)
+    if on_placed is not None:
+        on_placed(started)
+    pump = _Pump(held.pid, None if keep_stdin else held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr,
+                 on_output, output_bytes)
     pump.until_exit()
     with started.lock:
         _, status = os.waitpid(held.pid, 0)
