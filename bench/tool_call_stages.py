@@ -97,7 +97,10 @@ def instrument(stages) -> list[str]:
     """Wrap each stage that exists with a timer adding to its per-call total; returns the stages found."""
     found = []
     for module_name, owner_name, attribute, label in stages:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:  # a module an older version of the code does not have
+            continue
         owner = getattr(module, owner_name) if owner_name else module
         original = getattr(owner, attribute, None)
         if original is None:
