@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from nodeagent_common import machine, write_results  # noqa: E402
 
-import agentkube  # noqa: E402
+from agentkube import contract  # noqa: E402
 
 HERE = Path(__file__).parent
 CHECKOUT = HERE.parent
@@ -38,7 +38,7 @@ def package_at(ref: str, into: Path) -> Path:
     """A copy of the installed package whose node-agent and runtime modules (and the contract they share)
     are as at `ref`; returns the directory to put on PYTHONPATH."""
     root = into / ref.replace("/", "_")
-    shutil.copytree(Path(agentkube.__file__).parent, root / "agentkube", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(contract.__file__).parent, root / "agentkube", ignore=shutil.ignore_patterns("__pycache__"))
     ebpf = root / "agentkube" / "ebpf"
     for stale in ebpf.glob("*.py"):
         stale.unlink()
