@@ -751,5 +751,11 @@ def _atomic_write(path: Path, text: str) -> None:
     # Atomic against the agent dying mid-write. No fsync: state only has to outlive the agent process;
     # if the machine goes down, the cgroups and processes it describes are gone too.
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
     os.replace(temporary, path)

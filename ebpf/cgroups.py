@@ -332,10 +332,11 @@ class Cgroup:
 
     def _write_settings(self, settings: list[tuple[str, str, str, bool]]) -> None:
         for controller, name, value, required in settings:
-            path = self.controller_dir(controller) / name
-            if not required and not path.exists():
-                continue
-            _write(path, value)
+            try:
+                _write(self.controller_dir(controller) / name, value)
+            except FileNotFoundError:
+                if required:  # an optional file this kernel lacks (memsw without swap accounting) is skipped
+                    raise
 
     def set_envelope(self, envelope: Envelope) -> None:
         self.set_limits(envelope.memory, envelope.cpu, envelope.pids)
@@ -364,7 +365,7 @@ class Cgroup:
         """The processes alive in it: its unified membership (an exiting process leaves every hierarchy at once,
         but one that has exited can linger in a v1 cgroup.procs until reaped)."""
         try:
-            return {int(p) for p in (self.unified_dir / "cgroup.procs").read_text().split()}
+            return {int(p) for p in _read(self.unified_dir / "cgroup.procs").split()}
         except FileNotFoundError:
             return set()
 
@@ -393,7 +394,7 @@ class Cgroup:
         files = {}
         for controller, name in COUNTER_FILES[self.layout.kind]:
             try:
-                files[name] = (self.controller_dir(controller) / name).read_text()
+                files[name] = _read(self.controller_dir(controller) / name)
             except (FileNotFoundError, CgroupError):
                 continue
         return counters_from_files(self.layout.kind, files)
@@ -439,13 +440,30 @@ class Cgroup:
 
 
 def _write(path: Path, value: str) -> None:
+    # One open and one write(2): a cgroup file takes each write whole, and Python's text-file layers
+    # (buffer, encoder, O_TRUNC) cost more than the write itself on a call's path.
     try:
-        with open(path, "w") as handle:
-            handle.write(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except OSError as error:
         if error.errno == errno.ENOENT:
             raise
         raise CgroupError(f"cannot write {value!r} to {path}: {error.strerror}") from None
+
+
+def _read(path: Path) -> str:
+    """A cgroup file's text, without Python's text-file layers (most take one read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def _rmdir(directory: Path) -> None:

@@ -38,6 +38,7 @@ from agentkube.ebpf.models import (
     SandboxStatus,
     Usage,
 )
+from agentkube.ebpf.spawn import spawn
 from agentkube.ebpf.unixhttp import ApiError, HttpError, UnixHttpServer, request
 
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
@@ -104,7 +105,7 @@ OutputSink = Callable[[str, bytes], None]
 
 @dataclass
 class Started:
-    """A call the node agent has placed, as its watcher sees it before it runs: its first process (the
+    """A call the node agent has placed, as its watcher sees it once released: its first process (the
     leader of a process group of its own: it was started in a new session) and, for a caller that keeps the
     call's stdin open (`run_call(keep_stdin=True)`), the write end of that stdin, which the caller closes."""
 
@@ -256,18 +257,18 @@ class Held:
 
 def _spawn(program: list[str], extra_fd: int | None = None, env: dict[str, str] | None = None) -> Held:
     """posix_spawn (vfork-like) rather than fork: no copy of this process's page tables, and no forked copy
-    of a threaded interpreter. The child's fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
+    of a threaded interpreter; through `spawn.spawn`, so that the other threads run meanwhile. The child's
+    fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
     command_read, command_write = os.pipe()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     in_read, in_write = os.pipe()
     child_ends = [command_read, out_write, err_write, in_read]
-    actions = [(os.POSIX_SPAWN_DUP2, in_read, 0), (os.POSIX_SPAWN_DUP2, out_write, 1),
-               (os.POSIX_SPAWN_DUP2, err_write, 2), (os.POSIX_SPAWN_DUP2, command_read, 3)]
+    dup2s = [(in_read, 0), (out_write, 1), (err_write, 2), (command_read, 3)]
     if extra_fd is not None:
-        actions.append((os.POSIX_SPAWN_DUP2, extra_fd, 4))
+        dup2s.append((extra_fd, 4))
     try:
-        pid = os.posix_spawn(program[0], program, {**os.environ, **(env or {})}, setsid=True, file_actions=actions)
+        pid = spawn(program, {**os.environ, **(env or {})}, dup2s, setsid=True)
     except BaseException:
         for fd in (command_read, command_write, out_read, out_write, err_read, err_write, in_read, in_write):
             os.close(fd)
@@ -302,8 +303,10 @@ def _write_all(fd: int, data: bytes) -> None:
 class WarmPool:
     """Held processes already waiting in call cgroups of this sandbox (the agent's warm pool), so that a
     call starts with one request to the agent and a write to a pipe: no process start, no cgroup made, no
-    process moved on its path. Refilled in a thread once the calls that took them are over (or at once when
-    none is left), so that a refill's work does not compete with a running call's."""
+    process moved on its path. Refilled in a thread as soon as one is taken, while its call runs: a fill
+    mostly waits on the kernel (the cgroup's mkdir, the move's RCU grace period) and on the agent, and its
+    spawn no longer holds the interpreter's lock (spawn.py), so it takes little from the call; refilled only
+    between calls, the pool drained when calls came back to back and the next call waited for a fill."""
 
     def __init__(self, agent_socket: Path, sandbox: SandboxRef, program: Path, size: int = 2):
         self.agent = FrameClient(agent_socket)  # its own connection: fills never queue behind a call's requests
@@ -311,7 +314,6 @@ class WarmPool:
         self.program = program
         self.size = size
         self._ready: deque[Held] = deque()
-        self._active = 0  # calls under way that took a held process from here
         self._changed = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._refill, name="warm-pool", daemon=True)
@@ -324,28 +326,19 @@ class WarmPool:
             while not self._ready and not self._closed and time.monotonic() < deadline:
                 self._changed.wait(max(0.0, deadline - time.monotonic()))
             held = self._ready.popleft() if self._ready else None
-            if held is not None:
-                self._active += 1
-            self._changed.notify_all()
+            self._changed.notify_all()  # the refill thread: one fewer waits
         return held
-
-    def done(self) -> None:
-        """A call that took a held process is over (refills may go on)."""
-        with self._changed:
-            self._active -= 1
-            self._changed.notify_all()
 
     def give_back(self, held: Held) -> None:
         """A held process whose call the agent refused before anything changed (its cgroup is still waiting)."""
         with self._changed:
             self._ready.appendleft(held)
-            self._active -= 1
 
     def _refill(self) -> None:
         failures = 0
         while True:
             with self._changed:
-                while not self._closed and (len(self._ready) >= self.size or (self._ready and self._active)):
+                while not self._closed and len(self._ready) >= self.size:
                     self._changed.wait()
                 if self._closed:
                     return
@@ -389,7 +382,6 @@ def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool
             if os.waitpid(held.pid, os.WNOHANG)[0]:  # reaped here: it died while it waited
                 held.pid = 0
                 held.close()
-                pool.done()
                 continue
             placed = CallPlaced.model_validate(_agent_call(
                 agent_socket, "start", name=sandbox.name, namespace=sandbox.namespace, call_id=held.call_id,
@@ -400,12 +392,10 @@ def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool
                 pool.give_back(held)
                 raise
             held.close()
-            pool.done()
             if error.status not in (404, 409):  # its cgroup unknown to the agent (restarted), or tampered with
                 raise
         except BaseException:
             held.close()
-            pool.done()
             if isinstance(sys.exc_info()[1], ConnectionError):
                 return None
             raise
@@ -428,37 +418,35 @@ def _place_direct(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, prog
 def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: WarmPool | None = None,
              on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
              keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
-    """Run one command as a tool call. `on_placed` is told once the node agent has placed it (before it
-    runs: a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
+    """Run one command as a tool call. `on_placed` is told once the node agent has placed it and it has
+    been released (a refusal raises before), `on_output` gets each chunk of its output as it is read. Neither may
     raise: the call is finished with the node agent whatever becomes of whoever watches it.
     `keep_stdin`: the call's stdin stays open and goes to `on_placed` (`run.stdin` is not written);
     `output_bytes`: how much of each stream the RunResult keeps (a background process keeps its own log)."""
     program = pool.program if pool else None
     pooled = _start_pooled(agent_socket, sandbox, run, pool) if pool else None
-    try:
-        held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
-        return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output, keep_stdin,
-                         output_bytes)
-    finally:
-        if pooled and pool:
-            pool.done()
+    held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
+    return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output, keep_stdin,
+                     output_bytes)
 
 
 def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlaced, framed: bool,
               on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
               keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
-    started = Started(placed, held.pid, held.stdin if keep_stdin else None)
-    if on_placed is not None:
-        on_placed(started)
-    pump = _Pump(held.pid, None if keep_stdin else held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr,
-                 on_output, output_bytes)
-    # The release: the held program's command (the next thing it does is the command's exec), or the shell
-    # holder's release line (its command was given when it started).
+    # The release, first: the held program's command (the next thing it does is the command's exec), or the
+    # shell holder's release line (its command was given when it started). Whoever watches is told, and the
+    # pump set up, while the command starts: its output waits in the pipes meanwhile, and its exit in the
+    # pidfd (a child not yet reaped).
     try:
         _write_all(held.command, command_frame(run.cwd, run.argv, run.env) if framed else b"g\n")
     except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
         pass
     os.close(held.command)
+    started = Started(placed, held.pid, held.stdin if keep_stdin else None)
+    if on_placed is not None:
+        on_placed(started)
+    pump = _Pump(held.pid, None if keep_stdin else held.stdin, (run.stdin or "").encode(), held.stdout, held.stderr,
+                 on_output, output_bytes)
     pump.until_exit()
     with started.lock:
         _, status = os.waitpid(held.pid, 0)

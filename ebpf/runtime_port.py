@@ -301,13 +301,17 @@ class _Handler(BaseHTTPRequestHandler):
         decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
         watching = True  # until a write to the gateway fails: the call runs on and is finished regardless
 
-        def send(event: dict) -> None:
+        def chunk(line: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(line), line)
+
+        def send(event: dict | bytes, last: bool = False) -> None:
+            """One event (or its JSON line) as a chunk; `last`: with the answer's end in the same write."""
             nonlocal watching
             if not watching:
                 return
-            line = json.dumps(event).encode() + b"\n"
+            data = chunk(event if isinstance(event, bytes) else json.dumps(event).encode() + b"\n")
             try:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.write(data + b"0\r\n\r\n" if last else data)
                 self.wfile.flush()
             except OSError:
                 watching = False
@@ -351,7 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
                 rest = decoder.decode(b"", final=True)
                 if rest:
                     send({"stream": stream, "data": rest})
-            send({"result": json.loads(result.model_dump_json())})
+            # The result's JSON as pydantic writes it, not parsed and written again.
+            send(b'{"result":' + result.model_dump_json().encode() + b"}\n", last=True)
+            if watching:
+                return
         if watching:
             try:
                 self.wfile.write(b"0\r\n\r\n")

@@ -59,6 +59,16 @@ def validation_message(error: ValidationError) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: UnixHttpServer
     protocol_version = "HTTP/1.1"
+    # Answers are whole bodies (nothing here streams): the status line, headers and body are buffered and
+    # sent in one write when the request is done (BaseHTTPRequestHandler flushes then), not in two that wake
+    # the caller twice.
+    wbufsize = 64 * 1024
+
+    def handle_expect_100(self) -> bool:
+        # A "100 Continue" must reach the client before it sends the body it is holding back.
+        answer = super().handle_expect_100()
+        self.wfile.flush()
+        return answer
 
     def log_message(self, format, *args):  # the agent keeps its own audit log
         pass

@@ -4,6 +4,7 @@ the frames between runtime and agent."""
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -136,4 +137,71 @@ def test_frames_share_connections_across_threads_speak_beside_http_and_survive_a
         assert client.request("echo", value=7)["value"] == 7
     finally:
         client.close()
+        server.stop()
+
+
+def test_spawn_sets_the_childs_descriptors_environment_and_session():
+    from agentkube.ebpf.spawn import spawn
+
+    out_read, out_write = os.pipe()
+    code = "import os; print(os.getsid(0) == os.getpid(), os.environ['AGENTKUBE_X'], os.read(3, 5).decode())"
+    extra_read, extra_write = os.pipe()
+    os.write(extra_write, b"fd3ok")
+    os.close(extra_write)
+    try:
+        pid = spawn([sys.executable, "-c", code], {"AGENTKUBE_X": "given"}, [(out_write, 1), (extra_read, 3)])
+    finally:
+        os.close(out_write)
+        os.close(extra_read)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    with os.fdopen(out_read) as out:
+        assert out.read().split() == ["True", "given", "fd3ok"]
+
+
+def test_spawn_of_a_missing_program_raises_in_the_caller():
+    from agentkube.ebpf.spawn import spawn
+
+    with pytest.raises(OSError):
+        spawn(["/nonexistent/agentkube-program"], {}, [])
+
+
+def test_a_held_process_gets_its_pipes_whatever_numbers_they_have_here(tmp_path):
+    # Pipes made while other threads close descriptors can land on fd 3 or 4, the targets of the child's
+    # dup2s: a ready pipe numbered 3 must still become the held process's fd 4, not be overwritten by its
+    # command pipe (which the child gets on fd 3 first).
+    script = f"""
+import os, sys, pathlib
+sys.path[:0] = {sys.path!r}
+from agentkube.ebpf.held import build, command_frame
+from agentkube.ebpf import runtime
+program = build(pathlib.Path({str(tmp_path / "held")!r}))
+low = [os.open(os.devnull, os.O_RDONLY) for _ in range(2)]  # the lowest free numbers taken first
+ready_read, ready_write = os.pipe()
+os.dup2(ready_write, 3); os.close(ready_write)  # the ready pipe's write end is fd 3
+held = runtime._spawn([str(program)], extra_fd=3)
+os.close(3)
+assert os.read(ready_read, 1) == b"r"
+os.write(held.command, command_frame(None, ["sh", "-c", "exit 7"])); os.close(held.command)
+print(os.waitstatus_to_exitcode(os.waitpid(held.pid, 0)[1]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "7", done.stderr  # it said it was ready and ran its command
+
+
+def test_the_unix_http_server_answers_in_one_buffered_write_and_still_says_100_continue_at_once(tmp_path):
+    from agentkube.ebpf.unixhttp import UnixHttpServer, request
+
+    server = UnixHttpServer(tmp_path / "s.sock", {("POST", "/x"): lambda peer, params, body: (200, {"got": body})})
+    server.start()
+    try:
+        assert request(tmp_path / "s.sock", "POST", "/x", {"a": 1}) == {"got": {"a": 1}}
+        with socket.socket(socket.AF_UNIX) as client:  # a client (curl) that holds its body back until told
+            client.settimeout(10)
+            client.connect(str(tmp_path / "s.sock"))
+            client.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nContent-Type: application/json\r\n"
+                           b"Expect: 100-continue\r\n\r\n")
+            assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            client.sendall(b'{"b":2}')
+            assert client.recv(1000).endswith(b'{"got": {"b": 2}}')
+    finally:
         server.stop()
