@@ -18,11 +18,17 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import signal
 from collections.abc import Mapping, Sequence
 
-# glibc's flag for setsid() in the child (spawn.h, glibc ≥ 2.26); Python's os.POSIX_SPAWN_SETSID is not
-# exported, so the value is the one the C library defines for Linux.
+# glibc's flags (spawn.h): setsid() in the child (glibc ≥ 2.26; Python's os.POSIX_SPAWN_SETSID is not
+# exported), and the signals of its set back to their default actions.
 POSIX_SPAWN_SETSID = 0x80
+POSIX_SPAWN_SETSIGDEF = 0x04
+# Python ignores SIGPIPE and SIGXFSZ in itself, and an ignored signal stays ignored across exec: a tool call
+# would start with them ignored, so `yes | head -1` ended in "Broken pipe" errors instead of `yes` dying
+# quietly as in a shell. Commands get the default actions a shell gives them.
+DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 # posix_spawn_file_actions_t and posix_spawnattr_t are opaque (80 and 336 bytes in glibc on x86-64 and
 # arm64): room for either, initialised and destroyed by the library's own functions.
 _OPAQUE_BYTES = 512
@@ -32,6 +38,10 @@ _libc.posix_spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, cty
                               ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p)]
 _libc.posix_spawn_file_actions_adddup2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 _libc.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+_libc.posix_spawnattr_setsigdefault.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.sigemptyset.argtypes = [ctypes.c_void_p]
+_libc.sigaddset.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_SIGSET_BYTES = 128  # sigset_t in glibc
 
 
 def _strings(items: Sequence[bytes]) -> ctypes.Array:
@@ -55,8 +65,13 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], dup2s: Sequence[tuple[int
         _check(_libc.posix_spawnattr_init(attributes), "posix_spawnattr_init")
         for copy, (_, target) in zip(copies, dup2s, strict=True):
             _check(_libc.posix_spawn_file_actions_adddup2(actions, copy, target), "posix_spawn_file_actions_adddup2")
-        if setsid:
-            _check(_libc.posix_spawnattr_setflags(attributes, POSIX_SPAWN_SETSID), "posix_spawnattr_setflags")
+        defaults = ctypes.create_string_buffer(_SIGSET_BYTES)
+        _libc.sigemptyset(defaults)
+        for number in DEFAULT_SIGNALS:
+            _libc.sigaddset(defaults, int(number))
+        _check(_libc.posix_spawnattr_setsigdefault(attributes, defaults), "posix_spawnattr_setsigdefault")
+        flags = POSIX_SPAWN_SETSIGDEF | (POSIX_SPAWN_SETSID if setsid else 0)
+        _check(_libc.posix_spawnattr_setflags(attributes, flags), "posix_spawnattr_setflags")
         pid = ctypes.c_int()
         path = os.fsencode(argv[0])
         _check(_libc.posix_spawn(ctypes.byref(pid), path, actions, attributes, _strings([os.fsencode(a) for a in argv]),

@@ -2,6 +2,7 @@
 the frames between runtime and agent."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +157,21 @@ def test_spawn_sets_the_childs_descriptors_environment_and_session():
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     with os.fdopen(out_read) as out:
         assert out.read().split() == ["True", "given", "fd3ok"]
+
+
+def test_a_spawned_command_dies_of_a_closed_pipe_as_in_a_shell():
+    """Python ignores SIGPIPE; a tool call must not inherit that: `yes | head -1` ends with yes killed by the
+    signal, not writing "Broken pipe" errors."""
+    from agentkube.ebpf.spawn import spawn
+
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # the case that matters: ignored here
+    out_read, out_write = os.pipe()
+    pid = spawn(["/bin/sh", "-c", "grep SigIgn /proc/self/status"], {}, [(out_write, 1)])
+    os.close(out_write)
+    os.waitpid(pid, 0)
+    with os.fdopen(out_read) as out:
+        ignored = int(out.read().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1)), hex(ignored)
 
 
 def test_spawn_of_a_missing_program_raises_in_the_caller():
