@@ -63,6 +63,26 @@ def _p95(bucket: str, by: str = "", window: str = "5m") -> str:
     return f"histogram_quantile(0.95, sum by (le{', ' + by if by else ''}) (rate({bucket}[{window}])))"
 
 
+# Knative's metrics come under two generations of names (operator/autoscaling.py: OpenCensus before 1.19,
+# OpenTelemetry since, where the queue-proxy's series carry the revision only on `target_info`). A panel
+# asks for both and shows whichever the cluster exports, the newer relabelled to the older's labels, so one
+# legend fits both: without this, every Knative panel is empty on a current Knative.
+_KNATIVE_BY = "namespace_name, service_name"
+_OTEL_BY = "k8s_namespace_name, kn_service_name"
+_OTEL_ON_TARGET = f"on (job, instance) group_left ({_OTEL_BY}) target_info"
+_OTEL_REQUESTS = "kn_serving_invocation_duration_seconds"
+
+
+def _knative(opencensus: str, opentelemetry: str) -> str:
+    relabelled = (f'label_replace(label_replace({opentelemetry}, "namespace_name", "$1", "k8s_namespace_name", "(.+)"), '
+                  f'"service_name", "$1", "kn_service_name", "(.+)")')
+    return f"({opencensus}) or {relabelled}"
+
+
+def _knative_gauge(opencensus: str, opentelemetry: str) -> str:
+    return _knative(f"sum by ({_KNATIVE_BY}) ({opencensus})", f"sum by ({_OTEL_BY}) ({opentelemetry})")
+
+
 def _p50(bucket: str, by: str = "", window: str = "5m") -> str:
     return f"histogram_quantile(0.5, sum by (le{', ' + by if by else ''}) (rate({bucket}[{window}])))"
 
@@ -136,14 +156,17 @@ SERVED_MODELS = Dashboard(
                  "in force {{namespace}}/{{servedmodel}}"),
                q("max by (namespace, servedmodel) (agentkube_servedmodel_policy_target)", "policy {{namespace}}/{{servedmodel}}"))),
         Panel("Pods", "Ready and not-ready pods of each revision, as Knative's autoscaler counts them.", "short",
-              (q("sum by (namespace_name, service_name) (autoscaler_actual_pods)", "ready {{namespace_name}}/{{service_name}}"),
-               q("sum by (namespace_name, service_name) (autoscaler_not_ready_pods)",
+              (q(_knative_gauge("autoscaler_actual_pods", "kn_revision_pods_count"), "ready {{namespace_name}}/{{service_name}}"),
+               q(_knative_gauge("autoscaler_not_ready_pods", "kn_revision_pods_not_ready_count"),
                  "not ready {{namespace_name}}/{{service_name}}"))),
-        Panel("p95 request latency", "From queue-proxy's latency histogram.", "ms",
-              (q(_p95("revision_app_request_latencies_bucket", "namespace_name, service_name", "1m"),
+        Panel("p95 request latency", "From queue-proxy's latency histogram (Knative's tops out at 10 s).", "ms",
+              (q(_knative(_p95("revision_app_request_latencies_bucket", _KNATIVE_BY, "1m"),
+                          f"1000 * histogram_quantile(0.95, sum by (le, {_OTEL_BY}) "
+                          f"(rate({_OTEL_REQUESTS}_bucket[1m]) * {_OTEL_ON_TARGET}))"),
                  "{{namespace_name}}/{{service_name}}"),)),
         Panel("Requests/s", "Requests routed to each revision's queue-proxy.", "reqps",
-              (q("sum by (namespace_name, service_name) (rate(revision_app_request_count[1m]))",
+              (q(_knative(f"sum by ({_KNATIVE_BY}) (rate(revision_app_request_count[1m]))",
+                          f"sum by ({_OTEL_BY}) (rate({_OTEL_REQUESTS}_count[1m]) * {_OTEL_ON_TARGET})"),
                  "{{namespace_name}}/{{service_name}}"),)),
         Panel("Autoscaling decisions and fallbacks (5m)",
               "Turns of the autoscaling loop by reason: PolicyDecided, or why it fell back to Knative's default.", "short",
