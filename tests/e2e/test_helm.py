@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agentkube import dashboards
 from agentkube.client import Sandbox
 from agentkube.demo import chart_values  # the local node's paths, as `make demo` installs the chart
 from agentkube.devenv import DevEnv, images, node
@@ -474,6 +475,7 @@ def test_background_processes_and_a_200mb_file_go_through_the_gateway_and_plante
 RESUME_SCRIPT = """
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
+from agentkube import dashboards
 from agentkube.client import Sandbox
 def call(i):
     return Sandbox.connect("sleeper", sys.argv[1]).run(["echo", str(i)]).stdout
@@ -535,6 +537,7 @@ except Exception as error:  # the gateway went away under the stream
 
 AFTER_THE_GATEWAY_SCRIPT = """
 import json, sys, time
+from agentkube import dashboards
 from agentkube.client import Sandbox
 namespace, process_id = sys.argv[1:3]
 box = Sandbox.connect("agent", namespace)
@@ -624,6 +627,7 @@ def _try_in_pod(kubectl, namespace: str, script: str, *args: str) -> dict | None
 
 POOL_SCRIPT = """
 import io, json, sys
+from agentkube import dashboards
 from agentkube.client import Sandbox
 namespace = sys.argv[1]
 one = Sandbox.create("warm", namespace, env={"TASK": "42"}, ttl="10m")
@@ -714,6 +718,7 @@ def test_claims_adopt_warm_pods_that_refill_roll_on_a_template_change_and_never_
 
 FIRST_COMMANDS_SCRIPT = """
 import json, sys
+from agentkube import dashboards
 from agentkube.client import Sandbox
 namespace, pool, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 out = {"exits": [], "warm": []}
@@ -747,6 +752,7 @@ def test_the_first_command_once_a_sandbox_runs_is_never_refused(pools, kubectl, 
 
 CLAIM_ACROSS_A_RESTART_SCRIPT = """
 import json, sys
+from agentkube import dashboards
 from agentkube.client import Sandbox
 namespace, pool = sys.argv[1], sys.argv[2]
 print(json.dumps({"claiming": True}), flush=True)
@@ -817,6 +823,11 @@ def test_the_demo_runs_on_the_installed_agentkube(release, devenv):
     assert moment.pods_after == 4 and moment.placement_after.get("on-demand", 0) >= 1, moment
     assert sorted(p.name for p in (devenv.layout.root / "dashboards").glob("*.png")) == [
         "agentkube-node-agent.png", "agentkube-operator.png", "agentkube-sandboxes.png", "agentkube-served-models.png"]
+    # Knative's own panels have data from the real Knative (its OpenTelemetry names) over the demo's minutes.
+    end = time.time()
+    for panel in dashboards.SERVED_MODELS.panels:
+        if panel.title in ("Pods", "p95 request latency", "Requests/s"):
+            assert dashboards.query_range(devenv.prometheus_url, panel.queries[0].expr, end - 600, end, 15), panel.title
 
 
 def test_helm_uninstall_keeps_the_crds_and_leaves_nothing_else(release, helm, kubectl, eventually):
