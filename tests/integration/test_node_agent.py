@@ -348,8 +348,12 @@ def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_
     while sandbox_status(agent, sandbox)["running_calls"] < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_status(agent, sandbox)["running_calls"] == 3
+    restarted_at = time.time()
     agent.restart(kill=crash)
     assert sandbox_status(agent, sandbox)["running_calls"] == 3
+    # The waiting cgroups' empty records (opened at fill) read as calls that never started: removed.
+    assert all(path.stat().st_size for path in (agent.state_dir / "calls").glob("*.json")
+               if path.stat().st_mtime < restarted_at)
     release.touch()
     for call in calls:
         call.join(timeout=180)
@@ -556,6 +560,36 @@ def test_a_call_is_born_in_its_cgroup_with_its_limits_already_applied(agent, san
         ["sh", "-c", f'cat "{mount}$(grep "^[0-9]*:{memory}:" /proc/self/cgroup | cut -d: -f3)/{limit}"'],
         memory="48Mi", timeout=30)
     assert read_limit.stdout.strip() == str(48 << 20), read_limit.stderr
+
+
+def test_a_refill_waits_with_the_latest_calls_limits_and_a_call_asking_for_others_still_gets_its_own(
+        agent, sandbox, eventually):
+    status = sandbox_status(agent, sandbox)
+    layout = detect_layout()
+    limit = "memory.max" if layout.kind == "v2" else "memory.limit_in_bytes"
+    memory_dir = layout.hierarchy_for("memory").mount / status["cgroup"].lstrip("/")
+
+    def waiting_limits() -> set[int]:
+        return {int((memory_dir / name / limit).read_text()) for name in waiting_cgroups(status["cgroup"])}
+
+    def own_limit(**intent) -> int:
+        memory = "" if layout.kind == "v2" else next(
+            line.split(":")[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if "memory" in line.split(":")[1].split(","))
+        result = sandbox.client.run(
+            ["sh", "-c", f'cat "{layout.hierarchy_for("memory").mount}$(grep "^[0-9]*:{memory}:" /proc/self/cgroup'
+                         f' | cut -d: -f3)/{limit}"'], timeout=30, **intent)
+        assert result.exit_code == 0, result.stderr
+        return int(result.stdout)
+
+    wait_for_pool(status["cgroup"], eventually)
+    assert own_limit(memory="48Mi") == 48 << 20
+    # The cgroups filled after it wait under its limits (within the envelope, as it was resolved).
+    eventually(lambda: waiting_limits() == {48 << 20}, timeout=30, message="refills did not take the latest limits")
+    assert own_limit(memory="48Mi") == 48 << 20  # the same intent: nothing to write at its start
+    default = status["defaults"]["memory"]
+    assert default != 48 << 20
+    assert own_limit() == default  # no intent: the sandbox's default, whatever its waiting cgroup held
 
 
 def test_pooled_cgroups_serve_one_call_each_and_never_another_sandbox(agent, sandbox, eventually):
