@@ -208,6 +208,7 @@ def main() -> None:
     whole: dict[str, list[float]] = {p: [] for p in paths}
     runtime_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
     agent_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
+    direct_calls: list[tuple[float, dict[str, float]]] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="agentkube-stages-") as scratch:
         socket_path = Path(scratch) / "agent.sock"
@@ -256,6 +257,8 @@ def main() -> None:
                         whole[path].append(call.pop("whole") / 1000)
                         for label, ns in call.items():
                             runtime_side[path][label].append(ns / 1000)
+                        if path == "direct":  # per-call stages: kept whole, for where the slowest calls' time goes
+                            direct_calls.append((whole[path][-1], {label: ns / 1000 for label, ns in call.items()}))
                     # The agent's totals over the block, per call (the agent's threads are not per call).
                     for label, ns in take().items():
                         agent_side[path][label].append(ns / 1000 / block)
@@ -278,6 +281,16 @@ def main() -> None:
                                  "added_to_direct_median_us": median(whole[path]) - median(whole[paths[0]])}
         rows.append([f"**{path}: whole call**", *(f"{median(whole[path]):.0f}" if p == path else "" for p in paths),
                      f"p99 {p99(whole[path]):.0f}"])
+    # The tail: the runtime's stages of the slowest 5% of direct calls (median over them), beside all calls'.
+    slowest = sorted(direct_calls, key=lambda call: call[0])[int(0.95 * len(direct_calls)):]
+    tail = {label: median([stages.get(label, 0.0) for _, stages in slowest])
+            for label in dict.fromkeys(label for _, stages in slowest for label in stages)}
+    result["direct_slowest_5_percent"] = {"calls": len(slowest), "whole_median_us": median([w for w, _ in slowest]),
+                                          "stages_median_us": tail}
+    if slowest and paths[0] == "direct":
+        rows.append(["**direct: the slowest 5% of calls** (their median)", f"{median([w for w, _ in slowest]):.0f}",
+                     *([""] * (len(paths) - 1)), f"{len(slowest)} calls"])
+        rows += [[f"  {label} (slowest 5%)", f"{value:.0f}", *([""] * (len(paths) - 1)), ""] for label, value in tail.items()]
     labels = list(dict.fromkeys(label for path in paths for side in (runtime_side, agent_side) for label in side[path]))
     for label in labels:
         cells = []

@@ -302,12 +302,10 @@ def _write_all(fd: int, data: bytes) -> None:
 class WarmPool:
     """Held processes already waiting in call cgroups of this sandbox (the agent's warm pool), so that a
     call starts with one request to the agent and a write to a pipe: no process start, no cgroup made, no
-    process moved on its path. Refilled in a thread while the call that took one runs, once its start has
-    been answered (`refill`): a fill mostly waits on the kernel (the cgroup's mkdir, the move's RCU grace
-    period) and on the agent, and its spawn no longer holds the interpreter's lock (spawn.py), so it takes
-    little from the running command; begun as the call was taken, the spawn and the agent's fill competed
-    with the call's start for both processes; refilled only between calls, the pool drained when calls came
-    back to back and the next call waited for a fill."""
+    process moved on its path. Refilled in a thread as soon as one is taken, while its call runs: a fill
+    mostly waits on the kernel (the cgroup's mkdir, the move's RCU grace period) and on the agent, and its
+    spawn no longer holds the interpreter's lock (spawn.py), so it takes little from the call; refilled only
+    between calls, the pool drained when calls came back to back and the next call waited for a fill."""
 
     def __init__(self, agent_socket: Path, sandbox: SandboxRef, program: Path, size: int = 2):
         self.agent = FrameClient(agent_socket)  # its own connection: fills never queue behind a call's requests
@@ -327,13 +325,8 @@ class WarmPool:
             while not self._ready and not self._closed and time.monotonic() < deadline:
                 self._changed.wait(max(0.0, deadline - time.monotonic()))
             held = self._ready.popleft() if self._ready else None
+            self._changed.notify_all()  # the refill thread: one fewer waits
         return held
-
-    def refill(self) -> None:
-        """Let the refill thread make up for what was taken (called once a taken process's call has started,
-        or failed to)."""
-        with self._changed:
-            self._changed.notify_all()
 
     def give_back(self, held: Held) -> None:
         """A held process whose call the agent refused before anything changed (its cgroup is still waiting)."""
@@ -430,12 +423,7 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: War
     `keep_stdin`: the call's stdin stays open and goes to `on_placed` (`run.stdin` is not written);
     `output_bytes`: how much of each stream the RunResult keeps (a background process keeps its own log)."""
     program = pool.program if pool else None
-    pooled = None
-    if pool:
-        try:
-            pooled = _start_pooled(agent_socket, sandbox, run, pool)
-        finally:
-            pool.refill()
+    pooled = _start_pooled(agent_socket, sandbox, run, pool) if pool else None
     held, placed = pooled or _place_direct(agent_socket, sandbox, run, program)
     return _run_held(agent_socket, run, held, placed, program is not None, on_placed, on_output, keep_stdin,
                      output_bytes)
