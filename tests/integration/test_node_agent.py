@@ -572,33 +572,43 @@ def test_a_refill_waits_with_the_latest_calls_limits_and_a_call_asking_for_other
     status = sandbox_status(agent, sandbox)
     layout = detect_layout()
     limit = "memory.max" if layout.kind == "v2" else "memory.limit_in_bytes"
-    memory_dir = layout.hierarchy_for("memory").mount / status["cgroup"].lstrip("/")
+    mount = layout.hierarchy_for("memory").mount
+
+    def memory_path(proc_cgroup: str) -> str:  # the memory hierarchy's line of a /proc/PID/cgroup
+        return next(line.split(":", 2)[2] for line in proc_cgroup.splitlines()
+                    if (line.split(":")[1] == "") == (layout.kind == "v2") and
+                    (layout.kind == "v2" or "memory" in line.split(":")[1].split(",")))
 
     def waiting_limits() -> set[int] | None:
-        try:
-            return {int((memory_dir / name / limit).read_text()) for name in waiting_cgroups(status["cgroup"])}
-        except FileNotFoundError:  # a cgroup being made or removed while we looked
+        try:  # each waiting cgroup's memory limit, found through its held process
+            return {int((mount / memory_path(Path(f"/proc/{pid}/cgroup").read_text()).lstrip("/") / limit).read_text())
+                    for pid in waiting_cgroups(status["cgroup"]).values()}
+        except (FileNotFoundError, ProcessLookupError, StopIteration):  # changing while we looked
             return None
 
-    def own_limit(**intent) -> int:
-        memory = "" if layout.kind == "v2" else next(
+    def own_limit(**intent) -> tuple[int, int]:  # read by the call itself (its cgroup goes when it ends); resolved
+        controllers = "" if layout.kind == "v2" else next(
             line.split(":")[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
             if "memory" in line.split(":")[1].split(","))
         result = sandbox.client.run(
-            ["sh", "-c", f'cat "{layout.hierarchy_for("memory").mount}$(grep "^[0-9]*:{memory}:" /proc/self/cgroup'
-                         f' | cut -d: -f3)/{limit}"'], timeout=30, **intent)
+            ["sh", "-c", f'cat "{mount}$(grep "^[0-9]*:{controllers}:" /proc/self/cgroup | cut -d: -f3)/{limit}"'],
+            timeout=30, **intent)
         assert result.exit_code == 0, result.stderr
-        return int(result.stdout)
+        return int(result.stdout), result.limits.memory
 
     wait_for_pool(status["cgroup"], eventually)
-    for _ in range(2):  # each takes one of the two cgroups that waited under the defaults
-        assert own_limit(memory="48Mi") == 48 << 20
+    # Two calls take the two cgroups that waited under the defaults; a call's take starts its refill, whose
+    # fill can reach the agent before that call's start, so the third call's refill is the first sure to
+    # come after a 48Mi start.
+    for _ in range(3):
+        assert own_limit(memory="48Mi") == (48 << 20, 48 << 20)
     # The cgroups filled after them wait under their limits (within the envelope, as they were resolved).
     eventually(lambda: waiting_limits() == {48 << 20}, timeout=30, message="refills did not take the latest limits")
-    assert own_limit(memory="48Mi") == 48 << 20  # the same intent: nothing to write at its start
-    default = status["defaults"]["memory"]
-    assert default != 48 << 20
-    assert own_limit() == default  # no intent: the sandbox's default, whatever its waiting cgroup held
+    assert own_limit(memory="48Mi") == (48 << 20, 48 << 20)  # the same intent: nothing to write at its start
+    # No intent: what the agent resolves for it (history of the command, else the sandbox's default), whatever
+    # its waiting cgroup held.
+    held, resolved = own_limit()
+    assert held == resolved != 48 << 20
 
 
 def test_pooled_cgroups_serve_one_call_each_and_never_another_sandbox(agent, sandbox, eventually):
