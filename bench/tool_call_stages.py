@@ -61,6 +61,7 @@ AGENT_STAGES = [
     ("agentkube.ebpf.cgroups", "Cgroup", "kill", "agent: cgroup.kill"),
     ("agentkube.ebpf.cgroups", "Cgroup", "wait_empty", "agent: wait until empty"),
     ("agentkube.ebpf.cgroups", "Cgroup", "counters", "agent: read counters"),
+    ("agentkube.ebpf.cgroups", "OpenCounters", "counters", "agent: read counters"),
     ("agentkube.ebpf.agent", "NodeAgent", "_await_exit_event", "agent: wait for the exit event"),
     ("agentkube.ebpf.bpf", "Programs", "set_policy", "agent: BPF egress policy of the call"),
     ("agentkube.ebpf.bpf", "Programs", "consume_events", "agent: read the call's events"),

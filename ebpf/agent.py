@@ -36,6 +36,7 @@ from agentkube.ebpf.cgroups import (
     Cgroup,
     CgroupError,
     CgroupLayout,
+    OpenCounters,
     detect_layout,
     favors_dynmods,
     is_within,
@@ -171,6 +172,7 @@ class PooledCgroup:
     # empty or unreadable record is a call that never started (the agent died before its start was answered,
     # so the process was never released): a restarted agent removes it, and its sweep the cgroup.
     record_fd: int = -1
+    counters: OpenCounters | None = None  # its counter files and membership, open until its call ends
 
 
 class NodeAgent:
@@ -195,6 +197,7 @@ class NodeAgent:
         self.history: dict[str, deque[int]] = {}
         self.executed: dict[str, list[str]] = {}
         self._by_cgroup: dict[int, str] = {}
+        self._counters: dict[str, OpenCounters] = {}  # running pooled call -> its open counter files
         self.deadlines = Deadlines()
         self._removals: queue.Queue[Cgroup | None] = queue.Queue()
         self._remover = threading.Thread(target=self._remove_cgroups, name="cgroup-remover", daemon=True)
@@ -430,6 +433,7 @@ class NodeAgent:
         slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits)
         try:
             slot.record_fd = os.open(self._record_path(call_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            slot.counters = cgroup.open_counters()
             cgroup.apply(limits)
             # No call yet: nothing may leave. A cgroup the agent knows no call for is removed by its sweep
             # after a restart (its process killed), so a pool needs no record on disk.
@@ -453,8 +457,8 @@ class NodeAgent:
         if slot is None:
             raise HttpError(404, f"no waiting call cgroup {request.call_id} in sandbox {sandbox.key}")
         try:
-            members = (slot.cgroup.unified_dir / "cgroup.procs").read_text().split()
-        except FileNotFoundError:
+            members = slot.counters.members() if slot.counters else []
+        except OSError:  # its cgroup removed behind the agent's back
             members = []
         if members != [str(slot.pid)]:
             self._discard(slot)
@@ -483,6 +487,8 @@ class NodeAgent:
             with self._lock:
                 self.running[record.call_id] = record
                 self._by_cgroup[record.cgroup_id] = record.call_id
+                if slot.counters:
+                    self._counters[record.call_id], slot.counters = slot.counters, None
             self.programs.set_policy(record.cgroup_id, limits.network)
             self.pressure.watch(record.call_id, slot.cgroup, limits.memory_high)
         except BaseException:
@@ -526,6 +532,9 @@ class NodeAgent:
             os.close(slot.record_fd)
             slot.record_fd = -1
             self._record_path(slot.call_id).unlink(missing_ok=True)
+        if slot.counters:
+            slot.counters.close()
+            slot.counters = None
 
     def _write_record(self, slot: PooledCgroup, data: bytes) -> None:
         """A pooled call's write-ahead record, into the file its fill opened: one write(2) at offset 0 (a
@@ -587,16 +596,25 @@ class NodeAgent:
                 raise HttpError(404, f"no call {call_id}")
         self.deadlines.cancel(call_id)
         cgroup = Cgroup(self.layout, record.cgroup_paths)
+        with self._lock:
+            files = self._counters.pop(call_id, None)
         counters = None
         if cgroup.exists():
             # Leftovers, daemonized grandchildren included: the call is over. Mostly there are none (the first
             # process was reaped before the runtime reported), and cgroup.kill takes the kernel's cgroup lock,
             # which a cgroup being made or removed elsewhere can hold for milliseconds: kill only what is there.
             # Nothing can join an empty call cgroup (only a member's fork, or root, puts a process in one).
-            if cgroup.live_pids():
+            try:
+                left = files.members() if files else cgroup.live_pids()
+            except OSError:  # the cgroup went meanwhile (its files read ENODEV): as without them
+                left = cgroup.live_pids()
+            if left:
                 cgroup.kill()
                 cgroup.wait_empty()
-            counters = cgroup.counters()
+            try:
+                counters = files.counters() if files else cgroup.counters()
+            except OSError:
+                counters = cgroup.counters()
         # What the call executed: its events are in the ring buffer by now (a process's exit event is
         # written before its parent can reap it, and the runtime reports only then), read here.
         self.programs.consume_events()
@@ -627,6 +645,8 @@ class NodeAgent:
             self._append_audit(record)
 
         def rest() -> None:
+            if files:
+                files.close()
             self.programs.untrack(record.cgroup_id)
             # Removing a v1 memory cgroup can wait on the kernel for milliseconds: the remover thread does it.
             self._removals.put(cgroup)
@@ -661,6 +681,9 @@ class NodeAgent:
         with self._lock:
             self.running.pop(record.call_id, None)
             self._by_cgroup.pop(record.cgroup_id, None)
+            files = self._counters.pop(record.call_id, None)
+        if files:
+            files.close()
         self.programs.untrack(record.cgroup_id)
         self.pressure.unwatch(record.call_id)
         self._record_path(record.call_id).unlink(missing_ok=True)
