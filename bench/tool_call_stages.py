@@ -105,7 +105,7 @@ def instrument(stages) -> list[str]:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError:  # a module an older version of the code does not have
             continue
-        owner = getattr(module, owner_name) if owner_name else module
+        owner = getattr(module, owner_name, None) if owner_name else module  # None: a class an older version lacks
         original = getattr(owner, attribute, None)
         if original is None:
             continue
