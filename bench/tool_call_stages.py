@@ -52,17 +52,21 @@ AGENT_STAGES = [
     ("agentkube.ebpf.cgroups", "Cgroup", "create", "agent: mkdir call cgroup"),
     ("agentkube.ebpf.cgroups", "Cgroup", "apply", "agent: write limits"),
     ("agentkube.ebpf.agent", "NodeAgent", "_save_call", "agent: write-ahead record"),
+    ("agentkube.ebpf.agent", "NodeAgent", "_write_record", "agent: write-ahead record"),
     ("agentkube.ebpf.bpf", "Programs", "track", "agent: BPF map entries"),
     ("agentkube.ebpf.pressure", "PressureWatcher", "watch", "agent: memory.high watch"),
     ("agentkube.ebpf.cgroups", "Cgroup", "add_process", "agent: move the process"),
     ("agentkube.ebpf.agent", "NodeAgent", "finalize", "agent: finish (total)"),
+    ("agentkube.ebpf.agent", "NodeAgent", "finish_call_answer_first", "agent: finish until answered"),
     ("agentkube.ebpf.cgroups", "Cgroup", "kill", "agent: cgroup.kill"),
     ("agentkube.ebpf.cgroups", "Cgroup", "wait_empty", "agent: wait until empty"),
     ("agentkube.ebpf.cgroups", "Cgroup", "counters", "agent: read counters"),
+    ("agentkube.ebpf.cgroups", "OpenCounters", "counters", "agent: read counters"),
     ("agentkube.ebpf.agent", "NodeAgent", "_await_exit_event", "agent: wait for the exit event"),
     ("agentkube.ebpf.bpf", "Programs", "set_policy", "agent: BPF egress policy of the call"),
     ("agentkube.ebpf.bpf", "Programs", "consume_events", "agent: read the call's events"),
     ("agentkube.ebpf.bpf", "Programs", "untrack", "agent: BPF map read+delete"),
+    ("agentkube.ebpf.bpf", "Programs", "stats", "agent: BPF map read"),
     ("agentkube.ebpf.agent", "NodeAgent", "_append_audit", "agent: audit log append"),
     ("agentkube.ebpf.agent", "NodeAgent", "fill_pool", "agent: pool refill (off the call's path)"),
 ]
@@ -101,7 +105,7 @@ def instrument(stages) -> list[str]:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError:  # a module an older version of the code does not have
             continue
-        owner = getattr(module, owner_name) if owner_name else module
+        owner = getattr(module, owner_name, None) if owner_name else module  # None: a class an older version lacks
         original = getattr(owner, attribute, None)
         if original is None:
             continue
@@ -205,6 +209,7 @@ def main() -> None:
     whole: dict[str, list[float]] = {p: [] for p in paths}
     runtime_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
     agent_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
+    direct_calls: list[tuple[float, dict[str, float]]] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="agentkube-stages-") as scratch:
         socket_path = Path(scratch) / "agent.sock"
@@ -253,6 +258,8 @@ def main() -> None:
                         whole[path].append(call.pop("whole") / 1000)
                         for label, ns in call.items():
                             runtime_side[path][label].append(ns / 1000)
+                        if path == "direct":  # per-call stages: kept whole, for where the slowest calls' time goes
+                            direct_calls.append((whole[path][-1], {label: ns / 1000 for label, ns in call.items()}))
                     # The agent's totals over the block, per call (the agent's threads are not per call).
                     for label, ns in take().items():
                         agent_side[path][label].append(ns / 1000 / block)
@@ -275,6 +282,16 @@ def main() -> None:
                                  "added_to_direct_median_us": median(whole[path]) - median(whole[paths[0]])}
         rows.append([f"**{path}: whole call**", *(f"{median(whole[path]):.0f}" if p == path else "" for p in paths),
                      f"p99 {p99(whole[path]):.0f}"])
+    # The tail: the runtime's stages of the slowest 5% of direct calls (median over them), beside all calls'.
+    slowest = sorted(direct_calls, key=lambda call: call[0])[int(0.95 * len(direct_calls)):]
+    tail = {label: median([stages.get(label, 0.0) for _, stages in slowest])
+            for label in dict.fromkeys(label for _, stages in slowest for label in stages)}
+    result["direct_slowest_5_percent"] = {"calls": len(slowest), "whole_median_us": median([w for w, _ in slowest]),
+                                          "stages_median_us": tail}
+    if slowest and paths[0] == "direct":
+        rows.append(["**direct: the slowest 5% of calls** (their median)", f"{median([w for w, _ in slowest]):.0f}",
+                     *([""] * (len(paths) - 1)), f"{len(slowest)} calls"])
+        rows += [[f"  {label} (slowest 5%)", f"{value:.0f}", *([""] * (len(paths) - 1)), ""] for label, value in tail.items()]
     labels = list(dict.fromkeys(label for path in paths for side in (runtime_side, agent_side) for label in side[path]))
     for label in labels:
         cells = []

@@ -15,9 +15,9 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from agentkube.contract import (
     CALL_PREFIX,
@@ -36,6 +36,7 @@ from agentkube.ebpf.cgroups import (
     Cgroup,
     CgroupError,
     CgroupLayout,
+    OpenCounters,
     detect_layout,
     favors_dynmods,
     is_within,
@@ -145,6 +146,10 @@ class Sandbox:
     last_activity: float = field(default_factory=time.time)
     totals: Counter = field(default_factory=Counter)  # call totals since it was registered (call_totals)
     closing: bool = False  # set, with its pool taken, when it is unregistered: no cgroup may join its pool after
+    # The limits its latest call started with: a refill's cgroup gets these rather than the defaults, since an
+    # agent tends to ask for the same again (a test run after a test run), and a call whose limits its waiting
+    # cgroup already holds writes no limit file when it starts. Resolved within the envelope, like any call's.
+    recent_limits: Limits | None = None
 
     @property
     def key(self) -> str:
@@ -163,6 +168,11 @@ class PooledCgroup:
     cgroup_id: int
     pid: int  # the held process, as the node sees it
     limits: Limits  # what its limit files hold
+    # Its call's write-ahead record, opened (empty) at fill: a start writes the record in one write(2). An
+    # empty or unreadable record is a call that never started (the agent died before its start was answered,
+    # so the process was never released): a restarted agent removes it, and its sweep the cgroup.
+    record_fd: int = -1
+    counters: OpenCounters | None = None  # its counter files and membership, open until its call ends
 
 
 class NodeAgent:
@@ -187,13 +197,14 @@ class NodeAgent:
         self.history: dict[str, deque[int]] = {}
         self.executed: dict[str, list[str]] = {}
         self._by_cgroup: dict[int, str] = {}
+        self._counters: dict[str, OpenCounters] = {}  # running pooled call -> its open counter files
         self.deadlines = Deadlines()
         self._removals: queue.Queue[Cgroup | None] = queue.Queue()
         self._remover = threading.Thread(target=self._remove_cgroups, name="cgroup-remover", daemon=True)
         self._remover.start()
         self._lock = threading.RLock()
         self._stopped = False
-        self._audit: TextIO | None = None  # the audit log, kept open for appending
+        self._audit: int | None = None  # the audit log, kept open for appending
         self._history_saved = 0.0
         self._history_dirty = False
         for folder in ("sandboxes", "calls"):
@@ -415,11 +426,14 @@ class NodeAgent:
                 raise HttpError(429, f"sandbox {sandbox.key} has {POOL_SLOTS_PER_SANDBOX} call cgroups waiting already")
             if len(self.running) + sum(map(len, self.pools.values())) >= MAX_RUNNING_CALLS:
                 raise HttpError(429, f"{MAX_RUNNING_CALLS} calls are running or waiting on this node; retry later")
-        limits = resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits
+        limits = sandbox.recent_limits or \
+            resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits
         call_id = uuid.uuid4().hex[:16]
         cgroup = self._call_cgroup(sandbox, call_id)
         slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits)
         try:
+            slot.record_fd = os.open(self._record_path(call_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            slot.counters = cgroup.open_counters()
             cgroup.apply(limits)
             # No call yet: nothing may leave. A cgroup the agent knows no call for is removed by its sweep
             # after a restart (its process killed), so a pool needs no record on disk.
@@ -443,8 +457,8 @@ class NodeAgent:
         if slot is None:
             raise HttpError(404, f"no waiting call cgroup {request.call_id} in sandbox {sandbox.key}")
         try:
-            members = (slot.cgroup.unified_dir / "cgroup.procs").read_text().split()
-        except FileNotFoundError:
+            members = slot.counters.members() if slot.counters else []
+        except OSError:  # its cgroup removed behind the agent's back
             members = []
         if members != [str(slot.pid)]:
             self._discard(slot)
@@ -468,10 +482,13 @@ class NodeAgent:
         )
         try:
             slot.cgroup.apply(limits, previous=slot.limits)
-            self._save_call(record)  # before the process is released: a restart finds the call from here on
+            # Before the process is released: a restart finds the call from here on.
+            self._write_record(slot, record.model_dump_json().encode())
             with self._lock:
                 self.running[record.call_id] = record
                 self._by_cgroup[record.cgroup_id] = record.call_id
+                if slot.counters:
+                    self._counters[record.call_id], slot.counters = slot.counters, None
             self.programs.set_policy(record.cgroup_id, limits.network)
             self.pressure.watch(record.call_id, slot.cgroup, limits.memory_high)
         except BaseException:
@@ -479,6 +496,7 @@ class NodeAgent:
             self._discard(slot)
             raise
         sandbox.last_activity = now
+        sandbox.recent_limits = limits
         self.metrics.started(record.sandbox, record.namespace, now)
         self._arm(record)
         return CallPlaced(call_id=record.call_id, cgroup=slot.cgroup.unified_path, limits=limits,
@@ -505,17 +523,45 @@ class NodeAgent:
             return True
 
     def _discard(self, slot: PooledCgroup) -> None:
-        """A waiting cgroup that will serve no call: its process killed, its entries and directories removed."""
+        """A waiting cgroup that will serve no call: its process killed, its entries, directories and empty
+        record removed."""
         slot.cgroup.kill()
         self.programs.untrack(slot.cgroup_id)
         self._removals.put(slot.cgroup)
+        if slot.record_fd >= 0:
+            os.close(slot.record_fd)
+            slot.record_fd = -1
+            self._record_path(slot.call_id).unlink(missing_ok=True)
+        if slot.counters:
+            slot.counters.close()
+            slot.counters = None
+
+    def _write_record(self, slot: PooledCgroup, data: bytes) -> None:
+        """A pooled call's write-ahead record, into the file its fill opened: one write(2) at offset 0 (a
+        record under a page is written whole or not at all should the agent die meanwhile; a longer one cut
+        short does not parse, and reads as a call that never started, which is what it is: not answered,
+        its process never released)."""
+        fd, slot.record_fd = slot.record_fd, -1
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise OSError(f"short write of the record of call {slot.call_id}")
 
     def finish_call(self, peer: Peer, call_id: str, finish: CallFinish, memo: dict | None = None) -> CallRecord:
+        record, rest = self.finish_call_answer_first(peer, call_id, finish, memo)
+        rest()
+        return record
+
+    def finish_call_answer_first(self, peer: Peer, call_id: str, finish: CallFinish,
+                                 memo: dict | None = None) -> tuple[CallRecord, Callable[[], None]]:
+        """Finish a call up to what its answer needs; the second value does the rest, once it is answered."""
         record = self.running.get(call_id) or self.finished.get(call_id)
         if record is None:
             raise HttpError(404, f"no call {call_id}")
         self.runtime_sandbox(peer, {} if memo is None else memo, SandboxRef(name=record.sandbox, namespace=record.namespace))
-        return self.finalize(call_id, finish)
+        return self._finalize(call_id, finish)
 
     def call(self, peer: Peer, call_id: str) -> CallRecord:
         """A call's record, for root outside every sandbox or a process of the call's own sandbox."""
@@ -530,33 +576,50 @@ class NodeAgent:
         return record
 
     def finalize(self, call_id: str, finish: CallFinish) -> CallRecord:
-        """End a call: kill what is left of it, read its counters, remove its cgroup, record it."""
+        """End a call: kill what is left of it, read its counters, record it, remove its cgroup."""
+        record, rest = self._finalize(call_id, finish)
+        rest()
+        return record
+
+    def _finalize(self, call_id: str, finish: CallFinish) -> tuple[CallRecord, Callable[[], None]]:
+        """A call's end up to its audit record (what its finish answers with), and the rest: map entries,
+        the record on disk, history, metrics, the cgroup's removal. The rest may wait until the runtime has
+        its answer: should the agent die before it is done, nothing is lost — a restarted agent finds the
+        call's record on disk and finalizes it again (an audit line marked `recovered` beside the first; the
+        cgroup is empty or gone, the exit code and counters are in the first line), and its sweep removes
+        map entries and cgroups no running call accounts for."""
         with self._lock:
             record = self.running.pop(call_id, None)
             if record is None:
                 if call_id in self.finished:
-                    return self.finished[call_id]  # a retried finish
+                    return self.finished[call_id], _nothing  # a retried finish
                 raise HttpError(404, f"no call {call_id}")
         self.deadlines.cancel(call_id)
         cgroup = Cgroup(self.layout, record.cgroup_paths)
+        with self._lock:
+            files = self._counters.pop(call_id, None)
         counters = None
         if cgroup.exists():
             # Leftovers, daemonized grandchildren included: the call is over. Mostly there are none (the first
             # process was reaped before the runtime reported), and cgroup.kill takes the kernel's cgroup lock,
             # which a cgroup being made or removed elsewhere can hold for milliseconds: kill only what is there.
             # Nothing can join an empty call cgroup (only a member's fork, or root, puts a process in one).
-            if cgroup.live_pids():
+            try:
+                left = files.members() if files else cgroup.live_pids()
+            except OSError:  # the cgroup went meanwhile (its files read ENODEV): as without them
+                left = cgroup.live_pids()
+            if left:
                 cgroup.kill()
                 cgroup.wait_empty()
-            counters = cgroup.counters()
+            try:
+                counters = files.counters() if files else cgroup.counters()
+            except OSError:
+                counters = cgroup.counters()
         # What the call executed: its events are in the ring buffer by now (a process's exit event is
         # written before its parent can reap it, and the runtime reports only then), read here.
         self.programs.consume_events()
-        stats = self.programs.untrack(record.cgroup_id)
+        stats = self.programs.stats(record.cgroup_id)
         high_events = self.pressure.unwatch(call_id)
-        # Off the caller's path: removing a v1 memory cgroup that had a usage threshold waits on the kernel
-        # (~5 ms here), and nothing in the answer depends on it.
-        self._removals.put(cgroup)
         now = time.time()
         record.finished_at = now
         record.usage = Usage(
@@ -576,21 +639,30 @@ class NodeAgent:
         with self._lock:
             self._by_cgroup.pop(record.cgroup_id, None)
             record.executed = self.executed.pop(call_id, [])
-            key = f"{record.namespace}/{record.sandbox}\t{record.signature}"
-            if record.usage.peak_memory_bytes:
-                self.history.setdefault(key, deque(maxlen=HISTORY_WINDOW)).append(record.usage.peak_memory_bytes)
             self.finished[call_id] = record
             while len(self.finished) > FINISHED_KEPT:
                 self.finished.popitem(last=False)
             self._append_audit(record)
-            self._save_history(force=False)
-        (self.state_dir / "calls" / f"{call_id}.json").unlink(missing_ok=True)
-        sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
-        if sandbox:
-            sandbox.last_activity = now
-            sandbox.totals.update(call_totals(record))
-        self.metrics.finished(record)
-        return record
+
+        def rest() -> None:
+            if files:
+                files.close()
+            self.programs.untrack(record.cgroup_id)
+            # Removing a v1 memory cgroup can wait on the kernel for milliseconds: the remover thread does it.
+            self._removals.put(cgroup)
+            self._record_path(call_id).unlink(missing_ok=True)
+            with self._lock:
+                key = f"{record.namespace}/{record.sandbox}\t{record.signature}"
+                if record.usage and record.usage.peak_memory_bytes:
+                    self.history.setdefault(key, deque(maxlen=HISTORY_WINDOW)).append(record.usage.peak_memory_bytes)
+                self._save_history(force=False)
+            sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
+            if sandbox:
+                sandbox.last_activity = now
+                sandbox.totals.update(call_totals(record))
+            self.metrics.finished(record)
+
+        return record, rest
 
     def _call_network(self, cgroup_id: int):
         """egress: the network and sandbox namespace of the running call with this cgroup id (for DNS)."""
@@ -609,9 +681,12 @@ class NodeAgent:
         with self._lock:
             self.running.pop(record.call_id, None)
             self._by_cgroup.pop(record.cgroup_id, None)
+            files = self._counters.pop(record.call_id, None)
+        if files:
+            files.close()
         self.programs.untrack(record.cgroup_id)
         self.pressure.unwatch(record.call_id)
-        (self.state_dir / "calls" / f"{record.call_id}.json").unlink(missing_ok=True)
+        self._record_path(record.call_id).unlink(missing_ok=True)
 
     def _arm(self, record: CallRecord) -> None:
         self.deadlines.schedule(record.call_id, record.deadline, lambda: self._deadline_reached(record.call_id))
@@ -632,14 +707,20 @@ class NodeAgent:
         if call_id in self.running:
             self.finalize(call_id, CallFinish())
 
+    def _record_path(self, call_id: str) -> Path:
+        return self.state_dir / "calls" / f"{call_id}.json"
+
     def _save_call(self, record: CallRecord) -> None:
-        _atomic_write(self.state_dir / "calls" / f"{record.call_id}.json", record.model_dump_json())
+        _atomic_write(self._record_path(record.call_id), record.model_dump_json())
 
     def _append_audit(self, record: CallRecord) -> None:
-        # One write per record on a file kept open in append mode (an open per call costs more than the write).
+        # One write(2) per record on a descriptor kept open with O_APPEND (an open per call, or Python's text
+        # layers, cost more than the write itself).
         if self._audit is None:
-            self._audit = open(self.audit_log, "a", buffering=1)
-        self._audit.write(record.model_dump_json() + "\n")
+            self._audit = os.open(self.audit_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        line = memoryview(record.model_dump_json().encode() + b"\n")
+        while line:
+            line = line[os.write(self._audit, line):]
 
     def _save_history(self, force: bool = True) -> None:
         # History only guides limits, so a crash may lose its last second; saved at most once a second.
@@ -683,7 +764,11 @@ class NodeAgent:
             self.history = {k: deque(v, maxlen=HISTORY_WINDOW) for k, v in json.loads(history.read_text()).items()}
         tracked = self.programs.tracked()
         for path in sorted((self.state_dir / "calls").glob("*.json")):
-            record = CallRecord.model_validate_json(path.read_text())
+            try:
+                record = CallRecord.model_validate_json(path.read_text())
+            except ValueError:  # empty or cut short: a pooled call never started (_write_record); swept below
+                path.unlink()
+                continue
             record.recovered = True
             cgroup = Cgroup(self.layout, record.cgroup_paths)
             if f"{record.namespace}/{record.sandbox}" not in self.sandboxes or not cgroup.exists():
@@ -733,7 +818,7 @@ class NodeAgent:
         self.egress.close()
         self.programs.close()
         if self._audit is not None:
-            self._audit.close()
+            os.close(self._audit)
 
     def teardown(self) -> None:
         """Remove everything this agent made: calls, sandboxes, cgroups, attachments, pins, state."""
@@ -745,6 +830,10 @@ class NodeAgent:
         self.root.remove()
         self.stop()
         self.programs.remove_pins()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _atomic_write(path: Path, text: str) -> None:

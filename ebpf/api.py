@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import start_http_server
 
 from agentkube.ebpf.agent import NodeAgent
+from agentkube.ebpf.frames import Answered
 from agentkube.ebpf.models import CallCreate, CallFinish, CallStart, PoolFill, SandboxCreate, SandboxRef
 from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
 
@@ -86,8 +87,9 @@ def frame_operations(agent: NodeAgent) -> dict:
         call_id = message.get("call_id")
         if not isinstance(call_id, str):
             raise HttpError(400, "finish needs a call_id")
-        return agent.finish_call(peer, call_id, CallFinish.model_validate(
-            {k: v for k, v in message.items() if k not in ("op", "call_id")}), memo)
+        # Answered as soon as the record is: the map entries, the record's file, history and metrics after.
+        return Answered(*agent.finish_call_answer_first(peer, call_id, CallFinish.model_validate(
+            {k: v for k, v in message.items() if k not in ("op", "call_id")}), memo))
 
     def fields(message: dict) -> dict:
         return {k: v for k, v in message.items() if k != "op"}

@@ -399,6 +399,10 @@ class Cgroup:
                 continue
         return counters_from_files(self.layout.kind, files)
 
+    def open_counters(self) -> OpenCounters:
+        """Its counter files and unified membership, opened now to be read later without an open each."""
+        return OpenCounters(self)
+
     def wait_empty(self, timeout: float = REMOVE_WAIT_SECONDS) -> bool:
         deadline = time.monotonic() + timeout
         while self.pids():
@@ -437,6 +441,47 @@ class Cgroup:
                 raise CgroupError(f"processes {sorted(self.pids())} did not leave {self.unified_path}")
         for hierarchy in self.layout.hierarchies:
             _rmdir(self.dir(hierarchy))
+
+
+class OpenCounters:
+    """A call cgroup's counter files and its unified `cgroup.procs`, kept open from its fill to its end and
+    read with pread(2) at offset 0 (a cgroup file is generated afresh for a read from its start), so that a
+    call's start and finish pay one system call per file instead of three."""
+
+    def __init__(self, cgroup: Cgroup):
+        self.kind = cgroup.layout.kind
+        self._fds: dict[str, int] = {}
+        try:
+            self.procs = os.open(cgroup.unified_dir / "cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+            for controller, name in COUNTER_FILES[self.kind]:
+                try:
+                    self._fds[name] = os.open(cgroup.controller_dir(controller) / name, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:  # a file this kernel lacks: counted as zero, as Cgroup.counters does
+                    continue
+        except BaseException:
+            self.close()
+            raise
+
+    def members(self) -> list[str]:
+        """The PIDs in its unified cgroup.procs (an exited process leaves it at once)."""
+        return _pread_all(self.procs).split()
+
+    def counters(self) -> Counters:
+        return counters_from_files(self.kind, {name: _pread_all(fd) for name, fd in self._fds.items()})
+
+    def close(self) -> None:
+        for fd in [getattr(self, "procs", -1), *self._fds.values()]:
+            if fd >= 0:
+                os.close(fd)
+        self.procs, self._fds = -1, {}
+
+
+def _pread_all(fd: int) -> str:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode()
 
 
 def _write(path: Path, value: str) -> None:

@@ -66,8 +66,25 @@ def read_frame(sock: socket.socket, limit: int) -> object | None:
 
 
 # An operation gets the connection's peer, its per-connection memo (for what was checked about the peer
-# once) and the request, and returns the answer's body.
+# once) and the request, and returns the answer's body, or an `Answered` for work to do after it is sent.
 Operation = Callable[[Peer, dict, dict], object]
+
+
+class Answered:
+    """An operation's answer and what is left to do once it has been sent: the caller waits for the answer
+    only, and the connection's next frame is read once `after` has run (so a client that asks again on the
+    same connection sees that work done). `after` runs whether or not the answer could be sent."""
+
+    def __init__(self, body: object, after: Callable[[], None]):
+        self.body, self.after = body, after
+
+
+def encode_answer(body: object) -> bytes:
+    """A 200 answer's frame; a model's body is serialized by pydantic once, straight into the frame."""
+    if isinstance(body, BaseModel):
+        payload = b'{"status":200,"body":' + body.model_dump_json().encode() + b"}"
+        return HEADER.pack(len(payload)) + payload
+    return encode({"status": 200, "body": body})
 
 
 def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Operation]) -> None:
@@ -83,6 +100,7 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
             return
         if message is None:
             return
+        after: Callable[[], None] | None = None
         try:
             if not isinstance(message, dict) or not isinstance(message.get("op"), str):
                 raise HttpError(400, "expected a JSON object with an op")
@@ -90,17 +108,26 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
             if operation is None:
                 raise HttpError(404, f"no such operation: {message['op']}")
             body = operation(peer, memo, message)
-            answer = {"status": 200, "body": body.model_dump(mode="json") if isinstance(body, BaseModel) else body}
+            if isinstance(body, Answered):
+                after = body.after
+                body = body.body
+            answer = encode_answer(body)
         except HttpError as error:
-            answer = {"status": error.status, "error": error.message}
+            answer = encode({"status": error.status, "error": error.message})
         except ValidationError as error:
-            answer = {"status": 422, "error": validation_message(error)}
+            answer = encode({"status": 422, "error": validation_message(error)})
         except Exception as error:  # the agent keeps serving; the caller learns what broke
-            answer = {"status": 500, "error": f"{type(error).__name__}: {error}"}
+            answer = encode({"status": 500, "error": f"{type(error).__name__}: {error}"})
         try:
-            sock.sendall(encode(answer))
+            sock.sendall(answer)
         except OSError:
             return
+        finally:
+            if after is not None:
+                try:
+                    after()
+                except Exception as error:  # the answer is out; the connection keeps serving
+                    print(f"node agent: after an answer: {type(error).__name__}: {error}", flush=True)
 
 
 class FrameClient:

@@ -30,7 +30,6 @@ from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
     UNREGISTERED,
     CallPlaced,
-    CallRecord,
     RunRequest,
     RunResult,
     SandboxCreate,
@@ -453,22 +452,23 @@ def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlace
         started.reaped = True
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    record = CallRecord.model_validate(_agent_call(
-        agent_socket, "finish", retry_for=AGENT_RETRY_SECONDS, call_id=placed.call_id, exit_code=exit_code,
-        signal=killed_by))
+    finished = _agent_call(agent_socket, "finish", retry_for=AGENT_RETRY_SECONDS, call_id=placed.call_id,
+                           exit_code=exit_code, signal=killed_by)
     pump.drain(timeout=10)
     (stdout, stdout_dropped), (stderr, stderr_dropped) = pump.text(held.stdout), pump.text(held.stderr)
     return RunResult(
         call_id=placed.call_id, exit_code=exit_code, signal=killed_by, stdout=stdout, stderr=stderr,
         stdout_truncated_bytes=stdout_dropped, stderr_truncated_bytes=stderr_dropped,
-        limits=placed.limits, sources=placed.sources, usage=_finished(record),
+        limits=placed.limits, sources=placed.sources, usage=_finished(placed.call_id, finished),
     )
 
 
-def _finished(record: CallRecord) -> Usage:
-    if record.usage is None:  # the agent answers a finish with the finished record, usage included
-        raise ApiError(502, f"the node agent finished call {record.call_id} without its usage")
-    return record.usage
+def _finished(call_id: str, record: object) -> Usage:
+    """The usage in the agent's answer to a finish (the finished record: only its usage is read here)."""
+    usage = record.get("usage") if isinstance(record, dict) else None
+    if usage is None:
+        raise ApiError(502, f"the node agent finished call {call_id} without its usage")
+    return Usage.model_validate(usage)
 
 
 class SandboxRuntime:

@@ -348,8 +348,12 @@ def test_restarting_the_node_agent_while_calls_run_loses_no_record_and_leaks_no_
     while sandbox_status(agent, sandbox)["running_calls"] < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_status(agent, sandbox)["running_calls"] == 3
+    restarted_at = time.time()
     agent.restart(kill=crash)
     assert sandbox_status(agent, sandbox)["running_calls"] == 3
+    # The waiting cgroups' empty records (opened at fill) read as calls that never started: removed.
+    assert all(path.stat().st_size for path in (agent.state_dir / "calls").glob("*.json")
+               if path.stat().st_mtime < restarted_at)
     release.touch()
     for call in calls:
         call.join(timeout=180)
@@ -371,9 +375,13 @@ def test_a_deadline_that_passes_while_the_agent_is_down_is_enforced_after_restar
     call.start()
     try:
         deadline = time.monotonic() + 30
-        while not list((agent.state_dir / "calls").glob("*.json")) and time.monotonic() < deadline:
+
+        def records() -> list[Path]:  # a waiting cgroup's record is empty until its call starts
+            return [path for path in (agent.state_dir / "calls").glob("*.json") if path.stat().st_size]
+
+        while not records() and time.monotonic() < deadline:
             time.sleep(0.05)
-        record = CallRecord.model_validate_json(next((agent.state_dir / "calls").glob("*.json")).read_text())
+        record = CallRecord.model_validate_json(records()[0].read_text())
         agent.process.kill()  # a crash: no chance to clean up
         agent.process.wait()
         while time.time() <= record.deadline:  # the deadline passes while nobody watches
@@ -472,7 +480,8 @@ def test_nothing_of_one_sandbox_can_be_placed_finished_read_or_killed_from_anoth
         deadline = time.monotonic() + 30
         while sandbox_status(agent, other)["running_calls"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        call_id = next(iter(json.loads(p.read_text())["call_id"] for p in (agent.state_dir / "calls").glob("*.json")))
+        call_id = next(iter(json.loads(p.read_text())["call_id"] for p in (agent.state_dir / "calls").glob("*.json")
+                            if p.stat().st_size))  # a waiting cgroup's record is empty until its call starts
         # From a call of `sandbox`: every route of the agent and of the other sandbox's runtime, about `other`.
         probe = (
             "import json\nfrom agentkube.ebpf.unixhttp import request, ApiError\nout = {}\n"
@@ -556,6 +565,50 @@ def test_a_call_is_born_in_its_cgroup_with_its_limits_already_applied(agent, san
         ["sh", "-c", f'cat "{mount}$(grep "^[0-9]*:{memory}:" /proc/self/cgroup | cut -d: -f3)/{limit}"'],
         memory="48Mi", timeout=30)
     assert read_limit.stdout.strip() == str(48 << 20), read_limit.stderr
+
+
+def test_a_refill_waits_with_the_latest_calls_limits_and_a_call_asking_for_others_still_gets_its_own(
+        agent, sandbox, eventually):
+    status = sandbox_status(agent, sandbox)
+    layout = detect_layout()
+    limit = "memory.max" if layout.kind == "v2" else "memory.limit_in_bytes"
+    mount = layout.hierarchy_for("memory").mount
+
+    def memory_path(proc_cgroup: str) -> str:  # the memory hierarchy's line of a /proc/PID/cgroup
+        return next(line.split(":", 2)[2] for line in proc_cgroup.splitlines()
+                    if (line.split(":")[1] == "") == (layout.kind == "v2") and
+                    (layout.kind == "v2" or "memory" in line.split(":")[1].split(",")))
+
+    def waiting_limits() -> set[int] | None:
+        try:  # each waiting cgroup's memory limit, found through its held process
+            return {int((mount / memory_path(Path(f"/proc/{pid}/cgroup").read_text()).lstrip("/") / limit).read_text())
+                    for pid in waiting_cgroups(status["cgroup"]).values()}
+        except (FileNotFoundError, ProcessLookupError, StopIteration):  # changing while we looked
+            return None
+
+    def own_limit(**intent) -> tuple[int, int]:  # read by the call itself (its cgroup goes when it ends); resolved
+        controllers = "" if layout.kind == "v2" else next(
+            line.split(":")[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if "memory" in line.split(":")[1].split(","))
+        result = sandbox.client.run(
+            ["sh", "-c", f'cat "{mount}$(grep "^[0-9]*:{controllers}:" /proc/self/cgroup | cut -d: -f3)/{limit}"'],
+            timeout=30, **intent)
+        assert result.exit_code == 0, result.stderr
+        return int(result.stdout), result.limits.memory
+
+    wait_for_pool(status["cgroup"], eventually)
+    # Two calls take the two cgroups that waited under the defaults; a call's take starts its refill, whose
+    # fill can reach the agent before that call's start, so the third call's refill is the first sure to
+    # come after a 48Mi start.
+    for _ in range(3):
+        assert own_limit(memory="48Mi") == (48 << 20, 48 << 20)
+    # The cgroups filled after them wait under their limits (within the envelope, as they were resolved).
+    eventually(lambda: waiting_limits() == {48 << 20}, timeout=30, message="refills did not take the latest limits")
+    assert own_limit(memory="48Mi") == (48 << 20, 48 << 20)  # the same intent: nothing to write at its start
+    # No intent: what the agent resolves for it (history of the command, else the sandbox's default), whatever
+    # its waiting cgroup held.
+    held, resolved = own_limit()
+    assert held == resolved != 48 << 20
 
 
 def test_pooled_cgroups_serve_one_call_each_and_never_another_sandbox(agent, sandbox, eventually):

@@ -63,6 +63,42 @@ def test_frames_round_trip_and_oversized_or_broken_frames_are_refused():
         assert read_frame(right, 1024) is None  # a clean end
 
 
+def test_an_operation_is_answered_before_its_after_work_and_the_next_frame_waits_for_that_work():
+    import threading
+
+    from agentkube.ebpf.frames import Answered, serve_connection
+    from agentkube.ebpf.models import PoolSlot
+    from agentkube.ebpf.unixhttp import Peer
+
+    release, done = threading.Event(), []
+
+    def rest():
+        release.wait(10)
+        done.append("rest")
+
+    operations = {
+        "finish": lambda peer, memo, message: Answered(PoolSlot(call_id="c", cgroup="/x"), rest),
+        "after": lambda peer, memo, message: list(done),
+        "broken": lambda peer, memo, message: Answered({}, lambda: 1 / 0),
+    }
+    left, right = socket.socketpair()
+    server = threading.Thread(target=serve_connection, args=(right, Peer(1, 0, 0), operations))
+    server.start()
+    with left:
+        left.sendall(encode({"op": "finish"}))
+        assert read_frame(left, 1024) == {"status": 200, "body": {"call_id": "c", "cgroup": "/x"}}
+        assert done == []  # answered while its after-work still waits
+        left.sendall(encode({"op": "after"}))
+        release.set()
+        assert read_frame(left, 1024) == {"status": 200, "body": ["rest"]}
+        left.sendall(encode({"op": "broken"}))
+        assert read_frame(left, 1024) == {"status": 200, "body": {}}
+        left.sendall(encode({"op": "after"}))  # a failing after-work leaves the connection serving
+        assert read_frame(left, 1024) == {"status": 200, "body": ["rest"]}
+    server.join(5)
+    right.close()
+
+
 def test_the_held_program_runs_its_command_only_once_given_and_exits_125_without_one(tmp_path):
     program = tmp_path / "held"
     subprocess.run(["cc", "-static", "-O2", "-o", str(program), str(SOURCE)], check=True)
