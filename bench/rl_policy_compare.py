@@ -9,13 +9,15 @@ policy and trace: cost against each baseline, SLO attainment against the default
 (no dearer than the tuned static target and rule, at no lower attainment than the default, within 5% of
 the hindsight static target). Each policy's training command and wall time come from its metadata.
 
-Writes bench/results/rl_policy_compare.{json,md}.
+Writes bench/results/rl_policy_compare.{json,md} (`--name NAME`: NAME.{json,md}), with its own wall time.
 
     .venv/bin/python bench/rl_policy_compare.py --policy shipped=rl/policies/ppo_default.npz \\
         --policy floor-w30=/tmp/floor_w30.npz ...
 """
 
 import argparse
+import os
+import time
 
 import report as report_io
 
@@ -45,7 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", action="append", required=True, help="NAME=PATH of an exported policy (repeatable)")
     parser.add_argument("--days", type=float, default=1.0)
+    parser.add_argument("--name", default="rl_policy_compare", help="bench/results/NAME.{json,md}")
     args = parser.parse_args()
+    started = time.perf_counter()
     policies = dict(item.split("=", 1) for item in args.policy)
     loaded = {name: load_policy(path) for name, path in policies.items()}
     config = EvaluationConfig(eval_days=args.days, tuning_days=args.days)
@@ -58,11 +62,18 @@ def main() -> None:
             summary = run_episode(policy, item.trace, config.sim, seed=config.seed)[0]
             verdicts.append(verdict(summary, rows, item.trace.name))
         metadata = policy.metadata or {}
-        report[name] = {"command": metadata.get("command", "unknown"), "training_seconds": metadata.get("training_seconds"),
-                        "outputs": int(policy.weights[-1].shape[0]), "verdicts": verdicts}
+        command, seconds = metadata.get("command", "unknown"), metadata.get("training_seconds")
+        if "base_command" in metadata:  # fine-tuned (`--init-from`): the base's training, then this one
+            command = f"{metadata['base_command']} --output BASE; then {command.split(' --init-from')[0]} --init-from BASE"
+            seconds = f"{metadata.get('base_training_seconds')} + {seconds}"
+        report[name] = {"command": command, "training_seconds": seconds, "outputs": int(policy.weights[-1].shape[0]),
+                        "slo_multiplier": (metadata.get("slo_multiplier") or {}).get("final"), "verdicts": verdicts}
         print(f"{name}: goal met on {sum(v['met'] for v in verdicts)}/{len(verdicts)}", flush=True)
+    wall_s, load = round(time.perf_counter() - started, 1), os.getloadavg()
     lines = ["# PPO policies side by side on the evaluation suite", "",
-             f"Made by `.venv/bin/python bench/rl_policy_compare.py {' '.join('--policy ' + p for p in args.policy)}`; "
+             f"Made by `.venv/bin/python bench/rl_policy_compare.py {' '.join('--policy ' + p for p in args.policy)}"
+             + (f" --name {args.name}" if args.name != "rl_policy_compare" else "") + f"` in {wall_s / 60:.1f} min "
+             f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}); "
              "baselines as in `agentkube rl evaluate` (on-demand capacity). Per cell: cost against Knative's default, "
              "then SLO attainment against the default's (**bold** when lower).", "",
              "| policy | trained by | training (s) | floor | " + " | ".join(v["trace"] for v in next(iter(report.values()))["verdicts"])
@@ -74,7 +85,8 @@ def main() -> None:
             slo = f"{v['slo']:.2%}" if v["slo_met"] else f"**{v['slo']:.2%}**"
             cells.append(f"{v['cost_vs_default']:+.1%} / {slo}")
         total = sum(v["cost"] for v in entry["verdicts"]) / sum(v["default_cost"] for v in entry["verdicts"]) - 1
-        lines.append(f"| {name} | `{entry['command']}` | {entry['training_seconds']} | {'yes' if entry['outputs'] > 2 else 'no'} | "
+        trained = f"`{entry['command']}`" + (f" (final λ {entry['slo_multiplier']:g})" if entry["slo_multiplier"] else "")
+        lines.append(f"| {name} | {trained} | {entry['training_seconds']} | {'yes' if entry['outputs'] > 2 else 'no'} | "
                      + " | ".join(cells) + f" | {total:+.1%} | {sum(v['slo_met'] for v in entry['verdicts'])}/{len(suite)} "
                      f"| {sum(v['met'] for v in entry['verdicts'])}/{len(suite)} |")
     lines += ["", "Default's SLO attainment per trace: " + ", ".join(
@@ -85,7 +97,7 @@ def main() -> None:
         for v in entry["verdicts"]:
             lines.append(f"| {name} | {v['trace']} | {v['cost_vs_static_tuned']:+.1%} | {v['cost_vs_rule_tuned']:+.1%} "
                          f"| {v['gap_to_hindsight']:+.1%} | {'met' if v['met'] else 'missed'} |")
-    report_io.save("rl_policy_compare", report, "\n".join(lines) + "\n")
+    report_io.save(args.name, {"wall_seconds": wall_s, "policies": report}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ def train(
     slo_weight: float = typer.Option(None, min=0.0, help="The reward's SLO weight: % more pods that 1% of requests "
                                      "missing the SLO is worth (default: RewardWeights')."),
     warm_floor: bool = typer.Option(True, help="Let the policy set a warm-pod floor (min-scale) as well as the target."),
+    constraint: str = typer.Option("none", help="Train for cost at Knative's default's SLO attainment: none (the fixed "
+                                   "weight), lagrangian or excess (see agentkube.rl.constraint)."),
+    init_from: Path = typer.Option(None, exists=True, dir_okay=False, help="Start from this exported policy's actor "
+                                   "(fine-tuning) instead of Knative's default target."),
 ) -> None:
     """Train PPO on the training traces and export the policy for NumPy-only inference."""
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
+    from agentkube.rl.constraint import CONSTRAINT_MODES, ConstraintConfig
     from agentkube.rl.policy import default_policy_path
     from agentkube.rl.training import TrainConfig, train_ppo
 
@@ -34,9 +39,15 @@ def train(
         config = replace(config, total_steps=steps)
     if envs is not None:
         config = replace(config, n_envs=envs)
+    if init_from is not None:
+        config = replace(config, init_from=str(init_from))
     if slo_weight is not None:
         config = replace(config, env=replace(config.env, weights=replace(config.env.weights, slo_miss=slo_weight)))
-    config = replace(config, env=replace(config.env, warm_floor=warm_floor))
+    if constraint not in CONSTRAINT_MODES:
+        raise typer.BadParameter(f"one of {', '.join(CONSTRAINT_MODES)}", param_hint="--constraint")
+    config = replace(config, env=replace(config.env, warm_floor=warm_floor,
+                                         constraint=ConstraintConfig(mode=constraint, initial=config.env.weights.slo_miss)
+                                         if constraint != "none" else ConstraintConfig()))
     output = output or default_policy_path()
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:

@@ -1,17 +1,22 @@
 """A thin `gymnasium.Env` over the simulator (needs the `train` extra: gymnasium).
 
 By default every episode draws a fresh workload and server from `workloads.TrainingRanges` and
-generates its trace at a random time of day; given `traces`, episodes are windows of those instead."""
+generates its trace at a random time of day; given `traces`, episodes are windows of those instead.
+
+With a constraint (`EnvConfig.constraint`, see `constraint.py`), each episode also runs Knative's
+default on the same trace, server and seed beside the policy (the shadow); its missed share per
+interval enters the reward and the multiplier, never the observation."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gymnasium as gym
 import numpy as np
 
-from agentkube.rl.episodes import DECISION_INTERVAL_S, RewardWeights, apply_decision, reward, warm_pods
+from agentkube.rl.constraint import ConstraintConfig, SLOMultiplier
+from agentkube.rl.episodes import DECISION_INTERVAL_S, RewardWeights, apply_decision, missed_share, reward, warm_pods
 from agentkube.rl.observation import OBSERVATION_FIELDS, ActionBounds, decision_from_action
 from agentkube.rl.simulator import IntervalStats, SimConfig, Simulator
 from agentkube.rl.traces import SECONDS_PER_DAY, Trace, generate_trace
@@ -36,6 +41,7 @@ class EnvConfig:
     bounds: ActionBounds = field(default_factory=ActionBounds)
     weights: RewardWeights = field(default_factory=RewardWeights)
     warm_floor: bool = True  # the warm share is an action (False: target and spot share only, no floor)
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)  # "none": the fixed weight alone
 
     @property
     def action_size(self) -> int:
@@ -48,8 +54,18 @@ class AutoscalingEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, config: EnvConfig | None = None, traces: Sequence[Trace] | None = None) -> None:
+    def __init__(self, config: EnvConfig | None = None, traces: Sequence[Trace] | None = None,
+                 multiplier: SLOMultiplier | None = None, probe: bool = False) -> None:
+        """`multiplier`: the training's shared λ (one per environment copy would drift apart); a lone env
+        keeps its own. `probe`: this env measures the constraint (runs Knative's default beside the policy
+        and records each interval's gap in the multiplier); the training's own envs run the default only
+        when the reward needs it (mode `excess`)."""
         self.config = config or EnvConfig()
+        constraint = self.config.constraint
+        self.multiplier = multiplier or (SLOMultiplier(constraint) if constraint.active else None)
+        self.probe = probe and self.multiplier is not None
+        self.runs_default = self.probe or constraint.mode == "excess"
+        self.default_sim: Simulator | None = None  # Knative's default on the same episode
         self.traces = list(traces) if traces is not None else None
         self.observation_space = gym.spaces.Box(-5.0, 5.0, (len(OBSERVATION_FIELDS),), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.config.action_size,), np.float32)
@@ -76,9 +92,16 @@ class AutoscalingEnv(gym.Env):
         self.sim = Simulator(sim_config)
         self.spot_allowed = bool(self.np_random.random() < cfg.spot_probability)
         target = float(cfg.bounds.min_target * (cfg.bounds.max_target / cfg.bounds.min_target) ** self.np_random.random())
-        self.sim.reset(trace, seed=int(self.np_random.integers(2**31)), target=target,
-                       ready_pods=warm_pods(trace, sim_config, target))
+        episode_seed = int(self.np_random.integers(2**31))  # drawn in this order since the shipped policy
+        self.sim.reset(trace, seed=episode_seed, target=target, ready_pods=warm_pods(trace, sim_config, target))
         self.sim.advance(cfg.lead_in_s)
+        if self.runs_default:
+            # The default's run starts from the policy's state (the same lead-in, seed and so cold-start
+            # draws) and takes over where the policy's first decision does: the gap is the policy's doing.
+            self.default_sim = Simulator(sim_config)
+            self.default_sim.reset(trace, seed=episode_seed, target=target, ready_pods=warm_pods(trace, sim_config, target))
+            self.default_sim.advance(cfg.lead_in_s + cfg.interval_s)
+            self.default_sim.set_target(None)
         self.stats = self.sim.advance(cfg.interval_s)
         return self.sim.observation(self.stats, self.spot_allowed, cfg.bounds), {"trace": trace.name}
 
@@ -91,4 +114,16 @@ class AutoscalingEnv(gym.Env):
         stats = self.stats = self.sim.advance(cfg.interval_s)
         observation = self.sim.observation(stats, self.spot_allowed, cfg.bounds)
         info = {"cost": stats.cost, "arrivals": stats.arrivals, "within_slo": stats.within_slo, "failed": stats.failed}
-        return observation, reward(stats, self.sim.config, cfg.weights), False, self.sim.done, info
+        if self.multiplier is None:
+            return observation, reward(stats, self.sim.config, cfg.weights), False, self.sim.done, info
+        weights = replace(cfg.weights, slo_miss=self.multiplier.value)
+        info["slo_multiplier"] = self.multiplier.value
+        excess_over = 0.0  # slow requests only: the default runs on on-demand, spot failures cost `weights.failed`
+        if self.default_sim is not None:
+            default_missed = missed_share(self.default_sim.advance(cfg.interval_s), count_failed=False)
+            info["default_missed_share"] = default_missed
+            if self.probe:
+                self.multiplier.record(missed_share(stats, count_failed=False), default_missed)
+            if cfg.constraint.mode == "excess":
+                excess_over = default_missed
+        return observation, reward(stats, self.sim.config, weights, excess_over), False, self.sim.done, info

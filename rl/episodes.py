@@ -19,7 +19,7 @@ from agentkube.rl.server import decode_step_s
 from agentkube.rl.simulator import EpisodeSummary, IntervalStats, SimConfig, Simulator
 from agentkube.rl.traces import Trace
 
-__all__ = ["Policy", "RewardWeights", "reward", "warm_pods", "apply_decision", "run_episode", "DECISION_INTERVAL_S"]
+__all__ = ["Policy", "RewardWeights", "missed_share", "reward", "warm_pods", "apply_decision", "run_episode", "DECISION_INTERVAL_S"]
 
 # How often the agent (and the operator's live loop) sets the target; Knative itself decides every 2 s.
 DECISION_INTERVAL_S = 30
@@ -51,18 +51,31 @@ class RewardWeights:
     scale: float = 10.0
 
 
-def reward(stats: IntervalStats, config: SimConfig, weights: RewardWeights = RewardWeights()) -> float:
-    hours = stats.seconds / 3600.0
-    pods = stats.cost / (config.spot.on_demand_price_per_hour * hours) if hours else 0.0
+def missed_share(stats: IntervalStats, count_failed: bool = True) -> float:
+    """The interval's requests that missed their SLO (or failed, unless `count_failed` is False) over its
+    arrivals."""
     requests = max(stats.arrivals, 1)
-    missed = max(stats.admitted - stats.within_slo, 0) + stats.failed
+    missed = max(stats.admitted - stats.within_slo, 0) + (stats.failed if count_failed else 0.0)
     # Requests still queued at the end of the interval have waited since they arrived: count a queue
     # that outgrew the interval's arrivals as missed too, so the agent cannot hide a backlog.
     backlog = max(stats.arrivals - stats.admitted, 0)
-    missed_share = min((missed + 0.5 * backlog) / requests, 1.0)
+    return min((missed + 0.5 * backlog) / requests, 1.0)
+
+
+def reward(stats: IntervalStats, config: SimConfig, weights: RewardWeights = RewardWeights(),
+           excess_over: float | None = None) -> float:
+    """`excess_over`: Knative's default's missed share (failures apart) in the same interval on the same
+    trace (constrained training, `constraint.py` mode `excess`): then only slow requests beyond it cost;
+    failed ones cost `weights.failed` alone (the default runs on on-demand and loses none)."""
+    hours = stats.seconds / 3600.0
+    pods = stats.cost / (config.spot.on_demand_price_per_hour * hours) if hours else 0.0
+    if excess_over is None:
+        missed = missed_share(stats)
+    else:
+        missed = max(missed_share(stats, count_failed=False) - excess_over, 0.0)
     # At least one pod's worth: a revision scaled to zero while requests wait must not miss them for free.
-    slo_cost = max(pods, 1.0) * weights.slo_miss * missed_share
-    return -(pods + slo_cost + weights.failed * stats.failed / requests) / weights.scale
+    slo_cost = max(pods, 1.0) * weights.slo_miss * missed
+    return -(pods + slo_cost + weights.failed * stats.failed / max(stats.arrivals, 1)) / weights.scale
 
 
 def warm_pods(trace: Trace, config: SimConfig, target: float | None, lookahead_s: float = 120.0) -> int:

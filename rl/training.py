@@ -14,14 +14,15 @@ from typing import cast
 
 import numpy as np
 
+from agentkube.rl.constraint import SLOMultiplier
 from agentkube.rl.env import AutoscalingEnv, EnvConfig
 from agentkube.rl.episodes import RewardWeights
 from agentkube.rl.knative import total_target
 from agentkube.rl.observation import Decision, action_from_decision
-from agentkube.rl.policy import ExportedPolicy, save_policy
+from agentkube.rl.policy import ExportedPolicy, load_policy, save_policy
 from agentkube.rl.traces import Trace
 
-__all__ = ["TrainConfig", "train_ppo", "export_sb3_policy", "initial_action_mean", "train_command"]
+__all__ = ["TrainConfig", "train_ppo", "export_sb3_policy", "load_actor", "initial_action_mean", "train_command"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class TrainConfig:
     log_std_init: float = -1.2
     torch_threads: int = 1
     env: EnvConfig = field(default_factory=EnvConfig)
+    # Start the actor from an exported policy (same layout) instead of Knative's default: constrained
+    # fine-tuning of the shipped policy. The critic and the exploration noise start afresh.
+    init_from: str | None = None
 
 
 def initial_action_mean(config: TrainConfig) -> np.ndarray:
@@ -89,13 +93,30 @@ def train_ppo(
     torch.set_num_threads(config.torch_threads)
     # Any given traces are shared by every environment copy (they run in this process).
     traces = list(traces) if traces is not None else None  # None: a fresh randomised workload per episode
-    env = make_vec_env(lambda: AutoscalingEnv(config.env, traces), n_envs=config.n_envs, seed=config.seed)
+    # Constrained training: one λ for every environment copy, updated after each rollout (all copies
+    # run in this process, DummyVecEnv).
+    multiplier = SLOMultiplier(config.env.constraint) if config.env.constraint.active else None
+    env = make_vec_env(lambda: AutoscalingEnv(config.env, traces, multiplier), n_envs=config.n_envs, seed=config.seed)
+    probe = AutoscalingEnv(config.env, traces, multiplier, probe=True) if multiplier is not None else None
+    probe_observation = probe.reset(seed=config.seed + 10_000)[0] if probe is not None else np.zeros(0, np.float32)
 
     class Progress(BaseCallback):
         def _on_step(self) -> bool:
             if on_progress is not None:
                 on_progress(self.num_timesteps, config.total_steps)
             return True
+
+        def _on_rollout_end(self) -> None:
+            nonlocal probe_observation
+            if multiplier is None or probe is None:
+                return
+            # The deterministic policy, episode after episode, beside Knative's default (`probe`).
+            for _ in range(config.env.constraint.probe_steps):
+                action, _ = self.model.predict(probe_observation, deterministic=True)
+                probe_observation, _, _, truncated, _ = probe.step(action)
+                if truncated:
+                    probe_observation = probe.reset()[0]
+            multiplier.update()  # after the rollout: the rewards just collected keep the λ they had
 
     model = PPO(
         "MlpPolicy", env, learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
@@ -106,6 +127,9 @@ def train_ppo(
     with torch.no_grad():  # the action layer's weights start near 0 (SB3's gain 0.01): the bias is the start
         bias = cast(torch.Tensor, model.policy.action_net.bias)  # a Module attribute: typed as Tensor | Module
         bias.copy_(torch.as_tensor(initial_action_mean(config)))
+    base = load_policy(config.init_from) if config.init_from else None
+    if base is not None:
+        load_actor(model, base)
     started = time.perf_counter()
     model.learn(total_timesteps=config.total_steps, callback=Progress())
     metadata = {
@@ -114,8 +138,29 @@ def train_ppo(
         "train_config": _jsonable(asdict(config)),
         "command": train_command(config),
     }
+    if base is not None:  # the chain that reproduces this policy starts with the base's own command
+        metadata["base_command"] = (base.metadata or {}).get("command", "unknown")
+        metadata["base_training_seconds"] = (base.metadata or {}).get("training_seconds")
+    if multiplier is not None:  # where λ went (every 10th rollout) and its last value, for the report
+        metadata["slo_multiplier"] = {"final": round(multiplier.value, 3), "gap_ema_points": multiplier.gap_ema_points,
+                                      "history": multiplier.history[::10]}
     save_policy(export_sb3_policy(model, metadata), output)
     return model
+
+
+def load_actor(model, policy: ExportedPolicy) -> None:
+    """Put an exported actor's weights into an SB3 `PPO('MlpPolicy')` model of the same shape (the inverse
+    of `export_sb3_policy`)."""
+    import torch
+
+    layers = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)] + [model.policy.action_net]
+    shapes = [tuple(layer.weight.shape) for layer in layers]
+    if shapes != [w.shape for w in policy.weights]:
+        raise ValueError(f"the policy's layers {[w.shape for w in policy.weights]} do not fit the model's {shapes}")
+    with torch.no_grad():
+        for layer, weight, bias in zip(layers, policy.weights, policy.biases, strict=True):
+            layer.weight.copy_(torch.as_tensor(weight))
+            layer.bias.copy_(torch.as_tensor(bias))
 
 
 def train_command(config: TrainConfig) -> str:
@@ -123,6 +168,10 @@ def train_command(config: TrainConfig) -> str:
     command = f"agentkube rl train --steps {config.total_steps} --seed {config.seed} --envs {config.n_envs}"
     if config.env.weights.slo_miss != RewardWeights().slo_miss:
         command += f" --slo-weight {config.env.weights.slo_miss:g}"
+    if config.env.constraint.active:
+        command += f" --constraint {config.env.constraint.mode}"
+    if config.init_from:
+        command += f" --init-from {config.init_from}"
     return command + ("" if config.env.warm_floor else " --no-warm-floor")
 
 

@@ -146,3 +146,15 @@ def test_evaluation_writes_table_json_and_plots(tmp_path):
     assert verdict["met"] == (verdict["slo_met"] and verdict["cheapest_met"] and verdict["hindsight_met"])
     assert (tmp_path / "rl_evaluation_flash-eval-0.png").stat().st_size > 10_000
     assert not (tmp_path / "rl_evaluation_mmpp-0.png").exists()  # plots for the workloads' days only
+
+
+def test_the_rules_set_points_are_ones_the_capped_latency_signal_can_show():
+    from agentkube.rl.baselines import TargetTracking, observable_setpoints
+    from agentkube.rl.knative import LATENCY_HISTOGRAM_MAX_S
+
+    config = SimConfig()
+    largest_ratio = LATENCY_HISTOGRAM_MAX_S / config.slo.reference_latency_s
+    setpoints = observable_setpoints(config)
+    assert len(setpoints) >= 5 and sorted(setpoints) == list(setpoints)
+    # Even the top set point's band ends at or under the largest p95 Prometheus can answer: a breach is visible.
+    assert all(s * (1 + TargetTracking.tolerance) <= largest_ratio + 1e-9 for s in setpoints)

@@ -98,3 +98,41 @@ def test_randomised_episodes_draw_other_workloads_with_history_behind_them():
         assert env.sim.t == 900 + SMALL.interval_s
         seen.append((len(env.sim.trace), env.sim.config.server.base_step_s, env.sim.config.cold_start.model_load_s))
     assert len({s[0] for s in seen}) == 4 and len({s[1] for s in seen}) == 4 and len({s[2] for s in seen}) == 4
+
+
+def test_constrained_fine_tuning_starts_from_the_given_policy_and_says_how_to_reproduce_it(tmp_path, small_traces):
+    from agentkube.rl.constraint import ConstraintConfig
+    from agentkube.rl.policy import ExportedPolicy
+    from agentkube.rl.training import load_actor
+
+    base_config = TrainConfig(total_steps=512, n_envs=2, n_steps=256, batch_size=128, n_epochs=1, env=SMALL)
+    train_ppo(base_config, tmp_path / "base.npz", traces=small_traces)
+    base = load_policy(tmp_path / "base.npz")
+    constrained = replace(SMALL, constraint=ConstraintConfig(mode="excess", probe_steps=64))
+    config = replace(base_config, env=constrained, init_from=str(tmp_path / "base.npz"))
+    # With no update at all (a zero learning rate) the fine-tuned actor is the base's, weight for weight.
+    frozen = train_ppo(replace(config, learning_rate=0.0), tmp_path / "frozen.npz", traces=small_traces)
+    exported = load_policy(tmp_path / "frozen.npz")
+    assert all(np.array_equal(a, b) for a, b in zip(exported.weights, base.weights, strict=True))
+    assert exported.metadata["base_command"] == base.metadata["command"]
+    assert "--constraint excess --init-from" in exported.metadata["command"]
+    # The probe ran the deterministic policy beside Knative's default after each rollout and moved λ.
+    history = exported.metadata["slo_multiplier"]["history"]
+    assert history and exported.metadata["slo_multiplier"]["final"] != ConstraintConfig().initial
+    other_shape = ExportedPolicy((np.zeros((8, 17), np.float32),), (np.zeros(8, np.float32),), "tanh")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_actor(frozen, other_shape)
+
+
+def test_only_the_probe_records_the_constraint_and_only_excess_runs_the_default_in_training(small_traces):
+    from agentkube.rl.constraint import ConstraintConfig, SLOMultiplier
+
+    action = np.array([0.0, -1.0, -1.0], dtype=np.float32)
+    for mode, runs_default in (("lagrangian", False), ("excess", True)):
+        multiplier = SLOMultiplier(ConstraintConfig(mode=mode))
+        env = AutoscalingEnv(replace(SMALL, constraint=multiplier.config), small_traces, multiplier)
+        env.reset(seed=1)
+        info = env.step(action)[4]
+        assert env.runs_default == runs_default and ("default_missed_share" in info) == runs_default
+        assert info["slo_multiplier"] == 40.0 and multiplier.update() == 40.0  # nothing recorded, λ unchanged
+    assert "--constraint" not in train_command(TrainConfig())
