@@ -489,6 +489,15 @@ def tools_enforced(tools_refused: str | None) -> tuple[str, bool, str, str]:
     return ("ToolsEnforced", True, "NotRefused", "the node agent has not refused this sandbox's tool intent")
 
 
+def phase_event(old_phase: str | None, plan_: "Plan") -> bool:
+    """Whether the phase the plan reports is worth an Event: any change of phase, except a new sandbox's
+    first, uneventful Pending (what its creator just asked for: its Running, or why it waits or failed, is
+    the news). One write fewer per sandbox for the API server, where thousands are made at once."""
+    if old_phase == plan_.phase:
+        return False
+    return not (old_phase is None and plan_.phase == "Pending" and not plan_.warning)
+
+
 def status_is_current(body: dict[str, Any]) -> bool:
     """Whether the sandbox's status already reflects its spec (observedGeneration, written only by a full
     reconciliation) and the annotations others write (the gateway's last activity, the node agent's call
