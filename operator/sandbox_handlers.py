@@ -291,15 +291,22 @@ def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, name
 # filter, and event handlers write nothing of Kopf's on the objects they skip.
 @kopf.on.event(api.GROUP, api.VERSION, SANDBOXES, when=shards.in_this_shard)
 def sandbox_changed(type: str | None, body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
-    """`type` is None for the objects Kopf lists when a watch (re)starts (a start, a resume): those are
-    reconciled whatever their status says, which also arms their lifecycle timers again."""
+    """`type` is None for the objects Kopf lists when a watch (re)starts. At the operator's start those are
+    reconciled whatever their status says (which also arms their lifecycle timers). A listing later in the
+    process's life (Kopf lists again when the API server drops its watch and the resourceVersion is gone,
+    which an overloaded API server does to a watcher that falls behind) treats a sandbox this process knows
+    like any event: nothing to do when its status is current (its timers are armed already). Reconciling
+    every sandbox on such a listing cost four requests each (the pod's read, the Service's and policy's
+    creates answered 409, the policy's read) just when the API server was already behind: 6,000 sandboxes
+    (bench/sandbox_scale.py) made it drop the watch again."""
     if type == "DELETED":
         metrics.SANDBOXES.forget(namespace, name)
         sandboxes.forget(namespace, name)
         return
+    known = sandboxes.get(namespace, name) is not None
     # An event older than a status we wrote since (its own write's, still on its way) asks for nothing.
     sandbox_ = sandboxes.saw(kube.as_dict(dict(body)))
-    if type is not None and sandbox.status_is_current(sandbox_):
+    if not sandbox.needs_reconcile(type, known, sandbox_):
         return
     _reconcile_or_retry(namespace, name, logger, body=sandbox_)
 
