@@ -250,7 +250,8 @@ def api_server_requests(api_client) -> dict[str, dict[str, float]]:
     """The API server's own count and summed duration of the requests it served so far, by
     "VERB resource[/subresource]" (its /metrics: `apiserver_request_total`, `apiserver_request_duration_seconds`;
     WATCH and its long-running kin are counted, their duration is not meaningful), and the requests API
-    Priority and Fairness turned away or queued (`apiserver_flowcontrol_*`)."""
+    Priority and Fairness turned away or queued (`apiserver_flowcontrol_*`), and the watchers it dropped for
+    falling behind (`apiserver_terminated_watchers_total`: each such client lists again)."""
     headers = {**api_client.default_headers, "Accept": "text/plain"}
     api_client.update_params_for_auth(headers, [], ["BearerToken"], "/metrics", "GET", None)
     text = api_client.call_api("GET", api_client.configuration.host + "/metrics", header_params=headers).read().decode()
@@ -267,7 +268,8 @@ def api_server_requests(api_client) -> dict[str, dict[str, float]]:
             elif sample.name == "apiserver_request_duration_seconds_sum":
                 seconds[key] = seconds.get(key, 0) + sample.value
             elif sample.name in ("apiserver_flowcontrol_rejected_requests_total",
-                                 "apiserver_flowcontrol_request_wait_duration_seconds_sum"):
+                                 "apiserver_flowcontrol_request_wait_duration_seconds_sum",
+                                 "apiserver_terminated_watchers_total"):
                 flowcontrol[sample.name] = flowcontrol.get(sample.name, 0) + sample.value
     return {"count": counts, "seconds": seconds, "flowcontrol": flowcontrol}
 
@@ -361,6 +363,8 @@ def request_table(results: list[dict], floor: float = 0.02) -> list[str]:
     rows.append("| APF: seconds requests waited in queues / rejected (in all) | " + " | ".join(
         f"{r['api_flowcontrol'].get('apiserver_flowcontrol_request_wait_duration_seconds_sum', 0):.1f} / "
         f"{r['api_flowcontrol'].get('apiserver_flowcontrol_rejected_requests_total', 0):.0f}" for r in measured) + " |")
+    rows.append("| watchers the API server dropped for falling behind (in all) | " + " | ".join(
+        f"{r['api_flowcontrol'].get('apiserver_terminated_watchers_total', 0):.0f}" for r in measured) + " |")
     return rows
 
 
