@@ -48,6 +48,7 @@ from pathlib import Path
 
 import kubernetes
 import psutil
+import urllib3
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,6 +136,9 @@ class PodWatch:
                 # the others are timed by the new list.
                 print(f"pod watch restarted after {error.status} {error.reason}")
                 version = None
+            except urllib3.exceptions.HTTPError as error:  # the stream cut (its control plane stopping, at the end)
+                if not self.stop.is_set():
+                    print(f"pod watch resumed after {error!r}")
 
     def count(self) -> int:
         with self.lock:
