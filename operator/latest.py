@@ -67,6 +67,10 @@ class Latest:
             current = self._copies.get((namespace, name))
         return dict(json.loads(current[2])) if current is not None else None
 
+    def knows(self, namespace: str, name: str) -> bool:
+        with self._lock:
+            return (namespace, name) in self._copies
+
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._copies.pop((namespace, name), None)

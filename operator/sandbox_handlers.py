@@ -303,7 +303,7 @@ def sandbox_changed(type: str | None, body: kopf.Body, namespace: str, name: str
         metrics.SANDBOXES.forget(namespace, name)
         sandboxes.forget(namespace, name)
         return
-    known = sandboxes.get(namespace, name) is not None
+    known = sandboxes.knows(namespace, name)
     # An event older than a status we wrote since (its own write's, still on its way) asks for nothing.
     sandbox_ = sandboxes.saw(kube.as_dict(dict(body)))
     if not sandbox.needs_reconcile(type, known, sandbox_):

@@ -33,8 +33,9 @@ def test_an_event_older_than_our_own_write_does_not_replace_the_write():
     assert store.saw(_body("19")) == written  # the watch brings an older event after our write's reply
     assert store.get("ns", "box")["status"]["version"] == "20"
     assert store.saw(_body("21"))["status"]["version"] == "21"
+    assert store.knows("ns", "box") and not store.knows("ns", "other")
     store.forget("ns", "box")
-    assert store.get("ns", "box") is None and len(store) == 0
+    assert store.get("ns", "box") is None and not store.knows("ns", "box") and len(store) == 0
 
 
 def test_copies_are_kept_without_managed_fields_and_the_callers_dict_is_untouched():
