@@ -48,7 +48,9 @@ from pathlib import Path
 
 import kubernetes
 import psutil
+import urllib3
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentkube.devenv import capacity, process, temporary_env
 from agentkube.devenv.install import ensure_go_program
@@ -97,24 +99,46 @@ class PodWatch:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        watch = kubernetes.watch.Watch()
+        # One watch resumed from the last resourceVersion it saw (bookmarks keep that fresh), not a watch
+        # started afresh every few seconds: a watch without a resourceVersion begins with an ADDED event of
+        # every existing pod, so restarting it every 5 s (as this harness did until December 2026) cost the
+        # API server and this process work that grew with the pods made so far, and most for the controller
+        # that made pods soonest. Events are read as JSON, without the client's models.
+        version: str | None = None
         while not self.stop.is_set():
+            arguments = {"watch": True, "timeout_seconds": 30, "allow_watch_bookmarks": True, "_preload_content": False}
+            if version:
+                arguments["resource_version"] = version
             try:
-                for event in watch.stream(self.core.list_pod_for_all_namespaces, timeout_seconds=5):
-                    if event["object"].metadata.namespace not in self.namespaces:
-                        continue
-                    owners = event["object"].metadata.owner_references or []
-                    name = owners[0].name if owners else event["object"].metadata.name
-                    with self.lock:
-                        self.seen.setdefault(name, time.monotonic())
-                    if self.stop.is_set():
-                        break
+                response = self.core.list_pod_for_all_namespaces(**arguments)
+                try:
+                    for line in response:
+                        event = json.loads(line)
+                        pod = event["object"]
+                        if event["type"] == "ERROR":  # 410: the resourceVersion is too old; list afresh
+                            print(f"pod watch restarted after {pod.get('code')} {pod.get('reason')}")
+                            version = None
+                            break
+                        version = pod["metadata"].get("resourceVersion") or version
+                        if event["type"] == "BOOKMARK" or pod["metadata"].get("namespace") not in self.namespaces:
+                            continue
+                        owners = pod["metadata"].get("ownerReferences") or []
+                        name = owners[0]["name"] if owners else pod["metadata"]["name"]
+                        with self.lock:
+                            self.seen.setdefault(name, time.monotonic())
+                        if self.stop.is_set():
+                            break
+                finally:
+                    response.release_conn()
             except kubernetes.client.ApiException as error:
                 # A busy API server can refuse to resume at a resourceVersion its cache has not reached
-                # (504 "Too large resource version") or no longer has (410): list afresh. Pods seen before
-                # keep their first time; the others are timed by the new list.
+                # (504 "Too large resource version"): list afresh. Pods seen before keep their first time;
+                # the others are timed by the new list.
                 print(f"pod watch restarted after {error.status} {error.reason}")
-                watch = kubernetes.watch.Watch()
+                version = None
+            except urllib3.exceptions.HTTPError as error:  # the stream cut (its control plane stopping, at the end)
+                if not self.stop.is_set():
+                    print(f"pod watch resumed after {error!r}")
 
     def count(self) -> int:
         with self.lock:
@@ -123,10 +147,11 @@ class PodWatch:
 
 def run_scenario(name: str, api_client, manifests: list[dict], count: int, namespaces: list[str],
                  controller_commands: list[list[str]], env: dict[str, str], timeout: float,
-                 control_plane: list[int] = ()) -> dict:
+                 control_plane: list[int] = (), controller_manager: list[int] = ()) -> dict:
     """`controller_commands`: the controller's processes (none: the harness alone; several: shards).
     `control_plane`: the pids of kube-apiserver and etcd, whose CPU time during the scenario is recorded
-    (the work a controller's requests cost the API server)."""
+    (the work a controller's requests cost the API server); `controller_manager`: kube-controller-manager's,
+    whose controllers (endpoints, EndpointSlices, garbage collection) work on what a sandbox controller makes."""
     core = kubernetes.client.CoreV1Api(api_client)
     for namespace in namespaces:
         core.create_namespace({"metadata": {"name": namespace}})
@@ -168,6 +193,8 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
             created[body["metadata"]["name"]] = time.monotonic()
 
     plane_cpu_before = sum(_cpu_seconds(pid) for pid in control_plane)
+    manager_cpu_before = sum(_cpu_seconds(pid) for pid in controller_manager)
+    requests_before = api_server_requests(api_client)
     started = time.monotonic()
     sampler.start()
     with concurrent.futures.ThreadPoolExecutor(CREATE_THREADS) as pool:
@@ -180,6 +207,8 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
     sampler.join()
     load_after = os.getloadavg()
     plane_cpu = sum(_cpu_seconds(pid) for pid in control_plane) - plane_cpu_before
+    manager_cpu = sum(_cpu_seconds(pid) for pid in controller_manager) - manager_cpu_before
+    requests = requests_per_object(requests_before, api_server_requests(api_client), count * len(manifests))
     watch.stop.set()
     for controller in controllers:
         controller.terminate()
@@ -210,9 +239,56 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
         "controller_cpu_seconds": sum(cpu_seconds) if controllers else None,
         "controller_cpu_seconds_per_process": cpu_seconds,
         "control_plane_cpu_seconds": plane_cpu,
+        "controller_manager_cpu_seconds": manager_cpu,
         # The machine is shared: the 1-minute load average as the scenario started and as it ended.
         "load_average_1m": [load_before[0], load_after[0]],
+        # Everything the API server served during the scenario (the harness's own creates and pod watch
+        # included, alike in every scenario), per object.
+        "api_requests_per_object": requests["count"],
+        "api_request_seconds_per_object": requests["seconds"],
+        "api_flowcontrol": requests["flowcontrol"],
     }
+
+
+def api_server_requests(api_client) -> dict[str, dict[str, float]]:
+    """The API server's own count and summed duration of the requests it served so far, by
+    "VERB resource[/subresource]" (its /metrics: `apiserver_request_total`, `apiserver_request_duration_seconds`;
+    WATCH and its long-running kin are counted, their duration is not meaningful), and the requests API
+    Priority and Fairness turned away or queued (`apiserver_flowcontrol_*`), and the watchers it dropped for
+    falling behind (`apiserver_terminated_watchers_total`: each such client lists again)."""
+    headers = {**api_client.default_headers, "Accept": "text/plain"}
+    api_client.update_params_for_auth(headers, [], ["BearerToken"], "/metrics", "GET", None)
+    text = api_client.call_api("GET", api_client.configuration.host + "/metrics", header_params=headers).read().decode()
+    counts: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    flowcontrol: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            key = f"{labels.get('verb', '')} {labels.get('resource', '')}" + (
+                f"/{labels['subresource']}" if labels.get("subresource") else "")
+            if sample.name == "apiserver_request_total":
+                counts[key] = counts.get(key, 0) + sample.value
+            elif sample.name == "apiserver_request_duration_seconds_sum":
+                seconds[key] = seconds.get(key, 0) + sample.value
+            elif sample.name in ("apiserver_flowcontrol_rejected_requests_total",
+                                 "apiserver_flowcontrol_request_wait_duration_seconds_sum",
+                                 "apiserver_terminated_watchers_total"):
+                flowcontrol[sample.name] = flowcontrol.get(sample.name, 0) + sample.value
+    return {"count": counts, "seconds": seconds, "flowcontrol": flowcontrol}
+
+
+def requests_per_object(before: dict, after: dict, objects: int) -> dict[str, dict[str, float]]:
+    """What a scenario cost the API server, per object: requests and seconds of serving them by verb and
+    resource (only those that grew), and the APF counters' growth (in total, not per object)."""
+    per = {"count": {}, "seconds": {}}
+    for kind in per:
+        for key, value in after[kind].items():
+            grown = value - before[kind].get(key, 0)
+            if grown > 0:
+                per[kind][key] = grown / max(objects, 1)
+    per["flowcontrol"] = {k: v - before["flowcontrol"].get(k, 0) for k, v in after["flowcontrol"].items()}
+    return per
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -231,7 +307,8 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: float, namespaces: int = 1) -> str:
+def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: float, namespaces: int = 1,
+             concurrently: bool = False) -> str:
     direct = next((r for r in results if r["scenario"] == "direct"), None)
     peer = next((r for r in results if r["scenario"] == "agent-sandbox"), None)
     where = f"{kwok_nodes} kwok-simulated nodes (pods bound, Running and Ready)" if kwok_nodes else "no node (pods stay Pending)"
@@ -240,11 +317,14 @@ def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: flo
         f"on one local control plane, {where}",
         "",
         f"Wall time of the whole run (environment, {'nodes, ' if kwok_nodes else ''}every scenario): {wall_seconds / 60:.1f} min. "
-        f"Machine: {os.cpu_count()} CPUs, shared; load average (1 min) at each scenario's start → end in the last column.",
+        f"Machine: {os.cpu_count()} CPUs, shared; load average (1 min) at each scenario's start → end in the last column. "
+        + ("The scenarios ran at the same time, each on its own control plane." if concurrently
+           else "The scenarios ran one after another."),
         "",
         "| scenario | pods | objects/s | × direct | × agent-sandbox | p50 create→pod s | p99 create→pod s "
-        "| controller peak RSS MiB (per process) | controller CPU s | API server + etcd CPU s | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| controller peak RSS MiB (per process) | controller CPU s | API server + etcd CPU s | controller-manager CPU s "
+        "| load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = f"{r['objects_per_second'] / direct['objects_per_second']:.2f}" if direct else "-"
@@ -257,8 +337,39 @@ def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: flo
         p50 = f"{r['p50_create_to_pod_seconds']:.2f}" if r["p50_create_to_pod_seconds"] is not None else "-"
         p99 = f"{r['p99_create_to_pod_seconds']:.2f}" if r["p99_create_to_pod_seconds"] is not None else "-"
         rows.append(f"| {r['scenario']} | {r['pods']}/{r['objects']} | {r['objects_per_second']:.1f} | {ratio} | {versus} | "
-                    f"{p50} | {p99} | {rss} | {cpu} | {r['control_plane_cpu_seconds']:.0f} | {load} |")
-    return "\n".join(rows) + "\n"
+                    f"{p50} | {p99} | {rss} | {cpu} | {r['control_plane_cpu_seconds']:.0f} | "
+                    f"{r.get('controller_manager_cpu_seconds', 0):.0f} | {load} |")
+    return "\n".join(rows + request_table(results)) + "\n"
+
+
+def request_table(results: list[dict], floor: float = 0.02) -> list[str]:
+    """API requests per object by verb and resource, scenario beside scenario (those at `floor` or more in
+    some scenario), with the API server's seconds spent serving each (WATCH excluded: it lasts as long as
+    its client keeps it open)."""
+    measured = [r for r in results if "api_requests_per_object" in r]
+    if not measured:
+        return []
+    keys = sorted({k for r in measured for k, v in r["api_requests_per_object"].items() if v >= floor},
+                  key=lambda k: -max(r["api_requests_per_object"].get(k, 0) for r in measured))
+    rows = ["", "API requests per object by verb and resource, as the API server counted them during each scenario "
+            "(the harness's creates and pod watch included), and its ms of serving them per object:", "",
+            "| verb resource | " + " | ".join(r["scenario"] for r in measured) + " |",
+            "|---|" + "---:|" * len(measured)]
+    for key in keys:
+        cells = []
+        for r in measured:
+            count = r["api_requests_per_object"].get(key, 0)
+            ms = 1000 * r["api_request_seconds_per_object"].get(key, 0)
+            cells.append(f"{count:.2f}" + (f" ({ms:.1f} ms)" if count and not key.startswith("WATCH") else ""))
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    totals = [sum(r["api_requests_per_object"].values()) for r in measured]
+    rows.append("| all | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
+    rows.append("| APF: seconds requests waited in queues / rejected (in all) | " + " | ".join(
+        f"{r['api_flowcontrol'].get('apiserver_flowcontrol_request_wait_duration_seconds_sum', 0):.1f} / "
+        f"{r['api_flowcontrol'].get('apiserver_flowcontrol_rejected_requests_total', 0):.0f}" for r in measured) + " |")
+    rows.append("| watchers the API server dropped for falling behind (in all) | " + " | ".join(
+        f"{r['api_flowcontrol'].get('apiserver_terminated_watchers_total', 0):.0f}" for r in measured) + " |")
+    return rows
 
 
 def build_agent_sandbox(source: Path) -> Path:
@@ -318,6 +429,9 @@ def main() -> None:
     parser.add_argument("--crds", action="append", default=[], metavar="DIR", help="extra CRDs to install first; may repeat")
     parser.add_argument("--shards", type=int, default=0, help="also run agentkube as this many shards (scenario "
                         "agentkube-N-shards), beside one")
+    parser.add_argument("--concurrently", action="store_true", help="run the scenarios at the same time (each on "
+                        "its own control plane) instead of one after another")
+    parser.add_argument("--output", metavar="STEM", help="write bench/results/STEM.{json,md} (default: by the options)")
     parser.add_argument("--namespaces", type=int, help="namespaces the objects are spread over (default: 1; "
                         "with --shards N, 4 per shard)")
     args = parser.parse_args()
@@ -343,11 +457,10 @@ def main() -> None:
     if args.only:
         scenarios = [s for s in scenarios if s[0] in args.only]
 
-    results = []
     # Each scenario on a control plane (and simulated nodes) of its own: every controller starts from an
     # equally empty store, and nothing has to be deleted between them (10,000 pods' namespace took longer
     # to delete than to fill on this machine).
-    for name, directory, commands in scenarios:
+    def run_alone(name: str, directory: Path, commands: list[list[str]]) -> dict:
         with temporary_env(with_prometheus=False) as devenv:
             env = devenv.environ()
             for crd_directory in crds:
@@ -355,17 +468,29 @@ def main() -> None:
                                check=True, capture_output=True)
             api_client = kubernetes.config.new_client_from_config(config_file=str(devenv.kubeconfig))
             if args.kwok_nodes:
-                print(f"{args.kwok_nodes} kwok nodes Ready in {start_kwok_nodes(devenv, api_client, args.kwok_nodes):.0f} s")
+                print(f"{name}: {args.kwok_nodes} kwok nodes Ready in "
+                      f"{start_kwok_nodes(devenv, api_client, args.kwok_nodes):.0f} s", flush=True)
             plane = [r.pid for r in devenv.processes if r.name in ("kube-apiserver", "etcd")]
+            manager = [r.pid for r in devenv.processes if r.name == "kube-controller-manager"]
             result = run_scenario(name, api_client, _load_manifests(directory), args.count, namespaces, commands, env,
-                                  args.timeout, plane)
+                                  args.timeout, plane, manager)
         print(json.dumps(result), flush=True)
-        results.append(result)
+        return result
+
+    if args.concurrently:
+        # All scenarios at once, each on its own control plane: on a machine that others load unevenly over
+        # the tens of minutes a large run takes, they then share the same conditions (and each other's
+        # load), which back-to-back scenarios never do.
+        with concurrent.futures.ThreadPoolExecutor(len(scenarios)) as runners:
+            results = list(runners.map(lambda scenario: run_alone(*scenario), scenarios))
+    else:
+        results = [run_alone(*scenario) for scenario in scenarios]
     wall_seconds = time.monotonic() - wall_started
-    stem = "sandbox_scale" + ("_shards" if args.shards > 1 else "") + ("_kwok" if args.kwok_nodes else "")
+    stem = args.output or "sandbox_scale" + ("_shards" if args.shards > 1 else "") + ("_kwok" if args.kwok_nodes else "")
     summary = {"count": args.count, "kwok_nodes": args.kwok_nodes, "shards": args.shards, "namespaces": namespaces,
+               "concurrently": args.concurrently,
                "cpus": os.cpu_count(), "wall_seconds": wall_seconds, "results": results}
-    table = markdown(results, args.count, args.kwok_nodes, wall_seconds, len(namespaces))
+    table = markdown(results, args.count, args.kwok_nodes, wall_seconds, len(namespaces), args.concurrently)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table)

@@ -196,17 +196,17 @@ def delete_own(plural: str, namespace: str, name: str, uid: str) -> None:
     delete_at(object_path(OWN_GROUP_VERSION, namespace, plural, name), uid)
 
 
-def patch_status(plural: str, namespace: str, name: str, old: BaseModel, new: BaseModel) -> bool:
-    """Write the fields `new` was given, unless `old` has them already. False when nothing was written
-    because nothing changed; an object gone meanwhile is not an error."""
+def patch_status(plural: str, namespace: str, name: str, old: BaseModel, new: BaseModel) -> dict[str, Any] | None:
+    """Write the fields `new` was given, unless `old` has them already: the object as written, or None when
+    nothing was written because nothing changed, or because it is gone meanwhile (no error)."""
     if not changed(old, new):
-        return False
+        return None
     try:
-        request("PATCH", object_path(OWN_GROUP_VERSION, namespace, plural, name, "status"), status_patch(new), MERGE_PATCH)
+        return request("PATCH", object_path(OWN_GROUP_VERSION, namespace, plural, name, "status"), status_patch(new), MERGE_PATCH)
     except ApiException as error:
         if error.status != 404:
             raise
-    return True
+    return None
 
 
 def patch_status_if_unchanged(plural: str, namespace: str, name: str, resource_version: str, new: BaseModel) -> bool:

@@ -489,6 +489,23 @@ def tools_enforced(tools_refused: str | None) -> tuple[str, bool, str, str]:
     return ("ToolsEnforced", True, "NotRefused", "the node agent has not refused this sandbox's tool intent")
 
 
+def phase_event(old_phase: str | None, plan_: "Plan") -> bool:
+    """Whether the phase the plan reports is worth an Event: any change of phase, except a new sandbox's
+    first, uneventful Pending (what its creator just asked for: its Running, or why it waits or failed, is
+    the news). One write fewer per sandbox for the API server, where thousands are made at once."""
+    if old_phase == plan_.phase:
+        return False
+    return not (old_phase is None and plan_.phase == "Pending" and not plan_.warning)
+
+
+def needs_reconcile(event_type: str | None, known: bool, body: dict[str, Any]) -> bool:
+    """Whether a watch event of a sandbox asks for a reconciliation. `event_type` None: Kopf listed it (a
+    watch started); `known`: this process has seen the sandbox before (so a listing is a re-listing after a
+    dropped watch, not the operator's start, and the sandbox's timers are armed already). At the start every
+    sandbox is reconciled; otherwise only one whose status does not reflect it yet."""
+    return (event_type is None and not known) or not status_is_current(body)
+
+
 def status_is_current(body: dict[str, Any]) -> bool:
     """Whether the sandbox's status already reflects its spec (observedGeneration, written only by a full
     reconciliation) and the annotations others write (the gateway's last activity, the node agent's call

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 
 from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL
-from agentkube.operator import api, kube, metrics, pool, pool_handlers, sandbox, shards
+from agentkube.operator import api, kube, latest, metrics, pool, pool_handlers, sandbox, shards
 from agentkube.operator.gateway_settings import gateway
 from agentkube.operator.kube import NETWORKING, SANDBOXES
 from agentkube.operator.rechecks import RETRY_AFTER_FAILURE, rechecks
@@ -19,14 +19,31 @@ from agentkube.operator.status import merge_conditions, parse_timestamp
 POOL_RECHECK = timedelta(seconds=5)
 
 
+# The newest copy of every sandbox of this shard (its watch events and our status writes' replies), and
+# one reconciliation of a sandbox at a time: see `latest`.
+sandboxes = latest.Latest()
+
+
 def reconcile_sandbox(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None = None,
                       *, pod_only: bool = False, pod: dict[str, Any] | None = None) -> sandbox.Plan | None:
-    """Bring one sandbox's children and status in line with its spec. `body`: the object, when the caller
-    has it fresh from a watch event (saves a read). `pod_only`: a pod event, whose pod is `pod` (None: read
-    it); the service, claim and policy were ensured when the sandbox itself last changed, so only the pod
-    and status are looked at, and observedGeneration stays where the last full reconciliation put it."""
-    if body is None:
-        body = kube.read_own(SANDBOXES, namespace, name)
+    """Bring one sandbox's children and status in line with its spec, one reconciliation of it at a time.
+    `body`: the object, when the caller has it from the watch or `sandboxes` (saves a read; a newer copy
+    known by then is used instead); None: read it (a timer's recheck, a retry). `pod_only`: a pod event,
+    whose pod is `pod` (None: read it); the service, claim and policy were ensured when the sandbox itself
+    last changed, so only the pod and status are looked at, and observedGeneration stays where the last
+    full reconciliation put it."""
+    with sandboxes.exclusive(namespace, name):
+        if body is None:
+            body = kube.read_own(SANDBOXES, namespace, name)
+            if body is not None:
+                body = sandboxes.saw(body)
+        else:
+            body = sandboxes.saw(body)
+        return _reconcile(namespace, name, logger, body, pod_only=pod_only, pod=pod)
+
+
+def _reconcile(namespace: str, name: str, logger: logging.Logger, body: dict[str, Any] | None,
+               *, pod_only: bool, pod: dict[str, Any] | None) -> sandbox.Plan | None:
     if body is None or body["metadata"].get("deletionTimestamp"):
         metrics.SANDBOXES.forget(namespace, name)
         return None  # the owned children go with it, through their owner references
@@ -206,14 +223,16 @@ def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, p
 
 def _report(body: dict[str, Any], decision: sandbox.Plan, pod: dict[str, Any] | None, old: api.AgentSandboxStatus,
             last_activity: datetime | None, now: datetime, generation: int | None, logger: logging.Logger) -> None:
-    """Write the status, post an event on a new phase, and arm the timer of the plan's next change."""
+    """Write the status, post an Event on a new phase (`sandbox.phase_event`), and arm the timer of the plan's next change."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now, generation,
                          pod["metadata"]["name"] if pod else None, sandbox.runtime_endpoint(pod))
-    if old.phase != decision.phase:
+    if sandbox.phase_event(old.phase, decision):
         kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
         kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
-    kube.patch_status(SANDBOXES, namespace, name, old, new)
+    written = kube.patch_status(SANDBOXES, namespace, name, old, new)
+    if written is not None:
+        sandboxes.saw(written)  # what the next reconciliation starts from, before the watch brings it back
     metrics.SANDBOXES.set(namespace, name, decision.phase)
     if decision.recheck_after is not None:
         rechecks.schedule(reconcile_sandbox, namespace, name, decision.recheck_after, logger)
@@ -272,13 +291,22 @@ def _apply_network_policy(body: dict[str, Any], spec: api.AgentSandboxSpec, name
 # filter, and event handlers write nothing of Kopf's on the objects they skip.
 @kopf.on.event(api.GROUP, api.VERSION, SANDBOXES, when=shards.in_this_shard)
 def sandbox_changed(type: str | None, body: kopf.Body, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
-    """`type` is None for the objects Kopf lists when a watch (re)starts (a start, a resume): those are
-    reconciled whatever their status says, which also arms their lifecycle timers again."""
+    """`type` is None for the objects Kopf lists when a watch (re)starts. At the operator's start those are
+    reconciled whatever their status says (which also arms their lifecycle timers). A listing later in the
+    process's life (Kopf lists again when the API server drops its watch and the resourceVersion is gone,
+    which an overloaded API server does to a watcher that falls behind) treats a sandbox this process knows
+    like any event: nothing to do when its status is current (its timers are armed already). Reconciling
+    every sandbox on such a listing cost four requests each (the pod's read, the Service's and policy's
+    creates answered 409, the policy's read) just when the API server was already behind: 6,000 sandboxes
+    (bench/sandbox_scale.py) made it drop the watch again."""
     if type == "DELETED":
         metrics.SANDBOXES.forget(namespace, name)
+        sandboxes.forget(namespace, name)
         return
-    sandbox_ = kube.as_dict(dict(body))
-    if type is not None and sandbox.status_is_current(sandbox_):
+    known = sandboxes.knows(namespace, name)
+    # An event older than a status we wrote since (its own write's, still on its way) asks for nothing.
+    sandbox_ = sandboxes.saw(kube.as_dict(dict(body)))
+    if not sandbox.needs_reconcile(type, known, sandbox_):
         return
     _reconcile_or_retry(namespace, name, logger, body=sandbox_)
 
@@ -298,12 +326,14 @@ def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logge
     if not _pod_views.is_news(type, pod):
         return
     namespace = pod["metadata"]["namespace"]
-    if labels.get(CLAIMED_BY_LABEL):  # adopted (or cold-started) by a sandbox from a pool
-        _reconcile_or_retry(namespace, labels[CLAIMED_BY_LABEL], logger, pod_only=True, pod=None if type == "DELETED" else pod)
-    elif labels.get(POOL_LABEL):  # a waiting warm pod: ready, failed or gone, the pool's count changes
+    owner = labels.get(CLAIMED_BY_LABEL)  # adopted (or cold-started) by a sandbox from a pool
+    if not owner and labels.get(POOL_LABEL):  # a waiting warm pod: ready, failed or gone, the pool's count changes
         pool_handlers.reconcile_pool(namespace, labels[POOL_LABEL], logger)
-    elif labels.get(sandbox.SANDBOX_LABEL):
-        _reconcile_or_retry(namespace, labels[sandbox.SANDBOX_LABEL], logger, pod_only=True,
+        return
+    owner = owner or labels.get(sandbox.SANDBOX_LABEL)
+    if owner:
+        # The sandbox as its watch last brought it (or our last write left it): no read per pod event.
+        _reconcile_or_retry(namespace, owner, logger, body=sandboxes.get(namespace, owner), pod_only=True,
                             pod=None if type == "DELETED" else pod)
 
 

@@ -29,3 +29,19 @@ def test_the_handlers_register_with_kopf():
     assert {"sandbox_changed", "sandbox_pod_changed", "knative_service_changed"} <= watching
     assert "sandbox_changed" not in changing
     assert "start_rechecks" in activities
+
+
+def test_kopfs_success_line_of_the_per_event_handlers_is_dropped_and_everything_else_kept():
+    import logging
+
+    from agentkube.operator.main import QuietEventHandlers
+
+    def record(message: str, level: int = logging.INFO) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, message, None, None)
+
+    quiet = QuietEventHandlers()
+    assert not quiet.filter(record("Handler 'sandbox_changed' succeeded."))
+    assert not quiet.filter(record("Handler 'sandbox_pod_changed' succeeded."))
+    assert quiet.filter(record("Handler 'served_model_changed' succeeded."))  # a change handler's: kept
+    assert quiet.filter(record("created pod ns/box"))
+    assert quiet.filter(record("Handler 'sandbox_changed' failed with an exception. Will retry.", logging.ERROR))

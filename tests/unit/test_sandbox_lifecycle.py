@@ -189,3 +189,28 @@ def test_a_new_generation_or_a_new_report_by_the_gateway_or_node_agent_asks_for_
     # A malformed report changes nothing the status would show: nothing to do for it.
     malformed = {**body["metadata"]["annotations"], TOOL_CALLS_ANNOTATION: "{not json"}
     assert status_is_current({**body, "metadata": {**body["metadata"], "annotations": malformed}})
+
+
+def test_an_event_for_every_change_of_phase_but_a_new_sandboxs_first_uneventful_pending():
+    from agentkube.operator.sandbox import Plan, phase_event
+
+    creating = Plan("Pending", "PodCreating", "creating the sandbox pod", True)
+    unschedulable = Plan("Pending", "Unschedulable", "0/1 nodes are available", True, warning=True)
+    running = Plan("Running", "PodReady", "the sandbox is ready", True)
+    assert not phase_event(None, creating)  # what its creator just asked for
+    assert phase_event(None, unschedulable)  # the user has to act: a Warning from the first look
+    assert phase_event(None, running) and phase_event("Pending", running)
+    assert phase_event("Running", creating)  # back to Pending (its pod replaced) is news
+    assert not phase_event("Running", running) and not phase_event("Pending", unschedulable)
+
+
+def test_a_listing_reconciles_every_sandbox_at_the_start_and_only_stale_ones_when_kopf_lists_again():
+    from agentkube.operator.sandbox import needs_reconcile
+
+    current = _reconciled({})
+    stale = {**current, "metadata": {**current["metadata"], "generation": 3}}
+    assert needs_reconcile(None, False, current)  # the operator's start: arms timers, finds what changed while down
+    assert not needs_reconcile(None, True, current)  # a re-listing after a dropped watch: nothing happened to it
+    assert needs_reconcile(None, True, stale)  # changed while the watch was down
+    assert not needs_reconcile("MODIFIED", False, current) and not needs_reconcile("MODIFIED", True, current)
+    assert needs_reconcile("MODIFIED", True, stale) and needs_reconcile("ADDED", False, {"metadata": {"generation": 1}})
