@@ -450,7 +450,7 @@ class OpenCounters:
 
     def __init__(self, cgroup: Cgroup):
         self.kind = cgroup.layout.kind
-        self._fds: dict[str, int] = {}
+        self.procs, self._fds = -1, {}
         try:
             self.procs = os.open(cgroup.unified_dir / "cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
             for controller, name in COUNTER_FILES[self.kind]:
@@ -470,7 +470,7 @@ class OpenCounters:
         return counters_from_files(self.kind, {name: _pread_all(fd) for name, fd in self._fds.items()})
 
     def close(self) -> None:
-        for fd in [getattr(self, "procs", -1), *self._fds.values()]:
+        for fd in [self.procs, *self._fds.values()]:
             if fd >= 0:
                 os.close(fd)
         self.procs, self._fds = -1, {}
@@ -503,10 +503,7 @@ def _read(path: Path) -> str:
     """A cgroup file's text, without Python's text-file layers (most take one read)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return _pread_all(fd)
     finally:
         os.close(fd)
 
