@@ -71,12 +71,13 @@ def _phase(api_client, namespace: str, name: str) -> str | None:
     return ((_get_sandbox(api_client, namespace, name) or {}).get("status") or {}).get("phase")
 
 
-def _act_as_kubelet(api_client, namespace: str, name: str, phase: str, ready: bool) -> None:
+def _act_as_kubelet(api_client, namespace: str, name: str, phase: str, ready: bool, pod_ip: str | None = None) -> None:
     """There is no node here: set the pod's status as a kubelet would."""
     status = "True" if ready else "False"
     CoreV1Api(api_client).patch_namespaced_pod_status(name, namespace, {"status": {
         "phase": phase,
         "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": status}],
+        **({"podIP": pod_ip, "podIPs": [{"ip": pod_ip}]} if pod_ip else {}),
     }})
 
 
@@ -154,8 +155,17 @@ def test_a_sandbox_gets_its_pod_service_and_policy_and_reports_status(api_client
     assert status["observedGeneration"] == 1
     # Nothing needs cleaning up beyond owner references, so nothing blocks deletion when the operator is down.
     assert not _get_sandbox(api_client, namespace, "box")["metadata"].get("finalizers")
-    _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
+    _act_as_kubelet(api_client, namespace, "box", "Running", ready=True, pod_ip="10.244.0.7")
     eventually(lambda: _phase(api_client, namespace, "box") == "Running", message="never Running")
+    # The real controller manager publishes the pod under its hostname in the shared Service's EndpointSlice,
+    # which is what cluster DNS answers `box.agentkube-sandboxes.NS.svc.cluster.local` from.
+    discovery = kubernetes.client.DiscoveryV1Api(api_client)
+
+    def published() -> list:
+        slices = discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=f"kubernetes.io/service-name={sandbox.SANDBOX_SERVICE}").items
+        return [(e.hostname, e.addresses) for s in slices for e in s.endpoints or []]
+    assert eventually(published, message="the pod was never published") == [("box", ["10.244.0.7"])]
     conditions = {c["type"]: c["status"] for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"]}
     assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True", "ToolsEnforced": "True"}
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=box,involvedObject.kind=AgentSandbox")
