@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from agentkube.contract import POOL_PLURAL
+from agentkube.contract import DNS_LABEL, POOL_PLURAL
 from agentkube.operator import api
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -101,6 +101,8 @@ class Kind:
     # The scale subresource (`kubectl scale`, autoscalers): where the wanted and the actual count and the
     # pods' selector are.
     scale: dict[str, str] | None = None
+    # What names the API server admits beyond its own rule (a DNS subdomain), as an OpenAPI string schema.
+    name_schema: dict[str, Any] | None = None
 
     @property
     def singular(self) -> str:
@@ -126,6 +128,10 @@ AGENT_SANDBOX = Kind(
         {"name": "Last-Activity", "type": "date", "jsonPath": ".status.lastActivityTime", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ),
+    # A sandbox's pod is named like it, and that name is the pod's hostname and so its DNS name
+    # (sandbox.sandbox_fqdn): a DNS label. A longer name or one with dots is refused at `kubectl apply` (a
+    # schema rule, no CEL) rather than leaving a sandbox whose pod can never be made.
+    name_schema={"type": "string", "maxLength": 63, "pattern": DNS_LABEL.pattern},
 )
 SERVED_MODEL = Kind(
     kind="ServedModel",
@@ -224,7 +230,8 @@ def custom_resource_definition(kind: Kind) -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "metadata": {"type": "object", **({"properties": {"name": dict(kind.name_schema)}}
+                                                                   if kind.name_schema else {})},
                                 "spec": _model_schema(kind.spec),
                                 "status": status,
                             },

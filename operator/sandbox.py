@@ -111,8 +111,46 @@ def workspace_claim_name(sandbox: str) -> str:
     return f"{sandbox}-workspace"
 
 
-def service_fqdn(name: str, namespace: str) -> str:
+# Every sandbox pod of a namespace is named in DNS by one headless Service of this name there (the
+# StatefulSet pattern): the pod's `hostname` and this `subdomain` make `HOST.agentkube-sandboxes.NS.svc.DOMAIN`.
+# One Service per namespace instead of one per sandbox: at 10,000 sandboxes the per-sandbox Services cost
+# the API server a create each and the controller manager's EndpointSlice controller, which matches every
+# pod change against every Service of its namespace, ~8x the CPU (operator/README.md, scale).
+SANDBOX_SERVICE = "agentkube-sandboxes"
+# What the shared Service selects: every pod whose subdomain is SANDBOX_SERVICE (sandbox and warm pods
+# alike), and nothing else (other agentkube pods share MANAGED_BY).
+SANDBOX_SERVICE_SELECTOR = {"agentkube.dev/subdomain": SANDBOX_SERVICE}
+
+
+def service_fqdn(hostname: str, namespace: str) -> str:
+    """The DNS name of a sandbox pod with this hostname, through the namespace's shared Service."""
+    return f"{hostname}.{SANDBOX_SERVICE}.{namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+def own_service_fqdn(name: str, namespace: str) -> str:
+    """The name an earlier version gave a sandbox: a headless Service of the sandbox's own name selecting its
+    pod. Reported while the sandbox's pod is one that version made (`has_own_service`); the Service stays
+    until the sandbox goes, so the name keeps resolving to any later pod of the sandbox as well."""
     return f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+def has_own_service(pod: dict[str, Any] | None) -> bool:
+    """Whether the pod was made before the shared Service (its subdomain is not SANDBOX_SERVICE): only a
+    Service of the sandbox's own name gives it a DNS name, so that Service must stay while the pod lives."""
+    return pod is not None and (pod.get("spec") or {}).get("subdomain") != SANDBOX_SERVICE
+
+
+def sandbox_fqdn(body: dict[str, Any], pod: dict[str, Any] | None) -> str | None:
+    """status.serviceFqdn: the name that resolves to the sandbox's pod. A pod's DNS name is fixed when it is
+    made (hostname and subdomain are immutable): a warm pod adopted from a pool keeps its own hostname, and
+    a pod an earlier version made keeps the sandbox's own Service. Without a pod, the name its pod will
+    have: the sandbox's own name (its pod is named so), unknown for a sandbox from a pool (None)."""
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    if pod is None:
+        return None if (body.get("spec") or {}).get("pool") else service_fqdn(name, namespace)
+    if has_own_service(pod):
+        return own_service_fqdn(name, namespace)
+    return service_fqdn(str(pod["spec"].get("hostname") or pod["metadata"]["name"]), namespace)
 
 
 def _quantities(resources: api.ResourceList | None) -> dict[str, str]:
@@ -207,8 +245,11 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
         else {"name": WORKSPACE_VOLUME, "emptyDir": {}}
     )
     pod_spec: dict[str, Any] = {
+        # With the namespace's shared headless Service, which selects this pod by SANDBOX_SERVICE_SELECTOR: a
+        # DNS name for the pod. The hostname must be a DNS label: the CRD admits only such sandbox names, and
+        # a warm pod's name is cut to fit (pool.warm_pod_name).
         "hostname": name,
-        "subdomain": name,  # with the headless Service of the same name: a stable DNS name for the pod
+        "subdomain": SANDBOX_SERVICE,
         "restartPolicy": "Always",
         # The sandbox runs untrusted tool calls: it gets no Kubernetes credentials and no service links.
         "automountServiceAccountToken": False,
@@ -241,12 +282,9 @@ def pod_manifest(body: dict[str, Any], spec: api.AgentSandboxSpec, runtime_key: 
         container["readinessProbe"] = {**runtime_probe(True), "periodSeconds": READINESS_PROBE_PERIOD_SECONDS,
                                        "failureThreshold": 3, "timeoutSeconds": PROBE_TIMEOUT_SECONDS}
     tools = {"envelope": _quantities(template.resources.limits), **spec.tools.model_dump(by_alias=True, exclude_none=True)}
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": _metadata(name, body, annotations={TOOLS_ANNOTATION: json.dumps(tools, sort_keys=True)}),
-        "spec": pod_spec,
-    }
+    metadata = _metadata(name, body, annotations={TOOLS_ANNOTATION: json.dumps(tools, sort_keys=True)})
+    metadata["labels"].update(SANDBOX_SERVICE_SELECTOR)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
 def pod_selector(body: dict[str, Any]) -> dict[str, str]:
@@ -257,18 +295,32 @@ def pod_selector(body: dict[str, Any]) -> dict[str, str]:
 
 
 def service_manifest(body: dict[str, Any]) -> dict[str, Any]:
+    """The Service of the sandbox's own name that an earlier version made for each sandbox; still made for a
+    sandbox whose pod is such a version's (`has_own_service`), the only way that pod has a DNS name."""
     name = body["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, body),
+            "spec": _headless_service_spec(pod_selector(body))}
+
+
+def shared_service_manifest(namespace: str) -> dict[str, Any]:
+    """The namespace's headless Service that names every sandbox pod there. It has no owner: it serves every
+    sandbox of the namespace, past and future, and costs one object and an empty EndpointSlice when there
+    is none, so it is left in place when the last sandbox goes (a sandbox made later finds it)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, body),
-        "spec": {
-            "clusterIP": "None",
-            "selector": pod_selector(body),
-            "ports": [{"name": "runtime", "port": SANDBOX_RUNTIME_PORT, "targetPort": SANDBOX_RUNTIME_PORT}],
-            # The name resolves while the pod starts, so a client can wait on DNS rather than poll.
-            "publishNotReadyAddresses": True,
-        },
+        "metadata": {"name": SANDBOX_SERVICE, "namespace": namespace, "labels": dict(MANAGED_BY)},
+        "spec": _headless_service_spec(SANDBOX_SERVICE_SELECTOR),
+    }
+
+
+def _headless_service_spec(selector: dict[str, str]) -> dict[str, Any]:
+    return {
+        "clusterIP": "None",
+        "selector": dict(selector),
+        "ports": [{"name": "runtime", "port": SANDBOX_RUNTIME_PORT, "targetPort": SANDBOX_RUNTIME_PORT}],
+        # The name resolves while the pod starts, so a client can wait on DNS rather than poll.
+        "publishNotReadyAddresses": True,
     }
 
 

@@ -3,6 +3,8 @@ that, write status. Every step is idempotent, so a handler killed half-way (or t
 the next run."""
 
 import logging
+import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,6 +19,10 @@ from agentkube.operator.status import merge_conditions, parse_timestamp
 
 # How soon a sandbox whose pool does not exist (yet) looks again.
 POOL_RECHECK = timedelta(seconds=5)
+# How long this process trusts that a namespace's shared Service (sandbox.SANDBOX_SERVICE) exists once it
+# made or found it: one create a minute per namespace at most, and a Service someone deleted is back with
+# the next sandbox reconciled there after that.
+SHARED_SERVICE_TRUSTED = 60.0
 
 
 # The newest copy of every sandbox of this shard (its watch events and our status writes' replies), and
@@ -99,6 +105,7 @@ def _reconcile(namespace: str, name: str, logger: logging.Logger, body: dict[str
 
         generation = body["metadata"].get("generation") if fresh or not pod_only else old.observed_generation
         _report(body, decision, pod, old, last_activity, now, generation, logger)
+        _own_service(body, pod, pod_only=pod_only and not fresh)
     return decision
 
 
@@ -176,7 +183,8 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
         assert effective is not None
         _apply_network_policy(body, effective, namespace, name)
     if not pod_only:
-        kube.post(pods_path.removesuffix("/pods") + "/services", sandbox.service_manifest(body))
+        _ensure_shared_service(namespace)
+    _own_service(body, pod, pod_only=pod_only)
     if adopted:
         pool_handlers.reconcile_pool(namespace, str(spec.pool), logger)  # refill, after the sandbox is reported
     return decision
@@ -226,7 +234,8 @@ def _report(body: dict[str, Any], decision: sandbox.Plan, pod: dict[str, Any] | 
     """Write the status, post an Event on a new phase (`sandbox.phase_event`), and arm the timer of the plan's next change."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     new = sandbox_status(body, decision, sandbox.PodView.of(pod), old, last_activity, now, generation,
-                         pod["metadata"]["name"] if pod else None, sandbox.runtime_endpoint(pod))
+                         pod["metadata"]["name"] if pod else None, sandbox.runtime_endpoint(pod),
+                         sandbox.sandbox_fqdn(body, pod))
     if sandbox.phase_event(old.phase, decision):
         kind = "Warning" if decision.warning or decision.phase == "Failed" else "Normal"
         kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
@@ -239,22 +248,54 @@ def _report(body: dict[str, Any], decision: sandbox.Plan, pod: dict[str, Any] | 
 
 
 def _ensure_children(body: dict[str, Any], spec: api.AgentSandboxSpec, namespace: str, name: str) -> None:
-    """The service, workspace claim and network policy: created when missing (a 409 is no error)."""
-    kube.post(kube.object_path("v1", namespace, "services"), sandbox.service_manifest(body))
+    """The namespace's shared Service, the workspace claim and the network policy: created when missing (a
+    409 is no error)."""
+    _ensure_shared_service(namespace)
     if spec.workspace is not None:
         kube.post(kube.object_path("v1", namespace, "persistentvolumeclaims"), sandbox.workspace_claim_manifest(body, spec.workspace))
     _apply_network_policy(body, spec, namespace, name)
 
 
+_shared_services: dict[str, float] = {}  # namespace -> when this process last made or found its shared Service
+_shared_services_lock = threading.Lock()
+
+
+def _ensure_shared_service(namespace: str) -> None:
+    """Create the namespace's shared Service unless this process made or found it lately. Racing creates
+    (reconciles in parallel, other replicas) cannot fight: one is created, the others get a 409 and leave it."""
+    now = time.monotonic()
+    with _shared_services_lock:
+        if now - _shared_services.get(namespace, float("-inf")) < SHARED_SERVICE_TRUSTED:
+            return
+        _shared_services[namespace] = now  # the others go on meanwhile: the create below is idempotent
+    try:
+        kube.post(kube.object_path("v1", namespace, "services"), sandbox.shared_service_manifest(namespace))
+    except Exception:
+        with _shared_services_lock:
+            _shared_services.pop(namespace, None)
+        raise
+
+
+def _own_service(body: dict[str, Any], pod: dict[str, Any] | None, *, pod_only: bool) -> None:
+    """The Service of the sandbox's own name that an earlier version made for each sandbox: made again on a
+    full reconcile while the sandbox's pod is one that version made (only it names that pod). It is never
+    deleted here: it goes with its sandbox (owner reference), and until then it still names whatever pod
+    the sandbox has. Deleting it would need `delete` on every Service of the cluster, which the operator's
+    role does not grant. A sandbox made by this version never pays a request for it."""
+    if sandbox.has_own_service(pod) and not pod_only:
+        kube.post(kube.object_path("v1", body["metadata"]["namespace"], "services"), sandbox.service_manifest(body))
+
+
 def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.PodView | None, old: api.AgentSandboxStatus,
                    last_activity: datetime | None, now: datetime, observed_generation: int | None,
-                   pod_name: str | None = None, runtime: api.RuntimeEndpoint | None = None) -> api.AgentSandboxStatus:
+                   pod_name: str | None = None, runtime: api.RuntimeEndpoint | None = None,
+                   service_fqdn: str | None = None) -> api.AgentSandboxStatus:
     """The status a sandbox reports (every field: the reconcile is its only writer). What the node agent
     last reported (activity, call totals) is kept until it reports again. `pod_name`: the pod's, when it is
     not named like the sandbox (a warm pod adopted from a pool). `runtime`: where its pod's runtime is
     (sandbox.runtime_endpoint), reported only while the sandbox runs: the gateway's watch takes a call
-    there without reading the pod."""
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    there without reading the pod. `service_fqdn`: the pod's DNS name (sandbox.sandbox_fqdn)."""
+    name = body["metadata"]["name"]
     annotations = body["metadata"].get("annotations") or {}
     refused = annotations.get(sandbox.TOOLS_REFUSED_ANNOTATION)
     return api.AgentSandboxStatus(
@@ -263,7 +304,7 @@ def sandbox_status(body: dict[str, Any], decision: sandbox.Plan, pod: sandbox.Po
         pod_name=(pod_name or name) if decision.want_pod else None,
         runtime=runtime if decision.phase == "Running" else None,
         node_name=pod.node_name if pod and decision.want_pod else None,
-        service_fqdn=sandbox.service_fqdn(name, namespace),
+        service_fqdn=service_fqdn,
         last_activity_time=last_activity or old.last_activity_time,
         tool_calls=sandbox.tool_call_totals(annotations) or old.tool_calls,
         observed_generation=observed_generation,

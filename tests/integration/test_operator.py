@@ -71,12 +71,13 @@ def _phase(api_client, namespace: str, name: str) -> str | None:
     return ((_get_sandbox(api_client, namespace, name) or {}).get("status") or {}).get("phase")
 
 
-def _act_as_kubelet(api_client, namespace: str, name: str, phase: str, ready: bool) -> None:
+def _act_as_kubelet(api_client, namespace: str, name: str, phase: str, ready: bool, pod_ip: str | None = None) -> None:
     """There is no node here: set the pod's status as a kubelet would."""
     status = "True" if ready else "False"
     CoreV1Api(api_client).patch_namespaced_pod_status(name, namespace, {"status": {
         "phase": phase,
         "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": status}],
+        **({"podIP": pod_ip, "podIPs": [{"ip": pod_ip}]} if pod_ip else {}),
     }})
 
 
@@ -136,23 +137,88 @@ def test_a_sandbox_gets_its_pod_service_and_policy_and_reports_status(api_client
     assert (owner.kind, owner.name, owner.controller) == ("AgentSandbox", "box", True)
     assert pod.spec.containers[0].security_context.capabilities.drop == ["ALL"]
     core, networking = CoreV1Api(api_client), NetworkingV1Api(api_client)
-    assert core.read_namespaced_service("box", namespace).spec.cluster_ip == "None"
+    # Its DNS name comes from the namespace's one headless Service (no Service of its own): hostname and
+    # subdomain, as a StatefulSet's pods get theirs.
+    shared = core.read_namespaced_service(sandbox.SANDBOX_SERVICE, namespace)
+    assert shared.spec.cluster_ip == "None" and shared.spec.publish_not_ready_addresses
+    assert shared.spec.selector == sandbox.SANDBOX_SERVICE_SELECTOR
+    assert shared.spec.selector.items() <= pod.metadata.labels.items()
+    assert (pod.spec.hostname, pod.spec.subdomain) == ("box", sandbox.SANDBOX_SERVICE)
+    assert not [s for s in core.list_namespaced_service(namespace).items if s.metadata.name != sandbox.SANDBOX_SERVICE]
     assert core.read_namespaced_persistent_volume_claim("box-workspace", namespace).metadata.owner_references[0].name == "box"
     assert networking.read_namespaced_network_policy("box", namespace).spec.policy_types == ["Ingress", "Egress"]
 
     status = eventually(lambda: (_get_sandbox(api_client, namespace, "box").get("status") or {}).get("phase") and
                         _get_sandbox(api_client, namespace, "box")["status"], message="no status")
     assert status["phase"] == "Pending" and status["podName"] == "box"
-    assert status["serviceFqdn"] == f"box.{namespace}.svc.cluster.local"
+    assert status["serviceFqdn"] == f"box.{sandbox.SANDBOX_SERVICE}.{namespace}.svc.cluster.local"
     assert status["observedGeneration"] == 1
     # Nothing needs cleaning up beyond owner references, so nothing blocks deletion when the operator is down.
     assert not _get_sandbox(api_client, namespace, "box")["metadata"].get("finalizers")
-    _act_as_kubelet(api_client, namespace, "box", "Running", ready=True)
+    _act_as_kubelet(api_client, namespace, "box", "Running", ready=True, pod_ip="10.244.0.7")
     eventually(lambda: _phase(api_client, namespace, "box") == "Running", message="never Running")
+    # The real controller manager publishes the pod under its hostname in the shared Service's EndpointSlice,
+    # which is what cluster DNS answers `box.agentkube-sandboxes.NS.svc.cluster.local` from.
+    discovery = kubernetes.client.DiscoveryV1Api(api_client)
+
+    def published() -> list:
+        slices = discovery.list_namespaced_endpoint_slice(
+            namespace, label_selector=f"kubernetes.io/service-name={sandbox.SANDBOX_SERVICE}").items
+        return [(e.hostname, e.addresses) for s in slices for e in s.endpoints or []]
+    assert eventually(published, message="the pod was never published") == [("box", ["10.244.0.7"])]
     conditions = {c["type"]: c["status"] for c in _get_sandbox(api_client, namespace, "box")["status"]["conditions"]}
     assert conditions == {"Ready": "True", "Suspended": "False", "PodScheduled": "True", "ToolsEnforced": "True"}
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=box,involvedObject.kind=AgentSandbox")
     assert "PodReady" in {e.reason for e in events.items}
+
+
+def test_a_name_that_cannot_be_a_pod_s_hostname_is_refused_at_admission(api_client, operator, namespace):
+    """The sandbox's name is its pod's hostname, a DNS label: a longer one or one with dots is refused by the
+    API server rather than leaving a sandbox whose pod can never be made."""
+    for name in ("b" * 64, "a.b"):
+        with pytest.raises(ApiException) as refused:
+            _create_sandbox(api_client, namespace, _sandbox(name))
+        assert refused.value.status == 422 and "metadata.name" in refused.value.body
+    _create_sandbox(api_client, namespace, _sandbox("b" * 63))  # the longest label is fine
+
+
+def test_a_sandbox_made_by_the_previous_version_keeps_its_own_service(api_client, operator, namespace, eventually):
+    """Before the shared Service each sandbox had a headless Service of its own name, and its pod that name
+    as subdomain. A pod's subdomain never changes: after the upgrade the status names that Service while the
+    old pod lives, and the name of the shared Service once the pod is replaced. The old Service is left to
+    go with its sandbox (the operator may not delete Services); it names the new pod too."""
+    core = CoreV1Api(api_client)
+    operator.stop()  # the previous version made what follows
+    try:
+        body = _create_sandbox(api_client, namespace, _sandbox("old"))
+        pod = sandbox.pod_manifest(body, api.AgentSandboxSpec.model_validate(body["spec"]))
+        pod["spec"]["subdomain"] = "old"
+        for key in sandbox.SANDBOX_SERVICE_SELECTOR:
+            del pod["metadata"]["labels"][key]
+        core.create_namespaced_pod(namespace, pod)
+        core.create_namespaced_service(namespace, sandbox.service_manifest(body))
+        _act_as_kubelet(api_client, namespace, "old", "Running", ready=True)
+        CustomObjectsApi(api_client).patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, SANDBOXES, "old", {
+            "status": {"phase": "Running", "podName": "old", "observedGeneration": 1,
+                       "serviceFqdn": f"old.{namespace}.svc.cluster.local"}})
+    finally:
+        operator.start()
+    # The upgraded operator reconciles every sandbox at its start: this one keeps its name and Service.
+    eventually(lambda: next((c for c in (_get_sandbox(api_client, namespace, "old").get("status") or {}).get("conditions") or []
+                             if c["type"] == "Ready" and c["status"] == "True"), None), message="never reconciled")
+    assert _get_sandbox(api_client, namespace, "old")["status"]["serviceFqdn"] == f"old.{namespace}.svc.cluster.local"
+    assert core.read_namespaced_service(sandbox.SANDBOX_SERVICE, namespace).spec.cluster_ip == "None"
+    # Its pod goes (a node lost, say): the new one is named through the shared Service.
+    first = _pod(api_client, namespace, "old")
+    core.delete_namespaced_pod("old", namespace)
+    second = eventually(lambda: (p := _pod(api_client, namespace, "old")) and p.metadata.uid != first.metadata.uid and p,
+                        message="the pod was not recreated")
+    assert second.spec.subdomain == sandbox.SANDBOX_SERVICE
+    eventually(lambda: _get_sandbox(api_client, namespace, "old")["status"]["serviceFqdn"]
+               == f"old.{sandbox.SANDBOX_SERVICE}.{namespace}.svc.cluster.local", message="the status kept the old name")
+    old_service = core.read_namespaced_service("old", namespace)
+    assert old_service.metadata.owner_references[0].uid == body["metadata"]["uid"]
+    assert old_service.spec.selector.items() <= second.metadata.labels.items()
 
 
 def test_a_pod_deleted_by_someone_else_is_recreated(api_client, operator, namespace, eventually):

@@ -11,7 +11,7 @@ import pytest
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi, NetworkingV1Api
 
 from agentkube.contract import CLAIMED_BY_LABEL, POOL_LABEL, POOL_TEMPLATE_LABEL
-from agentkube.operator import api
+from agentkube.operator import api, sandbox
 from harness import Operator, install_operator
 
 POOLS, SANDBOXES = "agentsandboxpools", "agentsandboxes"
@@ -93,15 +93,18 @@ def test_a_sandbox_adopts_a_warm_pod_and_the_pool_refills(api_client, operator, 
     adopted = core.read_namespaced_pod(status["podName"], namespace)
     assert adopted.metadata.labels[CLAIMED_BY_LABEL] == "box"
     assert [(o.kind, o.name, o.controller) for o in adopted.metadata.owner_references] == [("AgentSandbox", "box", True)]
-    # Its Service and NetworkPolicy are written after its status (off the claim's path); until the policy
-    # came, the pool's held the adopted pod, for it selects adopted pods too.
-    service = eventually(lambda: _read(core.read_namespaced_service, "box", namespace), message="no Service")
-    assert service.spec.selector == {CLAIMED_BY_LABEL: "box"}
+    # Its NetworkPolicy is written after its status (off the claim's path); until it came, the pool's held
+    # the adopted pod, for it selects adopted pods too. Its DNS name is the warm pod's own, through the
+    # namespace's shared Service (a pod's hostname is fixed when it is made): no Service of its own.
+    service = eventually(lambda: _read(core.read_namespaced_service, sandbox.SANDBOX_SERVICE, namespace), message="no Service")
+    assert service.spec.selector.items() <= adopted.metadata.labels.items()
+    assert (adopted.spec.hostname, adopted.spec.subdomain) == (adopted.metadata.name, sandbox.SANDBOX_SERVICE)
+    assert _read(core.read_namespaced_service, "box", namespace) is None
     networking = NetworkingV1Api(api_client)
     policy = eventually(lambda: _read(networking.read_namespaced_network_policy, "box", namespace), message="no NetworkPolicy")
     assert policy.spec.pod_selector.match_labels == {CLAIMED_BY_LABEL: "box"}
     assert networking.read_namespaced_network_policy("py-warm", namespace).spec.pod_selector.match_labels == {POOL_LABEL: "py"}
-    assert status["serviceFqdn"] == f"box.{namespace}.svc.cluster.local"
+    assert status["serviceFqdn"] == f"{adopted.metadata.name}.{sandbox.SANDBOX_SERVICE}.{namespace}.svc.cluster.local"
     assert not core.list_namespaced_pod(namespace, field_selector="metadata.name=box").items
     # The pool made a new warm pod for the adopted one.
     refill = eventually(lambda: (p := _warm(api_client, namespace, "py")) and len(p) == 2 and p, message="no refill")

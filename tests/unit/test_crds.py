@@ -1,5 +1,7 @@
 """The CRDs are generated from the models, and the checked-in files never drift from them."""
 
+import re
+
 import pytest
 
 from agentkube.operator import api, crds
@@ -65,3 +67,16 @@ def test_structural_inlines_references_and_drops_null_options():
     labels = result["properties"]["labels"]
     assert labels["additionalProperties"] == {"type": "string"}
     assert labels["x-kubernetes-validations"][0]["rule"] == "self.all(k, k.matches('^[a-z]+$') && size(k) <= 5)"
+
+
+def test_a_sandbox_name_must_be_a_dns_label():
+    """Its pod's hostname is its name: the API server refuses what a hostname cannot be (the schema's own
+    rule, no CEL); pools and served models keep the API server's name rule."""
+    crd = crds.custom_resource_definition(crds.AGENT_SANDBOX)
+    name = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"]["properties"]["name"]
+    assert name["maxLength"] == 63
+    pattern = re.compile(name["pattern"])
+    assert pattern.match("box") and pattern.match("b" * 63) and pattern.match("0-a")
+    assert not any(pattern.match(bad) for bad in ("a.b", "Box", "-a", "a-", "b" * 64))
+    pool = crds.custom_resource_definition(crds.AGENT_SANDBOX_POOL)
+    assert pool["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"] == {"type": "object"}

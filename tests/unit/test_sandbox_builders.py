@@ -1,4 +1,4 @@
-"""What an AgentSandbox becomes: a hardened pod, a headless service, a claim, a network policy."""
+"""What an AgentSandbox becomes: a hardened pod named in DNS by its namespace's headless service, a claim, a network policy."""
 
 import json
 
@@ -50,10 +50,42 @@ def test_workspace_is_a_claim_when_asked_and_an_empty_dir_otherwise():
     assert "emptyDir" in sandbox.pod_manifest(BODY, _spec())["spec"]["volumes"][0]
 
 
-def test_service_is_headless_with_a_stable_name():
-    service = sandbox.service_manifest(BODY)
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {sandbox.SANDBOX_LABEL: "box"}
-    assert sandbox.service_fqdn("box", "team") == "box.team.svc.cluster.local"
+def test_one_headless_service_per_namespace_names_every_sandbox_pod():
+    """The StatefulSet pattern: the namespace's shared headless Service selects every sandbox pod, and each
+    pod's hostname and subdomain give it `HOST.SERVICE.NS.svc.DOMAIN`, published while it starts."""
+    service = sandbox.shared_service_manifest("team")
+    assert service["metadata"]["name"] == sandbox.SANDBOX_SERVICE and service["metadata"]["namespace"] == "team"
+    assert "ownerReferences" not in service["metadata"]  # it serves every sandbox of the namespace
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["ports"] == [{"name": "runtime", "port": sandbox.SANDBOX_RUNTIME_PORT,
+                                         "targetPort": sandbox.SANDBOX_RUNTIME_PORT}]
+    pod = sandbox.pod_manifest(BODY, _spec())
+    assert pod["spec"]["hostname"] == "box" and pod["spec"]["subdomain"] == sandbox.SANDBOX_SERVICE
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert sandbox.sandbox_fqdn(BODY, pod) == "box.agentkube-sandboxes.team.svc.cluster.local"
+    assert sandbox.sandbox_fqdn(BODY, None) == "box.agentkube-sandboxes.team.svc.cluster.local"  # the pod to come
+    assert not sandbox.has_own_service(pod) and not sandbox.has_own_service(None)
+
+
+def test_a_pod_an_earlier_version_made_keeps_the_sandbox_s_own_service():
+    """Before the shared Service every sandbox had a headless Service of its own name and its pod that name as
+    subdomain. A pod's subdomain never changes, so while that pod lives its name is the old one."""
+    legacy_pod = {"metadata": {"name": "box"}, "spec": {"hostname": "box", "subdomain": "box"}}
+    assert sandbox.has_own_service(legacy_pod)
+    assert sandbox.sandbox_fqdn(BODY, legacy_pod) == sandbox.own_service_fqdn("box", "team") == "box.team.svc.cluster.local"
+    own = sandbox.service_manifest(BODY)
+    assert own["metadata"]["name"] == "box" and own["metadata"]["ownerReferences"] == [sandbox.owner_reference(BODY)]
+    assert own["spec"]["clusterIP"] == "None" and own["spec"]["selector"] == {sandbox.SANDBOX_LABEL: "box"}
+    assert own["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_a_pooled_sandbox_is_named_by_its_pod_s_hostname():
+    """An adopted warm pod keeps the hostname it was made with (its own name); before it has a pod, a
+    sandbox from a pool has no name yet."""
+    pooled = {**BODY, "spec": {"pool": "py"}}
+    warm = {"metadata": {"name": "py-warm-bcd23"}, "spec": {"hostname": "py-warm-bcd23", "subdomain": sandbox.SANDBOX_SERVICE}}
+    assert sandbox.sandbox_fqdn(pooled, warm) == "py-warm-bcd23.agentkube-sandboxes.team.svc.cluster.local"
+    assert sandbox.sandbox_fqdn(pooled, None) is None
 
 
 def test_network_policy_allows_dns_plus_the_union_of_tool_intents():
