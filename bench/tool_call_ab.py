@@ -97,6 +97,9 @@ def main() -> None:
         table[f"timeline: {segment}"] = {
             label: medians(label, lambda run, s=segment: run.get("direct_timeline", {}).get("segments_median_us", {}).get(s))
             for label in versions}
+    for who in dict.fromkeys(who for run in runs["head"] + runs["base"] for who in run.get("direct_cpu_per_call_us", {})):
+        table[f"CPU per call: {who} @direct"] = {
+            label: medians(label, lambda run, w=who: run.get("direct_cpu_per_call_us", {}).get(w)) for label in versions}
     stages = list(dict.fromkeys(stage for run in runs["head"] + runs["base"] for stage in run["stages"]))
     for stage in stages:
         for path in paths:

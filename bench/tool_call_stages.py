@@ -33,6 +33,7 @@ import http.client
 import importlib
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -75,6 +76,12 @@ AGENT_STAGES = [
     ("agentkube.ebpf.bpf", "Programs", "stats", "agent: BPF map read"),
     ("agentkube.ebpf.agent", "NodeAgent", "_append_audit", "agent: audit log append"),
     ("agentkube.ebpf.agent", "NodeAgent", "fill_pool", "agent: pool refill (off the call's path)"),
+    ("agentkube.ebpf.agent", None, "unified_cgroup_of", "agent: fill: read the process's cgroup"),
+    ("agentkube.ebpf.agent", None, "read_ppid", "agent: fill: read the process's parent"),
+    ("agentkube.ebpf.agent", None, "traced_by", "agent: fill: is it traced"),
+    ("agentkube.ebpf.agent", None, "prefer_as_oom_victim", "agent: fill: oom_score_adj"),
+    ("agentkube.ebpf.cgroups", "Cgroup", "open_counters", "agent: fill: open the counter files"),
+    ("agentkube.ebpf.agent", "NodeAgent", "runtime_sandbox", "agent: the caller's sandbox (memo)"),
 ]
 RUNTIME_STAGES = [
     ("os", None, "posix_spawn", "runtime: posix_spawn"),
@@ -95,6 +102,14 @@ RUNTIME_STAGES = [
     ("agentkube.ebpf.runtime_port", "_Handler", "_allowed", "runtime port: peer + token check"),
     ("agentkube.ebpf.runtime_port", "_Handler", "_body", "runtime port: read + validate the body"),
     ("agentkube.ebpf.runtime_port", "_Handler", "_run", "runtime port: the call, streamed (total)"),
+]
+# The agent's CPU time (its thread's, user + system) in the steps that use most of it, per call.
+AGENT_CPU_STAGES = [
+    ("agentkube.ebpf.agent", "NodeAgent", "fill_pool", "agent CPU: fill (pool refill)"),
+    ("agentkube.ebpf.agent", "NodeAgent", "start_call", "agent CPU: start"),
+    ("agentkube.ebpf.agent", "NodeAgent", "finish_call_answer_first", "agent CPU: finish until answered"),
+    ("agentkube.ebpf.cgroups", "Cgroup", "remove", "agent CPU: cgroup removal (remover thread)"),
+    ("agentkube.ebpf.frames", None, "read_frame", "agent CPU: frames read (all connections)"),
 ]
 PATHS = ("direct", "socket", "port")
 TOKEN = "bench-runtime-token"
@@ -132,6 +147,55 @@ def instrument(stages) -> list[str]:
                     setattr(other, attribute, getattr(owner, attribute))
         found.append(label)
     return found
+
+
+def instrument_cpu(stages) -> None:
+    """Wrap each stage that exists with a timer of its thread's CPU time, added to its per-call total."""
+    for module_name, owner_name, attribute, label in stages:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name, None) if owner_name else module
+        original = getattr(owner, attribute, None) if owner is not None else None
+        if original is None or not callable(original):
+            continue
+
+        def timed(*args, __original=original, __label=label, **kwargs):
+            started = time.thread_time_ns()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                with _lock:
+                    _totals[__label] += time.thread_time_ns() - started
+
+        setattr(owner, attribute, functools.wraps(original)(timed))
+        if owner_name is None:
+            for other in list(sys.modules.values()):
+                name = getattr(other, "__name__", "")
+                if name.startswith("agentkube") and other is not module and getattr(other, attribute, None) is original:
+                    setattr(other, attribute, timed)
+
+
+def instrument_after_answer() -> None:
+    """The CPU time of what a finish does after its answer (the second value `_finalize` returns)."""
+    from agentkube.ebpf import agent
+
+    original = getattr(agent.NodeAgent, "_finalize", None)
+    if original is None:
+        return
+
+    def finalize(self, *args, **kwargs):
+        record, rest = original(self, *args, **kwargs)
+
+        def timed_rest():
+            started = time.thread_time_ns()
+            try:
+                rest()
+            finally:
+                with _lock:
+                    _totals["agent CPU: finish after the answer"] += time.thread_time_ns() - started
+
+        return record, timed_rest
+
+    agent.NodeAgent._finalize = finalize
 
 
 def take() -> dict[str, int]:
@@ -275,6 +339,7 @@ def worker(agent_socket: str, name: str) -> None:
         if command.get("take"):
             return {"totals": take()}
         per_call, marks = [], []
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         for _ in range(command["calls"]):
             time.sleep(command.get("gap", 0.0))  # untimed: the pool's refill done before the next call
             take()
@@ -292,7 +357,13 @@ def worker(agent_socket: str, name: str) -> None:
                 call_marks.setdefault(label, begin)
             call_marks["exit noticed"] = call_marks.pop("exit noticed end", 0) or call_marks.get("exit noticed", 0)
             marks.append({"call_id": result.call_id, "marks": call_marks})
-        return {"per_call": per_call, "marks": marks}
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU time (user + system) over the block: the runtime's own threads (the refill's included), and its
+        # reaped children (held processes, which became the calls' commands); the gaps' sleeps cost none.
+        cpu = {who: sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
+               for who, before, after in (("runtime", cpu_before[0], cpu_after[0]),
+                                          ("calls' processes", cpu_before[1], cpu_after[1]))}
+        return {"per_call": per_call, "marks": marks, "cpu_seconds": cpu}
 
     serve_worker(handle)
 
@@ -325,6 +396,8 @@ def main() -> None:
     paths = [p for p in args.paths.split(",") if p]
     assert set(paths) <= set(PATHS), f"--paths: choose among {PATHS}"
     instrument(AGENT_STAGES)
+    instrument_cpu(AGENT_CPU_STAGES)
+    instrument_after_answer()
     mark_agent()
     from agentkube.client import Sandbox
     from agentkube.ebpf.api import NodeAgentServer
@@ -338,6 +411,7 @@ def main() -> None:
     agent_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
     direct_calls: list[tuple[float, dict[str, float]]] = []
     direct_marks: list[dict] = []
+    cpu_per_call: dict[str, list[float]] = defaultdict(list)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="agentkube-stages-") as scratch:
         socket_path = Path(scratch) / "agent.sock"
@@ -370,8 +444,14 @@ def main() -> None:
 
             def run_path(path: str) -> list[dict]:
                 if path == "direct":
+                    agent_cpu = resource.getrusage(resource.RUSAGE_SELF)
                     answer = sandbox.ask({"calls": block, "gap": args.gap_ms / 1000})
+                    agent_after = resource.getrusage(resource.RUSAGE_SELF)
                     direct_marks.extend(answer.get("marks", []))
+                    # CPU per call (µs) over the block: the agent is this process (its main thread waits meanwhile).
+                    for who, seconds in {**answer.get("cpu_seconds", {}), "agent": sum(
+                            getattr(agent_after, f) - getattr(agent_cpu, f) for f in ("ru_utime", "ru_stime"))}.items():
+                        cpu_per_call[who].append(seconds * 1e6 / block)
                     return [{**{k: v for k, v in call.items() if k != "runtime: whole call" and mine(path, k)},
                              "whole": call["runtime: whole call"]} for call in answer["per_call"]]
                 if path == "socket":
@@ -382,6 +462,7 @@ def main() -> None:
                 run_path(path)
             take()
             direct_marks.clear()
+            cpu_per_call.clear()
             for round_ in range(args.calls // block):
                 order = paths[round_ % len(paths):] + paths[:round_ % len(paths)]  # each path takes each place in turn
                 for path in order:
@@ -435,6 +516,16 @@ def main() -> None:
                      "sum of the chain's medians"])
         rows += [[f"  {name}", f"{median(v):.0f}", *([""] * (len(paths) - 1)),
                   f"p90 {result['direct_timeline']['segments_p90_us'][name]:.0f}"] for name, v in segments.items()]
+    if cpu_per_call:
+        # Back to back on a 2-CPU machine, a call can be no shorter than its CPU time, the refill's included,
+        # divided by the CPUs (what runs beside it on them).
+        result["direct_cpu_per_call_us"] = {who: median(v) for who, v in cpu_per_call.items()}
+        result["direct_cpu_per_call_us"]["total"] = sum(result["direct_cpu_per_call_us"].values())
+        rows.append(["**direct: CPU time per call** (user + system, median of blocks)",
+                     f"{result['direct_cpu_per_call_us']['total']:.0f}", *([""] * (len(paths) - 1)),
+                     "all processes; refills included"])
+        rows += [[f"  CPU: {who}", f"{value:.0f}", *([""] * (len(paths) - 1)), ""]
+                 for who, value in result["direct_cpu_per_call_us"].items() if who != "total"]
     labels = list(dict.fromkeys(label for path in paths for side in (runtime_side, agent_side) for label in side[path]))
     for label in labels:
         cells = []
