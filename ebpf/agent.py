@@ -14,6 +14,7 @@ import os
 import queue
 import resource
 import stat
+import subprocess
 import threading
 import time
 import uuid
@@ -221,7 +222,12 @@ class NodeAgent:
         self.audit_log = audit_log or self.state_dir / "audit.jsonl"
         self.root = Cgroup(self.layout, local_root_paths(self.layout, own_cgroups(), instance))
         if favor_dynmods and not favors_dynmods(self.layout):
-            set_favor_dynmods(self.layout, True)
+            try:
+                set_favor_dynmods(self.layout, True)
+            except subprocess.CalledProcessError as error:
+                # A speed setting (kernels before 6.0 lack it): calls still run, each move pays the wait.
+                print(f"node agent: cannot remount {self.layout.unified.mount} with favordynmods, so every "
+                      f"process move waits for an RCU grace period: {error.stderr.strip()}", flush=True)
         self.metrics = Metrics()
         self.sandboxes: dict[str, Sandbox] = {}
         # Sandboxes whose tool intent cannot be honoured (Kubernetes mode): key -> why. None of their calls runs.

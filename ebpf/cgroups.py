@@ -115,7 +115,8 @@ def set_favor_dynmods(layout: CgroupLayout, enabled: bool) -> None:
     """Moving a process between cgroups takes a global lock whose first writer after a quiet spell waits
     for an RCU grace period (~10 ms here), once per tool call. `favordynmods` keeps that lock in the mode
     where writers do not wait, at a small cost to every fork and exit on the host: the trade a node that
-    moves a process per tool call wants. A host-wide setting, so only on request (`--favor-dynmods`)."""
+    moves a process per tool call wants. Host-wide, and left as set when the agent stops: the CLI asks for it
+    (`--favor-dynmods`), the chart's node agent turns it on by default (`nodeAgent.favorDynmods`)."""
     options = [o for o in mount_options(Path("/proc/self/mounts").read_text(), layout.unified.mount)
                if o != "favordynmods"] + (["favordynmods"] if enabled else [])
     # Only the options given here: util-linux would otherwise merge back the current ones.

@@ -46,8 +46,9 @@ def run_node_agent(
     metrics_address: str = typer.Option("127.0.0.1", help="where /metrics listens: loopback, or (a DaemonSet on "
                                                           "the host network) the node's own address for its Service"),
     favor_dynmods: bool = typer.Option(False, "--favor-dynmods",
-                                       help="remount the v2 hierarchy with favordynmods: ~10 ms less per call "
-                                            "(no RCU wait on each process move), a little more per fork/exit"),
+                                       help="remount the v2 hierarchy with favordynmods (host-wide, left on): "
+                                            "no RCU wait on each process move, a little more per fork/exit; "
+                                            "the chart turns it on"),
     pod_cidr: list[str] = typer.Option([], "--pod-cidr", help="egress `cluster`: a pod CIDR (repeatable; "
                                        "default in Kubernetes mode: every Node's spec.podCIDRs)"),
     service_cidr: list[str] = typer.Option([], "--service-cidr", help="egress `cluster`: a service CIDR "

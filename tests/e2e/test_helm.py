@@ -18,6 +18,7 @@ from agentkube.client import Sandbox
 from agentkube.demo import chart_values  # the local node's paths, as `make demo` installs the chart
 from agentkube.devenv import DevEnv, images, node
 from agentkube.devenv.versions import bin_dir
+from agentkube.ebpf.cgroups import detect_layout, favors_dynmods
 from agentkube.operator import api
 from harness import CHART, node_environment
 
@@ -100,6 +101,9 @@ def test_the_operator_runs_two_ready_replicas_with_one_active_and_the_node_agent
     assert len(agents) == 1 and _ready(agents[0]) and agents[0]["spec"]["nodeName"] == node.NODE_NAME
     daemonset = json.loads(kubectl("get", "daemonset", "-n", NAMESPACE, f"{RELEASE}-node-agent", "-o", "json").stdout)
     assert daemonset["status"]["numberReady"] == daemonset["status"]["desiredNumberScheduled"] == 1
+    # The chart's default: the node's cgroup2 hierarchy favours the process moves every tool call makes.
+    assert "--favor-dynmods" in agents[0]["spec"]["containers"][0]["args"]
+    assert favors_dynmods(detect_layout())
 
 
 def test_a_sandbox_applied_with_kubectl_runs_its_calls_through_the_daemonsets_node_agent(
