@@ -47,10 +47,7 @@ REGISTRATION_WAIT_SECONDS = 10.0
 PR_SET_DUMPABLE = 4
 # How long a thread may hold the GIL while another waits (Python's default: 5 ms). The runtime and the node
 # agent have threads beside a call's (pool refills, watchers); a call's next step should not wait 5 ms for one.
-# 50 µs rather than 200: back to back, every call meets its pool's refill in both processes (the runtime's
-# spawn, the agent's fill), and a call's thread that wakes waits up to this long for the lock (in turns at
-# load 5-8, bench/results/tool_call_ab_gil_50us: whole call p50 ×0.93 direct and socket, ×0.97 port).
-GIL_SWITCH_SECONDS = 0.00005
+GIL_SWITCH_SECONDS = 0.0002
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
