@@ -9,9 +9,11 @@ length and a JSON object. A request is {"op": NAME, ...}; an answer is {"status"
 Who is calling is known once per connection (SO_PEERCRED at accept): a connection belongs to the process
 that opened it, since the runtime's sockets are close-on-exec and the runtime is not dumpable.
 
-A request may carry one file descriptor (SCM_RIGHTS, with its frame's first bytes): the runtime hands the
-agent the release pipe of a held process with its fill, so that the agent releases it at the call's start.
-The operation takes it from its memo (`take_received_fd`) for that frame only; one it does not take is closed.
+On a connection opened with MAGIC_WITH_DESCRIPTORS (the warm pool's own), a request may carry one file
+descriptor (SCM_RIGHTS, with its frame's first bytes): the runtime hands the agent the release pipe of a held
+process with its fill, so that the agent releases it at the call's start. The operation takes it from its
+memo (`take_received_fd`) for that frame only; one it does not take is closed. Other connections (a call's
+start and finish) read their frames without room for one (the kernel drops any sent), which costs less.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from agentkube.ebpf.models import MAX_REQUEST_BYTES
 from agentkube.ebpf.unixhttp import ApiError, HttpError, Peer, validation_message
 
 MAGIC = b"AKF1"  # no HTTP method starts with it
+MAGIC_WITH_DESCRIPTORS = b"AKFD"  # the same, and its requests may carry a descriptor
 HEADER = struct.Struct("!I")
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 RECEIVED_FD = object()  # the memo's key for the descriptor sent with the frame being served (no JSON names it)
@@ -109,13 +112,15 @@ def encode_answer(body: object) -> bytes:
     return encode({"status": 200, "body": body})
 
 
-def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Operation]) -> None:
-    """Answer frames on an accepted connection until it closes (its magic prefix already read)."""
+def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Operation],
+                     descriptors: bool = False) -> None:
+    """Answer frames on an accepted connection until it closes (its magic prefix already read); with
+    `descriptors`, a frame may carry one (module doc)."""
     memo: dict = {}
     while True:
         received: list[int] = []
         try:
-            message = read_frame(sock, MAX_REQUEST_BYTES, received)
+            message = read_frame(sock, MAX_REQUEST_BYTES, received if descriptors else None)
         except HttpError as error:
             _close_all(received)
             sock.sendall(encode({"status": error.status, "error": error.message}))
@@ -176,9 +181,11 @@ class FrameClient:
     idle connection is taken for a request and put back after it. (The runtime serves each SDK request in a
     thread of its own; a connection per thread would be a new connection, and a new agent thread, per call.)"""
 
-    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0, descriptors: bool = False):
+        """`descriptors`: its connections may send a descriptor with a frame (`send`)."""
         self.socket_path = str(socket_path)
         self.timeout = timeout
+        self.magic = MAGIC_WITH_DESCRIPTORS if descriptors else MAGIC
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -187,7 +194,7 @@ class FrameClient:
         try:
             sock.settimeout(self.timeout)
             sock.connect(self.socket_path)
-            sock.sendall(MAGIC)
+            sock.sendall(self.magic)
         except BaseException:
             sock.close()
             raise
@@ -219,6 +226,8 @@ class FrameClient:
         """One request and its answer's body; ApiError for a refusal. A connection that breaks (a restarting
         agent) raises ConnectionError and is dropped; the next request opens a new one. `send_fd` goes with
         the frame (the agent gets its own copy of the descriptor)."""
+        if send_fd is not None and self.magic != MAGIC_WITH_DESCRIPTORS:
+            raise ValueError("this client's connections carry no descriptors")
         sock = self._take_idle() or self._connect()
         try:
             frame = encode({"op": op, **fields})

@@ -328,7 +328,8 @@ class WarmPool:
     between calls, the pool drained when calls came back to back and the next call waited for a fill."""
 
     def __init__(self, agent_socket: Path, sandbox: SandboxRef, program: Path, size: int = 2):
-        self.agent = FrameClient(agent_socket)  # its own connection: fills never queue behind a call's requests
+        # Its own connection (fills never queue behind a call's requests), which carries the release pipes.
+        self.agent = FrameClient(agent_socket, descriptors=True)
         self.sandbox = sandbox
         self.program = program
         self.size = size
@@ -365,9 +366,10 @@ class WarmPool:
                 except BaseException:
                     held.close(kill=True)  # the agent may hold a copy of its release pipe
                     raise
-                assert held.release is not None
+                assert held.release is not None and held.command is not None
                 os.close(held.release)  # the agent's copy alone now: only the agent can release it
                 held.release = None
+                os.set_blocking(held.command, False)  # its command goes in before its start, without waiting
                 held.call_id = slot["call_id"]  # type: ignore[index]
                 failures = 0
                 with self._changed:
@@ -393,16 +395,14 @@ class WarmPool:
 
 
 def _send_command(held: Held, command: bytes) -> bytes:
-    """Write what of a held process's command its pipe takes without waiting; the rest is returned (written
-    once it is released: it reads the pipe to its end then). Nearly every command fits whole (64 KiB)."""
+    """Write what of a held process's command its pipe takes without waiting (a pooled process's command pipe
+    is non-blocking on this side); the rest is returned, written once it is released (it reads the pipe to
+    its end then). Nearly every command fits whole (64 KiB)."""
     assert held.command is not None
-    os.set_blocking(held.command, False)
     try:
         written = os.write(held.command, command)
     except BlockingIOError:
         written = 0
-    finally:
-        os.set_blocking(held.command, True)
     return command[written:]
 
 
@@ -484,7 +484,9 @@ def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlace
     try:
         if held.release is not None:
             os.write(held.release, RELEASE)
-        _write_all(held.command, command)
+        if command:
+            os.set_blocking(held.command, True)  # a pooled process's pipe was non-blocking for the start
+            _write_all(held.command, command)
     except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
         pass
     for fd in (held.command, held.release):

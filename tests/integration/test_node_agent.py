@@ -707,8 +707,8 @@ def test_a_call_can_neither_start_nor_fill_nor_finish_through_frames(agent, sand
         "    except ApiError as e:\n        out[name] = e.status\n"
         # A fill with a pipe attached, as the runtime sends its held process's release pipe: refused, and the
         # agent keeps no copy of the pipe (closed before it answers: the probe then reads EOF at once).
-        "r, w = os.pipe()\n"
-        f"try:\n    client.send('fill', dict(**{ref!r}, pid=os.getpid()), w); out['fill+pipe'] = 200\n"
+        f"r, w = os.pipe()\nwith_pipes = FrameClient({str(agent.socket)!r}, descriptors=True)\n"
+        f"try:\n    with_pipes.send('fill', dict(**{ref!r}, pid=os.getpid()), w); out['fill+pipe'] = 200\n"
         "except ApiError as e:\n    out['fill+pipe'] = e.status\n"
         "os.close(w); os.set_blocking(r, False)\n"
         "try:\n    out['pipe kept by the agent'] = os.read(r, 1) != b''\n"

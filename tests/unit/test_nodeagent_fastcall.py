@@ -76,9 +76,10 @@ def test_a_frame_carries_one_descriptor_to_the_operation_that_takes_it_and_an_un
         taken.append(fd if fd is not None else -1)
         return {"got": fd is not None}
 
-    server = threading.Thread(target=serve_connection, args=(right, None, {"fill": fill, "other": lambda *a: {}}))
+    server = threading.Thread(target=serve_connection, args=(right, None, {"fill": fill, "other": lambda *a: {}}),
+                              kwargs={"descriptors": True})
     server.start()
-    client = FrameClient("unused")
+    client = FrameClient("unused", descriptors=True)
     client._idle.append(left)
     pipe_read, pipe_write = os.pipe()
     try:
@@ -96,6 +97,33 @@ def test_a_frame_carries_one_descriptor_to_the_operation_that_takes_it_and_an_un
         os.close(other_read)
     finally:
         client.close()
+        server.join(5)
+        right.close()
+        os.close(pipe_read)
+
+
+def test_a_connection_that_did_not_open_for_descriptors_never_hands_one_to_an_operation():
+    import threading
+
+    from agentkube.ebpf.frames import FrameClient, serve_connection, take_received_fd
+
+    seen: list[object] = []
+    left, right = socket.socketpair()
+    server = threading.Thread(target=serve_connection,
+                              args=(right, None, {"fill": lambda peer, memo, message: seen.append(take_received_fd(memo))}))
+    server.start()
+    sender = FrameClient("unused", descriptors=True)  # sends one anyway, to a connection that reads frames plainly
+    sender._idle.append(left)
+    pipe_read, pipe_write = os.pipe()
+    try:
+        with pytest.raises(ValueError):
+            FrameClient("unused").send("fill", {}, pipe_write)  # a plain client refuses to send one
+        sender.send("fill", {}, pipe_write)
+        os.close(pipe_write)
+        assert seen == [None]
+        assert os.read(pipe_read, 1) == b""  # the kernel dropped the copy it carried: no writer is left
+    finally:
+        sender.close()
         server.join(5)
         right.close()
         os.close(pipe_read)
