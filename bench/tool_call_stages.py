@@ -356,6 +356,9 @@ def worker(agent_socket: str, name: str) -> None:
                 call_marks.setdefault(f"{label} end", end)
                 call_marks.setdefault(label, begin)
             call_marks["exit noticed"] = call_marks.pop("exit noticed end", 0) or call_marks.get("exit noticed", 0)
+            if "release begin" not in call_marks and "start request end" in call_marks:
+                # Released by the agent, its whole command written before the start: nothing left to write.
+                call_marks["release begin"] = call_marks["start request end"]
             marks.append({"call_id": result.call_id, "marks": call_marks})
         cpu_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU time (user + system) over the block: the runtime's own threads (the refill's included), and its
