@@ -49,6 +49,10 @@ PR_SET_DUMPABLE = 4
 # agent have threads beside a call's (pool refills, watchers); a call's next step should not wait 5 ms for one.
 GIL_SWITCH_SECONDS = 0.0002
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
+# Refills of the warm pool that may be under way at once: one refill is a spawn, then the agent's fill, in
+# series (~2.4 ms here), longer than a back-to-back call once the agent releases the held process, so a
+# single refiller let the pool run dry and calls waited for it; two overlap one's spawn with the other's fill.
+REFILLERS = 2
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
 HOLDER = ["/bin/sh", "-c",
@@ -322,7 +326,7 @@ def _write_all(fd: int, data: bytes) -> None:
 class WarmPool:
     """Held processes already waiting in call cgroups of this sandbox (the agent's warm pool), so that a
     call starts with one request to the agent and a write to a pipe: no process start, no cgroup made, no
-    process moved on its path. Refilled in a thread as soon as one is taken, while its call runs: a fill
+    process moved on its path. Refilled by REFILLERS threads as soon as one is taken, while its call runs: a fill
     mostly waits on the kernel (the cgroup's mkdir, the move's RCU grace period) and on the agent, and its
     spawn no longer holds the interpreter's lock (spawn.py), so it takes little from the call; refilled only
     between calls, the pool drained when calls came back to back and the next call waited for a fill."""
@@ -334,10 +338,13 @@ class WarmPool:
         self.program = program
         self.size = size
         self._ready: deque[Held] = deque()
+        self._filling = 0  # refills under way: with those ready, never more than `size`
         self._changed = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._refill, name="warm-pool", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._refill, name=f"warm-pool-{i}", daemon=True)
+                         for i in range(REFILLERS)]
+        for thread in self._threads:
+            thread.start()
 
     def take(self, wait: float = 0.5) -> Held | None:
         """A waiting held process, if one is ready within `wait` s (else the call goes the direct way)."""
@@ -353,10 +360,11 @@ class WarmPool:
         failures = 0
         while True:
             with self._changed:
-                while not self._closed and len(self._ready) >= self.size:
+                while not self._closed and len(self._ready) + self._filling >= self.size:
                     self._changed.wait()
                 if self._closed:
                     return
+                self._filling += 1
             try:
                 held = spawn_held(self.program)
                 try:
@@ -373,6 +381,7 @@ class WarmPool:
                 held.call_id = slot["call_id"]  # type: ignore[index]
                 failures = 0
                 with self._changed:
+                    self._filling -= 1
                     if self._closed:
                         held.close(kill=True)
                         return
@@ -381,7 +390,12 @@ class WarmPool:
             except (OSError, ApiError):  # the agent away or not knowing the sandbox yet: calls go direct meanwhile
                 failures += 1
                 with self._changed:
+                    self._filling -= 1
                     self._changed.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
+            except BaseException:
+                with self._changed:
+                    self._filling -= 1
+                raise
 
     def close(self) -> None:
         with self._changed:
@@ -390,7 +404,8 @@ class WarmPool:
             self._changed.notify_all()
         for held in waiting:  # killed (the agent holds their release); their cgroups go with the sandbox or the sweep
             held.close(kill=True)
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self.agent.close()
 
 
