@@ -339,11 +339,7 @@ class WarmPool:
         self.size = size
         self._ready: deque[Held] = deque()
         self._filling = 0  # refills under way: with those ready, never more than `size`
-        lock = threading.Lock()
-        self._changed = threading.Condition(lock)  # a held process is ready (or the pool closed): for takers
-        # Room for a refill: for the refillers. A take wakes one of them, not both: a refiller that wakes for
-        # nothing still takes the interpreter's lock just as the call's start is being sent.
-        self._room = threading.Condition(lock)
+        self._changed = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._refill, name=f"warm-pool-{i}", daemon=True)
                          for i in range(REFILLERS)]
@@ -357,8 +353,7 @@ class WarmPool:
             while not self._ready and not self._closed and time.monotonic() < deadline:
                 self._changed.wait(max(0.0, deadline - time.monotonic()))
             held = self._ready.popleft() if self._ready else None
-            if held is not None:
-                self._room.notify()
+            self._changed.notify_all()  # the refill thread: one fewer waits
         return held
 
     def _refill(self) -> None:
@@ -366,7 +361,7 @@ class WarmPool:
         while True:
             with self._changed:
                 while not self._closed and len(self._ready) + self._filling >= self.size:
-                    self._room.wait()
+                    self._changed.wait()
                 if self._closed:
                     return
                 self._filling += 1
@@ -396,7 +391,7 @@ class WarmPool:
                 failures += 1
                 with self._changed:
                     self._filling -= 1
-                    self._room.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                    self._changed.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
             except BaseException:
                 with self._changed:
                     self._filling -= 1
@@ -407,7 +402,6 @@ class WarmPool:
             self._closed = True
             waiting, self._ready = list(self._ready), deque()
             self._changed.notify_all()
-            self._room.notify_all()
         for held in waiting:  # killed (the agent holds their release); their cgroups go with the sandbox or the sweep
             held.close(kill=True)
         for thread in self._threads:
