@@ -346,3 +346,30 @@ def test_the_unix_http_server_answers_in_one_buffered_write_and_still_says_100_c
             assert client.recv(1000).endswith(b'{"got": {"b": 2}}')
     finally:
         server.stop()
+
+
+def test_a_command_larger_than_the_pipe_is_written_in_part_before_the_release_and_the_rest_after(tmp_path):
+    from agentkube.ebpf import runtime
+    from agentkube.ebpf.held import build
+
+    program = build(tmp_path / "held")
+    held = runtime.spawn_held(program)
+    try:
+        assert held.command is not None and held.release is not None
+        os.set_blocking(held.command, False)  # as the pool leaves a filled process's command pipe
+        command = command_frame(None, ["sh", "-c", 'printf "%s" "${#1}"', "sh", "x" * 100_000])
+        rest = runtime._send_command(held, command)
+        assert 0 < len(rest) < len(command)  # the pipe took what it holds; nothing ran meanwhile
+        assert os.waitpid(held.pid, os.WNOHANG) == (0, 0)
+        os.write(held.release, RELEASE)  # the agent's release
+        os.set_blocking(held.command, True)
+        runtime._write_all(held.command, rest)  # the runtime's part once released (_run_held)
+        os.close(held.command)
+        held.command = None
+        with os.fdopen(held.stdout, "rb", closefd=False) as out:
+            output = out.read()
+        assert output == b"100000"
+        assert os.waitstatus_to_exitcode(os.waitpid(held.pid, 0)[1]) == 0
+        held.pid = 0
+    finally:
+        held.close(kill=bool(held.pid))
