@@ -34,6 +34,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -422,6 +423,7 @@ def main() -> None:
         server = NodeAgentServer(socket_path, Path(scratch) / "state", instance=instance)
         server.server.start()
         sandbox = SandboxWorker(socket_path, "bench-stages", __file__, memory="1Gi", pids=1024)
+        endpoints: dict = {}
         try:
             endpoints = sandbox.ask({"endpoints": True})
             sdk = Sandbox("bench-stages", socket=endpoints["socket"])
@@ -480,9 +482,11 @@ def main() -> None:
                         agent_side[path][label].append(ns / 1000 / block)
             server.agent.programs.consume_events()  # the last calls' exit events, if no finish read them
         finally:
-            sandbox.close()
+            sandbox.close()  # kills the worker (the sandbox's main process)
             server.server.stop()
             server.agent.teardown()
+            if endpoints:  # the worker's runtime socket directory, which it cannot remove once killed
+                shutil.rmtree(Path(endpoints["socket"]).parent, ignore_errors=True)
     load_after = os.getloadavg()
     timelines = [t for t in (timeline(call["marks"], call["call_id"]) for call in direct_marks) if t is not None]
 
