@@ -90,6 +90,16 @@ def main() -> None:
         for what, key in (("whole call p50", "median_us"), ("whole call p99", "p99_us")):
             cells = {label: medians(label, lambda run, p=path, k=key: run["whole"][p][k]) for label in versions}
             table[f"{path}: {what}"] = cells
+    # The direct path's timeline (hand-offs between the processes), where the stages script has it.
+    segments = list(dict.fromkeys(segment for run in runs["head"] + runs["base"]
+                                  for segment in run.get("direct_timeline", {}).get("segments_median_us", {})))
+    for segment in segments:
+        table[f"timeline: {segment}"] = {
+            label: medians(label, lambda run, s=segment: run.get("direct_timeline", {}).get("segments_median_us", {}).get(s))
+            for label in versions}
+    for who in dict.fromkeys(who for run in runs["head"] + runs["base"] for who in run.get("direct_cpu_per_call_us", {})):
+        table[f"CPU per call: {who} @direct"] = {
+            label: medians(label, lambda run, w=who: run.get("direct_cpu_per_call_us", {}).get(w)) for label in versions}
     stages = list(dict.fromkeys(stage for run in runs["head"] + runs["base"] for stage in run["stages"]))
     for stage in stages:
         for path in paths:

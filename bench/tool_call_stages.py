@@ -13,10 +13,16 @@ The difference between a path's whole call and `direct` is what its transport co
 stages (worker side) split it further. The port's check that a peer is not the pod itself is switched off
 here (loopback is all this benchmark has); everything else on that path, the token check included, runs.
 
+The direct path also gets a timeline per call: absolute CLOCK_MONOTONIC marks on the runtime's call thread
+(its requests to the agent, the release, the wait for the exit), in the agent (the start and the finish, by
+call id) and from the kernel (the call's exec and exit events carry bpf_ktime_get_ns, the same clock), so
+that the hand-offs between the processes (a request's way in, its answer's way out, release → exec, exit →
+the runtime's notice) are measured rather than left as the difference of two totals.
+
 Stages that do not exist on the path being measured are left out, so the same script measures the path
 before and after a change. Prints and writes bench/results/NAME.{json,md} (medians in µs).
 
-    .venv/bin/python bench/tool_call_stages.py [--calls 1000] [--paths direct,socket,port]
+    .venv/bin/python bench/tool_call_stages.py [--calls 1000] [--paths direct,socket,port] [--gap-ms 0]
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import http.client
 import importlib
 import json
 import os
+import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,6 +77,12 @@ AGENT_STAGES = [
     ("agentkube.ebpf.bpf", "Programs", "stats", "agent: BPF map read"),
     ("agentkube.ebpf.agent", "NodeAgent", "_append_audit", "agent: audit log append"),
     ("agentkube.ebpf.agent", "NodeAgent", "fill_pool", "agent: pool refill (off the call's path)"),
+    ("agentkube.ebpf.agent", None, "unified_cgroup_of", "agent: fill: read the process's cgroup"),
+    ("agentkube.ebpf.agent", None, "read_ppid", "agent: fill: read the process's parent"),
+    ("agentkube.ebpf.agent", None, "traced_by", "agent: fill: is it traced"),
+    ("agentkube.ebpf.agent", None, "prefer_as_oom_victim", "agent: fill: oom_score_adj"),
+    ("agentkube.ebpf.cgroups", "Cgroup", "open_counters", "agent: fill: open the counter files"),
+    ("agentkube.ebpf.agent", "NodeAgent", "runtime_sandbox", "agent: the caller's sandbox (memo)"),
 ]
 RUNTIME_STAGES = [
     ("os", None, "posix_spawn", "runtime: posix_spawn"),
@@ -89,6 +103,14 @@ RUNTIME_STAGES = [
     ("agentkube.ebpf.runtime_port", "_Handler", "_allowed", "runtime port: peer + token check"),
     ("agentkube.ebpf.runtime_port", "_Handler", "_body", "runtime port: read + validate the body"),
     ("agentkube.ebpf.runtime_port", "_Handler", "_run", "runtime port: the call, streamed (total)"),
+]
+# The agent's CPU time (its thread's, user + system) in the steps that use most of it, per call.
+AGENT_CPU_STAGES = [
+    ("agentkube.ebpf.agent", "NodeAgent", "fill_pool", "agent CPU: fill (pool refill)"),
+    ("agentkube.ebpf.agent", "NodeAgent", "start_call", "agent CPU: start"),
+    ("agentkube.ebpf.agent", "NodeAgent", "finish_call_answer_first", "agent CPU: finish until answered"),
+    ("agentkube.ebpf.cgroups", "Cgroup", "remove", "agent CPU: cgroup removal (remover thread)"),
+    ("agentkube.ebpf.frames", None, "read_frame", "agent CPU: frames read (all connections)"),
 ]
 PATHS = ("direct", "socket", "port")
 TOKEN = "bench-runtime-token"
@@ -128,11 +150,162 @@ def instrument(stages) -> list[str]:
     return found
 
 
+def instrument_cpu(stages) -> None:
+    """Wrap each stage that exists with a timer of its thread's CPU time, added to its per-call total."""
+    for module_name, owner_name, attribute, label in stages:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name, None) if owner_name else module
+        original = getattr(owner, attribute, None) if owner is not None else None
+        if original is None or not callable(original):
+            continue
+
+        def timed(*args, __original=original, __label=label, **kwargs):
+            started = time.thread_time_ns()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                with _lock:
+                    _totals[__label] += time.thread_time_ns() - started
+
+        setattr(owner, attribute, functools.wraps(original)(timed))
+        if owner_name is None:
+            for other in list(sys.modules.values()):
+                name = getattr(other, "__name__", "")
+                if name.startswith("agentkube") and other is not module and getattr(other, attribute, None) is original:
+                    setattr(other, attribute, timed)
+
+
+def instrument_after_answer() -> None:
+    """The CPU time of what a finish does after its answer (the second value `_finalize` returns)."""
+    from agentkube.ebpf import agent
+
+    original = getattr(agent.NodeAgent, "_finalize", None)
+    if original is None:
+        return
+
+    def finalize(self, *args, **kwargs):
+        record, rest = original(self, *args, **kwargs)
+
+        def timed_rest():
+            started = time.thread_time_ns()
+            try:
+                rest()
+            finally:
+                with _lock:
+                    _totals["agent CPU: finish after the answer"] += time.thread_time_ns() - started
+
+        return record, timed_rest
+
+    agent.NodeAgent._finalize = finalize
+
+
 def take() -> dict[str, int]:
     with _lock:
         snapshot = dict(_totals)
         _totals.clear()
     return snapshot
+
+
+# The timeline (module doc): marks are (label, begin ns, end ns) on one side, per call.
+_marks: list[tuple[str, int, int]] = []
+_agent_marks: dict[str, dict[str, int]] = defaultdict(dict)  # call id → label → ns
+_cgroup_calls: dict[int, str] = {}  # cgroup id → call id, from the agent's own table
+_event_times: dict[int, dict[str, int]] = defaultdict(dict)  # cgroup id → first exec / exit → ktime ns
+
+
+def mark_runtime(module_name: str, owner_name: str | None, attribute: str, label) -> None:
+    """Wrap a runtime function so that, on the thread that runs the direct path's calls, its begin and end
+    go to `_marks`; `label` may be a function of the call's arguments."""
+    module = importlib.import_module(module_name)
+    owner = getattr(module, owner_name) if owner_name else module
+    original = getattr(owner, attribute, None)
+    if original is None:
+        return
+    caller = threading.get_ident()
+
+    def marked(*args, **kwargs):
+        if threading.get_ident() != caller:
+            return original(*args, **kwargs)
+        begin = time.perf_counter_ns()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _marks.append((label(*args, **kwargs) if callable(label) else label, begin, time.perf_counter_ns()))
+
+    setattr(owner, attribute, functools.wraps(original)(marked))
+    if owner_name is None:
+        for other in list(sys.modules.values()):
+            if getattr(other, "__name__", "").startswith("agentkube") and getattr(other, attribute, None) is original:
+                setattr(other, attribute, marked)
+
+
+def mark_agent() -> None:
+    """The agent's start and finish of each call (begin, end), and its calls' first exec and exit events."""
+    from agentkube.ebpf import agent
+
+    def wrap(attribute: str, label: str, call_id_of) -> None:
+        original = getattr(agent.NodeAgent, attribute, None)
+        if original is None:
+            return
+
+        def marked(self, *args, **kwargs):
+            begin = time.perf_counter_ns()
+            answer = original(self, *args, **kwargs)
+            end = time.perf_counter_ns()
+            call_id = call_id_of(args, answer)
+            _agent_marks[call_id][f"{label} begin"] = begin
+            _agent_marks[call_id][f"{label} end"] = end
+            record = self.running.get(call_id)
+            if record is not None:
+                _cgroup_calls[record.cgroup_id] = call_id
+            return answer
+
+        setattr(agent.NodeAgent, attribute, functools.wraps(original)(marked))
+
+    wrap("start_call", "agent start", lambda args, answer: answer.call_id)
+    wrap("finish_call_answer_first", "agent finish", lambda args, answer: args[1])
+    original_event = agent.NodeAgent._on_event
+
+    def on_event(self, event):
+        if event.kind in ("exec", "exit"):
+            _event_times[event.cgroup_id].setdefault(event.kind, event.timestamp_ns)
+        return original_event(self, event)
+
+    agent.NodeAgent._on_event = on_event
+
+
+# The timeline's segments: (name, from mark, to mark), each a per-call difference.
+TIMELINE = [
+    ("runtime: call begins → start request sent", "call begin", "start request begin"),
+    ("hand-off: start request → agent begins", "start request begin", "agent start begin"),
+    ("agent: start", "agent start begin", "agent start end"),
+    ("hand-off: start answer → runtime has it", "agent start end", "start request end"),
+    ("runtime: answer → release written", "start request end", "release begin"),
+    ("release written → exec event (held wakes, execs)", "release begin", "exec"),
+    ("exec event → exit event (the command runs)", "exec", "exit"),
+    ("exit event → runtime notices (pidfd)", "exit", "exit noticed"),
+    ("runtime: noticed → finish request sent (reap)", "exit noticed", "finish request begin"),
+    ("hand-off: finish request → agent begins", "finish request begin", "agent finish begin"),
+    ("agent: finish until answered", "agent finish begin", "agent finish end"),
+    ("hand-off: finish answer → runtime has it", "agent finish end", "finish request end"),
+    ("runtime: answer → result (drain, RunResult)", "finish request end", "call end"),
+]
+# Beside the chain (the chain's segments add up to the call): where the agent releases a pooled process itself,
+# the exec follows its start rather than the runtime's write (which then writes what did not fit of the command).
+TIMELINE_BESIDE = [
+    ("beside: agent's start done → exec event", "agent start end", "exec"),
+    ("beside: start request sent → exec event", "start request begin", "exec"),
+]
+
+
+def timeline(runtime_marks: dict[str, int], call_id: str) -> dict[str, float] | None:
+    """A call's segments in µs, or None if a mark is missing (a call that went another way)."""
+    marks = {**runtime_marks, **_agent_marks.get(call_id, {})}
+    cgroup_id = next((cid for cid, owner in _cgroup_calls.items() if owner == call_id), None)
+    marks.update(_event_times.get(cgroup_id, {}) if cgroup_id is not None else {})
+    if any(start not in marks or end not in marks for _, start, end in TIMELINE):
+        return None
+    return {name: (marks[end] - marks[start]) / 1000 for name, start, end in TIMELINE + TIMELINE_BESIDE}
 
 
 def worker(agent_socket: str, name: str) -> None:
@@ -144,6 +317,9 @@ def worker(agent_socket: str, name: str) -> None:
     from agentkube.ebpf.runtime import SandboxRuntime, WarmPool, favor_latency, run_call
 
     favor_latency()  # as the runtime does
+    mark_runtime("agentkube.ebpf.runtime", None, "_agent_call", lambda socket, op, *a, **k: f"{op} request")
+    mark_runtime("agentkube.ebpf.runtime", None, "_write_all", "release")
+    mark_runtime("agentkube.ebpf.runtime", "_Pump", "until_exit", "exit noticed")
 
     ref = SandboxRef(name=name)
     request = RunRequest(argv=TOOL, intent=INTENT)
@@ -163,15 +339,35 @@ def worker(agent_socket: str, name: str) -> None:
             return {"socket": str(runtime.server.path), "port": port.server_address[1]}
         if command.get("take"):
             return {"totals": take()}
-        per_call = []
+        per_call, marks = [], []
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         for _ in range(command["calls"]):
+            time.sleep(command.get("gap", 0.0))  # untimed: the pool's refill done before the next call
             take()
+            _marks.clear()
             started = time.perf_counter_ns()
             result = run_call(Path(agent_socket), ref, request, pool)
-            total = time.perf_counter_ns() - started
+            ended = time.perf_counter_ns()
             assert result.exit_code == 0, result
-            per_call.append({**take(), "runtime: whole call": total})
-        return {"per_call": per_call}
+            per_call.append({**take(), "runtime: whole call": ended - started})
+            # Each mark's begin, and for the wait for the exit its end (when the runtime noticed it).
+            call_marks = {"call begin": started, "call end": ended}
+            for label, begin, end in _marks:
+                call_marks.setdefault(f"{label} begin", begin)
+                call_marks.setdefault(f"{label} end", end)
+                call_marks.setdefault(label, begin)
+            call_marks["exit noticed"] = call_marks.pop("exit noticed end", 0) or call_marks.get("exit noticed", 0)
+            if "release begin" not in call_marks and "start request end" in call_marks:
+                # Released by the agent, its whole command written before the start: nothing left to write.
+                call_marks["release begin"] = call_marks["start request end"]
+            marks.append({"call_id": result.call_id, "marks": call_marks})
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU time (user + system) over the block: the runtime's own threads (the refill's included), and its
+        # reaped children (held processes, which became the calls' commands); the gaps' sleeps cost none.
+        cpu = {who: sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
+               for who, before, after in (("runtime", cpu_before[0], cpu_after[0]),
+                                          ("calls' processes", cpu_before[1], cpu_after[1]))}
+        return {"per_call": per_call, "marks": marks, "cpu_seconds": cpu}
 
     serve_worker(handle)
 
@@ -197,19 +393,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="per path")
     parser.add_argument("--paths", default=",".join(PATHS), help="which ways in, comma-separated (module doc)")
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="direct path: a pause before each call (untimed), as between an agent's calls; 0: back to back")
     parser.add_argument("--name", default="tool_call_stages", help="results file name (bench/results/NAME.*)")
     args = parser.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     assert set(paths) <= set(PATHS), f"--paths: choose among {PATHS}"
     instrument(AGENT_STAGES)
+    instrument_cpu(AGENT_CPU_STAGES)
+    instrument_after_answer()
+    mark_agent()
     from agentkube.client import Sandbox
     from agentkube.ebpf.api import NodeAgentServer
+    from agentkube.ebpf.runtime import favor_latency
+
+    favor_latency()  # as `node-agent run` does: the agent's threads hand the interpreter's lock over as it does
 
     block = 50
     whole: dict[str, list[float]] = {p: [] for p in paths}
     runtime_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
     agent_side: dict[str, dict[str, list[float]]] = {p: defaultdict(list) for p in paths}
     direct_calls: list[tuple[float, dict[str, float]]] = []
+    direct_marks: list[dict] = []
+    cpu_per_call: dict[str, list[float]] = defaultdict(list)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="agentkube-stages-") as scratch:
         socket_path = Path(scratch) / "agent.sock"
@@ -217,6 +423,7 @@ def main() -> None:
         server = NodeAgentServer(socket_path, Path(scratch) / "state", instance=instance)
         server.server.start()
         sandbox = SandboxWorker(socket_path, "bench-stages", __file__, memory="1Gi", pids=1024)
+        endpoints: dict = {}
         try:
             endpoints = sandbox.ask({"endpoints": True})
             sdk = Sandbox("bench-stages", socket=endpoints["socket"])
@@ -242,8 +449,16 @@ def main() -> None:
 
             def run_path(path: str) -> list[dict]:
                 if path == "direct":
+                    agent_cpu = resource.getrusage(resource.RUSAGE_SELF)
+                    answer = sandbox.ask({"calls": block, "gap": args.gap_ms / 1000})
+                    agent_after = resource.getrusage(resource.RUSAGE_SELF)
+                    direct_marks.extend(answer.get("marks", []))
+                    # CPU per call (µs) over the block: the agent is this process (its main thread waits meanwhile).
+                    for who, seconds in {**answer.get("cpu_seconds", {}), "agent": sum(
+                            getattr(agent_after, f) - getattr(agent_cpu, f) for f in ("ru_utime", "ru_stime"))}.items():
+                        cpu_per_call[who].append(seconds * 1e6 / block)
                     return [{**{k: v for k, v in call.items() if k != "runtime: whole call" and mine(path, k)},
-                             "whole": call["runtime: whole call"]} for call in sandbox.ask({"calls": block})["per_call"]]
+                             "whole": call["runtime: whole call"]} for call in answer["per_call"]]
                 if path == "socket":
                     return through(path, lambda: sdk.run(TOOL, memory="64Mi", pids=64, network="none", timeout="30s").model_dump())
                 return through(path, gateway_leg.run)
@@ -251,6 +466,8 @@ def main() -> None:
             for path in paths:  # warm up: imports, first connections, the pool
                 run_path(path)
             take()
+            direct_marks.clear()
+            cpu_per_call.clear()
             for round_ in range(args.calls // block):
                 order = paths[round_ % len(paths):] + paths[:round_ % len(paths)]  # each path takes each place in turn
                 for path in order:
@@ -263,11 +480,15 @@ def main() -> None:
                     # The agent's totals over the block, per call (the agent's threads are not per call).
                     for label, ns in take().items():
                         agent_side[path][label].append(ns / 1000 / block)
+            server.agent.programs.consume_events()  # the last calls' exit events, if no finish read them
         finally:
-            sandbox.close()
+            sandbox.close()  # kills the worker (the sandbox's main process)
             server.server.stop()
             server.agent.teardown()
+            if endpoints:  # the worker's runtime socket directory, which it cannot remove once killed
+                shutil.rmtree(Path(endpoints["socket"]).parent, ignore_errors=True)
     load_after = os.getloadavg()
+    timelines = [t for t in (timeline(call["marks"], call["call_id"]) for call in direct_marks) if t is not None]
 
     def median(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")
@@ -292,6 +513,26 @@ def main() -> None:
         rows.append(["**direct: the slowest 5% of calls** (their median)", f"{median([w for w, _ in slowest]):.0f}",
                      *([""] * (len(paths) - 1)), f"{len(slowest)} calls"])
         rows += [[f"  {label} (slowest 5%)", f"{value:.0f}", *([""] * (len(paths) - 1)), ""] for label, value in tail.items()]
+    if timelines:
+        segments = {name: [t[name] for t in timelines] for name, _, _ in TIMELINE + TIMELINE_BESIDE}
+        result["direct_timeline"] = {"calls": len(timelines), "of": len(direct_marks),
+                                     "segments_median_us": {name: median(v) for name, v in segments.items()},
+                                     "segments_p90_us": {name: sorted(v)[int(0.9 * (len(v) - 1))] for name, v in segments.items()}}
+        rows.append([f"**direct: timeline of a call** (median of {len(timelines)} calls; p90 in the note)",
+                     f"{sum(median(segments[name]) for name, _, _ in TIMELINE):.0f}", *([""] * (len(paths) - 1)),
+                     "sum of the chain's medians"])
+        rows += [[f"  {name}", f"{median(v):.0f}", *([""] * (len(paths) - 1)),
+                  f"p90 {result['direct_timeline']['segments_p90_us'][name]:.0f}"] for name, v in segments.items()]
+    if cpu_per_call:
+        # Back to back on a 2-CPU machine, a call can be no shorter than its CPU time, the refill's included,
+        # divided by the CPUs (what runs beside it on them).
+        result["direct_cpu_per_call_us"] = {who: median(v) for who, v in cpu_per_call.items()}
+        result["direct_cpu_per_call_us"]["total"] = sum(result["direct_cpu_per_call_us"].values())
+        rows.append(["**direct: CPU time per call** (user + system, median of blocks)",
+                     f"{result['direct_cpu_per_call_us']['total']:.0f}", *([""] * (len(paths) - 1)),
+                     "all processes; refills included"])
+        rows += [[f"  CPU: {who}", f"{value:.0f}", *([""] * (len(paths) - 1)), ""]
+                 for who, value in result["direct_cpu_per_call_us"].items() if who != "total"]
     labels = list(dict.fromkeys(label for path in paths for side in (runtime_side, agent_side) for label in side[path]))
     for label in labels:
         cells = []

@@ -8,9 +8,12 @@ map entry no record accounts for.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
+import resource
+import stat
 import subprocess
 import threading
 import time
@@ -48,6 +51,8 @@ from agentkube.ebpf.cgroups import (
     set_favor_dynmods,
 )
 from agentkube.ebpf.deadlines import Deadlines
+from agentkube.ebpf.frames import take_received_fd
+from agentkube.ebpf.held import RELEASE
 from agentkube.ebpf.metrics import Metrics, call_totals
 from agentkube.ebpf.models import (
     UNREGISTERED,
@@ -127,6 +132,33 @@ def traced_by(status_text: str) -> int:
     return 0
 
 
+def check_release_pipe(fd: int) -> None:
+    """A held process's release pipe as the runtime hands it over: the write end of a pipe. Made non-blocking,
+    so that a pipe someone filled can never hold up the agent's thread."""
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY:
+        raise HttpError(400, "the descriptor sent with fill is not the write end of a pipe")
+    os.set_blocking(fd, False)
+
+
+def release_held(fd: int) -> None:
+    """Let a held process read its command and exec it (one byte on its release pipe), and close the pipe. A
+    process that died meanwhile (the pipe broken) leaves a call that ends as it did."""
+    try:
+        os.write(fd, RELEASE)
+    except (BrokenPipeError, BlockingIOError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def raise_open_files_limit() -> None:
+    """Every waiting call cgroup keeps descriptors open here (its release pipe, record and counter files):
+    the soft limit goes up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def prefer_as_oom_victim(pid: int) -> None:
     """Make a call's first process (and so every process it starts) the kernel's preferred OOM victim."""
     Path(f"/proc/{pid}/oom_score_adj").write_text(str(CALL_OOM_SCORE_ADJ))
@@ -169,6 +201,9 @@ class PooledCgroup:
     cgroup_id: int
     pid: int  # the held process, as the node sees it
     limits: Limits  # what its limit files hold
+    # The write end of the held process's release pipe (held.c's fd 5), handed over with the fill: the agent
+    # alone can release it, at its call's start, once everything the call runs under is in place.
+    release: int = -1
     # Its call's write-ahead record, opened (empty) at fill: a start writes the record in one write(2). An
     # empty or unreadable record is a call that never started (the agent died before its start was answered,
     # so the process was never released): a restarted agent removes it, and its sweep the cgroup.
@@ -213,6 +248,7 @@ class NodeAgent:
         self._audit: int | None = None  # the audit log, kept open for appending
         self._history_saved = 0.0
         self._history_dirty = False
+        raise_open_files_limit()
         for folder in ("sandboxes", "calls"):
             (self.state_dir / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.programs = Programs(instance)
@@ -416,8 +452,21 @@ class NodeAgent:
     def fill_pool(self, peer: Peer, request: PoolFill, memo: dict | None = None) -> PoolSlot:
         """Make a call cgroup for a call to come, with the runtime's held process in it (off the call's path:
         the directories, the limits, the BPF entries and the process move, which waits for an RCU grace
-        period, are done here). The process gets the sandbox's default limits and no network meanwhile."""
-        sandbox = self.runtime_sandbox(peer, {} if memo is None else memo, request)
+        period, are done here). The process gets the sandbox's default limits and no network meanwhile. The
+        frame carries the held process's release pipe: the agent releases it at the call's start."""
+        release = take_received_fd(memo) if memo is not None else None
+        try:
+            return self._fill_pool(peer, request, {} if memo is None else memo, release)
+        except BaseException:
+            if release is not None:
+                os.close(release)
+            raise
+
+    def _fill_pool(self, peer: Peer, request: PoolFill, memo: dict, release: int | None) -> PoolSlot:
+        sandbox = self.runtime_sandbox(peer, memo, request)
+        if release is None:
+            raise HttpError(400, "fill needs the held process's release pipe, sent with the frame")
+        check_release_pipe(release)
         pid = host_pid(request.pid, peer.pid, sandbox.main.pids())
         if unified_cgroup_of(pid) != sandbox.main.unified_path:
             raise HttpError(403, f"pid {request.pid} is not a process of sandbox {sandbox.key} outside any call")
@@ -436,7 +485,7 @@ class NodeAgent:
             resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits
         call_id = uuid.uuid4().hex[:16]
         cgroup = self._call_cgroup(sandbox, call_id)
-        slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits)
+        slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits, release)
         try:
             slot.record_fd = os.open(self._record_path(call_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             slot.counters = cgroup.open_counters()
@@ -449,14 +498,17 @@ class NodeAgent:
             if not self._wait_in_pool(sandbox, slot):
                 raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")
         except BaseException:
+            slot.release = -1  # fill_pool closes it
             self._discard(slot)
             raise
         return PoolSlot(call_id=call_id, cgroup=cgroup.unified_path)
 
     def start_call(self, peer: Peer, request: CallStart, memo: dict | None = None) -> CallPlaced:
         """Start a call in a cgroup of the pool: check it still holds its held process and nothing else, give
-        it the call's limits and network, record the call (write-ahead), and answer; the runtime then releases
-        the process. A cgroup serves one call: it leaves the pool here, whatever happens next."""
+        it the call's limits and network, record the call (write-ahead), release the process (the runtime wrote
+        its command before it asked) and answer, so that the command runs while the answer travels. A cgroup
+        serves one call: it leaves the pool here, whatever happens next; refused, it is discarded (its process
+        holds the refused command)."""
         sandbox = self.runtime_sandbox(peer, {} if memo is None else memo, request)
         with self._lock:
             slot = self.pools.get(sandbox.key, {}).pop(request.call_id, None)
@@ -475,8 +527,7 @@ class NodeAgent:
             resolved = resolve_limits(request.intent, list(self.history.get(f"{sandbox.key}\t{signature}", ())),
                                       sandbox.spec.tools, sandbox.spec.envelope.envelope())
         except OutOfEnvelope as error:
-            if not self._wait_in_pool(sandbox, slot):  # nothing was changed: the cgroup waits for the next call
-                self._discard(slot)
+            self._discard(slot)
             raise HttpError(422, str(error)) from None
         limits = resolved.limits
         now = time.time()
@@ -505,6 +556,9 @@ class NodeAgent:
         sandbox.recent_limits = limits
         self.metrics.started(record.sandbox, record.namespace, now)
         self._arm(record)
+        # Limits, the write-ahead record, the egress policy and the deadline are in place: the command may run.
+        release, slot.release = slot.release, -1
+        release_held(release)
         return CallPlaced(call_id=record.call_id, cgroup=slot.cgroup.unified_path, limits=limits,
                           sources=resolved.sources)
 
@@ -530,7 +584,10 @@ class NodeAgent:
 
     def _discard(self, slot: PooledCgroup) -> None:
         """A waiting cgroup that will serve no call: its process killed, its entries, directories and empty
-        record removed."""
+        record removed, its release pipe closed."""
+        if slot.release >= 0:
+            os.close(slot.release)
+            slot.release = -1
         slot.cgroup.kill()
         self.programs.untrack(slot.cgroup_id)
         self._removals.put(slot.cgroup)

@@ -8,11 +8,18 @@ length and a JSON object. A request is {"op": NAME, ...}; an answer is {"status"
 
 Who is calling is known once per connection (SO_PEERCRED at accept): a connection belongs to the process
 that opened it, since the runtime's sockets are close-on-exec and the runtime is not dumpable.
+
+On a connection opened with MAGIC_WITH_DESCRIPTORS (the warm pool's own), a request may carry one file
+descriptor (SCM_RIGHTS, with its frame's first bytes): the runtime hands the agent the release pipe of a held
+process with its fill, so that the agent releases it at the call's start. The operation takes it from its
+memo (`take_received_fd`) for that frame only; one it does not take is closed. Other connections (a call's
+start and finish) read their frames without room for one (the kernel drops any sent), which costs less.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import struct
@@ -26,8 +33,10 @@ from agentkube.ebpf.models import MAX_REQUEST_BYTES
 from agentkube.ebpf.unixhttp import ApiError, HttpError, Peer, validation_message
 
 MAGIC = b"AKF1"  # no HTTP method starts with it
+MAGIC_WITH_DESCRIPTORS = b"AKFD"  # the same, and its requests may carry a descriptor
 HEADER = struct.Struct("!I")
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+RECEIVED_FD = object()  # the memo's key for the descriptor sent with the frame being served (no JSON names it)
 
 
 def encode(message: object) -> bytes:
@@ -47,10 +56,26 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(data)
 
 
-def read_frame(sock: socket.socket, limit: int) -> object | None:
+def _read_header(sock: socket.socket, received: list[int]) -> bytes | None:
+    """A frame's header and the descriptor sent with it, if any (appended to `received`). Room is made for
+    one: the kernel drops any more, and any sent with a later part of a frame (read without room for it)."""
+    data, fds, _flags, _address = socket.recv_fds(sock, HEADER.size, 1, socket.MSG_CMSG_CLOEXEC)
+    received.extend(fds)
+    if not data:
+        return None
+    if len(data) < HEADER.size:
+        rest = _read_exactly(sock, HEADER.size - len(data))
+        if rest is None:
+            raise ConnectionResetError("connection closed in the middle of a frame")
+        data += rest
+    return data
+
+
+def read_frame(sock: socket.socket, limit: int, received: list[int] | None = None) -> object | None:
     """The next frame's JSON, None at a clean end of the connection. Raises HttpError for a frame that is
-    too large or not JSON (the connection is then closed: its framing can no longer be trusted)."""
-    header = _read_exactly(sock, HEADER.size)
+    too large or not JSON (the connection is then closed: its framing can no longer be trusted). With
+    `received`, a descriptor sent with the frame is appended to it."""
+    header = _read_header(sock, received) if received is not None else _read_exactly(sock, HEADER.size)
     if header is None:
         return None
     (size,) = HEADER.unpack(header)
@@ -87,19 +112,27 @@ def encode_answer(body: object) -> bytes:
     return encode({"status": 200, "body": body})
 
 
-def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Operation]) -> None:
-    """Answer frames on an accepted connection until it closes (its magic prefix already read)."""
+def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Operation],
+                     descriptors: bool = False) -> None:
+    """Answer frames on an accepted connection until it closes (its magic prefix already read); with
+    `descriptors`, a frame may carry one (module doc)."""
     memo: dict = {}
     while True:
+        received: list[int] = []
         try:
-            message = read_frame(sock, MAX_REQUEST_BYTES)
+            message = read_frame(sock, MAX_REQUEST_BYTES, received if descriptors else None)
         except HttpError as error:
+            _close_all(received)
             sock.sendall(encode({"status": error.status, "error": error.message}))
             return
         except OSError:
+            _close_all(received)
             return
         if message is None:
+            _close_all(received)
             return
+        if received:
+            memo[RECEIVED_FD] = received[0]
         after: Callable[[], None] | None = None
         try:
             if not isinstance(message, dict) or not isinstance(message.get("op"), str):
@@ -118,6 +151,9 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
             answer = encode({"status": 422, "error": validation_message(error)})
         except Exception as error:  # the agent keeps serving; the caller learns what broke
             answer = encode({"status": 500, "error": f"{type(error).__name__}: {error}"})
+        finally:
+            untaken = memo.pop(RECEIVED_FD, None)
+            _close_all([untaken] if untaken is not None else [])
         try:
             sock.sendall(answer)
         except OSError:
@@ -130,14 +166,26 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
                     print(f"node agent: after an answer: {type(error).__name__}: {error}", flush=True)
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def take_received_fd(memo: dict) -> int | None:
+    """The descriptor sent with the frame being served, now the caller's to close (None: none was sent)."""
+    return memo.pop(RECEIVED_FD, None)
+
+
 class FrameClient:
     """Frames to the node agent over kept-alive connections, shared by the threads that use this client: an
     idle connection is taken for a request and put back after it. (The runtime serves each SDK request in a
     thread of its own; a connection per thread would be a new connection, and a new agent thread, per call.)"""
 
-    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0, descriptors: bool = False):
+        """`descriptors`: its connections may send a descriptor with a frame (`send`)."""
         self.socket_path = str(socket_path)
         self.timeout = timeout
+        self.magic = MAGIC_WITH_DESCRIPTORS if descriptors else MAGIC
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -146,7 +194,7 @@ class FrameClient:
         try:
             sock.settimeout(self.timeout)
             sock.connect(self.socket_path)
-            sock.sendall(MAGIC)
+            sock.sendall(self.magic)
         except BaseException:
             sock.close()
             raise
@@ -171,11 +219,23 @@ class FrameClient:
             sock.close()
 
     def request(self, op: str, **fields: object) -> object:
+        """One request and its answer's body (see send)."""
+        return self.send(op, fields)
+
+    def send(self, op: str, fields: dict[str, object], send_fd: int | None = None) -> object:
         """One request and its answer's body; ApiError for a refusal. A connection that breaks (a restarting
-        agent) raises ConnectionError and is dropped; the next request opens a new one."""
+        agent) raises ConnectionError and is dropped; the next request opens a new one. `send_fd` goes with
+        the frame (the agent gets its own copy of the descriptor)."""
+        if send_fd is not None and self.magic != MAGIC_WITH_DESCRIPTORS:
+            raise ValueError("this client's connections carry no descriptors")
         sock = self._take_idle() or self._connect()
         try:
-            sock.sendall(encode({"op": op, **fields}))
+            frame = encode({"op": op, **fields})
+            if send_fd is not None:
+                sent = socket.send_fds(sock, [frame], [send_fd])
+                sock.sendall(frame[sent:])
+            else:
+                sock.sendall(frame)
             answer = read_frame(sock, MAX_ANSWER_BYTES)
             if not isinstance(answer, dict) or "status" not in answer:
                 raise ConnectionResetError("the node agent closed the connection" if answer is None

@@ -18,6 +18,8 @@ SOURCE = Path(__file__).parent / "programs" / "held.c"
 ENV = "AGENTKUBE_HELD"  # an explicit path (the sandbox image sets it)
 COMMAND_FD = 3  # as in held.c
 READY_FD = 4
+RELEASE_FD = 5
+RELEASE = b"g"  # the byte on its release pipe (fd 5) that lets a held process read its command and exec it
 
 
 def cache_dir() -> Path:

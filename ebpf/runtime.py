@@ -25,7 +25,7 @@ from pathlib import Path
 
 from agentkube.contract import CALL_PREFIX
 from agentkube.ebpf.frames import FrameClient
-from agentkube.ebpf.held import command_frame, held_binary
+from agentkube.ebpf.held import COMMAND_FD, READY_FD, RELEASE, RELEASE_FD, command_frame, held_binary
 from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
     UNREGISTERED,
@@ -49,6 +49,10 @@ PR_SET_DUMPABLE = 4
 # agent have threads beside a call's (pool refills, watchers); a call's next step should not wait 5 ms for one.
 GIL_SWITCH_SECONDS = 0.0002
 HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
+# Refills of the warm pool that may be under way at once: one refill is a spawn, then the agent's fill, in
+# series (~2.4 ms here), longer than a back-to-back call once the agent releases the held process, so a
+# single refiller let the pool run dry and calls waited for it; two overlap one's spawn with the other's fill.
+REFILLERS = 2
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
 HOLDER = ["/bin/sh", "-c",
@@ -234,19 +238,32 @@ class Held:
     """A started process that has not run anything of a command yet, and the runtime's ends of its pipes."""
 
     pid: int
-    command: int  # where its command goes (held.c), or its release line (the shell holder)
+    command: int | None  # where its command goes (held.c), or its release line (the shell holder); None once sent
     stdin: int
     stdout: int
     stderr: int
+    release: int | None = None  # held.c's release pipe (its fd 5); None once handed to the node agent or written
     call_id: str | None = None  # the pooled call cgroup it waits in, once the agent placed it
+    # A pooled process's command is written before its start: what did not fit in the pipe then (None: not sent).
+    pending: bytes | None = None
 
-    def close(self) -> None:
-        """Let it go without running anything (it exits at EOF) and reap it."""
-        for fd in (self.command, self.stdin, self.stdout, self.stderr):
+    def close(self, kill: bool = False) -> None:
+        """Let it go without running anything and reap it: it exits at EOF of its release pipe (or the shell
+        holder's line). `kill`: that pipe is the agent's (a pooled process), or its release may have been
+        written: killed first (this process's unreaped child, so its pid is still its own)."""
+        if kill and self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for fd in (self.command, self.release, self.stdin, self.stdout, self.stderr):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self.command = self.release = None
         if self.pid:
             try:
                 os.waitpid(self.pid, 0)
@@ -254,18 +271,18 @@ class Held:
                 pass
 
 
-def _spawn(program: list[str], extra_fd: int | None = None, env: dict[str, str] | None = None) -> Held:
+def _spawn(program: list[str], ready_fd: int | None = None, release_fd: int | None = None,
+           env: dict[str, str] | None = None) -> Held:
     """posix_spawn (vfork-like) rather than fork: no copy of this process's page tables, and no forked copy
     of a threaded interpreter; through `spawn.spawn`, so that the other threads run meanwhile. The child's
-    fd 3 is its command pipe; `extra_fd` becomes its fd 4."""
+    fd 3 is its command pipe; `ready_fd` becomes its fd 4 and `release_fd` its fd 5 (held.c)."""
     command_read, command_write = os.pipe()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     in_read, in_write = os.pipe()
     child_ends = [command_read, out_write, err_write, in_read]
-    dup2s = [(in_read, 0), (out_write, 1), (err_write, 2), (command_read, 3)]
-    if extra_fd is not None:
-        dup2s.append((extra_fd, 4))
+    dup2s = [(in_read, 0), (out_write, 1), (err_write, 2), (command_read, COMMAND_FD)]
+    dup2s += [(fd, target) for fd, target in ((ready_fd, READY_FD), (release_fd, RELEASE_FD)) if fd is not None]
     try:
         pid = spawn(program, {**os.environ, **(env or {})}, dup2s, setsid=True)
     except BaseException:
@@ -278,12 +295,19 @@ def _spawn(program: list[str], extra_fd: int | None = None, env: dict[str, str] 
 
 
 def spawn_held(program: Path) -> Held:
-    """Start the held program (held.c) and wait until it is non-dumpable and reading its command."""
+    """Start the held program (held.c) and wait until it is non-dumpable and waiting for its release."""
     ready_read, ready_write = os.pipe()
+    release_read, release_write = os.pipe()
     try:
-        held = _spawn([str(program)], extra_fd=ready_write)
+        held = _spawn([str(program)], ready_fd=ready_write, release_fd=release_read)
+    except BaseException:
+        os.close(release_write)
+        os.close(ready_read)
+        raise
     finally:
         os.close(ready_write)
+        os.close(release_read)
+    held.release = release_write
     try:
         if os.read(ready_read, 1) != b"r":
             held.close()
@@ -302,21 +326,25 @@ def _write_all(fd: int, data: bytes) -> None:
 class WarmPool:
     """Held processes already waiting in call cgroups of this sandbox (the agent's warm pool), so that a
     call starts with one request to the agent and a write to a pipe: no process start, no cgroup made, no
-    process moved on its path. Refilled in a thread as soon as one is taken, while its call runs: a fill
+    process moved on its path. Refilled by REFILLERS threads as soon as one is taken, while its call runs: a fill
     mostly waits on the kernel (the cgroup's mkdir, the move's RCU grace period) and on the agent, and its
     spawn no longer holds the interpreter's lock (spawn.py), so it takes little from the call; refilled only
     between calls, the pool drained when calls came back to back and the next call waited for a fill."""
 
     def __init__(self, agent_socket: Path, sandbox: SandboxRef, program: Path, size: int = 2):
-        self.agent = FrameClient(agent_socket)  # its own connection: fills never queue behind a call's requests
+        # Its own connection (fills never queue behind a call's requests), which carries the release pipes.
+        self.agent = FrameClient(agent_socket, descriptors=True)
         self.sandbox = sandbox
         self.program = program
         self.size = size
         self._ready: deque[Held] = deque()
+        self._filling = 0  # refills under way: with those ready, never more than `size`
         self._changed = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._refill, name="warm-pool", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._refill, name=f"warm-pool-{i}", daemon=True)
+                         for i in range(REFILLERS)]
+        for thread in self._threads:
+            thread.start()
 
     def take(self, wait: float = 0.5) -> Held | None:
         """A waiting held process, if one is ready within `wait` s (else the call goes the direct way)."""
@@ -328,76 +356,104 @@ class WarmPool:
             self._changed.notify_all()  # the refill thread: one fewer waits
         return held
 
-    def give_back(self, held: Held) -> None:
-        """A held process whose call the agent refused before anything changed (its cgroup is still waiting)."""
-        with self._changed:
-            self._ready.appendleft(held)
-
     def _refill(self) -> None:
         failures = 0
         while True:
             with self._changed:
-                while not self._closed and len(self._ready) >= self.size:
+                while not self._closed and len(self._ready) + self._filling >= self.size:
                     self._changed.wait()
                 if self._closed:
                     return
+                self._filling += 1
             try:
                 held = spawn_held(self.program)
                 try:
-                    slot = self.agent.request("fill", name=self.sandbox.name, namespace=self.sandbox.namespace, pid=held.pid)
+                    # Its release pipe goes to the agent, which releases it once a call is in place there.
+                    slot = self.agent.send("fill", {"name": self.sandbox.name, "namespace": self.sandbox.namespace,
+                                                    "pid": held.pid}, held.release)
                 except BaseException:
-                    held.close()
+                    held.close(kill=True)  # the agent may hold a copy of its release pipe
                     raise
+                assert held.release is not None and held.command is not None
+                os.close(held.release)  # the agent's copy alone now: only the agent can release it
+                held.release = None
+                os.set_blocking(held.command, False)  # its command goes in before its start, without waiting
                 held.call_id = slot["call_id"]  # type: ignore[index]
                 failures = 0
                 with self._changed:
+                    self._filling -= 1
                     if self._closed:
-                        held.close()
+                        held.close(kill=True)
                         return
                     self._ready.append(held)
                     self._changed.notify_all()
             except (OSError, ApiError):  # the agent away or not knowing the sandbox yet: calls go direct meanwhile
                 failures += 1
                 with self._changed:
+                    self._filling -= 1
                     self._changed.wait(min(5.0, 0.1 * 2 ** min(failures, 6)))
+            except BaseException:
+                with self._changed:
+                    self._filling -= 1
+                raise
 
     def close(self) -> None:
         with self._changed:
             self._closed = True
             waiting, self._ready = list(self._ready), deque()
             self._changed.notify_all()
-        for held in waiting:  # each exits at EOF; its cgroup goes with the sandbox (or the agent's sweep)
-            held.close()
-        self._thread.join(timeout=5)
+        for held in waiting:  # killed (the agent holds their release); their cgroups go with the sandbox or the sweep
+            held.close(kill=True)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self.agent.close()
+
+
+def _send_command(held: Held, command: bytes) -> bytes:
+    """Write what of a held process's command its pipe takes without waiting (a pooled process's command pipe
+    is non-blocking on this side); the rest is returned, written once it is released (it reads the pipe to
+    its end then). Nearly every command fits whole (64 KiB)."""
+    assert held.command is not None
+    try:
+        written = os.write(held.command, command)
+    except BlockingIOError:
+        written = 0
+    return command[written:]
 
 
 def _start_pooled(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: WarmPool) -> tuple[Held, CallPlaced] | None:
     """Start the call in a waiting cgroup of the pool; None if none is ready or usable (the call goes direct).
-    A held process that cannot serve (killed while it waited, its cgroup gone after an agent restart or
-    discarded as tampered with) is let go and the next one tried."""
+    The command goes into the held process's pipe first; the agent releases the process (the release pipe is
+    the agent's since the fill) once the call's limits, record and egress policy are in place, before it
+    answers, so the command runs while the answer travels. A held process that cannot serve (killed while it
+    waited, its cgroup gone after an agent restart or discarded as tampered with) is let go and the next one
+    tried; one whose call is refused is discarded by the agent (it holds the refused command)."""
     while (held := pool.take()) is not None:
+        if os.waitpid(held.pid, os.WNOHANG)[0]:  # reaped here: it died while it waited
+            held.pid = 0
+            held.close()
+            continue
         try:
-            if os.waitpid(held.pid, os.WNOHANG)[0]:  # reaped here: it died while it waited
-                held.pid = 0
-                held.close()
-                continue
+            rest = _send_command(held, command_frame(run.cwd, run.argv, run.env))
+        except BrokenPipeError:  # died just now
+            held.close(kill=True)
+            continue
+        try:
             placed = CallPlaced.model_validate(_agent_call(
                 agent_socket, "start", name=sandbox.name, namespace=sandbox.namespace, call_id=held.call_id,
                 argv=run.argv, intent=run.intent))
-            return held, placed
         except ApiError as error:
-            if error.status == 422:  # refused before anything changed: the cgroup still waits for a call
-                pool.give_back(held)
-                raise
-            held.close()
+            held.close(kill=True)
             if error.status not in (404, 409):  # its cgroup unknown to the agent (restarted), or tampered with
                 raise
+            continue
         except BaseException:
-            held.close()
-            if isinstance(sys.exc_info()[1], ConnectionError):
-                return None
+            # A broken connection too: the agent may have released the command before it went away, so the
+            # call is not tried again another way (it would run twice).
+            held.close(kill=True)
             raise
+        held.pending = rest
+        return held, placed
     return None
 
 
@@ -432,15 +488,26 @@ def run_call(agent_socket: Path, sandbox: SandboxRef, run: RunRequest, pool: War
 def _run_held(agent_socket: Path, run: RunRequest, held: Held, placed: CallPlaced, framed: bool,
               on_placed: Callable[[Started], None] | None = None, on_output: OutputSink | None = None,
               keep_stdin: bool = False, output_bytes: int = MAX_OUTPUT_BYTES) -> RunResult:
-    # The release, first: the held program's command (the next thing it does is the command's exec), or the
-    # shell holder's release line (its command was given when it started). Whoever watches is told, and the
-    # pump set up, while the command starts: its output waits in the pipes meanwhile, and its exit in the
-    # pidfd (a child not yet reaped).
+    # The release, first. A pooled process was released by the agent (its command written before the start):
+    # what did not fit in the pipe then follows. Else the release is this runtime's: the held program's release
+    # byte and command (the next thing it does is the command's exec), or the shell holder's release line (its
+    # command was given when it started). Whoever watches is told, and the pump set up, while the command
+    # starts: its output waits in the pipes meanwhile, and its exit in the pidfd (a child not yet reaped).
+    command = held.pending if held.pending is not None else \
+        command_frame(run.cwd, run.argv, run.env) if framed else b"g\n"
+    assert held.command is not None
     try:
-        _write_all(held.command, command_frame(run.cwd, run.argv, run.env) if framed else b"g\n")
+        if held.release is not None:
+            os.write(held.release, RELEASE)
+        if command:
+            os.set_blocking(held.command, True)  # a pooled process's pipe was non-blocking for the start
+            _write_all(held.command, command)
     except BrokenPipeError:  # it died before its release (killed while it waited): the call ends as it did
         pass
-    os.close(held.command)
+    for fd in (held.command, held.release):
+        if fd is not None:
+            os.close(fd)
+    held.command = held.release = None
     started = Started(placed, held.pid, held.stdin if keep_stdin else None)
     if on_placed is not None:
         on_placed(started)

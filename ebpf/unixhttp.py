@@ -85,15 +85,16 @@ class _Handler(BaseHTTPRequestHandler):
         # A connection that opens with the frames' magic speaks frames (the runtime's calls); else HTTP.
         frames = self.server.frames
         if frames:
-            from agentkube.ebpf.frames import MAGIC, serve_connection
+            from agentkube.ebpf.frames import MAGIC, MAGIC_WITH_DESCRIPTORS, serve_connection
 
             try:
                 start = self.connection.recv(len(MAGIC), socket.MSG_PEEK)
             except OSError:
                 return
-            if start == MAGIC:
+            if start in (MAGIC, MAGIC_WITH_DESCRIPTORS):
                 self.connection.recv(len(MAGIC))
-                serve_connection(self.connection, peer_credentials(self.connection), frames)
+                serve_connection(self.connection, peer_credentials(self.connection), frames,
+                                 descriptors=start == MAGIC_WITH_DESCRIPTORS)
                 self.close_connection = True
                 return
         super().handle()

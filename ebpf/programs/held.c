@@ -4,10 +4,13 @@
  * It becomes non-dumpable at once: it may wait in its cgroup for a long time, and a tool call running as
  * the same user must not ptrace it (or write its memory through /proc) to run code in a cgroup that a
  * later call will be given. Then it tells the runtime it is ready (one byte on fd 4, closed after) and
- * waits on fd 3 for its command: "cwd\0N\0NAME=VALUE\0 (N of them) argv0\0argv1\0...", up to EOF. EOF with
- * nothing means it is not needed (exit 125). It sets the N variables (the sandbox's own env, for a sandbox
- * that adopted a warm pod started before it existed), enters cwd (if not empty) and execs argv[0], searched
- * in PATH as a shell would.
+ * waits for its release: one byte on fd 5, written by whoever placed it (the node agent for a pooled
+ * process, once the call's limits, write-ahead record and egress policy are in place; the runtime after
+ * the agent's answer otherwise). EOF there means it is not needed (exit 125). Only then does it read its
+ * command on fd 3: "cwd\0N\0NAME=VALUE\0 (N of them) argv0\0argv1\0...", up to EOF (the runtime writes it
+ * before the release, so it is mostly in the pipe already: the release is the one wake-up before the exec).
+ * It sets the N variables (the sandbox's own env, for a sandbox that adopted a warm pod started before it
+ * existed), enters cwd (if not empty) and execs argv[0], searched in PATH as a shell would.
  * Exit codes as a shell's: 126 cannot enter cwd or exec, 127 command not found.
  *
  * Compiled statically (no dynamic loader runs before the prctl) at host or image setup time. */
@@ -21,6 +24,7 @@
 
 #define COMMAND_FD 3
 #define READY_FD 4
+#define RELEASE_FD 5
 #define NOT_RELEASED 125
 #define MAX_COMMAND (1 << 20)
 #define MAX_ARGS 4096
@@ -34,6 +38,14 @@ int main(void) {
   if (write(READY_FD, "r", 1) != 1)
     return NOT_RELEASED;
   close(READY_FD);
+  char release;
+  ssize_t released;
+  do
+    released = read(RELEASE_FD, &release, 1);
+  while (released < 0 && errno == EINTR);
+  if (released != 1)
+    return NOT_RELEASED;
+  close(RELEASE_FD);
   size_t length = 0;
   for (;;) {
     ssize_t got = read(COMMAND_FD, command + length, MAX_COMMAND - length);

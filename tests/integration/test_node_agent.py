@@ -705,12 +705,21 @@ def test_a_call_can_neither_start_nor_fill_nor_finish_through_frames(agent, sand
         f" 'finish': ('finish', dict(call_id={slot!r}))}}.items():\n"
         "    try:\n        client.request(fields[0], **fields[1]); out[name] = 200\n"
         "    except ApiError as e:\n        out[name] = e.status\n"
+        # A fill with a pipe attached, as the runtime sends its held process's release pipe: refused, and the
+        # agent keeps no copy of the pipe (closed before it answers: the probe then reads EOF at once).
+        f"r, w = os.pipe()\nwith_pipes = FrameClient({str(agent.socket)!r}, descriptors=True)\n"
+        f"try:\n    with_pipes.send('fill', dict(**{ref!r}, pid=os.getpid()), w); out['fill+pipe'] = 200\n"
+        "except ApiError as e:\n    out['fill+pipe'] = e.status\n"
+        "os.close(w); os.set_blocking(r, False)\n"
+        "try:\n    out['pipe kept by the agent'] = os.read(r, 1) != b''\n"
+        "except BlockingIOError:\n    out['pipe kept by the agent'] = True\n"
         "out['cgroup'] = open('/proc/self/cgroup').read()\nprint(json.dumps(out))\n")
     inside = sandbox.client.run([PY, "-c", probe], network="none", timeout=60)
     answers = json.loads(inside.stdout)
     # The probe's own call may have taken that very slot from the pool: finishing it is then the runtime's
     # alone (403); a slot still waiting is no running call (404). Either way nothing happens to it.
     took_the_slot = f"call-{slot}" in answers.pop("cgroup")
-    assert answers == {"start": 403, "fill": 403, "place": 403, "finish": 403 if took_the_slot else 404}, inside.stderr
+    assert answers == {"start": 403, "fill": 403, "place": 403, "finish": 403 if took_the_slot else 404,
+                       "fill+pipe": 403, "pipe kept by the agent": False}, inside.stderr
     if not took_the_slot:
         assert slot in {name.removeprefix("call-") for name in waiting_cgroups(status["cgroup"])}  # still waiting, untouched

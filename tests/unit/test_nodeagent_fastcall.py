@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from agentkube.contract import Limits
-from agentkube.ebpf.agent import traced_by
+from agentkube.ebpf.agent import check_release_pipe, release_held, traced_by
 from agentkube.ebpf.cgroups import limit_settings, limit_writes
 from agentkube.ebpf.frames import HEADER, encode, read_frame
-from agentkube.ebpf.held import SOURCE, command_frame
+from agentkube.ebpf.held import RELEASE, SOURCE, command_frame
 from agentkube.ebpf.unixhttp import HttpError
 
 DEFAULTS = Limits(memory=512 << 20, cpu=1.0, pids=256, timeout=600)
@@ -63,6 +63,88 @@ def test_frames_round_trip_and_oversized_or_broken_frames_are_refused():
         assert read_frame(right, 1024) is None  # a clean end
 
 
+def test_a_frame_carries_one_descriptor_to_the_operation_that_takes_it_and_an_untaken_one_is_closed():
+    import threading
+
+    from agentkube.ebpf.frames import FrameClient, serve_connection, take_received_fd
+
+    taken: list[int] = []
+    left, right = socket.socketpair()
+
+    def fill(peer, memo, message):
+        fd = take_received_fd(memo)
+        taken.append(fd if fd is not None else -1)
+        return {"got": fd is not None}
+
+    server = threading.Thread(target=serve_connection, args=(right, None, {"fill": fill, "other": lambda *a: {}}),
+                              kwargs={"descriptors": True})
+    server.start()
+    client = FrameClient("unused", descriptors=True)
+    client._idle.append(left)
+    pipe_read, pipe_write = os.pipe()
+    try:
+        assert client.send("fill", {"name": "x"}, pipe_write) == {"got": True}
+        assert client.request("fill", name="x") == {"got": False}  # only the frame it came with has it
+        os.close(pipe_write)
+        os.write(taken[0], b"g")  # the operation's own copy of the write end
+        assert os.read(pipe_read, 1) == b"g"
+        os.close(taken[0])
+        assert os.read(pipe_read, 1) == b""  # no copy left anywhere: EOF
+        other_read, other_write = os.pipe()
+        assert client.send("other", {}, other_write) == {}  # not taken: closed by the server
+        os.close(other_write)
+        assert os.read(other_read, 1) == b""
+        os.close(other_read)
+    finally:
+        client.close()
+        server.join(5)
+        right.close()
+        os.close(pipe_read)
+
+
+def test_a_connection_that_did_not_open_for_descriptors_never_hands_one_to_an_operation():
+    import threading
+
+    from agentkube.ebpf.frames import FrameClient, serve_connection, take_received_fd
+
+    seen: list[object] = []
+    left, right = socket.socketpair()
+    server = threading.Thread(target=serve_connection,
+                              args=(right, None, {"fill": lambda peer, memo, message: seen.append(take_received_fd(memo))}))
+    server.start()
+    sender = FrameClient("unused", descriptors=True)  # sends one anyway, to a connection that reads frames plainly
+    sender._idle.append(left)
+    pipe_read, pipe_write = os.pipe()
+    try:
+        with pytest.raises(ValueError):
+            FrameClient("unused").send("fill", {}, pipe_write)  # a plain client refuses to send one
+        sender.send("fill", {}, pipe_write)
+        os.close(pipe_write)
+        assert seen == [None]
+        assert os.read(pipe_read, 1) == b""  # the kernel dropped the copy it carried: no writer is left
+    finally:
+        sender.close()
+        server.join(5)
+        right.close()
+        os.close(pipe_read)
+
+
+def test_only_the_write_end_of_a_pipe_is_taken_as_a_release_pipe_and_releasing_a_dead_process_is_quiet():
+    pipe_read, pipe_write = os.pipe()
+    with pytest.raises(HttpError):
+        check_release_pipe(pipe_read)
+    with open(os.devnull, "wb") as other, pytest.raises(HttpError):
+        check_release_pipe(other.fileno())
+    check_release_pipe(pipe_write)
+    assert not os.get_blocking(pipe_write)  # a pipe someone filled cannot hold up the agent
+    release_held(pipe_write)
+    assert os.read(pipe_read, 1) == RELEASE
+    gone_read, gone_write = os.pipe()
+    os.close(gone_read)
+    release_held(gone_write)  # its process died while it waited: no error
+    os.close(pipe_read)
+
+
 def test_an_operation_is_answered_before_its_after_work_and_the_next_frame_waits_for_that_work():
     import threading
 
@@ -99,23 +181,27 @@ def test_an_operation_is_answered_before_its_after_work_and_the_next_frame_waits
     right.close()
 
 
-def test_the_held_program_runs_its_command_only_once_given_and_exits_125_without_one(tmp_path):
+def test_the_held_program_runs_its_command_only_once_released_and_exits_125_without_one(tmp_path):
     program = tmp_path / "held"
     subprocess.run(["cc", "-static", "-O2", "-o", str(program), str(SOURCE)], check=True)
 
-    def run(command: bytes) -> tuple[int, bytes]:
+    def run(command: bytes, release: bytes = RELEASE) -> tuple[int, bytes]:
         ready_read, ready_write = os.pipe()
         command_read, command_write = os.pipe()
+        release_read, release_write = os.pipe()
         out_read, out_write = os.pipe()
         pid = os.posix_spawn(str(program), [str(program)], {"PATH": os.environ["PATH"]}, file_actions=[
             (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, command_read, 3),
-            (os.POSIX_SPAWN_DUP2, ready_write, 4)])
-        for fd in (command_read, ready_write, out_write):
+            (os.POSIX_SPAWN_DUP2, ready_write, 4), (os.POSIX_SPAWN_DUP2, release_read, 5)])
+        for fd in (command_read, ready_write, out_write, release_read):
             os.close(fd)
         assert os.read(ready_read, 1) == b"r"  # ready before it is given anything
         os.close(ready_read)
-        os.write(command_write, command)
+        os.write(command_write, command)  # its whole command waits in the pipe: nothing runs before the release
         os.close(command_write)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+        os.write(release_write, release)
+        os.close(release_write)
         with os.fdopen(out_read, "rb") as out:
             output = out.read()
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), output
@@ -123,6 +209,7 @@ def test_the_held_program_runs_its_command_only_once_given_and_exits_125_without
     echoed = run(command_frame(str(tmp_path), ["sh", "-c", 'pwd; printf "%s|" "$@"', "sh", "a b", ""]))
     assert echoed == (0, f"{tmp_path}\na b||".encode())
     assert run(b"")[0] == 125
+    assert run(command_frame(None, ["sh", "-c", "echo ran"]), release=b"") == (125, b"")  # never released: runs nothing
     assert run(command_frame(None, ["/nonexistent/x"]))[0] == 127
     assert run(command_frame("/nonexistent", ["true"]))[0] == 126
     # A sandbox's own variables reach the command (over the held process's environment), and only its command.
@@ -230,9 +317,11 @@ program = build(pathlib.Path({str(tmp_path / "held")!r}))
 low = [os.open(os.devnull, os.O_RDONLY) for _ in range(2)]  # the lowest free numbers taken first
 ready_read, ready_write = os.pipe()
 os.dup2(ready_write, 3); os.close(ready_write)  # the ready pipe's write end is fd 3
-held = runtime._spawn([str(program)], extra_fd=3)
-os.close(3)
+release_read, release_write = os.pipe()
+held = runtime._spawn([str(program)], ready_fd=3, release_fd=release_read)
+os.close(3); os.close(release_read)
 assert os.read(ready_read, 1) == b"r"
+os.write(release_write, b"g"); os.close(release_write)
 os.write(held.command, command_frame(None, ["sh", "-c", "exit 7"])); os.close(held.command)
 print(os.waitstatus_to_exitcode(os.waitpid(held.pid, 0)[1]))
 """
@@ -257,3 +346,30 @@ def test_the_unix_http_server_answers_in_one_buffered_write_and_still_says_100_c
             assert client.recv(1000).endswith(b'{"got": {"b": 2}}')
     finally:
         server.stop()
+
+
+def test_a_command_larger_than_the_pipe_is_written_in_part_before_the_release_and_the_rest_after(tmp_path):
+    from agentkube.ebpf import runtime
+    from agentkube.ebpf.held import build
+
+    program = build(tmp_path / "held")
+    held = runtime.spawn_held(program)
+    try:
+        assert held.command is not None and held.release is not None
+        os.set_blocking(held.command, False)  # as the pool leaves a filled process's command pipe
+        command = command_frame(None, ["sh", "-c", 'printf "%s" "${#1}"', "sh", "x" * 100_000])
+        rest = runtime._send_command(held, command)
+        assert 0 < len(rest) < len(command)  # the pipe took what it holds; nothing ran meanwhile
+        assert os.waitpid(held.pid, os.WNOHANG) == (0, 0)
+        os.write(held.release, RELEASE)  # the agent's release
+        os.set_blocking(held.command, True)
+        runtime._write_all(held.command, rest)  # the runtime's part once released (_run_held)
+        os.close(held.command)
+        held.command = None
+        with os.fdopen(held.stdout, "rb", closefd=False) as out:
+            output = out.read()
+        assert output == b"100000"
+        assert os.waitstatus_to_exitcode(os.waitpid(held.pid, 0)[1]) == 0
+        held.pid = 0
+    finally:
+        held.close(kill=bool(held.pid))
