@@ -542,7 +542,9 @@ class Gateway:
                               str(cached["metadata"].get("resourceVersion")))
         sandbox, pod = await self.sandbox_and_pod(namespace, name)
         resumed = False
-        if sandbox is not None and resume_patch(sandbox, "") is not None:
+        # A call that comes while this gateway resumes the sandbox for another waits on that resume: by now
+        # the sandbox may no longer read as suspended (Pending, no pod yet), which alone would be a 409.
+        if sandbox is not None and ((namespace, name) in self.resuming or resume_patch(sandbox, "") is not None):
             address, sandbox, pod = await self.resume(namespace, name, sandbox)
             resumed = True
         else:

@@ -179,6 +179,7 @@ class Sandbox:
     last_activity: float = field(default_factory=time.time)
     totals: Counter = field(default_factory=Counter)  # call totals since it was registered (call_totals)
     closing: bool = False  # set, with its pool taken, when it is unregistered: no cgroup may join its pool after
+    making: int = 0  # refills making a call cgroup under it right now (its removal waits for them)
     # The limits its latest call started with: a refill's cgroup gets these rather than the defaults, since an
     # agent tends to ask for the same again (a test run after a test run), and a call whose limits its waiting
     # cgroup already holds writes no limit file when it starts. Resolved within the envelope, like any call's.
@@ -244,6 +245,7 @@ class NodeAgent:
         self._remover = threading.Thread(target=self._remove_cgroups, name="cgroup-remover", daemon=True)
         self._remover.start()
         self._lock = threading.RLock()
+        self._made = threading.Condition(self._lock)  # a refill's call cgroup made (Sandbox.making)
         self._stopped = False
         self._audit: int | None = None  # the audit log, kept open for appending
         self._history_saved = 0.0
@@ -378,6 +380,9 @@ class NodeAgent:
         with self._lock:
             sandbox.closing = True
             pooled = list(self.pools.pop(sandbox.key, {}).values())
+            # A refill's mkdir under the sandbox between the removal's look at its children and its own rmdir
+            # would keep the sandbox's directories for ever: wait for those in flight (no new one starts now).
+            self._made.wait_for(lambda: sandbox.making == 0)
         for slot in pooled:  # the waiting cgroups go with their sandbox, held processes killed
             self._discard(slot)
         with self._lock:
@@ -484,7 +489,16 @@ class NodeAgent:
         limits = sandbox.recent_limits or \
             resolve_limits(CallIntent(), (), sandbox.spec.tools, sandbox.spec.envelope.envelope()).limits
         call_id = uuid.uuid4().hex[:16]
-        cgroup = self._call_cgroup(sandbox, call_id)
+        with self._lock:
+            if sandbox.closing:
+                raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")
+            sandbox.making += 1
+        try:
+            cgroup = self._call_cgroup(sandbox, call_id)
+        finally:
+            with self._made:
+                sandbox.making -= 1
+                self._made.notify_all()
         slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits, release)
         try:
             slot.record_fd = os.open(self._record_path(call_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
