@@ -1,6 +1,7 @@
 """`agentkube capacity interrupt` on the real API server (its requests go through operator/kube.py): a node
-that is not a spot node, or does not exist, is refused before anything is touched; a spot node's notice taint is
-put on, after the node's own taints."""
+that is not a spot node, or does not exist, is refused before anything is touched, and so is a spot node when
+there are no NodeClaims to read (no Karpenter). The notice and the NodeClaim's deletion on real Karpenter are in
+tests/e2e/test_capacity.py."""
 
 import subprocess
 import sys
