@@ -62,18 +62,18 @@ API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30, 30, 
 # (~19 MiB at the peak, bench/sandbox_scale.py under memray). Watches hold one each for as long as they run
 # (one per watched kind: under ten), so the rest queue for the others.
 KOPF_CONNECTIONS = 24
-# glibc gives each thread that allocates under contention its own malloc arena (up to 8 per core), and an
-# arena's freed pages stay with it: 64 handler threads held 16 arenas (`malloc_info`, 1,000 sandboxes). The
-# GIL already serialises nearly every allocation, so more than two arenas buy no speed. mallopt's
-# M_ARENA_MAX, the setting MALLOC_ARENA_MAX sets from the environment.
+# glibc gives every new thread that allocates an arena of its own until there are 8 per core, and an arena's
+# freed pages stay with it: 64 handler threads held 16 arenas (`malloc_info`, 1,000 sandboxes). The GIL already
+# serialises nearly every allocation, so more than two arenas buy no speed. mallopt's M_ARENA_MAX is the setting
+# MALLOC_ARENA_MAX sets from the environment.
 MALLOC_ARENAS = 2
-# How long Kopf keeps an object's worker task after its last event. A waiting worker still holds that event's
-# whole body: with Kopf's 5 s, ~600 workers (and their bodies, a third of the Python objects made after
-# start-up) were alive at the peak of 1,000 sandboxes created at ~60/s. One sandbox's own events (its create,
-# our status write, its pod's) come within a fraction of a second; a later one starts a new worker, which
-# costs microseconds.
-WORKER_IDLE_SECONDS = 0.5
 M_ARENA_MAX = -8  # glibc's malloc.h
+# How long Kopf keeps an object's worker task after its last event. A waiting worker still holds that event's
+# whole body: with Kopf's 5 s, ~600 workers were alive at the peak of 1,000 sandboxes created at ~60/s, and
+# 0.5 s cut the Python objects made after start-up from 85k to 50k (bench/operator_memory_probe.py). One
+# sandbox's own events (its create, our status write, its pod's) come within a fraction of a second; a later
+# one starts a new worker task.
+WORKER_IDLE_SECONDS = 0.5
 
 
 # Kopf logs "Handler '<id>' succeeded." at INFO after every call of every handler. The sandbox and pod event
