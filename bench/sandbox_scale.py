@@ -34,6 +34,7 @@ Writes bench/results/sandbox_scale.{json,md} (with `--kwok-nodes`: sandbox_scale
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -162,20 +163,21 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
     dynamic = kubernetes.dynamic.DynamicClient(api_client)
     controllers = []
     for i, command in enumerate(controller_commands):
-        log = open(Path(tempfile.gettempdir()) / f"sandbox_scale-{name}-{i}.log", "w")
+        log = open(Path(tempfile.gettempdir()) / f"sandbox_scale-{os.getpid()}-{name}-{i}.log", "w")
         # It dies with the harness, even a harness killed outright (its control plane does too).
         controllers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             preexec_fn=process.die_with_parent))
     if controllers:
         time.sleep(3)  # let them log in and start watching before the clock starts
-    peak_rss = [0] * len(controllers)
+    # Each controller's memory at its peak of resident memory: resident, anonymous, file-backed (KiB), threads.
+    peaks = [Memory() for _ in controllers]
     cpu_seconds = [0.0] * len(controllers)
     sampling = threading.Event()
 
     def sample() -> None:  # from the first create on: a controller's peak can come while the harness creates
         while not sampling.wait(0.2):
             for i, controller in enumerate(controllers):
-                peak_rss[i] = max(peak_rss[i], _rss(controller.pid))
+                peaks[i] = max(peaks[i], _memory(controller.pid))
                 cpu_seconds[i] = max(cpu_seconds[i], _cpu_seconds(controller.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -234,8 +236,13 @@ def run_scenario(name: str, api_client, manifests: list[dict], count: int, names
         "namespaces": len(namespaces),
         "controller_processes": len(controllers),
         # Summed over the processes (an upper bound of their peak together), and each process's own peak.
-        "controller_peak_rss_mib": sum(peak_rss) / 2**20 if controllers else None,
-        "controller_peak_rss_mib_per_process": [rss / 2**20 for rss in peak_rss],
+        "controller_peak_rss_mib": sum(m.rss for m in peaks) / 2**10 if controllers else None,
+        "controller_peak_rss_mib_per_process": [m.rss / 2**10 for m in peaks],
+        # At each process's peak: anonymous memory (heaps, Python objects, stacks) and file-backed pages (the
+        # binary and its shared libraries), MiB, and its threads.
+        "controller_peak_anon_mib_per_process": [m.anon / 2**10 for m in peaks],
+        "controller_peak_file_mib_per_process": [m.file / 2**10 for m in peaks],
+        "controller_threads_at_peak_per_process": [m.threads for m in peaks],
         "controller_cpu_seconds": sum(cpu_seconds) if controllers else None,
         "controller_cpu_seconds_per_process": cpu_seconds,
         "control_plane_cpu_seconds": plane_cpu,
@@ -299,12 +306,31 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def _rss(pid: int) -> int:
+@dataclasses.dataclass(frozen=True, order=True)
+class Memory:
+    """A process tree's resident memory (KiB; ordered by it), its anonymous and file-backed parts, its threads."""
+    rss: int = 0
+    anon: int = 0
+    file: int = 0
+    threads: int = 0
+
+
+def _memory(pid: int) -> Memory:
+    total = Memory()
     try:
         process = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+        tree = [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return total
+    for member in tree:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{member.pid}/status").read_text().splitlines())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        kib = {name: int(fields[name].split()[0]) for name in ("VmRSS", "RssAnon", "RssFile")}
+        total = Memory(total.rss + kib["VmRSS"], total.anon + kib["RssAnon"], total.file + kib["RssFile"],
+                       total.threads + int(fields["Threads"]))
+    return total
 
 
 def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: float, namespaces: int = 1,
@@ -339,7 +365,25 @@ def markdown(results: list[dict], count: int, kwok_nodes: int, wall_seconds: flo
         rows.append(f"| {r['scenario']} | {r['pods']}/{r['objects']} | {r['objects_per_second']:.1f} | {ratio} | {versus} | "
                     f"{p50} | {p99} | {rss} | {cpu} | {r['control_plane_cpu_seconds']:.0f} | "
                     f"{r.get('controller_manager_cpu_seconds', 0):.0f} | {load} |")
-    return "\n".join(rows + request_table(results)) + "\n"
+    return "\n".join(rows + memory_table(results) + request_table(results)) + "\n"
+
+
+def memory_table(results: list[dict]) -> list[str]:
+    """Each controller process at its peak of resident memory: anonymous and file-backed parts, threads, and the
+    ratio of its peak to agent-sandbox's (when that ran)."""
+    peer = next((r for r in results if r["scenario"] == "agent-sandbox"), None)
+    rows = ["", "Controller memory at each process's peak of resident memory (MiB): anonymous (heaps, objects, stacks) "
+            "and file-backed (binary and shared libraries):", "",
+            "| scenario | process | peak RSS | anonymous | file-backed | threads | RSS × agent-sandbox |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        anon = r.get("controller_peak_anon_mib_per_process") or []
+        for i, rss in enumerate(r.get("controller_peak_rss_mib_per_process") or []):
+            versus = f"{rss / peer['controller_peak_rss_mib']:.2f}" if peer and peer["controller_peak_rss_mib"] else "-"
+            rows.append(f"| {r['scenario']} | {i} | {rss:.0f} | {anon[i]:.0f} | {r['controller_peak_file_mib_per_process'][i]:.0f} | "
+                        f"{r['controller_threads_at_peak_per_process'][i]} | {versus} |" if anon else
+                        f"| {r['scenario']} | {i} | {rss:.0f} | - | - | - | {versus} |")
+    return rows
 
 
 def request_table(results: list[dict], floor: float = 0.02) -> list[str]:

@@ -1,31 +1,52 @@
 """The `agentkube` command line. Each concern contributes its own sub-command group."""
 
+import importlib
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import typer
+import typer.core
+import typer.main
 
-from agentkube.dashboard_commands import dashboards_app
-from agentkube.devenv.commands import dev_app
-from agentkube.devenv.versions import default_state_dir
-from agentkube.ebpf.commands import node_agent_app, sandbox_runtime_app
-from agentkube.operator.commands import capacity_app, crds_app, operator_app
-from agentkube.rl.cli import rl_app
+# Each concern's group, imported only when it is the one invoked: a process runs one of them, and each pulls in
+# its component (the operator Kopf, the dev environment cryptography, the node agent gRPC and BCC's helpers).
+# Imported all at once, they were ~33 MiB of the operator pod's resident memory that it never used
+# (`python -X importtime`; bench/sandbox_scale.py, operator/README.md "Memory").
+GROUPS = {
+    "dev": ("agentkube.devenv.commands", "dev_app"),
+    "operator": ("agentkube.operator.commands", "operator_app"),
+    "crds": ("agentkube.operator.commands", "crds_app"),
+    "capacity": ("agentkube.operator.commands", "capacity_app"),
+    "rl": ("agentkube.rl.cli", "rl_app"),
+    "node-agent": ("agentkube.ebpf.commands", "node_agent_app"),
+    "sandbox-runtime": ("agentkube.ebpf.commands", "sandbox_runtime_app"),
+    "dashboards": ("agentkube.dashboard_commands", "dashboards_app"),
+}
+
+
+class LazyGroups(typer.core.TyperGroup):
+    """The top-level group: the commands declared here, and the GROUPS, each loaded when first asked for.
+    (Typer's click is its own vendored copy, whose types it does not export: hence no annotations.)"""
+
+    def list_commands(self, ctx):
+        return [*GROUPS, *super().list_commands(ctx)]
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in GROUPS:
+            return super().get_command(ctx, cmd_name)
+        module, attribute = GROUPS[cmd_name]
+        command = typer.main.get_group(getattr(importlib.import_module(module), attribute))
+        command.name = cmd_name
+        return command
+
 
 app = typer.Typer(
+    cls=LazyGroups,
     name="agentkube",
     help="Kubernetes operator for AI-agent sandboxes and RL-autoscaled model serving.",
     no_args_is_help=True,
     add_completion=False,
 )
-app.add_typer(dev_app, name="dev")
-app.add_typer(operator_app, name="operator")
-app.add_typer(crds_app, name="crds")
-app.add_typer(capacity_app, name="capacity")
-app.add_typer(rl_app, name="rl")
-app.add_typer(node_agent_app, name="node-agent")
-app.add_typer(sandbox_runtime_app, name="sandbox-runtime")
-app.add_typer(dashboards_app, name="dashboards")
 gateway_app = typer.Typer(help="The gateway: authenticated, streaming access to sandboxes from anywhere.",
                           no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
@@ -55,14 +76,16 @@ def run_gateway(
 
 @app.command()
 def demo(
-    state_dir: Path = typer.Option(default_state_dir(), "--state-dir", envvar="AGENTKUBE_DEV_DIR",
-                                   help="The local environment's directory (the one `agentkube dev` uses)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", envvar="AGENTKUBE_DEV_DIR", show_default=False,
+                                          help="The local environment's directory (the one `agentkube dev` uses; "
+                                               "default: $XDG_STATE_HOME or ~/.local/state, then agentkube/dev)."),
     quick: bool = typer.Option(False, "--quick", help="One call of each kind (what the test suite runs)."),
 ) -> None:
     """agentkube's main job on the local cluster: install it with Helm, run an agent in a sandbox, summarize."""
     from agentkube.demo import main
+    from agentkube.devenv.versions import default_state_dir
 
-    raise typer.Exit(main(state_dir, quick))
+    raise typer.Exit(main(state_dir or default_state_dir(), quick))
 
 
 @app.command()

@@ -7,10 +7,8 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from kubernetes.client import ApiException
-
 from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, prometheus, servedmodel
-from agentkube.operator.kube import SERVED_MODELS
+from agentkube.operator.kube import SERVED_MODELS, ApiException
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import ConditionUpdate, merge_own_conditions
 from agentkube.rl.observation import ActionBounds

@@ -8,10 +8,9 @@ from datetime import timedelta
 from typing import Any
 
 import kopf
-from kubernetes.client import ApiException
 
 from agentkube.operator import api, capacity, interruptions, kube, metrics
-from agentkube.operator.kube import SERVED_MODELS
+from agentkube.operator.kube import SERVED_MODELS, ApiException
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.servedmodel import MODEL_LABEL
 from agentkube.operator.status import ConditionUpdate

@@ -1,7 +1,7 @@
 """`agentkube operator ...` and `agentkube crds ...`."""
 
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated
 
 import typer
 
@@ -76,35 +76,26 @@ def interrupt(
     then, `notice` seconds later, the node's NodeClaim deleted (Karpenter then drains and removes it)."""
     import time
 
-    import kubernetes
-    from kubernetes.client import ApiException
+    from agentkube.operator import capacity, interruptions, kube
 
-    from agentkube.operator import capacity, interruptions
-
-    kubernetes.config.load_kube_config()
-    core, custom = kubernetes.client.CoreV1Api(), kubernetes.client.CustomObjectsApi()
     try:
-        found: dict[str, Any] = core.api_client.sanitize_for_serialization(core.read_node(node))
-    except ApiException as error:
+        found = kube.request("GET", kube.cluster_path("v1", "nodes", node))
+    except kube.ApiException as error:
         typer.echo(f"node {node}: {error.reason}", err=True)
         raise typer.Exit(2) from None
     if (found["metadata"].get("labels") or {}).get(capacity.CAPACITY_TYPE_LABEL) != capacity.SPOT:
         typer.echo(f"node {node} is not a spot node ({capacity.CAPACITY_TYPE_LABEL} is not {capacity.SPOT})", err=True)
         raise typer.Exit(2)
-    listed = custom.list_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS)
-    claim = interruptions.nodeclaim_of(cast(dict[str, Any], listed)["items"], node)
+    nodeclaims = kube.cluster_path(f"{capacity.KARPENTER_GROUP}/{capacity.KARPENTER_VERSION}", capacity.NODECLAIMS)
+    claim = interruptions.nodeclaim_of(kube.list_at(nodeclaims), node)
     if claim is None:
         typer.echo(f"node {node} has no NodeClaim", err=True)
         raise typer.Exit(2)
     taints = interruptions.notice_taints((found.get("spec") or {}).get("taints") or [])
     if taints is not None:
-        core.patch_node(node, {"spec": {"taints": taints}})
+        kube.request("PATCH", kube.cluster_path("v1", "nodes", node), {"spec": {"taints": taints}}, kube.MERGE_PATCH)
     typer.echo(f"interruption notice on {node}; NodeClaim {claim['metadata']['name']} goes in {notice:g}s")
     time.sleep(notice)
-    try:
-        custom.delete_cluster_custom_object(capacity.KARPENTER_GROUP, capacity.KARPENTER_VERSION, capacity.NODECLAIMS,
-                                            claim["metadata"]["name"])
-    except ApiException as error:
-        if error.status != 404:
-            raise
+    kube.delete_at(kube.cluster_path(f"{capacity.KARPENTER_GROUP}/{capacity.KARPENTER_VERSION}", capacity.NODECLAIMS,
+                                     claim["metadata"]["name"]))
     typer.echo(f"NodeClaim {claim['metadata']['name']} deleted: Karpenter drains {node} and removes it")

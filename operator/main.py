@@ -1,17 +1,34 @@
 """Run the operator: Kopf with agentkube's settings, a metrics endpoint and a liveness probe."""
 
 import asyncio
+import ctypes
 import importlib
 import logging
+import platform
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import kopf
-import prometheus_client
+# Kopf imports the `kubernetes` client whenever it is installed: at its own import (to recognise the client's
+# model objects, which this operator never hands it) and when it makes its handler registry (to offer a login
+# through it; the operator has its own, `kube.login`). ~19 MiB of resident memory in a process that otherwise
+# never uses it (kube.py sends raw JSON). So it is marked absent while Kopf is imported and its registry made,
+# and only then: Kopf takes it for not installed, and nothing else in the process is affected.
+if "kopf" not in sys.modules and "kubernetes" not in sys.modules:
+    sys.modules["kubernetes"] = None  # type: ignore[assignment]
+    try:
+        import kopf
 
-from agentkube.operator import api, gateway_settings, kube, shards
+        kopf.get_default_registry()
+    finally:
+        del sys.modules["kubernetes"]
+
+import aiohttp  # noqa: E402
+import kopf  # noqa: E402
+import prometheus_client  # noqa: E402
+
+from agentkube.operator import api, gateway_settings, kube, shards  # noqa: E402
 
 # Kopf finds handlers by their decorators, which run when these modules are imported: every module that
 # declares one is listed here, and nowhere else. The models' modules (ServedModels, their Knative Services,
@@ -45,6 +62,18 @@ API_ERROR_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30, 30, 
 # (~19 MiB at the peak, bench/sandbox_scale.py under memray). Watches hold one each for as long as they run
 # (one per watched kind: under ten), so the rest queue for the others.
 KOPF_CONNECTIONS = 24
+# glibc gives every new thread that allocates an arena of its own until there are 8 per core, and an arena's
+# freed pages stay with it: 64 handler threads held 16 arenas (`malloc_info`, 1,000 sandboxes). The GIL already
+# serialises nearly every allocation, so more than two arenas buy no speed. mallopt's M_ARENA_MAX is the setting
+# MALLOC_ARENA_MAX sets from the environment.
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # glibc's malloc.h
+# How long Kopf keeps an object's worker task after its last event. A waiting worker still holds that event's
+# whole body: with Kopf's 5 s, ~600 workers were alive at the peak of 1,000 sandboxes created at ~60/s, and
+# 0.5 s cut the Python objects made after start-up from 85k to 50k (bench/operator_memory_probe.py). One
+# sandbox's own events (its create, our status write, its pod's) come within a fraction of a second; a later
+# one starts a new worker task.
+WORKER_IDLE_SECONDS = 0.5
 
 
 # Kopf logs "Handler '<id>' succeeded." at INFO after every call of every handler. The sandbox and pod event
@@ -63,13 +92,21 @@ class QuietEventHandlers(logging.Filter):
         return record.levelno > logging.INFO or record.getMessage() not in self._quiet
 
 
+def bound_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process (before its threads start, so none has an arena of its
+    own yet). True when set; False on a C library other than glibc, which has no such arenas."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
+
+
 def handler_modules(shard: shards.Shard) -> tuple[str, ...]:
     return HANDLER_MODULES if shard.serves_models else SANDBOX_HANDLER_MODULES
 
 
 def bounded_session(info: kopf.ConnectionInfo) -> kopf.AiohttpSession:
-    """Kopf's session for the credentials Kopf found (`kopf.login_via_client`), as Kopf builds it but with
-    at most KOPF_CONNECTIONS connections. Called on Kopf's loop; Kopf logs in again on a 401."""
+    """Kopf's session for the operator's credentials (`kube.login`), as Kopf builds it but with at most
+    KOPF_CONNECTIONS connections. Called on Kopf's loop; Kopf logs in again on a 401."""
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)
@@ -85,6 +122,7 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
     # Users see the Events the handlers post on purpose; Kopf's per-handler chatter only when it fails.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = kube.WORKERS
+    settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = API_ERROR_BACKOFFS
     if peering:
@@ -102,6 +140,7 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
         prometheus_url: str | None = None, runtime_key_file: Path | None = None,
         gateway_namespace: str | None = None, node_class: str | None = None, shard: shards.Shard = shards.Shard()) -> None:
     """`peering`: the base name; shard I of N > 1 peers under `shard.peering_name(peering)`."""
+    bound_malloc_arenas()
     shards.configure(shard)
     peering = shard.peering_name(peering) if peering else None
 
@@ -110,9 +149,8 @@ def run(*, metrics_address: str, metrics_port: int, liveness_port: int, peering:
         configure(settings, peering=peering)
 
     @kopf.on.login()
-    async def _login(**kwargs: Any) -> kopf.AiohttpSession | None:
-        info = kopf.login_via_client(**kwargs)
-        return bounded_session(info) if info is not None else None
+    async def _login(**_: Any) -> kopf.AiohttpSession:
+        return bounded_session(kube.login())  # the credentials kube.py's requests use too
 
     for module in handler_modules(shard):
         importlib.import_module(module)

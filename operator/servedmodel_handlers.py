@@ -7,11 +7,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
-from kubernetes.client import ApiException
 
 from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, servedmodel
 from agentkube.operator.autoscaling_loop import decide_served_model
-from agentkube.operator.kube import SERVED_MODELS
+from agentkube.operator.kube import SERVED_MODELS, ApiException
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import ConditionUpdate, merge_conditions, merge_own_conditions
 
