@@ -16,6 +16,16 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from agentkube.operator import api, servedmodel
+from agentkube.operator.autoscaling_reasons import (  # noqa: F401 (the decision's vocabulary, named from here too)
+    CONDITION,
+    DECIDED,
+    DECISION_FAILED,
+    METRICS_MISSING,
+    METRICS_STALE,
+    PROMETHEUS_NOT_CONFIGURED,
+    PROMETHEUS_UNREACHABLE,
+    SLO_GUARD,
+)
 from agentkube.operator.sandbox import parse_duration
 from agentkube.rl.knative import KnativeDefaults
 from agentkube.rl.observation import (
@@ -32,15 +42,6 @@ from agentkube.rl.simulator import SLOConfig
 
 # What a ServedModel falls back to when the policy cannot decide: the target Knative itself would use.
 KNATIVE_DEFAULT_TARGET = int(KnativeDefaults.container_concurrency_target_default)
-CONDITION = "Autoscaling"
-# Condition reasons, one per way a decision can end.
-DECIDED = "PolicyDecided"
-METRICS_MISSING = "MetricsMissing"
-METRICS_STALE = "MetricsStale"
-PROMETHEUS_UNREACHABLE = "PrometheusUnreachable"
-PROMETHEUS_NOT_CONFIGURED = "PrometheusNotConfigured"
-DECISION_FAILED = "DecisionFailed"
-SLO_GUARD = "SLOGuard"
 # A metric whose newest raw sample is older than this many decision intervals (or scrape-interval-sized
 # floor) no longer describes the revision: the policy would act on a past that is gone.
 STALE_AFTER_INTERVALS = 2.0

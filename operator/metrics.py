@@ -12,8 +12,9 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agentkube.operator import autoscaling, capacity
+from agentkube.operator import capacity
 from agentkube.operator.api import SandboxPhase
+from agentkube.operator.autoscaling_reasons import DECISION_REASONS
 
 RECONCILES = Counter(
     "agentkube_operator_reconciles_total", "Reconciliations by kind and result (success or error).", ["kind", "result"]
@@ -47,8 +48,6 @@ CAPACITY_TYPES = (capacity.ON_DEMAND, capacity.SPOT)
 
 SANDBOX_PHASES: tuple[str, ...] = get_args(SandboxPhase)
 KINDS = ("AgentSandbox", "AgentSandboxPool", "ServedModel")
-DECISION_REASONS = (autoscaling.DECIDED, autoscaling.METRICS_MISSING, autoscaling.METRICS_STALE,
-                    autoscaling.PROMETHEUS_UNREACHABLE, autoscaling.PROMETHEUS_NOT_CONFIGURED, autoscaling.DECISION_FAILED)
 # Every bounded label value exists from the start (at zero): an error rate or a fallback count is then 0,
 # not "no data", and `rate()` sees the first increase.
 for _kind in KINDS:
