@@ -119,8 +119,9 @@ _totals: dict[str, int] = defaultdict(int)
 _lock = threading.Lock()
 
 
-def instrument(stages) -> list[str]:
-    """Wrap each stage that exists with a timer adding to its per-call total; returns the stages found."""
+def instrument(stages, clock=time.perf_counter_ns) -> list[str]:
+    """Wrap each stage that exists with a timer adding to its per-call total (wall time by default; with
+    `time.thread_time_ns`, its thread's CPU time); returns the stages found."""
     found = []
     for module_name, owner_name, attribute, label in stages:
         try:
@@ -129,16 +130,16 @@ def instrument(stages) -> list[str]:
             continue
         owner = getattr(module, owner_name, None) if owner_name else module  # None: a class an older version lacks
         original = getattr(owner, attribute, None)
-        if original is None:
+        if original is None or not callable(original):
             continue
 
         def timed(*args, __original=original, __label=label, **kwargs):
-            started = time.perf_counter_ns()
+            started = clock()
             try:
                 return __original(*args, **kwargs)
             finally:
                 with _lock:
-                    _totals[__label] += time.perf_counter_ns() - started
+                    _totals[__label] += clock() - started
 
         setattr(owner, attribute, functools.wraps(original)(timed))
         if owner_name is None:  # a function imported by name elsewhere: wrap those references too
@@ -148,31 +149,6 @@ def instrument(stages) -> list[str]:
                     setattr(other, attribute, getattr(owner, attribute))
         found.append(label)
     return found
-
-
-def instrument_cpu(stages) -> None:
-    """Wrap each stage that exists with a timer of its thread's CPU time, added to its per-call total."""
-    for module_name, owner_name, attribute, label in stages:
-        module = importlib.import_module(module_name)
-        owner = getattr(module, owner_name, None) if owner_name else module
-        original = getattr(owner, attribute, None) if owner is not None else None
-        if original is None or not callable(original):
-            continue
-
-        def timed(*args, __original=original, __label=label, **kwargs):
-            started = time.thread_time_ns()
-            try:
-                return __original(*args, **kwargs)
-            finally:
-                with _lock:
-                    _totals[__label] += time.thread_time_ns() - started
-
-        setattr(owner, attribute, functools.wraps(original)(timed))
-        if owner_name is None:
-            for other in list(sys.modules.values()):
-                name = getattr(other, "__name__", "")
-                if name.startswith("agentkube") and other is not module and getattr(other, attribute, None) is original:
-                    setattr(other, attribute, timed)
 
 
 def instrument_after_answer() -> None:
@@ -400,7 +376,7 @@ def main() -> None:
     paths = [p for p in args.paths.split(",") if p]
     assert set(paths) <= set(PATHS), f"--paths: choose among {PATHS}"
     instrument(AGENT_STAGES)
-    instrument_cpu(AGENT_CPU_STAGES)
+    instrument(AGENT_CPU_STAGES, clock=time.thread_time_ns)
     instrument_after_answer()
     mark_agent()
     from agentkube.client import Sandbox
