@@ -86,7 +86,7 @@ def interrupt(
     if (found["metadata"].get("labels") or {}).get(capacity.CAPACITY_TYPE_LABEL) != capacity.SPOT:
         typer.echo(f"node {node} is not a spot node ({capacity.CAPACITY_TYPE_LABEL} is not {capacity.SPOT})", err=True)
         raise typer.Exit(2)
-    nodeclaims = kube.cluster_path(f"{capacity.KARPENTER_GROUP}/{capacity.KARPENTER_VERSION}", capacity.NODECLAIMS)
+    nodeclaims = kube.cluster_path(kube.KARPENTER_GROUP_VERSION, capacity.NODECLAIMS)
     claim = interruptions.nodeclaim_of(kube.list_at(nodeclaims), node)
     if claim is None:
         typer.echo(f"node {node} has no NodeClaim", err=True)
@@ -96,6 +96,5 @@ def interrupt(
         kube.request("PATCH", kube.cluster_path("v1", "nodes", node), {"spec": {"taints": taints}}, kube.MERGE_PATCH)
     typer.echo(f"interruption notice on {node}; NodeClaim {claim['metadata']['name']} goes in {notice:g}s")
     time.sleep(notice)
-    kube.delete_at(kube.cluster_path(f"{capacity.KARPENTER_GROUP}/{capacity.KARPENTER_VERSION}", capacity.NODECLAIMS,
-                                     claim["metadata"]["name"]))
+    kube.delete_at(kube.cluster_path(kube.KARPENTER_GROUP_VERSION, capacity.NODECLAIMS, claim["metadata"]["name"]))
     typer.echo(f"NodeClaim {claim['metadata']['name']} deleted: Karpenter drains {node} and removes it")

@@ -291,7 +291,7 @@ def set_target_in_force(namespace: str, service: str, target: int, min_scale: in
 
 # ----- Karpenter NodePools (karpenter.sh/v1, cluster-scoped), which spot-enabled ServedModels run on --------
 
-NODEPOOLS_GROUP_VERSION = f"{capacity.KARPENTER_GROUP}/{capacity.KARPENTER_VERSION}"
+KARPENTER_GROUP_VERSION = f"{capacity.KARPENTER_GROUP}/{capacity.KARPENTER_VERSION}"
 
 
 def list_model_nodepools(namespace: str, name: str) -> list[dict[str, Any]] | None:
@@ -307,7 +307,7 @@ def list_managed_nodepools() -> list[dict[str, Any]] | None:
 
 def _list_nodepools(selector: str) -> list[dict[str, Any]] | None:
     try:
-        return list_at(cluster_path(NODEPOOLS_GROUP_VERSION, capacity.NODEPOOLS), selector)
+        return list_at(cluster_path(KARPENTER_GROUP_VERSION, capacity.NODEPOOLS), selector)
     except ApiException as error:
         if error.status == 404:
             return None
@@ -325,7 +325,7 @@ def apply_nodepool(manifest: dict[str, Any], current: dict[str, Any] | None) -> 
     """Create the NodePool, or bring its labels and spec to the manifest's when they differ."""
     if current is None:
         try:
-            request("POST", cluster_path(NODEPOOLS_GROUP_VERSION, capacity.NODEPOOLS), manifest)
+            request("POST", cluster_path(KARPENTER_GROUP_VERSION, capacity.NODEPOOLS), manifest)
             return
         except ApiException as error:
             if error.status != 409:
@@ -333,12 +333,12 @@ def apply_nodepool(manifest: dict[str, Any], current: dict[str, Any] | None) -> 
     elif (capacity.holds(current.get("spec") or {}, manifest["spec"])
           and current["metadata"].get("labels") == manifest["metadata"]["labels"]):
         return  # the API server's defaults (fields the manifest leaves out) are no difference
-    request("PATCH", cluster_path(NODEPOOLS_GROUP_VERSION, capacity.NODEPOOLS, manifest["metadata"]["name"]),
+    request("PATCH", cluster_path(KARPENTER_GROUP_VERSION, capacity.NODEPOOLS, manifest["metadata"]["name"]),
             {"metadata": {"labels": manifest["metadata"]["labels"]}, "spec": manifest["spec"]}, MERGE_PATCH)
 
 
 def delete_nodepool(name: str) -> None:
-    delete_at(cluster_path(NODEPOOLS_GROUP_VERSION, capacity.NODEPOOLS, name))
+    delete_at(cluster_path(KARPENTER_GROUP_VERSION, capacity.NODEPOOLS, name))
 
 
 # ----- interruptions: pods on a node, PodAutoscalers' floors, disruption budgets ------------------------------
