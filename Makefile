@@ -77,7 +77,9 @@ $(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS)
 	$(VENV)/bin/pip install --quiet --no-index --find-links $(WHEELS) -e '.[$(EXTRAS)]' --config-settings editable_mode=strict
 	touch $@
 
-tools: venv
+# The control plane, kubectl and helm, and every image and Go program the node, Knative and Karpenter run:
+# built before any test or environment starts, so that none waits minutes for a first build.
+tools: deps venv
 	$(VENV)/bin/agentkube dev install
 
 # The node agent's host setup (idempotent): kernel headers linked where BCC looks, Debian's bcc module

@@ -185,6 +185,21 @@ def _write_private(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
+def build_artifacts(with_node: bool, with_knative: bool, with_capacity: bool) -> list[Path]:
+    """Build what such an environment runs that is made here rather than installed, unless cached: the
+    images the node imports (their archives are returned) and the Knative, Traefik, Karpenter and kwok
+    programs. Only the first call on a machine is slow (Debian root filesystems, minutes of `go build`);
+    `agentkube dev install` makes it ahead of time, so that no environment's start waits for it."""
+    archives = [images.pause_archive(), images.sandbox_archive(), *images.component_archives()] if with_node else []
+    if with_knative:
+        archives += [*knative.image_archives(ensure_knative()), images.model_server_archive()]
+        ensure_traefik()
+    if with_capacity:
+        archives.append(capacity.image_archive(ensure_go_program("karpenter")))
+        ensure_go_program("kwok")
+    return archives
+
+
 class DevEnv:
     def __init__(self, state_dir: Path, *, tie_to_parent: bool = False, with_prometheus: bool = True,
                  with_node: bool = False, node_agent: str = "host", with_knative: bool = False,
@@ -285,14 +300,8 @@ class DevEnv:
             return self
         self.down()  # leftovers of a crashed or partial run: start clean
         binaries = {c.name: require_binary(c.binary or c.name) for c in self._all_components()}
-        # Images first and outside the deadline: the first Debian root filesystem takes a minute or two.
-        archives = [images.pause_archive(), images.sandbox_archive(), *images.component_archives()] if self.with_node else []
-        if self.with_knative:
-            archives += [*knative.image_archives(ensure_knative()), images.model_server_archive()]
-            ensure_traefik()  # before the deadline too: the first build takes minutes
-        if self.with_capacity:
-            archives.append(capacity.image_archive(ensure_go_program("karpenter")))
-            ensure_go_program("kwok")
+        # Outside the deadline: on a machine that has not run `agentkube dev install`, builds take minutes.
+        archives = build_artifacts(self.with_node, self.with_knative, self.with_capacity)
         deadline = time.monotonic() + timeout
         try:
             self.layout.root.mkdir(parents=True, mode=0o700)

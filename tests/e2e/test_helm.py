@@ -578,8 +578,10 @@ def test_the_gateway_killed_mid_call_loses_no_call_and_no_process(gateway_sandbo
         assert client.stdout is not None
         started = json.loads(client.stdout.readline() or "{}")
         assert json.loads(client.stdout.readline() or "{}") == {"streaming": True}, client.stderr and client.stderr.read()[-3000:]
-        sleeping = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                    if _cmdline(pid) == b"sleep\0" + seconds.encode() + b"\0"]
+        # "first" is out before the call's shell has forked its sleep
+        sleeping = eventually(lambda: [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                                       if _cmdline(pid) == b"sleep\0" + seconds.encode() + b"\0"],
+                              timeout=30, message="the call's sleep")
         assert len(sleeping) == 1, sleeping
         call_cgroup = _memory_cgroup(sleeping[0])
         assert call_cgroup.name.startswith("call-")
