@@ -14,6 +14,11 @@ descriptor (SCM_RIGHTS, with its frame's first bytes): the runtime hands the age
 process with its fill, so that the agent releases it at the call's start. The operation takes it from its
 memo (`take_received_fd`) for that frame only; one it does not take is closed. Other connections (a call's
 start and finish) read their frames without room for one (the kernel drops any sent), which costs less.
+
+The SDK speaks frames to a sandbox runtime's socket too, but opens its connections with an HTTP upgrade
+(`GET /v1/frames`, `Upgrade: agentkube-frames`, answered `101`) rather than the magic prefix: a runtime of an
+older release answers that request with a 404 at once and the SDK goes on in HTTP, where a magic prefix would
+leave its HTTP parser waiting for the end of a request line that never comes.
 """
 
 from __future__ import annotations
@@ -30,13 +35,17 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from agentkube.ebpf.models import MAX_REQUEST_BYTES
-from agentkube.ebpf.unixhttp import ApiError, HttpError, Peer, validation_message
+from agentkube.ebpf.unixhttp import ApiError, HttpError, Peer, peer_credentials, validation_message
 
 MAGIC = b"AKF1"  # no HTTP method starts with it
 MAGIC_WITH_DESCRIPTORS = b"AKFD"  # the same, and its requests may carry a descriptor
 HEADER = struct.Struct("!I")
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 RECEIVED_FD = object()  # the memo's key for the descriptor sent with the frame being served (no JSON names it)
+UPGRADE_PATH, UPGRADE_PROTOCOL = "/v1/frames", "agentkube-frames"
+UPGRADE_REQUEST = (f"GET {UPGRADE_PATH} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                   f"Upgrade: {UPGRADE_PROTOCOL}\r\n\r\n").encode()
+MAX_UPGRADE_ANSWER_BYTES = 4096
 
 
 def encode(message: object) -> bytes:
@@ -176,16 +185,43 @@ def take_received_fd(memo: dict) -> int | None:
     return memo.pop(RECEIVED_FD, None)
 
 
-class FrameClient:
-    """Frames to the node agent over kept-alive connections, shared by the threads that use this client: an
-    idle connection is taken for a request and put back after it. (The runtime serves each SDK request in a
-    thread of its own; a connection per thread would be a new connection, and a new agent thread, per call.)"""
+class FramesRefused(Exception):
+    """The server answered the upgrade to frames with something else (a release without frames on that
+    socket): nothing but the upgrade request was sent."""
 
-    def __init__(self, socket_path: Path | str, timeout: float = 30.0, descriptors: bool = False):
-        """`descriptors`: its connections may send a descriptor with a frame (`send`)."""
+
+def _upgrade(sock: socket.socket) -> None:
+    """Ask for frames on a new connection (module doc); FramesRefused unless the answer is a 101. The server
+    sends nothing after its 101 until asked, so reading to the end of its head reads nothing of a frame."""
+    sock.sendall(UPGRADE_REQUEST)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(MAX_UPGRADE_ANSWER_BYTES - len(head))
+        if not chunk:
+            raise ConnectionResetError("the connection closed before the upgrade was answered")
+        if len(head) + len(chunk) >= MAX_UPGRADE_ANSWER_BYTES:
+            raise FramesRefused("an over-long answer to the upgrade")
+        head += chunk
+    status_line = head.split(b"\r\n", 1)[0]
+    if status_line.split(b" ", 2)[1:2] != [b"101"] or head.index(b"\r\n\r\n") + 4 != len(head):
+        raise FramesRefused(f"the upgrade was answered {status_line.decode('latin-1')!r}")
+
+
+class FrameClient:
+    """Frames over kept-alive connections, shared by the threads that use this client: an idle connection is
+    taken for a request and put back after it. (The runtime serves each SDK request in a thread of its own; a
+    connection per thread would be a new connection, and a new agent thread, per call.)"""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0, descriptors: bool = False, *,
+                 upgrade: bool = False, check_server: Callable[[Peer], None] | None = None,
+                 server_name: str = "the node agent"):
+        """`descriptors`: its connections may send a descriptor with a frame (`send`). `upgrade`: connections
+        open with the HTTP upgrade instead of the magic prefix (a runtime's socket; module doc).
+        `check_server` vets the process serving each new connection before anything is sent to it."""
         self.socket_path = str(socket_path)
         self.timeout = timeout
         self.magic = MAGIC_WITH_DESCRIPTORS if descriptors else MAGIC
+        self.upgrade, self.check_server, self.server_name = upgrade, check_server, server_name
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -194,7 +230,12 @@ class FrameClient:
         try:
             sock.settimeout(self.timeout)
             sock.connect(self.socket_path)
-            sock.sendall(self.magic)
+            if self.check_server is not None:
+                self.check_server(peer_credentials(sock))
+            if self.upgrade:
+                _upgrade(sock)
+            else:
+                sock.sendall(self.magic)
         except BaseException:
             sock.close()
             raise
@@ -222,14 +263,17 @@ class FrameClient:
         """One request and its answer's body (see send)."""
         return self.send(op, fields)
 
-    def send(self, op: str, fields: dict[str, object], send_fd: int | None = None) -> object:
+    def send(self, op: str, fields: dict[str, object], send_fd: int | None = None,
+             timeout: float | None = None) -> object:
         """One request and its answer's body; ApiError for a refusal. A connection that breaks (a restarting
         agent) raises ConnectionError and is dropped; the next request opens a new one. `send_fd` goes with
-        the frame (the agent gets its own copy of the descriptor)."""
+        the frame (the agent gets its own copy of the descriptor). `timeout`: for this request, else the
+        client's."""
         if send_fd is not None and self.magic != MAGIC_WITH_DESCRIPTORS:
             raise ValueError("this client's connections carry no descriptors")
         sock = self._take_idle() or self._connect()
         try:
+            sock.settimeout(self.timeout if timeout is None else timeout)
             frame = encode({"op": op, **fields})
             if send_fd is not None:
                 sent = socket.send_fds(sock, [frame], [send_fd])
@@ -238,14 +282,14 @@ class FrameClient:
                 sock.sendall(frame)
             answer = read_frame(sock, MAX_ANSWER_BYTES)
             if not isinstance(answer, dict) or "status" not in answer:
-                raise ConnectionResetError("the node agent closed the connection" if answer is None
-                                           else "the node agent sent a malformed answer")
+                raise ConnectionResetError(f"{self.server_name} closed the connection" if answer is None
+                                           else f"{self.server_name} sent a malformed answer")
         except BaseException as error:
             sock.close()
             if isinstance(error, (ConnectionError, KeyboardInterrupt, SystemExit)):
                 raise
             if isinstance(error, (OSError, HttpError)):
-                raise ConnectionResetError(f"node agent connection failed: {error}") from None
+                raise ConnectionResetError(f"the connection to {self.server_name} failed: {error}") from None
             raise
         with self._lock:
             self._idle.append(sock)

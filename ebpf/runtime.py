@@ -7,6 +7,9 @@ the command left behind, removes the cgroup and answers with the call's usage.
 
     POST /v1/run      RunRequest → RunResult
     GET  /v1/status   the sandbox's status from the node agent (last activity, running calls)
+
+The same two are frames (`run` with the RunRequest as its `run` field, and `status`) on a connection that
+opens with the upgrade to frames (agentkube.ebpf.frames): the SDK's way, which spares each call HTTP's parsing.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from agentkube.ebpf.models import (
     Usage,
 )
 from agentkube.ebpf.spawn import spawn
-from agentkube.ebpf.unixhttp import ApiError, HttpError, UnixHttpServer, request
+from agentkube.ebpf.unixhttp import ApiError, HttpError, Peer, UnixHttpServer, request
 
 AGENT_RETRY_SECONDS = 60.0  # how long a finished call's report waits for a restarting node agent
 # In Kubernetes the node agent registers a pod's sandbox once it sees the container running (well under a
@@ -542,31 +545,37 @@ class SandboxRuntime:
     def __init__(self, sandbox: SandboxRef, agent_socket: Path, socket_path: Path, pool_size: int = 2):
         self.sandbox = sandbox
         self.agent_socket = Path(agent_socket)
-        self.server = UnixHttpServer(socket_path, self._routes())
+        self.server = UnixHttpServer(socket_path, self._routes(), frames=self._frame_operations())
         program = held_binary() if pool_size > 0 else None
         self.pool = WarmPool(self.agent_socket, sandbox, program, pool_size) if program else None
 
+    def _run(self, peer: Peer, body: object) -> RunResult:
+        if peer.uid != 0 and peer.uid != os.getuid():
+            raise HttpError(403, f"uid {peer.uid} may not run commands in this sandbox")
+        if inside_a_call(peer.pid):
+            raise HttpError(403, "a process inside this sandbox may not run commands through its runtime: "
+                                 "only callers outside the sandbox (the SDK on the node, the gateway) may")
+        if not isinstance(body, dict):
+            raise HttpError(400, "expected a JSON object")
+        try:
+            return run_call(self.agent_socket, self.sandbox, RunRequest.model_validate(body), self.pool)
+        except ApiError as error:  # the node agent refused: pass its verdict on
+            raise HttpError(error.status, error.message) from None
+
+    def _status(self, peer: Peer) -> SandboxStatus:
+        if inside_a_call(peer.pid):
+            raise HttpError(403, "a process inside this sandbox may not ask its runtime for anything")
+        path = f"/v1/sandboxes/{self.sandbox.namespace}/{self.sandbox.name}"
+        return SandboxStatus.model_validate(request(self.agent_socket, "GET", path))
+
     def _routes(self) -> dict:
-        def run(peer, params, body):
-            if peer.uid != 0 and peer.uid != os.getuid():
-                raise HttpError(403, f"uid {peer.uid} may not run commands in this sandbox")
-            if inside_a_call(peer.pid):
-                raise HttpError(403, "a process inside this sandbox may not run commands through its runtime: "
-                                     "only callers outside the sandbox (the SDK on the node, the gateway) may")
-            if not isinstance(body, dict):
-                raise HttpError(400, "expected a JSON object")
-            try:
-                return 200, run_call(self.agent_socket, self.sandbox, RunRequest.model_validate(body), self.pool)
-            except ApiError as error:  # the node agent refused: pass its verdict on
-                raise HttpError(error.status, error.message) from None
+        return {("POST", "/v1/run"): lambda peer, params, body: (200, self._run(peer, body)),
+                ("GET", "/v1/status"): lambda peer, params, body: (200, self._status(peer))}
 
-        def status(peer, params, body):
-            if inside_a_call(peer.pid):
-                raise HttpError(403, "a process inside this sandbox may not ask its runtime for anything")
-            path = f"/v1/sandboxes/{self.sandbox.namespace}/{self.sandbox.name}"
-            return 200, SandboxStatus.model_validate(request(self.agent_socket, "GET", path))
-
-        return {("POST", "/v1/run"): run, ("GET", "/v1/status"): status}
+    def _frame_operations(self) -> dict:
+        """The same two requests as frames (the SDK's; agentkube.ebpf.frames), checked alike on each."""
+        return {"run": lambda peer, memo, message: self._run(peer, message.get("run")),
+                "status": lambda peer, memo, message: self._status(peer)}
 
     def serve(self, stop: threading.Event) -> None:
         self.server.start()

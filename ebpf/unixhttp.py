@@ -113,7 +113,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _upgrade_to_frames(self) -> bool:
+        """Serve frames on this connection if it asks to (agentkube.ebpf.frames, its module doc): a 101, then
+        frames until the connection closes."""
+        from agentkube.ebpf.frames import UPGRADE_PATH, UPGRADE_PROTOCOL, serve_connection
+
+        if not self.server.frames or self.path != UPGRADE_PATH or self.headers.get("Upgrade") != UPGRADE_PROTOCOL:
+            return False
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", UPGRADE_PROTOCOL)
+        self.end_headers()
+        self.wfile.flush()
+        serve_connection(self.connection, peer_credentials(self.connection), self.server.frames)
+        self.close_connection = True
+        return True
+
     def _dispatch(self, method: str) -> None:
+        if method == "GET" and self._upgrade_to_frames():
+            return
         try:
             peer = peer_credentials(self.request)
             route, params = self.server.match(method, self.path.split("?", 1)[0])

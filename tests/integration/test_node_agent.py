@@ -435,9 +435,15 @@ def test_outsiders_and_bad_requests_are_refused_and_the_agent_keeps_serving(agen
         f" 'run': ({str(sandbox.socket)!r}, 'POST', '/v1/run', {{'argv': ['true'], 'intent': {{'network': {{'egress': 'internet'}}}}}}),"
         f" 'status': ({str(sandbox.socket)!r}, 'GET', '/v1/status', None)}}.items():\n"
         f"    try:\n        request(socket, method, path, body); out[name] = 200\n"
-        "    except ApiError as e:\n        out[name] = e.status\nprint(json.dumps(out))\n")
+        "    except ApiError as e:\n        out[name] = e.status\n"
+        # ... nor in the frames the SDK speaks to the runtime
+        f"from agentkube.ebpf.frames import FrameClient\nframes = FrameClient({str(sandbox.socket)!r}, upgrade=True)\n"
+        "for op, fields in {'run': {'run': {'argv': ['true']}}, 'status': {}}.items():\n"
+        "    try:\n        frames.send(op, fields); out[op + ' frame'] = 200\n"
+        "    except ApiError as e:\n        out[op + ' frame'] = e.status\nprint(json.dumps(out))\n")
     inside = sandbox.client.run([PY, "-c", probe], network="none", timeout=60)
-    assert json.loads(inside.stdout) == {"place": 403, "create": 403, "delete": 403, "run": 403, "status": 403}, inside.stderr
+    assert json.loads(inside.stdout) == {"place": 403, "create": 403, "delete": 403, "run": 403, "status": 403,
+                                         "run frame": 403, "status frame": 403}, inside.stderr
 
     cases = [
         (post("/v1/calls", b"{not json"), 400, "not JSON"),

@@ -1,5 +1,5 @@
 """The fast call path's pure parts: what a pooled cgroup's limits change costs, the held process's command,
-the frames between runtime and agent."""
+the frames between runtime and agent and between the SDK and the runtime."""
 
 import os
 import signal
@@ -262,6 +262,67 @@ def test_frames_share_connections_across_threads_speak_beside_http_and_survive_a
     finally:
         client.close()
         server.stop()
+
+
+def test_frames_open_with_an_http_upgrade_which_a_server_without_frames_refuses_at_once(tmp_path):
+    from agentkube.ebpf.frames import FrameClient, FramesRefused
+    from agentkube.ebpf.unixhttp import UnixHttpServer, request
+
+    ping = {("GET", "/v1/ping"): lambda peer, params, body: (200, {"pong": True})}
+    seen = []
+    with_frames = UnixHttpServer(tmp_path / "frames.sock", ping, frames={
+        "echo": lambda peer, memo, message: seen.append(peer.pid) or {"value": message["value"]}})
+    without = UnixHttpServer(tmp_path / "http.sock", ping)
+    with_frames.start()
+    without.start()
+    vetted = []
+    upgraded = FrameClient(tmp_path / "frames.sock", upgrade=True, check_server=lambda server: vetted.append(server.pid))
+    refused = FrameClient(tmp_path / "http.sock", upgrade=True)
+    try:
+        assert [upgraded.request("echo", value=i)["value"] for i in range(3)] == [0, 1, 2]
+        assert vetted == [os.getpid()] and seen == [os.getpid()] * 3  # one connection, its server vetted once
+        assert request(tmp_path / "frames.sock", "GET", "/v1/ping") == {"pong": True}  # HTTP beside it
+        with pytest.raises(FramesRefused, match="404"):
+            refused.request("echo", value=1)
+        assert request(tmp_path / "http.sock", "GET", "/v1/ping") == {"pong": True}  # the refusal cost it nothing
+    finally:
+        upgraded.close()
+        with_frames.stop()
+        without.stop()
+
+
+def _run_result(stdout: str) -> dict:
+    usage = {"duration_seconds": 0.01, "exit_code": 0, "signal": None, "timed_out": False, "peak_memory_bytes": 1,
+             "cpu_seconds": 0.0, "throttled_seconds": 0.0, "oom_kills": 0, "processes_spawned": 1,
+             "connections_blocked": 0, "memory_high_events": 0, "pids_limit_hits": 0}
+    return {"call_id": "c1", "exit_code": 0, "signal": None, "stdout": stdout, "stderr": "", "sources": {},
+            "limits": {"memory": 1 << 20, "cpu": 1.0, "pids": 8, "timeout": 10}, "usage": usage}
+
+
+def test_the_sdk_runs_calls_in_frames_and_in_http_against_a_runtime_without_them(tmp_path):
+    from agentkube.client import Sandbox
+    from agentkube.ebpf.unixhttp import ApiError, UnixHttpServer
+
+    def run(request: dict) -> dict:
+        if request["intent"].get("memory") == 1 << 40:
+            raise HttpError(422, "above the envelope")
+        return _run_result(" ".join(request["argv"]))
+
+    old = UnixHttpServer(tmp_path / "old.sock", {("POST", "/v1/run"): lambda peer, params, body: (200, run(body))})
+    new = UnixHttpServer(tmp_path / "new.sock", {}, frames={"run": lambda peer, memo, message: run(message["run"])})
+    old.start()
+    new.start()
+    try:
+        for runtime in ("old", "new"):
+            box = Sandbox("box", socket=tmp_path / f"{runtime}.sock")
+            assert [box.run(["echo", str(i)]).stdout for i in range(2)] == ["echo 0", "echo 1"], runtime
+            assert (box._frames is None) == (runtime == "old")
+            with pytest.raises(ApiError) as refused:
+                box.run(["true"], memory=1 << 40)
+            assert (refused.value.status, refused.value.message) == (422, "above the envelope")
+    finally:
+        old.stop()
+        new.stop()
 
 
 def test_spawn_sets_the_childs_descriptors_environment_and_session():
