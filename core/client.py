@@ -801,7 +801,7 @@ class Sandbox:
                  timeout: float | None = None) -> object:
         """One request to the runtime: the frame `op`, or `method path` in HTTP to a runtime without frames."""
         if self._frames is not None:
-            fields = {} if body is None else {"run": body.model_dump(mode="json")}
+            fields: dict[str, object] = {} if body is None else {"run": body.model_dump(mode="json")}
             try:
                 return self._frames.send(op, fields, timeout=timeout)
             except FramesRefused:
