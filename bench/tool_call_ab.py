@@ -1,7 +1,7 @@
 """Two versions of the tool-call path side by side in one window: bench/tool_call_stages.py run in turns with
 each version's package, the order rotated every round, so that this machine's noise (other work on its two
-CPUs) falls on both alike. A version is a git ref: a copy of the installed package with `ebpf/` and
-`contract.py` as at that ref, put first on PYTHONPATH (the benchmark script itself is this checkout's).
+CPUs) falls on both alike. A version is a git ref: a copy of the installed package with `ebpf/`, `contract.py`
+and `client.py` as at that ref, put first on PYTHONPATH (the benchmark script itself is this checkout's).
 
 Writes bench/results/NAME.{json,md}: per path and stage, the median over rounds of each run's median, for
 both versions, and the load averages seen.
@@ -35,8 +35,8 @@ def git(*args: str) -> str:
 
 
 def package_at(ref: str, into: Path) -> Path:
-    """A copy of the installed package whose node-agent and runtime modules (and the contract they share)
-    are as at `ref`; returns the directory to put on PYTHONPATH."""
+    """A copy of the installed package whose node-agent and runtime modules, the contract they share and the
+    SDK are as at `ref`; returns the directory to put on PYTHONPATH."""
     root = into / ref.replace("/", "_")
     shutil.copytree(Path(contract.__file__).parent, root / "agentkube", ignore=shutil.ignore_patterns("__pycache__"))
     ebpf = root / "agentkube" / "ebpf"
@@ -46,7 +46,8 @@ def package_at(ref: str, into: Path) -> Path:
         if path.endswith(".py"):
             (root / "agentkube" / path).write_text(git("show", f"{ref}:{path}"))
     (ebpf / "programs" / "held.c").write_text(git("show", f"{ref}:ebpf/programs/held.c"))
-    (root / "agentkube" / "contract.py").write_text(git("show", f"{ref}:core/contract.py"))
+    for module in ("contract.py", "client.py"):  # what they share, and the SDK that the socket path calls through
+        (root / "agentkube" / module).write_text(git("show", f"{ref}:core/{module}"))
     return root
 
 
