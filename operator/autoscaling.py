@@ -12,8 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from agentkube.operator import api, servedmodel
 from agentkube.operator.autoscaling_reasons import (  # noqa: F401 (the decision's vocabulary, named from here too)
@@ -34,11 +33,14 @@ from agentkube.rl.observation import (
     ActionBounds,
     Decision,
     MissingMetricError,
+    SLOConfig,
     bounded_target,
     observation_from_metrics,
     warm_pod_floor,
 )
-from agentkube.rl.simulator import SLOConfig
+
+if TYPE_CHECKING:  # NumPy itself loads with the first policy decision (`rl.observation`)
+    import numpy as np
 
 # What a ServedModel falls back to when the policy cannot decide: the target Knative itself would use.
 KNATIVE_DEFAULT_TARGET = int(KnativeDefaults.container_concurrency_target_default)

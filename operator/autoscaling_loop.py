@@ -2,35 +2,50 @@
 (`prometheus`), asks `autoscaling.decide` (pure) for the target, records the decision in status, applies
 it to the Knative Service, and schedules the next turn on the operator's timers (`rechecks`)."""
 
+from __future__ import annotations
+
 import functools
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, prometheus, servedmodel
+from agentkube.operator import api, autoscaling, capacity_handlers, kube, metrics, servedmodel
 from agentkube.operator.kube import SERVED_MODELS, ApiException
 from agentkube.operator.rechecks import rechecks
 from agentkube.operator.status import ConditionUpdate, merge_own_conditions
 from agentkube.rl.observation import ActionBounds
-from agentkube.rl.policy import ExportedPolicy, load_policy
+
+# Loaded when used, not with the handlers: the Prometheus client (`requests` with it) only when the operator is
+# given --prometheus-url, the policy (and NumPy with it, ~15 MiB resident with OpenBLAS) at the first decision of
+# a `policy: ppo` model. The shard that serves models runs without either until then.
+if TYPE_CHECKING:
+    from agentkube.operator.prometheus import MetricsSource
+    from agentkube.rl.policy import ExportedPolicy
 
 # Attempts at writing a decision when another writer changed the status in between (a 409).
 STATUS_WRITE_ATTEMPTS = 3
 
-_metrics_source: prometheus.MetricsSource | None = None
+_metrics_source: MetricsSource | None = None
 
 
 def configure_autoscaling(prometheus_url: str | None) -> None:
     """Where the loop reads Knative's metrics (None: nowhere; ppo models then run Knative's default)."""
     global _metrics_source
-    _metrics_source = prometheus.MetricsSource(prometheus_url) if prometheus_url else None
-    _policy()  # loaded once per process, at start-up, so that a broken policy file shows at once
+    if prometheus_url:
+        from agentkube.operator.prometheus import MetricsSource
+
+        _metrics_source = MetricsSource(prometheus_url)
+    else:
+        _metrics_source = None
 
 
 @functools.cache
 def _policy() -> tuple[ExportedPolicy | None, str]:
-    """The exported policy (NumPy only), or None and why it could not be loaded."""
+    """The exported policy (NumPy only), loaded once per process at the first decision; or None and why it
+    could not be loaded (a broken file then shows in every ppo model's `Autoscaling` condition, and in the log)."""
     try:
+        from agentkube.rl.policy import load_policy
+
         return load_policy(), ""
     except Exception as error:  # a bad file must cost the fallback target, not the operator
         logging.getLogger(__name__).error("the autoscaling policy could not be loaded: %s", error)

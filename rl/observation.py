@@ -13,8 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+# NumPy is imported by the functions that build or read arrays, not here: the operator imports this module's
+# vocabulary (the metric names, bounds, `Decision`) on the shard that serves models, and loads NumPy (~15 MiB
+# resident with OpenBLAS) only when a `policy: ppo` ServedModel's first decision runs.
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "KNATIVE_METRICS",
@@ -30,9 +35,27 @@ __all__ = [
     "action_from_decision",
     "bounded_target",
     "warm_pod_floor",
+    "SLOConfig",
 ]
 
 SECONDS_PER_DAY = 86_400.0
+
+
+# Here rather than beside the simulator that scores requests against it (which re-exports it): the observation
+# normalises p95 latency by its `reference_latency_s`, and the operator reads that default without the simulator.
+@dataclass(frozen=True)
+class SLOConfig:
+    """A request meets its SLO when its latency ≤ `first_token_s + per_output_token_s × response tokens`
+    (a time-to-first-token budget plus a per-token budget, as LLM serving SLOs are usually stated)."""
+
+    first_token_s: float = 2.0
+    per_output_token_s: float = 0.1
+    # The latency a typical request may take; the observation normalises p95 latency by it.
+    reference_latency_s: float = 30.0
+
+    def budget_s(self, response_tokens):
+        return self.first_token_s + self.per_output_token_s * response_tokens
+
 
 # The metrics the observation needs, under Knative's names, and the PromQL that yields each value for
 # one revision (`{rev}` is a label matcher such as namespace_name="x",revision_name="y"). These are the
@@ -160,6 +183,8 @@ def observation_from_metrics(
     mean_10m = _finite(metrics, "mean_concurrency_10m")
     phase = 2.0 * math.pi * (time_of_day_s % SECONDS_PER_DAY) / SECONDS_PER_DAY
     per_pod_target = max(target * bounds.target_utilization, 0.01)
+    import numpy as np
+
     return np.array(
         [
             math.log1p(rate) / 5.0,
@@ -187,6 +212,8 @@ def observation_from_metrics(
 def decision_from_action(action: np.ndarray, bounds: ActionBounds = ActionBounds(), spot_allowed: bool = True) -> Decision:
     """Map an action in [-1, 1]^3 to a target (log scale), a spot share (0 when spot is not allowed) and
     a warm share (linear, -1 = no floor; 0 for an action without the third number)."""
+    import numpy as np
+
     a = np.clip(np.asarray(action, dtype=float).reshape(-1), -1.0, 1.0)
     fraction = (a[0] + 1.0) / 2.0
     target = bounds.min_target * (bounds.max_target / bounds.min_target) ** fraction
@@ -219,4 +246,6 @@ def action_from_decision(decision: Decision, bounds: ActionBounds = ActionBounds
     target = min(max(decision.target, bounds.min_target), bounds.max_target)
     fraction = math.log(target / bounds.min_target) / math.log(bounds.max_target / bounds.min_target)
     warm = min(max(decision.warm_share, 0.0), bounds.max_warm_share) / bounds.max_warm_share
+    import numpy as np
+
     return np.array([2.0 * fraction - 1.0, 2.0 * decision.spot_share - 1.0, 2.0 * warm - 1.0], dtype=np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 
 from agentkube.rl import knative
 from agentkube.rl.knative import KnativeDefaults
-from agentkube.rl.observation import ActionBounds, observation_from_metrics
+from agentkube.rl.observation import ActionBounds, SLOConfig, observation_from_metrics
 from agentkube.rl.server import ColdStartConfig, ModelServerConfig, sample_cold_starts_s
 from agentkube.rl.spot import SpotConfig, place_new_pods, pods_to_remove
 from agentkube.rl.traces import SECONDS_PER_DAY, Trace
@@ -33,20 +33,6 @@ RATE_WINDOW_10M_S = 600
 RATE_WINDOW_1H_S = 3600
 MINUTE_S = 60
 SUBQUERY_STEP_S = 15
-
-
-@dataclass(frozen=True)
-class SLOConfig:
-    """A request meets its SLO when its latency ≤ `first_token_s + per_output_token_s × response tokens`
-    (a time-to-first-token budget plus a per-token budget, as LLM serving SLOs are usually stated)."""
-
-    first_token_s: float = 2.0
-    per_output_token_s: float = 0.1
-    # The latency a typical request may take; the observation normalises p95 latency by it.
-    reference_latency_s: float = 30.0
-
-    def budget_s(self, response_tokens):
-        return self.first_token_s + self.per_output_token_s * response_tokens
 
 
 # Where an admitted request is served (`SimConfig.binding`):

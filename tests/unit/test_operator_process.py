@@ -28,6 +28,7 @@ def test_operator_run_imports_neither_the_other_components_nor_the_kubernetes_cl
         from agentkube.operator import main
         for module in main.HANDLER_MODULES + ("agentkube.operator.autoscaling_loop",):
             importlib.import_module(module)
+        importlib.import_module("agentkube.operator.autoscaling_loop").configure_autoscaling(None)
         print(json.dumps(sorted(sys.modules)))
     """)
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -37,6 +38,27 @@ def test_operator_run_imports_neither_the_other_components_nor_the_kubernetes_cl
     for other in ("agentkube.devenv", "agentkube.ebpf.commands", "agentkube.rl.cli", "agentkube.dashboard_commands",
                   "grpc", "cryptography"):
         assert other not in loaded, other
+    # NumPy loads with the first decision of a `policy: ppo` model, the Prometheus client with --prometheus-url.
+    for deferred in ("numpy", "agentkube.rl.policy", "agentkube.rl.simulator", "requests", "prometheus_api_client"):
+        assert deferred not in loaded, deferred
+
+
+def test_the_policy_and_numpy_load_with_the_first_ppo_decision():
+    # In a fresh process: shard 0 configured with a Prometheus URL loads its client, not yet NumPy; the policy a
+    # ppo model's turn asks for (`_policy`, what `_decide_and_apply` calls) is the shipped one, NumPy with it.
+    script = textwrap.dedent("""
+        import json, logging, sys
+        from agentkube.operator import autoscaling_loop
+        autoscaling_loop.configure_autoscaling("http://127.0.0.1:9")
+        before = {m: m in sys.modules for m in ("numpy", "prometheus_api_client")}
+        policy, error = autoscaling_loop._policy()
+        print(json.dumps({"before": before, "numpy": "numpy" in sys.modules, "policy": policy is not None,
+                          "error": error, "fields": len(policy.observation_fields) if policy else 0}))
+    """)
+    found = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                      check=True).stdout.splitlines()[-1])
+    assert found["before"] == {"numpy": False, "prometheus_api_client": True}
+    assert found["numpy"] and found["policy"] and found["error"] == "" and found["fields"] > 0
 
 
 def test_every_command_group_is_still_there_and_loads_when_asked_for():
