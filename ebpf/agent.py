@@ -53,6 +53,7 @@ from agentkube.ebpf.cgroups import (
 from agentkube.ebpf.deadlines import Deadlines
 from agentkube.ebpf.frames import take_received_fd
 from agentkube.ebpf.held import RELEASE
+from agentkube.ebpf.kernelfiles import read_text, write_text
 from agentkube.ebpf.metrics import Metrics, call_totals
 from agentkube.ebpf.models import (
     UNREGISTERED,
@@ -96,7 +97,7 @@ def sandbox_containing(cgroup_path: str, sandboxes: dict[str, str]) -> str | Non
 
 
 def read_ppid(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in read_text(f"/proc/{pid}/status").splitlines():
         if line.startswith("PPid:"):
             return int(line.split()[1])
     raise ProcessLookupError(pid)
@@ -117,7 +118,7 @@ def host_pid(pid: int, peer_pid: int, candidates: set[int]) -> int:
         return pid
     for candidate in candidates:
         try:
-            if innermost_pid(Path(f"/proc/{candidate}/status").read_text()) == pid and read_ppid(candidate) == peer_pid:
+            if innermost_pid(read_text(f"/proc/{candidate}/status")) == pid and read_ppid(candidate) == peer_pid:
                 return candidate
         except (FileNotFoundError, ProcessLookupError):
             continue
@@ -161,12 +162,12 @@ def raise_open_files_limit() -> None:
 
 def prefer_as_oom_victim(pid: int) -> None:
     """Make a call's first process (and so every process it starts) the kernel's preferred OOM victim."""
-    Path(f"/proc/{pid}/oom_score_adj").write_text(str(CALL_OOM_SCORE_ADJ))
+    write_text(f"/proc/{pid}/oom_score_adj", str(CALL_OOM_SCORE_ADJ))
 
 
 def unified_cgroup_of(pid: int) -> str:
     try:
-        return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())[UNIFIED]
+        return parse_proc_cgroup(read_text(f"/proc/{pid}/cgroup"))[UNIFIED]
     except FileNotFoundError:
         raise HttpError(404, f"no process {pid}") from None
 
@@ -479,7 +480,7 @@ class NodeAgent:
             raise HttpError(403, f"pid {request.pid} is not a child of the caller (pid {peer.pid})")
         # The held process makes itself non-dumpable before it says it is ready, so nobody can attach from
         # then on; one attached before that would still be tracing it.
-        if traced_by(Path(f"/proc/{pid}/status").read_text()):
+        if traced_by(read_text(f"/proc/{pid}/status")):
             raise HttpError(403, f"pid {request.pid} is being traced: it cannot wait for a call")
         with self._lock:
             if len(self.pools.get(sandbox.key, {})) >= POOL_SLOTS_PER_SANDBOX:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from agentkube.contract import CPU_PERIOD_US, Envelope, Limits, memory_high_for
+from agentkube.ebpf.kernelfiles import pread_text, read_text, write_text
 
 UNIFIED = "unified"
 # v1 controllers the agent drives on a hybrid host (cpuacct for CPU time; cpu for quota and throttling).
@@ -366,7 +367,7 @@ class Cgroup:
         """The processes alive in it: its unified membership (an exiting process leaves every hierarchy at once,
         but one that has exited can linger in a v1 cgroup.procs until reaped)."""
         try:
-            return {int(p) for p in _read(self.unified_dir / "cgroup.procs").split()}
+            return {int(p) for p in read_text(self.unified_dir / "cgroup.procs").split()}
         except FileNotFoundError:
             return set()
 
@@ -395,7 +396,7 @@ class Cgroup:
         files = {}
         for controller, name in COUNTER_FILES[self.layout.kind]:
             try:
-                files[name] = _read(self.controller_dir(controller) / name)
+                files[name] = read_text(self.controller_dir(controller) / name)
             except (FileNotFoundError, CgroupError):
                 continue
         return counters_from_files(self.layout.kind, files)
@@ -465,10 +466,10 @@ class OpenCounters:
 
     def members(self) -> list[str]:
         """The PIDs in its unified cgroup.procs (an exited process leaves it at once)."""
-        return _pread_all(self.procs).split()
+        return pread_text(self.procs).split()
 
     def counters(self) -> Counters:
-        return counters_from_files(self.kind, {name: _pread_all(fd) for name, fd in self._fds.items()})
+        return counters_from_files(self.kind, {name: pread_text(fd) for name, fd in self._fds.items()})
 
     def close(self) -> None:
         for fd in [self.procs, *self._fds.values()]:
@@ -477,36 +478,13 @@ class OpenCounters:
         self.procs, self._fds = -1, {}
 
 
-def _pread_all(fd: int) -> str:
-    chunks, offset = [], 0
-    while chunk := os.pread(fd, 65536, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks).decode()
-
-
 def _write(path: Path, value: str) -> None:
-    # One open and one write(2): a cgroup file takes each write whole, and Python's text-file layers
-    # (buffer, encoder, O_TRUNC) cost more than the write itself on a call's path.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
+        write_text(path, value)
     except OSError as error:
         if error.errno == errno.ENOENT:
             raise
         raise CgroupError(f"cannot write {value!r} to {path}: {error.strerror}") from None
-
-
-def _read(path: Path) -> str:
-    """A cgroup file's text, without Python's text-file layers (most take one read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _pread_all(fd)
-    finally:
-        os.close(fd)
 
 
 def _rmdir(directory: Path) -> None:
@@ -525,4 +503,4 @@ def _rmdir(directory: Path) -> None:
 
 
 def own_cgroups(pid: int | str = "self") -> dict[str, str]:
-    return parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+    return parse_proc_cgroup(read_text(f"/proc/{pid}/cgroup"))

@@ -29,6 +29,7 @@ from pathlib import Path
 from agentkube.contract import CALL_PREFIX
 from agentkube.ebpf.frames import FrameClient
 from agentkube.ebpf.held import COMMAND_FD, READY_FD, RELEASE, RELEASE_FD, command_frame, held_binary
+from agentkube.ebpf.kernelfiles import read_text
 from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
     UNREGISTERED,
@@ -70,7 +71,7 @@ def inside_a_call(peer_pid: int) -> bool:
     if peer_pid == 0:
         return False
     try:
-        peer = Path(f"/proc/{peer_pid}/cgroup").read_text()
+        peer = read_text(f"/proc/{peer_pid}/cgroup")
     except (FileNotFoundError, ProcessLookupError):
         return True  # gone before it could be asked about: nothing to serve
     return any(part.startswith(CALL_PREFIX) for line in peer.splitlines() for part in line.rsplit(":", 1)[-1].split("/"))
