@@ -10,6 +10,7 @@ accepts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -194,13 +195,27 @@ NON_PUBLIC = tuple(ipaddress.ip_network(net) for net in (
 
 # ----- quantities and durations, parsed as Kubernetes parses them ---------------------------------------
 
+# A call's intent and its sandbox's defaults are parsed at every call's start: the same few strings ("512Mi",
+# "5m") again and again, and parsing one costs ~10 µs. Bounded, so that strings sent to fill it only evict.
+PARSED_TEXTS_KEPT = 512
+
+
 def _quantity(value: int | float | str) -> Decimal:
+    if isinstance(value, bool):
+        raise ValueError("expected a quantity such as 512Mi or 2, not a boolean")
+    return _quantity_of_text(value) if isinstance(value, str) else _parse_quantity(value)
+
+
+@functools.lru_cache(maxsize=PARSED_TEXTS_KEPT)
+def _quantity_of_text(text: str) -> Decimal:
+    return _parse_quantity(text)  # a Decimal: immutable, so sharing it is safe
+
+
+def _parse_quantity(value: int | float | str) -> Decimal:
     # Imported here: the sandbox runtime imports this module but never parses a quantity (the node agent
     # judges intents), and its image carries no Kubernetes client.
     from kubernetes.utils import parse_quantity
 
-    if isinstance(value, bool):
-        raise ValueError("expected a quantity such as 512Mi or 2, not a boolean")
     try:
         quantity = parse_quantity(value)
     except (ValueError, InvalidOperation, TypeError):
@@ -225,19 +240,26 @@ def duration_seconds(value: int | float | str) -> float:
     """Seconds of a Go duration ("1h30m", "45s", "100ms") or of a number of seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s or 5m, not a boolean")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        import durationpy  # what the Kubernetes client parses durations with (imported late, as above)
-
-        if not GO_DURATION.match(value):  # durationpy also takes days and weeks, which Go does not
-            raise ValueError(f"not a duration: {value!r} (e.g. 30s, 5m, 1h30m)")
-        try:
-            seconds = durationpy.from_str(value).total_seconds()
-        except Exception:  # durationpy raises its own error type for every malformed form
-            raise ValueError(f"not a duration: {value!r} (e.g. 30s, 5m, 1h30m)") from None
+    if isinstance(value, str):
+        return _duration_of_text(value)
+    seconds = float(value)
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"a duration must be positive: {value!r}")
+    return seconds
+
+
+@functools.lru_cache(maxsize=PARSED_TEXTS_KEPT)
+def _duration_of_text(text: str) -> float:
+    import durationpy  # what the Kubernetes client parses durations with (imported late, as above)
+
+    if not GO_DURATION.match(text):  # durationpy also takes days and weeks, which Go does not
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 1h30m)")
+    try:
+        seconds = durationpy.from_str(text).total_seconds()
+    except Exception:  # durationpy raises its own error type for every malformed form
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 1h30m)") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a duration must be positive: {text!r}")
     return seconds
 
 

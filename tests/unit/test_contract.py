@@ -73,6 +73,18 @@ def test_bad_durations_are_refused(bad):
         duration_seconds(bad)
 
 
+def test_parsed_texts_are_kept_without_changing_a_verdict():
+    # Kept parses (a call's start parses the same strings every time) must answer as a fresh parse would:
+    # a refusal again on the second ask, and a boolean never taken for the 1 it equals.
+    for _ in range(2):
+        assert quantity_bytes("512Mi") == 512 * MiB and duration_seconds("5m") == 300
+        assert quantity_bytes(1) == 1 and duration_seconds(1) == 1
+        for parse, bad in ((quantity_bytes, "5Xi"), (quantity_bytes, True), (duration_seconds, "soon"),
+                           (duration_seconds, True)):
+            with pytest.raises(ValueError):
+                parse(bad)
+
+
 def test_nothing_declared_takes_the_sandbox_defaults():
     resolved = resolve_limits(CallIntent(), [], TOOLS, ENVELOPE)
     assert (resolved.limits.memory, resolved.limits.cpu, resolved.limits.pids, resolved.limits.timeout) == (512 * MiB, 1.0, 256, 300)
