@@ -240,9 +240,7 @@ def duration_seconds(value: int | float | str) -> float:
     """Seconds of a Go duration ("1h30m", "45s", "100ms") or of a number of seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s or 5m, not a boolean")
-    if isinstance(value, str):
-        return _duration_of_text(value)
-    seconds = float(value)
+    seconds = _duration_of_text(value) if isinstance(value, str) else float(value)
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"a duration must be positive: {value!r}")
     return seconds
@@ -255,12 +253,9 @@ def _duration_of_text(text: str) -> float:
     if not GO_DURATION.match(text):  # durationpy also takes days and weeks, which Go does not
         raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 1h30m)")
     try:
-        seconds = durationpy.from_str(text).total_seconds()
+        return durationpy.from_str(text).total_seconds()
     except Exception:  # durationpy raises its own error type for every malformed form
         raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 1h30m)") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"a duration must be positive: {text!r}")
-    return seconds
 
 
 def _checked(parse):
