@@ -101,6 +101,8 @@ def main() -> None:
     for who in dict.fromkeys(who for run in runs["head"] + runs["base"] for who in run.get("direct_cpu_per_call_us", {})):
         table[f"CPU per call: {who} @direct"] = {
             label: medians(label, lambda run, w=who: run.get("direct_cpu_per_call_us", {}).get(w)) for label in versions}
+    table["CPU per call: whole machine (kernel threads and others' work too) @direct"] = {
+        label: medians(label, lambda run: run.get("direct_machine_cpu_per_call_us")) for label in versions}
     stages = list(dict.fromkeys(stage for run in runs["head"] + runs["base"] for stage in run["stages"]))
     for stage in stages:
         for path in paths:

@@ -119,6 +119,12 @@ _totals: dict[str, int] = defaultdict(int)
 _lock = threading.Lock()
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8)) / os.sysconf("SC_CLK_TCK")
+
+
 def instrument(stages, clock=time.perf_counter_ns) -> list[str]:
     """Wrap each stage that exists with a timer adding to its per-call total (wall time by default; with
     `time.thread_time_ns`, its thread's CPU time); returns the stages found."""
@@ -392,6 +398,7 @@ def main() -> None:
     direct_calls: list[tuple[float, dict[str, float]]] = []
     direct_marks: list[dict] = []
     cpu_per_call: dict[str, list[float]] = defaultdict(list)
+    machine_per_call: list[float] = []  # the whole machine's busy CPU over each direct block, per call
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="agentkube-stages-") as scratch:
         socket_path = Path(scratch) / "agent.sock"
@@ -425,9 +432,10 @@ def main() -> None:
 
             def run_path(path: str) -> list[dict]:
                 if path == "direct":
-                    agent_cpu = resource.getrusage(resource.RUSAGE_SELF)
+                    agent_cpu, machine_cpu = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
                     answer = sandbox.ask({"calls": block, "gap": args.gap_ms / 1000})
                     agent_after = resource.getrusage(resource.RUSAGE_SELF)
+                    machine_per_call.append((machine_busy_seconds() - machine_cpu) * 1e6 / block)
                     direct_marks.extend(answer.get("marks", []))
                     # CPU per call (µs) over the block: the agent is this process (its main thread waits meanwhile).
                     for who, seconds in {**answer.get("cpu_seconds", {}), "agent": sum(
@@ -444,6 +452,7 @@ def main() -> None:
             take()
             direct_marks.clear()
             cpu_per_call.clear()
+            machine_per_call.clear()
             for round_ in range(args.calls // block):
                 order = paths[round_ % len(paths):] + paths[:round_ % len(paths)]  # each path takes each place in turn
                 for path in order:
@@ -509,6 +518,10 @@ def main() -> None:
                      "all processes; refills included"])
         rows += [[f"  CPU: {who}", f"{value:.0f}", *([""] * (len(paths) - 1)), ""]
                  for who, value in result["direct_cpu_per_call_us"].items() if who != "total"]
+        # The kernel's own threads too (a memory cgroup's teardown, RCU callbacks), but anything else running.
+        result["direct_machine_cpu_per_call_us"] = median(machine_per_call)
+        rows.append(["  CPU: whole machine (every process and kernel thread, others' work included)",
+                     f"{result['direct_machine_cpu_per_call_us']:.0f}", *([""] * (len(paths) - 1)), ""])
     labels = list(dict.fromkeys(label for path in paths for side in (runtime_side, agent_side) for label in side[path]))
     for label in labels:
         cells = []

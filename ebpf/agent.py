@@ -79,6 +79,11 @@ FINISHED_KEPT = 512  # finished records answered again to a runtime that retries
 EXECUTED_KEPT = 64  # programs a call executed, kept in its audit record
 HISTORY_SAVE_INTERVAL = 1.0
 POOL_SLOTS_PER_SANDBOX = 4  # warm call cgroups a sandbox's runtime may keep waiting (each holds one process)
+# An ended call's cgroup serves a later call of its sandbox (no mkdir, open or rmdir per call, nor the kernel's
+# making and tearing down of a memory cgroup) only if its call left at most this charged to it, page cache
+# mostly: the next call's memory limit and peak count what stays charged. A call that left more, was killed
+# at its deadline or left processes behind gets its cgroup removed, as every call's was before.
+SPARE_CHARGE_BYTES = 4 << 20
 # A tool call's processes are the kernel's first choice when memory runs out, in the sandbox, on the node or
 # under any budget above them: a call is one command the agent can run again, its sandbox's main process
 # (the runtime, the agent's session) is not. Written before the call's first instruction by an agent with
@@ -185,6 +190,7 @@ class Sandbox:
     # agent tends to ask for the same again (a test run after a test run), and a call whose limits its waiting
     # cgroup already holds writes no limit file when it starts. Resolved within the envelope, like any call's.
     recent_limits: Limits | None = None
+    spares: list[SpareCgroup] = field(default_factory=list)  # its ended calls' empty cgroups, for its next fills
 
     @property
     def key(self) -> str:
@@ -192,10 +198,21 @@ class Sandbox:
 
 
 @dataclass
+class SpareCgroup:
+    """An ended call's cgroup, empty and untracked, kept for a later fill of its sandbox (SPARE_CHARGE_BYTES)."""
+
+    cgroup: Cgroup
+    cgroup_id: int
+    limits: Limits  # what its limit files hold: its last call's
+    counters: OpenCounters  # still open; restarted for the next call
+
+
+@dataclass
 class PooledCgroup:
-    """A call cgroup made ahead of its call, with the runtime's held process already in it: it carries the
-    sandbox's default limits and a `none` egress policy until a call starts in it, and serves one call only
-    (removed when that call ends, never given back)."""
+    """A call cgroup made (or an ended call's taken again, SpareCgroup) ahead of its call, with the runtime's
+    held process already in it: it carries the limits of the sandbox's latest call (its defaults before the
+    first) and a `none` egress policy until a call starts in it, and serves that one call (then it is removed,
+    or kept empty as a spare for a later fill)."""
 
     call_id: str
     sandbox_key: str
@@ -381,11 +398,15 @@ class NodeAgent:
         with self._lock:
             sandbox.closing = True
             pooled = list(self.pools.pop(sandbox.key, {}).values())
+            spares, sandbox.spares = sandbox.spares, []
             # A refill's mkdir under the sandbox between the removal's look at its children and its own rmdir
             # would keep the sandbox's directories for ever: wait for those in flight (no new one starts now).
             self._made.wait_for(lambda: sandbox.making == 0)
         for slot in pooled:  # the waiting cgroups go with their sandbox, held processes killed
             self._discard(slot)
+        for spare in spares:
+            spare.counters.close()
+            self._removals.put(spare.cgroup)
         with self._lock:
             # A pod's cgroup goes with its container (the kernel detaches the programs then).
             if sandbox.cgroup.exists():
@@ -493,18 +514,28 @@ class NodeAgent:
         with self._lock:
             if sandbox.closing:
                 raise HttpError(404, f"{UNREGISTERED} {sandbox.key} on this node")
-            sandbox.making += 1
-        try:
-            cgroup = self._call_cgroup(sandbox, call_id)
-        finally:
-            with self._made:
-                sandbox.making -= 1
-                self._made.notify_all()
-        slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits, release)
+            spare = sandbox.spares.pop() if sandbox.spares else None
+            if spare is None:
+                sandbox.making += 1
+        if spare is None:
+            try:
+                cgroup = self._call_cgroup(sandbox, call_id)
+            finally:
+                with self._made:
+                    sandbox.making -= 1
+                    self._made.notify_all()
+            slot = PooledCgroup(call_id, sandbox.key, cgroup, cgroup.id, pid, limits, release)
+        else:
+            cgroup = spare.cgroup
+            slot = PooledCgroup(call_id, sandbox.key, cgroup, spare.cgroup_id, pid, limits, release,
+                                counters=spare.counters)
         try:
             slot.record_fd = os.open(self._record_path(call_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            slot.counters = cgroup.open_counters()
-            cgroup.apply(limits)
+            if slot.counters:
+                slot.counters.restart()
+            else:
+                slot.counters = cgroup.open_counters()
+            cgroup.apply(limits, previous=spare.limits if spare else None)
             # No call yet: nothing may leave. A cgroup the agent knows no call for is removed by its sweep
             # after a restart (its process killed), so a pool needs no record on disk.
             self.programs.track(slot.cgroup_id, ToolNetwork(egress="none"))
@@ -522,7 +553,7 @@ class NodeAgent:
         """Start a call in a cgroup of the pool: check it still holds its held process and nothing else, give
         it the call's limits and network, record the call (write-ahead), release the process (the runtime wrote
         its command before it asked) and answer, so that the command runs while the answer travels. A cgroup
-        serves one call: it leaves the pool here, whatever happens next; refused, it is discarded (its process
+        serves this one call: it leaves the pool here, whatever happens next; refused, it is discarded (its process
         holds the refused command)."""
         sandbox = self.runtime_sandbox(peer, {} if memo is None else memo, request)
         with self._lock:
@@ -676,7 +707,7 @@ class NodeAgent:
         cgroup = Cgroup(self.layout, record.cgroup_paths)
         with self._lock:
             files = self._counters.pop(call_id, None)
-        counters = None
+        counters, left = None, None
         if cgroup.exists():
             # Leftovers, daemonized grandchildren included: the call is over. Mostly there are none (the first
             # process was reaped before the runtime reported), and cgroup.kill takes the kernel's cgroup lock,
@@ -722,12 +753,18 @@ class NodeAgent:
                 self.finished.popitem(last=False)
             self._append_audit(record)
 
+        # Taken again by a later fill only if nothing of this call is in it or charged to it beyond page cache.
+        spare = SpareCgroup(cgroup, record.cgroup_id, record.limits, files) if (
+            files and files.restartable and counters is not None and left is not None and not left and not record.timed_out
+            and counters.memory_bytes <= SPARE_CHARGE_BYTES) else None
+
         def rest() -> None:
-            if files:
-                files.close()
-            self.programs.untrack(record.cgroup_id)
-            # Removing a v1 memory cgroup can wait on the kernel for milliseconds: the remover thread does it.
-            self._removals.put(cgroup)
+            self.programs.untrack(record.cgroup_id)  # before a fill can take it as a spare: it tracks it afresh
+            if not (spare and self._keep_spare(record, spare)):
+                if files:
+                    files.close()
+                # Removing a v1 memory cgroup can wait on the kernel for milliseconds: the remover thread does it.
+                self._removals.put(cgroup)
             self._record_path(call_id).unlink(missing_ok=True)
             with self._lock:
                 key = f"{record.namespace}/{record.sandbox}\t{record.signature}"
@@ -741,6 +778,14 @@ class NodeAgent:
             self.metrics.finished(record)
 
         return record, rest
+
+    def _keep_spare(self, record: CallRecord, spare: SpareCgroup) -> bool:
+        with self._lock:
+            sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
+            if sandbox is None or sandbox.closing or len(sandbox.spares) >= POOL_SLOTS_PER_SANDBOX:
+                return False
+            sandbox.spares.append(spare)
+            return True
 
     def _call_network(self, cgroup_id: int):
         """egress: the network and sandbox namespace of the running call with this cgroup id (for DNS)."""

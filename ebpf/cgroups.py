@@ -236,16 +236,30 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
     return values
 
 
-@dataclass
+@dataclass(frozen=True)
 class Counters:
-    """A cgroup's own counters at one moment (cumulative since its creation)."""
+    """A cgroup's own counters at one moment: cumulative since its creation, or since `since`'s baseline."""
 
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # since its creation, or since the peak was last reset
     cpu_seconds: float = 0.0
     throttled_seconds: float = 0.0
     oom_kills: int = 0
     memory_high_events: int = 0  # v2 only (memory.events "high"); v1 counts via eventfd
     pids_limit_hits: int = 0  # forks refused by pids.max
+    memory_bytes: int = 0  # charged to it now (not cumulative): what a call left behind, page cache mostly
+
+    def since(self, baseline: Counters) -> Counters:
+        """The counters accrued after `baseline` (read from the same cgroup earlier); the peak and the charge
+        are what they are now (a reused cgroup's peak is reset, not subtracted)."""
+        return Counters(
+            peak_memory_bytes=self.peak_memory_bytes,
+            cpu_seconds=max(0.0, self.cpu_seconds - baseline.cpu_seconds),
+            throttled_seconds=max(0.0, self.throttled_seconds - baseline.throttled_seconds),
+            oom_kills=max(0, self.oom_kills - baseline.oom_kills),
+            memory_high_events=max(0, self.memory_high_events - baseline.memory_high_events),
+            pids_limit_hits=max(0, self.pids_limit_hits - baseline.pids_limit_hits),
+            memory_bytes=self.memory_bytes,
+        )
 
 
 def counters_from_files(kind: LayoutKind, files: Mapping[str, str]) -> Counters:
@@ -260,6 +274,7 @@ def counters_from_files(kind: LayoutKind, files: Mapping[str, str]) -> Counters:
             oom_kills=events.get("oom_kill", 0),
             memory_high_events=events.get("high", 0),
             pids_limit_hits=parse_flat_keyed(files.get("pids.events", "")).get("max", 0),
+            memory_bytes=int(files.get("memory.current", "0").strip() or 0),
         )
     oom = parse_flat_keyed(files.get("memory.oom_control", ""))
     cpu = parse_flat_keyed(files.get("cpu.stat", ""))
@@ -269,14 +284,20 @@ def counters_from_files(kind: LayoutKind, files: Mapping[str, str]) -> Counters:
         throttled_seconds=cpu.get("throttled_time", 0) / 1e9,
         oom_kills=oom.get("oom_kill", 0),
         pids_limit_hits=parse_flat_keyed(files.get("pids.events", "")).get("max", 0),
+        memory_bytes=int(files.get("memory.usage_in_bytes", "0").strip() or 0),
     )
 
 
 COUNTER_FILES: dict[LayoutKind, tuple[tuple[str, str], ...]] = {
-    "v2": (("memory", "memory.peak"), ("memory", "memory.events"), ("cpu", "cpu.stat"), ("pids", "pids.events")),
+    "v2": (("memory", "memory.peak"), ("memory", "memory.events"), ("cpu", "cpu.stat"), ("pids", "pids.events"),
+           ("memory", "memory.current")),
     "hybrid": (("memory", "memory.max_usage_in_bytes"), ("memory", "memory.oom_control"),
-               ("cpuacct", "cpuacct.usage"), ("cpu", "cpu.stat"), ("pids", "pids.events")),
+               ("cpuacct", "cpuacct.usage"), ("cpu", "cpu.stat"), ("pids", "pids.events"),
+               ("memory", "memory.usage_in_bytes")),
 }
+# The peak's file, whose writing resets it: to the charge now (v1), or for reads through the same open file (v2,
+# Linux 6.12 and later; before that memory.peak cannot be written, so a call cgroup is not reused).
+PEAK_FILE: dict[LayoutKind, str] = {"v2": "memory.peak", "hybrid": "memory.max_usage_in_bytes"}
 
 
 class Cgroup:
@@ -446,18 +467,28 @@ class Cgroup:
 
 
 class OpenCounters:
-    """A call cgroup's counter files and its unified `cgroup.procs`, kept open from its fill to its end and
-    read with pread(2) at offset 0 (a cgroup file is generated afresh for a read from its start), so that a
-    call's start and finish pay one system call per file instead of three."""
+    """A call cgroup's counter files and its unified `cgroup.procs`, kept open from its fill to its end (and on,
+    should the cgroup serve another call) and read with pread(2) at offset 0 (a cgroup file is generated afresh
+    for a read from its start), so that a call's start and finish pay one system call per file instead of three.
+    Its counters are those of the current call: accrued since `restart`, the peak reset there."""
 
     def __init__(self, cgroup: Cgroup):
         self.kind = cgroup.layout.kind
         self.procs, self._fds = -1, {}
+        self._baseline = Counters()
+        self.restartable = False  # whether its peak can be reset, so that the cgroup can serve another call
         try:
             self.procs = os.open(cgroup.unified_dir / "cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
             for controller, name in COUNTER_FILES[self.kind]:
+                path = cgroup.controller_dir(controller) / name
                 try:
-                    self._fds[name] = os.open(cgroup.controller_dir(controller) / name, os.O_RDONLY | os.O_CLOEXEC)
+                    if name == PEAK_FILE[self.kind]:
+                        try:
+                            self._fds[name], self.restartable = os.open(path, os.O_RDWR | os.O_CLOEXEC), True
+                            continue
+                        except PermissionError:  # a kernel whose peak cannot be reset: read it only
+                            pass
+                    self._fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:  # a file this kernel lacks: counted as zero, as Cgroup.counters does
                     continue
         except BaseException:
@@ -468,8 +499,17 @@ class OpenCounters:
         """The PIDs in its unified cgroup.procs (an exited process leaves it at once)."""
         return pread_text(self.procs).split()
 
-    def counters(self) -> Counters:
+    def _cumulative(self) -> Counters:
         return counters_from_files(self.kind, {name: pread_text(fd) for name, fd in self._fds.items()})
+
+    def counters(self) -> Counters:
+        return self._cumulative().since(self._baseline)
+
+    def restart(self) -> None:
+        """Count from now on for the cgroup's next call (it holds no process): the peak reset to the charge
+        now, the cumulative counters read as the baseline the next call's are taken from."""
+        os.write(self._fds[PEAK_FILE[self.kind]], b"0")
+        self._baseline = self._cumulative()
 
     def close(self) -> None:
         for fd in [self.procs, *self._fds.values()]:

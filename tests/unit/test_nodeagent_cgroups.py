@@ -8,6 +8,7 @@ from agentkube.contract import CPU_PERIOD_US, memory_high_for
 from agentkube.ebpf.agent import sandbox_containing
 from agentkube.ebpf.cgroups import (
     CgroupError,
+    Counters,
     counters_from_files,
     is_within,
     kubernetes_container_paths,
@@ -139,6 +140,19 @@ def test_counters_parse_on_both_layouts():
         "cpuacct.usage": "500000000\n", "cpu.stat": "nr_periods 3\nnr_throttled 1\nthrottled_time 20000000\n"})
     assert (v1.peak_memory_bytes, v1.cpu_seconds, v1.throttled_seconds, v1.oom_kills, v1.pids_limit_hits) == (
         2097152, 0.5, 0.02, 2, 0)
+    assert counters_from_files("v2", {"memory.current": "4096\n"}).memory_bytes == 4096
+    assert counters_from_files("hybrid", {"memory.usage_in_bytes": "8192\n"}).memory_bytes == 8192
+
+
+def test_a_reused_cgroups_counters_are_its_current_calls_alone():
+    # Cumulative counters less those read when the call's turn began; the peak (reset then) and the charge as read.
+    earlier = Counters(peak_memory_bytes=90 << 20, cpu_seconds=1.5, throttled_seconds=0.2, oom_kills=1,
+                       memory_high_events=4, pids_limit_hits=2, memory_bytes=1 << 20)
+    now = Counters(peak_memory_bytes=3 << 20, cpu_seconds=1.75, throttled_seconds=0.2, oom_kills=1,
+                   memory_high_events=6, pids_limit_hits=2, memory_bytes=2 << 20)
+    assert now.since(earlier) == Counters(peak_memory_bytes=3 << 20, cpu_seconds=0.25, throttled_seconds=0.0,
+                                          oom_kills=0, memory_high_events=2, pids_limit_hits=0, memory_bytes=2 << 20)
+    assert now.since(Counters()) == now
 
 
 def _record(usage: Usage | None) -> CallRecord:
