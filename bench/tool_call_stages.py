@@ -191,8 +191,9 @@ def take() -> dict[str, int]:
 # The timeline (module doc): marks are (label, begin ns, end ns) on one side, per call.
 _marks: list[tuple[str, int, int]] = []
 _agent_marks: dict[str, dict[str, int]] = defaultdict(dict)  # call id → label → ns
-_cgroup_calls: dict[int, str] = {}  # cgroup id → call id, from the agent's own table
-_event_times: dict[int, dict[str, int]] = defaultdict(dict)  # cgroup id → first exec / exit → ktime ns
+# call id → its first exec / exit → ktime ns (a call cgroup can serve several calls one after another: an event
+# is the call's that was running in its cgroup then, by the agent's own table)
+_event_times: dict[str, dict[str, int]] = defaultdict(dict)
 
 
 def mark_runtime(module_name: str, owner_name: str | None, attribute: str, label) -> None:
@@ -237,9 +238,6 @@ def mark_agent() -> None:
             call_id = call_id_of(args, answer)
             _agent_marks[call_id][f"{label} begin"] = begin
             _agent_marks[call_id][f"{label} end"] = end
-            record = self.running.get(call_id)
-            if record is not None:
-                _cgroup_calls[record.cgroup_id] = call_id
             return answer
 
         setattr(agent.NodeAgent, attribute, functools.wraps(original)(marked))
@@ -250,7 +248,9 @@ def mark_agent() -> None:
 
     def on_event(self, event):
         if event.kind in ("exec", "exit"):
-            _event_times[event.cgroup_id].setdefault(event.kind, event.timestamp_ns)
+            call_id = self._by_cgroup.get(event.cgroup_id)
+            if call_id is not None:
+                _event_times[call_id].setdefault(event.kind, event.timestamp_ns)
         return original_event(self, event)
 
     agent.NodeAgent._on_event = on_event
@@ -283,8 +283,7 @@ TIMELINE_BESIDE = [
 def timeline(runtime_marks: dict[str, int], call_id: str) -> dict[str, float] | None:
     """A call's segments in µs, or None if a mark is missing (a call that went another way)."""
     marks = {**runtime_marks, **_agent_marks.get(call_id, {})}
-    cgroup_id = next((cid for cid, owner in _cgroup_calls.items() if owner == call_id), None)
-    marks.update(_event_times.get(cgroup_id, {}) if cgroup_id is not None else {})
+    marks.update(_event_times.get(call_id, {}))
     if any(start not in marks or end not in marks for _, start, end in TIMELINE):
         return None
     return {name: (marks[end] - marks[start]) / 1000 for name, start, end in TIMELINE + TIMELINE_BESIDE}
