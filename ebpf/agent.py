@@ -753,10 +753,11 @@ class NodeAgent:
                 self.finished.popitem(last=False)
             self._append_audit(record)
 
-        # Taken again by a later fill only if nothing of this call is in it or charged to it beyond page cache.
-        spare = SpareCgroup(cgroup, record.cgroup_id, record.limits, files) if (
-            files and files.restartable and counters is not None and left is not None and not left and not record.timed_out
-            and counters.memory_bytes <= SPARE_CHARGE_BYTES) else None
+        # Taken again by a later fill only if the call emptied it by itself and left little charged to it.
+        spare = None
+        if files and files.restartable and counters is not None and left is not None and not left \
+                and not record.timed_out and counters.memory_bytes <= SPARE_CHARGE_BYTES:
+            spare = SpareCgroup(cgroup, record.cgroup_id, record.limits, files)
 
         def rest() -> None:
             self.programs.untrack(record.cgroup_id)  # before a fill can take it as a spare: it tracks it afresh
