@@ -87,6 +87,7 @@ AGENT_STAGES = [
 RUNTIME_STAGES = [
     ("os", None, "posix_spawn", "runtime: posix_spawn"),
     ("agentkube.ebpf.spawn", None, "spawn", "runtime: posix_spawn"),
+    ("agentkube.ebpf.held", "Forker", "fork", "runtime: the forker's fork (refill)"),
     ("agentkube.ebpf.runtime", None, "_agent_call", "runtime: round trips to the agent (place/start + finish)"),
     ("agentkube.ebpf.runtime", "WarmPool", "take", "runtime: take a waiting held process"),
     ("agentkube.ebpf.runtime", None, "_write_all", "runtime: release (write the command)"),

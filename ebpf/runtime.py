@@ -28,7 +28,7 @@ from pathlib import Path
 
 from agentkube.contract import CALL_PREFIX
 from agentkube.ebpf.frames import FrameClient
-from agentkube.ebpf.held import COMMAND_FD, READY_FD, RELEASE, RELEASE_FD, command_frame, held_binary
+from agentkube.ebpf.held import COMMAND_FD, READY_FD, RELEASE, RELEASE_FD, Forker, command_frame, held_binary
 from agentkube.ebpf.kernelfiles import read_text
 from agentkube.ebpf.models import (
     MAX_OUTPUT_BYTES,
@@ -57,6 +57,9 @@ HELD_EXIT_CODE = 125  # the held child exits with this if it is never released
 # series (~2.4 ms here), longer than a back-to-back call once the agent releases the held process, so a
 # single refiller let the pool run dry and calls waited for it; two overlap one's spawn with the other's fill.
 REFILLERS = 2
+# A forker that fails (killed, stopped) is replaced by a new one at most this many times in all; then held
+# processes are spawned from the runtime, as without a forker (an older held program).
+FORKER_STARTS = 3
 # The held child: waits for the release line on fd 3 (EOF: never released), closes it, enters the call's
 # working directory if one is given ($1), and becomes the command.
 HOLDER = ["/bin/sh", "-c",
@@ -276,10 +279,11 @@ class Held:
 
 
 def _spawn(program: list[str], ready_fd: int | None = None, release_fd: int | None = None,
-           env: dict[str, str] | None = None) -> Held:
+           env: dict[str, str] | None = None, forker: Forker | None = None) -> Held:
     """posix_spawn (vfork-like) rather than fork: no copy of this process's page tables, and no forked copy
-    of a threaded interpreter; through `spawn.spawn`, so that the other threads run meanwhile. The child's
-    fd 3 is its command pipe; `ready_fd` becomes its fd 4 and `release_fd` its fd 5 (held.c)."""
+    of a threaded interpreter; through `spawn.spawn`, so that the other threads run meanwhile. With `forker`
+    (the held program, both pipes given), the held program's forker makes it instead. The child's fd 3 is its
+    command pipe; `ready_fd` becomes its fd 4 and `release_fd` its fd 5 (held.c)."""
     command_read, command_write = os.pipe()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
@@ -288,7 +292,10 @@ def _spawn(program: list[str], ready_fd: int | None = None, release_fd: int | No
     dup2s = [(in_read, 0), (out_write, 1), (err_write, 2), (command_read, COMMAND_FD)]
     dup2s += [(fd, target) for fd, target in ((ready_fd, READY_FD), (release_fd, RELEASE_FD)) if fd is not None]
     try:
-        pid = spawn(program, {**os.environ, **(env or {})}, dup2s, setsid=True)
+        if forker:
+            pid = forker.fork([fd for fd, _ in sorted(dup2s, key=lambda dup2: dup2[1])])  # its 0-5, in order
+        else:
+            pid = spawn(program, {**os.environ, **(env or {})}, dup2s, setsid=True)
     except BaseException:
         for fd in (command_read, command_write, out_read, out_write, err_read, err_write, in_read, in_write):
             os.close(fd)
@@ -298,12 +305,13 @@ def _spawn(program: list[str], ready_fd: int | None = None, release_fd: int | No
     return Held(pid, command_write, in_write, out_read, err_read)
 
 
-def spawn_held(program: Path) -> Held:
-    """Start the held program (held.c) and wait until it is non-dumpable and waiting for its release."""
+def spawn_held(program: Path, forker: Forker | None = None) -> Held:
+    """Start the held program (held.c), through its forker if given, and wait until it is non-dumpable and
+    waiting for its release."""
     ready_read, ready_write = os.pipe()
     release_read, release_write = os.pipe()
     try:
-        held = _spawn([str(program)], ready_fd=ready_write, release_fd=release_read)
+        held = _spawn([str(program)], ready_fd=ready_write, release_fd=release_read, forker=forker)
     except BaseException:
         os.close(release_write)
         os.close(ready_read)
@@ -345,6 +353,9 @@ class WarmPool:
         self._filling = 0  # refills under way: with those ready, never more than `size`
         self._changed = threading.Condition()
         self._closed = False
+        self._forker: Forker | None = None  # the held program's forker: started at the first refill
+        self._forker_starts = 0
+        self._forker_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._refill, name=f"warm-pool-{i}", daemon=True)
                          for i in range(REFILLERS)]
         for thread in self._threads:
@@ -370,7 +381,7 @@ class WarmPool:
                     return
                 self._filling += 1
             try:
-                held = spawn_held(self.program)
+                held = self._spawn_held()
                 try:
                     # Its release pipe goes to the agent, which releases it once a call is in place there.
                     slot = self.agent.send("fill", {"name": self.sandbox.name, "namespace": self.sandbox.namespace,
@@ -401,6 +412,30 @@ class WarmPool:
                     self._filling -= 1
                 raise
 
+    def _spawn_held(self) -> Held:
+        """A held process from the forker, else spawned here (no forker: an older held program, or one that
+        failed FORKER_STARTS times)."""
+        forker = self._current_forker()
+        if forker:
+            try:
+                return spawn_held(self.program, forker)
+            except OSError:
+                forker.close()
+                with self._forker_lock:
+                    if self._forker is forker:
+                        self._forker = None
+        return spawn_held(self.program)
+
+    def _current_forker(self) -> Forker | None:
+        with self._forker_lock:
+            if self._forker is None and self._forker_starts < FORKER_STARTS and not self._closed:
+                self._forker_starts += 1
+                try:
+                    self._forker = Forker(self.program)
+                except OSError:  # the program has no forker mode: it never will
+                    self._forker_starts = FORKER_STARTS
+            return self._forker
+
     def close(self) -> None:
         with self._changed:
             self._closed = True
@@ -410,6 +445,10 @@ class WarmPool:
             held.close(kill=True)
         for thread in self._threads:
             thread.join(timeout=5)
+        with self._forker_lock:
+            forker, self._forker = self._forker, None
+        if forker:
+            forker.close()
         self.agent.close()
 
 

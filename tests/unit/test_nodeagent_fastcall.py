@@ -2,10 +2,13 @@
 the frames between runtime and agent and between the SDK and the runtime."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -434,3 +437,81 @@ def test_a_command_larger_than_the_pipe_is_written_in_part_before_the_release_an
         held.pid = 0
     finally:
         held.close(kill=bool(held.pid))
+
+
+def test_the_forker_makes_held_processes_that_are_the_callers_children_and_run_their_command_once_released(tmp_path):
+    from agentkube.ebpf import runtime
+    from agentkube.ebpf.held import Forker, build
+
+    program = build(tmp_path / "held")
+    forker = Forker(program)
+    try:
+        helds = [runtime.spawn_held(program, forker) for _ in range(3)]
+        for held in helds:
+            status = Path(f"/proc/{held.pid}/status").read_text()
+            assert f"\nPPid:\t{os.getpid()}\n" in status  # the runtime's child, as the node agent requires
+            assert os.getsid(held.pid) == held.pid  # a session of its own, as a spawned one
+            assert Path(f"/proc/{held.pid}/comm").read_text().strip() == "held"
+            assert os.waitpid(held.pid, os.WNOHANG) == (0, 0)  # waiting for its release
+        first = helds[0]
+        os.write(first.command, command_frame(None, ["sh", "-c", 'echo "$0 $$ $PPID"'], {}))
+        os.close(first.command)
+        first.command = None
+        os.write(first.release, RELEASE)
+        with os.fdopen(first.stdout, "rb", closefd=False) as out:
+            assert out.read().split() == [b"sh", str(first.pid).encode(), str(os.getpid()).encode()]
+        assert os.waitstatus_to_exitcode(os.waitpid(first.pid, 0)[1]) == 0
+        first.pid = 0
+        for held in helds[1:]:  # never released: they exit 125 at EOF of their release pipe, reaped here
+            held.close()
+    finally:
+        forker.close()
+    with pytest.raises(OSError):
+        runtime.spawn_held(program, forker)  # a closed forker serves no more
+
+
+def test_a_stopped_forker_is_given_up_and_an_older_held_program_has_none(tmp_path, monkeypatch):
+    import signal
+
+    from agentkube.ebpf import held as held_module
+    from agentkube.ebpf import runtime
+
+    program = held_module.build(tmp_path / "held")
+    monkeypatch.setattr(held_module, "FORKER_TIMEOUT_SECONDS", 0.2)
+    forker = held_module.Forker(program)
+    os.kill(forker.pid, signal.SIGSTOP)  # a tool call runs as the same user and may do this
+    with pytest.raises(OSError):
+        runtime.spawn_held(program, forker)
+    assert forker.pid == 0  # killed and reaped
+    older = tmp_path / "older.c"  # a held program of a release before the forker: it exits instead of "F"
+    older.write_text("#include <unistd.h>\nint main(void) { return write(4, \"r\", 1) == 1 ? 0 : 125; }\n")
+    with pytest.raises(OSError, match="no forker mode"):
+        held_module.Forker(held_module.build(tmp_path / "older", older))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the forker as another user")
+def test_a_forked_held_process_is_non_dumpable_from_its_birth(tmp_path):
+    # A non-dumpable process's /proc files belong to root whoever runs it, so a tool call of the same user
+    # cannot ptrace it nor read its descriptors. Run as nobody, where that shows (root owns everything).
+    from agentkube.ebpf.held import build
+
+    shared = Path(tempfile.mkdtemp(prefix="agentkube-forker-"))
+    try:
+        shared.chmod(0o755)
+        program = build(shared / "held")
+        program.chmod(0o755)
+        code = (  # imported as root (this Python's files are root's alone), then run as nobody
+            "import os\nfrom pathlib import Path\nfrom agentkube.ebpf import runtime\nfrom agentkube.ebpf.held import Forker\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            f"program = Path({str(program)!r})\nforker = Forker(program)\nheld = runtime.spawn_held(program, forker)\n"
+            "owner = lambda pid: Path(f'/proc/{pid}/fd').stat().st_uid\n"
+            # A process that changed its user is made non-dumpable itself: the control is a child it execs.
+            # (its exec makes it dumpable just after the point where Popen returns: wait for that).
+            "import subprocess, time\nplain = subprocess.Popen(['/bin/sleep', '30'])\n"
+            "for _ in range(200):\n    time.sleep(0.01)\n    if owner(plain.pid):\n        break\n"
+            "print(owner(plain.pid), owner(forker.pid), owner(held.pid))\nplain.kill(); held.close(); forker.close()\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["65534", "0", "0"]  # a plain child dumpable; the forker and its child not
+    finally:
+        shutil.rmtree(shared)
