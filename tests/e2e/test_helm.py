@@ -571,6 +571,7 @@ def test_the_gateway_killed_mid_call_loses_no_call_and_no_process(gateway_sandbo
     runs on in its own cgroup under its limits and is finished and recorded by the node agent; once the
     gateway is back, the background process is still there, its output readable from offset 0."""
     namespace, seconds = gateway_sandbox, f"8.{time.time_ns() % 10**6:06d}"  # a sleep of its own, to find it
+    began = time.time()
     client = subprocess.Popen([str(bin_dir() / "kubectl"), "exec", "-n", namespace, "agent-client", "--",
                                "python3", "-c", GATEWAY_KILLED_SCRIPT, namespace, seconds], env=devenv.environ(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -585,6 +586,9 @@ def test_the_gateway_killed_mid_call_loses_no_call_and_no_process(gateway_sandbo
         assert len(sleeping) == 1, sleeping
         call_cgroup = _memory_cgroup(sleeping[0])
         assert call_cgroup.name.startswith("call-")
+        # The call's first process: the shell that forked the sleep (the record names it by its pid; the cgroup
+        # is named after the first call it served, and may have served others before this one).
+        shell = int(Path(f"/proc/{sleeping[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
         gateways = _gateway_pids()
         assert gateways
         for pid in gateways:
@@ -598,14 +602,16 @@ def test_the_gateway_killed_mid_call_loses_no_call_and_no_process(gateway_sandbo
     assert int((call_cgroup / "memory.limit_in_bytes").read_text()) == 128 * 2**20
     # ... and is finished and recorded by the node agent, exit code and all, with nobody watching it.
     audit = devenv.layout.node.root / "node-agent-state" / "audit.jsonl"
-    call_id = call_cgroup.name.removeprefix("call-")
 
     def recorded() -> dict | None:  # the log is made with the first call that finishes
         lines = audit.read_text().splitlines() if audit.exists() else []
-        return next((r for r in map(json.loads, lines) if r["call_id"] == call_id), None)
+        return next((r for r in map(json.loads, lines) if r["pid"] == shell and r["started_at"] >= began), None)
 
     record = eventually(recorded, timeout=60, message="the call's record")
-    assert record["usage"]["exit_code"] == 0 and not call_cgroup.exists()
+    assert all(path.endswith("/" + call_cgroup.name) for path in record["cgroup_paths"].values())
+    # Nothing of it is left: its processes gone (its cgroup removed, or kept empty for a later call).
+    assert record["usage"]["exit_code"] == 0 and not Path(f"/proc/{sleeping[0]}").exists()
+    assert not call_cgroup.exists() or str(shell) not in (call_cgroup / "cgroup.procs").read_text().split()
     kubectl("rollout", "status", "-n", NAMESPACE, f"deployment/{RELEASE}-gateway", "--timeout=120s")
     eventually(lambda: _gateway_pids() and not set(_gateway_pids()) & set(gateways), timeout=60,
                message="the gateway restarted")
