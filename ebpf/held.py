@@ -80,8 +80,9 @@ def held_binary(build_if_missing: bool = True) -> Path | None:
 class Forker:
     """held.c's forker mode, started by the runtime: `fork(fds)` makes a held process whose descriptors 0-5 are
     `fds` and whose parent is the caller (the forker clones with CLONE_PARENT), for ~0.07 ms of CPU instead of
-    ~1.2 ms for a posix_spawn of the program from this interpreter. Requests are one at a time (a lock); a
-    failure (the forker dead, stopped or refusing) raises OSError, after which this forker serves no more."""
+    ~1.2 ms for a posix_spawn of the program from this interpreter. Requests are one at a time (a lock). A
+    failure raises OSError: the forker's own (dead, stopped: it is killed and serves no more, `serving`), or
+    the kernel's refusal of the fork (the errno the forker answers, pids.max mostly: it goes on serving)."""
 
     def __init__(self, program: Path):
         ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -105,6 +106,11 @@ class Forker:
         if said != FORKER_READY:
             self.close()
             raise OSError(f"{program} has no forker mode (an older held program)")
+
+    @property
+    def serving(self) -> bool:
+        """False once it failed or was closed."""
+        return self.pid != 0
 
     def fork(self, fds: Sequence[int]) -> int:
         with self._lock:

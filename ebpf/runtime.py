@@ -420,8 +420,9 @@ class WarmPool:
             try:
                 return spawn_held(self.program, forker)
             except OSError:
-                forker.close()
-                with self._forker_lock:
+                if forker.serving:  # the kernel refused the fork (pids.max), or the process did not start
+                    raise
+                with self._forker_lock:  # the forker failed (gone, stopped): this one is spawned here
                     if self._forker is forker:
                         self._forker = None
         return spawn_held(self.program)

@@ -482,7 +482,7 @@ def test_a_stopped_forker_is_given_up_and_an_older_held_program_has_none(tmp_pat
     os.kill(forker.pid, signal.SIGSTOP)  # a tool call runs as the same user and may do this
     with pytest.raises(OSError):
         runtime.spawn_held(program, forker)
-    assert forker.pid == 0  # killed and reaped
+    assert not forker.serving and forker.pid == 0  # killed and reaped
     older = tmp_path / "older.c"  # a held program of a release before the forker: it exits instead of "F"
     older.write_text("#include <unistd.h>\nint main(void) { return write(4, \"r\", 1) == 1 ? 0 : 125; }\n")
     with pytest.raises(OSError, match="no forker mode"):
