@@ -253,6 +253,7 @@ class Held:
     call_id: str | None = None  # the pooled call cgroup it waits in, once the agent placed it
     # A pooled process's command is written before its start: what did not fit in the pipe then (None: not sent).
     pending: bytes | None = None
+    forked: bool = False  # made by the held program's forker (else spawned by this process)
 
     def close(self, kill: bool = False) -> None:
         """Let it go without running anything and reap it: it exits at EOF of its release pipe (or the shell
@@ -320,6 +321,7 @@ def spawn_held(program: Path, forker: Forker | None = None) -> Held:
         os.close(ready_write)
         os.close(release_read)
     held.release = release_write
+    held.forked = forker is not None
     try:
         if os.read(ready_read, 1) != b"r":
             held.close()
@@ -353,7 +355,11 @@ class WarmPool:
         self._filling = 0  # refills under way: with those ready, never more than `size`
         self._changed = threading.Condition()
         self._closed = False
-        self._forker: Forker | None = None  # the held program's forker: started at the first refill
+        # The held program's forker, started once a fill has been taken: by then this process is in its sandbox's
+        # main cgroup (the node agent moves it there when it registers the sandbox), where the forker's children
+        # must be born. Before that, held processes are spawned here.
+        self._forker: Forker | None = None
+        self._filled = False
         self._forker_starts = 0
         self._forker_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._refill, name=f"warm-pool-{i}", daemon=True)
@@ -386,8 +392,12 @@ class WarmPool:
                     # Its release pipe goes to the agent, which releases it once a call is in place there.
                     slot = self.agent.send("fill", {"name": self.sandbox.name, "namespace": self.sandbox.namespace,
                                                     "pid": held.pid}, held.release)
-                except BaseException:
+                except BaseException as error:
                     held.close(kill=True)  # the agent may hold a copy of its release pipe
+                    if held.forked and isinstance(error, ApiError) and error.status == 403:
+                        # Not a process of the sandbox outside any call: its forker is in another cgroup than
+                        # this process (which moved since); a new one is started where this process is now.
+                        self._drop_forker()
                     raise
                 assert held.release is not None and held.command is not None
                 os.close(held.release)  # the agent's copy alone now: only the agent can release it
@@ -395,6 +405,7 @@ class WarmPool:
                 os.set_blocking(held.command, False)  # its command goes in before its start, without waiting
                 held.call_id = slot["call_id"]  # type: ignore[index]
                 failures = 0
+                self._filled = True
                 with self._changed:
                     self._filling -= 1
                     if self._closed:
@@ -422,14 +433,18 @@ class WarmPool:
             except OSError:
                 if forker.serving:  # the kernel refused the fork (pids.max), or the process did not start
                     raise
-                with self._forker_lock:  # the forker failed (gone, stopped): this one is spawned here
-                    if self._forker is forker:
-                        self._forker = None
+                self._drop_forker()  # it failed (gone, stopped): this one is spawned here
         return spawn_held(self.program)
+
+    def _drop_forker(self) -> None:
+        with self._forker_lock:
+            forker, self._forker = self._forker, None
+        if forker:
+            forker.close()
 
     def _current_forker(self) -> Forker | None:
         with self._forker_lock:
-            if self._forker is None and self._forker_starts < FORKER_STARTS and not self._closed:
+            if self._forker is None and self._filled and self._forker_starts < FORKER_STARTS and not self._closed:
                 self._forker_starts += 1
                 try:
                     self._forker = Forker(self.program)
@@ -446,10 +461,7 @@ class WarmPool:
             held.close(kill=True)
         for thread in self._threads:
             thread.join(timeout=5)
-        with self._forker_lock:
-            forker, self._forker = self._forker, None
-        if forker:
-            forker.close()
+        self._drop_forker()
         self.agent.close()
 
 
