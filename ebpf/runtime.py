@@ -433,12 +433,15 @@ class WarmPool:
             except OSError:
                 if forker.serving:  # the kernel refused the fork (pids.max), or the process did not start
                     raise
-                self._drop_forker()  # it failed (gone, stopped): this one is spawned here
+                self._drop_forker(forker)  # it failed (gone, stopped): this one is spawned here
         return spawn_held(self.program)
 
-    def _drop_forker(self) -> None:
+    def _drop_forker(self, which: Forker | None = None) -> None:
+        """Stop using `which` (by default the forker in use; another refill may have replaced it) and close it."""
         with self._forker_lock:
-            forker, self._forker = self._forker, None
+            forker = which or self._forker
+            if self._forker is forker:
+                self._forker = None
         if forker:
             forker.close()
 
