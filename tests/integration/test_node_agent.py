@@ -617,6 +617,27 @@ def test_an_ended_calls_cgroup_serves_a_later_call_which_is_accounted_alone(agen
                timeout=30, message="the cgroup of the call that left 8 MiB charged was not removed")
 
 
+def test_a_kept_cgroup_gives_a_later_call_none_of_an_earlier_calls_egress(agent, sandbox, eventually):
+    # From inside a call: the cgroup a `lan` call ran in serves later `none` calls, which must be blocked like any.
+    wait_for_pool(sandbox_status(agent, sandbox)["cgroup"], eventually)
+    server = OneShotServer(host="0.0.0.0")
+    probe = [PY, "-c", (
+        "import socket\nprint(next(l for l in open('/proc/self/cgroup') if l.startswith('0::')).rsplit('/', 1)[-1])\n"
+        f"socket.create_connection(({HOST!r}, {server.port}), timeout=1).recv(5)\nprint('connected')")]
+    try:
+        wide = sandbox.client.run(probe, profile="lan", timeout=30)
+        assert wide.exit_code == 0 and wide.stdout.split() == [f"call-{wide.call_id}", "connected"], wide.stderr
+        later = []
+        for _ in range(8):  # the ended calls' cgroups go round through the pool
+            narrow = sandbox.client.run(probe, network="none", timeout=30)
+            assert narrow.exit_code != 0 and "connected" not in narrow.stdout and narrow.usage.connections_blocked >= 1
+            later += [narrow] if narrow.stdout.split()[0] == f"call-{wide.call_id}" else []
+        assert later, "no later call ran in the lan call's cgroup"
+        assert server.accepted == 1
+    finally:
+        server.close()
+
+
 def test_a_refill_waits_with_the_latest_calls_limits_and_a_call_asking_for_others_still_gets_its_own(
         agent, sandbox, eventually):
     status = sandbox_status(agent, sandbox)
