@@ -114,7 +114,7 @@ class Forker:
 
     def fork(self, fds: Sequence[int]) -> int:
         with self._lock:
-            if self.pid == 0:
+            if not self.serving:
                 raise OSError("the forker is closed")
             try:
                 socket.send_fds(self._socket, [b"f"], list(fds))
