@@ -79,10 +79,11 @@ def held_binary(build_if_missing: bool = True) -> Path | None:
 
 class Forker:
     """held.c's forker mode, started by the runtime: `fork(fds)` makes a held process whose descriptors 0-5 are
-    `fds` and whose parent is the caller (the forker clones with CLONE_PARENT), for ~0.07 ms of CPU instead of
-    ~1.2 ms for a posix_spawn of the program from this interpreter. Requests are one at a time (a lock). A
-    failure raises OSError: the forker's own (dead, stopped: it is killed and serves no more, `serving`), or
-    the kernel's refusal of the fork (the errno the forker answers, pids.max mostly: it goes on serving)."""
+    `fds` and whose parent is the caller (the forker clones with CLONE_PARENT), for ~0.3 ms of CPU (this
+    side included; bench/held_spawn.py) instead of ~1.3 ms for a posix_spawn of the program from here.
+    Requests are one at a time (a lock). A failure raises OSError: the forker's own (dead, stopped: it is
+    killed and serves no more, `serving`), or the kernel's refusal of the fork (the errno the forker answers,
+    pids.max mostly: it goes on serving)."""
 
     def __init__(self, program: Path):
         ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

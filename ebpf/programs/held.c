@@ -14,8 +14,8 @@
  * Exit codes as a shell's: 126 cannot enter cwd or exec, 127 command not found.
  *
  * With `--forker` it is the runtime's forker instead: started once beside the warm pool, it makes held
- * processes by forking itself, a small static process (~0.07 ms of CPU a process, against ~1.2 ms for a
- * posix_spawn and exec from the runtime's interpreter). Each request on its control socket (fd 3) is one
+ * processes by forking itself, a small static process (~0.3 ms of CPU a process, the runtime's side
+ * included, against ~1.3 ms for a posix_spawn and exec from the runtime's interpreter). Each request on its control socket (fd 3) is one
  * byte with the new process's six descriptors attached (its 0-5, in order); the answer is the new pid as a
  * native int32, or -errno. The child is the runtime's (CLONE_PARENT: the runtime reaps it, and the node agent
  * sees the runtime as its parent, as for a spawned one), non-dumpable from its first instruction (the flag
