@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import resource
-import select
 import stat
 import subprocess
 import threading
@@ -21,7 +20,6 @@ import time
 import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +33,13 @@ from agentkube.contract import (
     command_signature,
     resolve_limits,
 )
-from agentkube.ebpf.bpf import CallEvent, CallStats, Programs
+from agentkube.ebpf.bpf import CallEvent, Programs
 from agentkube.ebpf.cgroups import (
     MAIN_LEAF,
     UNIFIED,
     Cgroup,
     CgroupError,
     CgroupLayout,
-    Counters,
     OpenCounters,
     detect_layout,
     favors_dynmods,
@@ -211,18 +208,6 @@ class SpareCgroup:
 
 
 @dataclass
-class CallEnd:
-    """What a call's end measured before its exit code was known (NodeAgent._measure_end)."""
-
-    cgroup: Cgroup
-    files: OpenCounters | None  # its open counter files, if its fill opened them
-    counters: Counters | None  # None: its cgroup was gone
-    emptied_itself: bool  # its cgroup was there with nothing left in it (else what was left was killed)
-    stats: CallStats
-    high_events: int  # memory.high events its watch saw
-
-
-@dataclass
 class PooledCgroup:
     """A call cgroup made (or an ended call's taken again, SpareCgroup) ahead of its call, with the runtime's
     held process already in it: it carries the limits of the sandbox's latest call (its defaults before the
@@ -273,7 +258,6 @@ class NodeAgent:
         self.executed: dict[str, list[str]] = {}
         self._by_cgroup: dict[int, str] = {}
         self._counters: dict[str, OpenCounters] = {}  # running pooled call -> its open counter files
-        self._ends_ahead: dict[str, Future[CallEnd]] = {}  # running call -> its end, measured at its exit
         self.deadlines = Deadlines()
         self._removals: queue.Queue[Cgroup | None] = queue.Queue()
         self._remover = threading.Thread(target=self._remove_cgroups, name="cgroup-remover", daemon=True)
@@ -613,8 +597,8 @@ class NodeAgent:
             self._forget(record)
             self._discard(slot)
             raise
-        # Limits, the write-ahead record and the egress policy are in place: the command may run. The rest is
-        # the agent's own bookkeeping (a restarted agent arms the deadline from the record).
+        # Limits, the write-ahead record and the egress policy are in place: the command may run. What follows
+        # is the agent's own bookkeeping, off the command's way (a restarted agent arms the deadline from the record).
         release, slot.release = slot.release, -1
         release_held(release)
         self._arm(record)
@@ -716,81 +700,18 @@ class NodeAgent:
         map entries and cgroups no running call accounts for."""
         with self._lock:
             record = self.running.pop(call_id, None)
-            ahead = self._ends_ahead.pop(call_id, None)
             if record is None:
                 if call_id in self.finished:
                     return self.finished[call_id], _nothing  # a retried finish
                 raise HttpError(404, f"no call {call_id}")
         self.deadlines.cancel(call_id)
-        end = None
-        if ahead is not None:
-            try:
-                end = ahead.result()  # waits while the measuring is under way
-            except Exception as error:  # measured again below, the way every finish did before
-                print(f"node agent: measuring the end of call {call_id} ahead: {type(error).__name__}: {error}", flush=True)
-        if end is None:
-            end = self._measure_end(record)
-        counters, stats, files = end.counters, end.stats, end.files
-        now = time.time()
-        record.finished_at = now
-        record.usage = Usage(
-            duration_seconds=round(now - record.started_at, 6),
-            exit_code=finish.exit_code, signal=finish.signal, timed_out=record.timed_out,
-            peak_memory_bytes=counters.peak_memory_bytes if counters else 0,
-            cpu_seconds=round(counters.cpu_seconds, 6) if counters else 0.0,
-            throttled_seconds=round(counters.throttled_seconds, 6) if counters else 0.0,
-            oom_kills=max(counters.oom_kills if counters else 0, stats.ooms),
-            processes_spawned=stats.forks + 1,  # the first process was forked before it joined the call
-            connections_blocked=stats.blocked_connections,
-            dns_refused=stats.dns_refused,  # egress: lookups refused (kernel-dropped and answered REFUSED)
-            memory_high_events=high_events_seen(end.high_events, counters.memory_high_events if counters else 0,
-                                                counters.peak_memory_bytes if counters else 0, record.limits.memory_high),
-            pids_limit_hits=counters.pids_limit_hits if counters else 0,
-        )
-        with self._lock:
-            self._by_cgroup.pop(record.cgroup_id, None)
-            record.executed = self.executed.pop(call_id, [])
-            self.finished[call_id] = record
-            while len(self.finished) > FINISHED_KEPT:
-                self.finished.popitem(last=False)
-            self._append_audit(record)
-
-        # Taken again by a later fill only if the call emptied it by itself and left little charged to it.
-        spare = None
-        if files and files.restartable and counters is not None and end.emptied_itself and not record.timed_out \
-                and counters.memory_bytes <= SPARE_CHARGE_BYTES:
-            spare = SpareCgroup(end.cgroup, record.cgroup_id, record.limits, files)
-
-        def rest() -> None:
-            self.programs.untrack(record.cgroup_id)  # before a fill can take it as a spare: it tracks it afresh
-            if not (spare and self._keep_spare(record, spare)):
-                if files:
-                    files.close()
-                # Removing a v1 memory cgroup can wait on the kernel for milliseconds: the remover thread does it.
-                self._removals.put(end.cgroup)
-            self._record_path(call_id).unlink(missing_ok=True)
-            with self._lock:
-                key = f"{record.namespace}/{record.sandbox}\t{record.signature}"
-                if record.usage and record.usage.peak_memory_bytes:
-                    self.history.setdefault(key, deque(maxlen=HISTORY_WINDOW)).append(record.usage.peak_memory_bytes)
-                self._save_history(force=False)
-            sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
-            if sandbox:
-                sandbox.last_activity = now
-                sandbox.totals.update(call_totals(record))
-            self.metrics.finished(record)
-
-        return record, rest
-
-    def _measure_end(self, record: CallRecord) -> CallEnd:
-        """What a call's end measures before its exit code is known: leftovers killed, counters, events."""
         cgroup = Cgroup(self.layout, record.cgroup_paths)
         with self._lock:
-            files = self._counters.pop(record.call_id, None)
+            files = self._counters.pop(call_id, None)
         counters, left = None, None
         if cgroup.exists():
             # Leftovers, daemonized grandchildren included: the call is over. Mostly there are none (the first
-            # process has exited: a zombie is no member), and cgroup.kill takes the kernel's cgroup lock,
+            # process was reaped before the runtime reported), and cgroup.kill takes the kernel's cgroup lock,
             # which a cgroup being made or removed elsewhere can hold for milliseconds: kill only what is there.
             # Nothing can join an empty call cgroup (only a member's fork, or root, puts a process in one).
             try:
@@ -805,42 +726,60 @@ class NodeAgent:
             except OSError:
                 counters = cgroup.counters()
         # What the call executed: its events are in the ring buffer by now (a process's exit event is
-        # written before its parent can be told of the exit), read here.
+        # written before its parent can reap it, and the runtime reports only then), read here.
         self.programs.consume_events()
-        return CallEnd(cgroup, files, counters, left is not None and not left, self.programs.stats(record.cgroup_id),
-                       self.pressure.unwatch(record.call_id))
+        stats = self.programs.stats(record.cgroup_id)
+        high_events = self.pressure.unwatch(call_id)
+        now = time.time()
+        record.finished_at = now
+        record.usage = Usage(
+            duration_seconds=round(now - record.started_at, 6),
+            exit_code=finish.exit_code, signal=finish.signal, timed_out=record.timed_out,
+            peak_memory_bytes=counters.peak_memory_bytes if counters else 0,
+            cpu_seconds=round(counters.cpu_seconds, 6) if counters else 0.0,
+            throttled_seconds=round(counters.throttled_seconds, 6) if counters else 0.0,
+            oom_kills=max(counters.oom_kills if counters else 0, stats.ooms),
+            processes_spawned=stats.forks + 1,  # the first process was forked before it joined the call
+            connections_blocked=stats.blocked_connections,
+            dns_refused=stats.dns_refused,  # egress: lookups refused (kernel-dropped and answered REFUSED)
+            memory_high_events=high_events_seen(high_events, counters.memory_high_events if counters else 0,
+                                                counters.peak_memory_bytes if counters else 0, record.limits.memory_high),
+            pids_limit_hits=counters.pids_limit_hits if counters else 0,
+        )
+        with self._lock:
+            self._by_cgroup.pop(record.cgroup_id, None)
+            record.executed = self.executed.pop(call_id, [])
+            self.finished[call_id] = record
+            while len(self.finished) > FINISHED_KEPT:
+                self.finished.popitem(last=False)
+            self._append_audit(record)
 
-    def await_exit(self, call_id: str, connection: int) -> None:
-        """After a call's start (or placement) is answered, while its connection has no frame to read: should
-        the call's first process exit first, measure the call's end at once (`_measure_end`), while the runtime
-        reaps it and sends its finish, which then only adds the exit code. Returns when the connection has
-        something to read (the finish, another request, or its end), measured or not. The process cannot have
-        been reaped before its call was answered (the runtime reaps only after that), so its pid is still its."""
-        with self._lock:
-            record = self.running.get(call_id)
-        if record is None:
-            return
-        try:
-            pidfd = os.pidfd_open(record.pid)
-        except OSError:  # gone already (the runtime reaped it): the finish measures, as before
-            return
-        try:
-            poller = select.poll()
-            poller.register(connection, select.POLLIN)
-            poller.register(pidfd, select.POLLIN)
-            ready = {fd for fd, _ in poller.poll()}
-        finally:
-            os.close(pidfd)
-        if connection in ready:
-            return  # a frame first: served now; the finish measures when it comes
-        with self._lock:
-            if call_id not in self.running or call_id in self._ends_ahead:
-                return
-            ahead = self._ends_ahead[call_id] = Future()
-        try:
-            ahead.set_result(self._measure_end(record))
-        except BaseException as error:
-            ahead.set_exception(error)
+        # Taken again by a later fill only if the call emptied it by itself and left little charged to it.
+        spare = None
+        if files and files.restartable and counters is not None and left is not None and not left \
+                and not record.timed_out and counters.memory_bytes <= SPARE_CHARGE_BYTES:
+            spare = SpareCgroup(cgroup, record.cgroup_id, record.limits, files)
+
+        def rest() -> None:
+            self.programs.untrack(record.cgroup_id)  # before a fill can take it as a spare: it tracks it afresh
+            if not (spare and self._keep_spare(record, spare)):
+                if files:
+                    files.close()
+                # Removing a v1 memory cgroup can wait on the kernel for milliseconds: the remover thread does it.
+                self._removals.put(cgroup)
+            self._record_path(call_id).unlink(missing_ok=True)
+            with self._lock:
+                key = f"{record.namespace}/{record.sandbox}\t{record.signature}"
+                if record.usage and record.usage.peak_memory_bytes:
+                    self.history.setdefault(key, deque(maxlen=HISTORY_WINDOW)).append(record.usage.peak_memory_bytes)
+                self._save_history(force=False)
+            sandbox = self.sandboxes.get(f"{record.namespace}/{record.sandbox}")
+            if sandbox:
+                sandbox.last_activity = now
+                sandbox.totals.update(call_totals(record))
+            self.metrics.finished(record)
+
+        return record, rest
 
     def _keep_spare(self, record: CallRecord, spare: SpareCgroup) -> bool:
         with self._lock:

@@ -18,7 +18,6 @@ The sandbox runtime's own requests also come as frames (agentkube.ebpf.frames) o
 
 from __future__ import annotations
 
-import functools
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from prometheus_client import start_http_server
 
 from agentkube.ebpf.agent import NodeAgent
 from agentkube.ebpf.frames import Answered
-from agentkube.ebpf.models import CallCreate, CallFinish, CallPlaced, CallStart, PoolFill, SandboxCreate, SandboxRef
+from agentkube.ebpf.models import CallCreate, CallFinish, CallStart, PoolFill, SandboxCreate, SandboxRef
 from agentkube.ebpf.unixhttp import HttpError, UnixHttpServer
 
 if TYPE_CHECKING:  # imported where Kubernetes mode starts: --local needs no Kubernetes client (nor gRPC)
@@ -95,16 +94,10 @@ def frame_operations(agent: NodeAgent) -> dict:
     def fields(message: dict) -> dict:
         return {k: v for k, v in message.items() if k != "op"}
 
-    def until_exit(placed: CallPlaced) -> Answered:
-        # While the call runs, its connection's thread waits for its exit too, and measures its end then.
-        return Answered(placed, idle=functools.partial(agent.await_exit, placed.call_id))
-
     return {
         "fill": lambda peer, memo, message: agent.fill_pool(peer, PoolFill.model_validate(fields(message)), memo),
-        "start": lambda peer, memo, message: until_exit(
-            agent.start_call(peer, CallStart.model_validate(fields(message)), memo)),
-        "place": lambda peer, memo, message: until_exit(
-            agent.place_call(peer, CallCreate.model_validate(fields(message)))),
+        "start": lambda peer, memo, message: agent.start_call(peer, CallStart.model_validate(fields(message)), memo),
+        "place": lambda peer, memo, message: agent.place_call(peer, CallCreate.model_validate(fields(message))),
         "finish": finish,
     }
 

@@ -23,7 +23,6 @@ leave its HTTP parser waiting for the end of a request line that never comes.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import select
@@ -108,13 +107,10 @@ Operation = Callable[[Peer, dict, dict], object]
 class Answered:
     """An operation's answer and what is left to do once it has been sent: the caller waits for the answer
     only, and the connection's next frame is read once `after` has run (so a client that asks again on the
-    same connection sees that work done). `after` runs whether or not the answer could be sent. `idle`, if
-    any, runs then, with the connection's descriptor: it may wait and work until that has something to read,
-    and must return then (the connection's next frame is read after it)."""
+    same connection sees that work done). `after` runs whether or not the answer could be sent."""
 
-    def __init__(self, body: object, after: Callable[[], None] | None = None,
-                 idle: Callable[[int], None] | None = None):
-        self.body, self.after, self.idle = body, after, idle
+    def __init__(self, body: object, after: Callable[[], None]):
+        self.body, self.after = body, after
 
 
 def encode_answer(body: object) -> bytes:
@@ -147,7 +143,6 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
         if received:
             memo[RECEIVED_FD] = received[0]
         after: Callable[[], None] | None = None
-        idle: Callable[[int], None] | None = None
         try:
             if not isinstance(message, dict) or not isinstance(message.get("op"), str):
                 raise HttpError(400, "expected a JSON object with an op")
@@ -156,7 +151,7 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
                 raise HttpError(404, f"no such operation: {message['op']}")
             body = operation(peer, memo, message)
             if isinstance(body, Answered):
-                after, idle = body.after, body.idle
+                after = body.after
                 body = body.body
             answer = encode_answer(body)
         except HttpError as error:
@@ -174,16 +169,10 @@ def serve_connection(sock: socket.socket, peer: Peer, operations: dict[str, Oper
             return
         finally:
             if after is not None:
-                _after_answer(after)
-        if idle is not None:
-            _after_answer(functools.partial(idle, sock.fileno()))
-
-
-def _after_answer(work: Callable[[], None]) -> None:
-    try:
-        work()
-    except Exception as error:  # the answer is out; the connection keeps serving
-        print(f"node agent: after an answer: {type(error).__name__}: {error}", flush=True)
+                try:
+                    after()
+                except Exception as error:  # the answer is out; the connection keeps serving
+                    print(f"node agent: after an answer: {type(error).__name__}: {error}", flush=True)
 
 
 def _close_all(fds: list[int]) -> None:
