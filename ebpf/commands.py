@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -22,24 +21,11 @@ from agentkube.contract import (
 )
 
 AGENT_STATE_DIR = Path("/var/lib/agentkube/node-agent")  # running calls, sandboxes, history, audit log
-# A call's start and finish wait on the agent: beside CPU-bound pods it should not wait for their time slices
-# too. Held processes, and so every call, descend from the sandbox runtime, never from the agent: no call
-# inherits this.
-AGENT_NICE = -5
 
 node_agent_app = typer.Typer(help="The node agent: a cgroup per tool call, enforced and observed with eBPF.",
                              no_args_is_help=True)
 sandbox_runtime_app = typer.Typer(help="The sandbox runtime: runs commands inside a sandbox as tool calls.",
                                   invoke_without_command=True)
-
-
-def take_niceness(nice: int) -> None:
-    """This thread's niceness (and so that of the threads it starts); a note, not a failure, without the right."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except PermissionError:
-        typer.echo(f"node agent: cannot take niceness {nice} (no CAP_SYS_NICE): runs at {os.getpriority(os.PRIO_PROCESS, 0)}",
-                   err=True)
 
 
 @node_agent_app.command("run")
@@ -72,9 +58,6 @@ def run_node_agent(
     upstream_dns: str | None = typer.Option(None, help="HOST[:PORT] allowed queries are forwarded to (default in "
                                             "Kubernetes mode: the kube-dns Service in kube-system)"),
     cluster_domain: str = typer.Option(CLUSTER_DOMAIN, help="the kubelet's --cluster-domain"),
-    nice: int = typer.Option(AGENT_NICE, min=-20, max=19, envvar="AGENTKUBE_NODE_AGENT_NICE",
-                             help="the agent's scheduling niceness (every tool call on the node waits on it; "
-                                  "calls themselves run at their runtime's)"),
 ) -> None:
     """Run the node agent until SIGTERM/SIGINT. Running calls survive a restart."""
     import logging
@@ -86,7 +69,6 @@ def run_node_agent(
     stop = threading.Event()
     install_stop_signals(stop)
     favor_latency()
-    take_niceness(nice)  # before any thread starts: on Linux each thread has its own, inherited by the threads it starts
     if not local and not node_name:
         raise typer.BadParameter("give --node-name (or NODE_NAME), or run with --local", param_hint="--node-name")
     from agentkube.ebpf.netconfig import EgressConfig

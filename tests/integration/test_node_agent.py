@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from agentkube.client import ApiError
 from agentkube.ebpf.agent import CALL_OOM_SCORE_ADJ, POOL_SLOTS_PER_SANDBOX
 from agentkube.ebpf.cgroups import MAIN_LEAF, detect_layout
-from agentkube.ebpf.commands import AGENT_NICE
 from agentkube.ebpf.local import LocalNodeAgent
 from agentkube.ebpf.models import MAX_REQUEST_BYTES, CallRecord
 from agentkube.ebpf.unixhttp import request
@@ -91,21 +90,6 @@ def test_a_call_reports_output_exit_code_and_usage(sandbox):
     assert result.usage.peak_memory_bytes > 0 and result.usage.cpu_seconds > 0
     assert result.usage.processes_spawned == 2  # sh, and the /bin/true it forked
     assert sandbox.client.run(["cat"], stdin="piped").stdout == "piped"
-
-
-def test_the_agent_runs_ahead_of_pods_but_a_call_keeps_its_runtimes_niceness(agent, sandbox, eventually):
-    assert os.getpriority(os.PRIO_PROCESS, agent.process.pid) == AGENT_NICE
-    runtime_nice = os.getpriority(os.PRIO_PROCESS, sandbox.process.pid)
-    assert runtime_nice != AGENT_NICE
-    niceness = [PY, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"]
-    wait_for_pool(sandbox_status(agent, sandbox)["cgroup"], eventually)
-    assert int(sandbox.client.run(niceness).stdout) == runtime_nice  # a held process from the pool
-    direct = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS), pool_size="0")
-    try:  # one started for its call and placed by the agent
-        assert int(direct.client.run(niceness).stdout) == os.getpriority(os.PRIO_PROCESS, direct.process.pid)
-    finally:
-        direct.close()
-        agent.sandboxes.remove(direct)
 
 
 def test_memory_hog_is_oom_killed_in_its_call_while_the_sandbox_lives(sandbox):
