@@ -593,19 +593,18 @@ class NodeAgent:
                 if slot.counters:
                     self._counters[record.call_id], slot.counters = slot.counters, None
             self.programs.set_policy(record.cgroup_id, limits.network)
+            self.pressure.watch(record.call_id, slot.cgroup, limits.memory_high)
         except BaseException:
             self._forget(record)
             self._discard(slot)
             raise
-        # Limits, the write-ahead record and the egress policy are in place: the command may run. What follows
-        # is the agent's own bookkeeping, off the command's way (a restarted agent arms the deadline from the record).
-        release, slot.release = slot.release, -1
-        release_held(release)
-        self._arm(record)
-        self.pressure.watch(record.call_id, slot.cgroup, limits.memory_high)
         sandbox.last_activity = now
         sandbox.recent_limits = limits
         self.metrics.started(record.sandbox, record.namespace, now)
+        self._arm(record)
+        # Limits, the write-ahead record, the egress policy and the deadline are in place: the command may run.
+        release, slot.release = slot.release, -1
+        release_held(release)
         return CallPlaced(call_id=record.call_id, cgroup=slot.cgroup.unified_path, limits=limits,
                           sources=resolved.sources)
 
