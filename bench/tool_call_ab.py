@@ -7,6 +7,9 @@ Writes bench/results/NAME.{json,md}: per path and stage, the median over rounds 
 both versions, and the load averages seen.
 
     .venv/bin/python bench/tool_call_ab.py --base main [--head HEAD] [--rounds 6] [--calls 150]
+
+With --head the same as --base, it measures one version against itself: the window's noise, which the rounds'
+own ratios (a column of the results) show for any pair.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def main() -> None:
     versions = {"base": args.base, "head": args.head}
     runs: dict[str, list[dict]] = {label: [] for label in versions}
     with tempfile.TemporaryDirectory(prefix="agentkube-ab-") as scratch:
-        trees = {label: package_at(ref, Path(scratch)) for label, ref in versions.items()}
+        trees = {label: package_at(ref, Path(scratch) / label) for label, ref in versions.items()}
         labels = list(versions)
         for round_ in range(args.rounds):
             for label in labels[round_ % 2:] + labels[:round_ % 2]:
@@ -85,12 +88,19 @@ def main() -> None:
         values = [v for v in (pick(run) for run in runs[label]) if v is not None]
         return statistics.median(values) if values else None
 
+    def round_ratios(pick) -> list[float]:
+        """Head ÷ base of each round, whose two runs were next to each other in time: how far one round's
+        ratio strays from another's is this window's noise, against which the median ratio is to be read."""
+        pairs = zip((pick(run) for run in runs["base"]), (pick(run) for run in runs["head"]), strict=True)
+        return [head / base for base, head in pairs if base and head is not None]
+
     paths = runs["head"][0]["paths"]
-    rows, table = [], {}
+    rows, table, spread = [], {}, {}
     for path in paths:
         for what, key in (("whole call p50", "median_us"), ("whole call p99", "p99_us")):
             cells = {label: medians(label, lambda run, p=path, k=key: run["whole"][p][k]) for label in versions}
             table[f"{path}: {what}"] = cells
+            spread[f"{path}: {what}"] = round_ratios(lambda run, p=path, k=key: run["whole"][p][k])
     # The direct path's timeline (hand-offs between the processes), where the stages script has it.
     segments = list(dict.fromkeys(segment for run in runs["head"] + runs["base"]
                                   for segment in run.get("direct_timeline", {}).get("segments_median_us", {})))
@@ -101,8 +111,9 @@ def main() -> None:
     for who in dict.fromkeys(who for run in runs["head"] + runs["base"] for who in run.get("direct_cpu_per_call_us", {})):
         table[f"CPU per call: {who} @direct"] = {
             label: medians(label, lambda run, w=who: run.get("direct_cpu_per_call_us", {}).get(w)) for label in versions}
-    table["CPU per call: whole machine (kernel threads and others' work too) @direct"] = {
-        label: medians(label, lambda run: run.get("direct_machine_cpu_per_call_us")) for label in versions}
+    machine_cpu = "CPU per call: whole machine (kernel threads and others' work too) @direct"
+    table[machine_cpu] = {label: medians(label, lambda run: run.get("direct_machine_cpu_per_call_us")) for label in versions}
+    spread[machine_cpu] = round_ratios(lambda run: run.get("direct_machine_cpu_per_call_us"))
     stages = list(dict.fromkeys(stage for run in runs["head"] + runs["base"] for stage in run["stages"]))
     for stage in stages:
         for path in paths:
@@ -112,17 +123,22 @@ def main() -> None:
                 table[f"{stage} @{path}"] = cells
     for row, cells in table.items():
         base, head = cells["base"], cells["head"]
+        ratios = spread.get(row)
         rows.append([row if row.split(":")[0] not in paths else f"**{row}**",
                      f"{base:.0f}" if base is not None else "–", f"{head:.0f}" if head is not None else "–",
-                     f"{head / base:.2f}" if base and head is not None else "–"])
+                     f"{head / base:.2f}" if base and head is not None else "–",
+                     f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "–"])
     loads = {label: [run["load_average_before"][0] for run in runs[label]] for label in versions}
     write_results(args.name, {"machine": machine(), "versions": versions, "rounds": args.rounds, "calls": args.calls,
-                              "load_average_before_each_run": loads, "median_of_run_medians_us": table},
+                              "load_average_before_each_run": loads, "median_of_run_medians_us": table,
+                              "head_over_base_each_round": spread},
                   f"Two versions of the tool-call path in turns: base `{args.base}` against head `{args.head}`, "
                   f"{args.rounds} rounds × {args.calls} calls per path, µs (median of each run's median)",
-                  ["path / stage", "base µs", "head µs", "head ÷ base"], rows,
+                  ["path / stage", "base µs", "head µs", "head ÷ base", "head ÷ base, each round (lowest–highest)"], rows,
                   "Each round runs bench/tool_call_stages.py once per version, the order alternating (module doc); "
-                  "its three paths take turns inside each run. Load average at the start of each run: "
+                  "its three paths take turns inside each run. A median ratio inside the range of the rounds' own "
+                  "ratios on both sides of 1.00 is not told apart from this window's noise. "
+                  "Load average at the start of each run: "
                   + "; ".join(f"{label} {', '.join(f'{x:.1f}' for x in loads[label])}" for label in versions)
                   + " (other work on the machine included).")
 
