@@ -136,8 +136,9 @@ def main() -> None:
                   f"{args.rounds} rounds × {args.calls} calls per path, µs (median of each run's median)",
                   ["path / stage", "base µs", "head µs", "head ÷ base", "head ÷ base, each round (lowest–highest)"], rows,
                   "Each round runs bench/tool_call_stages.py once per version, the order alternating (module doc); "
-                  "its three paths take turns inside each run. A median ratio inside the range of the rounds' own "
-                  "ratios on both sides of 1.00 is not told apart from this window's noise. "
+                  "its three paths take turns inside each run. Where the rounds' own ratios lie on both sides of "
+                  "1.00, the versions did not differ the same way in every round: the median ratio is then within "
+                  "this window's noise. "
                   "Load average at the start of each run: "
                   + "; ".join(f"{label} {', '.join(f'{x:.1f}' for x in loads[label])}" for label in versions)
                   + " (other work on the machine included).")
