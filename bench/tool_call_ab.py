@@ -96,11 +96,15 @@ def main() -> None:
 
     paths = runs["head"][0]["paths"]
     rows, table, spread = [], {}, {}
+
+    def with_rounds(row: str, pick) -> None:
+        """A row whose rounds' own ratios are kept beside its medians."""
+        table[row] = {label: medians(label, pick) for label in versions}
+        spread[row] = round_ratios(pick)
+
     for path in paths:
         for what, key in (("whole call p50", "median_us"), ("whole call p99", "p99_us")):
-            cells = {label: medians(label, lambda run, p=path, k=key: run["whole"][p][k]) for label in versions}
-            table[f"{path}: {what}"] = cells
-            spread[f"{path}: {what}"] = round_ratios(lambda run, p=path, k=key: run["whole"][p][k])
+            with_rounds(f"{path}: {what}", lambda run, p=path, k=key: run["whole"][p][k])
     # The direct path's timeline (hand-offs between the processes), where the stages script has it.
     segments = list(dict.fromkeys(segment for run in runs["head"] + runs["base"]
                                   for segment in run.get("direct_timeline", {}).get("segments_median_us", {})))
@@ -111,9 +115,8 @@ def main() -> None:
     for who in dict.fromkeys(who for run in runs["head"] + runs["base"] for who in run.get("direct_cpu_per_call_us", {})):
         table[f"CPU per call: {who} @direct"] = {
             label: medians(label, lambda run, w=who: run.get("direct_cpu_per_call_us", {}).get(w)) for label in versions}
-    machine_cpu = "CPU per call: whole machine (kernel threads and others' work too) @direct"
-    table[machine_cpu] = {label: medians(label, lambda run: run.get("direct_machine_cpu_per_call_us")) for label in versions}
-    spread[machine_cpu] = round_ratios(lambda run: run.get("direct_machine_cpu_per_call_us"))
+    with_rounds("CPU per call: whole machine (kernel threads and others' work too) @direct",
+                lambda run: run.get("direct_machine_cpu_per_call_us"))
     stages = list(dict.fromkeys(stage for run in runs["head"] + runs["base"] for stage in run["stages"]))
     for stage in stages:
         for path in paths:
