@@ -113,12 +113,14 @@ def run_episode(
     weights: RewardWeights = RewardWeights(),
     initial_target: float | None = None,
     ready_pods: int | None = None,
+    intervals: list[IntervalStats] | None = None,
 ) -> tuple[EpisodeSummary, Simulator, float]:
     """Run `policy` over `trace` from a warm revision; returns the summary, the simulator (with its
     per-second series) and the total reward. Each decision's target is bounded as the operator bounds
     it (`observation.bounded_target`: at most `bounds.max_change_fraction` away from the one in force).
     `ready_pods`: the warm pods at the start (default: `warm_pods`, what a revision running under the
-    initial target would have)."""
+    initial target would have). `intervals`: if given, every decision interval's stats are appended to it,
+    the first one (under the initial target) included."""
     sim = Simulator(config)
     warm = warm_pods(trace, sim.config, initial_target) if ready_pods is None else ready_pods
     sim.reset(trace, seed=seed, target=initial_target, ready_pods=warm)
@@ -126,10 +128,14 @@ def run_episode(
         policy.reset()
     total_reward = 0.0
     stats = sim.advance(interval_s)
+    if intervals is not None:
+        intervals.append(stats)
     while not sim.done:
         decision = policy.decide(sim.observation(stats, spot_allowed, bounds))
         apply_decision(sim, decision, stats, spot_allowed, bounds)
         stats = sim.advance(interval_s)
+        if intervals is not None:
+            intervals.append(stats)
         step_reward = reward(stats, sim.config, weights)
         total_reward += step_reward
         if hasattr(policy, "feedback"):  # learning baselines (Q-learning) update from it

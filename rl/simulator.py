@@ -13,6 +13,7 @@ queue-proxy and the activator report them) in 1 s buckets and decides every 2 s.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from dataclasses import dataclass, field, replace
@@ -175,6 +176,17 @@ class Simulator:
         # A revision that starts at zero has already been scaled to zero: inactive past its grace period.
         self.activity = knative.ScaleToZeroState(
             active=warm > 0, since_s=0.0 if warm else -cfg.knative.scale_to_zero_grace_period_s)
+
+    # What `reset` derives from the trace once and never changes afterwards.
+    _READ_ONLY = ("config", "trace", "_arrivals", "_arrival_work", "_request_work", "_budget", "_arrived_before", "_uniforms")
+
+    def branch(self) -> Simulator:
+        """A copy that runs on from here without touching this one (planning ahead: try a decision, keep
+        the branch that paid). The trace and what was derived from it are shared, not copied, as are the
+        latencies of intervals already scored; the state, the random stream included, is copied."""
+        shared = {id(value): value for value in map(self.__dict__.get, self._READ_ONLY)}
+        shared.update((id(scored), scored) for scored in self._latencies)
+        return copy.deepcopy(self, shared)
 
     def set_target(self, target: float | None) -> None:
         """The `autoscaling.knative.dev/target` annotation (None: Knative's default)."""

@@ -199,3 +199,20 @@ def test_the_floor_keeps_within_the_revisions_own_scale_bounds():
     assert sim.min_scale == 2  # the revision's own min-scale stays
     sim.set_min_scale(9)
     assert sim.min_scale == 5  # Knative refuses min-scale above max-scale
+
+
+def test_a_branch_runs_on_as_its_origin_would_and_leaves_it_alone():
+    # Spot interruptions and cold starts draw from the random stream: a branch must carry it on alike.
+    trace = generate_trace(STEADY, 3, 1_800)
+    origin = Simulator(SimConfig(spot=SpotConfig(interruptions_per_node_hour=6.0)))
+    origin.reset(trace, seed=1, spot_share=0.5, ready_pods=2)
+    origin.advance(600)
+    branch = origin.branch()
+    branch.set_target(250.0)
+    branch.advance(600)
+    assert origin.t == 600 and origin.summary().requests < branch.summary().requests
+    alike = origin.branch()
+    while not origin.done:
+        assert origin.advance(300) == alike.advance(300)
+    assert origin.summary() == alike.summary()
+    assert origin.summary() != branch.summary()
