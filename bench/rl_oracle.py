@@ -12,7 +12,7 @@ on what a policy that only sees the past (PPO) could reach — and runs it in th
    takes the target whose window cost + mu × misses was lowest among the fixed runs (the pods a window
    starts with differ from the fixed run's, so that is only an estimate), and the schedule is run for real
    (`run_episode`, targets bounded per step as the operator bounds them);
-3. *planned* (the `--plan` families; ~20 simulated days a run): receding-horizon planning on branches of
+3. *planned* (~20 simulated days a run, ~35 min for the nine traces with two processes): receding-horizon planning on branches of
    the simulator itself (`Simulator.branch`), every 15 minutes the target within one bounded step that
    does best over those 15 minutes and 15 more;
 4. for each, `mu` is searched for the cheapest run at no lower attainment than the default's.
@@ -24,7 +24,7 @@ knowing the future is not enough to meet it with targets, and a policy that know
 
 Writes bench/results/rl_oracle.{json,md}.
 
-    .venv/bin/python bench/rl_oracle.py [--trace NAME ...] [--plan FAMILY ...] [--jobs N]
+    .venv/bin/python bench/rl_oracle.py [--trace NAME ...] [--jobs N]
 """
 
 import argparse
@@ -42,17 +42,16 @@ from agentkube.rl.episodes import DECISION_INTERVAL_S, apply_decision, run_episo
 from agentkube.rl.evaluation import GOALS, EvaluationTrace, default_suite
 from agentkube.rl.observation import ActionBounds, Decision
 from agentkube.rl.simulator import IntervalStats, SimConfig, Simulator
-from agentkube.rl.traces import WORKLOADS
 
 FRONTIER = tuple(t for t in STATIC_TARGET_GRID if 50.0 <= t <= 264.0)
 STITCHED_WINDOW_MINUTES = (5, 15, 60)
 PLAN_WINDOW_MINUTES = 15  # and as long again looked ahead
 # The price of a missed request, in multiples of the default's cost per request: a geometric sweep, then
 # a bisection (in log space) between the last price that missed the default's attainment and the first
-# that held it. Planning costs ~20 simulated days a run, so its sweep starts where the stitched
-# schedules found the default's attainment (multiples 30-100).
+# that held it. Planning costs ~20 simulated days a run, so its sweep starts a step below the lowest price
+# at which a stitched schedule held the default's attainment (multiples 1.3-115 on the nine traces).
 PRICE_SWEEP = tuple(10.0 ** (k / 2) for k in range(0, 11))
-PLAN_PRICE_SWEEP = (10.0 ** 1.5, 100.0, 10.0 ** 2.5, 1000.0)
+PLAN_SWEEP_STEPS = tuple(10.0 ** (k / 2) for k in range(-1, 3))
 BISECTIONS = 3
 EVALUATION = report.RESULTS / "rl_evaluation.json"
 
@@ -173,14 +172,14 @@ def bar_from_evaluation(trace_name: str) -> dict:
             "bar": min(static["cost"], rule["cost"], (1 + GOALS["gap_to_hindsight"]) * hindsight["cost"])}
 
 
-def measure(names: set[str] | None, plan: set[str], jobs: int) -> list[dict]:
+def measure(names: set[str] | None, jobs: int) -> list[dict]:
     items = [item for item in default_suite() if not names or item.trace.name in names]
     with multiprocessing.Pool(jobs) as pool:
-        return pool.starmap(oracle, [(item, item.family in plan) for item in items], chunksize=1)
+        return pool.map(oracle, items, chunksize=1)
 
 
-def oracle(item: EvaluationTrace, plan: bool, config: SimConfig = SimConfig()) -> dict:
-    """One trace: the default, the fixed targets, then every schedule searched (planned ones if `plan`)."""
+def oracle(item: EvaluationTrace, config: SimConfig = SimConfig()) -> dict:
+    """One trace: the default, the fixed targets, then every schedule searched."""
     trace = item.trace
     started = time.perf_counter()
     default = run_episode(KnativeDefault(), trace, config, seed=0)[0]
@@ -206,9 +205,10 @@ def oracle(item: EvaluationTrace, plan: bool, config: SimConfig = SimConfig()) -
         runs += [dict(r, method="stitched", window_minutes=minutes)
                  for r in search(stitched_run, default.slo_attainment, PRICE_SWEEP)]
     window = PLAN_WINDOW_MINUTES * 60 // DECISION_INTERVAL_S
+    held = [r["price_multiple"] for r in runs if r["slo_attainment"] >= default.slo_attainment]
     runs += [dict(r, method="planned", window_minutes=PLAN_WINDOW_MINUTES) for r in search(
         lambda multiple: run(planned(trace, config, multiple * unit, window, window), trace, config, None),
-        default.slo_attainment, PLAN_PRICE_SWEEP)]
+        default.slo_attainment, tuple(min(held, default=1.0) * step for step in PLAN_SWEEP_STEPS))]
     best = cheapest(runs, default.slo_attainment)
     row = {"trace": trace.name, "family": item.family, "default_slo": default.slo_attainment, **bar,
            "oracle": best, "runs": runs, "reaches_bar": bool(best and best["cost"] <= bar["bar"]),
@@ -258,12 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trace", action="append", help="only this evaluation trace (repeatable)")
     parser.add_argument("--output", default="rl_oracle")
-    parser.add_argument("--plan", nargs="*", default=sorted(WORKLOADS), metavar="FAMILY",
-                        help="the families whose traces are also planned (~20 simulated days a run); default: the "
-                             "three workloads' days, on which the tuned static target is tuned")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="traces run at once")
     args = parser.parse_args()
-    rows = measure(set(args.trace or ()), set(args.plan), args.jobs)
+    rows = measure(set(args.trace or ()), args.jobs)
     report.save(args.output, {"frontier": FRONTIER, "stitched_windows_minutes": STITCHED_WINDOW_MINUTES,
                                "plan_window_minutes": PLAN_WINDOW_MINUTES, "rows": rows}, markdown(rows))
 
