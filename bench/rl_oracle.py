@@ -39,7 +39,7 @@ import report
 
 from agentkube.rl.baselines import STATIC_TARGET_GRID, KnativeDefault, StaticTarget
 from agentkube.rl.episodes import DECISION_INTERVAL_S, apply_decision, run_episode, warm_pods
-from agentkube.rl.evaluation import GOALS, EvaluationTrace, default_suite
+from agentkube.rl.evaluation import GOALS, EvaluationTrace, default_suite, row_named
 from agentkube.rl.observation import ActionBounds, Decision
 from agentkube.rl.simulator import IntervalStats, SimConfig, Simulator
 
@@ -160,15 +160,12 @@ def planned(trace, config: SimConfig, price: float, window: int, lookahead: int)
 
 def bar_from_evaluation(trace_name: str) -> dict:
     """The goal's costs on this trace, from the committed `agentkube rl evaluate` result."""
-    rows = [r for r in json.loads(EVALUATION.read_text())["rows"]
-            if r["trace"] == trace_name and r["scenario"] == "on-demand"]
-
-    def named(prefix: str) -> dict:
-        return next(r for r in rows if r["policy"].startswith(prefix))
-
-    static, rule, hindsight = named("static-tuned"), named("target-tracking"), named("static-hindsight (")
-    return {"default_cost": named("knative-default")["cost"], "ppo_cost": named("ppo")["cost"],
-            "ppo_slo": named("ppo")["slo_attainment"],
+    by = {r["policy"]: r for r in json.loads(EVALUATION.read_text())["rows"]
+          if r["trace"] == trace_name and r["scenario"] == "on-demand"}
+    static, rule, hindsight = (row_named(by, "static-tuned"), row_named(by, "target-tracking"),
+                               row_named(by, "static-hindsight ("))
+    default, ppo = by["knative-default"], by["ppo"]
+    return {"default_cost": default["cost"], "ppo_cost": ppo["cost"], "ppo_slo": ppo["slo_attainment"],
             "static_tuned": static["cost"], "rule_tuned": rule["cost"], "hindsight_static": hindsight["cost"],
             "bar": min(static["cost"], rule["cost"], (1 + GOALS["gap_to_hindsight"]) * hindsight["cost"])}
 

@@ -289,9 +289,11 @@ class Demo:
             table.add_row(*row)
         self.console.print(table)
         if self.decision:
-            self.console.print(f"ServedModel {MODEL_NAME} (a Knative Service): concurrency target "
-                               f"{self.decision.get('previousValue')} → {self.decision['value']} "
-                               f"({self.decision['reason']}: {self.decision.get('message', '')}); the demo's load: "
+            # The policy decides on every interval after this one: the TARGET `kubectl get` shows above is its latest.
+            self.console.print(f"ServedModel {MODEL_NAME} (a Knative Service): the policy's first decision, concurrency "
+                               f"target {self.decision.get('previousValue')} → {self.decision['value']} "
+                               f"({self.decision['reason']}: {self.decision.get('message', '')}; TARGET above is its "
+                               f"latest); the demo's load: "
                                f"{self.answered.get(200, 0)} of {sum(self.answered.values())} requests answered")
         if self.interruption:
             moment = self.interruption

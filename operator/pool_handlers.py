@@ -20,7 +20,8 @@ from agentkube.operator.status import merge_conditions
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
-# Long past any event of a sandbox from before its first status (they come within milliseconds of it).
+# Long past any event of a sandbox from before its first status (they come within milliseconds of it) and
+# any retry of a failed reconciliation (`rechecks.RETRY_AFTER_FAILURE`).
 GIVEN_MEMORY_SECONDS = 600
 
 
@@ -35,7 +36,7 @@ class Known:
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str], dict[str, Any]] = {}
         self._warm: defaultdict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
-        self._given: dict[str, float] = {}  # sandbox uid -> when this process gave it a pod (monotonic)
+        self._given: dict[str, float] = {}  # sandbox uid -> when this process set out to give it a pod (monotonic)
 
     def pool(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The pool, as last seen or else read now."""
@@ -77,15 +78,18 @@ class Known:
             self._warm.get((namespace, name), {}).pop(pod_name, None)
 
 
-    def gave_pod(self, sandbox_uid: str) -> None:
-        """A sandbox got its pod (adopted or started) from this process: until its status says so, an event
-        of it from before must not look like a sandbox with no pod yet (it would adopt a second one)."""
+    def giving_pod(self, sandbox_uid: str) -> None:
+        """This process is about to give a sandbox a pod (adopt or start one): from then on, until its status
+        says so, neither an event of it from before nor a retry after a failed write may look like a sandbox
+        with no pod yet. A write can take effect and still fail on its way back (an API server timing out
+        on etcd, a dropped connection); a retry that adopted blind would then take a second warm pod, and the
+        claim after it would start cold."""
         now = time.monotonic()
         with self._lock:
             self._given = {uid: at for uid, at in self._given.items() if now - at < GIVEN_MEMORY_SECONDS}
             self._given[sandbox_uid] = now
 
-    def has_given_pod(self, sandbox_uid: str) -> bool:
+    def may_have_given_pod(self, sandbox_uid: str) -> bool:
         with self._lock:
             return sandbox_uid in self._given
 

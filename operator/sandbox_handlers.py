@@ -123,10 +123,11 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
     # A sandbox never reconciled before has no pod, unless a run that adopted or made one died before writing
     # status: it adopts without a read first, and its next reconcile finds the pods it holds (and lets go of
     # all but one). Not fresh: one whose status names a pod (written from its pod's event, which does not
-    # set observedGeneration) or that this process gave a pod already (an event from before its status).
+    # set observedGeneration) or that this process set out to give a pod already (an event from before its
+    # status, or a retry after an adoption whose reply was lost: `Known.giving_pod`).
     uid = body["metadata"]["uid"]
     fresh = not pod_only and old.observed_generation is None and old.pod_name is None \
-        and not pool_handlers.known.has_given_pod(uid)
+        and not pool_handlers.known.may_have_given_pod(uid)
     if not fresh and (pod is None or not sandbox.is_owned_by(pod, body)):
         pod = _claimed_pod(body, pods_path, logger)
     _pod_views.acted_on(pod)
@@ -159,6 +160,7 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
         decision = sandbox.Plan("Pending", "PoolNotFound", f"no AgentSandboxPool {spec.pool} in {namespace}", True,
                                 recheck_after=POOL_RECHECK, warning=True)
     elif needs_pod and pool_body is not None and pool_spec is not None and effective is not None:
+        pool_handlers.known.giving_pod(uid)
         pod = _adopt(body, pool_body, pool.template_hash(pool_spec.template), pods_path, logger)
         adopted = pod is not None
         pod_name_taken = False
@@ -170,7 +172,6 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
                 pod = None if pod_name_taken else pod
         _pod_views.acted_on(pod)
         if pod is not None:
-            pool_handlers.known.gave_pod(uid)
             logger.info("%s pod %s/%s", "adopted the warm" if adopted else "created", namespace, pod["metadata"]["name"])
         # Report the pod as it now is, not as it was before it existed.
         decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now, pod_name_taken=pod_name_taken)

@@ -148,7 +148,8 @@ def evaluate(
     return rows, runs
 
 
-def _named(by: dict[str, dict], prefix: str) -> dict:
+def row_named(by: dict[str, dict], prefix: str) -> dict:
+    """The row of the first policy whose name starts with `prefix` (a baseline's name carries its setting)."""
     return next(r for name, r in by.items() if name.startswith(prefix))
 
 
@@ -159,8 +160,8 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for trace in dict.fromkeys(r["trace"] for r in rows):
         by = {r["policy"]: r for r in rows if r["trace"] == trace}
         default, ppo = by["knative-default"], by["ppo"]
-        static, rule, hindsight = _named(by, "static-tuned"), _named(by, "target-tracking"), _named(by, HINDSIGHT + " ")
-        matched = _named(by, MATCHED)
+        static, rule, hindsight = row_named(by, "static-tuned"), row_named(by, "target-tracking"), row_named(by, HINDSIGHT + " ")
+        matched = row_named(by, MATCHED)
         verdict = {
             "trace": trace, "family": ppo["family"], "tuned_on": ppo["tuned_on"],
             "cost_vs_default": ppo["cost"] / default["cost"] - 1,
@@ -201,7 +202,7 @@ def _goals(rows: list[dict]) -> list[str]:
               "trace at PPO's own attainment.", ""]
     for trace in dict.fromkeys(r["trace"] for r in rows):
         by = {r["policy"]: r for r in rows if r["trace"] == trace}
-        spot_ppo, on_demand = by["ppo+spot"], _named(by, "on-demand-only")
+        spot_ppo, on_demand = by["ppo+spot"], row_named(by, "on-demand-only")
         spot_saving = 1 - spot_ppo["cost"] / on_demand["cost"]
         spot_met = (spot_saving >= GOALS["spot_saving_vs_on_demand"]
                     and spot_ppo["served_share"] >= GOALS["served_through_interruptions"])

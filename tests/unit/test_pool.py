@@ -208,6 +208,6 @@ def test_the_operator_keeps_the_pool_it_saw_and_forgets_a_deleted_one():
 
 def test_the_operator_remembers_the_sandboxes_it_gave_a_pod_until_their_status_says_so():
     known = pool_handlers.Known()
-    assert not known.has_given_pod("u1")
-    known.gave_pod("u1")
-    assert known.has_given_pod("u1") and not known.has_given_pod("u2")
+    assert not known.may_have_given_pod("u1")
+    known.giving_pod("u1")
+    assert known.may_have_given_pod("u1") and not known.may_have_given_pod("u2")
