@@ -49,10 +49,11 @@ PLAN_WINDOW_MINUTES = 15  # and as long again looked ahead
 # The price of a missed request, in multiples of the default's cost per request: a geometric sweep, then
 # a bisection (in log space) between the last price that missed the default's attainment and the first
 # that held it. Planning costs ~20 simulated days a run, so its sweep starts at 31.6, where the stitched
-# schedules held the default's attainment on most traces; where planning already holds it there, no cheaper
-# planned schedule is searched (the stitched ones are, from 1 on).
+# schedules held the default's attainment on most traces; where planning already holds it there, the
+# search steps down the same ratio (to MIN_PRICE at the lowest) until a price misses.
 PRICE_SWEEP = tuple(10.0 ** (k / 2) for k in range(0, 11))
 PLAN_PRICE_SWEEP = tuple(10.0 ** (k / 2) for k in range(3, 7))
+MIN_PRICE = 0.099  # 0.1, and room for the rounding of 10^(k/2) ÷ 10^(1/2)
 BISECTIONS = 3
 EVALUATION = report.RESULTS / "rl_evaluation.json"
 
@@ -105,23 +106,32 @@ def run(schedule: list[float], trace, config: SimConfig, initial_target: float |
 
 def search(attempt, floor: float, sweep: tuple[float, ...]) -> list[dict]:
     """Every schedule `attempt(price multiple)` ran: the sweep over prices until one holds the default's
-    attainment, then the bisection between it and the one before."""
+    attainment (or, when its first price holds, down from there until one misses), then the bisection
+    between the lowest price that held and the highest that missed."""
     runs: list[dict] = []
 
     def tried(multiple: float) -> bool:
         runs.append({**attempt(multiple), "price_multiple": multiple})
         return runs[-1]["slo_attainment"] >= floor
 
-    below = None
+    below = held = None
     for multiple in sweep:
         if tried(multiple):
-            if below is not None:
-                low, high = below, multiple
-                for _ in range(BISECTIONS):
-                    middle = math.sqrt(low * high)
-                    low, high = (low, middle) if tried(middle) else (middle, high)
+            held = multiple
             break
         below = multiple
+    if held is not None and below is None:
+        step = sweep[1] / sweep[0]
+        while held / step >= MIN_PRICE:
+            if not tried(held / step):
+                below = held / step
+                break
+            held /= step
+    if held is not None and below is not None:
+        low, high = below, held
+        for _ in range(BISECTIONS):
+            middle = math.sqrt(low * high)
+            low, high = (low, middle) if tried(middle) else (middle, high)
     return runs
 
 
