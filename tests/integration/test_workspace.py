@@ -99,33 +99,51 @@ def test_uploads_are_bounded_and_a_failed_one_leaves_nothing(tree):
     assert _status(workspace.delete, "src") == 409  # not empty, and not recursive
 
 
-def test_the_runtime_port_streams_a_large_download_whole_over_its_timed_connection(tree, monkeypatch):
-    """The runtime port's connections carry an idle timeout (non-blocking sockets underneath): a download far
-    larger than the socket's buffers still arrives whole. The port is served here on loopback, which it
-    refuses from inside a pod: that one check is set aside for this process."""
-    import hashlib
+# Run in a network namespace of its own, where the runtime port listens on one address and the client
+# connects from another: the port refuses a peer on loopback or on its own address (a process inside the pod),
+# so a client from outside the pod has another address. TEST-NET-1 addresses never leave the namespace.
+_DOWNLOAD_OVER_THE_PORT = r"""
+import hashlib, subprocess, sys
+from pathlib import Path
+import httpx
+from agentkube.contract import token_verifier
+from agentkube.ebpf import runtime_port
+from agentkube.ebpf.models import SandboxRef
+from agentkube.ebpf.workspace import Workspace
 
-    import httpx
-
-    from agentkube.contract import token_verifier
-    from agentkube.ebpf import runtime_port
-    from agentkube.ebpf.models import SandboxRef
-
-    workspace, root, _ = tree
-    data = os.urandom(1 << 20) * 48
-    (root / "big.bin").write_bytes(data)
-    monkeypatch.setattr(runtime_port, "from_inside_the_pod", lambda peer, local: False)
-    server = runtime_port.RuntimePortServer(SandboxRef(name="box"), root / "no-agent.sock", token_verifier("t"), 0,
-                                            "127.0.0.1", workspace=Workspace(root, 1 << 30))
-    server.start()
-    try:
-        digest, size = hashlib.sha256(), 0
-        with httpx.stream("GET", f"http://127.0.0.1:{server.server_address[1]}/v1/files", params={"path": "big.bin"},
-                          headers={"Authorization": "Bearer t"}, timeout=60) as response:
-            assert response.status_code == 200
+root = Path(sys.argv[1])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for address in ("192.0.2.1/32", "192.0.2.2/32"):
+    subprocess.run(["ip", "address", "add", address, "dev", "lo"], check=True)
+server = runtime_port.RuntimePortServer(SandboxRef(name="box"), root / "no-agent.sock", token_verifier("t"), 0,
+                                        "192.0.2.1", workspace=Workspace(root, 1 << 30))
+server.start()
+try:
+    digest, size = hashlib.sha256(), 0
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="192.0.2.2"), timeout=60) as client:
+        with client.stream("GET", f"http://192.0.2.1:{server.server_address[1]}/v1/files", params={"path": "big.bin"},
+                           headers={"Authorization": "Bearer t"}) as response:
+            assert response.status_code == 200, response.status_code
             for chunk in response.iter_bytes():
                 digest.update(chunk)
                 size += len(chunk)
-        assert size == len(data) and digest.hexdigest() == hashlib.sha256(data).hexdigest()
-    finally:
-        server.stop()
+    print(size, digest.hexdigest())
+finally:
+    server.stop()
+"""
+
+
+def test_the_runtime_port_streams_a_large_download_whole_over_its_timed_connection(tree):
+    """The runtime port's connections carry an idle timeout (non-blocking sockets underneath): a download far
+    larger than the socket's buffers still arrives whole, to a client from outside the pod."""
+    import hashlib
+    import subprocess
+    import sys
+
+    _, root, _ = tree
+    data = os.urandom(1 << 20) * 48
+    (root / "big.bin").write_bytes(data)
+    done = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", _DOWNLOAD_OVER_THE_PORT, str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
