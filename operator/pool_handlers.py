@@ -130,7 +130,8 @@ def _reconcile(namespace: str, name: str, body: dict[str, Any], logger: logging.
     for _ in range(decision.create):
         kube.post(pods_path, pool.warm_pod_manifest(body, spec.template, pool.warm_pod_name(name), gateway.runtime_key))
     if decision.create or decision.delete:
-        logger.info("pool %s/%s: %d warm pods made, %d deleted", namespace, name, decision.create, len(decision.delete))
+        logger.info("pool %s/%s: %d warm pods made, deleted: %s", namespace, name, decision.create,
+                    ", ".join(decision.delete) or "none")
     old = api.AgentSandboxPoolStatus.model_validate(body.get("status") or {})
     now = kube.now()
     ready = decision.ready >= spec.replicas

@@ -172,7 +172,8 @@ def _reconcile_pooled(namespace: str, name: str, logger: logging.Logger, body: d
                 pod = None if pod_name_taken else pod
         _pod_views.acted_on(pod)
         if pod is not None:
-            logger.info("%s pod %s/%s", "adopted the warm" if adopted else "created", namespace, pod["metadata"]["name"])
+            logger.info("sandbox %s/%s: %s pod %s", namespace, name, "adopted the warm" if adopted else "created",
+                        pod["metadata"]["name"])
         # Report the pod as it now is, not as it was before it existed.
         decision = sandbox.plan(spec, created, last_activity, sandbox.PodView.of(pod), now, pod_name_taken=pod_name_taken)
 
@@ -225,8 +226,8 @@ def _adopt(body: dict[str, Any], pool_body: dict[str, Any], current_hash: str, p
             adopted = kube.patch_if_unchanged(f"{pods_path}/{candidate['metadata']['name']}", pool.adoption_patch(candidate, body))
             if adopted is not None:
                 return adopted
-    logger.info("no warm pod of pool %s/%s to adopt (%s): a cold start", namespace, pool_name,
-              pool.why_none_adoptable(pods, current_hash))
+    logger.info("sandbox %s/%s: no warm pod of pool %s to adopt (%s): a cold start", namespace, body["metadata"]["name"],
+                pool_name, pool.why_none_adoptable(pods, current_hash))
     return None
 
 

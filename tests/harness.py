@@ -57,6 +57,11 @@ class Operator:
     def log_path(self) -> Path:
         return self.log_dir / f"operator-{self.starts}.log"
 
+    def log_lines(self, *words: str) -> list[str]:
+        """The lines of its log that name any of `words`: what it did about them, for a failed assertion's message."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [line for line in text.splitlines() if any(word in line for word in words)]
+
     def kill(self) -> None:
         """SIGKILL: no chance to finish anything it was doing."""
         assert self.record is not None

@@ -127,7 +127,9 @@ def test_back_to_back_claims_each_adopt_one_warm_pod(api_client, operator, names
             _create(api_client, namespace, SANDBOXES, _claim(name, "py"))
         pods = {n: eventually(lambda n=n: ((_get(api_client, namespace, SANDBOXES, n) or {}).get("status") or {}).get("podName"),
                               message=f"{n} has no pod") for n in names}
-        assert set(pods.values()) == warm, pods  # both warm pods, one each: no cold start
+        # Both warm pods, one each: no cold start. (Failed once in a slow CI run, b4-1 cold and the other warm pod
+        # not taken, cause unknown: the operator's lines about these pods and claims say what it did.)
+        assert set(pods.values()) == warm, (pods, operator.log_lines(*names, *warm))
         for name in names:
             held = [p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=f"{CLAIMED_BY_LABEL}={name}").items
                     if p.metadata.deletion_timestamp is None]
