@@ -375,9 +375,13 @@ def sandbox_pod_changed(type: str | None, body: kopf.Body, logger: logging.Logge
         return
     owner = owner or labels.get(sandbox.SANDBOX_LABEL)
     if owner:
-        # The sandbox as its watch last brought it (or our last write left it): no read per pod event.
-        _reconcile_or_retry(namespace, owner, logger, body=sandboxes.get(namespace, owner), pod_only=True,
-                            pod=None if type == "DELETED" else pod)
+        # The sandbox as its watch last brought it (or our last write left it): no read per pod event. But a
+        # pod gone is read afresh (None): it is gone most often because its sandbox is, and the sandbox's own
+        # deletion may not have come through its watch yet; from memory, a sandbox deleted already would
+        # replace its pod, taking a warm pod from its pool or starting one cold, again on each such pod's end.
+        gone = type == "DELETED"
+        _reconcile_or_retry(namespace, owner, logger, body=None if gone else sandboxes.get(namespace, owner),
+                            pod_only=True, pod=None if gone else pod)
 
 
 def _reconcile_or_retry(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> None:

@@ -117,7 +117,10 @@ def test_back_to_back_claims_each_adopt_one_warm_pod(api_client, operator, names
     """Two claims at a time from a full pool of two, six times: each adopts a warm pod and keeps it alone. A
     sandbox's pod event used to write its status without observedGeneration, and the sandbox's next event
     then looked like one never reconciled: it adopted a second warm pod, and the claim after it started cold
-    (seen in CI and in bench/pool_claim.py as 1 warm claim in 16 taking two seconds)."""
+    (seen in CI and in bench/pool_claim.py as 1 warm claim in 16 taking two seconds). And the pod events of the
+    previous round's sandboxes, deleted by then, reconciled them from memory when their own deletion had not come
+    through their watch yet: they took this round's warm pods (seen once in a slow CI run; made certain by
+    delaying the operator's handling of sandbox deletions by a second)."""
     _create(api_client, namespace, POOLS, _pool("py", 2))
     core = CoreV1Api(api_client)
     for round_ in range(6):
@@ -127,8 +130,7 @@ def test_back_to_back_claims_each_adopt_one_warm_pod(api_client, operator, names
             _create(api_client, namespace, SANDBOXES, _claim(name, "py"))
         pods = {n: eventually(lambda n=n: ((_get(api_client, namespace, SANDBOXES, n) or {}).get("status") or {}).get("podName"),
                               message=f"{n} has no pod") for n in names}
-        # Both warm pods, one each: no cold start. (Failed once in a slow CI run, b4-1 cold and the other warm pod
-        # not taken, cause unknown: the operator's lines about these pods and claims say what it did.)
+        # Both warm pods, one each: no cold start. (On failure, the operator's lines about these claims and pods.)
         assert set(pods.values()) == warm, (pods, operator.log_lines(*names, *warm))
         for name in names:
             held = [p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=f"{CLAIMED_BY_LABEL}={name}").items
