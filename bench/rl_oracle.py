@@ -120,13 +120,14 @@ def search(attempt, floor: float, sweep: tuple[float, ...]) -> list[dict]:
             held = multiple
             break
         below = multiple
-    if held is not None and below is None:
+    if held is not None and below is None:  # the sweep's first price held: down from it until one misses
         step = sweep[1] / sweep[0]
-        while held / step >= MIN_PRICE:
-            if not tried(held / step):
-                below = held / step
-                break
-            held /= step
+        while below is None and held / step >= MIN_PRICE:
+            lower = held / step
+            if tried(lower):
+                held = lower
+            else:
+                below = lower
     if held is not None and below is not None:
         low, high = below, held
         for _ in range(BISECTIONS):

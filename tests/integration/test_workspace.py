@@ -118,11 +118,15 @@ for address in ("192.0.2.1/32", "192.0.2.2/32"):
 server = runtime_port.RuntimePortServer(SandboxRef(name="box"), root / "no-agent.sock", token_verifier("t"), 0,
                                         "192.0.2.1", workspace=Workspace(root, 1 << 30))
 server.start()
+url = f"http://192.0.2.1:{server.server_address[1]}/v1/files"
 try:
+    # A process inside the pod (here: sending from the port's own address) is refused, token or not.
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="192.0.2.1"), timeout=60) as inside:
+        refused = inside.get(url, params={"path": "big.bin"}, headers={"Authorization": "Bearer t"})
+        assert refused.status_code == 403, refused.status_code
     digest, size = hashlib.sha256(), 0
     with httpx.Client(transport=httpx.HTTPTransport(local_address="192.0.2.2"), timeout=60) as client:
-        with client.stream("GET", f"http://192.0.2.1:{server.server_address[1]}/v1/files", params={"path": "big.bin"},
-                           headers={"Authorization": "Bearer t"}) as response:
+        with client.stream("GET", url, params={"path": "big.bin"}, headers={"Authorization": "Bearer t"}) as response:
             assert response.status_code == 200, response.status_code
             for chunk in response.iter_bytes():
                 digest.update(chunk)
@@ -135,7 +139,7 @@ finally:
 
 def test_the_runtime_port_streams_a_large_download_whole_over_its_timed_connection(tree):
     """The runtime port's connections carry an idle timeout (non-blocking sockets underneath): a download far
-    larger than the socket's buffers still arrives whole, to a client from outside the pod."""
+    larger than the socket's buffers still arrives whole, to a client from outside the pod; one inside is refused."""
     import hashlib
     import subprocess
     import sys
