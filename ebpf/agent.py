@@ -191,6 +191,12 @@ class Sandbox:
     # cgroup already holds writes no limit file when it starts. Resolved within the envelope, like any call's.
     recent_limits: Limits | None = None
     spares: list[SpareCgroup] = field(default_factory=list)  # its ended calls' empty cgroups, for its next fills
+    # Its cgroup's v2 id, taken while the directory exists: its egress program's pin and its own cgroups'
+    # entries are found by it after the kubelet has removed a pod's cgroup.
+    cgroup_id: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cgroup_id = self.cgroup.id
 
     @property
     def key(self) -> str:
@@ -364,7 +370,7 @@ class NodeAgent:
                     raise HttpError(404, f"no process {spec.pid}")
                 main.add_process(spec.pid)
             sandbox = Sandbox(spec, cgroup, main)
-            self.programs.attach_egress(cgroup.unified_dir, cgroup.id)
+            self.programs.attach_egress(cgroup.unified_dir, sandbox.cgroup_id, main.id)
             self.sandboxes[spec.key] = sandbox
             self._save_sandbox(sandbox)
         return self.status(sandbox)
@@ -408,9 +414,10 @@ class NodeAgent:
             spare.counters.close()
             self._removals.put(spare.cgroup)
         with self._lock:
-            # A pod's cgroup goes with its container (the kernel detaches the programs then).
+            # A pod's cgroup goes with its container (the kernel detaches the programs then; its pin and
+            # own-cgroup entries are ours to remove).
+            self.programs.detach_egress(sandbox.cgroup.unified_dir, sandbox.cgroup_id)
             if sandbox.cgroup.exists():
-                self.programs.detach_egress(sandbox.cgroup.unified_dir, sandbox.cgroup.id)
                 if sandbox.spec.kubernetes:
                     sandbox.main.kill()  # the container's processes; its cgroup belongs to the kubelet
                 else:
@@ -882,7 +889,7 @@ class NodeAgent:
                 continue
             sandbox = Sandbox(spec, cgroup, cgroup.child(MAIN_LEAF))
             self.sandboxes[spec.key] = sandbox
-            self.programs.attach_egress(cgroup.unified_dir, cgroup.id)  # replaces the previous process's copy
+            self.programs.attach_egress(cgroup.unified_dir, sandbox.cgroup_id, sandbox.main.id)  # replaces the previous process's copy
         history = self.state_dir / "history.json"
         if history.exists():
             self.history = {k: deque(v, maxlen=HISTORY_WINDOW) for k, v in json.loads(history.read_text()).items()}
@@ -925,6 +932,8 @@ class NodeAgent:
         for cgroup_id in self.programs.tracked() | self.programs.policy_entries():
             if cgroup_id not in known_ids:
                 self.programs.untrack(cgroup_id)
+        attached = {sandbox.cgroup_id for sandbox in self.sandboxes.values()}
+        self.programs.forget_sandbox_cgroups(lambda sandbox_id: sandbox_id not in attached)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     def stop(self) -> None:

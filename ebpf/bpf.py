@@ -25,7 +25,7 @@ BPFFS = Path("/sys/fs/bpf")
 MAX_CALLS = egress.MAX_CALLS
 BPF_F_ALLOW_MULTI = 2  # other programs (e.g. the container runtime's) may stay attached beside ours
 CGROUP_INET_EGRESS = 1  # enum bpf_attach_type
-PINNED_MAPS = ("policies", "call_stats", "resolved")
+PINNED_MAPS = ("policies", "call_stats", "resolved", "sandbox_cgroups")
 
 EVENT_KINDS = {1: "exec", 2: "exit", 3: "oom", 4: "blocked"}
 EVENTS_SWEEP_SECONDS = 0.05  # how often the reader thread empties the ring buffer (events do not wake it)
@@ -112,6 +112,7 @@ class Programs:
         self.policies = self.bpf[b"policies"]
         self.call_stats = self.bpf[b"call_stats"]
         self.resolved = self.bpf[b"resolved"]
+        self.sandbox_cgroups = self.bpf[b"sandbox_cgroups"]
         self.dns_senders = self.bpf[b"dns_senders"]
         self.settings = self.bpf[b"settings"]
         self._tries = {name: self.bpf[name.encode()] for name in ("cluster_nets", "public_refused", "node_addrs")}
@@ -130,9 +131,13 @@ class Programs:
         self._poller: threading.Thread | None = None
 
     # --- egress attachment, once per sandbox cgroup ---------------------------------------------------
-    def attach_egress(self, cgroup_dir: Path, cgroup_id: int) -> None:
+    def attach_egress(self, cgroup_dir: Path, cgroup_id: int, main_id: int) -> None:
         """Attach the egress program to a sandbox cgroup, replacing the copy a previous node agent
-        process attached (found through its pin), so exactly one of ours stays attached."""
+        process attached (found through its pin), so exactly one of ours stays attached. The sandbox's own
+        cgroups (it and its main leaf, `main_id`) are let through first: under the program, a socket of any
+        other cgroup without a call's policy sends nothing."""
+        for own in (cgroup_id, main_id):
+            self.sandbox_cgroups[ct.c_uint64(own)] = ct.c_uint64(cgroup_id)
         pin = self._pins / str(cgroup_id)
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -152,11 +157,21 @@ class Programs:
             fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             pin.unlink(missing_ok=True)  # the cgroup is gone and its attachments with it
-            return
-        try:
-            self._detach_pinned(pin, fd)
-        finally:
-            os.close(fd)
+        else:
+            try:
+                self._detach_pinned(pin, fd)
+            finally:
+                os.close(fd)
+        self.forget_sandbox_cgroups(lambda sandbox_id: sandbox_id == cgroup_id)
+
+    def forget_sandbox_cgroups(self, of: Callable[[int], bool]) -> None:
+        """Remove the own-cgroup entries of the sandboxes `of` picks (by the sandbox cgroup's id)."""
+        for key, value in list(self.sandbox_cgroups.items()):
+            if of(value.value):
+                try:
+                    del self.sandbox_cgroups[key]
+                except KeyError:
+                    pass
 
     def _detach_pinned(self, pin: Path, cgroup_fd: int) -> None:
         if not pin.exists():

@@ -37,6 +37,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MODES = {"none": 1, "cluster": 2, "internet": 3, "explicit": 4}
 MAX_CALLS = 4096  # concurrent calls tracked per node agent
+MAX_SANDBOX_CGROUPS = 2 * MAX_CALLS  # each sandbox's own cgroups (it and its main leaf), all sandboxes together
 MAX_CLUSTER_NETWORKS = 256  # pod CIDRs (one or two per node) and service CIDRs
 MAX_NODE_ADDRESSES = 256
 MAX_RESOLVED = 65536  # (call, address, port) entries the DNS answering may open, all calls together
@@ -52,7 +53,8 @@ def bpf_defines() -> dict[str, int]:
     """Every constant the C program needs, by its C name."""
     return {
         **{f"MODE_{name.upper()}": value for name, value in MODES.items()},
-        "MAX_RULES": MAX_ALLOW_RULES, "MAX_CALLS": MAX_CALLS, "MAX_CLUSTER_NETWORKS": MAX_CLUSTER_NETWORKS,
+        "MAX_RULES": MAX_ALLOW_RULES, "MAX_CALLS": MAX_CALLS, "MAX_SANDBOX_CGROUPS": MAX_SANDBOX_CGROUPS,
+        "MAX_CLUSTER_NETWORKS": MAX_CLUSTER_NETWORKS,
         "MAX_NODE_ADDRESSES": MAX_NODE_ADDRESSES, "MAX_RESOLVED": MAX_RESOLVED, "MAX_DNS_SENDERS": MAX_DNS_SENDERS,
         "IPPROTO_TCP_": PROTOCOLS["tcp"], "IPPROTO_UDP_": PROTOCOLS["udp"],
     }

@@ -83,6 +83,9 @@ struct event {
 BPF_TABLE_PINNED("hash", u64, struct policy, policies, MAX_CALLS, PIN_DIR "/policies");
 BPF_TABLE_PINNED("hash", u64, struct call_stats, call_stats, MAX_CALLS, PIN_DIR "/call_stats");
 BPF_TABLE_PINNED("hash", struct resolved_key, u64, resolved, MAX_RESOLVED, PIN_DIR "/resolved");
+// A sandbox's own cgroups (the sandbox's and its main leaf's ids) → the sandbox's: the only cgroups under a
+// sandbox whose sockets send without a call's policy.
+BPF_TABLE_PINNED("hash", u64, u64, sandbox_cgroups, MAX_SANDBOX_CGROUPS, PIN_DIR "/sandbox_cgroups");
 BPF_LPM_TRIE(cluster_nets, struct lpm_key, u8, MAX_CLUSTER_NETWORKS);
 BPF_LPM_TRIE(public_refused, struct lpm_key, u8, 64);
 BPF_LPM_TRIE(node_addrs, struct lpm_key, u8, MAX_NODE_ADDRESSES);
@@ -233,13 +236,15 @@ static __always_inline void count_blocked(struct __sk_buff *skb, u64 id, u32 *da
     }
 }
 
-// cgroup_skb programs see the packet from its network header on. A call without a policy entry is no call
-// (the sandbox's runtime, in the sandbox's main leaf): it passes.
+// cgroup_skb programs see the packet from its network header on. A socket keeps the cgroup it was made in,
+// so a packet without a call's policy is either the sandbox's own (its runtime, in the main leaf: it passes)
+// or from a socket a call made and handed on before it ended (its cgroup kept empty for a later call, or
+// gone): that one is dropped, whoever holds it now.
 int egress(struct __sk_buff *skb) {
     u64 id = bpf_skb_cgroup_id(skb);
     struct policy *p = policies.lookup(&id);
     if (!p)
-        return 1;
+        return sandbox_cgroups.lookup(&id) != NULL;
 
     u8 first = 0;
     if (bpf_skb_load_bytes(skb, 0, &first, 1) < 0)

@@ -300,3 +300,59 @@ def test_refused_lookups_are_audited_and_exported(world, sandbox):
     assert any(r["usage"]["dns_refused"] > 0 for r in audit)
     metrics = request(agent.socket, "GET", "/metrics")
     assert "agentkube_tool_call_dns_refused_total" in metrics
+
+
+# A socket keeps the cgroup it was made in. A call that hands its socket to another call, then ends, leaves
+# a socket whose cgroup no longer has a call's policy; the other call must not be able to send through it.
+SMUGGLE_RECEIVER = textwrap.dedent("""
+    import array, os, socket, sys, time
+    name, go, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind("\\0" + name)
+    server.listen(1)
+    server.settimeout(30)
+    conn, _ = server.accept()
+    _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+    smuggled = socket.socket(fileno=fds[0])
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) and time.monotonic() < deadline:  # the sender's call has ended
+        time.sleep(0.05)
+    smuggled.settimeout(1.5)
+    try:
+        smuggled.connect((host, port))
+        print(smuggled.recv(64).decode())
+    except (socket.timeout, PermissionError):
+        print("blocked")
+""")
+SMUGGLE_SENDER = textwrap.dedent("""
+    import socket, sys, time
+    name = sys.argv[1]
+    made = socket.socket()  # made in this call's cgroup, never used here
+    for _ in range(300):
+        try:
+            channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            channel.connect("\\0" + name)
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            time.sleep(0.05)
+    socket.send_fds(channel, [b"x"], [made.fileno()])
+""")
+
+
+def test_a_socket_handed_on_by_a_call_that_ended_reaches_nothing(world, sandbox, tmp_path):
+    import threading
+
+    name, go = f"ak-smuggle-{TAG}", tmp_path / "go"
+    received: dict = {}
+    receiver = threading.Thread(target=lambda: received.update(result=sandbox.client.run(
+        [PY, "-c", SMUGGLE_RECEIVER, name, str(go), PUBLIC, str(PORT)], timeout=60)))
+    receiver.start()
+    try:
+        sender = sandbox.client.run([PY, "-c", SMUGGLE_SENDER, name], timeout=60)
+        assert sender.exit_code == 0, sender.stderr
+    finally:
+        go.touch()
+        receiver.join(timeout=90)
+    result = received["result"]
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == "blocked"

@@ -705,14 +705,17 @@ def test_call_cgroups_serve_one_call_at_a_time_and_never_another_sandbox(agent, 
 
 
 def test_the_pool_goes_with_its_sandbox(agent, eventually):
+    own_cgroups = Path("/sys/fs/bpf") / agent.instance / "sandbox_cgroups"  # each sandbox's and its main leaf's
     local = agent.sandbox("t-" + uuid.uuid4().hex[:8], tools=json.dumps(TOOLS))
     try:
         status = sandbox_status(agent, local)
         held = wait_for_pool(status["cgroup"], eventually)
+        registered = len(bpftool("map", "dump", "pinned", str(own_cgroups)))
     finally:
         local.close()
         agent.sandboxes.remove(local)
     assert sandbox_dirs(status["cgroup"]) == []  # every hierarchy: the sandbox and its waiting cgroups
+    assert len(bpftool("map", "dump", "pinned", str(own_cgroups))) == registered - 2
     for pid in held.values():
         eventually(lambda pid=pid: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
                    timeout=10, message=f"held process {pid} outlived its sandbox")
